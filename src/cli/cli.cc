@@ -1,0 +1,66 @@
+#include "cli/cli.h"
+
+#include <spdlog/spdlog.h>
+
+#include "lhpc_build_config.h"
+#include "util/error.h"
+#include "util/log.h"
+
+namespace lhpc::cli {
+
+// One line per subcommand group; the order is the order of --help.
+void register_config(CLI::App&, Globals&, std::vector<Action>&);
+void register_sif(CLI::App&, Globals&, std::vector<Action>&);
+void register_runtime(CLI::App&, Globals&, std::vector<Action>&);
+
+namespace {
+const Register k_commands[] = {
+    register_config,
+};
+}  // namespace
+
+config::Config load_config(const Globals& g) {
+  auto cfg = config::load(g.config_path);
+  for (const auto& w : cfg.warnings) {
+    spdlog::warn("{}", w);
+  }
+  return cfg;
+}
+
+int run(int argc, char** argv) {
+  setup_logging("info");  // errors while parsing still go to stderr with our pattern
+  CLI::App app{"lithops-hpc: run Lithops workers on HPC clusters (Slurm, MPI, Singularity/Apptainer)"};
+  app.name("lithops-hpc");
+  app.set_version_flag("--version", std::string("lithops-hpc ") + LHPC_VERSION);
+  app.require_subcommand(1);
+  app.fallthrough();  // global options may follow the subcommand
+  Globals g;
+  app.add_option("--config", g.config_path, "configuration file (see lithops-hpc.toml(5))")->type_name("FILE");
+  app.add_option("--log-level", g.log_level, "trace, debug, info, warn, error, critical or off")
+      ->type_name("LEVEL");
+  app.add_flag("-v,--verbose", g.verbose, "more detail in logs (same as --log-level debug)");
+
+  std::vector<Action> actions;
+  for (auto reg : k_commands) {
+    reg(app, g, actions);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : static_cast<int>(Exit::usage);
+  }
+  setup_logging(g.verbose && g.log_level == "info" ? "debug" : g.log_level);
+  for (auto& a : actions) {
+    if (a.app->parsed()) {
+      return a.run();
+    }
+  }
+  // A group (runtime, config, sif) given without its leaf subcommand.
+  for (auto* sub : app.get_subcommands()) {
+    std::cerr << sub->help();
+  }
+  return static_cast<int>(Exit::usage);
+}
+
+}  // namespace lhpc::cli

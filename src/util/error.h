@@ -1,0 +1,41 @@
+// The project's error type and exit codes: one place turns failures into
+// messages and exit codes (main.cc). Fatal errors throw lhpc::Error; absence
+// that is normal is std::optional, never an exception.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace lhpc {
+
+// Documented in man/lithops-hpc.1.scd (EXIT STATUS). Scripts test these.
+enum class Exit : int {
+  ok = 0,
+  failure = 1,      // generic runtime failure; `status`: some rank degraded
+  usage = 2,        // bad command line; `status`: no deployment found
+  config = 3,       // configuration file or value invalid
+  image = 4,        // not a SIF file, truncated, corrupt, hash mismatch
+  broker = 5,       // broker unreachable or refused login
+  engine = 6,       // container engine missing or an instance failed
+  stage = 7,        // image transfer failed on some node
+  interrupted = 130,  // SIGINT
+  terminated = 143,   // SIGTERM
+};
+
+class Error : public std::runtime_error {
+public:
+  // what: what went wrong and where; hint: what to do about it (may be empty).
+  Error(Exit code, std::string what, std::string hint = {})
+      : std::runtime_error(std::move(what)), m_code(code), m_hint(std::move(hint)) {}
+  Exit code() const noexcept { return m_code; }
+  const std::string& hint() const noexcept { return m_hint; }
+
+private:
+  Exit m_code;
+  std::string m_hint;
+};
+
+// errno as text, for messages that name a system call's failure.
+std::string errno_text(int err);
+
+}  // namespace lhpc

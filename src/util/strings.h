@@ -1,0 +1,22 @@
+// Small string helpers shared by every concern.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lhpc {
+
+std::vector<std::string> split(std::string_view s, char sep);
+std::string join(const std::vector<std::string>& parts, std::string_view sep);
+std::string trim(std::string_view s);
+bool starts_with(std::string_view s, std::string_view prefix);
+// For log lines only: quotes an argv element when it holds shell-special characters.
+std::string shell_quote(std::string_view s);
+std::string join_argv(const std::vector<std::string>& argv);
+// "1.5 GiB", "12.0 MiB": human sizes for progress and summaries.
+std::string human_bytes(double bytes);
+// Levenshtein distance, for "did you mean" suggestions.
+std::size_t edit_distance(std::string_view a, std::string_view b);
+
+}  // namespace lhpc

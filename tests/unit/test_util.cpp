@@ -1,0 +1,87 @@
+// Shared helpers: processes (environment, exit status), private directories, atomic writes.
+#include <doctest/doctest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "util/error.h"
+#include "util/fs.h"
+#include "util/process.h"
+#include "util/strings.h"
+
+using namespace lhpc;
+
+TEST_CASE("a child gets exactly the environment we give it") {
+  Env env = Env::empty();
+  env.set("PATH", "/usr/bin:/bin");
+  env.set("LHPC_X", "42");
+  auto r = run_capture({.argv = {"sh", "-c", "echo $LHPC_X; env | wc -l"}, .env = env});
+  CHECK(r.ok());
+  CHECK(r.out.substr(0, 3) == "42\n");
+}
+
+TEST_CASE("exit status is described and mapped like a shell") {
+  auto r = run_capture({.argv = {"sh", "-c", "exit 3"}});
+  CHECK(r.exit_code() == 3);
+  CHECK(describe_status(r.status) == "exited with code 3");
+  auto k = run_capture({.argv = {"sh", "-c", "kill -9 $$"}});
+  CHECK(k.exit_code() == 137);
+  CHECK(describe_status(k.status).find("signal 9") != std::string::npos);
+}
+
+TEST_CASE("a missing program is a clear error") {
+  CHECK_THROWS_AS(spawn({.argv = {"no-such-program-lhpc"}}), Error);
+}
+
+TEST_CASE("a child handle that goes away kills its process") {
+  pid_t pid;
+  {
+    auto c = spawn({.argv = {"sleep", "30"}});
+    pid = c.pid();
+    CHECK(::kill(pid, 0) == 0);
+  }
+  CHECK(::kill(pid, 0) != 0);
+}
+
+TEST_CASE("private directories are 0700 and refuse symlinks") {
+  char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
+  std::string d = ::mkdtemp(tmpl);
+  auto p = d + "/a/b/private";
+  make_private_dir(p);
+  struct stat st {};
+  REQUIRE(::stat(p.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0700);
+  ::chmod(p.c_str(), 0755);
+  make_private_dir(p);
+  ::stat(p.c_str(), &st);
+  CHECK((st.st_mode & 0777) == 0700);
+  ::symlink("/tmp", (d + "/link").c_str());
+  CHECK_THROWS_AS(make_private_dir(d + "/link"), Error);
+  std::filesystem::remove_all(d);
+}
+
+TEST_CASE("atomic writes replace the file with the promised mode") {
+  char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
+  std::string d = ::mkdtemp(tmpl);
+  auto f = d + "/status.json";
+  write_file_atomic(f, "one", 0600);
+  write_file_atomic(f, "two", 0600);
+  CHECK(read_file(f) == "two");
+  struct stat st {};
+  ::stat(f.c_str(), &st);
+  CHECK((st.st_mode & 0777) == 0600);
+  CHECK(std::distance(std::filesystem::directory_iterator(d), {}) == 1);
+  std::filesystem::remove_all(d);
+}
+
+TEST_CASE("string helpers") {
+  CHECK(split("a,b,,c", ',').size() == 4);
+  CHECK(join({"a", "b"}, ", ") == "a, b");
+  CHECK(trim("  x \n") == "x");
+  CHECK(shell_quote("a b") == "'a b'");
+  CHECK(shell_quote("plain") == "plain");
+  CHECK(human_bytes(1536) == "1.5 KiB");
+  CHECK(edit_distance("sif_pth", "sif_path") == 1);
+}
