@@ -134,9 +134,11 @@ std::string user_name() {
 }
 
 std::string state_dir() {
-  if (const char* x = ::getenv("XDG_RUNTIME_DIR"); x && *x && ::access(x, W_OK) == 0) {
-    return std::string(x) + "/lithops-hpc";
+  if (const char* x = ::getenv("LITHOPS_HPC_STATE_DIR"); x && *x) {
+    return x;
   }
+  // Home, not $XDG_RUNTIME_DIR: on a cluster home is shared, so `status` on a
+  // login node sees what rank 0 writes on a compute node.
   return home_dir() + "/.lithops-hpc";
 }
 

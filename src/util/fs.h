@@ -25,7 +25,7 @@ std::string dirname_of(const std::string& path);
 std::string basename_of(const std::string& path);
 std::string home_dir();
 std::string user_name();
-// $XDG_RUNTIME_DIR/lithops-hpc if usable, else ~/.lithops-hpc.
+// $LITHOPS_HPC_STATE_DIR, else ~/.lithops-hpc (status files, stop requests).
 std::string state_dir();
 
 }  // namespace lhpc

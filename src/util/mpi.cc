@@ -1,0 +1,56 @@
+#include "util/mpi.h"
+
+#include <cstdlib>
+
+#include "util/error.h"
+
+namespace lhpc {
+
+MpiSession::MpiSession(int* argc, char*** argv) {
+  int provided = 0;
+  if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+    throw Error(Exit::failure, "MPI_Init_thread failed",
+                "under Slurm launch with srun --mpi=pmix; elsewhere use mpirun, or run without a launcher");
+  }
+  // Errors come back as codes we turn into messages naming the rank.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(MPI_COMM_WORLD, &m_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &m_size);
+}
+
+MpiSession::~MpiSession() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) {
+    MPI_Finalize();
+  }
+}
+
+void MpiSession::abort(int code) const {
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& mine) {
+  int size = 0;
+  MPI_Comm_size(comm, &size);
+  int len = static_cast<int>(mine.size());
+  std::vector<int> lens(static_cast<std::size_t>(size));
+  MPI_Allgather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, comm);
+  std::vector<int> displs(static_cast<std::size_t>(size));
+  int total = 0;
+  for (int i = 0; i < size; ++i) {
+    displs[static_cast<std::size_t>(i)] = total;
+    total += lens[static_cast<std::size_t>(i)];
+  }
+  std::string all(static_cast<std::size_t>(total), '\0');
+  MPI_Allgatherv(mine.data(), len, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR, comm);
+  std::vector<std::string> out;
+  for (int i = 0; i < size; ++i) {
+    out.push_back(all.substr(static_cast<std::size_t>(displs[static_cast<std::size_t>(i)]),
+                             static_cast<std::size_t>(lens[static_cast<std::size_t>(i)])));
+  }
+  return out;
+}
+
+}  // namespace lhpc

@@ -1,0 +1,34 @@
+// MPI session: init with MPI_THREAD_FUNNELED (only the event-loop thread
+// calls MPI) and finalize on scope exit. Started without a launcher, Open MPI
+// runs us as a singleton: one rank, a complete local deployment.
+#pragma once
+
+#include <mpi.h>
+
+#include <string>
+#include <vector>
+
+namespace lhpc {
+
+class MpiSession {
+public:
+  MpiSession(int* argc, char*** argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+
+  int rank() const noexcept { return m_rank; }
+  int size() const noexcept { return m_size; }
+  MPI_Comm world() const noexcept { return MPI_COMM_WORLD; }
+  // Ends every rank with `code` (a rank that cannot go on while others wait in a collective).
+  [[noreturn]] void abort(int code) const;
+
+private:
+  int m_rank = 0;
+  int m_size = 1;
+};
+
+// Every rank's string, gathered to every rank (e.g. node ids), in rank order.
+std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& mine);
+
+}  // namespace lhpc
