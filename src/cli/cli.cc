@@ -16,6 +16,7 @@ void register_runtime(CLI::App&, Globals&, std::vector<Action>&);
 namespace {
 const Register k_commands[] = {
     register_config,
+    register_sif,
 };
 }  // namespace
 
