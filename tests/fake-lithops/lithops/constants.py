@@ -1,0 +1,1 @@
+JOBS_PREFIX = "lithops.jobs"

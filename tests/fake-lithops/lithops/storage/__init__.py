@@ -1,0 +1,3 @@
+from .storage import InternalStorage
+
+__all__ = ['InternalStorage']

@@ -1,0 +1,3 @@
+from .handler import function_handler
+
+__all__ = ['function_handler']

@@ -1,0 +1,71 @@
+"""Fake lithops.worker.function_handler driven by payload["lhpc_test"].
+
+lhpc_test keys (all optional):
+  sleep: float        seconds each call takes
+  record_dir: path    write <job_key>-<call_id>-<pid>-<ns>.json per finished call
+  crash: "always" | "once" | null
+                      SIGKILL the calling (handler) process; "once" only when
+                      crash_marker does not exist yet (it is created first)
+  crash_marker: path
+  fail: bool          raise RuntimeError (an exception inside function_handler)
+  missing_data: bool  raise StorageNoSuchKeyError, as when the client already
+                      deleted the job's data
+  print: str          print() it and os.write() it to fd 1 (must not reach the
+                      protocol channel)
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+from lithops.storage.utils import StorageNoSuchKeyError
+
+
+def _crash(test):
+    mode = test.get('crash')
+    if mode == 'always':
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == 'once':
+        marker = test['crash_marker']
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def function_handler(payload):
+    test = payload.get('lhpc_test') or {}
+    job_key = payload['job_key']
+    _crash(test)
+    if test.get('missing_data'):
+        bucket = payload.get('config', {}).get('lithops', {}).get('storage', 'fake')
+        raise StorageNoSuchKeyError(bucket, payload.get('func_key', f'lithops.jobs/{job_key}/func.pickle'))
+    if test.get('fail'):
+        raise RuntimeError('fake function_handler failure requested by lhpc_test.fail')
+    for call_id in payload['call_ids']:
+        start = time.time()
+        if test.get('print') is not None:
+            text = str(test['print'])
+            print(text)
+            sys.stdout.flush()
+            os.write(1, (text + '\n').encode())
+        if test.get('sleep'):
+            time.sleep(float(test['sleep']))
+        end = time.time()
+        record_dir = test.get('record_dir')
+        if record_dir:
+            record = {
+                'job_key': job_key, 'call_id': call_id, 'pid': os.getpid(),
+                'start': start, 'end': end,
+                'worker_processes': payload.get('worker_processes'),
+                'activation_id': os.environ.get('__LITHOPS_ACTIVATION_ID'),
+                'backend': os.environ.get('__LITHOPS_BACKEND'),
+            }
+            name = f'{job_key}-{call_id}-{os.getpid()}-{time.time_ns()}.json'
+            tmp = os.path.join(record_dir, '.' + name + '.tmp')
+            with open(tmp, 'w') as f:
+                json.dump(record, f)
+            os.replace(tmp, os.path.join(record_dir, name))
