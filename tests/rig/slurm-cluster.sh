@@ -23,8 +23,16 @@ alive() { local stat; stat=$(cat "/proc/${1:-x}/stat" 2>/dev/null) && [[ ${stat#
 ours() { alive "$1" && [[ $(cat "/proc/$1/comm" 2>/dev/null) == @(slurmd|slurmctld|munged|setsid|unshare|node-init.sh) ]]; }
 
 # Nodes have a private /tmp (and /dev/shm): the cluster dir, which holds the
-# config and munge socket they need, must be visible from every node.
-case $D in /tmp/*|/dev/shm/*) die "LHPC_RIG_DIR must be outside /tmp and /dev/shm (got $D)";; esac
+# config and munge socket they need, and the checkout whose binaries jobs run
+# must be visible from every node. Where they live under /tmp (a clone made
+# there), node-init.sh binds their top directory back into each node's /tmp.
+case $D in /dev/shm/*) die "LHPC_RIG_DIR must be outside /dev/shm (got $D)";; esac
+rig_keep=""
+for p in "$D" "$(cd "$HERE/../.." && pwd)"; do
+    case $p in /tmp/?*)
+        top=$(cut -d/ -f1-3 <<<"$p")   # /tmp/clone/build/rig -> /tmp/clone
+        [[ ":$rig_keep:" == *":$top:"* ]] || rig_keep=${rig_keep:+$rig_keep:}$top;; esac
+done
 [[ $D != *[[:space:]]* ]] || die "LHPC_RIG_DIR must not contain whitespace"
 # The munge socket path must fit a sockaddr_un (108 bytes).
 ((${#D} < 90)) || die "LHPC_RIG_DIR path too long for a unix socket: $D"
@@ -119,7 +127,7 @@ spawn() { # logname command...
 
 start_node() { # nX -> pid
     # unshare without --fork and setsid as a non-leader both exec: $! is the slurmd.
-    LHPC_RIG_HOSTS=$D/hosts spawn "slurmd-$1" unshare --uts --mount -- "$HERE/node-init.sh" "$1"
+    LHPC_RIG_KEEP=$rig_keep LHPC_RIG_HOSTS=$D/hosts spawn "slurmd-$1" unshare --uts --mount -- "$HERE/node-init.sh" "$1"
 }
 
 do_up() {
