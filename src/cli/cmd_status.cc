@@ -1,0 +1,123 @@
+// `lithops-hpc status [--json] [--watch [SECONDS]] [JOBID]`: the health of a
+// deployment from its status file. Exit 0: running and every rank ready;
+// 1: degraded (a rank not ready, unresponsive, rank 0 gone, or ended);
+// 2: no deployment found.
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "cli/cli.h"
+#include "health/report.h"
+#include "health/status_file.h"
+#include "health/view.h"
+#include "util/error.h"
+#include "util/signals.h"
+
+namespace lhpc::cli {
+
+namespace {
+
+struct StatusOpts {
+  std::string job;
+  bool json = false;
+  std::string watch;  // seconds; empty with --watch given: the default
+};
+
+constexpr double k_default_watch = 2;
+
+// One look at the deployment; returns the exit code this look deserves.
+int show_once(const StatusOpts& o, bool watching) {
+  auto look = health::find_deployment(o.job);
+  if (!look.found) {
+    std::cerr << "lithops-hpc status: no deployment found (looked in " << look.looked << ")\n";
+    return static_cast<int>(Exit::usage);
+  }
+  const auto& f = *look.found;
+  auto view = health::parse_status(f.text, f.loc.link);
+  auto a = health::assess(view, health::unix_now());
+  if (o.json) {
+    if (watching) {
+      // One document per line (JSON Lines), so a reader can split the stream.
+      std::cout << nlohmann::ordered_json::parse(f.text).dump() << "\n";
+    } else {
+      std::cout << f.text;
+      if (!f.text.empty() && f.text.back() != '\n') {
+        std::cout << "\n";
+      }
+    }
+  } else {
+    std::cout << health::render(view, a);
+  }
+  std::cout.flush();
+  return static_cast<int>(a.code);
+}
+
+int run_status(const StatusOpts& o, bool watch_given) {
+  if (!o.job.empty()) {
+    health::check_job_id(o.job);
+  }
+  if (!watch_given) {
+    return show_once(o, false);
+  }
+  double every = k_default_watch;
+  if (!o.watch.empty()) {
+    try {
+      std::size_t used = 0;
+      every = std::stod(o.watch, &used);
+      if (used != o.watch.size() || every <= 0) {
+        throw std::invalid_argument("bad");
+      }
+    } catch (const std::exception&) {
+      throw Error(Exit::usage, "--watch takes a number of seconds above 0, not '" + o.watch + "'",
+                  "write --watch 5 JOBID, or put JOBID first: status JOBID --watch");
+    }
+    // `status --watch 12345` reads the job id as seconds: refuse rather than
+    // redraw every three hours.
+    if (every > 3600) {
+      throw Error(Exit::usage, "--watch " + o.watch + " would redraw every " + o.watch + " s",
+                  "to watch job " + o.watch + ", put the job id first: lithops-hpc status " + o.watch + " --watch");
+    }
+  }
+  SignalPipe signals({SIGINT, SIGTERM});
+  bool tty = ::isatty(STDOUT_FILENO) && !o.json;
+  while (true) {
+    if (tty) {
+      std::cout << "\033[H\033[2J";  // home, clear screen
+    }
+    try {
+      show_once(o, true);
+    } catch (const Error& e) {
+      std::cerr << "lithops-hpc status: " << e.what() << "\n";  // rank 0 may fix it next interval
+    }
+    if (!tty && !o.json) {
+      std::cout << "\n";
+    }
+    std::cout.flush();
+    pollfd p{.fd = signals.fd(), .events = POLLIN};
+    if (::poll(&p, 1, static_cast<int>(every * 1000)) > 0) {
+      auto got = signals.drain();
+      return exit_code_for_signal(got.empty() ? SIGINT : got.back());
+    }
+  }
+}
+
+}  // namespace
+
+void register_status(CLI::App& parent, Globals&, std::vector<Action>& actions) {
+  auto o = std::make_shared<StatusOpts>();
+  auto* st = parent.add_subcommand("status", "table of a deployment's ranks, nodes and their health");
+  st->add_option("JOBID", o->job,
+                 "deployment to show (default: $SLURM_JOB_ID's, else the newest of yours under the state dir)");
+  st->add_flag("--json", o->json, "print the status file's JSON (see STATUS FILE in lithops-hpc(1))");
+  auto* watch = st->add_option("--watch", o->watch, "redraw every SECONDS (default 2) until Ctrl-C")
+                    ->expected(0, 1)
+                    ->type_name("[SECONDS]");
+  actions.push_back({st, [o, watch] { return run_status(*o, watch->count() > 0); }});
+}
+
+}  // namespace lhpc::cli

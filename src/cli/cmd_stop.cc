@@ -1,0 +1,123 @@
+// `lithops-hpc stop [JOBID] [--timeout S]`: asks a deployment to drain and
+// stop by writing <job dir>/stop, which rank 0 checks every health interval
+// (the file works from any node sharing the home directory; no signal is
+// sent, see lithops-hpc(1)), then waits until the status file says stopped.
+// Exit 0: stopped (or asked, with --timeout 0); 1: not stopped in time or
+// ended failed; 2: no deployment found.
+#include <cmath>
+#include <iostream>
+#include <memory>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "cli/cli.h"
+#include "health/report.h"
+#include "health/status_file.h"
+#include "health/view.h"
+#include "util/error.h"
+
+namespace lhpc::cli {
+
+namespace {
+
+struct StopOpts {
+  std::string job;
+  double timeout = 120;
+};
+
+int count_stopped(const health::StatusView& v) {
+  int n = 0;
+  for (const auto& r : v.ranks) {
+    n += r.state == "stopped" ? 1 : 0;
+  }
+  return n;
+}
+
+std::string progress_line(const health::StatusView& v) {
+  return fmt::format("job {}: {}, {}/{} ranks stopped", v.job, v.state, count_stopped(v), v.ranks.size());
+}
+
+int run_stop(const StopOpts& o) {
+  if (!o.job.empty()) {
+    health::check_job_id(o.job);
+  }
+  if (o.timeout < 0 || !std::isfinite(o.timeout)) {
+    throw Error(Exit::usage, "--timeout takes seconds, 0 or more", "0 asks for the stop without waiting");
+  }
+  auto look = health::find_deployment(o.job);
+  if (!look.found) {
+    std::cerr << "lithops-hpc stop: no deployment found (looked in " << look.looked << ")\n";
+    return static_cast<int>(Exit::usage);
+  }
+  auto loc = look.found->loc;
+  auto view = health::parse_status(look.found->text, loc.link);
+  if (view.state == "stopped") {
+    std::cout << "job " << view.job << " is already stopped\n";
+    return 0;
+  }
+  if (view.state == "failed") {
+    std::cout << "job " << view.job << " already ended: failed\n";
+    return static_cast<int>(Exit::failure);
+  }
+  auto a = health::assess(view, health::unix_now());
+  if (a.stale) {
+    std::cerr << "lithops-hpc stop: " << a.headline << "; the stop request waits for it in " << loc.stop << "\n";
+  }
+  health::request_stop(loc);
+  if (o.timeout == 0) {
+    std::cout << "stop requested for job " << view.job << " (" << loc.stop << ")\n";
+    return 0;
+  }
+  std::cout << fmt::format("stop requested for job {}; waiting up to {:g} s (rank 0 looks every {:g} s)\n", view.job,
+                           o.timeout, view.interval);
+  std::cout.flush();
+  double deadline = health::unix_now() + o.timeout;
+  std::string last_line;
+  while (true) {
+    look = health::find_deployment(loc.job);
+    if (look.found) {
+      try {
+        view = health::parse_status(look.found->text, loc.link);
+      } catch (const Error&) {
+        // keep the previous view: the next rewrite will be whole
+      }
+    }
+    auto line = progress_line(view);
+    if (line != last_line) {
+      std::cout << line << "\n";
+      std::cout.flush();
+      last_line = line;
+    }
+    if (view.state == "stopped") {
+      std::cout << health::assess(view, health::unix_now()).headline << "\n";
+      return 0;
+    }
+    if (view.state == "failed") {
+      std::cerr << "lithops-hpc stop: job " << view.job << " ended failed (a rank did not stop; see the batch log)\n";
+      return static_cast<int>(Exit::failure);
+    }
+    if (health::unix_now() >= deadline) {
+      std::cerr << fmt::format(
+          "lithops-hpc stop: job {} did not stop within {:g} s ({}); the request stays in {}: run stop again to "
+          "keep waiting, or scancel the job\n",
+          view.job, o.timeout, line, loc.stop);
+      return static_cast<int>(Exit::failure);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  }
+}
+
+}  // namespace
+
+void register_stop(CLI::App& parent, Globals&, std::vector<Action>& actions) {
+  auto o = std::make_shared<StopOpts>();
+  auto* st = parent.add_subcommand("stop", "drain and stop a running deployment");
+  st->add_option("JOBID", o->job,
+                 "deployment to stop (default: $SLURM_JOB_ID's, else the newest of yours under the state dir)");
+  st->add_option("--timeout", o->timeout, "seconds to wait for every rank to stop (default 120; 0: do not wait)")
+      ->type_name("S");
+  actions.push_back({st, [o] { return run_stop(*o); }});
+}
+
+}  // namespace lhpc::cli

@@ -1,0 +1,166 @@
+#include "health/report.h"
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstring>
+
+#include "config/config.h"
+#include "util/error.h"
+
+namespace lhpc::health {
+
+namespace {
+
+constexpr std::array<std::string_view, 7> k_state_names = {
+    "staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive",
+};
+
+// Largest prefix of `s` of at most `max` bytes that does not split a UTF-8 sequence.
+std::size_t utf8_cut(std::string_view s, std::size_t max) {
+  if (s.size() <= max) {
+    return s.size();
+  }
+  std::size_t cut = max;
+  // s[cut] is the first byte left out: a continuation byte there means the
+  // sequence it belongs to started inside the prefix; leave that one out too.
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) {
+    --cut;
+  }
+  return cut;
+}
+
+void copy_field(char* dst, std::size_t cap, std::string_view text) {
+  std::memset(dst, 0, cap);
+  auto n = utf8_cut(text, cap - 1);
+  std::memcpy(dst, text.data(), n);
+}
+
+bool url_end(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f' || c == '"' || c == '\'' ||
+         c == '`' || c == '<' || c == '>' || c == ',' || c == ';' || c == ')' || c == ']';
+}
+
+// A URL that config::parse_amqp_url rejects (say a raw '/' or '@' in the
+// password) may still hold a password: hide everything between the first ':'
+// after the scheme and the last '@', over-redacting rather than leaking.
+std::string redact_malformed(std::string_view url, std::size_t authority_start) {
+  auto at = url.rfind('@');
+  if (at == std::string_view::npos || at < authority_start) {
+    return std::string(url);
+  }
+  auto colon = url.find(':', authority_start);
+  if (colon == std::string_view::npos || colon > at) {
+    return std::string(url);  // a user name only
+  }
+  return std::string(url.substr(0, colon + 1)) + "***" + std::string(url.substr(at));
+}
+
+std::string redact_one(std::string_view url, std::size_t authority_start) {
+  try {
+    config::parse_amqp_url(std::string(url));
+  } catch (const Error&) {
+    return redact_malformed(url, authority_start);
+  }
+  return config::redact_url(std::string(url));
+}
+
+bool iequals_at(std::string_view s, std::size_t pos, std::string_view word) {
+  if (pos + word.size() > s.size()) {
+    return false;
+  }
+  for (std::size_t i = 0; i < word.size(); ++i) {
+    char c = s[pos + i];
+    if (c >= 'A' && c <= 'Z') {
+      c = static_cast<char>(c - 'A' + 'a');
+    }
+    if (c != word[i]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string_view state_name(State s) {
+  auto i = static_cast<std::size_t>(s);
+  return i < k_state_names.size() ? k_state_names[i] : std::string_view("unknown");
+}
+
+std::optional<State> parse_state(std::string_view name) {
+  for (std::size_t i = 0; i < k_state_names.size(); ++i) {
+    if (k_state_names[i] == name) {
+      return static_cast<State>(i);
+    }
+  }
+  return std::nullopt;
+}
+
+std::string redact_secrets(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  std::size_t i = 0;
+  while (i < text.size()) {
+    std::size_t scheme_len = 0;
+    if (iequals_at(text, i, "amqps://")) {
+      scheme_len = 8;
+    } else if (iequals_at(text, i, "amqp://")) {
+      scheme_len = 7;
+    }
+    if (scheme_len == 0) {
+      out += text[i++];
+      continue;
+    }
+    auto end = i + scheme_len;
+    while (end < text.size() && !url_end(text[end])) {
+      ++end;
+    }
+    out += redact_one(text.substr(i, end - i), scheme_len);
+    i = end;
+  }
+  return out;
+}
+
+std::string truncate_utf8(std::string_view s, std::size_t max_bytes) {
+  if (s.size() <= max_bytes) {
+    return std::string(s);
+  }
+  if (max_bytes < 3) {
+    return std::string(s.substr(0, utf8_cut(s, max_bytes)));
+  }
+  return std::string(s.substr(0, utf8_cut(s, max_bytes - 3))) + "...";
+}
+
+void set_node(Report& r, std::string_view node) { copy_field(r.node, sizeof r.node, node); }
+
+void set_last_error(Report& r, std::string_view text) {
+  // Redact before cutting: a cut must never leave half a password behind a
+  // URL that redaction would no longer recognise.
+  auto clean = redact_secrets(text);
+  for (auto& c : clean) {
+    auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) {
+      c = ' ';
+    }
+  }
+  auto cut = truncate_utf8(clean, sizeof r.last_error - 1);
+  copy_field(r.last_error, sizeof r.last_error, cut);
+}
+
+std::string node_of(const Report& r) { return std::string(r.node, ::strnlen(r.node, sizeof r.node)); }
+
+std::string last_error_of(const Report& r) {
+  return std::string(r.last_error, ::strnlen(r.last_error, sizeof r.last_error));
+}
+
+bool valid(const Report& r) {
+  return r.version == k_report_version && r.rank >= 0 && static_cast<std::uint8_t>(r.state) <= 5;
+}
+
+double unix_now() {
+  using namespace std::chrono;
+  return duration<double>(system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace lhpc::health

@@ -1,0 +1,91 @@
+// The health report every rank sends rank 0 each interval: a fixed-size,
+// trivially copyable struct that travels as MPI_BYTE (same binary on every
+// node, so layout and byte order match). Strings are NUL-terminated in fixed
+// arrays; readers never trust the terminator and use node_of()/last_error_of().
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+namespace lhpc::health {
+
+// A rank's state as it reports it. `unresponsive` is never sent: rank 0
+// assigns it to a rank silent for 3 intervals.
+enum class State : std::uint8_t {
+  staging = 0,
+  starting = 1,
+  ready = 2,
+  draining = 3,
+  failed = 4,
+  stopped = 5,
+  unresponsive = 6,
+};
+
+// Lower case, as in the status file and logs: "ready", "unresponsive", ...
+std::string_view state_name(State s);
+std::optional<State> parse_state(std::string_view name);
+
+inline constexpr std::uint32_t k_report_version = 1;
+inline constexpr std::size_t k_node_len = 64;         // bytes, including the NUL
+inline constexpr std::size_t k_last_error_len = 160;  // bytes, including the NUL
+
+// 8-byte fields first, then 4, then 1, then the strings: no implicit padding,
+// so no uninitialised bytes go on the wire.
+struct Report {
+  std::uint64_t seq = 0;             // per rank, +1 each report; rank 0 drops older ones
+  std::uint64_t done = 0;            // tasks finished and acked
+  std::uint64_t failed = 0;          // tasks whose function raised (still acked: Lithops reports it)
+  std::uint64_t requeued = 0;        // tasks given back to the queue (handler/instance died, drain)
+  std::uint64_t dead_lettered = 0;   // tasks moved to the dead-letter queue
+  std::uint64_t rss_kb = 0;          // VmRSS of the rank process itself
+  std::uint64_t rss_tree_kb = 0;     // rss_kb + VmRSS of all its descendants (handlers)
+  double uptime = 0;                 // seconds since this rank started
+  double timestamp = 0;              // sender's unix time (informative: clocks differ across nodes)
+  std::uint32_t version = k_report_version;
+  std::int32_t rank = -1;
+  std::int32_t pid = 0;              // of the rank process, on its node
+  std::int32_t slots_busy = 0;
+  std::int32_t slots_total = 0;
+  std::uint32_t restarts = 0;        // instance/handler/runscript restarts so far
+  State state = State::staging;
+  std::uint8_t broker_connected = 0;  // 0/1
+  std::uint8_t instance_alive = 0;    // 0/1
+  std::uint8_t reserved[5] = {};     // zero; keeps sizeof a multiple of 8 with no tail padding
+  char node[k_node_len] = {};
+  char last_error[k_last_error_len] = {};
+};
+
+static_assert(std::is_trivially_copyable_v<Report>);
+static_assert(std::is_standard_layout_v<Report>);
+static_assert(sizeof(Report) == 7 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len,
+              "Report must have no padding: every byte on the wire is initialised");
+
+// Copies `node` (truncated to 63 bytes on a UTF-8 boundary).
+void set_node(Report& r, std::string_view node);
+// Redacts every AMQP URL's password, flattens newlines and control characters
+// to spaces, then truncates to 159 bytes on a UTF-8 boundary ("..." marks a cut).
+void set_last_error(Report& r, std::string_view text);
+// Read back, stopping at the first NUL or the array's end (never past it).
+std::string node_of(const Report& r);
+std::string last_error_of(const Report& r);
+
+// `text` with the password of every amqp:// or amqps:// URL in it replaced by
+// *** (config::redact_url on each URL). A URL ends at whitespace, a quote,
+// '<', '>', ',', ';', ')' or ']'.
+std::string redact_secrets(std::string_view text);
+// At most `max_bytes` bytes of `s`, never cutting a UTF-8 sequence; a cut text
+// ends with "..." (within max_bytes).
+std::string truncate_utf8(std::string_view s, std::size_t max_bytes);
+
+// Checks a report received from `source`: version and sizes; false: drop it.
+bool valid(const Report& r);
+
+// Unix time now, in seconds (sub-second precision).
+double unix_now();
+
+}  // namespace lhpc::health

@@ -1,0 +1,163 @@
+#include "health/status_file.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <filesystem>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "config/config.h"
+#include "health/report.h"
+#include "util/error.h"
+#include "util/fs.h"
+
+namespace lhpc::health {
+
+namespace {
+
+// Only this user's files: a status file someone else planted in a shared
+// state dir must not steer `stop` or `status`.
+bool owned_by_me(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && st.st_uid == ::geteuid();
+}
+
+std::optional<std::string> read_if_mine(const std::string& path) {
+  if (!owned_by_me(path)) {
+    return std::nullopt;
+  }
+  try {
+    return read_file(path);
+  } catch (const Error&) {
+    return std::nullopt;  // vanished between stat and open
+  }
+}
+
+}  // namespace
+
+void check_job_id(const std::string& job) {
+  bool ok = !job.empty() && job != "." && job != ".." && job.size() <= 128;
+  for (char c : job) {
+    bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                 c == '_' || c == '-' || c == '+';
+    ok = ok && plain;
+  }
+  if (!ok) {
+    throw Error(Exit::usage, "'" + job + "' is not a job id",
+                "a job id is a Slurm job id (e.g. 12345 or 12345_7) or a name of letters, digits, '.', '_', '-', '+'");
+  }
+}
+
+Location locate(const std::string& job, const std::string& configured) {
+  check_job_id(job);
+  Location loc;
+  loc.job = job;
+  loc.dir = state_dir() + "/jobs/" + job;
+  loc.link = loc.dir + "/status.json";
+  loc.status = configured.empty() ? loc.link : configured;
+  loc.stop = loc.dir + "/stop";
+  return loc;
+}
+
+void prepare(const Location& loc) {
+  auto root = state_dir();
+  if (!path_exists(root)) {
+    make_private_dir(root);
+  }
+  make_private_dir(root + "/jobs");
+  make_private_dir(loc.dir);
+  clear_stop(loc);
+  if (loc.status != loc.link) {
+    auto parent = dirname_of(loc.status);
+    if (!parent.empty() && !path_exists(parent)) {
+      mkdirs(parent);
+    }
+    std::error_code ec;
+    std::filesystem::remove(loc.link, ec);
+    std::filesystem::create_symlink(std::filesystem::absolute(loc.status), loc.link, ec);
+    if (ec) {
+      throw Error(Exit::failure, "cannot link " + loc.link + " to " + loc.status + ": " + ec.message(),
+                  "`lithops-hpc status` finds deployments through that link; check " + loc.dir);
+    }
+  }
+}
+
+void write_status(const Location& loc, const std::string& json) { write_file_atomic(loc.status, json, 0600); }
+
+bool stop_requested(const Location& loc) {
+  struct stat st {};
+  return ::stat(loc.stop.c_str(), &st) == 0;
+}
+
+void request_stop(const Location& loc) {
+  auto text = fmt::format("requested_by={}@{} pid={} time={:.3f}\n", user_name(), config::short_hostname(),
+                          ::getpid(), unix_now());
+  write_file_atomic(loc.stop, text, 0600);
+}
+
+void clear_stop(const Location& loc) {
+  if (::unlink(loc.stop.c_str()) != 0 && errno != ENOENT) {
+    throw Error(Exit::failure, "cannot remove the old stop request " + loc.stop + ": " + errno_text(errno));
+  }
+}
+
+std::optional<std::string> job_from_environment() {
+  for (const char* name : {"SLURM_JOB_ID", "LITHOPS_HPC_JOB_ID"}) {
+    if (const char* v = std::getenv(name); v && *v) {
+      return std::string(v);
+    }
+  }
+  return std::nullopt;
+}
+
+Lookup find_deployment(const std::string& job) {
+  Lookup out;
+  std::string want = job;
+  std::string why;
+  if (want.empty()) {
+    if (auto env = job_from_environment()) {
+      want = *env;
+      why = std::getenv("SLURM_JOB_ID") ? " ($SLURM_JOB_ID)" : " ($LITHOPS_HPC_JOB_ID)";
+    }
+  }
+  if (!want.empty()) {
+    auto loc = locate(want);
+    out.looked = loc.link + why;
+    if (auto text = read_if_mine(loc.link)) {
+      out.found = Found{loc, *text};
+    }
+    return out;
+  }
+  auto jobs = state_dir() + "/jobs";
+  out.looked = jobs + "/*/status.json";
+  double newest = -1;
+  std::error_code ec;
+  for (const auto& d : std::filesystem::directory_iterator(jobs, ec)) {
+    auto name = d.path().filename().string();
+    Location loc;
+    try {
+      loc = locate(name);
+    } catch (const Error&) {
+      continue;  // not one of ours
+    }
+    auto text = read_if_mine(loc.link);
+    if (!text) {
+      continue;
+    }
+    auto doc = nlohmann::json::parse(*text, nullptr, false);
+    if (doc.is_discarded() || !doc.is_object() || !doc.contains("updated") || !doc["updated"].is_number()) {
+      continue;
+    }
+    double updated = doc["updated"].get<double>();
+    if (updated > newest) {
+      newest = updated;
+      out.found = Found{loc, *text};
+    }
+  }
+  return out;
+}
+
+}  // namespace lhpc::health

@@ -1,0 +1,62 @@
+// Where a deployment's status file and stop request live, and how `status`
+// and `stop` find them. Every deployment has a job directory
+// <state_dir()>/jobs/<jobid>/ (0700) holding:
+//   status.json  the status (mode 0600, replaced atomically), or a symlink to
+//                health.status_file when the configuration names one
+//   stop         a stop request written by `lithops-hpc stop` (0600)
+// On a cluster, state_dir() is in the shared home, so `status` on a login
+// node reads what rank 0 writes on a compute node.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace lhpc::health {
+
+struct Location {
+  std::string job;
+  std::string dir;     // <state_dir()>/jobs/<job>
+  std::string status;  // the file rank 0 writes: health.status_file or <dir>/status.json
+  std::string link;    // <dir>/status.json: what `status` reads (== status by default)
+  std::string stop;    // <dir>/stop
+};
+
+// Throws Error(usage) for a job id that is not a plain name ([A-Za-z0-9._+-],
+// not "." or ".."): it becomes a directory name.
+void check_job_id(const std::string& job);
+
+// `configured`: health.status_file with placeholders already expanded; empty: default.
+Location locate(const std::string& job, const std::string& configured = {});
+
+// Rank 0 at start: creates the job directory (0700; the state dir 0700 when
+// made here), removes a stop request left over from an earlier run with the
+// same job id (e.g. "local"), and points <dir>/status.json at a configured
+// status file. Throws Error naming the path.
+void prepare(const Location& loc);
+// Atomic replacement, mode 0600.
+void write_status(const Location& loc, const std::string& json);
+
+// Rank 0, each interval: a cheap stat().
+bool stop_requested(const Location& loc);
+// `lithops-hpc stop`: writes <dir>/stop (0600) saying who asked and when.
+void request_stop(const Location& loc);
+void clear_stop(const Location& loc);
+
+// The job id `status`/`stop` mean without one on the command line:
+// $SLURM_JOB_ID, else $LITHOPS_HPC_JOB_ID, else none (then: the newest).
+std::optional<std::string> job_from_environment();
+
+struct Found {
+  Location loc;
+  std::string text;  // the status file's content
+};
+struct Lookup {
+  std::optional<Found> found;
+  std::string looked;  // where we looked, for the "no deployment found" message
+};
+// `job` empty: the environment's job, else the deployment with the newest
+// "updated" among this user's <state_dir()>/jobs/*/status.json.
+Lookup find_deployment(const std::string& job);
+
+}  // namespace lhpc::health

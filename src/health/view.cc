@@ -1,0 +1,238 @@
+#include "health/view.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "util/strings.h"
+
+namespace lhpc::health {
+
+namespace {
+
+using nlohmann::json;
+
+// Typed access that names the key path on failure.
+class Reader {
+public:
+  explicit Reader(std::string source) : m_source(std::move(source)) {}
+
+  const json& at(const json& obj, const std::string& key, const std::string& where) const {
+    if (!obj.is_object() || !obj.contains(key)) {
+      fail(where + key, "is missing");
+    }
+    return obj.at(key);
+  }
+  std::string str(const json& obj, const std::string& key, const std::string& where = {}) const {
+    const auto& v = at(obj, key, where);
+    if (!v.is_string()) {
+      fail(where + key, "is not a string");
+    }
+    return v.get<std::string>();
+  }
+  double num(const json& obj, const std::string& key, const std::string& where = {}) const {
+    const auto& v = at(obj, key, where);
+    if (!v.is_number()) {
+      fail(where + key, "is not a number");
+    }
+    return v.get<double>();
+  }
+  unsigned long long count(const json& obj, const std::string& key, const std::string& where = {}) const {
+    const auto& v = at(obj, key, where);
+    if (!v.is_number_integer() && !v.is_number_unsigned()) {
+      fail(where + key, "is not an integer");
+    }
+    return v.get<unsigned long long>();
+  }
+  bool boolean(const json& obj, const std::string& key, const std::string& where = {}) const {
+    const auto& v = at(obj, key, where);
+    if (!v.is_boolean()) {
+      fail(where + key, "is not true or false");
+    }
+    return v.get<bool>();
+  }
+  [[noreturn]] void fail(const std::string& key, const std::string& what) const {
+    throw Error(Exit::failure, m_source + ": '" + key + "' " + what,
+                "the file is written by lithops-hpc deploy; a different version may have written it");
+  }
+
+private:
+  std::string m_source;
+};
+
+std::string ago(double seconds) {
+  if (seconds < 0) {
+    seconds = 0;
+  }
+  if (seconds < 10) {
+    return fmt::format("{:.1f} s", seconds);
+  }
+  if (seconds < 120) {
+    return fmt::format("{:.0f} s", seconds);
+  }
+  if (seconds < 7200) {
+    return fmt::format("{:.0f} min", seconds / 60);
+  }
+  if (seconds < 172800) {
+    return fmt::format("{:.0f} h", seconds / 3600);
+  }
+  return fmt::format("{:.0f} d", seconds / 86400);
+}
+
+std::string interval_text(double s) { return fmt::format("{:g} s", s); }
+
+std::string totals(const Summary& m) {
+  return fmt::format("slots {}/{} busy; tasks {} done, {} failed, {} requeued, {} dead-lettered", m.slots_busy,
+                     m.slots_total, m.done, m.failed, m.requeued, m.dead_lettered);
+}
+
+}  // namespace
+
+StatusView parse_status(const std::string& text, const std::string& source) {
+  json doc = json::parse(text, nullptr, false);
+  if (doc.is_discarded() || !doc.is_object()) {
+    throw Error(Exit::failure, source + " is not a JSON object",
+                "it is rewritten every interval by rank 0; if it stays broken, remove it");
+  }
+  Reader rd(source);
+  StatusView s;
+  s.version = static_cast<int>(rd.count(doc, "version"));
+  if (s.version != k_status_version) {
+    throw Error(Exit::failure,
+                fmt::format("{}: status file version {} (this lithops-hpc reads version {})", source, s.version,
+                            k_status_version),
+                "use the lithops-hpc that runs the deployment");
+  }
+  s.job = rd.str(doc, "job");
+  s.updated = rd.num(doc, "updated");
+  s.started = rd.num(doc, "started");
+  s.interval = rd.num(doc, "interval");
+  const auto& r0 = rd.at(doc, "rank0", "");
+  s.rank0_host = rd.str(r0, "host", "rank0.");
+  s.rank0_pid = static_cast<long>(rd.count(r0, "pid", "rank0."));
+  s.state = rd.str(doc, "state");
+  const auto& sm = rd.at(doc, "summary", "");
+  auto& m = s.summary;
+  m.ranks = static_cast<int>(rd.count(sm, "ranks", "summary."));
+  m.ready = static_cast<int>(rd.count(sm, "ready", "summary."));
+  m.degraded = static_cast<int>(rd.count(sm, "degraded", "summary."));
+  m.unresponsive = static_cast<int>(rd.count(sm, "unresponsive", "summary."));
+  m.slots_busy = static_cast<long long>(rd.count(sm, "slots_busy", "summary."));
+  m.slots_total = static_cast<long long>(rd.count(sm, "slots_total", "summary."));
+  m.done = rd.count(sm, "done", "summary.");
+  m.failed = rd.count(sm, "failed", "summary.");
+  m.requeued = rd.count(sm, "requeued", "summary.");
+  m.dead_lettered = rd.count(sm, "dead_lettered", "summary.");
+  const auto& ranks = rd.at(doc, "ranks", "");
+  if (!ranks.is_array()) {
+    rd.fail("ranks", "is not an array");
+  }
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    const auto& j = ranks[i];
+    auto w = fmt::format("ranks[{}].", i);
+    RankView r;
+    r.rank = static_cast<int>(rd.count(j, "rank", w));
+    r.node = rd.str(j, "node", w);
+    r.pid = static_cast<long>(rd.count(j, "pid", w));
+    r.state = rd.str(j, "state", w);
+    r.slots_busy = static_cast<int>(rd.count(j, "slots_busy", w));
+    r.slots_total = static_cast<int>(rd.count(j, "slots_total", w));
+    r.done = rd.count(j, "done", w);
+    r.failed = rd.count(j, "failed", w);
+    r.requeued = rd.count(j, "requeued", w);
+    r.dead_lettered = rd.count(j, "dead_lettered", w);
+    r.broker = rd.boolean(j, "broker", w);
+    r.instance = rd.boolean(j, "instance", w);
+    r.restarts = static_cast<unsigned>(rd.count(j, "restarts", w));
+    r.rss_kb = rd.count(j, "rss_kb", w);
+    r.rss_tree_kb = rd.count(j, "rss_tree_kb", w);
+    const auto& ls = rd.at(j, "last_seen", w);
+    if (ls.is_number()) {
+      r.last_seen = ls.get<double>();
+    } else if (!ls.is_null()) {
+      rd.fail(w + "last_seen", "is neither a number nor null");
+    }
+    r.last_error = rd.str(j, "last_error", w);
+    s.ranks.push_back(std::move(r));
+  }
+  return s;
+}
+
+Assessment assess(const StatusView& s, double now_unix) {
+  Assessment a;
+  a.age = now_unix - s.updated;
+  const auto& m = s.summary;
+  bool ended = s.state == "stopped" || s.state == "failed";
+  a.stale = !ended && a.age > k_unresponsive_intervals * s.interval;
+  if (a.stale) {
+    a.code = Exit::failure;
+    a.headline = fmt::format(
+        "job {}: DEGRADED: rank 0 ({}, pid {}) stopped updating the status file {} ago (interval {}): "
+        "the deployment is gone or hung (check the batch log, squeue)",
+        s.job, s.rank0_host, s.rank0_pid, ago(a.age), interval_text(s.interval));
+    return a;
+  }
+  if (ended) {
+    a.code = Exit::failure;
+    a.headline = fmt::format("job {}: {} {} ago; {}", s.job, s.state, ago(a.age), totals(m));
+    return a;
+  }
+  bool all_ready = m.ranks > 0 && m.ready == m.ranks && s.state == "running";
+  a.code = all_ready ? Exit::ok : Exit::failure;
+  std::string health = all_ready ? fmt::format("{}/{} ranks ready", m.ready, m.ranks)
+                                 : fmt::format("DEGRADED: {}/{} ranks ready, {} degraded, {} unresponsive", m.ready,
+                                               m.ranks, m.degraded, m.unresponsive);
+  a.headline = fmt::format("job {}: {}, {}; {} (updated {} ago)", s.job, s.state, health, totals(m), ago(a.age));
+  return a;
+}
+
+std::string render(const StatusView& s, const Assessment& a) {
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({"RANK", "NODE", "STATE", "SLOTS", "DONE", "FAILED", "REQUEUED", "BROKER", "INSTANCE", "RESTARTS",
+                  "RSS", "LAST SEEN"});
+  auto yn = [](bool b) { return std::string(b ? "yes" : "no"); };
+  for (const auto& r : s.ranks) {
+    rows.push_back({
+        std::to_string(r.rank),
+        r.node.empty() ? "-" : r.node,
+        r.state,
+        fmt::format("{}/{}", r.slots_busy, r.slots_total),
+        std::to_string(r.done),
+        std::to_string(r.failed),
+        std::to_string(r.requeued),
+        yn(r.broker),
+        yn(r.instance),
+        std::to_string(r.restarts),
+        r.rss_tree_kb ? human_bytes(static_cast<double>(r.rss_tree_kb) * 1024.0) : "-",
+        // Seconds ago when the file was written, plus the file's own age.
+        r.last_seen ? ago(*r.last_seen + std::max(0.0, a.age)) + " ago" : "never",
+    });
+  }
+  std::vector<std::size_t> width(rows[0].size(), 0);
+  for (const auto& row : rows) {
+    for (std::size_t c = 0; c < row.size(); ++c) {
+      width[c] = std::max(width[c], row[c].size());
+    }
+  }
+  std::string out;
+  for (const auto& row : rows) {
+    std::string line;
+    for (std::size_t c = 0; c < row.size(); ++c) {
+      line += row[c];
+      if (c + 1 < row.size()) {
+        line += std::string(width[c] - row[c].size() + 2, ' ');
+      }
+    }
+    out += trim(line) + "\n";
+  }
+  for (const auto& r : s.ranks) {
+    if (!r.last_error.empty()) {
+      out += fmt::format("rank {} {}: last error: {}\n", r.rank, r.node, r.last_error);
+    }
+  }
+  out += a.headline + "\n";
+  return out;
+}
+
+}  // namespace lhpc::health

@@ -1,0 +1,59 @@
+// Reading a status file for people and scripts: parse it, judge it (the exit
+// code of `lithops-hpc status`), and draw the table.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "health/table.h"
+#include "util/error.h"
+
+namespace lhpc::health {
+
+struct RankView {
+  int rank = 0;
+  std::string node;
+  long pid = 0;
+  std::string state;
+  int slots_busy = 0;
+  int slots_total = 0;
+  unsigned long long done = 0, failed = 0, requeued = 0, dead_lettered = 0;
+  bool broker = false;
+  bool instance = false;
+  unsigned restarts = 0;
+  unsigned long long rss_kb = 0, rss_tree_kb = 0;
+  std::optional<double> last_seen;
+  std::string last_error;
+};
+
+struct StatusView {
+  std::string job;
+  int version = 0;
+  double updated = 0;
+  double started = 0;
+  double interval = 0;
+  std::string rank0_host;
+  long rank0_pid = 0;
+  std::string state;  // running, draining, stopped, failed
+  Summary summary;
+  std::vector<RankView> ranks;
+};
+
+// Throws Error(failure) naming `source` and the first key that is missing or
+// of the wrong type.
+StatusView parse_status(const std::string& text, const std::string& source);
+
+struct Assessment {
+  Exit code = Exit::ok;  // ok: running and every rank ready; failure: anything else
+  bool stale = false;    // rank 0 stopped updating the file (3 intervals) before the end
+  double age = 0;        // seconds since "updated"
+  std::string headline;  // one line saying how the deployment is, for people
+};
+Assessment assess(const StatusView& s, double now_unix);
+
+// The table (rank, node, state, slots, done/failed/requeued, broker,
+// instance, restarts, RSS, last seen), last errors, and the summary line.
+std::string render(const StatusView& s, const Assessment& a);
+
+}  // namespace lhpc::health
