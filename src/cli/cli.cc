@@ -12,11 +12,24 @@ namespace lhpc::cli {
 void register_config(CLI::App&, Globals&, std::vector<Action>&);
 void register_sif(CLI::App&, Globals&, std::vector<Action>&);
 void register_runtime(CLI::App&, Globals&, std::vector<Action>&);
+void register_status(CLI::App&, Globals&, std::vector<Action>&);
+void register_stop(CLI::App&, Globals&, std::vector<Action>&);
+void register_worker(CLI::App&, Globals&, std::vector<Action>&);
+void register_ping(CLI::App&, Globals&, std::vector<Action>&);
+void register_stage(CLI::App&, Globals&, std::vector<Action>&);
+void register_deploy(CLI::App&, Globals&, std::vector<Action>&);
 
 namespace {
 const Register k_commands[] = {
+    register_runtime,
+    register_stage,
+    register_deploy,
     register_config,
     register_sif,
+    register_status,
+    register_stop,
+    register_worker,
+    register_ping,
 };
 }  // namespace
 

@@ -55,7 +55,7 @@ struct Deploy {
 
 struct Health {
   double interval = 5;                        // seconds between reports to rank 0
-  std::string status_file;                    // empty: <state dir>/status-<jobid>.json
+  std::string status_file;                    // empty: <state dir>/jobs/<jobid>/status.json
 };
 
 struct Config {

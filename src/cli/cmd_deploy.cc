@@ -1,0 +1,75 @@
+// `lithops-hpc deploy --sif PATH ...`: the MPI program run by srun or mpirun
+// (or alone: one rank, a complete local deployment).
+#include "cli/cli.h"
+#include "deploy/deploy.h"
+#include "util/error.h"
+
+namespace lhpc::cli {
+
+namespace {
+
+struct DeployArgs {
+  std::string sif, transfer, mode, engine, sif_path, status_file;
+  int slots = -1;
+  double interval = -1;
+  bool cleanup = false;
+};
+
+template <typename T>
+std::optional<T> parsed(const std::string& text, std::optional<T> (*parse)(const std::string&), const char* flag,
+                        const char* choices) {
+  if (text.empty()) {
+    return std::nullopt;
+  }
+  auto v = parse(text);
+  if (!v) {
+    throw Error(Exit::usage, std::string("unknown ") + flag + " '" + text + "'", std::string("use ") + choices);
+  }
+  return v;
+}
+
+int run_deploy(const Globals& g, const DeployArgs& a) {
+  deploy::Options o;
+  o.sif = a.sif;
+  o.transfer = parsed(a.transfer, config::parse_transfer, "--transfer", "mpi, sbcast or none");
+  o.mode = parsed(a.mode, config::parse_mode, "--mode", "dispatch or runscript");
+  o.engine = parsed(a.engine, config::parse_engine, "--engine", "singularity, apptainer or host");
+  if (a.slots >= 0) {
+    o.slots = a.slots;
+  }
+  if (!a.sif_path.empty()) {
+    o.sif_path = a.sif_path;
+  }
+  if (!a.status_file.empty()) {
+    o.status_file = a.status_file;
+  }
+  if (a.interval > 0) {
+    o.interval = a.interval;
+  }
+  o.cleanup = a.cleanup;
+  return deploy::run(load_config(g), o);
+}
+
+}  // namespace
+
+void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
+  auto* d = parent.add_subcommand(
+      "deploy", "stage the image on every node and run a worker per rank (launch with srun or mpirun)");
+  auto a = std::make_shared<DeployArgs>();
+  d->add_option("--sif", a->sif, "the runtime image, as rank 0 sees it (not needed with the host engine)")
+      ->type_name("PATH");
+  d->add_option("--transfer", a->transfer, "how the image reaches the nodes: mpi, sbcast or none (deploy.transfer)")
+      ->type_name("HOW");
+  d->add_option("--mode", a->mode, "dispatch or runscript (deploy.mode)")->type_name("MODE");
+  d->add_option("--engine", a->engine, "singularity, apptainer or host (singularity.engine)")->type_name("ENGINE");
+  d->add_option("--slots", a->slots, "task slots per node, split among its ranks; 0: the cores (singularity.worker_processes)")
+      ->type_name("N");
+  d->add_option("--sif-path", a->sif_path, "node-local directory to stage into (singularity.sif_path)")->type_name("DIR");
+  d->add_option("--status-file", a->status_file, "where rank 0 writes the status JSON (health.status_file)")
+      ->type_name("FILE");
+  d->add_option("--interval", a->interval, "seconds between health reports (health.interval)")->type_name("SECONDS");
+  d->add_flag("--cleanup", a->cleanup, "remove the staged images when the deployment ends (deploy.cleanup)");
+  actions.push_back({d, [&g, a] { return run_deploy(g, *a); }});
+}
+
+}  // namespace lhpc::cli

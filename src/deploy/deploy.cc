@@ -1,0 +1,361 @@
+#include "deploy/deploy.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <set>
+#include <spdlog/spdlog.h>
+
+#include "deploy/worker.h"
+#include "health/memory.h"
+#include "health/session.h"
+#include "slurm/job.h"
+#include "stage/stage.h"
+#include "util/error.h"
+#include "util/fs.h"
+#include "util/log.h"
+#include "util/mpi.h"
+#include "util/signals.h"
+
+namespace lhpc::deploy {
+
+int slots_for_rank(int node_slots, int ranks_on_node, int index_on_node) {
+  ranks_on_node = std::max(ranks_on_node, 1);
+  int base = node_slots / ranks_on_node;
+  int extra = index_on_node < node_slots % ranks_on_node ? 1 : 0;
+  return std::max(base + extra, 1);
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+// Instance start (engines pull nothing: the image is local) and handler imports.
+constexpr std::chrono::seconds k_start_timeout{300};
+
+config::Config apply_overrides(config::Config cfg, const Options& o) {
+  if (o.transfer) {
+    cfg.deploy.transfer = *o.transfer;
+  }
+  if (o.mode) {
+    cfg.deploy.mode = *o.mode;
+  }
+  if (o.engine) {
+    cfg.singularity.engine = *o.engine;
+  }
+  if (o.slots) {
+    cfg.singularity.worker_processes = *o.slots;
+  }
+  if (o.sif_path) {
+    cfg.singularity.sif_path = *o.sif_path;
+  }
+  if (o.status_file) {
+    cfg.health.status_file = *o.status_file;
+  }
+  if (o.interval) {
+    cfg.health.interval = *o.interval;
+  }
+  cfg.deploy.cleanup = cfg.deploy.cleanup || o.cleanup;
+  return cfg;
+}
+
+health::State state_of(const WorkerStats& s) {
+  if (s.state == "running") {
+    return health::State::ready;
+  }
+  if (s.state == "draining") {
+    return health::State::draining;
+  }
+  if (s.state == "failed") {
+    return health::State::failed;
+  }
+  if (s.state == "stopped") {
+    return health::State::stopped;
+  }
+  return health::State::starting;
+}
+
+health::Report make_report(health::State state, const WorkerStats& s, const std::string& node,
+                           const std::string& error) {
+  health::Report r;
+  r.state = state;
+  r.slots_busy = s.slots_busy;
+  r.slots_total = s.slots_total;
+  r.done = s.tasks_done;
+  r.failed = s.tasks_failed;
+  r.requeued = s.tasks_requeued;
+  r.dead_lettered = s.dead_lettered;
+  r.broker_connected = s.broker_connected ? 1 : 0;
+  r.instance_alive = s.instance_alive ? 1 : 0;
+  r.restarts = static_cast<std::uint32_t>(s.restarts);
+  auto mem = health::read_memory();
+  r.rss_kb = mem.self_kb;
+  r.rss_tree_kb = mem.tree_kb;
+  health::set_node(r, node);
+  health::set_last_error(r, error.empty() ? s.last_error : error);
+  return r;
+}
+
+// Every rank learns whether all ranks succeeded at a step, and rank 0 learns
+// each failing rank's message (fixed size: one collective, no second round).
+struct Agreement {
+  int ok_ranks = 0;
+  std::vector<std::string> errors;  // rank 0: per rank, empty when it succeeded
+};
+Agreement agree(MPI_Comm comm, const std::string& my_error) {
+  constexpr int k_len = 256;
+  int rank = 0, size = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+  char mine[k_len] = {};
+  std::strncpy(mine, my_error.c_str(), k_len - 1);
+  std::vector<char> all(rank == 0 ? static_cast<std::size_t>(k_len) * static_cast<std::size_t>(size) : 0);
+  MPI_Gather(mine, k_len, MPI_CHAR, all.data(), k_len, MPI_CHAR, 0, comm);
+  int ok = my_error.empty() ? 1 : 0;
+  Agreement a;
+  MPI_Allreduce(&ok, &a.ok_ranks, 1, MPI_INT, MPI_SUM, comm);
+  if (rank == 0) {
+    for (int i = 0; i < size; ++i) {
+      const char* p = all.data() + static_cast<std::ptrdiff_t>(i) * k_len;
+      a.errors.emplace_back(p, strnlen(p, k_len));
+    }
+  }
+  return a;
+}
+
+// Rank 0: every rank's latest report says failed (none is left to serve).
+bool all_failed(const health::Table& t) {
+  const auto& e = t.entries();
+  return !e.empty() && std::all_of(e.begin(), e.end(), [](const health::Table::Entry& x) {
+    return x.report && x.report->state == health::State::failed;
+  });
+}
+
+// Waits up to `ms` for a signal when there is no worker to step.
+void idle_wait(SignalPipe& signals, int ms, bool& got_signal) {
+  pollfd p{signals.fd(), POLLIN, 0};
+  if (::poll(&p, 1, ms) > 0 && !signals.drain().empty()) {
+    got_signal = true;
+  }
+}
+
+}  // namespace
+
+int run(const config::Config& cfg_in, const Options& opts) {
+  // Before MPI_Init: libslurm's first contact may take seconds, and its
+  // answer decides whether rank 0 watches the time limit.
+  bool slurm_time = slurm::in_allocation() && slurm::libslurm_available();
+  MpiSession mpi(nullptr, nullptr);
+  SignalPipe signals({SIGINT, SIGTERM});
+  const int rank = mpi.rank();
+  const int size = mpi.size();
+  MPI_Comm comm = mpi.world();
+
+  // One job id for every rank (rank 0's), so all name the same directories.
+  auto ph = config::current_placeholders();
+  if (ph.jobid == "local") {
+    ph.jobid = "local-" + std::to_string(::getpid());
+  }
+  ph.jobid = allgather_strings(comm, ph.jobid)[0];
+  auto nodes = allgather_strings(comm, ph.node);
+  int on_node = 0, index_on_node = 0;
+  for (int r = 0; r < size; ++r) {
+    if (nodes[static_cast<std::size_t>(r)] == ph.node) {
+      index_on_node += r < rank ? 1 : 0;
+      ++on_node;
+    }
+  }
+  set_log_prefix("rank " + std::to_string(rank) + " " + ph.node);
+
+  // Same file and environment on every rank: a config error fails every rank alike.
+  config::Config cfg = config::expanded(apply_overrides(cfg_in, opts), ph);
+  config::require_amqp_url(cfg);
+  if (opts.sif.empty() && cfg.singularity.engine != config::Engine::host) {
+    throw Error(Exit::usage, "deploy needs --sif PATH with the " + config::to_string(cfg.singularity.engine) + " engine",
+                "give the runtime image: lithops-hpc deploy --sif /scratch/rt.sif");
+  }
+  const int node_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : node_cores();
+  const int slots = slots_for_rank(node_slots, on_node, index_on_node);
+  const int required = cfg.deploy.min_ranks > 0 ? std::min(cfg.deploy.min_ranks, size) : size;
+  const auto interval = std::chrono::duration<double>(cfg.health.interval);
+
+  health::Session health(comm, {.job = ph.jobid,
+                                .interval = cfg.health.interval,
+                                .status_file = cfg.health.status_file,
+                                .node = ph.node});
+  if (rank == 0) {
+    spdlog::info("deploying job {} on {} rank(s), {} node(s); status: {}", ph.jobid, size,
+                 std::set<std::string>(nodes.begin(), nodes.end()).size(), health.location().status);
+  }
+  health.report(make_report(health::State::staging, {}, ph.node, ""));
+
+  // Stage: collective; every rank throws the same error.
+  stage::Result staged;
+  std::string image = opts.sif;
+  if (!opts.sif.empty()) {
+    try {
+      staged = stage::stage_image(comm, {.source = opts.sif,
+                                         .sif_dir = cfg.singularity.sif_path,
+                                         .transfer = cfg.deploy.transfer,
+                                         .chunk_bytes = static_cast<std::size_t>(cfg.deploy.chunk_mib) << 20,
+                                         .compress = cfg.deploy.compress,
+                                         .jobid = ph.jobid,
+                                         .node_id = ph.node,
+                                         .progress = rank == 0 && ::isatty(2)});
+      image = staged.local_path;
+    } catch (const Error& e) {
+      if (rank == 0) {
+        health.set_state(health::DeploymentState::failed);
+      }
+      throw;
+    }
+  }
+
+  // Start: each rank its instance and worker, then one agreement.
+  Worker worker(cfg, {.rank = rank, .node = ph.node, .jobid = ph.jobid, .slots = slots});
+  worker.set_signal_pipe(&signals);
+  std::string start_error;
+  health.report(make_report(health::State::starting, worker.stats(), ph.node, ""));
+  try {
+    worker.start(image);
+    // Handlers and the broker come up asynchronously: a rank is started when
+    // its worker runs, or has failed, before the ranks compare notes.
+    auto deadline = Clock::now() + k_start_timeout;
+    while (worker.stats().state == "starting" && !worker.finished() && Clock::now() < deadline &&
+           SignalPipe::last_terminating() == 0) {
+      worker.step(std::chrono::milliseconds(100));
+    }
+    auto st = worker.stats();
+    if (worker.finished() || st.state == "failed") {
+      start_error = st.last_error.empty() ? "the worker stopped while starting" : st.last_error;
+    } else if (st.state == "starting" && SignalPipe::last_terminating() == 0) {
+      start_error = "the worker did not become ready within " + std::to_string(k_start_timeout.count()) + " s";
+    }
+  } catch (const Error& e) {
+    start_error = e.what();
+  }
+  if (!start_error.empty()) {
+    spdlog::error("failed to start: {}", start_error);
+  }
+  auto verdict = agree(comm, start_error);
+  if (rank == 0) {
+    for (int r = 0; r < size; ++r) {
+      if (!verdict.errors[static_cast<std::size_t>(r)].empty()) {
+        spdlog::error("rank {} on {} failed to start: {}", r, nodes[static_cast<std::size_t>(r)],
+                      verdict.errors[static_cast<std::size_t>(r)]);
+      }
+    }
+  }
+  if (verdict.ok_ranks < required) {
+    worker.stop();
+    if (rank == 0) {
+      health.report(make_report(health::State::failed, worker.stats(), ph.node, start_error));
+      health.set_state(health::DeploymentState::failed);
+    }
+    throw Error(Exit::engine,
+                std::to_string(size - verdict.ok_ranks) + " of " + std::to_string(size) +
+                    " rank(s) failed to start (rank 0's log names them)",
+                required < size ? "deploy.min_ranks allows " + std::to_string(size - required) + " to fail"
+                                : "fix the cause, or let some ranks fail with deploy.min_ranks");
+  }
+  if (rank == 0) {
+    spdlog::info("{} of {} rank(s) started; serving {}", verdict.ok_ranks, size, config::redact_url(cfg.rabbitmq.amqp_url));
+  }
+
+  // Run: one loop per rank; MPI only non-blocking from here on.
+  const bool started = start_error.empty();
+  bool draining = false;
+  bool all_ranks_failed = false;
+  bool got_signal = false;
+  std::optional<slurm::TimeLeftWatch> time_left;
+  if (rank == 0 && slurm_time) {
+    time_left.emplace(ph.jobid);
+  }
+  // `tell_worker` is false for signals: the worker reads them from the
+  // signal pipe itself (and takes a second one as "stop now").
+  auto drain_all = [&](const std::string& why, bool tell_worker = true) {
+    if (draining) {
+      return;
+    }
+    draining = true;
+    spdlog::info("draining: {}", why);
+    if (rank == 0) {
+      health.set_state(health::DeploymentState::draining);
+      health.broadcast(health::Command::drain);
+    }
+    if (tell_worker) {
+      worker.request_drain();
+    }
+  };
+  auto next_report = Clock::now();
+  while (true) {
+    if (started && !worker.finished()) {
+      worker.step(std::chrono::milliseconds(100));
+    } else {
+      idle_wait(signals, 100, got_signal);
+    }
+    if (got_signal || (SignalPipe::last_terminating() != 0 && !draining)) {
+      drain_all(SignalPipe::last_terminating() == SIGINT ? "SIGINT" : "SIGTERM", false);
+    }
+    for (auto c : health.poll()) {
+      if (c == health::Command::drain || c == health::Command::stop) {
+        drain_all(std::string("rank 0 asked to ") + std::string(health::command_name(c)));
+      }
+    }
+    if (rank == 0 && !draining) {
+      if (all_failed(health.table())) {
+        drain_all("every rank has failed");
+        all_ranks_failed = true;
+      } else if (health.stop_requested()) {
+        drain_all("lithops-hpc stop");
+      } else if (time_left) {
+        if (auto left = time_left->current(); left && *left < cfg.deploy.drain_before_end) {
+          drain_all("Slurm time limit in " + std::to_string(static_cast<int>(*left)) + " s");
+        }
+      }
+    }
+    if (Clock::now() >= next_report) {
+      auto st = worker.stats();
+      auto state = started ? state_of(st) : health::State::failed;
+      if (state == health::State::stopped && !draining) {
+        state = health::State::failed;
+      }
+      health.report(make_report(state, st, ph.node, start_error));
+      next_report = Clock::now() + std::chrono::duration_cast<Clock::duration>(interval);
+    }
+    // A finished worker waits for the drain, so the shutdown exchange starts
+    // together on every rank; a failed one keeps reporting "failed" meanwhile.
+    if (draining && (!started || worker.finished())) {
+      break;
+    }
+  }
+
+  worker.stop();
+  auto final_stats = worker.stats();
+  auto final_report = make_report(health::State::stopped, final_stats, ph.node, start_error);
+  // Long enough for the slowest healthy drain (and rank 0's own cleanup
+  // between reports); only a rank that is really gone runs it out.
+  auto ending = health.finish(final_report, cfg.deploy.drain_timeout + 3 * cfg.health.interval + 30);
+  if (!ending.clean) {
+    spdlog::error("shutdown incomplete: {}", ending.reason);
+    if (staged.leader && cfg.deploy.cleanup && !staged.private_dir.empty()) {
+      remove_tree(staged.private_dir);  // no collective: a rank is missing
+    }
+    mpi.abort(static_cast<int>(Exit::failure));
+  }
+  if (cfg.deploy.cleanup && !opts.sif.empty()) {
+    stage::cleanup(comm, staged);
+  }
+  if (rank == 0) {
+    spdlog::info("stopped: {} task(s) done, {} failed, {} requeued, {} dead-lettered on this rank", final_stats.tasks_done,
+                 final_stats.tasks_failed, final_stats.tasks_requeued, final_stats.dead_lettered);
+  }
+  // Ended by a drain (signal, stop, time limit): success; unless the drain
+  // came because every rank's worker had failed for good.
+  return all_ranks_failed ? static_cast<int>(Exit::engine) : 0;
+}
+
+}  // namespace lhpc::deploy

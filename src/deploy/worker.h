@@ -1,0 +1,121 @@
+// One node's worker as a steppable object: the container instance, then
+// either the dispatcher (broker consumer + warm handler pool) or the image's
+// own runscript under supervision. `lithops-hpc worker` is a thin loop over
+// it; `deploy` runs the same loop per rank with its health timer beside it.
+//
+//   Worker w(cfg, {rank, node, jobid, slots});
+//   w.set_signal_pipe(&signals);        // SIGINT/SIGTERM: drain; a second one: stop now
+//   w.start(image);                      // instance, handlers, broker
+//   while (!w.finished()) w.step(500ms); // one poll() round each
+//   w.stop();                            // instance gone (idempotent)
+//
+// Delivery is at-least-once: a task running while the broker connection is
+// lost is redelivered by the broker and may run twice; a task whose
+// message was split runs its republished remainder twice if this worker dies
+// before acking the original.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "container/engine.h"
+
+namespace lhpc {
+class SignalPipe;
+}
+
+namespace lhpc::deploy {
+
+struct WorkerIdentity {
+  int rank = 0;
+  std::string node;   // empty: config::current_placeholders().node
+  std::string jobid;  // empty: config::current_placeholders().jobid
+  int slots = 0;      // 0: singularity.worker_processes, and 0 there: the node's cores
+};
+
+struct WorkerStats {
+  std::string state;  // "starting", "running", "draining", "stopped", "failed"
+  int slots_busy = 0;
+  int slots_total = 0;
+  std::uint64_t tasks_done = 0;      // calls run (function errors included)
+  std::uint64_t tasks_failed = 0;    // calls a handler could not run
+  std::uint64_t tasks_requeued = 0;  // given back to the queue (crash, drain)
+  std::uint64_t dead_lettered = 0;   // moved to <queue>.dead
+  bool broker_connected = false;     // runscript mode: the runscript is up
+  bool instance_alive = false;
+  int restarts = 0;                  // handler, runscript and instance restarts
+  std::string last_error;
+};
+
+// The node's usable cores (sched_getaffinity), at least 1.
+int node_cores();
+
+class Worker {
+public:
+  using Clock = std::chrono::steady_clock;
+
+  // `cfg` already expanded (config::expanded); `engine` for tests, else
+  // made from singularity.engine.
+  Worker(const config::Config& cfg, WorkerIdentity id, std::unique_ptr<container::Engine> engine = nullptr);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // SIGINT/SIGTERM read from it drain the worker; a second one stops it at once.
+  void set_signal_pipe(SignalPipe* signals);
+  // Another descriptor for step() to poll (POLLIN); `on_ready` runs when it is.
+  void watch_fd(int fd, std::function<void()> on_ready);
+
+  // Starts the instance from `image` (ignored by the host engine), then the
+  // handlers and the broker connection (dispatch) or the runscript.
+  // Throws Error(Exit::engine) when the instance does not start.
+  void start(const std::string& image);
+  // One poll() round over the broker socket, handler pipes, the signal pipe
+  // and timers; never blocks longer than `max_wait`.
+  void step(std::chrono::milliseconds max_wait);
+  // Stop consuming; running calls get deploy.drain_timeout to finish.
+  void request_drain();
+  bool finished() const;
+  bool failed() const { return m_state == State::failed; }
+  WorkerStats stats() const;
+  // Stops whatever still runs, then the instance. Idempotent.
+  void stop();
+
+  const std::string& instance_name() const { return m_instance; }
+  int slots() const { return m_slots; }
+
+private:
+  enum class State { created, starting, running, draining, stopped, failed };
+  struct Impl;
+  void fail(const std::string& why);
+  void finish();
+  void step_dispatch(std::chrono::milliseconds max_wait);
+  void step_runscript(std::chrono::milliseconds max_wait);
+  void on_signals();
+  void check_instance(Clock::time_point now);
+
+  config::Config m_cfg;
+  WorkerIdentity m_id;
+  std::unique_ptr<container::Engine> m_engine;
+  std::string m_instance;
+  std::string m_image;
+  int m_slots = 1;
+  State m_state = State::created;
+  bool m_instance_started = false;
+  bool m_instance_alive = false;
+  int m_instance_restarts = 0;
+  Clock::time_point m_next_instance_check{};
+  Clock::time_point m_drain_deadline{};
+  std::string m_last_error;
+  SignalPipe* m_signals = nullptr;
+  std::vector<std::pair<int, std::function<void()>>> m_watched;
+  std::unique_ptr<Impl> m_impl;
+};
+
+}  // namespace lhpc::deploy
