@@ -1,0 +1,641 @@
+#include "amqp/connection.h"
+
+#if __has_include(<rabbitmq-c/amqp.h>)
+#include <rabbitmq-c/amqp.h>
+#include <rabbitmq-c/ssl_socket.h>
+#include <rabbitmq-c/tcp_socket.h>
+#else
+#include <amqp.h>
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
+#endif
+
+#include <poll.h>
+#include <spdlog/spdlog.h>
+#include <sys/time.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "util/error.h"
+#include "util/fs.h"
+
+namespace lhpc::amqp {
+
+using Clock = std::chrono::steady_clock;
+
+struct Connection::State {
+  amqp_connection_state_t conn = nullptr;
+  amqp_socket_t* socket = nullptr;  // owned by conn
+};
+
+namespace {
+
+constexpr amqp_channel_t k_channel = 1;
+const char* k_hint = "check rabbitmq.amqp_url (or AMQP_URL), that the broker runs and that this node can reach it";
+
+timeval to_timeval(std::chrono::milliseconds ms) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(ms.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((ms.count() % 1000) * 1000);
+  return tv;
+}
+
+std::string bytes_str(const amqp_bytes_t& b) {
+  return b.len ? std::string(static_cast<const char*>(b.bytes), b.len) : std::string();
+}
+
+amqp_bytes_t str_bytes(const std::string& s) {
+  amqp_bytes_t b;
+  b.len = s.size();
+  b.bytes = const_cast<char*>(s.data());
+  return b;
+}
+
+// The system's CA bundle: rabbitmq-c 0.11 loads no default trust store.
+std::string system_ca_bundle() {
+  if (const char* f = std::getenv("SSL_CERT_FILE"); f && *f) {
+    return f;
+  }
+  for (const char* p : {"/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
+                        "/etc/ssl/ca-bundle.pem", "/etc/pki/tls/cacert.pem", "/etc/ssl/cert.pem"}) {
+    if (path_exists(p)) {
+      return p;
+    }
+  }
+  return {};
+}
+
+Table read_table(const amqp_table_t& t) {
+  Table out;
+  for (int i = 0; i < t.num_entries; ++i) {
+    const auto& e = t.entries[i];
+    std::string key = bytes_str(e.key);
+    const auto& v = e.value;
+    switch (v.kind) {
+      case AMQP_FIELD_KIND_BOOLEAN: out[key] = static_cast<bool>(v.value.boolean); break;
+      case AMQP_FIELD_KIND_I8: out[key] = static_cast<std::int64_t>(v.value.i8); break;
+      case AMQP_FIELD_KIND_U8: out[key] = static_cast<std::int64_t>(v.value.u8); break;
+      case AMQP_FIELD_KIND_I16: out[key] = static_cast<std::int64_t>(v.value.i16); break;
+      case AMQP_FIELD_KIND_U16: out[key] = static_cast<std::int64_t>(v.value.u16); break;
+      case AMQP_FIELD_KIND_I32: out[key] = static_cast<std::int64_t>(v.value.i32); break;
+      case AMQP_FIELD_KIND_U32: out[key] = static_cast<std::int64_t>(v.value.u32); break;
+      case AMQP_FIELD_KIND_I64: out[key] = static_cast<std::int64_t>(v.value.i64); break;
+      case AMQP_FIELD_KIND_U64:
+      case AMQP_FIELD_KIND_TIMESTAMP: out[key] = static_cast<std::int64_t>(v.value.u64); break;
+      case AMQP_FIELD_KIND_F32: out[key] = static_cast<double>(v.value.f32); break;
+      case AMQP_FIELD_KIND_F64: out[key] = v.value.f64; break;
+      case AMQP_FIELD_KIND_UTF8:
+      case AMQP_FIELD_KIND_BYTES: out[key] = bytes_str(v.value.bytes); break;
+      default: break;  // arrays, nested tables, decimals: not ours
+    }
+  }
+  return out;
+}
+
+Properties read_properties(const amqp_basic_properties_t* p) {
+  Properties out;
+  if (!p) {
+    return out;
+  }
+  if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG) {
+    out.content_type = bytes_str(p->content_type);
+  }
+  if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) {
+    out.correlation_id = bytes_str(p->correlation_id);
+  }
+  if (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) {
+    out.reply_to = bytes_str(p->reply_to);
+  }
+  if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
+    out.message_id = bytes_str(p->message_id);
+  }
+  if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG) {
+    out.expiration = bytes_str(p->expiration);
+  }
+  if (p->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG) {
+    out.delivery_mode = p->delivery_mode;
+  }
+  if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+    out.headers = read_table(p->headers);
+  }
+  return out;
+}
+
+// Keeps the entries alive while rabbitmq-c encodes them.
+struct TableBuilder {
+  std::vector<amqp_table_entry_t> entries;
+  explicit TableBuilder(const Table& t) {
+    entries.reserve(t.size());
+    for (const auto& [k, v] : t) {
+      amqp_table_entry_t e{};
+      e.key = str_bytes(k);
+      if (const auto* i = std::get_if<std::int64_t>(&v)) {
+        e.value.kind = AMQP_FIELD_KIND_I64;
+        e.value.value.i64 = *i;
+      } else if (const auto* s = std::get_if<std::string>(&v)) {
+        e.value.kind = AMQP_FIELD_KIND_UTF8;
+        e.value.value.bytes = str_bytes(*s);
+      } else if (const auto* b = std::get_if<bool>(&v)) {
+        e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+        e.value.value.boolean = *b ? 1 : 0;
+      } else if (const auto* d = std::get_if<double>(&v)) {
+        e.value.kind = AMQP_FIELD_KIND_F64;
+        e.value.value.f64 = *d;
+      }
+      entries.push_back(e);
+    }
+  }
+  amqp_table_t table() {
+    amqp_table_t t;
+    t.num_entries = static_cast<int>(entries.size());
+    t.entries = entries.empty() ? nullptr : entries.data();
+    return t;
+  }
+};
+
+}  // namespace
+
+std::int64_t table_int(const Table& t, const std::string& key, std::int64_t fallback) {
+  auto it = t.find(key);
+  if (it == t.end()) {
+    return fallback;
+  }
+  if (const auto* i = std::get_if<std::int64_t>(&it->second)) {
+    return *i;
+  }
+  if (const auto* s = std::get_if<std::string>(&it->second)) {
+    char* end = nullptr;
+    long long v = std::strtoll(s->c_str(), &end, 10);
+    if (end && *end == '\0' && !s->empty()) {
+      return v;
+    }
+  }
+  return fallback;
+}
+
+std::string table_string(const Table& t, const std::string& key) {
+  auto it = t.find(key);
+  if (it == t.end()) {
+    return {};
+  }
+  if (const auto* s = std::get_if<std::string>(&it->second)) {
+    return *s;
+  }
+  if (const auto* i = std::get_if<std::int64_t>(&it->second)) {
+    return std::to_string(*i);
+  }
+  return {};
+}
+
+Options options_from(const config::Rabbitmq& r) {
+  Options o;
+  o.url = r.amqp_url;
+  o.ca_cert = r.ca_cert;
+  o.verify_peer = r.verify_peer;
+  o.heartbeat = r.heartbeat;
+  return o;
+}
+
+std::chrono::milliseconds Backoff::next() {
+  auto now = m_next;
+  m_next = std::min(m_cap, m_next * 2);
+  return now;
+}
+
+Connection::Connection(const Options& opts) : m_s(std::make_unique<State>()) {
+  m_redacted = config::redact_url(opts.url);
+  auto url = config::parse_amqp_url(opts.url);
+  m_heartbeat = opts.heartbeat;
+  m_s->conn = amqp_new_connection();
+  if (!m_s->conn) {
+    throw Error(Exit::broker, "cannot allocate an AMQP connection");
+  }
+  m_s->socket = url.tls ? amqp_ssl_socket_new(m_s->conn) : amqp_tcp_socket_new(m_s->conn);
+  if (!m_s->socket) {
+    fail(std::string("cannot create a ") + (url.tls ? "TLS" : "TCP") + " socket");
+  }
+  if (url.tls) {
+    amqp_ssl_socket_set_ssl_versions(m_s->socket, AMQP_TLSv1_2, AMQP_TLSvLATEST);
+    std::string ca = opts.ca_cert.empty() ? system_ca_bundle() : opts.ca_cert;
+    if (opts.verify_peer) {
+      if (ca.empty()) {
+        throw Error(Exit::broker, "amqps: no CA bundle to verify " + m_redacted + " with",
+                    "set rabbitmq.ca_cert to the CA file that signed the broker's certificate");
+      }
+      if (amqp_ssl_socket_set_cacert(m_s->socket, ca.c_str()) != AMQP_STATUS_OK) {
+        throw Error(Exit::broker, "amqps: cannot load the CA file " + ca,
+                    "rabbitmq.ca_cert must name a readable PEM file");
+      }
+    }
+    amqp_ssl_socket_set_verify_peer(m_s->socket, opts.verify_peer ? 1 : 0);
+    amqp_ssl_socket_set_verify_hostname(m_s->socket, opts.verify_peer ? 1 : 0);
+  }
+  timeval tv = to_timeval(opts.timeout);
+  int rc = amqp_socket_open_noblock(m_s->socket, url.host.c_str(), url.port, &tv);
+  if (rc != AMQP_STATUS_OK) {
+    fail(std::string("cannot connect: ") + amqp_error_string2(rc));
+  }
+  amqp_set_handshake_timeout(m_s->conn, &tv);
+  amqp_set_rpc_timeout(m_s->conn, &tv);
+
+  amqp_table_entry_t props[1];
+  props[0].key = amqp_cstring_bytes("connection_name");
+  props[0].value.kind = AMQP_FIELD_KIND_UTF8;
+  props[0].value.value.bytes = str_bytes(opts.connection_name);
+  amqp_table_t client_props{opts.connection_name.empty() ? 0 : 1, props};
+  amqp_rpc_reply_t r = amqp_login_with_properties(m_s->conn, url.vhost.c_str(), 0, 131072, opts.heartbeat,
+                                                  &client_props, AMQP_SASL_METHOD_PLAIN, url.user.c_str(),
+                                                  url.password.c_str());
+  if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+    std::string why;
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+      auto* c = static_cast<amqp_connection_close_t*>(r.reply.decoded);
+      why = std::to_string(c->reply_code) + " " + bytes_str(c->reply_text);
+    } else if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
+      why = amqp_error_string2(r.library_error);
+    } else {
+      why = "unexpected reply";
+    }
+    fail("login to vhost '" + url.vhost + "' as '" + url.user + "' refused or failed: " + why);
+  }
+  amqp_channel_open(m_s->conn, k_channel);
+  check_rpc("opening a channel");
+  m_last_recv = Clock::now();
+}
+
+Connection::~Connection() {
+  if (!m_s || !m_s->conn) {
+    return;
+  }
+  if (!m_broken) {
+    timeval tv = to_timeval(std::chrono::milliseconds(2000));
+    amqp_set_rpc_timeout(m_s->conn, &tv);
+    amqp_channel_close(m_s->conn, k_channel, AMQP_REPLY_SUCCESS);
+    amqp_connection_close(m_s->conn, AMQP_REPLY_SUCCESS);
+  }
+  amqp_destroy_connection(m_s->conn);
+}
+
+void Connection::fail(const std::string& what) {
+  m_broken = true;
+  throw Error(Exit::broker, "broker " + m_redacted + ": " + what, k_hint);
+}
+
+void Connection::check_rpc(const char* what) {
+  amqp_rpc_reply_t r = amqp_get_rpc_reply(m_s->conn);
+  switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL: return;
+    case AMQP_RESPONSE_NONE: fail(std::string(what) + ": no reply");
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION: fail(std::string(what) + ": " + amqp_error_string2(r.library_error));
+    case AMQP_RESPONSE_SERVER_EXCEPTION:
+      if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+        auto* c = static_cast<amqp_connection_close_t*>(r.reply.decoded);
+        amqp_connection_close_ok_t ok{};
+        amqp_send_method(m_s->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        fail(std::string(what) + ": broker closed the connection: " + std::to_string(c->reply_code) + " " +
+             bytes_str(c->reply_text));
+      }
+      if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+        auto* c = static_cast<amqp_channel_close_t*>(r.reply.decoded);
+        amqp_channel_close_ok_t ok{};
+        amqp_send_method(m_s->conn, k_channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        fail(std::string(what) + ": broker closed the channel: " + std::to_string(c->reply_code) + " " +
+             bytes_str(c->reply_text));
+      }
+      fail(std::string(what) + ": unexpected server method");
+  }
+  fail(std::string(what) + ": unknown reply");
+}
+
+int Connection::fd() const { return amqp_get_sockfd(m_s->conn); }
+
+bool Connection::buffered() const {
+  return amqp_frames_enqueued(m_s->conn) || amqp_data_in_buffer(m_s->conn);
+}
+
+std::string Connection::declare_queue(const std::string& name, bool durable, bool exclusive, bool auto_delete) {
+  auto* ok = amqp_queue_declare(m_s->conn, k_channel, name.empty() ? amqp_empty_bytes : amqp_cstring_bytes(name.c_str()),
+                                0, durable ? 1 : 0, exclusive ? 1 : 0, auto_delete ? 1 : 0, amqp_empty_table);
+  check_rpc(("declaring queue '" + name + "'").c_str());
+  return ok ? bytes_str(ok->queue) : name;
+}
+
+std::uint32_t Connection::queue_depth(const std::string& name) {
+  auto* ok = amqp_queue_declare(m_s->conn, k_channel, amqp_cstring_bytes(name.c_str()), 1, 0, 0, 0, amqp_empty_table);
+  check_rpc(("inspecting queue '" + name + "'").c_str());
+  return ok ? ok->message_count : 0;
+}
+
+void Connection::qos(std::uint16_t prefetch, bool global) {
+  amqp_basic_qos(m_s->conn, k_channel, 0, prefetch, global ? 1 : 0);
+  check_rpc("setting the prefetch count");
+}
+
+std::string Connection::consume(const std::string& queue, bool no_ack, bool exclusive) {
+  auto* ok = amqp_basic_consume(m_s->conn, k_channel, amqp_cstring_bytes(queue.c_str()), amqp_empty_bytes, 0,
+                                no_ack ? 1 : 0, exclusive ? 1 : 0, amqp_empty_table);
+  check_rpc(("consuming from '" + queue + "'").c_str());
+  return ok ? bytes_str(ok->consumer_tag) : std::string();
+}
+
+void Connection::confirm_select() {
+  amqp_confirm_select(m_s->conn, k_channel);
+  check_rpc("enabling publisher confirms");
+  m_confirms = true;
+}
+
+void Connection::purge(const std::string& queue) {
+  amqp_queue_purge(m_s->conn, k_channel, amqp_cstring_bytes(queue.c_str()));
+  check_rpc(("purging '" + queue + "'").c_str());
+}
+
+void Connection::qos_async(std::uint16_t prefetch, bool global) {
+  amqp_basic_qos_t req{};
+  req.prefetch_size = 0;
+  req.prefetch_count = prefetch;
+  req.global = global ? 1 : 0;
+  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_BASIC_QOS_METHOD, &req);
+  if (rc != AMQP_STATUS_OK) {
+    fail(std::string("setting the prefetch count: ") + amqp_error_string2(rc));
+  }
+}
+
+void Connection::cancel_async(const std::string& consumer_tag) {
+  amqp_basic_cancel_t req{};
+  req.consumer_tag = str_bytes(consumer_tag);
+  req.nowait = 0;
+  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_BASIC_CANCEL_METHOD, &req);
+  if (rc != AMQP_STATUS_OK) {
+    fail(std::string("cancelling the consumer: ") + amqp_error_string2(rc));
+  }
+}
+
+void Connection::ack(std::uint64_t tag, bool multiple) {
+  int rc = amqp_basic_ack(m_s->conn, k_channel, tag, multiple ? 1 : 0);
+  if (rc != AMQP_STATUS_OK) {
+    fail(std::string("ack: ") + amqp_error_string2(rc));
+  }
+}
+
+void Connection::reject(std::uint64_t tag, bool requeue) {
+  int rc = amqp_basic_reject(m_s->conn, k_channel, tag, requeue ? 1 : 0);
+  if (rc != AMQP_STATUS_OK) {
+    fail(std::string("reject: ") + amqp_error_string2(rc));
+  }
+}
+
+std::uint64_t Connection::publish(const std::string& exchange, const std::string& routing_key, std::string_view body,
+                                  const Properties& props) {
+  amqp_basic_properties_t p{};
+  p._flags = 0;
+  if (!props.content_type.empty()) {
+    p._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+    p.content_type = str_bytes(props.content_type);
+  }
+  if (props.delivery_mode) {
+    p._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
+    p.delivery_mode = props.delivery_mode;
+  }
+  if (!props.correlation_id.empty()) {
+    p._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+    p.correlation_id = str_bytes(props.correlation_id);
+  }
+  if (!props.reply_to.empty()) {
+    p._flags |= AMQP_BASIC_REPLY_TO_FLAG;
+    p.reply_to = str_bytes(props.reply_to);
+  }
+  if (!props.message_id.empty()) {
+    p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+    p.message_id = str_bytes(props.message_id);
+  }
+  if (!props.expiration.empty()) {
+    p._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+    p.expiration = str_bytes(props.expiration);
+  }
+  TableBuilder headers(props.headers);
+  if (!props.headers.empty()) {
+    p._flags |= AMQP_BASIC_HEADERS_FLAG;
+    p.headers = headers.table();
+  }
+  amqp_bytes_t b;
+  b.len = body.size();
+  b.bytes = const_cast<char*>(body.data());
+  int rc = amqp_basic_publish(m_s->conn, k_channel, amqp_cstring_bytes(exchange.c_str()),
+                              amqp_cstring_bytes(routing_key.c_str()), 0, 0, &p, b);
+  if (rc != AMQP_STATUS_OK) {
+    fail("publishing to '" + routing_key + "': " + amqp_error_string2(rc));
+  }
+  if (!m_confirms) {
+    return 0;
+  }
+  std::uint64_t seq = m_next_seq++;
+  m_unconfirmed.insert(seq);
+  return seq;
+}
+
+void Connection::on_method(std::uint16_t channel, std::uint32_t id, void* decoded) {
+  switch (id) {
+    case AMQP_BASIC_DELIVER_METHOD: {
+      auto* d = static_cast<amqp_basic_deliver_t*>(decoded);
+      m_partial = Delivery{};
+      m_partial.tag = d->delivery_tag;
+      m_partial.redelivered = d->redelivered != 0;
+      m_partial.exchange = bytes_str(d->exchange);
+      m_partial.routing_key = bytes_str(d->routing_key);
+      m_content = Content::delivery;
+      m_body_size = 0;
+      return;
+    }
+    case AMQP_BASIC_RETURN_METHOD: {
+      auto* r = static_cast<amqp_basic_return_t*>(decoded);
+      spdlog::warn("broker returned a message published to '{}': {} {}", bytes_str(r->routing_key), r->reply_code,
+                   bytes_str(r->reply_text));
+      m_partial = Delivery{};
+      m_content = Content::discard;
+      m_body_size = 0;
+      return;
+    }
+    case AMQP_BASIC_ACK_METHOD:
+    case AMQP_BASIC_NACK_METHOD: {
+      std::uint64_t tag = 0;
+      bool multiple = false;
+      bool ack = id == AMQP_BASIC_ACK_METHOD;
+      if (ack) {
+        auto* a = static_cast<amqp_basic_ack_t*>(decoded);
+        tag = a->delivery_tag;
+        multiple = a->multiple != 0;
+      } else {
+        auto* n = static_cast<amqp_basic_nack_t*>(decoded);
+        tag = n->delivery_tag;
+        multiple = n->multiple != 0;
+      }
+      if (multiple) {
+        auto end = m_unconfirmed.upper_bound(tag);
+        for (auto it = m_unconfirmed.begin(); it != end; ++it) {
+          m_confirms_in.push_back({*it, ack});
+        }
+        m_unconfirmed.erase(m_unconfirmed.begin(), end);
+      } else if (m_unconfirmed.erase(tag)) {
+        m_confirms_in.push_back({tag, ack});
+      }
+      return;
+    }
+    case AMQP_BASIC_CANCEL_METHOD:
+      spdlog::warn("broker {} cancelled our consumer (queue deleted?)", m_redacted);
+      m_consumer_cancelled = true;
+      return;
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+      auto* c = static_cast<amqp_channel_close_t*>(decoded);
+      amqp_channel_close_ok_t ok{};
+      amqp_send_method(m_s->conn, channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      fail("broker closed the channel: " + std::to_string(c->reply_code) + " " + bytes_str(c->reply_text));
+    }
+    case AMQP_CONNECTION_CLOSE_METHOD: {
+      auto* c = static_cast<amqp_connection_close_t*>(decoded);
+      amqp_connection_close_ok_t ok{};
+      amqp_send_method(m_s->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+      fail("broker closed the connection: " + std::to_string(c->reply_code) + " " + bytes_str(c->reply_text));
+    }
+    case AMQP_CONNECTION_BLOCKED_METHOD: {
+      auto* b = static_cast<amqp_connection_blocked_t*>(decoded);
+      spdlog::warn("broker {} blocks publishing: {}", m_redacted, bytes_str(b->reason));
+      return;
+    }
+    case AMQP_CONNECTION_UNBLOCKED_METHOD:
+      spdlog::info("broker {} unblocked publishing", m_redacted);
+      return;
+    default:
+      return;  // qos-ok, cancel-ok, ... of async requests
+  }
+}
+
+void Connection::finish_content() {
+  if (m_content == Content::delivery) {
+    m_deliveries.push_back(std::move(m_partial));
+  }
+  m_partial = Delivery{};
+  m_content = Content::none;
+  m_body_size = 0;
+}
+
+void Connection::pump(bool readable) {
+  if (m_broken) {
+    fail("connection already lost");
+  }
+  auto now = Clock::now();
+  if (readable) {
+    m_last_recv = now;
+  }
+  // One read from the socket (the first call), then only what that read
+  // buffered: poll() reports the rest. A second read would only find EAGAIN,
+  // and cost rabbitmq-c a recv() and a poll() per message.
+  for (bool first = true; first || buffered(); first = false) {
+    amqp_frame_t frame;
+    timeval tv{0, 0};
+    int rc = amqp_simple_wait_frame_noblock(m_s->conn, &frame, &tv);
+    if (rc == AMQP_STATUS_TIMEOUT) {
+      break;
+    }
+    if (rc != AMQP_STATUS_OK) {
+      fail(std::string("connection lost: ") + amqp_error_string2(rc));
+    }
+    m_last_recv = now;
+    switch (frame.frame_type) {
+      case AMQP_FRAME_METHOD: on_method(frame.channel, frame.payload.method.id, frame.payload.method.decoded); break;
+      case AMQP_FRAME_HEADER:
+        if (m_content != Content::none) {
+          m_body_size = frame.payload.properties.body_size;
+          if (m_content == Content::delivery) {
+            m_partial.props =
+                read_properties(static_cast<const amqp_basic_properties_t*>(frame.payload.properties.decoded));
+            m_partial.body.reserve(m_body_size);
+          }
+          if (m_body_size == 0) {
+            finish_content();
+          }
+        }
+        break;
+      case AMQP_FRAME_BODY:
+        if (m_content != Content::none) {
+          const auto& frag = frame.payload.body_fragment;
+          if (m_content == Content::delivery) {
+            m_partial.body.append(static_cast<const char*>(frag.bytes), frag.len);
+          }
+          m_body_size -= std::min<std::uint64_t>(m_body_size, frag.len);
+          if (m_body_size == 0) {
+            finish_content();
+          }
+        }
+        break;
+      default: break;
+    }
+    amqp_maybe_release_buffers(m_s->conn);
+  }
+  // rabbitmq-c does not notice a silent broker when only polled with a zero
+  // timeout: count two missed heartbeats ourselves (the broker sends one
+  // every heartbeat/2 s).
+  if (m_heartbeat > 0 && now - m_last_recv > std::chrono::seconds(2 * m_heartbeat)) {
+    fail("no heartbeat from the broker for " + std::to_string(2 * m_heartbeat) + " s");
+  }
+}
+
+bool Connection::next_delivery(Delivery& out) {
+  if (m_deliveries.empty()) {
+    return false;
+  }
+  out = std::move(m_deliveries.front());
+  m_deliveries.pop_front();
+  return true;
+}
+
+std::vector<Confirm> Connection::take_confirms() { return std::exchange(m_confirms_in, {}); }
+
+void Connection::wait(Clock::time_point deadline) {
+  std::size_t deliveries = m_deliveries.size();
+  std::size_t confirms = m_confirms_in.size();
+  bool readable = false;
+  while (true) {
+    pump(readable);
+    if (m_deliveries.size() != deliveries || m_confirms_in.size() != confirms) {
+      return;
+    }
+    auto now = Clock::now();
+    if (now >= deadline) {
+      return;
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1;
+    if (m_heartbeat > 0) {
+      left = std::min<long long>(left, m_heartbeat * 500LL);
+    }
+    pollfd p{fd(), POLLIN, 0};
+    int n = buffered() ? 0 : ::poll(&p, 1, static_cast<int>(left));
+    readable = n > 0;
+  }
+}
+
+bool Connection::wait_confirms(Clock::time_point deadline) {
+  while (!m_unconfirmed.empty()) {
+    for (const auto& c : take_confirms()) {
+      if (!c.ack) {
+        fail("the broker refused (nacked) a published message");
+      }
+    }
+    if (m_unconfirmed.empty()) {
+      break;
+    }
+    if (Clock::now() >= deadline) {
+      return false;
+    }
+    wait(deadline);
+  }
+  for (const auto& c : take_confirms()) {
+    if (!c.ack) {
+      fail("the broker refused (nacked) a published message");
+    }
+  }
+  return true;
+}
+
+}  // namespace lhpc::amqp

@@ -1,0 +1,159 @@
+// RAII wrapper over rabbitmq-c: one connection with one channel, amqp:// and
+// amqps:// (CA file, peer and host name verification), vhosts, heartbeats,
+// queue declaration, consume, ack/reject, publish with publisher confirms,
+// and a non-blocking frame pump an event loop drives from poll().
+//
+// Errors throw lhpc::Error(Exit::broker); the URL in them is always redacted.
+// rabbitmq-c only services heartbeats while it reads, so the owner must call
+// pump() when fd() is readable and at least every heartbeat/2 seconds.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "config/config.h"
+
+namespace lhpc::amqp {
+
+// AMQP table values we read and write (other kinds are skipped on read).
+using FieldValue = std::variant<std::int64_t, std::string, bool, double>;
+using Table = std::map<std::string, FieldValue>;
+
+std::int64_t table_int(const Table& t, const std::string& key, std::int64_t fallback = 0);
+std::string table_string(const Table& t, const std::string& key);
+
+struct Properties {
+  std::string content_type;
+  std::string correlation_id;
+  std::string reply_to;
+  std::string message_id;
+  std::string expiration;          // per-message TTL in ms, as text
+  std::uint8_t delivery_mode = 0;  // 2 = persistent; 0 = not set
+  Table headers;
+};
+
+struct Delivery {
+  std::uint64_t tag = 0;
+  bool redelivered = false;
+  std::string exchange;
+  std::string routing_key;
+  Properties props;
+  std::string body;
+};
+
+// The broker's answer to a published message (publisher confirms).
+struct Confirm {
+  std::uint64_t seq = 0;
+  bool ack = false;  // false: basic.nack, the broker did not take it
+};
+
+struct Options {
+  std::string url;                              // amqp[s]://user:pass@host:port/vhost
+  std::string ca_cert;                          // amqps: CA bundle; empty: the system's
+  bool verify_peer = true;                      // amqps: certificate and host name
+  int heartbeat = 60;                           // seconds; 0: none
+  std::chrono::milliseconds timeout{10000};     // connect, login, each RPC
+  std::string connection_name;                  // shown by the broker (management UI)
+};
+Options options_from(const config::Rabbitmq& r);
+
+class Connection {
+public:
+  // Connects, logs in and opens channel 1; throws Error(Exit::broker).
+  explicit Connection(const Options& opts);
+  ~Connection();  // closes politely when still healthy (bounded by 2 s)
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  int fd() const;
+  // Frames or bytes already buffered in rabbitmq-c: poll() would not see them,
+  // call pump() without waiting.
+  bool buffered() const;
+  const std::string& redacted_url() const { return m_redacted; }
+  int heartbeat() const { return m_heartbeat; }
+
+  // Synchronous RPCs, bounded by the RPC timeout.
+  // Empty name: a server-named queue; returns the queue name.
+  std::string declare_queue(const std::string& name, bool durable, bool exclusive = false, bool auto_delete = false);
+  // Returns the message count of the queue (passive declare).
+  std::uint32_t queue_depth(const std::string& name);
+  void qos(std::uint16_t prefetch, bool global);
+  std::string consume(const std::string& queue, bool no_ack = false, bool exclusive = false);
+  void confirm_select();
+  void purge(const std::string& queue);
+
+  // Asynchronous: sent now, the reply (if any) is absorbed by pump().
+  void qos_async(std::uint16_t prefetch, bool global);
+  void cancel_async(const std::string& consumer_tag);
+  void ack(std::uint64_t tag, bool multiple = false);
+  void reject(std::uint64_t tag, bool requeue);
+  // Returns the confirm sequence number (0 when confirms are off).
+  std::uint64_t publish(const std::string& exchange, const std::string& routing_key, std::string_view body,
+                        const Properties& props);
+
+  // Reads whatever is available without blocking; deliveries and confirms
+  // are queued for next_delivery()/take_confirms(). `readable`: poll() said so
+  // (counts as life for the missed-heartbeat check). Throws on loss.
+  void pump(bool readable = false);
+  bool next_delivery(Delivery& out);
+  std::size_t deliveries_queued() const { return m_deliveries.size(); }
+  std::vector<Confirm> take_confirms();
+  std::size_t unconfirmed() const { return m_unconfirmed.size(); }
+  // The broker cancelled our consumer (queue deleted).
+  bool consumer_cancelled() const { return m_consumer_cancelled; }
+
+  // For simple clients (ping, bench): pumps until `deadline`, returning early
+  // once something was queued. Never blocks past the deadline.
+  void wait(std::chrono::steady_clock::time_point deadline);
+  // Pumps until every publish so far is confirmed; false on timeout.
+  // Throws when the broker nacked one.
+  bool wait_confirms(std::chrono::steady_clock::time_point deadline);
+
+private:
+  [[noreturn]] void fail(const std::string& what);
+  void check_rpc(const char* what);
+  void on_method(std::uint16_t channel, std::uint32_t id, void* decoded);
+  void finish_content();
+
+  struct State;
+  std::unique_ptr<State> m_s;
+  std::string m_redacted;
+  int m_heartbeat = 0;
+  bool m_broken = false;
+  bool m_confirms = false;
+  bool m_consumer_cancelled = false;
+  std::uint64_t m_next_seq = 1;
+  std::set<std::uint64_t> m_unconfirmed;
+  std::vector<Confirm> m_confirms_in;
+  std::deque<Delivery> m_deliveries;
+  std::chrono::steady_clock::time_point m_last_recv;
+
+  // A delivery being assembled from method, header and body frames.
+  enum class Content { none, delivery, discard };
+  Content m_content = Content::none;
+  std::uint64_t m_body_size = 0;
+  Delivery m_partial;
+};
+
+// Capped exponential backoff: 0.5 s, 1 s, 2 s ... 30 s; reset() after success.
+class Backoff {
+public:
+  explicit Backoff(std::chrono::milliseconds first = std::chrono::milliseconds(500),
+                   std::chrono::milliseconds cap = std::chrono::milliseconds(30000))
+      : m_first(first), m_cap(cap), m_next(first) {}
+  std::chrono::milliseconds next();  // the delay to wait now; doubles the next one
+  void reset() { m_next = m_first; }
+
+private:
+  std::chrono::milliseconds m_first, m_cap, m_next;
+};
+
+}  // namespace lhpc::amqp

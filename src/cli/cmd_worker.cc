@@ -1,0 +1,85 @@
+// `lithops-hpc worker --sif PATH [--mode dispatch|runscript] [--slots N]`:
+// one node's worker without MPI (deploy runs the same loop on every rank).
+// Exit 0 after a drain (SIGINT/SIGTERM); 6 when the instance, the handlers
+// or the runscript cannot be kept running; 3 for a bad configuration.
+#include <signal.h>
+
+#include <memory>
+
+#include "cli/cli.h"
+#include "deploy/worker.h"
+#include "util/error.h"
+#include "util/fs.h"
+#include "util/signals.h"
+
+namespace lhpc::cli {
+
+namespace {
+
+struct WorkerOpts {
+  std::string sif;
+  std::string mode;
+  std::string engine;
+  int slots = 0;
+};
+
+int run_worker(const Globals& g, const WorkerOpts& o) {
+  // Signals first: one arriving while the instance starts is kept for the loop.
+  SignalPipe signals{SIGINT, SIGTERM};
+  auto cfg = config::expanded(load_config(g), config::current_placeholders());
+  if (!o.mode.empty()) {
+    auto m = config::parse_mode(o.mode);
+    if (!m) {
+      throw Error(Exit::usage, "unknown --mode '" + o.mode + "'", "use dispatch or runscript");
+    }
+    cfg.deploy.mode = *m;
+  }
+  if (!o.engine.empty()) {
+    auto e = config::parse_engine(o.engine);
+    if (!e) {
+      throw Error(Exit::usage, "unknown --engine '" + o.engine + "'", "use singularity, apptainer or host");
+    }
+    cfg.singularity.engine = *e;
+  }
+  if (o.slots < 0) {
+    throw Error(Exit::usage, "--slots must be 1 or more (0: worker_processes, else the node's cores)");
+  }
+  std::string sif = o.sif;
+  if (cfg.singularity.engine != config::Engine::host) {
+    if (sif.empty()) {
+      throw Error(Exit::usage, "worker needs --sif PATH with the " + config::to_string(cfg.singularity.engine) +
+                                   " engine");
+    }
+    if (!path_exists(sif)) {
+      throw Error(Exit::image, "no image at " + sif, "give the path of a .sif file readable on this node");
+    }
+  }
+  config::require_amqp_url(cfg);
+
+  deploy::Worker worker(cfg, deploy::WorkerIdentity{.slots = o.slots});
+  worker.set_signal_pipe(&signals);
+  worker.start(sif);
+  while (!worker.finished()) {
+    worker.step(std::chrono::milliseconds(1000));
+  }
+  worker.stop();
+  if (worker.failed()) {
+    return static_cast<int>(Exit::engine);
+  }
+  return 0;
+}
+
+}  // namespace
+
+void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
+  auto* w = parent.add_subcommand("worker", "run one node's worker here (no MPI): instance, handlers, broker");
+  auto o = std::make_shared<WorkerOpts>();
+  w->add_option("--sif", o->sif, "the runtime image (not needed with the host engine)")->type_name("PATH");
+  w->add_option("--mode", o->mode, "dispatch (default) or runscript (deploy.mode)")->type_name("MODE");
+  w->add_option("--slots", o->slots, "tasks at once (default: singularity.worker_processes, else the cores)")
+      ->type_name("N");
+  w->add_option("--engine", o->engine, "singularity, apptainer or host (singularity.engine)")->type_name("ENGINE");
+  actions.push_back({w, [&g, o] { return run_worker(g, *o); }});
+}
+
+}  // namespace lhpc::cli

@@ -1,0 +1,594 @@
+#include "dispatch/dispatcher.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <ctime>
+
+namespace lhpc::dispatch {
+
+Dispatcher::Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers)
+    : m_opts(std::move(opts)), m_broker(broker), m_handlers(handlers),
+      m_slots(static_cast<std::size_t>(std::max(1, m_opts.slots)) + 1) {
+  m_opts.slots = std::max(1, m_opts.slots);
+}
+
+Dispatcher::Message* Dispatcher::find(std::uint64_t id) {
+  auto it = m_msgs.find(id);
+  return it == m_msgs.end() ? nullptr : &it->second;
+}
+
+int Dispatcher::free_slots() const {
+  int n = 0;
+  for (int i = 0; i < m_opts.slots; ++i) {
+    if (m_slots[i].ready && m_slots[i].reserved_for == 0) {
+      ++n;
+    }
+  }
+  return n;
+}
+
+int Dispatcher::busy_slots() const {
+  int n = 0;
+  for (int i = 0; i < m_opts.slots; ++i) {
+    if (m_slots[i].request != 0) {
+      ++n;
+    }
+  }
+  return n;
+}
+
+int Dispatcher::ready_slots() const {
+  int n = 0;
+  for (int i = 0; i < m_opts.slots; ++i) {
+    n += m_slots[i].ready ? 1 : 0;
+  }
+  return n;
+}
+
+bool Dispatcher::idle() const { return m_msgs.empty(); }
+
+int Dispatcher::desired_prefetch() const {
+  int unreserved = 0;
+  for (int i = 0; i < m_opts.slots; ++i) {
+    unreserved += m_slots[i].reserved_for == 0 ? 1 : 0;
+  }
+  int started = 0;
+  for (const auto& [id, m] : m_msgs) {
+    started += (m.kind == Kind::task && m.holds_slots && !m.orphan) ? 1 : 0;
+  }
+  return prefetch_for(unreserved, started);
+}
+
+void Dispatcher::update_prefetch() {
+  if (!m_connected || m_draining) {
+    return;
+  }
+  int want = desired_prefetch();
+  if (want != m_prefetch) {
+    m_broker.set_prefetch(want);
+    m_prefetch = want;
+  }
+}
+
+// --- connection ------------------------------------------------------------
+
+void Dispatcher::on_connected(int prefetch) {
+  ++m_generation;
+  m_connected = true;
+  m_prefetch = prefetch;
+  update_prefetch();
+}
+
+void Dispatcher::on_disconnected() {
+  m_connected = false;
+  m_prefetch = 0;
+  m_rotating = false;
+  m_pending.clear();  // sequence numbers of a dead channel mean nothing now
+  m_waiting.clear();
+  std::vector<std::uint64_t> gone(m_control_todo.begin(), m_control_todo.end());  // never sent
+  m_control_todo.clear();
+  for (auto& [id, m] : m_msgs) {
+    m.orphan = true;
+    m.confirms = 0;
+    m.to_start.clear();
+    if (m.running == 0) {
+      gone.push_back(id);
+    }
+  }
+  for (auto id : gone) {
+    release_slots(id);
+    m_msgs.erase(id);
+  }
+  // Slots reserved for calls that will now never start are free again.
+  for (int i = 0; i < m_opts.slots; ++i) {
+    if (m_slots[i].request == 0) {
+      m_slots[i].reserved_for = 0;
+    }
+  }
+}
+
+// --- deliveries ------------------------------------------------------------
+
+void Dispatcher::on_delivery(amqp::Delivery d) {
+  if (m_draining || m_aborted) {
+    // In flight before our basic.cancel reached the broker.
+    m_broker.reject(d.tag, true);
+    return;
+  }
+  Message m;
+  m.id = m_next_id++;
+  m.generation = m_generation;
+  m.d = std::move(d);
+  m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : m.d.props.message_id;
+  m.crashes = static_cast<int>(amqp::table_int(m.d.props.headers, k_hdr_crashes, 0));
+  auto decoded = decode(m.d.body);
+  if (auto* bad = std::get_if<Malformed>(&decoded)) {
+    spdlog::warn("message {} is malformed ({}): moving it to {}", m.mid, bad->reason, dead_queue());
+    m.kind = Kind::malformed;
+    m.phase = Phase::running;
+    auto id = m.id;
+    auto& ref = m_msgs.emplace(id, std::move(m)).first->second;
+    dead_letter(ref, ref.d.body, "malformed: " + bad->reason, ref.crashes);
+    return;
+  }
+  auto& task = std::get<Task>(decoded);
+  m.action = task.action;
+  m.payload = std::move(task.payload);
+  m.calls = task.calls;
+  m.delivered_calls = task.calls;
+  auto id = m.id;
+  if (m.action != Action::send_task) {
+    m.kind = Kind::control;
+    m.phase = Phase::running;
+    m.running = 1;
+    spdlog::debug("{} {} -> control handler", to_string(m.action), m.mid);
+    m_msgs.emplace(id, std::move(m));
+    m_control_todo.push_back(id);
+    send_control();
+    return;
+  }
+  m.kind = Kind::task;
+  m.phase = Phase::waiting;
+  m.arrived = Clock::now();
+  m_msgs.emplace(id, std::move(m));
+  m_waiting.push_back(id);
+  schedule();
+}
+
+void Dispatcher::schedule() {
+  while (!m_waiting.empty() && !m_draining) {
+    int free = free_slots();
+    if (free == 0) {
+      break;
+    }
+    auto id = m_waiting.front();
+    m_waiting.pop_front();
+    if (auto* m = find(id)) {
+      start_task(*m, static_cast<std::size_t>(free));
+    }
+  }
+  update_prefetch();
+}
+
+amqp::Properties Dispatcher::republish_props(const Message& m) const {
+  amqp::Properties p = m.d.props;
+  p.delivery_mode = 2;
+  p.headers.erase(k_hdr_sent_ns);
+  return p;
+}
+
+void Dispatcher::start_task(Message& m, std::size_t free) {
+  std::size_t keep = std::min(m.calls, free);
+  std::size_t reserved = 0;
+  for (int i = 0; i < m_opts.slots && reserved < keep; ++i) {
+    if (m_slots[i].ready && m_slots[i].reserved_for == 0) {
+      m_slots[i].reserved_for = m.id;
+      ++reserved;
+    }
+  }
+  m.holds_slots = true;
+  if (keep < m.calls) {
+    auto [kept, rest] = split(m.payload, keep);
+    std::size_t rest_calls = m.calls - keep;
+    m.payload = std::move(kept);
+    m.calls = keep;
+    auto seq = m_broker.publish(m_opts.queue, encode(Action::send_task, rest), republish_props(m));
+    m_pending[seq] = {m.id, Purpose::remainder};
+    ++m.confirms;
+    ++m_counters.splits;
+    m.phase = Phase::confirming;
+    spdlog::debug("{} ({}): {} free slots, keeping {} calls, republishing {}", m.mid, describe_calls(m.payload), free,
+                  keep, rest_calls);
+    for (auto& p : one_call_payloads(m.payload)) {
+      m.to_start.push_back(std::move(p));
+    }
+    return;  // the calls start once the broker has confirmed the remainder
+  }
+  if (m.calls == 1) {
+    // The common case: no copy of the payload.
+    m.payload["total_calls"] = 1;
+    m.payload["worker_processes"] = 1;
+    m.to_start.push_back(std::move(m.payload));
+    m.payload = Json::object();
+  } else {
+    for (auto& p : one_call_payloads(m.payload)) {
+      m.to_start.push_back(std::move(p));
+    }
+  }
+  m.phase = Phase::running;
+  start_calls(m);
+}
+
+void Dispatcher::start_calls(Message& m) {
+  if (m.phase != Phase::running) {
+    return;
+  }
+  for (int i = 0; i < m_opts.slots && !m.to_start.empty(); ++i) {
+    Slot& s = m_slots[i];
+    if (s.reserved_for != m.id || !s.ready || s.request != 0) {
+      continue;
+    }
+    s.call = std::move(m.to_start.front());
+    m.to_start.pop_front();
+    s.request = m_next_request++;
+    ++m.running;
+    send_request(i, s.request, Action::send_task, s.call);
+  }
+}
+
+void Dispatcher::send_request(int h, std::uint64_t request, Action action, const Json& payload) {
+  // Spelled out rather than built as a Json object: no deep copy of the payload.
+  std::string line = "{\"id\":" + std::to_string(request) + ",\"action\":\"" + to_string(action) + "\",\"payload\":";
+  line += payload.dump();
+  line += "}\n";
+  m_handlers.send(h, line);
+}
+
+void Dispatcher::send_control() {
+  Slot& c = m_slots[static_cast<std::size_t>(control())];
+  if (!c.ready) {
+    return;
+  }
+  // Pipelined: the handler answers in order, one line per request.
+  while (!m_control_todo.empty()) {
+    auto id = m_control_todo.front();
+    m_control_todo.pop_front();
+    Message* m = find(id);
+    if (!m) {
+      continue;
+    }
+    auto req = m_next_request++;
+    m_control_out.push_back({id, req});
+    send_request(control(), req, m->action, m->payload);
+  }
+}
+
+// --- confirms, handlers ----------------------------------------------------
+
+void Dispatcher::on_confirm(const amqp::Confirm& c) {
+  auto it = m_pending.find(c.seq);
+  if (it == m_pending.end()) {
+    return;  // a publish nobody waits for (ping replies)
+  }
+  PendingConfirm p = it->second;
+  m_pending.erase(it);
+  if (p.purpose == Purpose::rotation) {
+    m_rotating = false;
+  }
+  Message* m = find(p.msg);
+  if (!m) {
+    return;
+  }
+  --m->confirms;
+  if (!c.ack) {
+    spdlog::error("the broker refused a message published for {}: giving the original back to the queue", m->mid);
+    m->give_back = true;
+    if (p.purpose == Purpose::remainder) {
+      m->to_start.clear();
+      m->phase = Phase::running;
+      for (int i = 0; i < m_opts.slots; ++i) {
+        if (m_slots[i].reserved_for == m->id && m_slots[i].request == 0) {
+          m_slots[i].reserved_for = 0;
+        }
+      }
+    }
+  } else if (p.purpose == Purpose::remainder) {
+    m->phase = Phase::running;
+    start_calls(*m);
+  }
+  maybe_complete(*m);
+  schedule();
+}
+
+void Dispatcher::on_handler_ready(int h) {
+  if (h < 0 || h >= handlers()) {
+    return;
+  }
+  m_slots[static_cast<std::size_t>(h)].ready = true;
+  if (h == control()) {
+    send_control();
+    return;
+  }
+  if (auto id = m_slots[static_cast<std::size_t>(h)].reserved_for) {
+    if (Message* m = find(id)) {
+      start_calls(*m);
+    }
+  }
+  schedule();
+}
+
+void Dispatcher::on_handler_reply(int h, const Json& reply) {
+  if (h < 0 || h >= handlers()) {
+    return;
+  }
+  std::uint64_t id = 0;
+  if (auto it = reply.find("id"); it != reply.end() && it->is_number_unsigned()) {
+    id = it->get<std::uint64_t>();
+  }
+  bool ok = json_bool(reply, "ok");
+  std::string error = json_string(reply, "error");
+
+  if (h == control()) {
+    if (m_control_out.empty() || m_control_out.front().request != id) {
+      spdlog::warn("control handler answered request {} that is not the one it was given: ignored", id);
+      return;
+    }
+    auto cr = m_control_out.front();
+    m_control_out.pop_front();
+    Message* m = find(cr.msg);
+    if (!m) {
+      return;
+    }
+    if (m->action == Action::ping) {
+      ++m_counters.pings;
+      if (ok && !m->orphan && m_connected && !m->d.props.reply_to.empty()) {
+        amqp::Properties p;
+        p.correlation_id = m->d.props.correlation_id;
+        p.content_type = "application/json";
+        Json echo = reply.contains("echo") ? reply["echo"] : Json();
+        m_broker.publish(m->d.props.reply_to, ping_reply(m_opts.rank, m_opts.node, echo).dump(), p);
+      } else if (!ok) {
+        spdlog::warn("ping {} failed in the control handler: {}", m->mid, error);
+      }
+    } else {
+      ++m_counters.metadata;
+      std::string runtime = json_string(m->payload, "runtime_name", "?");
+      if (ok) {
+        spdlog::info("runtime metadata for {} stored", runtime);
+      } else {
+        spdlog::error("get_metadata for {} failed: {}", runtime, error);
+      }
+    }
+    --m->running;
+    maybe_complete(*m);
+    return;
+  }
+
+  Slot& s = m_slots[static_cast<std::size_t>(h)];
+  if (s.request == 0 || s.request != id) {
+    spdlog::warn("handler {} answered request {} that is not the one it runs: ignored", h, id);
+    return;
+  }
+  auto msg_id = s.reserved_for;
+  Json call = std::move(s.call);
+  s.call = Json();
+  s.request = 0;
+  s.reserved_for = 0;
+  if (ok) {
+    ++m_counters.tasks_done;
+  } else {
+    ++m_counters.tasks_failed;
+    spdlog::warn("call {} could not run: {}", describe_calls(call), error);
+  }
+  if (Message* m = find(msg_id)) {
+    --m->running;
+    maybe_complete(*m);
+  }
+  schedule();
+}
+
+void Dispatcher::on_handler_lost(int h, const std::string& why) {
+  if (h < 0 || h >= handlers()) {
+    return;
+  }
+  Slot& s = m_slots[static_cast<std::size_t>(h)];
+  s.ready = false;
+  if (h == control()) {
+    if (m_control_out.empty()) {
+      return;
+    }
+    // The handler works in order: the first outstanding request is the one
+    // that was running; the rest are simply sent again to its successor.
+    auto culprit = m_control_out.front();
+    m_control_out.pop_front();
+    for (auto it = m_control_out.rbegin(); it != m_control_out.rend(); ++it) {
+      m_control_todo.push_front(it->msg);
+    }
+    m_control_out.clear();
+    if (Message* m = find(culprit.msg)) {
+      ++m_counters.handler_crashes;
+      --m->running;
+      crashed(*m, m->payload, why);
+    }
+    return;
+  }
+  if (s.request != 0) {
+    auto msg_id = s.reserved_for;
+    Json call = std::move(s.call);
+    s.call = Json();
+    s.request = 0;
+    s.reserved_for = 0;
+    ++m_counters.handler_crashes;
+    if (Message* m = find(msg_id)) {
+      --m->running;
+      crashed(*m, call, why);
+    }
+  }
+  schedule();
+}
+
+void Dispatcher::crashed(Message& m, const Json& call_payload, const std::string& why) {
+  if (m.orphan || !m_connected) {
+    maybe_complete(m);  // the broker redelivers the whole message anyway
+    return;
+  }
+  int crashes = m.crashes + 1;
+  std::string what = m.kind == Kind::control ? to_string(m.action) + " " + m.mid : describe_calls(call_payload);
+  // The original body when it is exactly this call; else a one-call message.
+  std::string body = (m.kind == Kind::control || m.delivered_calls == 1) ? m.d.body
+                                                                          : encode(Action::send_task, call_payload);
+  if (crashes >= m_opts.max_crashes) {
+    spdlog::error("{} (message {}) killed its handler {} times, last: {}: moving it to {}", what, m.mid, crashes, why,
+                  dead_queue());
+    dead_letter(m, body, "crashed the handler " + std::to_string(crashes) + " times; last: " + why, crashes);
+  } else {
+    spdlog::warn("handler died running {} (message {}): {}; requeued it", what, m.mid, why);
+    auto props = republish_props(m);
+    props.headers[k_hdr_crashes] = static_cast<std::int64_t>(crashes);
+    auto seq = m_broker.publish(m_opts.queue, body, props);
+    m_pending[seq] = {m.id, Purpose::crash_requeue};
+    ++m.confirms;
+    ++m_counters.tasks_requeued;
+  }
+  maybe_complete(m);
+}
+
+void Dispatcher::dead_letter(Message& m, const std::string& body, const std::string& reason, int crashes) {
+  amqp::Properties p = m.d.props;
+  p.delivery_mode = 2;
+  p.expiration.clear();
+  p.headers.erase(k_hdr_sent_ns);
+  p.headers[k_hdr_reason] = reason;
+  p.headers[k_hdr_rank] = static_cast<std::int64_t>(m_opts.rank);
+  p.headers[k_hdr_host] = m_opts.node;
+  p.headers[k_hdr_message_id] = m.mid;
+  p.headers[k_hdr_redelivered] = m.d.redelivered;
+  p.headers[k_hdr_exchange] = m.d.exchange;
+  p.headers[k_hdr_routing_key] = m.d.routing_key;
+  p.headers[k_hdr_crashes] = static_cast<std::int64_t>(crashes);
+  p.headers[k_hdr_time] = static_cast<std::int64_t>(std::time(nullptr));
+  auto seq = m_broker.publish(dead_queue(), body, p);
+  m_pending[seq] = {m.id, Purpose::dead_letter};
+  ++m.confirms;
+  ++m_counters.dead_lettered;
+}
+
+void Dispatcher::release_slots(std::uint64_t msg) {
+  for (int i = 0; i < m_opts.slots; ++i) {
+    if (m_slots[i].reserved_for == msg && m_slots[i].request == 0) {
+      m_slots[i].reserved_for = 0;
+    }
+  }
+}
+
+void Dispatcher::maybe_complete(Message& m) {
+  if (m.phase != Phase::running || m.running > 0 || m.confirms > 0 || !m.to_start.empty()) {
+    return;
+  }
+  auto id = m.id;
+  if (!m.orphan && m_connected && !m_aborted) {
+    if (m.give_back) {
+      m_broker.reject(m.d.tag, true);
+      ++m_counters.tasks_requeued;
+    } else {
+      if (m_on_ack) {
+        m_on_ack(m.d);
+      }
+      m_broker.ack(m.d.tag);
+    }
+  }
+  release_slots(id);
+  m_msgs.erase(id);
+}
+
+// --- timers ----------------------------------------------------------------
+
+std::optional<Dispatcher::Clock::time_point> Dispatcher::next_deadline() const {
+  if (m_opts.rotate_after.count() <= 0 || m_waiting.empty() || m_rotating || !m_connected || m_draining) {
+    return std::nullopt;
+  }
+  auto it = m_msgs.find(m_waiting.front());
+  if (it == m_msgs.end()) {
+    return Clock::now();
+  }
+  return it->second.arrived + m_opts.rotate_after;
+}
+
+void Dispatcher::on_tick(Clock::time_point now) {
+  if (m_opts.rotate_after.count() <= 0 || m_rotating || !m_connected || m_draining || free_slots() > 0) {
+    return;
+  }
+  while (!m_waiting.empty() && !find(m_waiting.front())) {
+    m_waiting.pop_front();
+  }
+  if (m_waiting.empty()) {
+    return;
+  }
+  Message& m = *find(m_waiting.front());
+  if (now - m.arrived < m_opts.rotate_after) {
+    return;
+  }
+  // Every slot is busy and this task has waited: hand it to the tail of the
+  // queue (an idle worker may take it) so the broker can give us what is
+  // behind it, e.g. a get_metadata a new client waits for.
+  m_waiting.pop_front();
+  auto seq = m_broker.publish(m_opts.queue, m.d.body, republish_props(m));
+  m_pending[seq] = {m.id, Purpose::rotation};
+  ++m.confirms;
+  m.phase = Phase::running;  // nothing to run: acked once the copy is confirmed
+  m_rotating = true;
+  ++m_counters.rotations;
+  spdlog::debug("{}: every slot busy, rotated to the tail of {}", m.mid, m_opts.queue);
+}
+
+// --- drain -----------------------------------------------------------------
+
+void Dispatcher::drain() {
+  if (m_draining) {
+    return;
+  }
+  m_draining = true;
+  if (m_connected) {
+    m_broker.stop_consuming();
+  }
+  // Messages that have not started go back to the queue now, for others.
+  auto give_back = [&](std::deque<std::uint64_t>& q) {
+    for (auto id : q) {
+      if (Message* m = find(id)) {
+        if (m_connected && !m->orphan) {
+          m_broker.reject(m->d.tag, true);
+          ++m_counters.tasks_requeued;
+        }
+        release_slots(id);
+        m_msgs.erase(id);
+      }
+    }
+    q.clear();
+  };
+  give_back(m_waiting);
+  give_back(m_control_todo);
+}
+
+void Dispatcher::abort() {
+  m_draining = true;
+  for (auto& [id, m] : m_msgs) {
+    if (m_connected && !m.orphan) {
+      m_broker.reject(m.d.tag, true);
+      ++m_counters.tasks_requeued;
+    }
+  }
+  m_aborted = true;
+  m_msgs.clear();
+  m_waiting.clear();
+  m_control_todo.clear();
+  m_control_out.clear();
+  m_pending.clear();
+  for (auto& s : m_slots) {
+    s.reserved_for = 0;
+    s.request = 0;
+    s.call = Json();
+  }
+}
+
+}  // namespace lhpc::dispatch

@@ -1,0 +1,208 @@
+// The dispatcher: the state machine between the broker and the handler
+// processes, driven by events from the worker's event loop. It never does I/O
+// itself: it talks to the broker and to handlers through two small ports, so
+// unit tests drive it with fakes.
+//
+// Rules it keeps (design.md, "Failure semantics"):
+// - a message is acked only after every call it kept has finished (success,
+//   or a failure the handler reported); never nack-and-sleep;
+// - a send_task with more calls than free slots keeps what fits and
+//   republishes the rest (persistent, confirmed) before its calls start;
+// - get_metadata and ping go to a reserved control handler, never behind tasks:
+//   the queue is FIFO and Lithops declares it without arguments (no
+//   priorities), so while every slot is busy the one task held as lookahead
+//   is rotated to the tail of the queue (republished, confirmed, acked) after
+//   `rotate_after`, letting the broker hand over the next message; a control
+//   message deep in a backlog is reached at one message per rotate_after per
+//   worker, at a cost of that many republishes;
+// - a call whose handler dies is republished with x-lithops-hpc-crashes + 1;
+//   at the second crash it goes to <queue>.dead instead;
+// - malformed messages go to <queue>.dead with the reason, then are acked;
+// - after a broker reconnect, messages of the old connection are the
+//   broker's again (it redelivers them): calls still running finish but are
+//   not acked (at-least-once: such a call may run twice).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "amqp/connection.h"
+#include "dispatch/protocol.h"
+
+namespace lhpc::dispatch {
+
+// What the dispatcher asks of the broker connection. Implementations never
+// throw: a failure shows up later as on_disconnected().
+class BrokerPort {
+public:
+  virtual ~BrokerPort() = default;
+  virtual void ack(std::uint64_t tag) = 0;
+  virtual void reject(std::uint64_t tag, bool requeue) = 0;
+  // Through the default exchange; returns the publisher-confirm sequence number.
+  virtual std::uint64_t publish(const std::string& routing_key, const std::string& body,
+                                const amqp::Properties& props) = 0;
+  virtual void set_prefetch(int count) = 0;
+  virtual void stop_consuming() = 0;
+};
+
+// What it asks of the handler processes: deliver one request line. Never
+// throws and never calls back into the dispatcher: a handler that cannot take
+// the line is reported lost from the event loop afterwards.
+class HandlerPort {
+public:
+  virtual ~HandlerPort() = default;
+  virtual void send(int handler, const std::string& line) = 0;
+};
+
+struct Counters {
+  std::uint64_t tasks_done = 0;       // calls a handler ran (function errors included)
+  std::uint64_t tasks_failed = 0;     // calls a handler could not run (ok:false)
+  std::uint64_t tasks_requeued = 0;   // calls republished after a crash, messages given back on drain
+  std::uint64_t dead_lettered = 0;    // messages and calls moved to <queue>.dead
+  std::uint64_t splits = 0;           // messages split because fewer slots were free
+  std::uint64_t handler_crashes = 0;  // handlers lost while running something
+  std::uint64_t metadata = 0;         // get_metadata answered
+  std::uint64_t pings = 0;            // pings answered
+  std::uint64_t rotations = 0;        // lookahead tasks moved to the tail of the queue
+};
+
+struct DispatcherOptions {
+  int slots = 1;
+  std::string queue = "task_queue";
+  int rank = 0;
+  std::string node;
+  int max_crashes = 2;  // a call that crashed a handler this often is dead-lettered
+  // How long the lookahead task may wait while every slot is busy before it
+  // is rotated to the tail of the queue; 0: never rotate.
+  std::chrono::milliseconds rotate_after{100};
+};
+
+class Dispatcher {
+public:
+  using Clock = std::chrono::steady_clock;
+
+  Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers);
+
+  // Handler indices: 0..slots-1 run tasks, control() runs get_metadata and ping.
+  int control() const { return m_opts.slots; }
+  int handlers() const { return m_opts.slots + 1; }
+  std::string dead_queue() const { return m_opts.queue + ".dead"; }
+
+  // --- events -------------------------------------------------------------
+  // A (new) broker connection is consuming with `prefetch` already set
+  // (desired_prefetch() at the time); later changes go through set_prefetch.
+  void on_connected(int prefetch);
+  // The connection is gone: everything unacked is the broker's again.
+  void on_disconnected();
+  void on_delivery(amqp::Delivery d);
+  void on_confirm(const amqp::Confirm& c);
+  void on_handler_ready(int h);
+  // One response line of handler h, parsed.
+  void on_handler_reply(int h, const Json& reply);
+  // Handler h died (the pool restarts it); `why` for logs and dead-letter headers.
+  void on_handler_lost(int h, const std::string& why);
+  // Timers (lookahead rotation); `now` is a parameter so tests need not wait.
+  void on_tick(Clock::time_point now = Clock::now());
+  std::optional<Clock::time_point> next_deadline() const;
+  // Stop consuming; give back what has not started.
+  void drain();
+  // The drain timeout passed: give back everything unacked (calls still
+  // running will be killed by the caller).
+  void abort();
+
+  // --- state --------------------------------------------------------------
+  bool draining() const { return m_draining; }
+  // Nothing unacked and nothing running: a drain is complete.
+  bool idle() const;
+  int busy_slots() const;
+  int ready_slots() const;
+  int prefetch() const { return m_prefetch; }
+  // The prefetch count the current state calls for (protocol.h prefetch_for).
+  int desired_prefetch() const;
+  const Counters& counters() const { return m_counters; }
+  // Called with each message right before it is acked (latency logging).
+  void set_on_ack(std::function<void(const amqp::Delivery&)> fn) { m_on_ack = std::move(fn); }
+
+private:
+  enum class Kind { task, control, malformed };
+  enum class Phase { waiting, confirming, running };
+
+  struct Message {
+    std::uint64_t id = 0;
+    std::uint64_t generation = 0;
+    amqp::Delivery d;
+    std::string mid;  // for logs
+    Kind kind = Kind::task;
+    Action action = Action::send_task;
+    Json payload;  // send_task: the calls this worker keeps
+    std::size_t calls = 0;
+    int crashes = 0;
+    Phase phase = Phase::waiting;
+    std::deque<Json> to_start;  // one-call payloads not handed out yet
+    int running = 0;            // calls (or the control request) at a handler
+    int confirms = 0;           // our publishes for it not yet confirmed
+    bool give_back = false;     // end with reject(requeue) instead of ack
+    bool holds_slots = false;
+    bool orphan = false;        // its connection is gone: never acked
+    Clock::time_point arrived{};
+    std::size_t delivered_calls = 0;  // calls in the body as delivered
+  };
+  struct Slot {
+    bool ready = false;
+    std::uint64_t reserved_for = 0;  // message id; 0: free
+    std::uint64_t request = 0;       // request id at the handler; 0: idle
+    Json call;                       // the one-call payload it runs
+  };
+  struct ControlRequest {
+    std::uint64_t msg;
+    std::uint64_t request;
+  };
+  enum class Purpose { remainder, crash_requeue, dead_letter, rotation };
+  struct PendingConfirm {
+    std::uint64_t msg;
+    Purpose purpose;
+  };
+
+  Message* find(std::uint64_t id);
+  void schedule();
+  void start_task(Message& m, std::size_t free);
+  void start_calls(Message& m);
+  void send_control();
+  void send_request(int h, std::uint64_t request, Action action, const Json& payload);
+  void finish_call(Message& m);
+  void maybe_complete(Message& m);
+  void crashed(Message& m, const Json& call_payload, const std::string& why);
+  void dead_letter(Message& m, const std::string& body, const std::string& reason, int crashes);
+  void release_slots(std::uint64_t msg);
+  void update_prefetch();
+  amqp::Properties republish_props(const Message& m) const;
+  int free_slots() const;
+
+  DispatcherOptions m_opts;
+  BrokerPort& m_broker;
+  HandlerPort& m_handlers;
+  std::uint64_t m_generation = 0;
+  bool m_connected = false;
+  bool m_draining = false;
+  bool m_aborted = false;
+  int m_prefetch = 0;
+  std::uint64_t m_next_id = 1;
+  std::uint64_t m_next_request = 1;
+  std::map<std::uint64_t, Message> m_msgs;
+  std::deque<std::uint64_t> m_waiting;       // send_task messages waiting for slots
+  std::vector<Slot> m_slots;                 // slots + the control handler (last)
+  std::deque<std::uint64_t> m_control_todo;  // control messages not yet sent
+  std::deque<ControlRequest> m_control_out;  // sent to the control handler, in order
+  std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
+  bool m_rotating = false;  // one rotation at a time
+  Counters m_counters;
+  std::function<void(const amqp::Delivery&)> m_on_ack;
+};
+
+}  // namespace lhpc::dispatch

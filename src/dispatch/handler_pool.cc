@@ -1,0 +1,350 @@
+#include "dispatch/handler_pool.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+
+#include "util/error.h"
+
+namespace lhpc::dispatch {
+
+namespace {
+
+void set_nonblocking(int fd) {
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl >= 0) {
+    ::fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+  }
+}
+
+std::string handler_name(int h, int count) {
+  return h == count - 1 ? std::string("control handler") : "handler " + std::to_string(h);
+}
+
+}  // namespace
+
+HandlerPool::HandlerPool(int count, std::function<HandlerCommand(int h)> command, PoolOptions opts,
+                         Listener& listener)
+    : m_command(std::move(command)), m_opts(opts), m_listener(listener),
+      m_procs(static_cast<std::size_t>(count)) {
+  for (auto& p : m_procs) {
+    p.backoff = amqp::Backoff(m_opts.backoff_first, m_opts.backoff_max);
+  }
+}
+
+HandlerPool::~HandlerPool() {
+  // Child handles kill what is still running; say nothing more.
+  m_stopping = true;
+}
+
+void HandlerPool::start() {
+  auto now = Clock::now();
+  for (int h = 0; h < size(); ++h) {
+    spawn_one(h, now);
+  }
+}
+
+void HandlerPool::spawn_one(int h, Clock::time_point now) {
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  p.to_write.clear();
+  p.written = 0;
+  p.partial.clear();
+  p.lost_why.clear();
+  if (p.was_started) {
+    ++m_restarts;
+  }
+  p.was_started = true;
+  p.started = now;
+  try {
+    HandlerCommand cmd = m_command(h);
+    SpawnOptions so;
+    so.argv = cmd.argv;
+    so.env = std::move(cmd.env);
+    so.pipe_stdin = true;
+    so.pipe_stdout = true;
+    // Its own process group: a Ctrl-C at the terminal reaches the worker,
+    // which drains, not the handlers; and a kill reaches its children.
+    so.new_process_group = true;
+    p.child = spawn(so);
+  } catch (const Error& e) {
+    p.state = State::down;
+    ++p.early_deaths;
+    m_last_error = handler_name(h, size()) + ": " + e.what();
+    spdlog::error("{}", m_last_error);
+    if (p.early_deaths > m_opts.restart_limit) {
+      p.state = State::failed;
+      m_failed = true;
+    } else {
+      p.restart_at = now + p.backoff.next();
+    }
+    return;
+  }
+  set_nonblocking(p.child.in().get());
+  set_nonblocking(p.child.out().get());
+  p.state = State::starting;
+  spdlog::debug("{} started (pid {})", handler_name(h, size()), p.child.pid());
+}
+
+void HandlerPool::send(int h, const std::string& line) {
+  if (h < 0 || h >= size()) {
+    return;
+  }
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  if (p.state != State::ready || !p.lost_why.empty()) {
+    return;  // it is being replaced; the dispatcher hears of the loss from tick()
+  }
+  p.to_write += line;
+  flush(h);
+}
+
+void HandlerPool::flush(int h) {
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  while (p.written < p.to_write.size()) {
+    ssize_t n = ::write(p.child.in().get(), p.to_write.data() + p.written, p.to_write.size() - p.written);
+    if (n > 0) {
+      p.written += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      return;  // POLLOUT will bring us back
+    }
+    if (p.lost_why.empty()) {
+      p.lost_why = "its input pipe closed (" + errno_text(errno) + ")";
+    }
+    return;
+  }
+  p.to_write.clear();
+  p.written = 0;
+}
+
+void HandlerPool::add_pollfds(std::vector<pollfd>& fds, std::vector<int>& tags) const {
+  for (int h = 0; h < size(); ++h) {
+    const Proc& p = m_procs[static_cast<std::size_t>(h)];
+    if ((p.state != State::starting && p.state != State::ready) || !p.lost_why.empty()) {
+      continue;
+    }
+    fds.push_back({const_cast<Proc&>(p).child.out().get(), POLLIN, 0});
+    tags.push_back(h * 2);
+    if (p.written < p.to_write.size()) {
+      fds.push_back({const_cast<Proc&>(p).child.in().get(), POLLOUT, 0});
+      tags.push_back(h * 2 + 1);
+    }
+  }
+}
+
+void HandlerPool::handle(int tag, short revents) {
+  int h = tag / 2;
+  if (h < 0 || h >= size()) {
+    return;
+  }
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  if (p.state != State::starting && p.state != State::ready) {
+    return;
+  }
+  if (tag % 2 == 0) {
+    if (revents & (POLLIN | POLLHUP | POLLERR)) {
+      read_from(h);
+    }
+  } else if (revents & (POLLOUT | POLLERR | POLLHUP)) {
+    flush(h);
+  }
+  report_losses(Clock::now());
+}
+
+void HandlerPool::read_from(int h) {
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  char buf[65536];
+  while (p.lost_why.empty()) {
+    ssize_t n = ::read(p.child.out().get(), buf, sizeof buf);
+    if (n > 0) {
+      p.partial.append(buf, static_cast<std::size_t>(n));
+      std::size_t start = 0;
+      for (std::size_t nl; (nl = p.partial.find('\n', start)) != std::string::npos; start = nl + 1) {
+        on_line(h, p.partial.substr(start, nl - start));
+        if (!p.lost_why.empty() || p.state == State::down) {
+          return;
+        }
+      }
+      p.partial.erase(0, start);
+      if (static_cast<std::size_t>(n) < sizeof buf) {
+        return;  // drained for now (a read would only say EAGAIN); poll() reports more
+      }
+      continue;
+    }
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      return;
+    }
+    p.lost_why = "closed its output";  // EOF: it exited or is exiting
+    return;
+  }
+}
+
+void HandlerPool::on_line(int h, const std::string& line) {
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  if (line.find_first_not_of(" \t\r") == std::string::npos) {
+    return;
+  }
+  Json j = Json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    spdlog::warn("{} wrote a line that is not protocol JSON, ignored: {}", handler_name(h, size()),
+                 line.substr(0, 200));
+    return;
+  }
+  if (json_string(j, "event") == "ready") {
+    if (p.state == State::starting) {
+      p.state = State::ready;
+      p.early_deaths = 0;
+      p.backoff.reset();
+      auto lithops = j.contains("lithops") && j["lithops"].is_string() ? j["lithops"].get<std::string>() : "";
+      if (lithops.empty()) {
+        spdlog::warn("{} (pid {}) cannot import Lithops: its tasks will fail (see its stderr)",
+                     handler_name(h, size()), json_int(j, "pid"));
+      } else {
+        spdlog::debug("{} ready (pid {}, Python {}, Lithops {})", handler_name(h, size()), json_int(j, "pid"),
+                      json_string(j, "python", "?"), lithops);
+      }
+      m_listener.handler_ready(h, j);
+    }
+    return;
+  }
+  if (p.state != State::ready) {
+    spdlog::warn("{} answered before it was ready, ignored", handler_name(h, size()));
+    return;
+  }
+  m_listener.handler_reply(h, j);
+}
+
+void HandlerPool::lose(int h, const std::string& why) {
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  bool was_ready = p.state == State::ready;
+  std::string detail = why;
+  if (p.child.running()) {
+    // Closing its output usually means it is exiting: give it a moment to
+    // tell us how, then make sure.
+    if (!p.child.wait_for(std::chrono::milliseconds(200))) {
+      p.child.signal(SIGKILL);
+      p.child.wait();
+      detail += "; killed it";
+    }
+  }
+  if (auto st = p.child.status()) {
+    detail = describe_status(*st);
+  }
+  p.child = Child();
+  p.state = State::down;
+  p.lost_why.clear();
+  m_last_error = handler_name(h, size()) + " " + detail;
+  auto now = Clock::now();
+  if (!was_ready) {
+    ++p.early_deaths;
+    spdlog::error("{} died before it was ready: {} (handler stderr above says why)", handler_name(h, size()), detail);
+  } else {
+    spdlog::warn("{} {}", handler_name(h, size()), detail);
+  }
+  if (p.early_deaths > m_opts.restart_limit) {
+    p.state = State::failed;
+    m_failed = true;
+    m_last_error = handler_name(h, size()) + " failed to start " + std::to_string(p.early_deaths) +
+                   " times in a row; last: " + detail;
+    spdlog::error("{}", m_last_error);
+  } else {
+    p.restart_at = was_ready ? now : now + p.backoff.next();
+  }
+  if (was_ready) {
+    m_listener.handler_lost(h, detail);
+  }
+}
+
+void HandlerPool::report_losses(Clock::time_point) {
+  for (int h = 0; h < size(); ++h) {
+    Proc& p = m_procs[static_cast<std::size_t>(h)];
+    if (!p.lost_why.empty() && !m_stopping) {
+      lose(h, p.lost_why);
+    }
+  }
+}
+
+void HandlerPool::tick(Clock::time_point now) {
+  if (m_stopping) {
+    return;
+  }
+  report_losses(now);
+  for (int h = 0; h < size(); ++h) {
+    Proc& p = m_procs[static_cast<std::size_t>(h)];
+    if (p.state == State::starting && now - p.started > m_opts.ready_timeout) {
+      p.lost_why = "sent no ready line within " + std::to_string(m_opts.ready_timeout.count() / 1000) + " s";
+      lose(h, p.lost_why);
+    }
+    if (p.state == State::down && now >= p.restart_at) {
+      spawn_one(h, now);
+    }
+  }
+}
+
+std::optional<HandlerPool::Clock::time_point> HandlerPool::next_deadline() const {
+  std::optional<Clock::time_point> t;
+  auto earliest = [&](Clock::time_point c) {
+    if (!t || c < *t) {
+      t = c;
+    }
+  };
+  for (const auto& p : m_procs) {
+    if (!p.lost_why.empty()) {
+      earliest(Clock::now());
+    } else if (p.state == State::down) {
+      earliest(p.restart_at);
+    } else if (p.state == State::starting) {
+      earliest(p.started + m_opts.ready_timeout);
+    }
+  }
+  return t;
+}
+
+void HandlerPool::stop(std::chrono::milliseconds grace) {
+  m_stopping = true;
+  for (auto& p : m_procs) {
+    p.child.in().reset();  // EOF: the handler exits 0 when idle
+  }
+  auto deadline = Clock::now() + grace;
+  for (auto& p : m_procs) {
+    if (!p.child.running()) {
+      continue;
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() < 0 || !p.child.wait_for(left)) {
+      p.child.terminate(std::chrono::milliseconds(2000));
+    }
+  }
+  for (auto& p : m_procs) {
+    p.child = Child();
+    p.state = State::down;
+  }
+}
+
+pid_t HandlerPool::pid(int h) const {
+  return (h >= 0 && h < size()) ? m_procs[static_cast<std::size_t>(h)].child.pid() : -1;
+}
+
+bool HandlerPool::ready(int h) const {
+  return h >= 0 && h < size() && m_procs[static_cast<std::size_t>(h)].state == State::ready;
+}
+
+int HandlerPool::ready_count() const {
+  int n = 0;
+  for (const auto& p : m_procs) {
+    n += p.state == State::ready ? 1 : 0;
+  }
+  return n;
+}
+
+}  // namespace lhpc::dispatch

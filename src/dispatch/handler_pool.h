@@ -1,0 +1,110 @@
+// The warm handler processes: K slot handlers plus one control handler, each
+// a long-lived child (`ENGINE exec instance://NAME python3 handler.py`)
+// speaking JSON lines on non-blocking pipes (runtime-defs/handler.py has the
+// protocol). The pool spawns, feeds, reads and restarts them; what the lines
+// mean is the dispatcher's business.
+#pragma once
+
+#include <poll.h>
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "amqp/connection.h"
+#include "dispatch/dispatcher.h"
+#include "util/process.h"
+
+namespace lhpc::dispatch {
+
+struct HandlerCommand {
+  std::vector<std::string> argv;
+  Env env;
+};
+
+struct PoolOptions {
+  // From spawn to the "ready" line (a container exec plus importing Lithops).
+  std::chrono::milliseconds ready_timeout{120000};
+  // Deaths before "ready" in a row, per handler, before the pool gives up.
+  int restart_limit = 5;
+  std::chrono::milliseconds backoff_first{500};
+  std::chrono::milliseconds backoff_max{30000};
+};
+
+class HandlerPool final : public HandlerPort {
+public:
+  using Clock = std::chrono::steady_clock;
+
+  class Listener {
+  public:
+    virtual ~Listener() = default;
+    virtual void handler_ready(int h, const Json& info) = 0;
+    virtual void handler_reply(int h, const Json& reply) = 0;
+    virtual void handler_lost(int h, const std::string& why) = 0;
+  };
+
+  HandlerPool(int count, std::function<HandlerCommand(int h)> command, PoolOptions opts, Listener& listener);
+  ~HandlerPool() override;
+  HandlerPool(const HandlerPool&) = delete;
+  HandlerPool& operator=(const HandlerPool&) = delete;
+
+  void start();
+  // HandlerPort: queue a line for handler h (written as the pipe takes it).
+  void send(int h, const std::string& line) override;
+
+  // Event-loop integration: append this pool's descriptors; hand back the
+  // ones poll() flagged (`tag` is what add_pollfds stored beside each).
+  void add_pollfds(std::vector<pollfd>& fds, std::vector<int>& tags) const;
+  void handle(int tag, short revents);
+  // Restarts that are due, ready timeouts, losses noticed while writing.
+  void tick(Clock::time_point now = Clock::now());
+  std::optional<Clock::time_point> next_deadline() const;
+
+  // EOF to every handler, then SIGTERM and SIGKILL after `grace`.
+  void stop(std::chrono::milliseconds grace);
+
+  int size() const { return static_cast<int>(m_procs.size()); }
+  bool failed() const { return m_failed; }
+  const std::string& last_error() const { return m_last_error; }
+  int restarts() const { return m_restarts; }
+  pid_t pid(int h) const;
+  bool ready(int h) const;
+  int ready_count() const;
+
+private:
+  enum class State { down, starting, ready, failed };
+  struct Proc {
+    Child child;
+    State state = State::down;
+    std::string to_write;
+    std::size_t written = 0;
+    std::string partial;  // bytes of an unfinished line
+    Clock::time_point started{};
+    Clock::time_point restart_at{};
+    amqp::Backoff backoff;
+    int early_deaths = 0;  // in a row, before "ready"
+    bool was_started = false;
+    std::string lost_why;  // set: lost, to be reported by tick()
+  };
+
+  void spawn_one(int h, Clock::time_point now);
+  void read_from(int h);
+  void flush(int h);
+  void lose(int h, const std::string& why);
+  void report_losses(Clock::time_point now);
+  void on_line(int h, const std::string& line);
+
+  std::function<HandlerCommand(int h)> m_command;
+  PoolOptions m_opts;
+  Listener& m_listener;
+  std::vector<Proc> m_procs;
+  bool m_stopping = false;
+  bool m_failed = false;
+  std::string m_last_error;
+  int m_restarts = 0;
+};
+
+}  // namespace lhpc::dispatch

@@ -1,0 +1,302 @@
+#include "dispatch/protocol.h"
+
+#include <xxhash.h>
+
+#include <array>
+#include <cstdio>
+
+namespace lhpc::dispatch {
+
+namespace {
+
+constexpr char k_b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+constexpr std::array<signed char, 256> make_b64_table() {
+  std::array<signed char, 256> t{};
+  for (auto& v : t) {
+    v = -1;
+  }
+  for (int i = 0; i < 64; ++i) {
+    t[static_cast<unsigned char>(k_b64[i])] = static_cast<signed char>(i);
+  }
+  return t;
+}
+constexpr auto k_b64_table = make_b64_table();
+
+bool is_space(char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t' || c == '\v' || c == '\f'; }
+
+std::string shorten(std::string s, std::size_t max = 120) {
+  if (s.size() > max) {
+    s.resize(max);
+    s += "...";
+  }
+  return s;
+}
+
+}  // namespace
+
+std::string base64_encode(std::string_view in) {
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  std::size_t i = 0;
+  auto byte = [&](std::size_t k) { return static_cast<unsigned char>(in[k]); };
+  for (; i + 3 <= in.size(); i += 3) {
+    unsigned v = (byte(i) << 16) | (byte(i + 1) << 8) | byte(i + 2);
+    out += k_b64[(v >> 18) & 63];
+    out += k_b64[(v >> 12) & 63];
+    out += k_b64[(v >> 6) & 63];
+    out += k_b64[v & 63];
+  }
+  std::size_t rest = in.size() - i;
+  if (rest == 1) {
+    unsigned v = byte(i) << 16;
+    out += k_b64[(v >> 18) & 63];
+    out += k_b64[(v >> 12) & 63];
+    out += "==";
+  } else if (rest == 2) {
+    unsigned v = (byte(i) << 16) | (byte(i + 1) << 8);
+    out += k_b64[(v >> 18) & 63];
+    out += k_b64[(v >> 12) & 63];
+    out += k_b64[(v >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+std::optional<std::string> base64_decode(std::string_view text) {
+  std::string clean;
+  clean.reserve(text.size());
+  for (char c : text) {
+    if (!is_space(c)) {
+      clean += c;
+    }
+  }
+  if (clean.size() % 4 != 0) {
+    return std::nullopt;
+  }
+  std::string out;
+  out.reserve(clean.size() / 4 * 3);
+  for (std::size_t i = 0; i < clean.size(); i += 4) {
+    int pad = 0;
+    unsigned v = 0;
+    for (int k = 0; k < 4; ++k) {
+      char c = clean[i + k];
+      if (c == '=') {
+        // Padding only in the last quantum, only in its last two places,
+        // and nothing but padding after it.
+        if (i + 4 != clean.size() || k < 2) {
+          return std::nullopt;
+        }
+        ++pad;
+        v <<= 6;
+        continue;
+      }
+      if (pad > 0) {
+        return std::nullopt;
+      }
+      int d = k_b64_table[static_cast<unsigned char>(c)];
+      if (d < 0) {
+        return std::nullopt;
+      }
+      v = (v << 6) | static_cast<unsigned>(d);
+    }
+    out += static_cast<char>((v >> 16) & 0xff);
+    if (pad < 2) {
+      out += static_cast<char>((v >> 8) & 0xff);
+    }
+    if (pad < 1) {
+      out += static_cast<char>(v & 0xff);
+    }
+  }
+  return out;
+}
+
+std::string to_string(Action a) {
+  switch (a) {
+    case Action::send_task: return "send_task";
+    case Action::get_metadata: return "get_metadata";
+    case Action::ping: return "ping";
+  }
+  return "?";
+}
+
+std::optional<Action> parse_action(std::string_view s) {
+  for (auto a : {Action::send_task, Action::get_metadata, Action::ping}) {
+    if (s == to_string(a)) {
+      return a;
+    }
+  }
+  return std::nullopt;
+}
+
+std::variant<Task, Malformed> decode(std::string_view body) {
+  Json msg = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+  if (msg.is_discarded()) {
+    return Malformed{"body is not JSON"};
+  }
+  if (!msg.is_object()) {
+    return Malformed{"body is not a JSON object"};
+  }
+  auto a = msg.find("action");
+  if (a == msg.end()) {
+    return Malformed{"no action"};
+  }
+  if (!a->is_string()) {
+    return Malformed{"action is not a string"};
+  }
+  auto action = parse_action(a->get_ref<const std::string&>());
+  if (!action) {
+    return Malformed{"unknown action '" + shorten(a->get<std::string>()) + "'"};
+  }
+  auto p = msg.find("payload");
+  if (p == msg.end()) {
+    return Malformed{"no payload"};
+  }
+  if (!p->is_string()) {
+    return Malformed{"payload is not a base64 string"};
+  }
+  auto raw = base64_decode(p->get_ref<const std::string&>());
+  if (!raw) {
+    return Malformed{"payload is not valid base64"};
+  }
+  Task t;
+  t.action = *action;
+  t.payload = Json::parse(*raw, nullptr, /*allow_exceptions=*/false);
+  if (t.payload.is_discarded()) {
+    return Malformed{"payload is not JSON"};
+  }
+  if (!t.payload.is_object()) {
+    return Malformed{"payload is not a JSON object"};
+  }
+  if (t.action != Action::send_task) {
+    return t;
+  }
+  auto ids = t.payload.find("call_ids");
+  if (ids == t.payload.end() || !ids->is_array()) {
+    return Malformed{"send_task payload has no call_ids list"};
+  }
+  if (ids->empty()) {
+    return Malformed{"send_task payload has no calls (call_ids is empty)"};
+  }
+  auto ranges = t.payload.find("data_byte_ranges");
+  if (ranges == t.payload.end() || !ranges->is_array()) {
+    return Malformed{"send_task payload has no data_byte_ranges list"};
+  }
+  if (ranges->size() != ids->size()) {
+    return Malformed{"call_ids (" + std::to_string(ids->size()) + ") and data_byte_ranges (" +
+                     std::to_string(ranges->size()) + ") differ in length"};
+  }
+  if (auto tc = t.payload.find("total_calls"); tc != t.payload.end()) {
+    if (!tc->is_number_integer()) {
+      return Malformed{"total_calls is not an integer"};
+    }
+    if (tc->get<long long>() != static_cast<long long>(ids->size())) {
+      return Malformed{"total_calls (" + std::to_string(tc->get<long long>()) + ") differs from the number of call_ids (" +
+                       std::to_string(ids->size()) + ")"};
+    }
+  }
+  t.calls = ids->size();
+  return t;
+}
+
+std::string encode(Action action, const Json& payload) {
+  Json msg = {{"action", to_string(action)}, {"payload", base64_encode(payload.dump())}};
+  return msg.dump();
+}
+
+namespace {
+Json slice(const Json& payload, std::size_t from, std::size_t to) {
+  Json out = payload;
+  const auto& ids = payload.at("call_ids");
+  const auto& ranges = payload.at("data_byte_ranges");
+  out["call_ids"] = Json(ids.begin() + static_cast<std::ptrdiff_t>(from), ids.begin() + static_cast<std::ptrdiff_t>(to));
+  out["data_byte_ranges"] =
+      Json(ranges.begin() + static_cast<std::ptrdiff_t>(from), ranges.begin() + static_cast<std::ptrdiff_t>(to));
+  out["total_calls"] = to - from;
+  return out;
+}
+}  // namespace
+
+std::pair<Json, Json> split(const Json& payload, std::size_t n) {
+  std::size_t calls = payload.at("call_ids").size();
+  return {slice(payload, 0, n), slice(payload, n, calls)};
+}
+
+std::vector<Json> one_call_payloads(const Json& payload) {
+  std::size_t calls = payload.at("call_ids").size();
+  std::vector<Json> out;
+  out.reserve(calls);
+  if (calls == 1) {
+    Json p = payload;
+    p["total_calls"] = 1;
+    p["worker_processes"] = 1;
+    out.push_back(std::move(p));
+    return out;
+  }
+  for (std::size_t i = 0; i < calls; ++i) {
+    Json p = slice(payload, i, i + 1);
+    p["worker_processes"] = 1;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+std::string describe_calls(const Json& payload) {
+  std::string job = "?";
+  if (auto jk = payload.find("job_key"); jk != payload.end() && jk->is_string()) {
+    job = jk->get<std::string>();
+  }
+  auto ids = payload.find("call_ids");
+  if (ids == payload.end() || !ids->is_array() || ids->empty()) {
+    return job;
+  }
+  auto id_text = [](const Json& j) { return j.is_string() ? j.get<std::string>() : j.dump(); };
+  std::string out = job + "/" + id_text(ids->front());
+  if (ids->size() > 1) {
+    out += ".." + id_text(ids->back()) + " (" + std::to_string(ids->size()) + " calls)";
+  }
+  return out;
+}
+
+int prefetch_for(int free_slots, int started_task_messages) {
+  int n = free_slots + started_task_messages + 1;
+  // basic.qos takes a 16-bit count; 0 would mean "unlimited".
+  return n < 1 ? 1 : (n > 65535 ? 65535 : n);
+}
+
+std::string body_id(std::string_view body) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "body-%016llx",
+                static_cast<unsigned long long>(XXH3_64bits(body.data(), body.size())));
+  return buf;
+}
+
+std::string json_string(const Json& j, const char* key, const std::string& fallback) {
+  if (!j.is_object()) {
+    return fallback;
+  }
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : fallback;
+}
+
+long long json_int(const Json& j, const char* key, long long fallback) {
+  if (!j.is_object()) {
+    return fallback;
+  }
+  auto it = j.find(key);
+  return it != j.end() && it->is_number_integer() ? it->get<long long>() : fallback;
+}
+
+bool json_bool(const Json& j, const char* key, bool fallback) {
+  if (!j.is_object()) {
+    return fallback;
+  }
+  auto it = j.find(key);
+  return it != j.end() && it->is_boolean() ? it->get<bool>() : fallback;
+}
+
+Json ping_reply(int rank, const std::string& node, const Json& echo) {
+  return {{"rank", rank}, {"node", node}, {"echo", echo}};
+}
+
+}  // namespace lhpc::dispatch

@@ -1,0 +1,276 @@
+#!/usr/bin/python3
+"""`lithops-hpc worker` in dispatch mode against the real broker, with the host
+engine, the real runtime-defs/handler.py and tests/fake-lithops standing in for
+Lithops' function handler. One test per behaviour a user relies on; each test
+has its own vhost. Run: /usr/bin/python3 tests/integration/test_worker.py
+(env from meson: LHPC_BIN, LHPC_SOURCE_ROOT, LHPC_RIG_DIR).
+"""
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+import lhpc_test as lt
+from worker_util import BIN, Worker, max_concurrency, records, rig_password, wait_records
+
+DEAD = "task_queue.dead"
+
+
+def task(job_key, n_calls=1, record_dir=None, **test):
+    if record_dir:
+        test["record_dir"] = record_dir
+    return lt.make_send_task(n_calls, job_key, {"lhpc_test": test})
+
+
+class WorkerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        lt.ensure_broker()
+
+    def setUp(self):
+        self.url = lt.fresh_vhost("wrk")
+        self.rec = tempfile.mkdtemp(prefix="lhpc-rec-")
+        self.workers = []
+
+    def tearDown(self):
+        for w in self.workers:
+            if self._outcome_failed():
+                print(f"--- worker log {w.log_path}:\n{w.log()[-6000:]}")
+            w.cleanup()
+
+    def _outcome_failed(self):
+        result = getattr(self._outcome, "result", None)
+        errors = getattr(result, "errors", []) + getattr(result, "failures", [])
+        return any(t is self for t, _ in errors)
+
+    def worker(self, **kw):
+        w = Worker(self.url, **kw)
+        self.workers.append(w)
+        w.wait_consuming()
+        return w
+
+    def publish(self, payload, action="send_task"):
+        lt.publish_lithops(self.url, action, payload)
+
+    def dead_letters(self, n, timeout=60):
+        got = []
+        lt.wait_until(lambda: got.extend(lt.drain_queue(self.url, DEAD)) or len(got) >= n, timeout,
+                      f"{n} messages in {DEAD}")
+        return got
+
+    # --- the normal path ---------------------------------------------------
+
+    def test_each_message_acked_once_and_concurrency_never_above_slots(self):
+        w = self.worker(slots=3)
+        for i in range(12):
+            self.publish(task(f"ex-{i:03d}", record_dir=self.rec, sleep=0.3))
+        self.publish(task("ex-big", 4, record_dir=self.rec, sleep=0.3))  # more calls than slots: split
+        recs = wait_records(self.rec, 16, 90)
+        calls = sorted((r["job_key"], r["call_id"]) for r in recs)
+        self.assertEqual(len(calls), len(set(calls)), "a call ran twice")
+        self.assertEqual(len(calls), 16)
+        self.assertLessEqual(max_concurrency(recs), 3)
+        self.assertTrue(all(r["worker_processes"] == 1 for r in recs), "handlers get one call at a time")
+        self.assertEqual(w.stop(), 0)
+        # Nothing was left unacked (the broker would have requeued it at close).
+        self.assertEqual(lt.queue_depth(self.url), 0)
+        self.assertEqual(len(records(self.rec)), 16)
+        self.assertIn("republishing", w.log())
+
+    def test_split_remainder_goes_to_an_idle_worker(self):
+        a = self.worker(slots=1)
+        b = self.worker(slots=1)
+        handlers_a = set(a.handler_pids().values())
+        handlers_b = set(b.handler_pids().values())
+        self.publish(task("ex-split", 4, record_dir=self.rec, sleep=1.0))
+        recs = wait_records(self.rec, 4, 60)
+        pids = {r["pid"] for r in recs}
+        self.assertTrue(pids & handlers_a and pids & handlers_b,
+                        f"both workers should run calls of the split message: {pids} {handlers_a} {handlers_b}")
+        self.assertEqual(sorted(r["call_id"] for r in recs), ["00000", "00001", "00002", "00003"])
+
+    def test_get_metadata_never_waits_behind_tasks(self):
+        storage = tempfile.mkdtemp(prefix="lhpc-storage-")
+        self.worker(slots=1)
+        for i in range(3):
+            self.publish(task(f"ex-slow{i}", record_dir=self.rec, sleep=4, print=f"LHPC-STARTED-{i}"))
+        self.workers[0].wait_log("LHPC-STARTED-0")
+        self.publish({"backend": "fake", "fake": {"storage_bucket": "b", "storage_dir": storage},
+                      "runtime_name": "rt-meta", "log_level": 20}, action="get_metadata")
+        meta = os.path.join(storage, "b", "lithops.jobs", "rt-meta.meta")
+        lt.wait_until(lambda: os.path.exists(meta), 30, "runtime metadata in storage")
+        # Stored while the first task of the backlog still ran.
+        self.assertLess(len(records(self.rec)), 2)
+        with open(meta) as f:
+            m = json.load(f)
+        self.assertIn("preinstalls", m)
+        self.assertIn("python_version", m)
+
+    def test_job_with_deleted_data_fails_fast_and_frees_its_slot(self):
+        w = self.worker(slots=1)
+        self.publish(task("ex-gone", record_dir=self.rec, missing_data=True))
+        self.publish(task("ex-next", record_dir=self.rec))
+        recs = wait_records(self.rec, 1, 30)
+        self.assertEqual(recs[0]["job_key"], "ex-next")
+        w.wait_log("could not run")
+        lt.wait_until(lambda: lt.queue_depth(self.url) == 0, 10, "an empty queue")
+        self.assertEqual(lt.drain_queue(self.url, DEAD), [])
+
+    # --- failures ----------------------------------------------------------
+
+    def test_handler_killed_mid_task_is_restarted_and_the_task_completes(self):
+        w = self.worker(slots=1)
+        self.publish(task("ex-kill", record_dir=self.rec, sleep=2, print="LHPC-RUNNING"))
+        w.wait_log("LHPC-RUNNING")
+        victim = w.handler_pids("0")
+        self.assertIsNotNone(victim)
+        os.kill(victim, signal.SIGKILL)
+        recs = wait_records(self.rec, 1, 60)
+        self.assertEqual(len(recs), 1)
+        self.assertNotEqual(recs[0]["pid"], victim)
+        self.assertIn("requeued", w.log())
+        self.assertTrue(w.alive())
+        self.assertEqual(lt.drain_queue(self.url, DEAD), [])
+
+    def test_task_that_crashes_twice_is_dead_lettered(self):
+        w = self.worker(slots=1)
+        self.publish(task("ex-poison", crash="always"))
+        dead = self.dead_letters(1)
+        self.assertEqual(len(dead), 1)
+        h = dead[0].headers
+        self.assertIn("crashed the handler 2 times", h["x-lithops-hpc-reason"])
+        self.assertEqual(h["x-lithops-hpc-rank"], 0)
+        self.assertTrue(h["x-lithops-hpc-host"])
+        self.assertEqual(h["x-lithops-hpc-crashes"], 2)
+        self.assertTrue(h["x-lithops-hpc-message-id"])
+        action, payload = lt.decode_lithops(dead[0].body)
+        self.assertEqual((action, payload["job_key"]), ("send_task", "ex-poison"))
+        # The worker keeps going.
+        self.publish(task("ex-after", record_dir=self.rec))
+        wait_records(self.rec, 1, 60)
+        self.assertTrue(w.alive())
+
+    def test_task_that_crashes_once_runs_again(self):
+        marker = os.path.join(self.rec, ".crashed-once")
+        self.worker(slots=1)
+        self.publish(task("ex-once", record_dir=self.rec, crash="once", crash_marker=marker))
+        recs = wait_records(self.rec, 1, 60)
+        self.assertTrue(os.path.exists(marker))
+        self.assertEqual(len(recs), 1)
+        self.assertEqual(lt.drain_queue(self.url, DEAD), [])
+
+    def test_malformed_messages_are_dead_lettered_with_the_reason(self):
+        w = self.worker(slots=1)
+        b64 = lambda obj: base64.b64encode(json.dumps(obj).encode()).decode()  # noqa: E731
+        mismatch = lt.make_send_task(3, "ex-mm")
+        mismatch["data_byte_ranges"] = mismatch["data_byte_ranges"][:2]
+        total = lt.make_send_task(2, "ex-tc")
+        total["total_calls"] = 7
+        cases = {
+            "body is not JSON": b"this is not json",
+            "no action": json.dumps({"payload": b64({})}).encode(),
+            "unknown action 'explode'": json.dumps({"action": "explode", "payload": b64({})}).encode(),
+            "no payload": json.dumps({"action": "send_task"}).encode(),
+            "payload is not valid base64": json.dumps({"action": "send_task", "payload": "@@not base64@@"}).encode(),
+            "payload is not a JSON object": json.dumps({"action": "send_task", "payload": b64([1, 2])}).encode(),
+            "call_ids (3) and data_byte_ranges (2) differ in length":
+                json.dumps({"action": "send_task", "payload": b64(mismatch)}).encode(),
+            "total_calls (7) differs from the number of call_ids (2)":
+                json.dumps({"action": "send_task", "payload": b64(total)}).encode(),
+        }
+        for body in cases.values():
+            lt.publish_raw(self.url, body)
+        dead = self.dead_letters(len(cases))
+        reasons = {m.headers["x-lithops-hpc-reason"]: m.body for m in dead}
+        for reason, body in cases.items():
+            self.assertEqual(reasons.get("malformed: " + reason), body, reason)
+        for m in dead:
+            self.assertEqual(m.headers["x-lithops-hpc-rank"], 0)
+            self.assertIn("x-lithops-hpc-host", m.headers)
+        self.assertTrue(w.alive())
+        self.assertGreaterEqual(w.log().count("is malformed"), len(cases))
+        self.publish(task("ex-good", record_dir=self.rec))
+        wait_records(self.rec, 1, 30)
+
+    def test_sigterm_finishes_running_calls_and_requeues_the_rest(self):
+        w = self.worker(slots=2)
+        for i in range(6):
+            self.publish(task(f"ex-t{i}", record_dir=self.rec, sleep=2, print=f"LHPC-START-{i}"))
+        lt.wait_until(lambda: len(re.findall(r"LHPC-START-\d", w.log())) >= 2, 30, "two calls running")
+        started = set(re.findall(r"LHPC-START-(\d)", w.log()))
+        self.assertEqual(w.stop(signal.SIGTERM), 0)
+        recs = records(self.rec)
+        self.assertEqual({r["job_key"] for r in recs}, {f"ex-t{i}" for i in started},
+                         "the calls running at SIGTERM finished, nothing else started")
+        # None lost: what did not run is back in the queue.
+        self.assertEqual(len(recs) + lt.queue_depth(self.url), 6)
+        self.assertIn("drained", w.log())
+
+    def test_no_password_in_any_command_line_or_log(self):
+        password = rig_password()
+        w = self.worker(slots=2)
+        self.publish(task("ex-secret", record_dir=self.rec, sleep=1, print="LHPC-SECRET-RUN"))
+        w.wait_log("LHPC-SECRET-RUN")
+        pids = [w.pid] + w.descendants()
+        self.assertGreaterEqual(len(pids), 4)  # worker + 2 slot handlers + control
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except FileNotFoundError:
+                continue
+            self.assertNotIn(password.encode(), cmd, f"pid {pid}")
+        for pid in w.handler_pids().values():
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                self.assertNotIn(b"AMQP_URL=", f.read(), "handlers never get the broker URL")
+        out = subprocess.run([BIN, "--config", w.config, "ping", "--count", "3"], env=w.env,
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertEqual(w.stop(), 0)
+        self.assertNotIn(password, w.log())
+        self.assertNotIn(password, out.stdout + out.stderr)
+        self.assertIn("rig:***@", w.log())
+
+    # --- ping --------------------------------------------------------------
+
+    def test_ping_reports_each_rank_and_the_throughput(self):
+        w = self.worker(slots=1)
+        # Even with the only slot busy, pings go through the control handler.
+        self.publish(task("ex-busy", record_dir=self.rec, sleep=5, print="LHPC-BUSY"))
+        w.wait_log("LHPC-BUSY")
+        out = subprocess.run([BIN, "--config", w.config, "ping", "--count", "40", "--concurrency", "4"],
+                             env=w.env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertRegex(out.stdout, r"(?m)^rank 0 node \S+: 40 replies, p50 [\d.]+ ms, p99 [\d.]+ ms$")
+        self.assertRegex(out.stdout, r"40/40 pings answered by 1 rank in [\d.]+ s: [\d.]+ pings/s")
+        self.assertEqual(records(self.rec), [], "the pings did not wait for the task")
+        more = subprocess.run([BIN, "--config", w.config, "ping", "--count", "2", "--expect-ranks", "2"],
+                              env=w.env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(more.returncode, 1, more.stdout + more.stderr)
+        self.assertIn("only 1 of the 2 expected ranks answered", more.stdout)
+
+    def test_ping_without_a_deployment_fails(self):
+        env = dict(os.environ, AMQP_URL=self.url)
+        env.pop("LITHOPS_HPC_CONFIG", None)
+        out = subprocess.run([BIN, "--config", "/dev/null", "ping", "--count", "2", "--timeout", "1"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+        self.assertIn("no reply within 1 s", out.stdout)
+        # Its unanswered pings expire instead of waiting for the next worker.
+        lt.wait_until(lambda: lt.queue_depth(self.url) == 0, 10, "the expired pings to go")
+
+    def test_ping_with_an_unreachable_broker_exits_5(self):
+        env = dict(os.environ, AMQP_URL=f"amqp://u:p@127.0.0.1:{lt.free_port()}/")
+        out = subprocess.run([BIN, "--config", "/dev/null", "ping", "--count", "1"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 5, out.stdout + out.stderr)
+        self.assertIn("u:***@", out.stderr)
+
+
+if __name__ == "__main__":
+    lt.main()
