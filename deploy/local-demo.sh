@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The main job end to end on one machine (Debian 12, root): install, build,
+# start a private RabbitMQ broker on loopback, deploy two MPI ranks (each its
+# own "node") with the host engine, publish Lithops-format tasks, ping every
+# rank, show the status, stop cleanly.
+#
+# The real Lithops cannot be installed here (no PyPI), so the handler runs the
+# stand-in function handler of tests/fake-lithops: the messages, the queue,
+# the dispatcher and handler.py are the real ones. The image staged to each
+# "node" is a generated SIF file (the host engine does not run it).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+build=${LHPC_BUILD_DIR:-$root/build}
+demo=$build/demo
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing dependencies (Debian 12 packages)"
+deploy/install-deps.sh
+step "building"
+[ -f "$build/build.ninja" ] || meson setup "$build" >/dev/null
+meson compile -C "$build" >/dev/null
+bin=$build/lithops-hpc
+
+rm -rf "$demo"
+mkdir -p "$demo"
+export LITHOPS_HPC_STATE_DIR=$demo/state
+broker=(deploy/rabbitmq-user-broker.sh)
+cleanup() {
+  [ -n "${deploy_pid:-}" ] && kill -0 "$deploy_pid" 2>/dev/null && "$bin" stop --timeout 60 >/dev/null 2>&1 || true
+  "${broker[@]}" stop --dir "$demo/broker" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+step "starting a private RabbitMQ broker on 127.0.0.1"
+"${broker[@]}" start --dir "$demo/broker" --host 127.0.0.1 --bind 127.0.0.1 --no-tls
+AMQP_URL=$("${broker[@]}" url --dir "$demo/broker")
+export AMQP_URL  # the URL travels in the environment, never on a command line
+
+(umask 077 && cat >"$demo/config.toml" <<TOML
+[singularity]
+engine = "host"
+sif_path = "$demo/nodes/%n"
+worker_processes = 2
+python = "/usr/bin/python3"
+[deploy]
+cleanup = true
+[health]
+interval = 1
+TOML
+)
+"$build/tests/tools/make-sif" "$demo/lithops-rt.sif" 64M
+
+step "lithops-hpc config check"
+"$bin" --config "$demo/config.toml" config check
+
+step "deploying 2 ranks: mpirun -np 2 lithops-hpc deploy --sif $demo/lithops-rt.sif"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+PYTHONPATH=$root/tests/fake-lithops mpirun --oversubscribe -np 2 \
+  sh -c 'LITHOPS_HPC_NODE_ID=node$OMPI_COMM_WORLD_RANK exec "$@"' sh \
+  "$bin" --config "$demo/config.toml" deploy --sif "$demo/lithops-rt.sif" >"$demo/deploy.log" 2>&1 &
+deploy_pid=$!
+deadline=$((SECONDS + 120))
+until "$bin" status >/dev/null 2>&1; do
+  kill -0 "$deploy_pid" 2>/dev/null || { cat "$demo/deploy.log"; echo "deploy ended early" >&2; exit 1; }
+  ((SECONDS < deadline)) || { cat "$demo/deploy.log"; echo "not ready in 120 s" >&2; exit 1; }
+  sleep 0.5
+done
+grep -E "staged|rank 0 node0: [0-9]+ of" "$demo/deploy.log" | sed 's/^\[[^]]*\] //' || true
+
+step "publishing 20 Lithops send_task messages of 5 calls each (as the Lithops client does)"
+mkdir -p "$demo/records"
+/usr/bin/python3 - "$demo/records" <<'PY'
+import base64, glob, json, os, sys, time
+import pika
+records = sys.argv[1]
+conn = pika.BlockingConnection(pika.URLParameters(os.environ["AMQP_URL"]))
+ch = conn.channel()
+ch.queue_declare(queue="task_queue", durable=True)
+for j in range(20):
+    calls = [f"{i:05d}" for i in range(5)]
+    payload = {"job_key": f"demo-job{j:02d}", "call_ids": calls, "data_byte_ranges": [[0, 0]] * 5,
+               "total_calls": 5, "worker_processes": 5, "log_level": "INFO", "execution_timeout": 60,
+               "config": {"lithops": {"backend": "singularity"}},
+               "lhpc_test": {"sleep": 0.05, "record_dir": records}}
+    body = json.dumps({"action": "send_task",
+                       "payload": base64.b64encode(json.dumps(payload).encode()).decode()})
+    ch.basic_publish("", "task_queue", body, pika.BasicProperties(delivery_mode=2))
+conn.close()
+t0, deadline = time.time(), time.time() + 60
+while len(glob.glob(records + "/*.json")) < 100 and time.time() < deadline:
+    time.sleep(0.1)
+n = len(glob.glob(records + "/*.json"))
+print(f"{n} of 100 calls ran in {time.time() - t0:.2f} s")
+sys.exit(0 if n == 100 else 1)
+PY
+
+step "lithops-hpc ping --count 20 --expect-ranks 2"
+"$bin" ping --count 20 --expect-ranks 2
+
+step "lithops-hpc status"
+"$bin" status
+
+step "lithops-hpc stop"
+"$bin" stop --timeout 60
+wait "$deploy_pid"
+deploy_pid=
+grep -E "removed|stopped:" "$demo/deploy.log" | sed 's/^\[[^]]*\] //' || true
+step "done: the deployment drained and stopped; the broker is stopped on exit"
