@@ -144,11 +144,37 @@ void idle_wait(SignalPipe& signals, int ms, bool& got_signal) {
 
 }  // namespace
 
+namespace {
+int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, const Options& opts);
+}  // namespace
+
 int run(const config::Config& cfg_in, const Options& opts) {
   // Before MPI_Init: libslurm's first contact may take seconds, and its
   // answer decides whether rank 0 watches the time limit.
   bool slurm_time = slurm::in_allocation() && slurm::libslurm_available();
   MpiSession mpi(nullptr, nullptr);
+  try {
+    return run_rank(mpi, slurm_time, cfg_in, opts);
+  } catch (const Error& e) {
+    // Every rank holds the same error; rank 0 reports it, and before
+    // MPI_Finalize: once a rank has left non-zero, mpirun kills the others,
+    // so main()'s report would come too late.
+    if (mpi.rank() == 0) {
+      spdlog::error("{}", e.what());
+      if (!e.hint().empty()) {
+        spdlog::error("hint: {}", e.hint());
+      }
+    } else {
+      spdlog::debug("{}", e.what());
+    }
+    spdlog::default_logger()->flush();
+    return static_cast<int>(e.code());
+  }
+}
+
+namespace {
+
+int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, const Options& opts) {
   SignalPipe signals({SIGINT, SIGTERM});
   const int rank = mpi.rank();
   const int size = mpi.size();
@@ -357,5 +383,7 @@ int run(const config::Config& cfg_in, const Options& opts) {
   // came because every rank's worker had failed for good.
   return all_ranks_failed ? static_cast<int>(Exit::engine) : 0;
 }
+
+}  // namespace
 
 }  // namespace lhpc::deploy
