@@ -4,6 +4,12 @@
 // re-read to learn its hash. Both trust a file's identity (device, inode,
 // size, mtime) to stand for its content, the bet make and rsync make; see
 // the racy-timestamp rule below for where that bet is refused.
+//
+// Why cache the source hash: measured on the project's 2-core machine, a
+// re-stage of a 1 GiB image onto 4 nodes that all hold it took 0.57-0.78 s
+// with the source in page cache and 2.6 s with it cold (hashing is all of
+// it), and 1 ms with the cache. On a cluster the source sits on a shared
+// file system, where that read is slower still and loads every user's I/O.
 #pragma once
 
 #include <sys/stat.h>

@@ -46,10 +46,11 @@ namespace {
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-// Writes are cut into slices so the MPI progress engine is poked while a
-// chunk is written: Open MPI moves a non-blocking broadcast forward only
-// inside MPI calls.
-constexpr std::size_t k_slice = std::size_t{1} << 20;
+// Chunks are read, hashed and written in slices that fit a core's L2 cache
+// (each byte crosses the memory bus once for hash and write together), and
+// the MPI progress engine is poked between slices: Open MPI moves messages
+// forward only inside MPI calls.
+constexpr std::size_t k_slice = std::size_t{256} << 10;
 constexpr std::size_t k_min_chunk = std::size_t{1} << 20;
 constexpr std::size_t k_max_chunk = std::size_t{1} << 30;
 
@@ -334,19 +335,77 @@ struct Transfer {
   std::string hash;  // of the bytes this rank read (root) or wrote
 };
 
-// Rank 0 of `x` reads `src` and broadcasts it in chunks; ranks with an
-// open `out` write and hash what they get. Chunk i+1 is in flight (Ibcast)
-// while chunk i is written; after every chunk an Iallreduce of each rank's
-// state (0, a failure code, 128+signal) lets all stop after the same chunk.
+// Pipelined chain broadcast over `x`: rank 0 reads `src` chunk by chunk and
+// sends each chunk to rank 1, which forwards it to rank 2 as soon as it has
+// it, and so on, every rank writing and hashing what passes through (into
+// `out` when open). Each link carries the image once, so N nodes take about
+// S/B + (N-1)*c/B instead of the (N-1)*S/B or log2(N)*S/B of sending every
+// chunk from rank 0 (what a per-chunk MPI_Ibcast does for large chunks in
+// Open MPI's libnbc: linear up to 4 ranks, binomial above).
+//
+// Stopping together: after each chunk every rank posts a non-blocking
+// allreduce of its state (0, a failure code, 128+signal); before chunk i a
+// rank waits for the one of chunk i-W. W covers the chain's depth, so the
+// agreement never throttles the pipeline, and every rank that sees "stop"
+// stops before the same chunk, so no message is left unmatched.
 Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int out, const std::string& out_path,
                         std::uint64_t size, std::size_t chunk, Progress* progress) {
   int xr = 0;
+  int xn = 1;
   MPI_Comm_rank(x, &xr);
+  MPI_Comm_size(x, &xn);
   const bool root = xr == 0;
+  const int prev = xr - 1;
+  const int next = xr + 1 < xn ? xr + 1 : -1;
   const std::uint64_t n = chunk_count(size, chunk);
+  constexpr std::uint64_t k_slots = 4;  // one written, one being forwarded, two arriving
+  const std::uint64_t window = 2 * static_cast<std::uint64_t>(xn) + 8;
   const int throttle = throttle_ms();
-  std::unique_ptr<char[]> bufs[2] = {std::make_unique_for_overwrite<char[]>(chunk),
-                                     std::make_unique_for_overwrite<char[]>(chunk)};
+
+  std::vector<std::unique_ptr<char[]>> slot;
+  for (std::uint64_t s = 0; s < k_slots; ++s) {
+    slot.push_back(std::make_unique_for_overwrite<char[]>(chunk));
+  }
+  std::vector<MPI_Request> recv(k_slots, MPI_REQUEST_NULL);
+  std::vector<MPI_Request> send(k_slots, MPI_REQUEST_NULL);
+  std::vector<MPI_Request> agree(window, MPI_REQUEST_NULL);
+  std::vector<int> mine(window, 0);
+  std::vector<int> any(window, 0);
+  auto len = [&](std::uint64_t i) { return static_cast<int>(chunk_length(size, chunk, i)); };
+
+  // Open MPI moves messages only inside MPI calls: test everything pending.
+  auto poke = [&] {
+    int flag = 0;
+    for (auto* reqs : {&recv, &send}) {
+      for (auto& r : *reqs) {
+        if (r != MPI_REQUEST_NULL) {
+          MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
+        }
+      }
+    }
+  };
+  // Waiting yields the CPU between tests, and naps once a wait gets long.
+  // Yielding keeps a waiter runnable, so it picks up the next chunk without
+  // a scheduler round trip (on a busy machine a nap from the start made the
+  // transfer 3x slower); napping after 2 ms stops a rank that waits on a slow
+  // neighbour from taking the CPU the writers need (more ranks than cores).
+  auto wait = [&](MPI_Request& r) {
+    int flag = 0;
+    const auto since = Clock::now();
+    while (r != MPI_REQUEST_NULL) {
+      MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
+      if (!flag) {
+        poke();
+        if (Clock::now() - since < std::chrono::milliseconds(2)) {
+          sched_yield();
+        } else {
+          timespec nap{0, 100'000};
+          ::nanosleep(&nap, nullptr);
+        }
+      }
+    }
+  };
+
   Hasher hasher;
   Transfer t;
   auto note = [&t](const Error& e) {
@@ -356,84 +415,108 @@ Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int ou
       t.hint = e.hint();
     }
   };
-  auto read_chunk = [&](std::uint64_t i, char* b) {
-    if (t.code != 0) {
-      return;
-    }
-    try {
-      std::size_t len = chunk_length(size, chunk, i);
-      if (read_full(src, b, len, i * chunk, src_path) != len) {
-        throw Error(Exit::image, src_path + " shrank while it was being staged",
-                    "stage it again once whatever writes it has finished");
-      }
-    } catch (const Error& e) {
-      note(e);
-    }
+  auto post_recv = [&](std::uint64_t j) {
+    MPI_Irecv(slot[j % k_slots].get(), len(j), MPI_BYTE, prev, 0, x, &recv[j % k_slots]);
   };
-  MPI_Request bc = MPI_REQUEST_NULL;
-  auto poke = [&bc] {
-    if (bc != MPI_REQUEST_NULL) {
-      int done = 0;
-      MPI_Test(&bc, &done, MPI_STATUS_IGNORE);
+  if (!root) {
+    for (std::uint64_t j = 0; j < std::min(n, k_slots - 1); ++j) {
+      post_recv(j);
     }
-  };
-  if (root) {
-    read_chunk(0, bufs[0].get());
   }
-  MPI_Bcast(bufs[0].get(), static_cast<int>(chunk_length(size, chunk, 0)), MPI_BYTE, 0, x);
+
+  std::uint64_t stop_at = n;
   std::uint64_t done_bytes = 0;
   for (std::uint64_t i = 0; i < n; ++i) {
-    char* cur = bufs[i % 2].get();
-    char* nxt = bufs[(i + 1) % 2].get();
-    const std::size_t len = chunk_length(size, chunk, i);
-    if (i + 1 < n) {
-      if (root) {
-        read_chunk(i + 1, nxt);
+    if (i >= window) {
+      const auto a = (i - window) % window;
+      wait(agree[a]);
+      if (any[a] != 0) {
+        stop_at = i;
+        break;
       }
-      MPI_Ibcast(nxt, static_cast<int>(chunk_length(size, chunk, i + 1)), MPI_BYTE, 0, x, &bc);
     }
-    if (t.code == 0) {
-      hasher.update(cur, len);
-      if (out >= 0) {
+    const auto s = i % k_slots;
+    char* buf = slot[s].get();
+    const auto n_i = static_cast<std::size_t>(len(i));
+    if (root) {
+      wait(send[s]);  // chunk i-4 has left: the slot is free
+      if (t.code == 0) {
         try {
-          for (std::size_t off = 0; off < len; off += k_slice) {
-            write_all(out, cur + off, std::min(k_slice, len - off), out_path);
-            poke();
+          // Read and hash slice by slice, each slice while it is still in cache.
+          for (std::size_t off = 0; off < n_i; off += k_slice) {
+            const auto m = std::min(k_slice, n_i - off);
+            if (read_full(src, buf + off, m, i * chunk + off, src_path) != m) {
+              throw Error(Exit::image, src_path + " shrank while it was being staged",
+                          "stage it again once whatever writes it has finished");
+            }
+            hasher.update(buf + off, m);
           }
         } catch (const Error& e) {
-          note(e);
+          note(e);  // the chunk still goes out: the others stop with us, W chunks on
         }
-        for (int ms = 0; ms < throttle; ++ms) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    } else {
+      wait(recv[s]);
+    }
+    if (next >= 0) {
+      MPI_Isend(buf, len(i), MPI_BYTE, next, 0, x, &send[s]);
+    }
+    if (t.code == 0 && (out >= 0 || !root)) {
+      try {
+        for (std::size_t off = 0; off < n_i; off += k_slice) {
+          const auto m = std::min(k_slice, n_i - off);
+          if (!root) {
+            hasher.update(buf + off, m);  // right before writing it: one trip from memory
+          }
+          if (out >= 0) {
+            write_all(out, buf + off, m, out_path);
+          }
           poke();
         }
+      } catch (const Error& e) {
+        note(e);  // keep forwarding: the ranks after us must not wait for nothing
+      }
+      for (int ms = 0; ms < throttle && out >= 0; ++ms) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        poke();
       }
     }
     if (int sig = signal_code(); sig != 0 && t.code == 0) {
       t.code = sig;
       t.msg = "interrupted by " + signal_name(sig);
     }
-    int mine = t.code;
-    int any = 0;
-    MPI_Request reqs[2] = {bc, MPI_REQUEST_NULL};
-    MPI_Iallreduce(&mine, &any, 1, MPI_INT, MPI_MAX, x, &reqs[1]);
-    int all_done = 0;
-    while (!all_done) {
-      MPI_Testall(2, reqs, &all_done, MPI_STATUSES_IGNORE);
-      if (!all_done) {
-        sched_yield();
-      }
+    if (!root && i + k_slots - 1 < n) {
+      const auto j = i + k_slots - 1;  // into the slot chunk i-1 used
+      wait(send[j % k_slots]);
+      post_recv(j);
     }
-    bc = MPI_REQUEST_NULL;
-    if (any != 0) {
-      if (t.code == 0) {
-        t.code = -1;  // stopped because another rank failed; that rank names the reason
-      }
-      break;
-    }
-    done_bytes += len;
+    const auto a = i % window;
+    mine[a] = std::max(t.code, 0);
+    MPI_Iallreduce(&mine[a], &any[a], 1, MPI_INT, MPI_MAX, x, &agree[a]);
+    done_bytes += static_cast<std::uint64_t>(len(i));
     if (progress != nullptr) {
       progress->update(done_bytes);
+    }
+  }
+  // Receives posted for chunks nobody will send (an early stop).
+  for (auto& r : recv) {
+    if (r != MPI_REQUEST_NULL) {
+      MPI_Cancel(&r);
+      MPI_Wait(&r, MPI_STATUS_IGNORE);
+    }
+  }
+  for (auto& r : send) {
+    wait(r);
+  }
+  for (auto& r : agree) {
+    wait(r);
+  }
+  if (stop_at < n) {
+    if (root) {
+      spdlog::debug("stage: every rank stopped before chunk {} of {}", stop_at, n);
+    }
+    if (t.code == 0) {
+      t.code = -1;  // stopped because another rank failed; that rank names the reason
     }
   }
   t.hash = hasher.hex();
@@ -578,6 +661,12 @@ Result stage_image(MPI_Comm comm, const Options& o) {
   const auto t0 = Clock::now();
   World w = make_world(comm, o);
   const bool root = w.rank == 0;
+  auto phase = [&](const char* what) {
+    if (root) {
+      spdlog::debug("stage: {} at +{:.1f} ms", what,
+                    std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+  };
 
   // -- A: rank 0 checks the source and the options before anything moves.
   Source src;
@@ -681,6 +770,7 @@ Result stage_image(MPI_Comm comm, const Options& o) {
   });
   auto bs = gather_all(comm, b);
   throw_if_failed(w, bs, "looking for staged copies of " + src.name);
+  phase("looked for earlier copies");
   const auto& lead = [&](int node) -> const json& {
     return bs[static_cast<std::size_t>(w.map.leader_of_node[static_cast<std::size_t>(node)])];
   };
@@ -808,6 +898,7 @@ Result stage_image(MPI_Comm comm, const Options& o) {
     return ok();
   });
   throw_if_failed(w, gather_all(comm, c1), "staging " + src.name);
+  phase("private directories ready");
 
   // -- C2: refuse a directory shared between nodes (every node would write
   // the same file), then open the partial file (or hard-link an earlier copy).
@@ -860,6 +951,7 @@ Result stage_image(MPI_Comm comm, const Options& o) {
     return ok();
   });
   throw_if_failed(w, gather_all(comm, c2), "staging " + src.name);
+  phase("partial files open");
 
   // -- D: move the bytes.
   json d = ok();
@@ -926,8 +1018,10 @@ Result stage_image(MPI_Comm comm, const Options& o) {
   }
   src_fd.reset();
 
+  phase("bytes moved on rank 0");
   // -- E: every copy against rank 0's hash.
   wait_quietly(comm);
+  phase("every rank done moving");
   if (int sig = signal_code(); sig != 0 && d.value("code", 0) == 0) {
     d = fail(sig, "interrupted by " + signal_name(sig));
   }
@@ -965,6 +1059,7 @@ Result stage_image(MPI_Comm comm, const Options& o) {
                   realtime_ns() - std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
   }
   throw_if_failed(w, gather_all(comm, f), "verifying " + src.name);
+  phase("renamed and recorded");
   res.hash_hex = reference;
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   if (root) {

@@ -1,11 +1,12 @@
 // Getting the runtime image onto every node before workers start: the
 // `stage` command and the first step of `deploy`.
 //
-//   mpi     rank 0 reads the source once and broadcasts it in chunks to one
-//           leader rank per node (pipelined: chunk i+1 travels while chunk i
-//           is written and hashed); leaders write a partial file in the
-//           private directory and rename it into place only when its XXH3-128
-//           matches rank 0's.
+//   mpi     rank 0 reads the source once and sends it in chunks down a
+//           chain of one leader rank per node; each leader forwards a chunk
+//           to the next as soon as it has it and writes and hashes it
+//           meanwhile (pipelined: about S/B + (N-1)*chunk/B for N nodes).
+//           Leaders write a partial file in the private directory and rename
+//           it into place only when its XXH3-128 matches rank 0's.
 //   sbcast  rank 0 runs Slurm's sbcast into the same private path on every
 //           node of the allocation; every leader then hashes its copy.
 //   none    the source is already visible on every node (shared file
@@ -20,7 +21,9 @@
 //
 // Signals: the caller installs a SignalPipe for SIGINT/SIGTERM (one per
 // process); stage polls SignalPipe::last_terminating() between chunks and at
-// every agreement, and a signal on any rank stops all of them with 130/143.
+// every agreement, and a signal on any rank stops all of them with 130/143
+// (during the transfer within 2N+8 chunks of N nodes: the depth of the
+// pipeline, so that agreeing never slows it down).
 //
 // Test-only: LITHOPS_HPC_STAGE_THROTTLE_MS=N makes every writing leader sleep
 // N ms per chunk, so tests can interrupt a transfer of a small image.

@@ -13,12 +13,14 @@ disk, never from timing. Waits poll against a deadline; no blind sleeps.
 import filecmp
 import json
 import os
+import pty
+import re
 import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 import unittest
 from pathlib import Path
@@ -244,6 +246,51 @@ class StageTest(unittest.TestCase):
         self.assertEqual(result["nodes_copied"], 0)
         self.assertFalse(self.base.exists())
 
+    # ---------------------------------------------------------------- progress
+
+    def test_batch_logs_get_a_progress_line_every_few_seconds(self):
+        src = make_sif(self.tmp / "rt.sif", 14 * MiB)
+        # 14 chunks of 1 MiB at 450 ms each (test-only throttle): one 5-second tick.
+        rc, _, err = self.stage(src, "--chunk-mib", "1", env={"LITHOPS_HPC_STAGE_THROTTLE_MS": "450"})
+        self.assertEqual(rc, 0, err)
+        ticks = [line for line in err.splitlines() if "staging: " in line]
+        self.assertGreaterEqual(len(ticks), 1, err)
+        self.assertRegex(ticks[0], r"staging: [0-9.]+ MiB / 14\.0 MiB \(\d+%\), [0-9.]+ MB/s, ETA \d+:\d\d")
+        self.assertNotIn("\r", err)
+        self.assertRegex(err, r"staged rt\.sif \(14\.0 MiB\) on 4 node\(s\) in [0-9.]+ s: copied to 4 at [0-9.]+ MB/s")
+
+    def test_a_terminal_gets_a_redrawn_progress_line(self):
+        src = make_sif(self.tmp / "rt.sif", 6 * MiB)
+        master, slave = pty.openpty()
+        # One rank without a launcher (an MPI singleton), stderr on a terminal.
+        p = subprocess.Popen([BIN, "stage", "--sif", str(src), "--sif-path", str(self.base / "solo"),
+                              "--chunk-mib", "1"], env={**self.env, "LITHOPS_HPC_STAGE_THROTTLE_MS": "250"},
+                             stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        chunks = []
+
+        def drain():  # concurrently: a full terminal buffer would block the writer
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    return
+                if not data:
+                    return
+                chunks.append(data)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        out, _ = p.communicate(timeout=60)
+        reader.join(timeout=10)
+        os.close(master)
+        tty = b"".join(chunks).decode(errors="replace")
+        self.assertEqual(p.returncode, 0, tty)
+        self.assertIn("\rstaging ", tty)
+        self.assertRegex(tty, r"\rstaging [0-9.]+ MiB / 6\.0 MiB \(\d+%\), [0-9.]+ MB/s, ETA \d+:\d\d")
+        self.assertIn("6.0 MiB / 6.0 MiB (100%)", tty)
+        self.assertEqual(out.strip(), str(self.base / "solo" / f"lithops-hpc-{os.geteuid()}-{self.job}" / "rt.sif"))
+
     # ---------------------------------------------------------------- refusals
 
     def assert_refused_and_nothing_created(self, src, expect_in_err, *extra):
@@ -318,21 +365,30 @@ class StageTest(unittest.TestCase):
         self.assert_failed_cleanly(rc, err, "node1", "not enough space")
 
     def test_write_failure_mid_transfer_stops_every_node(self):
-        src = make_sif(self.tmp / "rt.sif", 12 * MiB)
+        src = make_sif(self.tmp / "rt.sif", 40 * MiB)
         # Rank 3 may write files of at most 8 MiB (more than Open MPI's 4 MiB
         # shared-memory segment); SIGXFSZ ignored, so write() fails with EFBIG
-        # after 8 of the 12 chunks, while every other node is mid-transfer too.
+        # at chunk 8 of 40 while every other node is mid-transfer too.
         special = "trap '' XFSZ; exec prlimit --fsize=8388608 \"$0\" \"$@\""
-        rc, _, err = self.stage(src, "--chunk-mib", "1",
+        rc, _, err = self.stage(src, "--chunk-mib", "1", "--log-level", "debug",
                                 env={"LHPC_T_SPECIAL_RANK": "3", "LHPC_T_SPECIAL": special})
         self.assert_failed_cleanly(rc, err, "node3", "File too large")
+        self.assert_stopped_early(err, 40)
+
+    def assert_stopped_early(self, err, chunks):
+        """Every rank agreed to stop before the end (not merely failed at the end)."""
+        m = re.search(r"every rank stopped before chunk (\d+) of (\d+)", err)
+        self.assertIsNotNone(m, err)
+        self.assertEqual(int(m.group(2)), chunks)
+        self.assertLess(int(m.group(1)), chunks)
 
     # ---------------------------------------------------------------- signals
 
     def interrupted_run(self, sig, ranks):
-        src = make_sif(self.tmp / "rt.sif", 12 * MiB)
-        # Test-only throttle: 150 ms per 1 MiB chunk, so the transfer takes ~2 s.
-        p = self.start(src, "--chunk-mib", "1", env={"LITHOPS_HPC_STAGE_THROTTLE_MS": "150"})
+        src = make_sif(self.tmp / "rt.sif", 40 * MiB)
+        # Test-only throttle: 100 ms per 1 MiB chunk, so the transfer would take ~4 s.
+        p = self.start(src, "--chunk-mib", "1", "--log-level", "debug",
+                       env={"LITHOPS_HPC_STAGE_THROTTLE_MS": "100"})
         try:
             wait_until(lambda: len(self.partials()) == NP, 30, "every node to start writing")
             wait_until(lambda: len(list(self.pids.iterdir())) == NP, 5, "rank pids")
@@ -346,6 +402,7 @@ class StageTest(unittest.TestCase):
         self.assertEqual(self.partials(), [], "partial files left behind")
         self.assertEqual([f for f in self.all_files() if f.endswith(".sif")], [])
         self.assertEqual(self.private_dirs(), [])
+        self.assert_stopped_early(err, 40)
         return p.returncode, err
 
     def test_sigterm_to_every_rank_like_scancel_stops_cleanly_with_143(self):
@@ -359,8 +416,8 @@ class StageTest(unittest.TestCase):
         self.assertIn("interrupted by SIGINT on node node2 (rank 2)", err)
 
     def test_sigterm_to_mpirun_leaves_no_partials(self):
-        src = make_sif(self.tmp / "rt.sif", 12 * MiB)
-        p = self.start(src, "--chunk-mib", "1", env={"LITHOPS_HPC_STAGE_THROTTLE_MS": "150"})
+        src = make_sif(self.tmp / "rt.sif", 40 * MiB)
+        p = self.start(src, "--chunk-mib", "1", env={"LITHOPS_HPC_STAGE_THROTTLE_MS": "100"})
         try:
             wait_until(lambda: len(self.partials()) == NP, 30, "every node to start writing")
             p.send_signal(signal.SIGTERM)  # mpirun forwards it to every rank, then exits with its own code
