@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <regex>
 #include <thread>
 
@@ -82,6 +83,7 @@ struct Worker::Impl final : dispatch::BrokerPort, dispatch::HandlerPool::Listene
   std::unique_ptr<dispatch::Dispatcher> dispatcher;
   std::unique_ptr<dispatch::HandlerPool> pool;
   std::unique_ptr<container::Runscript> runscript;
+  bool runscript_signalled = false;
   bool check_instance_now = false;
   // LITHOPS_HPC_LATENCY_LOG (benchmarks): "sent_ns ack_ns" per acked message.
   std::string latency_path;
@@ -126,39 +128,94 @@ struct Worker::Impl final : dispatch::BrokerPort, dispatch::HandlerPool::Listene
     check_instance_now = true;
     dispatcher->on_handler_lost(h, why);
   }
+  void handler_failed_to_start(int) override { check_instance_now = true; }
 
-  void connect() {
+  // Connecting blocks in rabbitmq-c (TCP, TLS, login, declarations: up to the
+  // timeout each against a silent host), so it runs on a helper thread and
+  // step() only looks at the result: the event loop, and the health reports
+  // deploy sends from it, never stall on an unreachable broker. The thread
+  // touches nothing but this shared state; a worker that stops first simply
+  // drops its share.
+  struct ConnectJob {
+    std::mutex mu;
+    bool done = false;
+    std::unique_ptr<amqp::Connection> conn;
+    std::string consumer_tag;
+    std::string error;
+  };
+  std::shared_ptr<ConnectJob> connecting;
+  int connecting_prefetch = 0;
+
+  void start_connect() {
     amqp::Options o = amqp::options_from(w.m_cfg.rabbitmq);
     o.connection_name = "lithops-hpc worker rank " + std::to_string(w.m_id.rank) + " on " + w.m_id.node + " (job " +
                         w.m_id.jobid + ")";
-    const auto& q = w.m_cfg.rabbitmq.queue;
-    try {
-      auto c = std::make_unique<amqp::Connection>(o);
-      // Exactly as the Lithops client declares it: durable, no arguments.
-      c->declare_queue(q, true);
-      c->declare_queue(q + ".dead", true);
-      c->confirm_select();
-      int prefetch = dispatcher->desired_prefetch();
-      // Per channel (global): the one limit RabbitMQ lets us change while consuming.
-      c->qos(static_cast<std::uint16_t>(prefetch), true);
-      consumer_tag = c->consume(q);
-      conn = std::move(c);
-      broker_error.clear();
-      last_pump = Clock::now();
-      dispatcher->on_connected(prefetch);
-      backoff.reset();
-      spdlog::info("{} {} on {} with {} slots (prefetch {})", connected_once ? "reconnected: consuming" : "consuming",
-                   q, conn->redacted_url(), w.m_slots, prefetch);
-      connected_once = true;
-    } catch (const Error& e) {
-      auto delay = backoff.next();
-      reconnect_at = Clock::now() + delay;
-      w.m_last_error = e.what();
-      spdlog::warn("{}; retrying in {:.1f} s", e.what(), delay.count() / 1000.0);
-    }
+    std::string q = w.m_cfg.rabbitmq.queue;
+    int prefetch = dispatcher->desired_prefetch();
+    auto job = std::make_shared<ConnectJob>();
+    connecting = job;
+    connecting_prefetch = prefetch;
+    std::thread([job, o, q, prefetch] {
+      std::unique_ptr<amqp::Connection> c;
+      std::string tag, error;
+      try {
+        c = std::make_unique<amqp::Connection>(o);
+        // Exactly as the Lithops client declares it: durable, no arguments.
+        c->declare_queue(q, true);
+        c->declare_queue(q + ".dead", true);
+        c->confirm_select();
+        // Per channel (global): the one limit RabbitMQ lets us change while consuming.
+        c->qos(static_cast<std::uint16_t>(prefetch), true);
+        tag = c->consume(q);
+      } catch (const std::exception& e) {
+        c.reset();
+        error = e.what();
+      }
+      std::lock_guard<std::mutex> lock(job->mu);
+      job->conn = std::move(c);
+      job->consumer_tag = std::move(tag);
+      job->error = std::move(error);
+      job->done = true;
+    }).detach();
   }
 
-  void lost(const std::string& why) {
+  // Takes over a finished connection attempt; false while it still runs.
+  bool finish_connect() {
+    std::unique_ptr<amqp::Connection> c;
+    std::string tag, error;
+    {
+      std::lock_guard<std::mutex> lock(connecting->mu);
+      if (!connecting->done) {
+        return false;
+      }
+      c = std::move(connecting->conn);
+      tag = std::move(connecting->consumer_tag);
+      error = std::move(connecting->error);
+    }
+    connecting.reset();
+    if (!c) {
+      auto delay = backoff.next();
+      reconnect_at = Clock::now() + delay;
+      w.m_last_error = error;
+      spdlog::warn("{}; retrying in {:.1f} s", error, delay.count() / 1000.0);
+      return true;
+    }
+    if (w.m_state != State::running) {
+      return true;  // draining or failed meanwhile: close it again (nothing was delivered to us yet)
+    }
+    conn = std::move(c);
+    consumer_tag = std::move(tag);
+    broker_error.clear();
+    last_pump = Clock::now();
+    dispatcher->on_connected(connecting_prefetch);
+    backoff.reset();
+    spdlog::info("{} {} on {} with {} slots (prefetch {})", connected_once ? "reconnected: consuming" : "consuming",
+                 w.m_cfg.rabbitmq.queue, conn->redacted_url(), w.m_slots, connecting_prefetch);
+    connected_once = true;
+    return true;
+  }
+
+  void lost(std::string why) {  // by value: callers pass broker_error, cleared here
     conn.reset();  // broken: no polite close; the broker requeues what we held
     consumer_tag.clear();
     broker_error.clear();
@@ -174,8 +231,8 @@ struct Worker::Impl final : dispatch::BrokerPort, dispatch::HandlerPool::Listene
   }
 
   void pump(bool readable) {
-    if (!conn) {
-      return;
+    if (!conn || !broker_error.empty()) {
+      return;  // a port call already found it broken: lost() follows
     }
     try {
       conn->pump(readable);
@@ -255,7 +312,6 @@ void Worker::start(const std::string& image) {
   }
   // A handler that dies while we write to it must not kill us with SIGPIPE.
   ::signal(SIGPIPE, SIG_IGN);
-  m_image = image;
   m_state = State::starting;
   bool dispatch_mode = m_cfg.deploy.mode == config::Mode::dispatch;
   config::require_amqp_url(m_cfg);
@@ -288,6 +344,7 @@ void Worker::start(const std::string& image) {
   }
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
                config::to_string(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
+  m_spec = spec;
   m_engine->start_instance(spec);
   m_instance_started = true;
   m_instance_alive = true;
@@ -418,6 +475,8 @@ void Worker::step_dispatch(milliseconds max_wait) {
     }
     // rabbitmq-c sends heartbeats only while it reads.
     sooner(im.last_pump + milliseconds(std::max(1, m_cfg.rabbitmq.heartbeat) * 250));
+  } else if (im.connecting) {
+    sooner(now + milliseconds(20));  // the helper thread's result
   } else if (m_state == State::running && im.pool->ready_count() > 0) {
     sooner(im.reconnect_at);
   }
@@ -469,8 +528,10 @@ void Worker::step_dispatch(milliseconds max_wait) {
   }
   // Connect once a slot handler is ready: a node whose handlers cannot start
   // never takes messages from healthy ones.
-  if (!im.conn && m_state == State::running && im.pool->ready_count() > 0 && now >= im.reconnect_at) {
-    im.connect();
+  if (im.connecting) {
+    im.finish_connect();
+  } else if (!im.conn && m_state == State::running && im.pool->ready_count() > 0 && now >= im.reconnect_at) {
+    im.start_connect();
   }
   if (!im.latencies.empty() && now - im.last_latency_write > milliseconds(200)) {
     im.write_latencies();
@@ -485,7 +546,8 @@ void Worker::step_dispatch(milliseconds max_wait) {
       if (!im.broker_error.empty()) {
         im.lost(im.broker_error);
       }
-      finish();
+      // Given back: stop them now rather than run beside their redelivery.
+      finish(milliseconds(0));
     }
   }
 }
@@ -520,8 +582,17 @@ void Worker::step_runscript(milliseconds max_wait) {
   }
   now = Clock::now();
   if (m_state == State::draining) {
-    rs.stop(until(m_drain_deadline, now));
-    finish();
+    // Non-blocking: SIGTERM once, then watch it go; SIGKILL at the deadline.
+    if (!m_impl->runscript_signalled && rs.alive()) {
+      ::kill(-rs.pid(), SIGTERM);
+      m_impl->runscript_signalled = true;
+    }
+    rs.poll(now);  // reaps; a restart is never due this soon (backoff >= 1 s)
+    if (!rs.alive() || now >= m_drain_deadline) {
+      rs.stop(milliseconds(0));
+      spdlog::info("runscript stopped");
+      finish();
+    }
     return;
   }
   rs.poll(now);
@@ -549,13 +620,13 @@ void Worker::check_instance(Clock::time_point now) {
   }
   spdlog::error("instance {} is gone: restarting it ({} of {})", m_instance, m_instance_restarts,
                 m_cfg.deploy.restart_limit);
-  container::InstanceSpec spec;
-  spec.image = m_image;
-  spec.name = m_instance;
-  spec.fakeroot = m_cfg.singularity.fakeroot;
-  spec.nv = m_cfg.singularity.nv;
-  spec.binds = m_cfg.singularity.binds;
-  m_engine->start_instance(spec);
+  // A dead instance may still be listed for a moment: stop it for good first.
+  try {
+    m_engine->stop_instance(m_instance, milliseconds(5000));
+  } catch (const Error& e) {
+    spdlog::debug("stopping the dead instance: {}", e.what());
+  }
+  m_engine->start_instance(m_spec);
   m_instance_alive = true;
 }
 
@@ -570,16 +641,17 @@ void Worker::fail(const std::string& why) {
     m_impl->dispatcher->drain();
     m_impl->dispatcher->abort();
   }
-  finish();
+  finish(milliseconds(0));
   m_state = State::failed;
 }
 
-void Worker::finish() {
+void Worker::finish(milliseconds handler_grace) {
   auto& im = *m_impl;
   im.write_latencies();
   im.conn.reset();  // polite close: anything still unacked goes back to the queue
   if (im.pool) {
-    im.pool->stop(milliseconds(5000));
+    // Idle handlers exit at once on EOF; busy ones only after an abort.
+    im.pool->stop(handler_grace);
   }
   if (im.runscript) {
     im.runscript->stop(milliseconds(5000));

@@ -94,7 +94,7 @@ private:
   enum class State { created, starting, running, draining, stopped, failed };
   struct Impl;
   void fail(const std::string& why);
-  void finish();
+  void finish(std::chrono::milliseconds handler_grace = std::chrono::milliseconds(5000));
   void step_dispatch(std::chrono::milliseconds max_wait);
   void step_runscript(std::chrono::milliseconds max_wait);
   void on_signals();
@@ -104,7 +104,7 @@ private:
   WorkerIdentity m_id;
   std::unique_ptr<container::Engine> m_engine;
   std::string m_instance;
-  std::string m_image;
+  container::InstanceSpec m_spec;  // as started: restarts reuse it
   int m_slots = 1;
   State m_state = State::created;
   bool m_instance_started = false;

@@ -516,8 +516,15 @@ std::optional<Dispatcher::Clock::time_point> Dispatcher::next_deadline() const {
 }
 
 void Dispatcher::on_tick(Clock::time_point now) {
-  if (m_opts.rotate_after.count() <= 0 || m_rotating || !m_connected || m_draining || free_slots() > 0) {
+  if (m_opts.rotate_after.count() <= 0 || m_rotating || !m_connected || m_draining) {
     return;
+  }
+  // Only while every slot runs something: a slot whose handler is being
+  // restarted takes the lookahead as soon as it is back.
+  for (int i = 0; i < m_opts.slots; ++i) {
+    if (m_slots[i].reserved_for == 0) {
+      return;
+    }
   }
   while (!m_waiting.empty() && !find(m_waiting.front())) {
     m_waiting.pop_front();

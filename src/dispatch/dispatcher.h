@@ -8,6 +8,10 @@
 //   or a failure the handler reported); never nack-and-sleep;
 // - a send_task with more calls than free slots keeps what fits and
 //   republishes the rest (persistent, confirmed) before its calls start;
+// - the prefetch (basic.qos, per channel, changed as it goes) is free slots +
+//   started messages + 1 (prefetch_for): slots + 1 with single-call messages,
+//   less while a multi-call message holds several slots, so a busy worker
+//   never holds back more than one message that an idle worker could take;
 // - get_metadata and ping go to a reserved control handler, never behind tasks:
 //   the queue is FIFO and Lithops declares it without arguments (no
 //   priorities), so while every slot is busy the one task held as lookahead

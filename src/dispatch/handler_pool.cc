@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "util/error.h"
@@ -262,6 +263,8 @@ void HandlerPool::lose(int h, const std::string& why) {
   }
   if (was_ready) {
     m_listener.handler_lost(h, detail);
+  } else {
+    m_listener.handler_failed_to_start(h);
   }
 }
 
@@ -315,17 +318,26 @@ void HandlerPool::stop(std::chrono::milliseconds grace) {
   for (auto& p : m_procs) {
     p.child.in().reset();  // EOF: the handler exits 0 when idle
   }
-  auto deadline = Clock::now() + grace;
+  // All at once, each phase with one deadline: K handlers take no longer than one.
+  auto wait_all = [&](std::chrono::milliseconds limit) {
+    auto deadline = Clock::now() + limit;
+    for (auto& p : m_procs) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      if (p.child.running()) {
+        p.child.wait_for(std::max(left, std::chrono::milliseconds(0)));
+      }
+    }
+  };
+  wait_all(grace);
   for (auto& p : m_procs) {
-    if (!p.child.running()) {
-      continue;
-    }
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() < 0 || !p.child.wait_for(left)) {
-      p.child.terminate(std::chrono::milliseconds(2000));
-    }
+    p.child.signal(SIGTERM);
   }
+  wait_all(std::chrono::milliseconds(2000));
   for (auto& p : m_procs) {
+    if (p.child.running()) {
+      p.child.signal(SIGKILL);
+      p.child.wait();
+    }
     p.child = Child();
     p.state = State::down;
   }

@@ -44,6 +44,9 @@ public:
     virtual void handler_ready(int h, const Json& info) = 0;
     virtual void handler_reply(int h, const Json& reply) = 0;
     virtual void handler_lost(int h, const std::string& why) = 0;
+    // It died before it was ready (the pool retries with backoff): a hint
+    // that the instance it runs in may be gone.
+    virtual void handler_failed_to_start(int /*h*/) {}
   };
 
   HandlerPool(int count, std::function<HandlerCommand(int h)> command, PoolOptions opts, Listener& listener);

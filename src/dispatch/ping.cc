@@ -82,7 +82,7 @@ int run_ping(const config::Config& cfg, const PingOptions& o, std::ostream& out)
       inflight[p.correlation_id] = {next, Clock::now()};
       ++next;
     }
-    auto oldest = Clock::time_point::max();
+    auto oldest = Clock::now();  // inflight is never empty here: the loop above just filled it
     for (const auto& [k, s] : inflight) {
       oldest = std::min(oldest, s.at);
     }

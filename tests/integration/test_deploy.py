@@ -231,7 +231,8 @@ class DeployTest(unittest.TestCase):
                     "dead_lettered", "broker", "instance", "restarts", "rss_kb", "last_seen", "last_error"):
             self.assertIn(key, rank)
         self.assertEqual(rank["state"], "ready")
-        self.assertTrue(rank["broker"])
+        # The broker connection is made off the event loop: it follows "ready".
+        lt.wait_until(lambda: d.status_json()["ranks"][0]["broker"], 30, "rank 0 connected to the broker")
         self.assertEqual(rank["slots_total"], 2)
         self.assertEqual(d.status(doc["job"]).returncode, 0, "status JOBID")
         d.signal_ranks(signal.SIGINT)

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import tempfile
-import time
 import unittest
 
 import lhpc_test as lt
@@ -235,6 +234,17 @@ class WorkerTest(unittest.TestCase):
         self.assertNotIn(password, w.log())
         self.assertNotIn(password, out.stdout + out.stderr)
         self.assertIn("rig:***@", w.log())
+
+    def test_unreachable_broker_is_retried_with_growing_delays(self):
+        w = Worker(f"amqp://u:secret-pw@127.0.0.1:{lt.free_port()}/", slots=1)
+        self.workers.append(w)
+        delays = lambda: [float(x) for x in re.findall(r"retrying in ([\d.]+) s", w.log())]  # noqa: E731
+        lt.wait_until(lambda: len(delays()) >= 3, 30, "three connection attempts")
+        self.assertEqual(delays()[:3], [0.5, 1.0, 2.0])
+        self.assertTrue(w.alive())
+        self.assertEqual(w.stop(), 0)
+        self.assertNotIn("secret-pw", w.log())
+        self.assertIn("u:***@127.0.0.1", w.log())
 
     # --- ping --------------------------------------------------------------
 

@@ -39,7 +39,11 @@ class EngineTest(unittest.TestCase):
         self.workers = []
 
     def tearDown(self):
+        result = getattr(self._outcome, "result", None)
+        failed = any(t is self for t, _ in getattr(result, "errors", []) + getattr(result, "failures", []))
         for w in self.workers:
+            if failed:
+                print(f"--- worker log:\n{w.log()[-6000:]}")
             w.cleanup()
 
     def build_sif(self, prog, runscript=None):
@@ -98,6 +102,39 @@ class EngineTest(unittest.TestCase):
 
     def test_apptainer_command_lines(self):
         self.check_dispatch_through("apptainer", "APPTAINERENV_")
+
+    def test_dead_instance_is_restarted(self):
+        sif = self.build_sif("singularity")
+        open(self.log, "w").close()
+        w = self.start("singularity", sif)
+        w.wait_consuming()
+        name = f"lhpc-test-{w.env['LITHOPS_HPC_JOB_ID']}-0"
+        sleeper = next(int(p) for p in os.listdir("/proc") if p.isdigit() and self.cmdline_has(p, "standin-instance:" + name))
+        os.kill(sleeper, signal.SIGKILL)
+        os.kill(w.handler_pids("0"), signal.SIGKILL)  # what a dying instance does to its handlers
+        w.wait_log(f"instance {name} is gone: restarting it")
+        starts = lambda: [c for c in standin_log(self.log) if c["argv"][:2] == ["instance", "start"]]  # noqa: E731
+        lt.wait_until(lambda: len(starts()) == 2, 30, "a second instance start")
+        lt.publish_lithops(self.url, "send_task",
+                           lt.make_send_task(1, "ex-after-restart", {"lhpc_test": {"record_dir": self.rec}}))
+        wait_records(self.rec, 1, 60)
+        self.assertEqual(w.stop(), 0, w.log())
+
+    @staticmethod
+    def cmdline_has(pid, text):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return text.encode() in f.read()
+        except OSError:
+            return False
+
+    def test_runscript_that_keeps_failing_is_restarted_then_the_worker_fails(self):
+        sif = self.build_sif("singularity", runscript="echo lhpc-runscript-start; exit 1")
+        w = self.start("singularity", sif, mode="runscript")
+        rc = w.proc.wait(120)
+        self.assertEqual(rc, 6, w.log())
+        self.assertEqual(w.log().count("lhpc-runscript-start"), 4, "first run + restart_limit (3) restarts")
+        self.assertIn("the runscript keeps failing", w.log())
 
     def test_runscript_mode_gets_the_url_through_the_environment_only(self):
         marker = os.path.join(self.tmp, "runscript-ran")

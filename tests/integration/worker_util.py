@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 
 from lhpc_test import wait_until
 
@@ -33,7 +32,7 @@ class Worker:
     """One `lithops-hpc worker` process with its own config, log and temp dir."""
 
     def __init__(self, url, slots=2, engine="host", mode=None, sif=None, extra_env=None,
-                 config_extra="", drain_timeout=30, heartbeat=5, args=()):
+                 config_extra="", rabbitmq_extra="", drain_timeout=30, heartbeat=5, args=()):
         self.dir = tempfile.mkdtemp(prefix="lhpc-worker-test-")
         self.url = url
         self.config = os.path.join(self.dir, "config.toml")
@@ -46,6 +45,7 @@ instance_name = "lhpc-test"
 {config_extra}
 [rabbitmq]
 heartbeat = {heartbeat}
+{rabbitmq_extra}
 
 [deploy]
 drain_timeout = {drain_timeout}
@@ -104,7 +104,8 @@ restart_limit = 3
         if self.alive():
             self.proc.kill()
             self.proc.wait(30)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
     def descendants(self):
         """PIDs of every process below the worker (via /proc, children of children)."""
@@ -147,6 +148,8 @@ restart_limit = 3
     def cleanup(self):
         if self.alive():
             self.kill()
+        if not self._log.closed:
+            self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -487,12 +487,25 @@ TEST_CASE("with every slot busy the lookahead task is rotated so a get_metadata 
   CHECK(r.broker.acked.back() == running);
 }
 
-TEST_CASE("no rotation while a slot is free or while draining") {
+TEST_CASE("no rotation while a slot is free, restarting, or while draining") {
   Rig r(2);
   r.deliver(encode(Action::send_task, job(1)));
   r.d.on_tick(Dispatcher::Clock::now() + std::chrono::seconds(5));
   CHECK(r.broker.published.empty());
   CHECK_FALSE(r.d.next_deadline());
+  // Slot 1's handler is being restarted: the waiting task is for it.
+  r.d.on_handler_lost(1, "exited with code 1");
+  r.deliver(encode(Action::send_task, job(1, "W")));
+  r.d.on_tick(Dispatcher::Clock::now() + std::chrono::seconds(5));
+  CHECK(r.broker.published.empty());
+  r.d.on_handler_ready(1);
+  CHECK(r.handlers.sent.back().request["payload"]["job_key"] == "W");
+  // Draining: the lookahead goes back at once instead.
+  r.deliver(encode(Action::send_task, job(1, "X")));
+  r.d.drain();
+  r.d.on_tick(Dispatcher::Clock::now() + std::chrono::seconds(5));
+  CHECK(r.broker.published.empty());
+  CHECK(r.broker.requeued.size() == 1);
 }
 
 TEST_CASE("a handler reply of the wrong shape counts as a failed call, never an exception") {
@@ -580,4 +593,27 @@ TEST_CASE("a handler that never gets ready makes the pool fail after restart_lim
   CHECK(ev.ready.empty());
   CHECK(ev.lost.empty());  // it never ran anything: nothing for the dispatcher to requeue
   CHECK(pool.last_error().find("exited with code 3") != std::string::npos);
+}
+
+// --- amqp helpers ----------------------------------------------------------
+
+TEST_CASE("reconnect backoff doubles from 0.5 s and stays at 30 s") {
+  amqp::Backoff b;
+  std::vector<long long> got;
+  for (int i = 0; i < 9; ++i) {
+    got.push_back(b.next().count());
+  }
+  CHECK(got == std::vector<long long>{500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000});
+  b.reset();
+  CHECK(b.next().count() == 500);
+}
+
+TEST_CASE("header values are read leniently") {
+  amqp::Table t{{"n", std::int64_t{2}}, {"s", std::string("7")}, {"x", std::string("no")}, {"b", true}};
+  CHECK(amqp::table_int(t, "n") == 2);
+  CHECK(amqp::table_int(t, "s") == 7);  // a crash count set by a client that wrote it as text
+  CHECK(amqp::table_int(t, "x", -1) == -1);
+  CHECK(amqp::table_int(t, "missing", 5) == 5);
+  CHECK(amqp::table_string(t, "n") == "2");
+  CHECK(amqp::table_string(t, "b").empty());
 }
