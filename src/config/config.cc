@@ -208,6 +208,7 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
            {"drain_timeout", seconds_key(&Config::deploy, &Deploy::drain_timeout, 0)},
            {"drain_before_end", seconds_key(&Config::deploy, &Deploy::drain_before_end, 0)},
            {"min_ranks", int_key(&Config::deploy, &Deploy::min_ranks, 0, 1 << 20)},
+           {"start_timeout", seconds_key(&Config::deploy, &Deploy::start_timeout, 1)},
            {"restart_limit", int_key(&Config::deploy, &Deploy::restart_limit, 0, 1000)},
        }},
       {"health",
@@ -536,6 +537,7 @@ std::string to_toml(const Config& c) {
     << "drain_timeout = " << c.deploy.drain_timeout << "\n"
     << "drain_before_end = " << c.deploy.drain_before_end << "\n"
     << "min_ranks = " << c.deploy.min_ranks << "\n"
+    << "start_timeout = " << c.deploy.start_timeout << "\n"
     << "restart_limit = " << c.deploy.restart_limit << "\n\n"
     << "[health]\n"
     << "interval = " << c.health.interval << "\n"

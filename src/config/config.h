@@ -50,6 +50,7 @@ struct Deploy {
   double drain_timeout = 60;                  // seconds for running tasks to finish on stop
   double drain_before_end = 120;              // drain when Slurm time left drops under this
   int min_ranks = 0;                          // 0: every rank must start
+  double start_timeout = 300;                 // seconds: ranks joining, workers becoming ready
   int restart_limit = 5;                      // instance/runscript restarts before a rank fails
 };
 

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <set>
 #include <spdlog/spdlog.h>
 
@@ -33,8 +35,39 @@ int slots_for_rank(int node_slots, int ranks_on_node, int index_on_node) {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-// Instance start (engines pull nothing: the image is local) and handler imports.
-constexpr std::chrono::seconds k_start_timeout{300};
+
+// A start-up meeting point with a deadline. A rank that died before it (a
+// crash inside MPI_Init, a node lost while starting) would leave the others
+// in a blocking collective until the time limit: the sbatch template runs
+// srun with --kill-on-bad-exit=0 so that a node lost later does not end the
+// job. So the meeting is a non-blocking barrier, and past the deadline (or on
+// SIGINT/SIGTERM) every waiting rank ends the job with MPI_Abort.
+void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout, const char* point) {
+  MPI_Request r = MPI_REQUEST_NULL;
+  MPI_Ibarrier(mpi.world(), &r);
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
+  for (int done = 0;;) {
+    MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+    if (done) {
+      return;
+    }
+    if (int sig = SignalPipe::last_terminating(); sig != 0) {
+      spdlog::error("interrupted by {} while waiting for every rank to reach \"{}\"; ending the job",
+                    sig == SIGINT ? "SIGINT" : "SIGTERM", point);
+      spdlog::default_logger()->flush();
+      mpi.abort(128 + sig);
+    }
+    if (Clock::now() >= deadline) {
+      spdlog::error("not every rank reached \"{}\" within {:g} s (deploy.start_timeout): a rank died or hangs "
+                    "(the launcher's output names it); ending the job",
+                    point, timeout.count());
+      spdlog::default_logger()->flush();
+      mpi.abort(static_cast<int>(Exit::failure));
+    }
+    timespec nap{0, 5'000'000};  // not a busy poll: ranks may share cores with workers
+    ::nanosleep(&nap, nullptr);
+  }
+}
 
 config::Config apply_overrides(config::Config cfg, const Options& o) {
   if (o.transfer) {
@@ -180,6 +213,13 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
   const int size = mpi.size();
   MPI_Comm comm = mpi.world();
 
+  // Test hook (integration/slurm-e2e): this rank dies right after MPI_Init,
+  // as one that crashes during MPI start-up does.
+  if (const char* r = std::getenv("LITHOPS_HPC_TEST_DIE_AT_START"); r != nullptr && std::atoi(r) == rank) {
+    std::_Exit(1);
+  }
+  meet_or_abort(mpi, std::chrono::duration<double>(cfg_in.deploy.start_timeout), "launched");
+
   // One job id for every rank (rank 0's), so all name the same directories.
   auto ph = config::current_placeholders();
   if (ph.jobid == "local") {
@@ -249,7 +289,8 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
     worker.start(image);
     // Handlers and the broker come up asynchronously: a rank is started when
     // its worker runs, or has failed, before the ranks compare notes.
-    auto deadline = Clock::now() + k_start_timeout;
+    const auto start_timeout = std::chrono::duration<double>(cfg.deploy.start_timeout);
+    auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(start_timeout);
     while (worker.stats().state == "starting" && !worker.finished() && Clock::now() < deadline &&
            SignalPipe::last_terminating() == 0) {
       worker.step(std::chrono::milliseconds(100));
@@ -258,7 +299,8 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
     if (worker.finished() || st.state == "failed") {
       start_error = st.last_error.empty() ? "the worker stopped while starting" : st.last_error;
     } else if (st.state == "starting" && SignalPipe::last_terminating() == 0) {
-      start_error = "the worker did not become ready within " + std::to_string(k_start_timeout.count()) + " s";
+      start_error = fmt::format("the worker did not become ready within {:g} s (deploy.start_timeout)",
+                                start_timeout.count());
     }
   } catch (const Error& e) {
     start_error = e.what();
@@ -266,6 +308,9 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
   if (!start_error.empty()) {
     spdlog::error("failed to start: {}", start_error);
   }
+  // Each rank's start above is bounded by start_timeout; the margin covers
+  // ranks leaving the stage step at slightly different times.
+  meet_or_abort(mpi, std::chrono::duration<double>(cfg.deploy.start_timeout + 60), "workers started");
   auto verdict = agree(comm, start_error);
   if (rank == 0) {
     for (int r = 0; r < size; ++r) {

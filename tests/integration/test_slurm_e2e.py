@@ -161,7 +161,7 @@ class SlurmEndToEnd(unittest.TestCase):
 
     # -- submitting and watching
 
-    def submit(self, name, transfer="mpi", sbatch_args=(), deploy_args=(), config=None, slots=2):
+    def submit(self, name, transfer="mpi", sbatch_args=(), deploy_args=(), config=None, slots=2, extra_env=None):
         """sbatch -N3 slurm/lithops-deploy.sh IMAGE [deploy args] with a fresh vhost and config."""
         url = lt.fresh_vhost(name)
         d = self.work / name
@@ -182,7 +182,7 @@ class SlurmEndToEnd(unittest.TestCase):
                 f.write(f"[{section}]\n")
                 for k, v in values.items():
                     f.write(f"{k} = {json.dumps(v)}\n")
-        env = dict(self.env, LITHOPS_HPC_CONFIG=str(conf))
+        env = dict(self.env, LITHOPS_HPC_CONFIG=str(conf), **(extra_env or {}))
         out = d / "job-%j.out"
         r = run(["sbatch", "--parsable", "-N3", f"--output={out}", f"--chdir={d}", *sbatch_args,
                  TEMPLATE, self.image, *deploy_args], env)
@@ -464,6 +464,18 @@ class SlurmEndToEnd(unittest.TestCase):
                     sys.stderr.write(f"[{node} kept {left[0]} after the abort] ")
                     run(["nsenter", "-t", self.node_pid(node), "-m", "rm", "-rf",
                          f"/tmp/lithops-hpc-{os.getuid()}-{job.id}"], self.env, check=False)
+
+    def test_6_a_rank_dead_at_launch_ends_the_job(self):
+        """Rank 1 dies right after MPI_Init, as one that crashes inside it does. srun runs with
+        --kill-on-bad-exit=0 (a node lost later must not end the job), so only deploy's own
+        start-up deadline keeps the others from waiting for it until the time limit."""
+        job = self.submit("deadatstart", config={"deploy": {"start_timeout": 5}},
+                          extra_env={"LITHOPS_HPC_TEST_DIE_AT_START": "1"})
+        state = self.wait_job_end(job, 120)
+        log = job.log()
+        self.assertNotEqual(state, "COMPLETED", log)
+        self.assertRegex(log, r'not every rank reached "launched" within 5 s \(deploy.start_timeout\)')
+        self.assertNotIn("deploying job", log, "no rank got past the meeting point")
 
 
 if __name__ == "__main__":
