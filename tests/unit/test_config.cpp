@@ -7,9 +7,12 @@
 #include <filesystem>
 #include <fstream>
 
+#include "test_support.h"
 #include "config/config.h"
 #include "util/error.h"
 
+using lhpc::test::TempDir;
+using lhpc::test::EnvGuard;
 using namespace lhpc;
 using namespace lhpc::config;
 
@@ -26,42 +29,7 @@ std::string error_of(const std::string& toml) {
   return {};
 }
 
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/lhpc-test-config-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string write(const std::string& name, const std::string& text, mode_t mode = 0600) const {
-    auto p = (path / name).string();
-    std::ofstream(p) << text;
-    ::chmod(p.c_str(), mode);
-    return p;
-  }
-};
 
-struct EnvGuard {
-  std::string name;
-  std::optional<std::string> old;
-  EnvGuard(const std::string& n, const char* value) : name(n) {
-    if (const char* o = std::getenv(n.c_str())) {
-      old = o;
-    }
-    if (value) {
-      ::setenv(n.c_str(), value, 1);
-    } else {
-      ::unsetenv(n.c_str());
-    }
-  }
-  ~EnvGuard() {
-    if (old) {
-      ::setenv(name.c_str(), old->c_str(), 1);
-    } else {
-      ::unsetenv(name.c_str());
-    }
-  }
-};
 
 }  // namespace
 
@@ -216,13 +184,13 @@ TEST_CASE("placeholders come from Slurm's environment") {
 }
 
 TEST_CASE("lookup order: --config, then LITHOPS_HPC_CONFIG, then XDG") {
-  TempDir d;
+  TempDir d{"config"};
   auto a = d.write("a.toml", "[rabbitmq]\nqueue = \"from-a\"\n");
   auto b = d.write("b.toml", "[rabbitmq]\nqueue = \"from-b\"\n");
-  std::filesystem::create_directories(d.path / "xdg/lithops-hpc");
+  std::filesystem::create_directories(d.file("xdg/lithops-hpc"));
   d.write("xdg/lithops-hpc/config.toml", "[rabbitmq]\nqueue = \"from-xdg\"\n");
   EnvGuard amqp("AMQP_URL", nullptr);
-  EnvGuard xdg("XDG_CONFIG_HOME", (d.path / "xdg").c_str());
+  EnvGuard xdg("XDG_CONFIG_HOME", d.file("xdg").c_str());
   {
     EnvGuard env("LITHOPS_HPC_CONFIG", b.c_str());
     CHECK(load(a).rabbitmq.queue == "from-a");
@@ -230,11 +198,11 @@ TEST_CASE("lookup order: --config, then LITHOPS_HPC_CONFIG, then XDG") {
   }
   EnvGuard env("LITHOPS_HPC_CONFIG", nullptr);
   CHECK(load("").rabbitmq.queue == "from-xdg");
-  CHECK_THROWS_AS(load((d.path / "missing.toml").string()), Error);
+  CHECK_THROWS_AS(load(d.file("missing.toml")), Error);
 }
 
 TEST_CASE("AMQP_URL in the environment overrides the file") {
-  TempDir d;
+  TempDir d{"config"};
   auto f = d.write("c.toml", "[rabbitmq]\namqp_url = \"amqp://u:p@filehost/\"\n");
   EnvGuard amqp("AMQP_URL", "amqp://u:p@envhost/");
   auto c = load(f);
@@ -243,7 +211,7 @@ TEST_CASE("AMQP_URL in the environment overrides the file") {
 }
 
 TEST_CASE("a readable file holding a password is a warning") {
-  TempDir d;
+  TempDir d{"config"};
   EnvGuard amqp("AMQP_URL", nullptr);
   auto open = d.write("open.toml", "[rabbitmq]\namqp_url = \"amqp://u:secret@h/\"\n", 0644);
   auto closed = d.write("closed.toml", "[rabbitmq]\namqp_url = \"amqp://u:secret@h/\"\n", 0600);

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "test_support.h"
 #include "container/engine.h"
 #include "container/runscript.h"
 #include "lhpc_build_config.h"
@@ -22,6 +23,8 @@
 #include "util/fs.h"
 #include "util/process.h"
 
+using lhpc::test::TempDir;
+using lhpc::test::EnvGuard;
 using namespace lhpc;
 using namespace lhpc::container;
 using namespace std::chrono_literals;
@@ -31,42 +34,8 @@ namespace {
 
 const std::string k_secret = "amqp://lithops:s3cr3t-pw@broker.example:5672/hpc";
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/lhpc-test-container-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { remove_tree(path); }
-};
 
 // Sets (or unsets) one variable of this process for a scope.
-class ScopedEnv {
-public:
-  ScopedEnv(std::string key, const std::optional<std::string>& value) : m_key(std::move(key)) {
-    if (const char* old = ::getenv(m_key.c_str())) {
-      m_old = old;
-    }
-    if (value) {
-      ::setenv(m_key.c_str(), value->c_str(), 1);
-    } else {
-      ::unsetenv(m_key.c_str());
-    }
-  }
-  ~ScopedEnv() {
-    if (m_old) {
-      ::setenv(m_key.c_str(), m_old->c_str(), 1);
-    } else {
-      ::unsetenv(m_key.c_str());
-    }
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
-private:
-  std::string m_key;
-  std::optional<std::string> m_old;
-};
 
 std::string current_path() {
   const char* p = ::getenv("PATH");
@@ -95,11 +64,11 @@ Error error_of(F&& f) {
 
 // The stand-in first on PATH, with its own state and invocation log.
 struct StandIn {
-  TempDir dir;
-  ScopedEnv path{"PATH", std::string(LHPC_SOURCE_ROOT) + "/tests/stand-in:" + current_path()};
-  ScopedEnv state{"STANDIN_STATE", dir.path + "/state"};
-  ScopedEnv log{"STANDIN_LOG", dir.path + "/invocations.jsonl"};
-  ScopedEnv build_fail{"STANDIN_BUILD_FAIL", std::nullopt};
+  TempDir dir{"container"};
+  EnvGuard path{"PATH", std::string(LHPC_SOURCE_ROOT) + "/tests/stand-in:" + current_path()};
+  EnvGuard state{"STANDIN_STATE", dir.path + "/state"};
+  EnvGuard log{"STANDIN_LOG", dir.path + "/invocations.jsonl"};
+  EnvGuard build_fail{"STANDIN_BUILD_FAIL", std::nullopt};
 
   ~StandIn() {
     // A failed check must not leave sleepers behind.
@@ -264,7 +233,7 @@ TEST_CASE("host engine: no image means no build and no runscript (config errors)
 
 TEST_CASE("a missing engine says what to load or configure instead") {
   TempDir empty;
-  ScopedEnv path("PATH", empty.path);
+  EnvGuard path("PATH", empty.path);
   auto s = make_engine(config::Engine::singularity);
   auto err = error_of([&] { s->binary(); });
   CHECK(err.code() == Exit::engine);
@@ -278,7 +247,7 @@ TEST_CASE("a missing engine says what to load or configure instead") {
 // ---------------------------------------------------------------- runscript supervisor
 
 TEST_CASE("runscript: the engine command carries the secret only in its environment") {
-  ScopedEnv plain("AMQP_URL", std::string("amqp://plain@h/"));
+  EnvGuard plain("AMQP_URL", std::string("amqp://plain@h/"));
   auto e = make_engine(config::Engine::apptainer);
   Runscript rs(*e, "w-7", {{"AMQP_URL", k_secret}});
   CHECK(rs.argv() == Argv{"apptainer", "run", "instance://w-7"});
@@ -353,7 +322,7 @@ TEST_CASE("runscript: a command that cannot start counts as a failed run") {
 }
 
 TEST_CASE("runscript: stop() signals the whole process group and does not restart") {
-  TempDir d;
+  TempDir d{"container"};
   auto pidfile = d.path + "/grandchild.pid";
   Runscript rs({"sh", "-c", "sleep 60 & echo $! > " + pidfile + "; wait"}, Env::current());
   rs.start();
@@ -377,7 +346,7 @@ TEST_CASE("runscript: stop() signals the whole process group and does not restar
 }
 
 TEST_CASE("runscript: a run that ignores SIGTERM is killed after the grace period") {
-  TempDir d;
+  TempDir d{"container"};
   auto ready = d.path + "/ready";
   Runscript rs({"sh", "-c", "trap '' TERM; touch " + ready + "; while :; do sleep 0.05; done"}, Env::current());
   rs.start();
@@ -450,7 +419,7 @@ TEST_CASE("stand-in: the runscript sees AMQP_URL, argv and the engine's environm
   StandIn si;
   auto out = si.dir.path + "/seen";
   auto sif = si.image("echo \"url=$AMQP_URL\" > \"$LHPC_TEST_OUT\"");
-  ScopedEnv plain("AMQP_URL", std::string("amqp://plain-user-copy@h/"));
+  EnvGuard plain("AMQP_URL", std::string("amqp://plain-user-copy@h/"));
   for (auto kind : {config::Engine::singularity, config::Engine::apptainer}) {
     auto e = make_engine(kind);
     CAPTURE(e->name());

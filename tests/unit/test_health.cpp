@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "test_support.h"
 #include "config/config.h"
 #include "health/memory.h"
 #include "health/report.h"
@@ -21,47 +22,19 @@
 #include "util/fs.h"
 #include "util/process.h"
 
+using lhpc::test::TempDir;
+using lhpc::test::EnvGuard;
 using namespace lhpc;
 using namespace lhpc::health;
 using nlohmann::json;
 
 namespace {
 
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/lhpc-test-health-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string str() const { return path.string(); }
-};
 
-struct EnvGuard {
-  std::string name;
-  std::optional<std::string> old;
-  EnvGuard(std::string n, const char* value) : name(std::move(n)) {
-    if (const char* o = std::getenv(name.c_str())) {
-      old = o;
-    }
-    if (value) {
-      ::setenv(name.c_str(), value, 1);
-    } else {
-      ::unsetenv(name.c_str());
-    }
-  }
-  ~EnvGuard() {
-    if (old) {
-      ::setenv(name.c_str(), old->c_str(), 1);
-    } else {
-      ::unsetenv(name.c_str());
-    }
-  }
-};
 
 // A state dir of our own, and no job id from the environment.
 struct StateDir {
-  TempDir dir;
+  TempDir dir{"health"};
   EnvGuard state{"LITHOPS_HPC_STATE_DIR", nullptr};
   EnvGuard slurm{"SLURM_JOB_ID", nullptr};
   EnvGuard local{"LITHOPS_HPC_JOB_ID", nullptr};

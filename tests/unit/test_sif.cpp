@@ -11,32 +11,18 @@
 #include <set>
 #include <string>
 
+#include "test_support.h"
 #include "sif/sif.h"
 #include "tests/unit/sif_fixtures.h"
 #include "util/error.h"
 
+using lhpc::test::TempDir;
 using namespace lhpc;
 using lhpc::test::FixtureSpec;
 using lhpc::test::SifCorruption;
 
 namespace {
 
-// A private scratch directory, removed with everything in it.
-struct TempDir {
-  std::string path;
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base != nullptr && *base != '\0' ? base : "/tmp") + "/lhpc-test-sif-XXXXXX";
-    path = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return path + "/" + name; }
-};
 
 std::string write_fixture(const TempDir& dir, const std::string& name, const FixtureSpec& spec) {
   const auto path = dir.file(name);
@@ -70,7 +56,7 @@ FixtureSpec corrupt(SifCorruption c, std::uint64_t total = 8192) {
 }  // namespace
 
 TEST_CASE("read_image parses the header and the used descriptors") {
-  TempDir dir;
+  TempDir dir{"sif"};
   FixtureSpec spec;
   spec.total_size = 10000;
   const auto path = write_fixture(dir, "ok.sif", spec);
@@ -117,7 +103,7 @@ TEST_CASE("read_image parses the header and the used descriptors") {
 }
 
 TEST_CASE("the descriptor table is found where the header says, not at a fixed offset") {
-  TempDir dir;
+  TempDir dir{"sif"};
   FixtureSpec spec;
   spec.descriptors_offset = 4096;  // where apptainer puts it
   spec.descriptor_capacity = 48;
@@ -133,7 +119,7 @@ TEST_CASE("the descriptor table is found where the header says, not at a fixed o
 }
 
 TEST_CASE("make_sif builds valid images of exactly the requested size") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const std::uint64_t chunk = 4096;
   for (std::uint64_t size : {std::uint64_t{test::min_sif_size()}, std::uint64_t{test::min_sif_size()} + 1,
                              3 * chunk, 3 * chunk + 1}) {
@@ -164,7 +150,7 @@ TEST_CASE("make_sif builds valid images of exactly the requested size") {
 }
 
 TEST_CASE("a file shorter than the SIF header is refused as truncated") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const auto path = write_fixture(dir, "short.sif", corrupt(SifCorruption::truncated_header));
   const auto msg = image_error([&] { sif::read_image(path); });
   CHECK(msg == path + " is truncated: 100 bytes, shorter than the 128-byte SIF header");
@@ -174,7 +160,7 @@ TEST_CASE("a file shorter than the SIF header is refused as truncated") {
 }
 
 TEST_CASE("a file without SIF_MAGIC is refused, quoting the magic found") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const auto path = write_fixture(dir, "magic.sif", corrupt(SifCorruption::wrong_magic));
   CHECK(image_error([&] { sif::read_image(path); }) ==
         path + " is not a SIF file (magic is \"SIF_MAGIX\", expected SIF_MAGIC)");
@@ -194,14 +180,14 @@ TEST_CASE("a file without SIF_MAGIC is refused, quoting the magic found") {
 }
 
 TEST_CASE("an unsupported SIF version is refused") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const auto path = write_fixture(dir, "v2.sif", corrupt(SifCorruption::bad_version));
   CHECK(image_error([&] { sif::read_image(path); }) ==
         path + ": unsupported SIF version \"02\" (this build reads version 01)");
 }
 
 TEST_CASE("a partition that runs past the end of the file is refused, naming its id and range") {
-  TempDir dir;
+  TempDir dir{"sif"};
   auto spec = corrupt(SifCorruption::payload_truncated);
   const auto path = write_fixture(dir, "cut.sif", spec);
   const auto start = test::partition_offset(spec);
@@ -218,7 +204,7 @@ TEST_CASE("a partition that runs past the end of the file is refused, naming its
 }
 
 TEST_CASE("offset + size that overflows int64 is caught, not wrapped") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const auto spec = corrupt(SifCorruption::size_overflow);
   const auto path = write_fixture(dir, "wrap.sif", spec);
   CHECK(image_error([&] { sif::read_image(path); }) ==
@@ -233,7 +219,7 @@ TEST_CASE("offset + size that overflows int64 is caught, not wrapped") {
 }
 
 TEST_CASE("a descriptor table outside the file or too small for its count is refused") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const auto path = write_fixture(dir, "table.sif", corrupt(SifCorruption::table_beyond_eof));
   CHECK(image_error([&] { sif::read_image(path); }) ==
         path + ": descriptor table at bytes 8193.." + std::to_string(8193 + 4 * 585) +
@@ -251,7 +237,7 @@ TEST_CASE("a descriptor table outside the file or too small for its count is ref
 }
 
 TEST_CASE("an image with no data objects is refused") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const auto path = write_fixture(dir, "none.sif", corrupt(SifCorruption::zero_descriptors));
   CHECK(image_error([&] { sif::read_image(path); }) == path + " holds no data objects (0 of 0 descriptors used)");
   write_fixture(dir, "none.sif", corrupt(SifCorruption::no_used_descriptors));
@@ -259,7 +245,7 @@ TEST_CASE("an image with no data objects is refused") {
 }
 
 TEST_CASE("check_magic accepts a SIF and refuses empty, foreign and unreadable files") {
-  TempDir dir;
+  TempDir dir{"sif"};
   const auto good = write_fixture(dir, "good.sif", FixtureSpec{});
   CHECK_NOTHROW(sif::check_magic(good));
   // Only 42 bytes are looked at: a damaged table is read_image's business.
@@ -290,7 +276,7 @@ TEST_CASE("check_magic accepts a SIF and refuses empty, foreign and unreadable f
 }
 
 TEST_CASE("to_json has the documented keys") {
-  TempDir dir;
+  TempDir dir{"sif"};
   FixtureSpec spec;
   spec.total_size = 20000;
   auto bytes = test::make_sif(spec);
@@ -342,7 +328,7 @@ TEST_CASE("to_json has the documented keys") {
 }
 
 TEST_CASE("format_text shows the header and a row per object") {
-  TempDir dir;
+  TempDir dir{"sif"};
   FixtureSpec spec;
   spec.total_size = 3 * 1024 * 1024;
   const auto path = write_fixture(dir, "t.sif", spec);
@@ -360,7 +346,7 @@ TEST_CASE("format_text shows the header and a row per object") {
 }
 
 TEST_CASE("names with control characters or bad UTF-8 are made printable") {
-  TempDir dir;
+  TempDir dir{"sif"};
   FixtureSpec spec;
   spec.partition_name = "\x1b[31mred\xff \xc3\xa9t\xc3\xa9";
   const auto img = sif::read_image(write_fixture(dir, "n.sif", spec));

@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 
+#include "test_support.h"
 #include "stage/hash.h"
 #include "stage/layout.h"
 #include "stage/progress.h"
@@ -19,26 +20,12 @@
 #include "util/error.h"
 #include "util/fs.h"
 
+using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::stage;
 
 namespace {
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base != nullptr && *base != '\0' ? base : "/tmp") + "/lhpc-test-stage-XXXXXX";
-    path = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return path + "/" + name; }
-};
 
 std::string hex_of(const std::string& data) {
   Hasher h;
