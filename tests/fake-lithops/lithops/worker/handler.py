@@ -20,6 +20,7 @@ import sys
 import time
 
 from lithops.storage.utils import StorageNoSuchKeyError
+from lithops.utils import setup_lithops_logger
 
 
 def _crash(test):
@@ -37,6 +38,7 @@ def _crash(test):
 
 
 def function_handler(payload):
+    setup_lithops_logger(payload.get('log_level'))  # as the real one does, first thing
     test = payload.get('lhpc_test') or {}
     job_key = payload['job_key']
     _crash(test)
