@@ -101,9 +101,12 @@ def _setup_stdio():
         pass
 
 
+# Built once: json.dumps with any option builds a new encoder every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def _write_line(obj):
-    data = (json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
-                       default=str) + "\n").encode("utf-8")
+    data = (_ENCODER.encode(obj) + "\n").encode("utf-8")
     view = memoryview(data)
     while view:
         n = os.write(_PROTO_FD, view)
