@@ -4,7 +4,7 @@
 # own "node") with the host engine, publish Lithops-format tasks, ping every
 # rank, show the status, stop cleanly.
 #
-# The real Lithops cannot be installed here (no PyPI), so the handler runs the
+# Lithops is not a Debian package, so the handler runs the
 # stand-in function handler of tests/fake-lithops: the messages, the queue,
 # the dispatcher and handler.py are the real ones. The image staged to each
 # "node" is a generated SIF file (the host engine does not run it).
