@@ -405,6 +405,13 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
   }
 
   worker.stop();
+  // A rank alone on its node removes the staged image now, before the
+  // shutdown exchange: when that exchange finds a rank missing (a lost node),
+  // the job ends by MPI_Abort, which kills this rank before any collective
+  // cleanup could run. Ranks that share a node leave it to the cleanup below.
+  if (cfg.deploy.cleanup && staged.leader && on_node == 1 && !staged.private_dir.empty()) {
+    remove_tree(staged.private_dir);
+  }
   auto final_stats = worker.stats();
   auto final_report = make_report(health::State::stopped, final_stats, ph.node, start_error);
   // Long enough for the slowest healthy drain (and rank 0's own cleanup
