@@ -87,18 +87,7 @@ int run_stage(const Globals& g, const StageOpts& so) {
     std::cout.flush();  // before MPI_Finalize, like the error path below
     return 0;
   } catch (const Error& e) {
-    // Every rank holds the same error; rank 0 reports it once, and before
-    // MPI_Finalize: once a rank has left with a non-zero code, mpirun kills
-    // the others, so main()'s report would come too late.
-    if (mpi.rank() == 0) {
-      spdlog::error("{}", e.what());
-      if (!e.hint().empty()) {
-        spdlog::error("hint: {}", e.hint());
-      }
-    } else {
-      spdlog::debug("{}", e.what());
-    }
-    std::fflush(stdout);
+    log_collective_error(mpi.rank(), e);
     return static_cast<int>(e.code());
   }
 }

@@ -189,18 +189,7 @@ int run(const config::Config& cfg_in, const Options& opts) {
   try {
     return run_rank(mpi, slurm_time, cfg_in, opts);
   } catch (const Error& e) {
-    // Every rank holds the same error; rank 0 reports it, and before
-    // MPI_Finalize: once a rank has left non-zero, mpirun kills the others,
-    // so main()'s report would come too late.
-    if (mpi.rank() == 0) {
-      spdlog::error("{}", e.what());
-      if (!e.hint().empty()) {
-        spdlog::error("hint: {}", e.hint());
-      }
-    } else {
-      spdlog::debug("{}", e.what());
-    }
-    spdlog::default_logger()->flush();
+    log_collective_error(mpi.rank(), e);
     return static_cast<int>(e.code());
   }
 }

@@ -1,5 +1,8 @@
 #include "util/mpi.h"
 
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
 #include <cstdlib>
 
 #include "util/error.h"
@@ -29,6 +32,19 @@ MpiSession::~MpiSession() {
 void MpiSession::abort(int code) const {
   MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
+}
+
+void log_collective_error(int rank, const Error& e) {
+  if (rank == 0) {
+    spdlog::error("{}", e.what());
+    if (!e.hint().empty()) {
+      spdlog::error("hint: {}", e.hint());
+    }
+  } else {
+    spdlog::debug("{}", e.what());
+  }
+  spdlog::default_logger()->flush();
+  std::fflush(stdout);
 }
 
 std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& mine) {

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "util/error.h"
+
 namespace lhpc {
 
 class MpiSession {
@@ -27,6 +29,12 @@ private:
   int m_rank = 0;
   int m_size = 1;
 };
+
+// An error every rank holds alike (a failed collective step): rank 0 logs
+// it with its hint, the others at debug level, flushed at once. Call it
+// before MPI_Finalize: once one rank has left non-zero, mpirun kills the
+// others, so a report from main() would come too late.
+void log_collective_error(int rank, const Error& e);
 
 // Every rank's string, gathered to every rank (e.g. node ids), in rank order.
 std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& mine);

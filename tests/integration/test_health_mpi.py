@@ -20,6 +20,9 @@ import time
 import unittest
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lhpc_test import wait_until  # noqa: E402
+
 BIN = os.environ.get("LHPC_BIN", "build/lithops-hpc")
 BUILD = Path(os.environ.get("LHPC_BUILD_ROOT", Path(BIN).resolve().parent))
 DRIVER = str(BUILD / "tests" / "tools" / "health-driver")
@@ -36,17 +39,6 @@ RANK_KEYS = {"rank", "node", "pid", "state", "reported_state", "slots_busy", "sl
              "requeued", "dead_lettered", "broker", "instance", "restarts", "rss_kb", "rss_tree_kb", "uptime",
              "seq", "last_seen", "last_error"}
 STATES = {"staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive"}
-
-
-def wait_until(pred, timeout, what, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
 
 
 def gone(pid):

@@ -19,11 +19,14 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
-import time
 import unittest
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lhpc_test import wait_until  # noqa: E402
 
 BIN = os.environ.get("LHPC_BIN", "build/lithops-hpc")
 BUILD = Path(os.environ.get("LHPC_BUILD_ROOT", Path(BIN).resolve().parent))
@@ -42,17 +45,6 @@ export LITHOPS_HPC_NODE_ID=node$((OMPI_COMM_WORLD_RANK / ${LHPC_T_PER_NODE:-1}))
 if [ "$OMPI_COMM_WORLD_RANK" = "${LHPC_T_SPECIAL_RANK:--1}" ]; then eval "$LHPC_T_SPECIAL"; fi
 exec "$0" "$@"
 '''
-
-
-def wait_until(pred, timeout, what, step=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
 
 
 def make_sif(path, size=None):
