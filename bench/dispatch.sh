@@ -2,7 +2,8 @@
 # The dispatcher against a raw rabbitmq-c consumer with the same prefetch
 # (slots + 1) and one ack per message, on the rig broker, in the same run:
 #   bench/dispatch.sh [BUILD_DIR]          (default: ./build; needs dispatch-bench and lithops-hpc)
-# Per slot count (SLOTS, default "1 2 4 8"):
+# Per slot count (SLOTS, default "1 2 4 8"; RAW_WORK_US, default 0, makes the
+# raw consumer spin that long before each ack):
 #   saturated: N (default 20000) single-call no-op send_task messages
 #     published as fast as the broker confirms them while the consumer runs:
 #     tasks/s = N / (last ack - first publish), publish->ack p50/p99;
@@ -21,6 +22,9 @@ SLOTS=${SLOTS:-"1 2 4 8"}
 PACED_N=${PACED_N:-2000}
 RATE=${RATE:-500}
 REPEAT=${REPEAT:-3}
+# The raw consumer spins this many µs before each ack (0: acks at once), to
+# ask how much of the gap is the work rather than the dispatcher.
+RAW_WORK_US=${RAW_WORK_US:-0}
 PY=/usr/bin/python3
 BENCH=$BUILD/bench/dispatch-bench
 LHPC=${LHPC:-$BUILD/lithops-hpc}
@@ -72,7 +76,7 @@ run_raw() { # slots count rate -> latency file
     local url out
     out=$(mktemp "$T/raw-$1-$2-XXXXXX")
     url=$(fresh_url "bench-${out##*/}")
-    AMQP_URL=$url "$BENCH" raw --count "$2" --prefetch $(($1 + 1)) --latency-log "$out" &
+    AMQP_URL=$url "$BENCH" raw --count "$2" --prefetch $(($1 + 1)) --work-us "$RAW_WORK_US" --latency-log "$out" &
     local consumer=$!
     AMQP_URL=$url "$BENCH" publish --count "$2" --rate "$3" 2>/dev/null
     wait "$consumer"

@@ -5,7 +5,9 @@
 //       --rate paces them (messages/s), else as fast as the broker takes them.
 //   dispatch-bench raw --count N --prefetch P --latency-log FILE [--queue Q]
 //       the baseline: a plain rabbitmq-c consumer (basic.qos P, one ack per
-//       message right after delivery) writing "sent_ns ack_ns" per message.
+//       message right after delivery) writing "sent_ns ack_ns" per message;
+//       --work-us W spins W µs before each ack: a consumer that does the
+//       work itself, in one thread (how much of the gap is the work).
 // The broker URL comes from $AMQP_URL, never argv.
 #if __has_include(<rabbitmq-c/amqp.h>)
 #include <rabbitmq-c/amqp.h>
@@ -129,6 +131,7 @@ int raw(int argc, char** argv) {
   int prefetch = std::stoi(arg(argc, argv, "--prefetch", "2"));
   std::string log = arg(argc, argv, "--latency-log", "");
   std::string queue = arg(argc, argv, "--queue", "task_queue");
+  const auto work = std::chrono::microseconds(std::stoi(arg(argc, argv, "--work-us", "0")));
   auto u = config::parse_amqp_url(url());
   amqp_connection_state_t conn = amqp_new_connection();
   amqp_socket_t* sock = amqp_tcp_socket_new(conn);
@@ -171,6 +174,8 @@ int raw(int argc, char** argv) {
           sent = e.value.value.i64;
         }
       }
+    }
+    for (auto until = std::chrono::steady_clock::now() + work; std::chrono::steady_clock::now() < until;) {
     }
     amqp_basic_ack(conn, 1, env.delivery_tag, 0);
     lat.emplace_back(sent, wall_ns());
