@@ -107,11 +107,12 @@ one() {
     "$BIN" stop "$jid" --timeout 60 >/dev/null
     while job_running "$jid"; do sleep 0.2; done
     local line
-    line=$(grep -o 'staged [^ ]* ([^)]*) to [0-9]* node(s) in [0-9.]* s' "$out" | head -1)
+    # "staged rt.sif (1.0 GiB) on 3 node(s) in 7.13 s: copied to 3 at ..."
+    line=$(grep -o 'staged [^ ]* ([^)]*) on [0-9]* node(s) in [0-9.]* s: copied to [0-9]*' "$out" | head -1)
     [[ -n $line ]] || { echo "no staging line in $out:" >&2; cat "$out" >&2; exit 1; }
-    [[ $line == *"to 3 node(s)"* ]] || { echo "expected a copy to 3 nodes: $line" >&2; exit 1; }
+    [[ $line == *"copied to 3" ]] || { echo "expected a copy to 3 nodes: $line" >&2; exit 1; }
     local stage_s=${line##* in }
-    stage_s=${stage_s% s}
+    stage_s=${stage_s%% s:*}
     printf '%s %s %s %s\n' "$how" "$stage_s" "$(sub "$t_ready" "$t_sub")" "$(sub "$t_ready" "$start")"
 }
 
