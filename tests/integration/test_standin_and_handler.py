@@ -412,6 +412,18 @@ class HandlerTests(unittest.TestCase):
         self.assertEqual(len(ids), 2)
         self.assertEqual(h.close(), 0)
 
+    def test_a_calls_environment_changes_are_undone(self):
+        h, _ = self.start()
+        r = h.call(1, "send_task", self.task(record_dir=self.dir, setenv={"LHPC_PROBE": "leaked"},
+                                             probe_env="LHPC_PROBE"))
+        self.assertTrue(r["ok"], r)
+        r = h.call(2, "send_task", self.task(call_id="00001", record_dir=self.dir, probe_env="LHPC_PROBE"))
+        self.assertTrue(r["ok"], r)
+        seen = {rec["call_id"]: (rec["probe"], rec["probe_c"]) for _, rec in self.records()}
+        self.assertEqual(seen["00000"], ("leaked", "leaked"), "the change is visible during its call")
+        self.assertEqual(seen["00001"], (None, None), "and gone for the next, in os.environ and in children")
+        self.assertEqual(h.close(), 0)
+
     def test_failures_are_ok_false_and_handler_survives(self):
         h, _ = self.start()
         r = h.call(1, "send_task", self.task(fail=True))

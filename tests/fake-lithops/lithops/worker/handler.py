@@ -12,10 +12,16 @@ lhpc_test keys (all optional):
                       deleted the job's data
   print: str          print() it and os.write() it to fd 1 (must not reach the
                       protocol channel)
+  setenv: {name: value}
+                      set in os.environ first, as a function that changes its
+                      environment does (the handler must undo it)
+  probe_env: name     record that variable as os.environ and a child process
+                      see it (probe / probe_c; null when unset)
 """
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -45,6 +51,8 @@ def function_handler(payload):
     if test.get('missing_data'):
         bucket = payload.get('config', {}).get('lithops', {}).get('storage', 'fake')
         raise StorageNoSuchKeyError(bucket, payload.get('func_key', f'lithops.jobs/{job_key}/func.pickle'))
+    for name, value in (test.get('setenv') or {}).items():
+        os.environ[name] = value
     if test.get('fail'):
         raise RuntimeError('fake function_handler failure requested by lhpc_test.fail')
     for call_id in payload['call_ids']:
@@ -66,6 +74,11 @@ def function_handler(payload):
                 'activation_id': os.environ.get('__LITHOPS_ACTIVATION_ID'),
                 'backend': os.environ.get('__LITHOPS_BACKEND'),
             }
+            probe = test.get('probe_env')
+            if probe:
+                child = subprocess.run(['sh', '-c', 'printf "%s" "${' + probe + '-}"'], capture_output=True, text=True)
+                record['probe'] = os.environ.get(probe)
+                record['probe_c'] = child.stdout or None
             name = f'{job_key}-{call_id}-{os.getpid()}-{time.time_ns()}.json'
             tmp = os.path.join(record_dir, '.' + name + '.tmp')
             with open(tmp, 'w') as f:
