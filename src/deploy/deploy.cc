@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <functional>
 #include <set>
 #include <spdlog/spdlog.h>
 
@@ -40,29 +41,41 @@ using Clock = std::chrono::steady_clock;
 // crash inside MPI_Init, a node lost while starting) would leave the others
 // in a blocking collective until the time limit: the sbatch template runs
 // srun with --kill-on-bad-exit=0 so that a node lost later does not end the
-// job. So the meeting is a non-blocking barrier, and past the deadline (or on
-// SIGINT/SIGTERM) every waiting rank ends the job with MPI_Abort.
-void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout, const char* point) {
+// job. So the meeting is a non-blocking barrier, and past the deadline every
+// waiting rank runs `teardown` (what it started on its own) and ends the job
+// with MPI_Abort. SIGINT/SIGTERM with nothing to tear down ends it at once;
+// otherwise the others get 30 s more to arrive (a signal reaches every rank
+// under scancel, and they go on to drain together).
+void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout, const char* point,
+                   const std::function<void()>& teardown = {}) {
   MPI_Request r = MPI_REQUEST_NULL;
   MPI_Ibarrier(mpi.world(), &r);
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
+  int sig = 0;
   for (int done = 0;;) {
     MPI_Test(&r, &done, MPI_STATUS_IGNORE);
     if (done) {
       return;
     }
-    if (int sig = SignalPipe::last_terminating(); sig != 0) {
-      spdlog::error("interrupted by {} while waiting for every rank to reach \"{}\"; ending the job",
-                    sig == SIGINT ? "SIGINT" : "SIGTERM", point);
-      spdlog::default_logger()->flush();
-      mpi.abort(128 + sig);
+    if (sig == 0 && (sig = SignalPipe::last_terminating()) != 0) {
+      if (!teardown) {
+        spdlog::error("interrupted by {} while waiting for every rank to reach \"{}\"; ending the job",
+                      sig == SIGINT ? "SIGINT" : "SIGTERM", point);
+        spdlog::default_logger()->flush();
+        mpi.abort(128 + sig);
+      }
+      deadline = std::min(deadline, Clock::now() + std::chrono::seconds(30));
     }
     if (Clock::now() >= deadline) {
-      spdlog::error("not every rank reached \"{}\" within {:g} s (deploy.start_timeout): a rank died or hangs "
-                    "(the launcher's output names it); ending the job",
-                    point, timeout.count());
+      spdlog::error("not every rank reached \"{}\" within {}: a rank died or hangs (the launcher's output "
+                    "names it); ending the job",
+                    point, sig != 0 ? fmt::format("30 s of {}", sig == SIGINT ? "SIGINT" : "SIGTERM")
+                                    : fmt::format("{:g} s (deploy.start_timeout)", timeout.count()));
       spdlog::default_logger()->flush();
-      mpi.abort(static_cast<int>(Exit::failure));
+      if (teardown) {
+        teardown();
+      }
+      mpi.abort(sig != 0 ? 128 + sig : static_cast<int>(Exit::failure));
     }
     timespec nap{0, 5'000'000};  // not a busy poll: ranks may share cores with workers
     ::nanosleep(&nap, nullptr);
@@ -202,9 +215,13 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
   const int size = mpi.size();
   MPI_Comm comm = mpi.world();
 
-  // Test hook (integration/slurm-e2e): this rank dies right after MPI_Init,
-  // as one that crashes during MPI start-up does.
-  if (const char* r = std::getenv("LITHOPS_HPC_TEST_DIE_AT_START"); r != nullptr && std::atoi(r) == rank) {
+  // Test hook (integration/slurm-e2e): "R" makes rank R die right after
+  // MPI_Init, as one that crashes during MPI start-up does; "R@started" once
+  // its worker started, before the second meeting point.
+  const char* die_hook = std::getenv("LITHOPS_HPC_TEST_DIE_AT_START");
+  const bool dies_here = die_hook != nullptr && std::atoi(die_hook) == rank;
+  const bool dies_late = dies_here && std::strstr(die_hook, "@started") != nullptr;
+  if (dies_here && !dies_late) {
     std::_Exit(1);
   }
   meet_or_abort(mpi, std::chrono::duration<double>(cfg_in.deploy.start_timeout), "launched");
@@ -297,9 +314,25 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
   if (!start_error.empty()) {
     spdlog::error("failed to start: {}", start_error);
   }
+  // What this rank undoes on its own when the job ends: its worker and
+  // instance, and (alone on its node) the staged image. Before any exchange
+  // with the others: if one is missing the job ends by MPI_Abort, which
+  // kills this rank before a collective cleanup could run. Ranks that share
+  // a node leave the image to the collective cleanup at the end.
+  auto teardown_alone = [&] {
+    worker.stop();
+    if (cfg.deploy.cleanup && staged.leader && on_node == 1 && !staged.private_dir.empty()) {
+      remove_tree(staged.private_dir);
+    }
+  };
+  if (dies_late) {
+    std::_Exit(1);
+  }
   // Each rank's start above is bounded by start_timeout; the margin covers
   // ranks leaving the stage step at slightly different times.
-  meet_or_abort(mpi, std::chrono::duration<double>(cfg.deploy.start_timeout + 60), "workers started");
+  meet_or_abort(mpi,
+                std::chrono::duration<double>(cfg.deploy.start_timeout + std::min(60.0, cfg.deploy.start_timeout)),
+                "workers started", teardown_alone);
   auto verdict = agree(comm, start_error);
   if (rank == 0) {
     for (int r = 0; r < size; ++r) {
@@ -393,14 +426,7 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
     }
   }
 
-  worker.stop();
-  // A rank alone on its node removes the staged image now, before the
-  // shutdown exchange: when that exchange finds a rank missing (a lost node),
-  // the job ends by MPI_Abort, which kills this rank before any collective
-  // cleanup could run. Ranks that share a node leave it to the cleanup below.
-  if (cfg.deploy.cleanup && staged.leader && on_node == 1 && !staged.private_dir.empty()) {
-    remove_tree(staged.private_dir);
-  }
+  teardown_alone();
   auto final_stats = worker.stats();
   auto final_report = make_report(health::State::stopped, final_stats, ph.node, start_error);
   // Long enough for the slowest healthy drain (and rank 0's own cleanup
