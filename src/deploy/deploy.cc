@@ -11,6 +11,7 @@
 #include <ctime>
 #include <functional>
 #include <set>
+#include <thread>
 #include <spdlog/spdlog.h>
 
 #include "deploy/worker.h"
@@ -42,12 +43,15 @@ using Clock = std::chrono::steady_clock;
 // in a blocking collective until the time limit: the sbatch template runs
 // srun with --kill-on-bad-exit=0 so that a node lost later does not end the
 // job. So the meeting is a non-blocking barrier, and past the deadline every
-// waiting rank runs `teardown` (what it started on its own) and ends the job
-// with MPI_Abort. SIGINT/SIGTERM with nothing to tear down ends it at once;
-// otherwise the others get 30 s more to arrive (a signal reaches every rank
-// under scancel, and they go on to drain together).
+// waiting rank runs `teardown` (what it started on its own), waits `grace`
+// for the others to do the same (they reach their deadlines within seconds;
+// MPI_Abort would kill them mid-way), and ends the job with MPI_Abort, which
+// also ends a rank that hangs. SIGINT/SIGTERM with nothing to tear down ends
+// it at once; otherwise the others get 30 s more to arrive (a signal reaches
+// every rank under scancel, and they go on to drain together).
 void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout, const char* point,
-                   const std::function<void()>& teardown = {}) {
+                   const std::function<void()>& teardown = {},
+                   std::chrono::duration<double> grace = std::chrono::duration<double>(0)) {
   MPI_Request r = MPI_REQUEST_NULL;
   MPI_Ibarrier(mpi.world(), &r);
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
@@ -74,6 +78,7 @@ void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout,
       spdlog::default_logger()->flush();
       if (teardown) {
         teardown();
+        std::this_thread::sleep_for(grace);
       }
       mpi.abort(sig != 0 ? 128 + sig : static_cast<int>(Exit::failure));
     }
@@ -330,9 +335,9 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
   }
   // Each rank's start above is bounded by start_timeout; the margin covers
   // ranks leaving the stage step at slightly different times.
-  meet_or_abort(mpi,
-                std::chrono::duration<double>(cfg.deploy.start_timeout + std::min(60.0, cfg.deploy.start_timeout)),
-                "workers started", teardown_alone);
+  const double margin = std::min(60.0, cfg.deploy.start_timeout);
+  meet_or_abort(mpi, std::chrono::duration<double>(cfg.deploy.start_timeout + margin), "workers started",
+                teardown_alone, std::chrono::duration<double>(std::min(10.0, margin)));
   auto verdict = agree(comm, start_error);
   if (rank == 0) {
     for (int r = 0; r < size; ++r) {

@@ -458,22 +458,36 @@ class SlurmEndToEnd(unittest.TestCase):
             lt._rig("slurm-cluster.sh", "start-node", "n2")
             # The job ends by MPI_Abort (rank 1 is gone); the survivors removed their
             # copies before it. Whatever n2 kept when it died goes by hand.
-            left = {node: [f for f in self.staged_on(node) if f"-{job.id}" in f] for node in NODES}
-            for node, files in left.items():
-                if files:
-                    run(["nsenter", "-t", self.node_pid(node), "-m", "rm", "-rf",
-                         f"/tmp/lithops-hpc-{os.getuid()}-{job.id}"], self.env, check=False)
+            left = self.job_files(job)
+            self.remove_job_files(job)
         self.assertEqual(left["n1"] + left["n3"], [], "the surviving nodes removed their staged image")
+
+    def job_files(self, job):
+        """Per node, what stage left there for this job (its private directory)."""
+        return {node: [f for f in self.staged_on(node) if f"-{job.id}" in f] for node in NODES}
+
+    def remove_job_files(self, job):
+        """By hand, for later tests: what a rank that died could not remove."""
+        for node, files in self.job_files(job).items():
+            if files:
+                run(["nsenter", "-t", self.node_pid(node), "-m", "rm", "-rf",
+                     f"/tmp/lithops-hpc-{os.getuid()}-{job.id}"], self.env, check=False)
+
+    def run_with_dead_rank(self, name, die_at):
+        """A job whose rank 1 dies at `die_at` (LITHOPS_HPC_TEST_DIE_AT_START), start_timeout 5 s:
+        it must end by itself, not COMPLETED. Returns (job, batch log)."""
+        job = self.submit(name, config={"deploy": {"start_timeout": 5}},
+                          extra_env={"LITHOPS_HPC_TEST_DIE_AT_START": die_at})
+        state = self.wait_job_end(job, 120)
+        log = job.log()
+        self.assertNotEqual(state, "COMPLETED", log)
+        return job, log
 
     def test_6_a_rank_dead_at_launch_ends_the_job(self):
         """Rank 1 dies right after MPI_Init, as one that crashes inside it does. srun runs with
         --kill-on-bad-exit=0 (a node lost later must not end the job), so only deploy's own
         start-up deadline keeps the others from waiting for it until the time limit."""
-        job = self.submit("deadatstart", config={"deploy": {"start_timeout": 5}},
-                          extra_env={"LITHOPS_HPC_TEST_DIE_AT_START": "1"})
-        state = self.wait_job_end(job, 120)
-        log = job.log()
-        self.assertNotEqual(state, "COMPLETED", log)
+        _, log = self.run_with_dead_rank("deadatstart", "1")
         self.assertRegex(log, r'not every rank reached "launched" within 5 s \(deploy.start_timeout\)')
         self.assertNotIn("deploying job", log, "no rank got past the meeting point")
 
@@ -481,19 +495,11 @@ class SlurmEndToEnd(unittest.TestCase):
         """Rank 1 dies once its worker started: the others wait for it at the second meeting
         point for deploy.start_timeout (plus as much again, at most 60 s), then stop their
         workers, remove their staged images and end the job."""
-        job = self.submit("deadafterstart", config={"deploy": {"start_timeout": 5}},
-                          extra_env={"LITHOPS_HPC_TEST_DIE_AT_START": "1@started"})
-        state = self.wait_job_end(job, 120)
-        log = job.log()
-        self.assertNotEqual(state, "COMPLETED", log)
+        job, log = self.run_with_dead_rank("deadafterstart", "1@started")
         self.assertRegex(log, r'not every rank reached "workers started" within 10 s \(deploy.start_timeout\)')
-        for node in ("n1", "n3"):
-            self.assertEqual([f for f in self.staged_on(node) if f"-{job.id}" in f], [],
-                             f"{node} removed its staged image before the abort")
-        left = [f for f in self.staged_on("n2") if f"-{job.id}" in f]
-        if left:  # the rank that died could not clean up: by hand, for later tests
-            run(["nsenter", "-t", self.node_pid("n2"), "-m", "rm", "-rf",
-                 f"/tmp/lithops-hpc-{os.getuid()}-{job.id}"], self.env, check=False)
+        left = self.job_files(job)
+        self.remove_job_files(job)
+        self.assertEqual(left["n1"] + left["n3"], [], "n1 and n3 removed their staged image before the abort")
 
 
 if __name__ == "__main__":
