@@ -232,15 +232,16 @@ def _restore_environ(saved):
         env, unset, put = data, os.unsetenv, os.putenv
     else:
         env, unset, put = os.environ, None, None
-    for key in [k for k in env if k not in saved]:
+    for key in env.keys() - saved.keys():   # set difference, in C
         if unset:
             unset(key)
         del env[key]
-    for key, value in saved.items():
-        if env.get(key) != value:
-            if put:
-                put(key, value)
-            env[key] = value
+    if env != saved:                        # usually equal by now: one C compare
+        for key, value in saved.items():
+            if env.get(key) != value:
+                if put:
+                    put(key, value)
+                env[key] = value
     if warm is not None:
         os.environ["WARM_CONTAINER"] = warm
 
