@@ -19,6 +19,7 @@ import time
 import unittest
 
 import lhpc_test as lt
+from worker_util import records
 
 SOURCE_ROOT = os.environ["LHPC_SOURCE_ROOT"]
 BUILD_ROOT = os.environ["LHPC_BUILD_ROOT"]
@@ -105,14 +106,6 @@ interval = {INTERVAL}
             self.proc.wait()
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def records(d):
-    out = []
-    for f in glob.glob(os.path.join(d, "*.json")):
-        with open(f) as fh:
-            out.append(json.load(fh))
-    return out
 
 
 class DeployTest(unittest.TestCase):
