@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <functional>
 #include <set>
 #include <thread>
@@ -52,15 +51,10 @@ using Clock = std::chrono::steady_clock;
 void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout, const char* point,
                    const std::function<void()>& teardown = {},
                    std::chrono::duration<double> grace = std::chrono::duration<double>(0)) {
-  MPI_Request r = MPI_REQUEST_NULL;
-  MPI_Ibarrier(mpi.world(), &r);
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
   int sig = 0;
-  for (int done = 0;;) {
-    MPI_Test(&r, &done, MPI_STATUS_IGNORE);
-    if (done) {
-      return;
-    }
+  // Not a busy poll: ranks may share cores with workers.
+  barrier_quietly(mpi.world(), std::chrono::milliseconds(5), [&] {
     if (sig == 0 && (sig = SignalPipe::last_terminating()) != 0) {
       if (!teardown) {
         spdlog::error("interrupted by {} while waiting for every rank to reach \"{}\"; ending the job",
@@ -70,21 +64,20 @@ void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout,
       }
       deadline = std::min(deadline, Clock::now() + std::chrono::seconds(30));
     }
-    if (Clock::now() >= deadline) {
-      spdlog::error("not every rank reached \"{}\" within {}: a rank died or hangs (the launcher's output "
-                    "names it); ending the job",
-                    point, sig != 0 ? fmt::format("30 s of {}", sig == SIGINT ? "SIGINT" : "SIGTERM")
-                                    : fmt::format("{:g} s (deploy.start_timeout)", timeout.count()));
-      spdlog::default_logger()->flush();
-      if (teardown) {
-        teardown();
-        std::this_thread::sleep_for(grace);
-      }
-      mpi.abort(sig != 0 ? 128 + sig : static_cast<int>(Exit::failure));
+    if (Clock::now() < deadline) {
+      return;
     }
-    timespec nap{0, 5'000'000};  // not a busy poll: ranks may share cores with workers
-    ::nanosleep(&nap, nullptr);
-  }
+    spdlog::error("not every rank reached \"{}\" within {}: a rank died or hangs (the launcher's output "
+                  "names it); ending the job",
+                  point, sig != 0 ? fmt::format("30 s of {}", sig == SIGINT ? "SIGINT" : "SIGTERM")
+                                  : fmt::format("{:g} s (deploy.start_timeout)", timeout.count()));
+    spdlog::default_logger()->flush();
+    if (teardown) {
+      teardown();
+      std::this_thread::sleep_for(grace);
+    }
+    mpi.abort(sig != 0 ? 128 + sig : static_cast<int>(Exit::failure));
+  });
 }
 
 config::Config apply_overrides(config::Config cfg, const Options& o) {

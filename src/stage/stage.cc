@@ -175,23 +175,6 @@ void throw_if_failed(const World& w, const std::vector<json>& all, const std::st
   throw Error(static_cast<Exit>(first.value("code", 1)), msg, first.value("hint", ""));
 }
 
-// Waits for every rank without spinning: ranks with nothing to do (other
-// ranks on a node, nodes that skip) would otherwise take CPU from the leader
-// writing on their node for the whole transfer.
-void wait_quietly(MPI_Comm comm) {
-  MPI_Request req = MPI_REQUEST_NULL;
-  MPI_Ibarrier(comm, &req);
-  int done = 0;
-  while (true) {
-    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-    if (done) {
-      return;
-    }
-    timespec ts{0, 1'000'000};
-    ::nanosleep(&ts, nullptr);
-  }
-}
-
 // ---------------------------------------------------------------- node side
 
 // What one leader created in this run; removed again unless committed.
@@ -1020,7 +1003,9 @@ Result stage_image(MPI_Comm comm, const Options& o) {
 
   phase("bytes moved on rank 0");
   // -- E: every copy against rank 0's hash.
-  wait_quietly(comm);
+  // Without spinning: ranks with nothing to do (other ranks on a node, nodes
+  // that skip) would otherwise take CPU from the leader writing on their node.
+  barrier_quietly(comm, std::chrono::milliseconds(1));
   phase("every rank done moving");
   if (int sig = signal_code(); sig != 0 && d.value("code", 0) == 0) {
     d = fail(sig, "interrupted by " + signal_name(sig));

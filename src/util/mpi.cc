@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 
 #include "util/error.h"
 
@@ -45,6 +46,22 @@ void log_collective_error(int rank, const Error& e) {
   }
   spdlog::default_logger()->flush();
   std::fflush(stdout);
+}
+
+void barrier_quietly(MPI_Comm comm, std::chrono::nanoseconds nap, const std::function<void()>& between) {
+  MPI_Request r = MPI_REQUEST_NULL;
+  MPI_Ibarrier(comm, &r);
+  const timespec ts{static_cast<time_t>(nap.count() / 1'000'000'000), static_cast<long>(nap.count() % 1'000'000'000)};
+  for (int done = 0;;) {
+    MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+    if (done) {
+      return;
+    }
+    if (between) {
+      between();
+    }
+    ::nanosleep(&ts, nullptr);
+  }
 }
 
 std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& mine) {

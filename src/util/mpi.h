@@ -5,6 +5,8 @@
 
 #include <mpi.h>
 
+#include <chrono>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -35,6 +37,12 @@ private:
 // before MPI_Finalize: once one rank has left non-zero, mpirun kills the
 // others, so a report from main() would come too late.
 void log_collective_error(int rank, const Error& e);
+
+// A barrier that naps `nap` between tests instead of spinning, as Open MPI's
+// blocking collectives do, so that waiting ranks leave the CPU to working
+// ones. `between` runs after every test that found the barrier incomplete
+// (to check deadlines or signals; it may end the process).
+void barrier_quietly(MPI_Comm comm, std::chrono::nanoseconds nap, const std::function<void()>& between = {});
 
 // Every rank's string, gathered to every rank (e.g. node ids), in rank order.
 std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& mine);
