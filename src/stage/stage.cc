@@ -883,6 +883,15 @@ Result stage_image(MPI_Comm comm, const Options& o) {
   throw_if_failed(w, gather_all(comm, c1), "staging " + src.name);
   phase("private directories ready");
 
+  // This node's partial file as a hard link to an earlier job's verified copy.
+  auto link_earlier_copy = [&] {
+    nw.partial = partial_path(staged, ::getpid());
+    const auto& from = link_from[static_cast<std::size_t>(w.node)];
+    if (::link(from.c_str(), nw.partial.c_str()) != 0) {
+      throw Error(Exit::stage, "cannot link " + from + " to " + nw.partial + ": " + errno_text(errno));
+    }
+  };
+
   // -- C2: refuse a directory shared between nodes (every node would write
   // the same file), then open the partial file (or hard-link an earlier copy).
   json c2 = attempt([&]() -> json {
@@ -903,11 +912,7 @@ Result stage_image(MPI_Comm comm, const Options& o) {
       return ok();
     }
     if (mine == Action::link) {
-      nw.partial = partial_path(staged, ::getpid());
-      const auto& from = link_from[static_cast<std::size_t>(w.node)];
-      if (::link(from.c_str(), nw.partial.c_str()) != 0) {
-        throw Error(Exit::stage, "cannot link " + from + " to " + nw.partial + ": " + errno_text(errno));
-      }
+      link_earlier_copy();
       return ok();
     }
     if (mine == Action::copy) {
@@ -980,11 +985,7 @@ Result stage_image(MPI_Comm comm, const Options& o) {
         ::unlink(nw.partial.c_str());  // sbcast wrote it here too; this node needs none
         nw.partial.clear();
         if (mine == Action::link) {
-          nw.partial = partial_path(staged, ::getpid());
-          const auto& from = link_from[static_cast<std::size_t>(w.node)];
-          if (::link(from.c_str(), nw.partial.c_str()) != 0) {
-            throw Error(Exit::stage, "cannot link " + from + " to " + nw.partial + ": " + errno_text(errno));
-          }
+          link_earlier_copy();
         }
         return ok();
       }
