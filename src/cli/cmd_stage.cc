@@ -44,6 +44,7 @@ int run_stage(const Globals& g, const StageOpts& so) {
   o.compress = so.compress || cfg.deploy.compress;
   o.jobid = ph.jobid;
   o.node_id = ph.node;
+  o.stall_timeout = cfg.deploy.start_timeout;
 
   MpiSession mpi(nullptr, nullptr);
   SignalPipe signals{SIGINT, SIGTERM};

@@ -274,7 +274,8 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
                                          .compress = cfg.deploy.compress,
                                          .jobid = ph.jobid,
                                          .node_id = ph.node,
-                                         .progress = rank == 0 && ::isatty(2)});
+                                         .progress = rank == 0 && ::isatty(2),
+                                         .stall_timeout = cfg.deploy.start_timeout});
       image = staged.local_path;
     } catch (const Error& e) {
       if (rank == 0) {

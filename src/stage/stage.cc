@@ -309,6 +309,46 @@ int throttle_ms() {
   return t != nullptr ? std::atoi(t) : 0;
 }
 
+bool dies_in_stage(int transfer_rank) {
+  // Test-only (see stage.h): this rank crashes after its first chunk.
+  const char* r = std::getenv("LITHOPS_HPC_TEST_DIE_IN_STAGE");
+  return r != nullptr && *r != '\0' && std::atoi(r) == transfer_rank;
+}
+
+// A step of the transfer waited past Options::stall_timeout: the rank it
+// waits for is gone or hangs, and every other rank of the job waits in a
+// collective too. Nothing this rank wrote may stay behind. The other
+// survivors reach their own deadlines a few chunks later and remove their
+// files too: they get min(10 s, stall_timeout) before MPI_Abort ends them all.
+[[noreturn]] void abandon_stalled(const std::string& partial, const std::string& what, double seconds) {
+  if (!partial.empty()) {
+    ::unlink(partial.c_str());
+  }
+  spdlog::error("stage: waited {:g} s for {}: a rank died or hangs (the launcher's output names it); removed this "
+                "node's partial copy, ending the job",
+                seconds, what);
+  spdlog::error("hint: a slow file system or network needs a longer deploy.start_timeout");
+  spdlog::default_logger()->flush();
+  std::this_thread::sleep_for(std::chrono::duration<double>(std::min(10.0, seconds)));
+  MPI_Abort(MPI_COMM_WORLD, static_cast<int>(Exit::stage));
+  std::_Exit(static_cast<int>(Exit::stage));  // MPI_Abort does not return; in case it does
+}
+
+int world_rank_of(MPI_Comm x, int r) {
+  if (r < 0) {
+    return -1;
+  }
+  MPI_Group g = MPI_GROUP_NULL;
+  MPI_Group w = MPI_GROUP_NULL;
+  MPI_Comm_group(x, &g);
+  MPI_Comm_group(MPI_COMM_WORLD, &w);
+  int out = -1;
+  MPI_Group_translate_ranks(g, 1, &r, w, &out);
+  MPI_Group_free(&g);
+  MPI_Group_free(&w);
+  return out;
+}
+
 // ---------------------------------------------------------------- mpi pipeline
 
 struct Transfer {
@@ -332,7 +372,7 @@ struct Transfer {
 // agreement never throttles the pipeline, and every rank that sees "stop"
 // stops before the same chunk, so no message is left unmatched.
 Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int out, const std::string& out_path,
-                        std::uint64_t size, std::size_t chunk, Progress* progress) {
+                        std::uint64_t size, std::size_t chunk, double stall_timeout, Progress* progress) {
   int xr = 0;
   int xn = 1;
   MPI_Comm_rank(x, &xr);
@@ -372,22 +412,32 @@ Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int ou
   // a scheduler round trip (on a busy machine a nap from the start made the
   // transfer 3x slower); napping after 2 ms stops a rank that waits on a slow
   // neighbour from taking the CPU the writers need (more ranks than cores).
-  auto wait = [&](MPI_Request& r) {
+  // A wait longer than stall_timeout ends the job (abandon_stalled); `what`
+  // names whom it waits for.
+  const auto stall = std::chrono::duration<double>(stall_timeout);
+  auto wait = [&](MPI_Request& r, auto&& what) {
     int flag = 0;
     const auto since = Clock::now();
     while (r != MPI_REQUEST_NULL) {
       MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
       if (!flag) {
         poke();
-        if (Clock::now() - since < std::chrono::milliseconds(2)) {
+        const auto waited = Clock::now() - since;
+        if (waited < std::chrono::milliseconds(2)) {
           sched_yield();
         } else {
+          if (stall_timeout > 0 && waited > stall) {
+            abandon_stalled(out >= 0 ? out_path : std::string(), what(), stall_timeout);
+          }
           timespec nap{0, 100'000};
           ::nanosleep(&nap, nullptr);
         }
       }
     }
   };
+  auto from_prev = [&] { return fmt::format("a chunk from rank {} (the node before this one)", world_rank_of(x, prev)); };
+  auto by_next = [&] { return fmt::format("rank {} (the node after this one) to take a chunk", world_rank_of(x, next)); };
+  auto everyone = [] { return std::string("every node's word on a chunk"); };
 
   Hasher hasher;
   Transfer t;
@@ -412,7 +462,7 @@ Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int ou
   for (std::uint64_t i = 0; i < n; ++i) {
     if (i >= window) {
       const auto a = (i - window) % window;
-      wait(agree[a]);
+      wait(agree[a], everyone);
       if (any[a] != 0) {
         stop_at = i;
         break;
@@ -422,7 +472,7 @@ Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int ou
     char* buf = slot[s].get();
     const auto n_i = static_cast<std::size_t>(len(i));
     if (root) {
-      wait(send[s]);  // chunk i-4 has left: the slot is free
+      wait(send[s], by_next);  // chunk i-4 has left: the slot is free
       if (t.code == 0) {
         try {
           // Read and hash slice by slice, each slice while it is still in cache.
@@ -439,7 +489,10 @@ Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int ou
         }
       }
     } else {
-      wait(recv[s]);
+      wait(recv[s], from_prev);
+      if (i == 0 && dies_in_stage(xr)) {
+        std::_Exit(1);
+      }
     }
     if (next >= 0) {
       MPI_Isend(buf, len(i), MPI_BYTE, next, 0, x, &send[s]);
@@ -470,7 +523,7 @@ Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int ou
     }
     if (!root && i + k_slots - 1 < n) {
       const auto j = i + k_slots - 1;  // into the slot chunk i-1 used
-      wait(send[j % k_slots]);
+      wait(send[j % k_slots], by_next);
       post_recv(j);
     }
     const auto a = i % window;
@@ -489,10 +542,10 @@ Transfer broadcast_file(MPI_Comm x, int src, const std::string& src_path, int ou
     }
   }
   for (auto& r : send) {
-    wait(r);
+    wait(r, by_next);
   }
   for (auto& r : agree) {
-    wait(r);
+    wait(r, everyone);
   }
   if (stop_at < n) {
     if (root) {
@@ -943,8 +996,8 @@ Result stage_image(MPI_Comm comm, const Options& o) {
 
   // -- D: move the bytes.
   json d = ok();
+  const bool xfer = !sb && any_copy && (root || (w.leader && mine == Action::copy));
   if (!sb && any_copy) {
-    const bool xfer = root || (w.leader && mine == Action::copy);
     MPI_Comm x = MPI_COMM_NULL;
     MPI_Comm_split(comm, xfer ? 0 : MPI_UNDEFINED, w.rank, &x);
     if (xfer) {
@@ -954,7 +1007,7 @@ Result stage_image(MPI_Comm comm, const Options& o) {
       }
       const bool write_here = w.leader && mine == Action::copy;
       auto t = broadcast_file(x, root ? src_fd.get() : -1, src.path, write_here ? nw.fd.get() : -1, nw.partial, src.size,
-                              o.chunk_bytes, prog ? &*prog : nullptr);
+                              o.chunk_bytes, o.stall_timeout, prog ? &*prog : nullptr);
       if (prog) {
         prog->finish();
       }
@@ -1006,7 +1059,15 @@ Result stage_image(MPI_Comm comm, const Options& o) {
   // -- E: every copy against rank 0's hash.
   // Without spinning: ranks with nothing to do (other ranks on a node, nodes
   // that skip) would otherwise take CPU from the leader writing on their node.
-  barrier_quietly(comm, std::chrono::milliseconds(1));
+  // They wait as long as the transfer takes; a rank of the transfer expects
+  // them here already (a rank that died among them would hold it forever).
+  const auto arrived = Clock::now();
+  barrier_quietly(comm, std::chrono::milliseconds(1), [&] {
+    if (xfer && o.stall_timeout > 0 &&
+        Clock::now() - arrived > std::chrono::duration<double>(o.stall_timeout)) {
+      abandon_stalled(nw.partial, "every rank to reach the end of the transfer", o.stall_timeout);
+    }
+  });
   phase("every rank done moving");
   if (int sig = signal_code(); sig != 0 && d.value("code", 0) == 0) {
     d = fail(sig, "interrupted by " + signal_name(sig));

@@ -25,8 +25,17 @@
 // (during the transfer within 2N+8 chunks of N nodes: the depth of the
 // pipeline, so that agreeing never slows it down).
 //
+// A rank that dies mid-transfer (under srun --kill-on-bad-exit=0 the others
+// live on) would leave the rest waiting for it forever: a rank of the MPI
+// transfer that waits longer than `stall_timeout` for one step (a chunk from
+// its neighbour, a chunk taken, the chunk agreement, the ranks that did not
+// transfer) removes its partial file, logs whom it waited for and ends the
+// job with MPI_Abort (exit 7).
+//
 // Test-only: LITHOPS_HPC_STAGE_THROTTLE_MS=N makes every writing leader sleep
-// N ms per chunk, so tests can interrupt a transfer of a small image.
+// N ms per chunk, so tests can interrupt a transfer of a small image;
+// LITHOPS_HPC_TEST_DIE_IN_STAGE=R makes rank R of the transfer exit after
+// receiving its first chunk, as a rank that crashes mid-transfer.
 #pragma once
 
 #include <mpi.h>
@@ -49,6 +58,7 @@ struct Options {
   std::string jobid;         // names the private directory
   std::string node_id;       // this rank's node (LITHOPS_HPC_NODE_ID or the short hostname)
   bool progress = false;     // stderr is a terminal: redraw a progress line (rank 0)
+  double stall_timeout = 0;  // seconds one step of the MPI transfer may wait (deploy.start_timeout); 0: forever
 };
 
 struct Result {

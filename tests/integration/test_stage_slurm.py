@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import unittest
 from pathlib import Path
 
@@ -54,7 +55,8 @@ class StageOnSlurm(unittest.TestCase):
 
     def remove_copies(self):
         for node in NODES:
-            self.on_node(node, "sh", "-c", f"rm -f /tmp/lithops-hpc-{os.geteuid()}-*/{self.src.name}*")
+            self.on_node(node, "sh", "-c", f"rm -f /tmp/lithops-hpc-{os.geteuid()}-*/{self.src.name}* "
+                         f"/tmp/lithops-hpc-{os.geteuid()}-*/.{self.src.name}.part-*")
 
     def on_node(self, node, *cmd):
         pid = self.env[f"RIG_SLURMD_PID_{node}"]
@@ -155,6 +157,22 @@ step() {  # step N srun-args...: runs one srun, retrying the rig's MPI_Init cras
         self.assertEqual(result["nodes"], 3)
         self.assertEqual(result["nodes_copied"], 3)
         self.assert_on_every_node(result)
+
+    def test_a_rank_lost_mid_transfer_ends_the_job_and_leaves_no_partial_copy(self):
+        # The sbatch template runs srun with --kill-on-bad-exit=0: the other ranks live on when rank 1
+        # dies after its first chunk, and would wait for it forever.
+        cfg = self.work / "stall.toml"
+        cfg.write_text("[deploy]\nstart_timeout = 5\n")
+        env = f"--export=ALL,LITHOPS_HPC_CONFIG={cfg},LITHOPS_HPC_TEST_DIE_IN_STAGE=1,LITHOPS_HPC_STAGE_THROTTLE_MS=200"
+        t0 = time.monotonic()
+        [(rc, _, err)] = self.job(f"-K0 {env} " + self.stage_cmd("--chunk-mib", "1"), timeout=90)
+        self.assertLess(time.monotonic() - t0, 60, err)
+        self.assertNotEqual(rc, 0, err)
+        self.assertIn("a rank died or hangs", err)
+        self.assertIn("waited 5 s for", err)
+        for node in ("n1", "n3"):  # the survivors; n2's own leftover goes with the next stage there
+            left = self.on_node(node, "sh", "-c", f"ls -a /tmp/lithops-hpc-{os.geteuid()}-*/ 2>/dev/null | grep part- || true")
+            self.assertEqual(left.stdout.strip(), "", f"{node}: {left.stdout}")
 
 
 if __name__ == "__main__":
