@@ -8,6 +8,7 @@
 #     published as fast as the broker confirms them while the consumer runs:
 #     tasks/s = N / (last ack - first publish), publish->ack p50/p99;
 #   each REPEAT times (default 3), raw and dispatcher alternating: medians;
+#   the broker's CPU time (beam.smp user+system) per message in those runs;
 #   paced: PACED_N (default 2000) messages at RATE/s (default 500), under
 #     every consumer's capacity: publish->ack p50/p99 is per-message overhead,
 #     not queueing.
@@ -37,6 +38,11 @@ done
 "$SRC/tests/rig/rabbitmq.sh" ensure >&2
 ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)
 BASE_URL=$(grep '^RIG_AMQP_URL=' "$ENV_FILE" | cut -d= -f2-)
+BEAM_PID=$(cat "$(grep '^RIG_RABBITMQ_DIR=' "$ENV_FILE" | cut -d= -f2-)/beam.pid")
+TICK=$(getconf CLK_TCK)
+broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
+# ticks before, message count -> broker µs per message since then
+broker_us() { echo $((($(broker_ticks) - $1) * 1000000 / TICK / $2)); }
 
 T=$(mktemp -d /tmp/lhpc-bench-XXXXXX)
 WORKER_PID=
@@ -76,10 +82,13 @@ run_raw() { # slots count rate -> latency file
     local url out
     out=$(mktemp "$T/raw-$1-$2-XXXXXX")
     url=$(fresh_url "bench-${out##*/}")
+    local b0
+    b0=$(broker_ticks)
     AMQP_URL=$url "$BENCH" raw --count "$2" --prefetch $(($1 + 1)) --work-us "$RAW_WORK_US" --latency-log "$out" &
     local consumer=$!
     AMQP_URL=$url "$BENCH" publish --count "$2" --rate "$3" 2>/dev/null
     wait "$consumer"
+    broker_us "$b0" "$2" >"$out.broker"
     echo "$out"
 }
 
@@ -105,8 +114,11 @@ EOF
         ((SECONDS < deadline)) || { cat "$log" >&2; exit 1; }
         sleep 0.05
     done
+    local b0
+    b0=$(broker_ticks)
     AMQP_URL=$url "$BENCH" publish --count "$2" --rate "$3" 2>/dev/null
     wait_lines "$out" "$2" 300
+    broker_us "$b0" "$2" >"$out.broker"
     kill -TERM "$WORKER_PID"
     wait "$WORKER_PID" || { cat "$log" >&2; exit 1; }
     WORKER_PID=
@@ -117,19 +129,21 @@ EOF
 # other processes on the machine hits both alike.
 median() { "$PY" -c 'import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):g}")' "$@"; }
 
-echo "| slots | raw tasks/s | dispatcher tasks/s | dispatcher/raw | raw p50 / p99 ms | dispatcher p50 / p99 ms | paced ${RATE}/s raw p50 / p99 ms | paced ${RATE}/s dispatcher p50 / p99 ms |"
-echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| slots | raw tasks/s | dispatcher tasks/s | dispatcher/raw | raw p50 / p99 ms | dispatcher p50 / p99 ms | broker µs/msg raw / dispatcher | paced ${RATE}/s raw p50 / p99 ms | paced ${RATE}/s dispatcher p50 / p99 ms |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for s in $SLOTS; do
-    rt=() r50=() r99=() dt=() d50=() d99=()
+    rt=() r50=() r99=() rb=() dt=() d50=() d99=() db=()
     for ((i = 0; i < REPEAT; i++)); do
-        read -r a b c < <(stats "$(run_raw "$s" "$N" 0)")
-        rt+=("$a") r50+=("$b") r99+=("$c")
-        read -r a b c < <(stats "$(run_dispatcher "$s" "$N" 0)")
-        dt+=("$a") d50+=("$b") d99+=("$c")
+        f=$(run_raw "$s" "$N" 0)
+        read -r a b c < <(stats "$f")
+        rt+=("$a") r50+=("$b") r99+=("$c") rb+=("$(<"$f.broker")")
+        f=$(run_dispatcher "$s" "$N" 0)
+        read -r a b c < <(stats "$f")
+        dt+=("$a") d50+=("$b") d99+=("$c") db+=("$(<"$f.broker")")
     done
     read -r _ pr50 pr99 < <(stats "$(run_raw "$s" "$PACED_N" "$RATE")")
     read -r _ pd50 pd99 < <(stats "$(run_dispatcher "$s" "$PACED_N" "$RATE")")
     RT=$(median "${rt[@]}") DT=$(median "${dt[@]}")
     ratio=$("$PY" -c "print(f'{$DT / $RT * 100:.0f}%')")
-    echo "| $s | $RT | $DT | $ratio | $(median "${r50[@]}") / $(median "${r99[@]}") | $(median "${d50[@]}") / $(median "${d99[@]}") | $pr50 / $pr99 | $pd50 / $pd99 |"
+    echo "| $s | $RT | $DT | $ratio | $(median "${r50[@]}") / $(median "${r99[@]}") | $(median "${d50[@]}") / $(median "${d99[@]}") | $(median "${rb[@]}") / $(median "${db[@]}") | $pr50 / $pr99 | $pd50 / $pd99 |"
 done
