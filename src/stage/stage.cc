@@ -330,8 +330,7 @@ bool dies_in_stage(int transfer_rank) {
   spdlog::error("hint: a slow file system or network needs a longer deploy.start_timeout");
   spdlog::default_logger()->flush();
   std::this_thread::sleep_for(std::chrono::duration<double>(std::min(10.0, seconds)));
-  MPI_Abort(MPI_COMM_WORLD, static_cast<int>(Exit::stage));
-  std::_Exit(static_cast<int>(Exit::stage));  // MPI_Abort does not return; in case it does
+  MpiSession::abort(static_cast<int>(Exit::stage));
 }
 
 int world_rank_of(MPI_Comm x, int r) {

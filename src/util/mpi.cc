@@ -30,7 +30,7 @@ MpiSession::~MpiSession() {
   }
 }
 
-void MpiSession::abort(int code) const {
+void MpiSession::abort(int code) {
   MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
 }

@@ -25,7 +25,8 @@ public:
   int size() const noexcept { return m_size; }
   MPI_Comm world() const noexcept { return MPI_COMM_WORLD; }
   // Ends every rank with `code` (a rank that cannot go on while others wait in a collective).
-  [[noreturn]] void abort(int code) const;
+  // Static: code that holds no session (stage) calls it too.
+  [[noreturn]] static void abort(int code);
 
 private:
   int m_rank = 0;
