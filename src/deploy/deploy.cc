@@ -186,27 +186,6 @@ void idle_wait(SignalPipe& signals, int ms, bool& got_signal) {
   }
 }
 
-}  // namespace
-
-namespace {
-int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, const Options& opts);
-}  // namespace
-
-int run(const config::Config& cfg_in, const Options& opts) {
-  // Before MPI_Init: libslurm's first contact may take seconds, and its
-  // answer decides whether rank 0 watches the time limit.
-  bool slurm_time = slurm::in_allocation() && slurm::libslurm_available();
-  MpiSession mpi(nullptr, nullptr);
-  try {
-    return run_rank(mpi, slurm_time, cfg_in, opts);
-  } catch (const Error& e) {
-    log_collective_error(mpi.rank(), e);
-    return static_cast<int>(e.code());
-  }
-}
-
-namespace {
-
 int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, const Options& opts) {
   SignalPipe signals({SIGINT, SIGTERM});
   const int rank = mpi.rank();
@@ -451,5 +430,18 @@ int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, con
 }
 
 }  // namespace
+
+int run(const config::Config& cfg_in, const Options& opts) {
+  // Before MPI_Init: libslurm's first contact may take seconds, and its
+  // answer decides whether rank 0 watches the time limit.
+  bool slurm_time = slurm::in_allocation() && slurm::libslurm_available();
+  MpiSession mpi(nullptr, nullptr);
+  try {
+    return run_rank(mpi, slurm_time, cfg_in, opts);
+  } catch (const Error& e) {
+    log_collective_error(mpi.rank(), e);
+    return static_cast<int>(e.code());
+  }
+}
 
 }  // namespace lhpc::deploy
