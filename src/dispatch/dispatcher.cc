@@ -48,11 +48,16 @@ int Dispatcher::ready_slots() const {
 
 bool Dispatcher::idle() const { return m_msgs.empty(); }
 
-int Dispatcher::desired_prefetch() const {
-  int unreserved = 0;
+int Dispatcher::unreserved_slots() const {
+  int n = 0;
   for (int i = 0; i < m_opts.slots; ++i) {
-    unreserved += m_slots[i].reserved_for == 0 ? 1 : 0;
+    n += m_slots[i].reserved_for == 0 ? 1 : 0;
   }
+  return n;
+}
+
+int Dispatcher::desired_prefetch() const {
+  const int unreserved = unreserved_slots();
   int started = 0;
   for (const auto& [id, m] : m_msgs) {
     started += (m.kind == Kind::task && m.holds_slots && !m.orphan) ? 1 : 0;
@@ -521,10 +526,8 @@ void Dispatcher::on_tick(Clock::time_point now) {
   }
   // Only while every slot runs something: a slot whose handler is being
   // restarted takes the lookahead as soon as it is back.
-  for (int i = 0; i < m_opts.slots; ++i) {
-    if (m_slots[i].reserved_for == 0) {
-      return;
-    }
+  if (unreserved_slots() > 0) {
+    return;
   }
   while (!m_waiting.empty() && !find(m_waiting.front())) {
     m_waiting.pop_front();

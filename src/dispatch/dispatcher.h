@@ -187,6 +187,7 @@ private:
   void update_prefetch();
   amqp::Properties republish_props(const Message& m) const;
   int free_slots() const;
+  int unreserved_slots() const;  // reserved for no message (ready or not)
 
   DispatcherOptions m_opts;
   BrokerPort& m_broker;
