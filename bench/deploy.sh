@@ -30,7 +30,7 @@ interval = 0.5
 TOML
 chmod 600 "$work/config.toml"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+. "$src/bench/lib.sh"
 echo "| ranks | launch to all ready (median of $rounds) | all runs (s) | RSS per rank (rank / with handlers) |"
 echo "|---|---|---|---|"
 for n in $ranks_list; do
@@ -56,6 +56,6 @@ print(", ".join("%.0f/%.0f MiB" % (r["rss_kb"] / 1024, r["rss_tree_kb"] / 1024) 
     "$bin" stop bench-$n --timeout 60 >/dev/null
     wait $pid
   done
-  med=$(printf '%s\n' "${times[@]}" | median)
+  med=$(median "${times[@]}")
   echo "| $n | $(printf '%.2f' "$med") s | $(printf '%.2f ' "${times[@]}") | $rss |"
 done

@@ -18,6 +18,7 @@ set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=$(cd "${1:-$SRC/build}" && pwd)
+. "$SRC/bench/lib.sh"
 N=${N:-20000}
 SLOTS=${SLOTS:-"1 2 4 8"}
 PACED_N=${PACED_N:-2000}
@@ -127,7 +128,6 @@ EOF
 
 # Median of REPEAT runs each, raw and dispatcher alternating, so load from
 # other processes on the machine hits both alike.
-median() { "$PY" -c 'import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):g}")' "$@"; }
 
 echo "| slots | raw tasks/s | dispatcher tasks/s | dispatcher/raw | raw p50 / p99 ms | dispatcher p50 / p99 ms | broker µs/msg raw / dispatcher | paced ${RATE}/s raw p50 / p99 ms | paced ${RATE}/s dispatcher p50 / p99 ms |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -46,18 +46,17 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -m 700 "$WORK/state"
 export LITHOPS_HPC_STATE_DIR=$WORK/state LITHOPS_HPC_BIN=$BIN PYTHONPATH=$HERE/tests/fake-lithops
 
-now() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
+. "$HERE/bench/lib.sh"
 
 IMAGE=$WORK/bench.sif
-t0=$(date +%s.%N)
+t0=$(now)
 "$PY" - "$IMAGE" "$SIZE_MIB" <<EOF
 import sys
 sys.path.insert(0, "$HERE/tests/integration")
 from test_slurm_e2e import write_sif
 write_sif(sys.argv[1], int(sys.argv[2]) << 20)
 EOF
-echo "image: $SIZE_MIB MiB written in $(sub "$(date +%s.%N)" "$t0") s"
+echo "image: $SIZE_MIB MiB written in $(seconds_between "$t0" "$(now)") s"
 
 URL=$("$PY" -c "
 import sys; sys.path.insert(0, '$HERE/tests/integration')
@@ -113,7 +112,7 @@ one() {
     [[ $line == *"copied to 3" ]] || { echo "expected a copy to 3 nodes: $line" >&2; exit 1; }
     local stage_s=${line##* in }
     stage_s=${stage_s%% s:*}
-    printf '%s %s %s %s\n' "$how" "$stage_s" "$(sub "$t_ready" "$t_sub")" "$(sub "$t_ready" "$start")"
+    printf '%s %s %s %s\n' "$how" "$stage_s" "$(seconds_between "$t_sub" "$t_ready")" "$(seconds_between "$start" "$t_ready")"
 }
 
 results=$WORK/results
@@ -136,7 +135,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         pids+=($!)
     done
     wait "${pids[@]}"
-    cp_times+=("$(sub "$(now)" "$t0")")
+    cp_times+=("$(seconds_between "$t0" "$(now)")")
     for n in n1 n2 n3; do pid_var=RIG_SLURMD_PID_$n; nsenter -t "${!pid_var}" -m rm -f /tmp/bench-cp.sif; done
 done
 

@@ -52,9 +52,7 @@ SRC=$WORK/rt.sif
 BYTES=$(stat -c %s "$SRC")
 cat "$SRC" >/dev/null
 
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+. "$(dirname "$0")/lib.sh"
 fresh() {  # outside the timing: no leftovers, no pending writeback, source state as promised
     rm -rf "$WORK/dst" "$WORK/state"
     sync
@@ -69,13 +67,13 @@ fresh() {  # outside the timing: no leftovers, no pending writeback, source stat
 run_cp_seq() {  # N
     local t0 k; t0=$(now)
     for ((k = 0; k < $1; k++)); do mkdir -p "$WORK/dst/node$k"; cp "$SRC" "$WORK/dst/node$k/rt.sif"; done
-    elapsed "$t0" "$(now)"
+    seconds_between "$t0" "$(now)"
 }
 run_cp_par() {  # N
     local t0 k; t0=$(now)
     for ((k = 0; k < $1; k++)); do (mkdir -p "$WORK/dst/node$k" && cp "$SRC" "$WORK/dst/node$k/rt.sif") & done
     wait
-    elapsed "$t0" "$(now)"
+    seconds_between "$t0" "$(now)"
 }
 run_stage() {  # N rep -> wall time; stage's own time goes to $WORK/inner
     local t0 t1 out
@@ -86,7 +84,7 @@ run_stage() {  # N rep -> wall time; stage's own time goes to $WORK/inner
     t1=$(now)
     sed -n 's/.*"seconds": *\([0-9.e+-]*\).*/\1/p' <<<"$out" >"$WORK/inner"
     [[ $(grep -c '"skipped": false' <<<"$out") == 1 ]] || { echo "stage.sh: unexpected stage output: $out" >&2; exit 1; }
-    elapsed "$t0" "$t1"
+    seconds_between "$t0" "$t1"
 }
 
 echo "# stage benchmark: $(numfmt --to=iec "$BYTES") image, chunk ${CHUNK_MIB} MiB, median of $REPS, $(nproc) cores," \

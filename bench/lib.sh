@@ -1,0 +1,10 @@
+# Helpers the bench scripts share; sourced, never run.
+
+now() { date +%s.%N; }
+# Seconds from $1 to $2 (two `now` values), to the millisecond.
+seconds_between() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+# Median of the arguments (the mean of the middle two for an even count).
+median() {
+    printf '%s\n' "$@" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
