@@ -13,19 +13,15 @@ Run: LHPC_BIN=<build>/lithops-hpc LHPC_RIG_DIR=<dir outside /tmp> \
 3-node cluster when they are not running; leaves them running. Tests run in
 name order; the last one kills and restarts node n2.
 """
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import unittest
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,64 +31,9 @@ ROOT = Path(os.environ.get("LHPC_SOURCE_ROOT") or Path(__file__).resolve().paren
 BUILD = Path(os.environ.get("LHPC_BUILD_ROOT") or ROOT / "build")
 BIN = os.environ.get("LHPC_BIN") or str(BUILD / "lithops-hpc")
 TEMPLATE = ROOT / "slurm" / "lithops-deploy.sh"
-STANDIN = ROOT / "tests" / "stand-in" / "singularity"
+MAKE_SIF = BUILD / "tests" / "tools" / "make-sif"  # a valid SIF of an exact size
 FAKE_LITHOPS = ROOT / "tests" / "fake-lithops"
 NODES = ["n1", "n2", "n3"]
-
-
-# ---------------------------------------------------------------- SIF images
-
-def _standin_module():
-    loader = importlib.machinery.SourceFileLoader("lhpc_standin", str(STANDIN))
-    spec = importlib.util.spec_from_loader("lhpc_standin", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-def write_sif(path, size, chunk=4 << 20):
-    """A valid SIF of exactly `size` bytes (deffile + squashfs primary partition),
-    streamed to disk; partition bytes differ chunk by chunk (a misplaced chunk
-    changes the hash). Layout from the stand-in's own writer."""
-    s = _standin_module()
-    deffile = b"Bootstrap: docker\nFrom: python:3.11-slim\n"
-    data_offset = s.DESCR_OFFSET + s.DESCR_CAPACITY * s.DESCR_SIZE
-    def_off = data_offset
-    part_off = (def_off + len(deffile) + 4095) // 4096 * 4096
-    if size < part_off + 4096:
-        raise ValueError(f"a SIF needs at least {part_off + 4096} bytes")
-    part_len = size - part_off
-    now = int(time.time())
-    arch = s.host_arch()
-    group = 1 | s.GROUP_MASK
-    descrs = [
-        struct.pack(s.DESCR_FMT, s.DATA_DEFFILE, 1, 1, group, 0, def_off, len(deffile), len(deffile),
-                    now, now, 0, 0, b"", b""),
-        struct.pack(s.DESCR_FMT, s.DATA_PARTITION, 1, 2, group, 0, part_off, part_len,
-                    part_off - (def_off + len(deffile)) + part_len, now, now, 0, 0, b"",
-                    struct.pack("<ii3s", s.FS_SQUASH, s.PART_PRIMSYS, arch)),
-    ]
-    header = struct.pack(s.HEADER_FMT, s.SIF_LAUNCH, s.SIF_MAGIC, s.SIF_VERSION, arch, uuid.uuid4().bytes,
-                         now, now, s.DESCR_CAPACITY - len(descrs), s.DESCR_CAPACITY, s.DESCR_OFFSET,
-                         s.DESCR_CAPACITY * s.DESCR_SIZE, data_offset, size - data_offset)
-    block = os.urandom(chunk)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.seek(s.DESCR_OFFSET)
-        f.write(b"".join(descrs))
-        f.seek(def_off)
-        f.write(deffile)
-        f.seek(part_off)
-        f.write(s.fake_squashfs(deffile))
-        left, i = part_len - 4096, 0
-        while left > 0:
-            n = min(left, chunk)
-            f.write(struct.pack("<Q", i) + block[8:n] if n > 8 else block[:n])
-            left -= n
-            i += 1
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------- helpers
@@ -129,7 +70,8 @@ class SlurmEndToEnd(unittest.TestCase):
         cls.work = Path(tempfile.mkdtemp(prefix="slurm-e2e-", dir=base))
         cls.state = cls.work / "state"
         cls.state.mkdir(mode=0o700)
-        cls.image = write_sif(cls.work / "rt.sif", 12 << 20)
+        cls.image = cls.work / "rt.sif"
+        subprocess.run([str(MAKE_SIF), str(cls.image), "12M"], check=True)
         cls.env = lt.slurm_env()
         cls.env.update({
             "LITHOPS_HPC_BIN": BIN,
