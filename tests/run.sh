@@ -12,9 +12,9 @@ if [ "${LHPC_SKIP_INSTALL:-0}" != 1 ]; then
   deploy/install-deps.sh || { echo "0 passed, 1 failed"; exit 1; }
 fi
 if [ ! -f "$build/build.ninja" ]; then
-  meson setup "$build" || { echo "0 passed, 1 failed"; exit 1; }
+  meson setup -Dtest_hooks=true "$build" || { echo "0 passed, 1 failed"; exit 1; }
 fi
-meson compile -C "$build" || { echo "0 passed, 1 failed"; exit 1; }
+meson configure -Dtest_hooks=true "$build" >/dev/null && meson compile -C "$build" || { echo "0 passed, 1 failed"; exit 1; }
 meson test -C "$build" --print-errorlogs "$@"
 rc=$?
 /usr/bin/python3 - "$build/meson-logs/testlog.json" <<'PY'
