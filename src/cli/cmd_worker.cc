@@ -7,10 +7,10 @@
 #include <memory>
 
 #include "cli/cli.h"
-#include "deploy/worker.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/signals.h"
+#include "worker/worker.h"
 
 namespace lhpc::cli {
 
@@ -56,7 +56,7 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
   }
   config::require_amqp_url(cfg);
 
-  deploy::Worker worker(cfg, deploy::WorkerIdentity{.slots = o.slots});
+  worker::Worker worker(cfg, worker::WorkerIdentity{.slots = o.slots});
   worker.set_signal_pipe(&signals);
   worker.start(sif);
   while (!worker.finished()) {

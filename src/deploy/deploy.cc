@@ -13,7 +13,6 @@
 #include <thread>
 #include <spdlog/spdlog.h>
 
-#include "deploy/worker.h"
 #include "health/memory.h"
 #include "health/session.h"
 #include "slurm/job.h"
@@ -23,8 +22,13 @@
 #include "util/log.h"
 #include "util/mpi.h"
 #include "util/signals.h"
+#include "worker/worker.h"
 
 namespace lhpc::deploy {
+
+using worker::node_cores;
+using worker::Worker;
+using worker::WorkerStats;
 
 int slots_for_rank(int node_slots, int ranks_on_node, int index_on_node) {
   ranks_on_node = std::max(ranks_on_node, 1);

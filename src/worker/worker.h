@@ -30,7 +30,7 @@ namespace lhpc {
 class SignalPipe;
 }
 
-namespace lhpc::deploy {
+namespace lhpc::worker {
 
 struct WorkerIdentity {
   int rank = 0;
@@ -118,4 +118,4 @@ private:
   std::unique_ptr<Impl> m_impl;
 };
 
-}  // namespace lhpc::deploy
+}  // namespace lhpc::worker

@@ -1,4 +1,4 @@
-#include "deploy/worker.h"
+#include "worker/worker.h"
 
 #include <poll.h>
 #include <sched.h>
@@ -23,7 +23,7 @@
 #include "util/fs.h"
 #include "util/signals.h"
 
-namespace lhpc::deploy {
+namespace lhpc::worker {
 
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
@@ -713,4 +713,4 @@ WorkerStats Worker::stats() const {
   return s;
 }
 
-}  // namespace lhpc::deploy
+}  // namespace lhpc::worker
