@@ -41,6 +41,44 @@ config::Config load_config(const Globals& g) {
   return cfg;
 }
 
+CLI::Validator choice(std::string (*error)(const std::string&)) {
+  // No description: the option's help already lists the choices.
+  return CLI::Validator([error](std::string& text) { return error(text); }, "");
+}
+
+namespace {
+
+// "lithops-hpc runtime build": the commands the parse got to, for hints.
+std::string command_path(const CLI::App& app) {
+  std::string path = app.get_name();
+  const CLI::App* at = &app;
+  while (!at->get_subcommands().empty()) {
+    at = at->get_subcommands().front();
+    path += " " + at->get_name();
+  }
+  return path;
+}
+
+std::string subcommand_names(const CLI::App& group) {
+  std::string names;
+  for (const auto* s : group.get_subcommands({})) {
+    names += (names.empty() ? "" : ", ") + s->get_name();
+  }
+  return names;
+}
+
+}  // namespace
+
+health::Found require_deployment(const std::string& job) {
+  auto look = health::find_deployment(job);
+  if (!look.found) {
+    throw Error(Exit::no_deployment, "no deployment found (looked in " + look.looked + ")",
+                "start one (sbatch lithops-deploy.sh, or lithops-hpc deploy), or name its job id; "
+                "LITHOPS_HPC_STATE_DIR must be the same as the deployment's");
+  }
+  return std::move(*look.found);
+}
+
 int run(int argc, char** argv) {
   setup_logging("info");  // errors while parsing still go to stderr with our pattern
   CLI::App app{"lithops-hpc: run Lithops workers on HPC clusters (Slurm, MPI, Singularity/Apptainer)"};
@@ -61,8 +99,10 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return rc == 0 ? 0 : static_cast<int>(Exit::usage);
+    if (e.get_exit_code() == 0) {  // --help, --version
+      return app.exit(e);
+    }
+    throw Error(Exit::usage, e.what(), "see " + command_path(app) + " --help");
   }
   setup_logging(g.verbose && g.log_level == "info" ? "debug" : g.log_level);
   for (auto& a : actions) {
@@ -71,10 +111,12 @@ int run(int argc, char** argv) {
     }
   }
   // A group (runtime, config, sif) given without its leaf subcommand.
-  for (auto* sub : app.get_subcommands()) {
-    std::cerr << sub->help();
+  auto path = command_path(app);
+  const CLI::App* group = &app;
+  while (!group->get_subcommands().empty()) {
+    group = group->get_subcommands().front();
   }
-  return static_cast<int>(Exit::usage);
+  throw Error(Exit::usage, path + " needs a command: " + subcommand_names(*group), "see " + path + " --help");
 }
 
 }  // namespace lhpc::cli

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "health/status_file.h"
 
 namespace lhpc::cli {
 
@@ -26,8 +27,16 @@ struct Action {
 // Each registers its subcommands under `parent` and appends its actions.
 using Register = void (*)(CLI::App& parent, Globals& g, std::vector<Action>& actions);
 
+// A CLI11 check refusing a flag value through the config's own check (e.g.
+// config::transfer_error), so the flag and the TOML key say the same thing.
+CLI::Validator choice(std::string (*error)(const std::string&));
+
 // Loads the configuration the globals point at and logs its warnings.
 config::Config load_config(const Globals& g);
+
+// The deployment `status`/`stop` mean (see health::find_deployment); throws
+// Error(no_deployment) naming where it looked when there is none.
+health::Found require_deployment(const std::string& job);
 
 int run(int argc, char** argv);
 

@@ -15,25 +15,18 @@ struct DeployArgs {
   bool cleanup = false;
 };
 
+// The flags' checks (cli::choice) already refused a bad value.
 template <typename T>
-std::optional<T> parsed(const std::string& text, std::optional<T> (*parse)(const std::string&), const char* flag,
-                        const char* choices) {
-  if (text.empty()) {
-    return std::nullopt;
-  }
-  auto v = parse(text);
-  if (!v) {
-    throw Error(Exit::usage, std::string("unknown ") + flag + " '" + text + "'", std::string("use ") + choices);
-  }
-  return v;
+std::optional<T> parsed(const std::string& text, std::optional<T> (*parse)(const std::string&)) {
+  return text.empty() ? std::nullopt : parse(text);
 }
 
 int run_deploy(const Globals& g, const DeployArgs& a) {
   deploy::Options o;
   o.sif = a.sif;
-  o.transfer = parsed(a.transfer, config::parse_transfer, "--transfer", "mpi, sbcast or none");
-  o.mode = parsed(a.mode, config::parse_mode, "--mode", "dispatch or runscript");
-  o.engine = parsed(a.engine, config::parse_engine, "--engine", "singularity, apptainer or host");
+  o.transfer = parsed(a.transfer, config::parse_transfer);
+  o.mode = parsed(a.mode, config::parse_mode);
+  o.engine = parsed(a.engine, config::parse_engine);
   if (a.slots >= 0) {
     o.slots = a.slots;
   }
@@ -59,9 +52,14 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   d->add_option("--sif", a->sif, "the runtime image, as rank 0 sees it (not needed with the host engine)")
       ->type_name("PATH");
   d->add_option("--transfer", a->transfer, "how the image reaches the nodes: mpi, sbcast or none (deploy.transfer)")
+      ->check(choice(config::transfer_error))
       ->type_name("HOW");
-  d->add_option("--mode", a->mode, "dispatch or runscript (deploy.mode)")->type_name("MODE");
-  d->add_option("--engine", a->engine, "singularity, apptainer or host (singularity.engine)")->type_name("ENGINE");
+  d->add_option("--mode", a->mode, "dispatch or runscript (deploy.mode)")
+      ->check(choice(config::mode_error))
+      ->type_name("MODE");
+  d->add_option("--engine", a->engine, "singularity, apptainer or host (singularity.engine)")
+      ->check(choice(config::engine_error))
+      ->type_name("ENGINE");
   d->add_option("--slots", a->slots, "task slots per node, split among its ranks; 0: the cores (singularity.worker_processes)")
       ->type_name("N");
   d->add_option("--sif-path", a->sif_path, "node-local directory to stage into (singularity.sif_path)")->type_name("DIR");

@@ -39,7 +39,7 @@ int run_stage(const Globals& g, const StageOpts& so) {
   stage::Options o;
   o.source = so.sif;
   o.sif_dir = config::expand(so.sif_path.empty() ? cfg.singularity.sif_path : so.sif_path, ph);
-  o.transfer = so.transfer.empty() ? cfg.deploy.transfer : *config::parse_transfer(so.transfer);
+  o.transfer = so.transfer.empty() ? cfg.deploy.transfer : config::parse_transfer(so.transfer).value();
   o.chunk_bytes = static_cast<std::size_t>(so.chunk_mib > 0 ? so.chunk_mib : cfg.deploy.chunk_mib) << 20;
   o.compress = so.compress || cfg.deploy.compress;
   o.jobid = ph.jobid;
@@ -111,7 +111,7 @@ void register_stage(CLI::App& parent, Globals& g, std::vector<Action>& actions) 
                  "mpi: rank 0 reads the image once and broadcasts it to one rank per node (default, "
                  "[deploy] transfer); sbcast: Slurm's sbcast to every node of the allocation, then each node "
                  "checks the hash; none: the image is on a shared file system, only check it is readable there")
-      ->check(CLI::IsMember({"mpi", "sbcast", "none"}))
+      ->check(choice(config::transfer_error))
       ->type_name("HOW");
   st->add_option("--sif-path", so->sif_path,
                  "node-local directory for staged images (default: singularity.sif_path, /tmp); %j job id, "

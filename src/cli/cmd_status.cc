@@ -1,7 +1,7 @@
 // `lithops-hpc status [--json] [--watch [SECONDS]] [JOBID]`: the health of a
 // deployment from its status file. Exit 0: running and every rank ready;
 // 1: degraded (a rank not ready, unresponsive, rank 0 gone, or ended);
-// 2: no deployment found.
+// 8: no deployment found (exit codes: lithops-hpc(1)).
 #include <poll.h>
 #include <signal.h>
 #include <unistd.h>
@@ -10,6 +10,7 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 #include "cli/cli.h"
 #include "health/report.h"
@@ -32,12 +33,7 @@ constexpr double k_default_watch = 2;
 
 // One look at the deployment; returns the exit code this look deserves.
 int show_once(const StatusOpts& o, bool watching) {
-  auto look = health::find_deployment(o.job);
-  if (!look.found) {
-    std::cerr << "lithops-hpc status: no deployment found (looked in " << look.looked << ")\n";
-    return static_cast<int>(Exit::usage);
-  }
-  const auto& f = *look.found;
+  auto f = require_deployment(o.job);
   auto view = health::parse_status(f.text, f.loc.link);
   auto a = health::assess(view, health::unix_now());
   if (o.json) {
@@ -92,7 +88,7 @@ int run_status(const StatusOpts& o, bool watch_given) {
     try {
       show_once(o, true);
     } catch (const Error& e) {
-      std::cerr << "lithops-hpc status: " << e.what() << "\n";  // rank 0 may fix it next interval
+      spdlog::warn("{}", e.what());  // not the end of watching: rank 0 may fix it next interval
     }
     if (!tty && !o.json) {
       std::cout << "\n";

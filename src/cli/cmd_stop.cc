@@ -3,13 +3,14 @@
 // (the file works from any node sharing the home directory; no signal is
 // sent, see lithops-hpc(1)), then waits until the status file says stopped.
 // Exit 0: stopped (or asked, with --timeout 0); 1: not stopped in time or
-// ended failed; 2: no deployment found.
+// ended failed; 8: no deployment found (exit codes: lithops-hpc(1)).
 #include <cmath>
 #include <iostream>
 #include <memory>
 #include <thread>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include "cli/cli.h"
 #include "health/report.h"
@@ -38,44 +39,13 @@ std::string progress_line(const health::StatusView& v) {
   return fmt::format("job {}: {}, {}/{} ranks stopped", v.job, v.state, count_stopped(v), v.ranks.size());
 }
 
-int run_stop(const StopOpts& o) {
-  if (!o.job.empty()) {
-    health::check_job_id(o.job);
-  }
-  if (o.timeout < 0 || !std::isfinite(o.timeout)) {
-    throw Error(Exit::usage, "--timeout takes seconds, 0 or more", "0 asks for the stop without waiting");
-  }
-  auto look = health::find_deployment(o.job);
-  if (!look.found) {
-    std::cerr << "lithops-hpc stop: no deployment found (looked in " << look.looked << ")\n";
-    return static_cast<int>(Exit::usage);
-  }
-  auto loc = look.found->loc;
-  auto view = health::parse_status(look.found->text, loc.link);
-  if (view.state == "stopped") {
-    std::cout << "job " << view.job << " is already stopped\n";
-    return 0;
-  }
-  if (view.state == "failed") {
-    std::cout << "job " << view.job << " already ended: failed\n";
-    return static_cast<int>(Exit::failure);
-  }
-  auto a = health::assess(view, health::unix_now());
-  if (a.stale) {
-    std::cerr << "lithops-hpc stop: " << a.headline << "; the stop request waits for it in " << loc.stop << "\n";
-  }
-  health::request_stop(loc);
-  if (o.timeout == 0) {
-    std::cout << "stop requested for job " << view.job << " (" << loc.stop << ")\n";
-    return 0;
-  }
-  std::cout << fmt::format("stop requested for job {}; waiting up to {:g} s (rank 0 looks every {:g} s)\n", view.job,
-                           o.timeout, view.interval);
-  std::cout.flush();
-  double deadline = health::unix_now() + o.timeout;
+// Polls the status file until the deployment stopped (returns) or failed or
+// the deadline passed (throws).
+void wait_stopped(const health::Location& loc, health::StatusView view, double timeout) {
+  double deadline = health::unix_now() + timeout;
   std::string last_line;
   while (true) {
-    look = health::find_deployment(loc.job);
+    auto look = health::find_deployment(loc.job);
     if (look.found) {
       try {
         view = health::parse_status(look.found->text, loc.link);
@@ -91,21 +61,52 @@ int run_stop(const StopOpts& o) {
     }
     if (view.state == "stopped") {
       std::cout << health::assess(view, health::unix_now()).headline << "\n";
-      return 0;
+      return;
     }
     if (view.state == "failed") {
-      std::cerr << "lithops-hpc stop: job " << view.job << " ended failed (a rank did not stop; see the batch log)\n";
-      return static_cast<int>(Exit::failure);
+      throw Error(Exit::failure, "job " + view.job + " ended failed: a rank did not stop",
+                  "see the job's batch log for the rank that failed");
     }
     if (health::unix_now() >= deadline) {
-      std::cerr << fmt::format(
-          "lithops-hpc stop: job {} did not stop within {:g} s ({}); the request stays in {}: run stop again to "
-          "keep waiting, or scancel the job\n",
-          view.job, o.timeout, line, loc.stop);
-      return static_cast<int>(Exit::failure);
+      throw Error(Exit::failure, fmt::format("job {} did not stop within {:g} s ({})", view.job, timeout, line),
+                  "the request stays in " + loc.stop + ": run stop again to keep waiting, or scancel the job");
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(250));
   }
+}
+
+int run_stop(const StopOpts& o) {
+  if (!o.job.empty()) {
+    health::check_job_id(o.job);
+  }
+  if (o.timeout < 0 || !std::isfinite(o.timeout)) {
+    throw Error(Exit::usage, "--timeout takes seconds, 0 or more", "0 asks for the stop without waiting");
+  }
+  auto found = require_deployment(o.job);
+  const auto& loc = found.loc;
+  auto view = health::parse_status(found.text, loc.link);
+  if (view.state == "stopped") {
+    std::cout << "job " << view.job << " is already stopped\n";
+    return 0;
+  }
+  if (view.state == "failed") {
+    throw Error(Exit::failure, "job " + view.job + " already ended: failed",
+                "see the job's batch log; `lithops-hpc status " + view.job + "` shows its last report");
+  }
+  auto a = health::assess(view, health::unix_now());
+  if (a.stale) {
+    spdlog::warn("{}; the stop request waits for it in {}", a.headline, loc.stop);
+  }
+  health::request_stop(loc);
+  if (o.timeout == 0) {
+    std::cout << "stop requested for job " << view.job << " (" << loc.stop << ")\n";
+    return 0;
+  }
+  std::cout << fmt::format("stop requested for job {}; waiting up to {:g} s (rank 0 looks every {:g} s)\n", view.job,
+                           o.timeout, view.interval);
+  std::cout.flush();
+  wait_stopped(loc, view, o.timeout);
+  return 0;
 }
 
 }  // namespace

@@ -27,19 +27,12 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
   // Signals first: one arriving while the instance starts is kept for the loop.
   SignalPipe signals{SIGINT, SIGTERM};
   auto cfg = config::expanded(load_config(g), config::current_placeholders());
+  // The flags' checks (cli::choice) already refused a bad value.
   if (!o.mode.empty()) {
-    auto m = config::parse_mode(o.mode);
-    if (!m) {
-      throw Error(Exit::usage, "unknown --mode '" + o.mode + "'", "use dispatch or runscript");
-    }
-    cfg.deploy.mode = *m;
+    cfg.deploy.mode = config::parse_mode(o.mode).value();
   }
   if (!o.engine.empty()) {
-    auto e = config::parse_engine(o.engine);
-    if (!e) {
-      throw Error(Exit::usage, "unknown --engine '" + o.engine + "'", "use singularity, apptainer or host");
-    }
-    cfg.singularity.engine = *e;
+    cfg.singularity.engine = config::parse_engine(o.engine).value();
   }
   if (o.slots < 0) {
     throw Error(Exit::usage, "--slots must be 1 or more (0: worker_processes, else the node's cores)");
@@ -75,10 +68,14 @@ void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   auto* w = parent.add_subcommand("worker", "run one node's worker here (no MPI): instance, handlers, broker");
   auto o = std::make_shared<WorkerOpts>();
   w->add_option("--sif", o->sif, "the runtime image (not needed with the host engine)")->type_name("PATH");
-  w->add_option("--mode", o->mode, "dispatch (default) or runscript (deploy.mode)")->type_name("MODE");
+  w->add_option("--mode", o->mode, "dispatch (default) or runscript (deploy.mode)")
+      ->check(choice(config::mode_error))
+      ->type_name("MODE");
   w->add_option("--slots", o->slots, "tasks at once (default: singularity.worker_processes, else the cores)")
       ->type_name("N");
-  w->add_option("--engine", o->engine, "singularity, apptainer or host (singularity.engine)")->type_name("ENGINE");
+  w->add_option("--engine", o->engine, "singularity, apptainer or host (singularity.engine)")
+      ->check(choice(config::engine_error))
+      ->type_name("ENGINE");
   actions.push_back({w, [&g, o] { return run_worker(g, *o); }});
 }
 

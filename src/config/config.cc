@@ -62,6 +62,33 @@ std::optional<Mode> parse_mode(const std::string& s) {
 
 namespace {
 
+template <typename E>
+std::string choice_error(const std::string& text, std::optional<E> (*parse)(const std::string&),
+                         std::initializer_list<E> all) {
+  if (parse(text)) {
+    return {};
+  }
+  std::string names;
+  for (auto e : all) {
+    names += (names.empty() ? "" : ", ") + to_string(e);
+  }
+  return "'" + text + "' is not one of " + names;
+}
+
+}  // namespace
+
+std::string engine_error(const std::string& text) {
+  return choice_error(text, parse_engine, {Engine::singularity, Engine::apptainer, Engine::host});
+}
+std::string transfer_error(const std::string& text) {
+  return choice_error(text, parse_transfer, {Transfer::mpi, Transfer::sbcast, Transfer::none});
+}
+std::string mode_error(const std::string& text) {
+  return choice_error(text, parse_mode, {Mode::dispatch, Mode::runscript});
+}
+
+namespace {
+
 std::string where(const std::string& source, const toml::source_region& r) {
   return source + ":" + std::to_string(r.begin.line) + ":" + std::to_string(r.begin.column);
 }
@@ -141,11 +168,12 @@ Key seconds_key(T Config::*section, double T::*field, double lo) {
           }};
 }
 template <typename E, typename T>
-Key enum_key(T Config::*section, E T::*field, std::optional<E> (*parse)(const std::string&), const char* choices) {
+Key enum_key(T Config::*section, E T::*field, std::optional<E> (*parse)(const std::string&),
+             std::string (*error)(const std::string&)) {
   return {Kind::string, [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
             auto v = parse(str(n));
             if (!v) {
-              fail_at(src, n, full, "'" + str(n) + "' is not one of " + choices);
+              fail_at(src, n, full, error(str(n)));
             }
             (c.*section).*field = *v;
           }};
@@ -157,7 +185,7 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
        {
            {"sif_path", string_key(&Config::singularity, &Singularity::sif_path)},
            {"runtime", string_key(&Config::singularity, &Singularity::runtime)},
-           {"engine", enum_key(&Config::singularity, &Singularity::engine, parse_engine, "singularity, apptainer, host")},
+           {"engine", enum_key(&Config::singularity, &Singularity::engine, parse_engine, engine_error)},
            {"fakeroot", bool_key(&Config::singularity, &Singularity::fakeroot)},
            {"nv", bool_key(&Config::singularity, &Singularity::nv)},
            {"instance_name",
@@ -200,11 +228,11 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
        }},
       {"deploy",
        {
-           {"transfer", enum_key(&Config::deploy, &Deploy::transfer, parse_transfer, "mpi, sbcast, none")},
+           {"transfer", enum_key(&Config::deploy, &Deploy::transfer, parse_transfer, transfer_error)},
            {"chunk_mib", int_key(&Config::deploy, &Deploy::chunk_mib, 1, 1024)},
            {"compress", bool_key(&Config::deploy, &Deploy::compress)},
            {"cleanup", bool_key(&Config::deploy, &Deploy::cleanup)},
-           {"mode", enum_key(&Config::deploy, &Deploy::mode, parse_mode, "dispatch, runscript")},
+           {"mode", enum_key(&Config::deploy, &Deploy::mode, parse_mode, mode_error)},
            {"drain_timeout", seconds_key(&Config::deploy, &Deploy::drain_timeout, 0)},
            {"drain_before_end", seconds_key(&Config::deploy, &Deploy::drain_before_end, 0)},
            {"min_ranks", int_key(&Config::deploy, &Deploy::min_ranks, 0, 1 << 20)},

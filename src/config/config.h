@@ -20,6 +20,13 @@ std::string to_string(Mode);
 std::optional<Engine> parse_engine(const std::string&);
 std::optional<Transfer> parse_transfer(const std::string&);
 std::optional<Mode> parse_mode(const std::string&);
+// Why `text` names no value of the enum, in the words every refusal uses
+// ("'x' is not one of mpi, sbcast, none"); empty when it is valid. The TOML
+// keys and the command-line flags (a CLI11 check) both refuse through these,
+// so a bad value reads the same wherever it was written.
+std::string engine_error(const std::string& text);
+std::string transfer_error(const std::string& text);
+std::string mode_error(const std::string& text);
 
 struct Singularity {
   std::string sif_path = "/tmp";              // staged images go under here; placeholders

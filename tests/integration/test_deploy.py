@@ -73,7 +73,7 @@ interval = {INTERVAL}
 
     def status_json(self):
         r = self.status("--json")
-        if r.returncode == 2:
+        if r.returncode == 8:  # no deployment found (yet)
             return None
         return json.loads(r.stdout)
 
@@ -212,7 +212,7 @@ class DeployTest(unittest.TestCase):
         env = dict(os.environ, LITHOPS_HPC_STATE_DIR=tempfile.mkdtemp(prefix="lhpc-empty-state-"))
         env.pop("SLURM_JOB_ID", None)
         none = subprocess.run([BIN, "status"], env=env, capture_output=True, text=True)
-        self.assertEqual(none.returncode, 2, "no deployment found")
+        self.assertEqual(none.returncode, 8, "no deployment found")
         self.assertIn("no deployment", none.stderr.lower())
         d = self.deploy(0)  # singleton, host engine, no image
         d.wait_ready(1)

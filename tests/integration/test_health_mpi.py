@@ -336,11 +336,11 @@ class HealthOverMpi(unittest.TestCase):
 
         for args in (["status"], ["status", "--json"], ["status", "77"], ["stop"], ["stop", "77"]):
             p = cli(*args)
-            self.assertEqual(p.returncode, 2, (args, p.stdout, p.stderr))
+            self.assertEqual(p.returncode, 8, (args, p.stdout, p.stderr))
             self.assertEqual(p.stdout, "", args)
             self.assertIn("no deployment found (looked in " + state + "/jobs/", p.stderr)
         p = cli("status", SLURM_JOB_ID="4242")
-        self.assertEqual(p.returncode, 2)
+        self.assertEqual(p.returncode, 8)
         self.assertIn("jobs/4242/status.json ($SLURM_JOB_ID)", p.stderr)
         p = cli("status", "../x")
         self.assertEqual(p.returncode, 2)

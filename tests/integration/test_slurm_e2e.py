@@ -152,7 +152,7 @@ class SlurmEndToEnd(unittest.TestCase):
 
     def status(self, job):
         r = run([BIN, "status", job.id, "--json"], self.env, check=False)
-        if r.returncode == 2 or not r.stdout.strip():
+        if r.returncode == 8 or not r.stdout.strip():
             return None
         return json.loads(r.stdout)
 
