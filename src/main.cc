@@ -12,6 +12,7 @@
 
 #include "cli/cli.h"
 #include "util/error.h"
+#include "util/log.h"
 
 namespace {
 
@@ -56,6 +57,7 @@ void not_dumpable() {
 
 int main(int argc, char** argv) {
   try {
+    lhpc::setup_logging("info");  // to stderr, with our pattern, before anything can fail
     refuse_set_id();
     not_dumpable();
     return lhpc::cli::run(argc, argv);

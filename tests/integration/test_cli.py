@@ -128,6 +128,7 @@ class ProcessHardeningTest(unittest.TestCase):
         env.pop("SLURM_JOB_ID", None)
         p = subprocess.Popen(self.as_nobody(BIN, "status", "--watch", "1"), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
+        self.addCleanup(p.stderr.close)
         self.addCleanup(p.wait)
         self.addCleanup(p.kill)
         environ = f"/proc/{p.pid}/environ"
