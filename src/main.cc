@@ -47,10 +47,11 @@ void not_dumpable() {
                       "this kernel refuses to protect the process; report it");
   }
   // The same ptrace check guards process_vm_readv, which Open MPI's shared
-  // memory transport uses (CMA) between ranks on one node: a non-root rank
-  // could no longer read its peer. Copy-in/copy-out instead, unless the user
-  // chose a mechanism.
-  ::setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 0);
+  // memory transport (vader, CMA) uses between ranks on one host: there a
+  // non-root rank's single copy fails ("Read -1, expected N, errno = 1") and
+  // Open MPI falls back to copying through shared memory. Forcing that
+  // fallback (single_copy_mechanism=none) was tried and left a stage whose
+  // peer died hanging past its stall deadline, so it is not forced here.
 }
 
 }  // namespace
