@@ -6,6 +6,7 @@
 #
 #   rabbitmq-user-broker.sh start [--dir DIR] [--host NAME] [--port N] [--bind ADDR]
 #                                 [--tls-cert FILE --tls-key FILE [--tls-ca FILE] | --no-tls]
+#                                 [--name NODE]
 #   rabbitmq-user-broker.sh status|stop|url [--dir DIR]
 #   rabbitmq-user-broker.sh ctl [--dir DIR] RABBITMQCTL-ARGS...   e.g. ctl list_queues
 #
@@ -17,10 +18,20 @@
 #
 #   export AMQP_URL=$(rabbitmq-user-broker.sh url)      # lithops-hpc reads it
 #
-# TLS: with --tls-cert/--tls-key (PEM; the name given with --host must be in
-# the certificate) the broker listens for amqps:// only. Options given to a
-# later start replace the saved ones; --port/--host/--bind/--tls-* are kept
-# otherwise.
+# Who can reach it: without TLS the broker listens on 127.0.0.1 only (plain
+# AMQP carries the password and every task in clear), and the URL names
+# 127.0.0.1: right for one machine, unreachable from compute nodes. To open it:
+#   --tls-cert FILE --tls-key FILE [--tls-ca FILE]   (PEM; the name given with
+#       --host must be in the certificate): amqps:// only, on every interface
+#       (or --bind ADDR); the way to serve compute nodes.
+#   --bind ADDR (e.g. --bind 0.0.0.0, or the address of the cluster network)
+#       without TLS: plain AMQP on that interface; only on a network where
+#       every host and user able to reach the port is trusted. A warning says so.
+# Options given to a later start replace the saved ones; --port/--host/--bind/
+# --tls-*/--name are kept otherwise. --name sets the Erlang node name (default
+# lithops@localhost): two brokers on one machine each have their own epmd, so
+# they may share it. DIR/node-env.sh holds the environment rabbitmqctl needs
+# to reach this broker (no secrets).
 #
 # Needs: rabbitmq-server (Debian/Ubuntu package rabbitmq-server, or a generic
 # tarball with RABBITMQ_SBIN=<its sbin>), epmd (Erlang), python3 or ss to find
@@ -90,7 +101,7 @@ port_free() { # port -> true when nothing listens on it
 # ---- state: DIR/settings (no secrets) and 0600 files for the secrets ---------
 
 load_settings() {
-    AMQP_PORT="" DIST_PORT="" EPMD_PORT="" HOST="" BIND="" TLS_CERT="" TLS_KEY="" TLS_CA=""
+    AMQP_PORT="" DIST_PORT="" EPMD_PORT="" HOST="" BIND="" TLS_CERT="" TLS_KEY="" TLS_CA="" NODE_NAME=""
     # shellcheck disable=SC1091
     [[ -f $D/settings ]] && . "$D/settings"
     return 0
@@ -106,6 +117,7 @@ BIND=$(printf %q "$BIND")
 TLS_CERT=$(printf %q "$TLS_CERT")
 TLS_KEY=$(printf %q "$TLS_KEY")
 TLS_CA=$(printf %q "$TLS_CA")
+NODE_NAME=$(printf %q "$NODE_NAME")
 EOF
     mv "$D/settings.tmp" "$D/settings"
 }
@@ -117,7 +129,7 @@ url_redacted() { echo "$(scheme)://$BROKER_USER:***@$HOST:$AMQP_PORT"; }
 write_node_env() {
     cat >"$D/node-env.sh" <<EOF
 export HOME=$(printf %q "$D/home")
-export RABBITMQ_NODENAME=lithops@localhost
+export RABBITMQ_NODENAME=${NODE_NAME:-lithops@localhost}
 export RABBITMQ_DIST_PORT=$DIST_PORT
 # Our own epmd, loopback only, on its own port: the distribution port is never
 # reachable from other hosts, and stop can end it by its PID.
@@ -150,9 +162,17 @@ first_time_setup() {
     )
 }
 
+# Where the listener is: as given with --bind; else every interface for TLS,
+# and loopback only for plain AMQP (nothing in clear leaves the machine).
+listen_address() {
+    if [[ -n $BIND ]]; then echo "$BIND"; elif [[ -n $TLS_CERT ]]; then echo ""; else echo 127.0.0.1; fi
+}
+is_loopback() { [[ $1 == 127.* || $1 == ::1 || $1 == localhost ]]; }
+
 write_config() {
-    local listen=$AMQP_PORT
-    [[ -n $BIND ]] && listen=$BIND:$AMQP_PORT
+    local listen=$AMQP_PORT addr
+    addr=$(listen_address)
+    [[ -n $addr ]] && listen=$addr:$AMQP_PORT
     (
         umask 077
         {
@@ -189,7 +209,13 @@ write_config() {
 pid_of() { cat "$D/run/$1.pid" 2>/dev/null || true; }
 running() { alive "$(pid_of server)"; }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null; }
+# Where to knock: the bound address, or loopback when bound to every interface.
+probe_addr() {
+    local a; a=$(listen_address)
+    [[ -z $a || $a == 0.0.0.0 || $a == :: ]] && a=127.0.0.1
+    echo "$a"
+}
+port_open() { (exec 3<>"/dev/tcp/$(probe_addr)/$AMQP_PORT") 2>/dev/null; }
 
 ctl() { # rabbitmqctl-like tool with this broker's environment
     local tool=$1; shift
@@ -199,8 +225,28 @@ ctl() { # rabbitmqctl-like tool with this broker's environment
 
 # ---- commands ----------------------------------------------------------------
 
+# The name in the URL: as given; else 127.0.0.1 when the listener is loopback
+# only (a host name may resolve elsewhere, e.g. Debian's 127.0.1.1), else this
+# host's name. A plain listener off loopback is said out loud.
+choose_host() { # host given at this start ("" if none)
+    local addr; addr=$(listen_address)
+    if [[ -z $addr ]] || ! is_loopback "$addr"; then
+        [[ -n $HOST ]] && ! is_loopback "$HOST" || HOST=$(hostname -f 2>/dev/null || hostname)
+        [[ -n $TLS_CERT ]] ||
+            log "warning: plain AMQP (no TLS) on ${addr:-every interface}: the password and tasks travel in clear;" \
+                "use --tls-cert/--tls-key unless every host that can reach port ${AMQP_PORT:-the port} is trusted"
+        return 0
+    fi
+    if ! is_loopback "${HOST:-x}"; then
+        [[ -z $1 ]] || die "--host $1 cannot reach a broker listening on $addr only: add --bind ADDR or TLS (see --help)"
+        HOST=127.0.0.1
+    fi
+    log "listening on $addr only (no TLS): for this machine alone; to serve compute nodes use" \
+        "--tls-cert/--tls-key, or --bind ADDR on a trusted network (see --help)"
+}
+
 do_start() {
-    local opt_port="" opt_host="" opt_bind="" opt_cert="" opt_key="" opt_ca="" no_tls=""
+    local opt_port="" opt_host="" opt_bind="" opt_cert="" opt_key="" opt_ca="" no_tls="" opt_name=""
     while (($#)); do
         case $1 in
             --port) opt_port=${2:?--port needs a number}; shift 2 ;;
@@ -210,21 +256,21 @@ do_start() {
             --tls-key) opt_key=${2:?}; shift 2 ;;
             --tls-ca) opt_ca=${2:?}; shift 2 ;;
             --no-tls) no_tls=1; shift ;;
+            --name) opt_name=${2:?--name needs a node name such as rig@localhost}; shift 2 ;;
             *) die "start: unknown option $1 (see $PROG --help)" ;;
         esac
     done
+    load_settings
     if running && port_open; then
-        load_settings
         log "already running (pid $(pid_of server)); Lithops URL: $(url_redacted)"
         return 0
     fi
     first_time_setup
-    load_settings
     [[ -z $opt_port ]] || [[ $opt_port =~ ^[0-9]+$ && $opt_port -ge 1 && $opt_port -le 65535 ]] ||
         die "--port must be a number from 1 to 65535"
     [[ -n $opt_host ]] && HOST=$opt_host
     [[ -n $opt_bind ]] && BIND=$opt_bind
-    [[ -n $HOST ]] || HOST=$(hostname -f 2>/dev/null || hostname)
+    [[ -n $opt_name ]] && NODE_NAME=$opt_name
     if [[ -n $no_tls ]]; then
         TLS_CERT="" TLS_KEY="" TLS_CA=""
     elif [[ -n $opt_cert || -n $opt_key ]]; then
@@ -249,6 +295,7 @@ do_start() {
     { [[ -n $DIST_PORT ]] && port_free "$DIST_PORT"; } || DIST_PORT=${fresh[1]}
     # A leftover epmd of ours keeps its port (start reuses that epmd).
     alive "$(pid_of epmd)" || { [[ -n $EPMD_PORT ]] && port_free "$EPMD_PORT"; } || EPMD_PORT=${fresh[2]}
+    choose_host "$opt_host"
     save_settings
     write_node_env
     write_config
@@ -269,7 +316,7 @@ do_start() {
     log "starting RabbitMQ in $D (log: $D/log) ..."
     local t0=$SECONDS
     if ! wait_for "$START_TIMEOUT" "the broker to listen on port $AMQP_PORT" \
-        bash -c "! kill -0 $(pid_of server) 2>/dev/null || (exec 3<>/dev/tcp/127.0.0.1/$AMQP_PORT) 2>/dev/null" ||
+        bash -c "! kill -0 $(pid_of server) 2>/dev/null || (exec 3<>/dev/tcp/$(probe_addr)/$AMQP_PORT) 2>/dev/null" ||
         ! running || ! ctl rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1; then
         tail -n 20 "$D/log/server.out" >&2 || true
         do_stop >/dev/null 2>&1 || true

@@ -59,12 +59,29 @@ std::string command_path(const CLI::App& app) {
   return path;
 }
 
-std::string subcommand_names(const CLI::App& group) {
-  std::string names;
-  for (const auto* s : group.get_subcommands({})) {
-    names += (names.empty() ? "" : ", ") + s->get_name();
+const CLI::App& deepest(const CLI::App& app) {
+  const CLI::App* at = &app;
+  while (!at->get_subcommands().empty()) {
+    at = at->get_subcommands().front();
   }
-  return names;
+  return *at;
+}
+
+// A parse error as the user should read it. A group (lithops-hpc, runtime,
+// config, sif) given without its command gets the commands it has, rather
+// than CLI11's "A subcommand is required".
+Error usage_error(const CLI::App& app, const CLI::ParseError& e) {
+  auto path = command_path(app);
+  const auto& at = deepest(app);
+  std::string what = e.what();
+  if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr && !at.get_subcommands({}).empty()) {
+    std::string names;
+    for (const auto* s : at.get_subcommands({})) {
+      names += (names.empty() ? "" : ", ") + s->get_name();
+    }
+    what = path + " needs a command: " + names;
+  }
+  return Error(Exit::usage, what, "see " + path + " --help");
 }
 
 }  // namespace
@@ -102,7 +119,7 @@ int run(int argc, char** argv) {
     if (e.get_exit_code() == 0) {  // --help, --version
       return app.exit(e);
     }
-    throw Error(Exit::usage, e.what(), "see " + command_path(app) + " --help");
+    throw usage_error(app, e);
   }
   setup_logging(g.verbose && g.log_level == "info" ? "debug" : g.log_level);
   for (auto& a : actions) {
@@ -110,13 +127,9 @@ int run(int argc, char** argv) {
       return a.run();
     }
   }
-  // A group (runtime, config, sif) given without its leaf subcommand.
-  auto path = command_path(app);
-  const CLI::App* group = &app;
-  while (!group->get_subcommands().empty()) {
-    group = group->get_subcommands().front();
-  }
-  throw Error(Exit::usage, path + " needs a command: " + subcommand_names(*group), "see " + path + " --help");
+  // Every group requires its command (require_subcommand), so CLI11 refused
+  // a command line that reaches here.
+  throw Error(Exit::failure, "internal error: no command ran for " + command_path(app));
 }
 
 }  // namespace lhpc::cli

@@ -3,8 +3,10 @@
 exit status lithops-hpc(1) documents; a bad value of an enum reads the same
 from a flag and from the configuration file."""
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 import unittest
 
 BIN = os.environ["LHPC_BIN"]
@@ -79,6 +81,76 @@ class CliErrorsTest(unittest.TestCase):
             r = run(*args)
             self.assertEqual(r.returncode, 0, (args, r.stderr))
             self.assertNotEqual(r.stdout, "")
+
+
+NOBODY = 65534
+
+
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+class ProcessHardeningTest(unittest.TestCase):
+    """Issue 12 item 9: never run set-uid; no core dump or ptrace holds the URL."""
+
+    def setUp(self):
+        # A directory nobody can traverse, on the same (not nosuid) file system as the build.
+        self.dir = tempfile.mkdtemp(prefix="lhpc-setid-", dir=os.path.dirname(BIN))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        os.chmod(self.dir, 0o755)
+
+    def as_nobody(self, binary, *args):
+        return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", binary, *args]
+
+    def copy(self, mode):
+        path = os.path.join(self.dir, "lithops-hpc")
+        shutil.copy(BIN, path)
+        os.chown(path, 0, 0)
+        os.chmod(path, mode)
+        return path
+
+    def test_a_set_uid_or_set_gid_copy_refuses_to_run(self):
+        plain = self.copy(0o755)
+        r = subprocess.run(self.as_nobody(plain, "--version"), capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)  # the same binary runs as nobody
+        for mode, what in ((0o4755, "effective uid 0"), (0o2755, "effective gid 0")):
+            path = self.copy(mode)
+            self.assertEqual(os.stat(path).st_mode & 0o6000, mode & 0o6000)
+            r = subprocess.run(self.as_nobody(path, "--version"), capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 1, (oct(mode), r.stdout, r.stderr))
+            self.assertEqual(r.stdout, "", "nothing ran")
+            self.assertIn("runs set-uid or set-gid", r.stderr)
+            self.assertIn(what, r.stderr)
+            self.assertIn("hint: never install it set-uid", r.stderr)
+
+    def test_a_running_command_is_not_dumpable(self):
+        # /proc/PID/environ of a dumpable process belongs to its user; of one
+        # that is not, to root: its user's other processes cannot read it.
+        state = os.path.join(self.dir, "state")
+        env = dict(os.environ, LITHOPS_HPC_STATE_DIR=state, AMQP_URL="amqp://u:secret@127.0.0.1:1/")
+        env.pop("SLURM_JOB_ID", None)
+        p = subprocess.Popen(self.as_nobody(BIN, "status", "--watch", "1"), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        self.addCleanup(p.stderr.close)
+        self.addCleanup(p.wait)
+        self.addCleanup(p.kill)
+        environ = f"/proc/{p.pid}/environ"
+
+        def started():  # setpriv execs in place: same PID, our binary once its uid changed
+            try:
+                return os.stat(f"/proc/{p.pid}").st_uid == NOBODY and os.readlink(f"/proc/{p.pid}/exe") == BIN
+            except OSError:
+                return False
+        deadline = time.monotonic() + 20
+        while not started():
+            self.assertIsNone(p.poll(), p.stderr.read() if p.poll() is not None else "")
+            self.assertLess(time.monotonic(), deadline, "lithops-hpc status --watch did not start")
+            time.sleep(0.05)
+        # `status --watch` warns each second that it finds no deployment:
+        # the first warning means main() has run its hardening.
+        self.assertIn("no deployment found", p.stderr.readline())
+        self.assertEqual(os.stat(environ).st_uid, 0, "not dumpable: /proc/PID/environ is root's")
+        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat", environ],
+                           capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(r.returncode, 0, "another process of the same user cannot read the URL")
+        self.assertNotIn("secret", r.stdout)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,25 @@ class DocsTest(unittest.TestCase):
             self.assertIn("NAME", r.stdout)
             self.assertIn("EXIT STATUS" if name.endswith(".1") else "PLACEHOLDERS", r.stdout)
 
+    def test_install_is_the_site_assets_deploy_readme_lists(self):
+        r = subprocess.run(["meson", "install", "-C", BUILD_ROOT, "--no-rebuild", "--dry-run", "--destdir",
+                            "/nonexistent-destdir"], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        installed = set()
+        for m in re.finditer(r"^Installing (\S+) to (\S+)$", r.stdout, re.M):
+            src = os.path.relpath(m.group(1), SOURCE_ROOT)
+            if not src.startswith("..") and os.path.isfile(m.group(1)):
+                installed.add(src)
+        deploy = {f for f in installed if f.startswith("deploy/")}
+        self.assertEqual(deploy, {"deploy/README.md", "deploy/config.example.toml", "deploy/rabbitmq-user-broker.sh",
+                                  "deploy/modulefiles/lithops-hpc.lua", "deploy/modulefiles/lithops-hpc.tcl"})
+        self.assertIn("LICENSE", installed)
+        readme = open(os.path.join(SOURCE_ROOT, "deploy", "README.md")).read()
+        for f in deploy:
+            self.assertIn(f"`{os.path.relpath(f, 'deploy')}`", readme, f"{f} is listed in deploy/README.md")
+        for dev in ("install-deps.sh", "local-demo.sh"):
+            self.assertIn(f"`{dev}` | Not installed", readme)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

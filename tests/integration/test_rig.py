@@ -53,6 +53,59 @@ class Broker(unittest.TestCase):
         self.assertEqual(lt.queue_depth(url, "task_queue"), 3)
 
 
+def listeners(port):
+    """Local addresses listening on TCP `port` (ss -ltnH), e.g. {"127.0.0.1"}."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
+class UserBroker(unittest.TestCase):
+    """deploy/rabbitmq-user-broker.sh, which the rig runs too: plain AMQP stays
+    on loopback unless the user opens it (issue 12, item 6)."""
+    SCRIPT = str(Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq-user-broker.sh")
+
+    def setUp(self):
+        self.dir = Path(lt.rig_dir()) / f"user-broker-{os.getpid()}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.addCleanup(self.broker, "stop")
+
+    def broker(self, cmd, *args):
+        return subprocess.run([self.SCRIPT, cmd, "--dir", str(self.dir), *args], capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+
+    def settings(self):
+        return dict(line.split("=", 1) for line in (self.dir / "settings").read_text().splitlines() if "=" in line)
+
+    def test_plain_amqp_listens_on_loopback_unless_opened(self):
+        r = self.broker("start")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        port = self.settings()["AMQP_PORT"]
+        self.assertEqual(listeners(port), {"127.0.0.1"})
+        self.assertTrue((self.dir / "amqp_url").read_text().strip().endswith(f"@127.0.0.1:{port}"))
+        self.assertIn("listening on 127.0.0.1 only (no TLS)", r.stderr)
+        self.assertNotIn((self.dir / "password").read_text().strip(), r.stdout + r.stderr)
+        self.assertEqual(self.broker("stop").returncode, 0)
+
+        r = self.broker("start", "--bind", "0.0.0.0")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("warning: plain AMQP (no TLS) on 0.0.0.0", r.stderr)
+        self.assertEqual(listeners(self.settings()["AMQP_PORT"]), {"0.0.0.0"})
+        self.assertNotIn("@127.0.0.1:", (self.dir / "amqp_url").read_text(), "the URL names this host")
+
+    def test_help_says_how_to_open_it(self):
+        r = subprocess.run([self.SCRIPT, "--help"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0)
+        for words in ("127.0.0.1 only", "--tls-cert", "--bind ADDR", "--bind 0.0.0.0"):
+            self.assertIn(words, r.stdout)
+
+    def test_the_rig_broker_is_this_script_on_loopback(self):
+        env = lt.ensure_broker()
+        settings = Path(env["RIG_RABBITMQ_DIR"]) / "settings"
+        self.assertTrue(settings.exists(), "the rig's broker directory has the user broker's layout")
+        self.assertEqual(listeners(env["RIG_AMQP_PORT"]), {"127.0.0.1"})
+
+
 @unittest.skipIf(os.environ.get("LHPC_SKIP_SLURM") == "1", "LHPC_SKIP_SLURM=1")
 class Cluster(unittest.TestCase):
     @classmethod
