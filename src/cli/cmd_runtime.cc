@@ -1,5 +1,6 @@
-// `lithops-hpc runtime build NAME [-f DEF] [--fakeroot] [--force] [--sif-path DIR]`:
-// <sif_path>/NAME.sif from a definition file with the configured engine.
+// `lithops-hpc runtime build [NAME] [-f DEF] [--fakeroot] [--force] [--sif-path DIR]`:
+// <sif_path>/NAME.sif from a definition file with the configured engine
+// (NAME defaults to singularity.runtime, as the Lithops client names it).
 // Everything that can be checked is checked before the engine runs, so a
 // refusal never leaves half an image behind.
 #include <poll.h>
@@ -126,14 +127,34 @@ std::pair<int, int> run_build(const std::vector<std::string>& argv, const std::s
   return {*child.status(), got};
 }
 
-int build_runtime(const Globals& g, const BuildOpts& o, bool fakeroot_given) {
-  check_runtime_name(o.name);
+// With a NAME other than the configured runtime: the line that makes the
+// Lithops client (and deploy) use the new image.
+std::string config_line_for(const config::Config& cfg, const std::string& name) {
+  if (name == cfg.singularity.runtime) {
+    return {};
+  }
+  std::string file = cfg.lithops.source.empty() ? "~/.lithops/config" : cfg.lithops.source;
+  return "to use it, put `runtime: " + name + "` under `singularity:` in " + file +
+         (cfg.origin("singularity.runtime").from == config::From::toml
+              ? " and remove singularity.runtime from " + cfg.source
+              : std::string());
+}
+
+int build_runtime(const Globals& g, BuildOpts o, bool fakeroot_given) {
   auto cfg = load_config(g);
+  if (o.name.empty()) {
+    o.name = cfg.singularity.runtime;
+    if (o.name.empty()) {
+      throw Error(Exit::usage, "runtime build needs a NAME: singularity.runtime is not set",
+                  "give a NAME, or set `runtime: NAME` under `singularity:` in ~/.lithops/config");
+    }
+  }
+  check_runtime_name(o.name);
   std::string origin = "--sif-path";
   if (!o.sif_path.empty()) {
     cfg.singularity.sif_path = o.sif_path;
   } else {
-    origin = "singularity.sif_path" + (cfg.source.empty() ? std::string(" default") : " in " + cfg.source);
+    origin = "singularity.sif_path (" + config::to_string(cfg.origin("singularity.sif_path")) + ")";
   }
   auto eff = config::expanded(cfg, config::current_placeholders());
   bool fakeroot = fakeroot_given ? o.fakeroot : eff.singularity.fakeroot;
@@ -190,6 +211,9 @@ int build_runtime(const Globals& g, const BuildOpts& o, bool fakeroot_given) {
   }
   std::cout << "built " << out << " (" << human_bytes(static_cast<double>(*size)) << ")\n"
             << "check it with: lithops-hpc sif inspect " << shell_quote(out) << "\n";
+  if (auto line = config_line_for(cfg, o.name); !line.empty()) {
+    std::cout << line << "\n";
+  }
   return 0;
 }
 
@@ -198,10 +222,10 @@ int build_runtime(const Globals& g, const BuildOpts& o, bool fakeroot_given) {
 void register_runtime(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
   auto* rt = parent.add_subcommand("runtime", "build runtime images");
   rt->require_subcommand(1);
-  auto* build = rt->add_subcommand("build", "build <sif_path>/NAME.sif from a definition file");
+  auto* build = rt->add_subcommand("build", "build <sif_path>/NAME.sif (NAME: singularity.runtime) from a definition file");
   auto o = std::make_shared<BuildOpts>();
-  build->add_option("NAME", o->name, "runtime name (singularity.runtime): the image is <sif_path>/NAME.sif")
-      ->required();
+  build->add_option("NAME", o->name,
+                    "runtime name (default: singularity.runtime): the image is <sif_path>/NAME.sif");
   build->add_option("-f,--file", o->def, "definition file (default: the bundled runtime-defs/lithops-default.def)")
       ->type_name("DEF");
   auto* fakeroot = build->add_flag("--fakeroot,!--no-fakeroot", o->fakeroot,
