@@ -105,18 +105,6 @@ YAML::Node load_root(const std::string& yaml_text, const std::string& source) {
   return root;
 }
 
-void apply(Config& cfg, const LithopsClient& l) {
-  auto origin = [&l](const LithopsClient::Value& v) { return Origin{From::lithops_yaml, l.where(v)}; };
-  if (l.runtime) {
-    cfg.singularity.runtime = l.runtime->text;
-    cfg.origins["singularity.runtime"] = origin(*l.runtime);
-  }
-  if (l.amqp_url) {
-    cfg.rabbitmq.amqp_url = l.amqp_url->text;
-    cfg.origins["rabbitmq.amqp_url"] = origin(*l.amqp_url);
-  }
-}
-
 }  // namespace
 
 std::optional<std::string> find_lithops_config() {
@@ -170,11 +158,14 @@ Config parse_lithops_yaml(const std::string& yaml_text, const std::string& sourc
     cfg.origins["singularity.sif_path"] = {From::lithops_yaml, l.where(*sif_path)};
   }
   // "default" is Lithops' word for its own image name: nothing to map.
-  LithopsClient mapped = l;
-  if (mapped.runtime && mapped.runtime->text == "default") {
-    mapped.runtime.reset();
+  if (l.runtime && l.runtime->text != "default") {
+    cfg.singularity.runtime = l.runtime->text;
+    cfg.origins["singularity.runtime"] = {From::lithops_yaml, l.where(*l.runtime)};
   }
-  apply(cfg, mapped);
+  if (l.amqp_url) {
+    cfg.rabbitmq.amqp_url = l.amqp_url->text;
+    cfg.origins["rabbitmq.amqp_url"] = {From::lithops_yaml, l.where(*l.amqp_url)};
+  }
   cfg.lithops = std::move(l);
   return cfg;
 }
