@@ -638,11 +638,14 @@ void split_authority(const std::string& url, const std::string& rest, AmqpUrl& u
   path = slash == std::string::npos ? "" : authority.substr(slash + 1);
 }
 
-int parse_port(const std::string& port, const std::string& url) {
+int parse_port(const std::string& port) {
   // The text is not quoted: in a URL written wrong it may be part of a password.
   if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
       std::stoi(port) < 1 || std::stoi(port) > 65535) {
-    throw Error(Exit::config, "bad port in the AMQP URL " + redact_url(url), "the port is a number from 1 to 65535");
+    // Nor the URL: without an '@' a password in it would not be redacted.
+    throw Error(Exit::config, "bad port in the AMQP URL: the text after the host's ':' is not a number from 1 to 65535",
+                "write amqp://user:password@host:5672/vhost, with '/', '@' and ':' in the password "
+                "percent-encoded (%2F, %40, %3A)");
   }
   return std::stoi(port);
 }
@@ -667,7 +670,7 @@ AmqpUrl parse_amqp_url(const std::string& url) {
   std::string host = hostport;
   if (auto colon = hostport.rfind(':'); colon != std::string::npos && hostport.find(']') == std::string::npos) {
     host = hostport.substr(0, colon);
-    u.port = parse_port(hostport.substr(colon + 1), url);
+    u.port = parse_port(hostport.substr(colon + 1));
   }
   if (host.empty()) {
     throw Error(Exit::config, "no host in the AMQP URL " + redact_url(url), "write amqp://user:password@HOST:5672/vhost");

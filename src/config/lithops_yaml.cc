@@ -33,9 +33,10 @@ const char* type_name(const YAML::Node& n) {
 // What PyYAML's safe_load (YAML 1.1) turns a plain scalar into, when it is
 // not a string: Lithops would see a bool, null or a number there.
 const char* plain_non_string(const std::string& v) {
-  static const std::array<const char*, 22> words = {
-      "y",    "Y",    "yes",   "Yes",   "YES", "n",   "N",   "no",    "No",    "NO",    "true",
-      "True", "TRUE", "false", "False", "FALSE", "on", "On", "ON",    "off",   "Off",   "OFF"};
+  // PyYAML's bool resolver (YAML 1.1 without y/n).
+  static const std::array<const char*, 18> words = {"yes",   "Yes",   "YES",   "no", "No", "NO",
+                                                    "true",  "True",  "TRUE",  "false", "False", "FALSE",
+                                                    "on",    "On",    "ON",    "off",   "Off",   "OFF"};
   for (const char* w : words) {
     if (v == w) {
       return "a boolean";

@@ -238,8 +238,9 @@ TEST_CASE("a password holding a raw '/', '@' or ':' is never shown") {
   CHECK(redact_url("amqp://alice:Zq/9xK@broker:5672/v") == "amqp://alice:***@broker:5672/v");
   CHECK(redact_url("amqp://alice:Zq/9@x:K@broker/v") == "amqp://alice:***@broker/v");
   CHECK(redact_url("amqps://alice:a?b#c@broker/") == "amqps://alice:***@broker/");
-  for (const auto* url : {"amqp://alice:Zq/9xK@broker:5672/v", "amqp://alice:Zq9xK@broker:12ab/",
-                          "amqp://alice:Zq9xK@broker:99999/"}) {
+  // The last one has no host: without an '@', "Zq9xK" reads as a bad port.
+  for (const auto* url : {"amqp://alice:Zq/9xK@broker:5672/v", "amqp://alice:Zq9xK@broker:99999/",
+                          "amqp://alice:Zq9xK/v"}) {
     try {
       parse_amqp_url(url);
       FAIL("expected an error for a URL");
@@ -248,7 +249,6 @@ TEST_CASE("a password holding a raw '/', '@' or ':' is never shown") {
       CHECK(e.code() == Exit::config);
       CHECK(all.find("Zq") == std::string::npos);
       CHECK(all.find("9xK") == std::string::npos);
-      CHECK(all.find("12ab") == std::string::npos);
     }
   }
   // Raw '@' in the password: the userinfo ends at the last '@'.
