@@ -82,10 +82,10 @@ class ConfigCli(unittest.TestCase):
         toml.write_text("[singularity]\nengine = \"apptainer\"\n")
         r = self.lhpc("--config", toml, "config", "check")
         self.assert_exit(r, EXIT_BROKER,
-                         'runtime = "my-rt"  # from %s:6' % self.yaml,
-                         'sif_path = "%s"  # from %s:5' % (self.sifs, self.yaml),
-                         'engine = "apptainer"  # from %s:2' % toml,
-                         'transfer = "mpi"  # from default',
+                         "runtime = 'my-rt'  # from %s:6" % self.yaml,
+                         "sif_path = '%s'  # from %s:5" % (self.sifs, self.yaml),
+                         "engine = 'apptainer'  # from %s:2" % toml,
+                         "transfer = 'mpi'  # from default",
                          "amqp://alice:***@127.0.0.1:",
                          "lithops.storage is 'localhost' with backend singularity: Lithops refuses it",
                          "lithops.log_level is not set",

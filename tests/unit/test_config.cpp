@@ -1,13 +1,18 @@
 // Configuration: every error class names file:line:col and the key; defaults,
-// placeholders, the AMQP_URL override and redaction.
+// placeholders, the AMQP_URL override and redaction; the user's Lithops YAML,
+// precedence and origins; the client-side checks; inputs toml++ 3.3.0 cannot
+// take; files that are not regular files.
 #include <doctest/doctest.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
 #include "test_support.h"
+#include "sif_fixtures.h"
+#include "config/client_lint.h"
 #include "config/config.h"
 #include "util/error.h"
 
@@ -447,8 +452,8 @@ TEST_CASE("precedence: flag > AMQP_URL > lithops-hpc TOML > Lithops YAML > defau
   c.set_by_flag("singularity.sif_path", "--sif-path");
   CHECK(to_string(c.origin("singularity.sif_path")) == "flag --sif-path");
   auto shown = to_toml(c, true);
-  CHECK(shown.find("sif_path = \"/flag\"  # from flag --sif-path") != std::string::npos);
-  CHECK(shown.find("runtime = \"my-rt\"  # from " + yaml + ":8") != std::string::npos);
+  CHECK(shown.find("sif_path = '/flag'  # from flag --sif-path") != std::string::npos);
+  CHECK(shown.find("runtime = 'my-rt'  # from " + yaml + ":8") != std::string::npos);
   CHECK(shown.find("pw@") == std::string::npos);
 }
 
