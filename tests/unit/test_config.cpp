@@ -420,6 +420,9 @@ TEST_CASE("malformed YAML and wrong types for keys we read are errors at file:li
   CHECK(num.find("quotes") != std::string::npos);
   CHECK(yaml_error("singularity: 3\n").find("expected a mapping") != std::string::npos);
   CHECK(yaml_error("- a\n- b\n").find("must be a mapping") != std::string::npos);
+  // Deep nesting is refused by yaml-cpp (0.7 bounds its recursion), not a crash.
+  CHECK(yaml_error("singularity:\n  runtime: " + std::string(100000, '[') + std::string(100000, ']') + "\n")
+            .find("config.yaml:") != std::string::npos);
   auto url = yaml_error("rabbitmq:\n  amqp_url: http://alice:Zq9xK@h/\n");
   CHECK(url.find("config.yaml:2: rabbitmq.amqp_url") != std::string::npos);
   CHECK(url.find("Zq9xK") == std::string::npos);
