@@ -5,7 +5,7 @@
 set -euo pipefail
 packages=(
   meson ninja-build pkg-config g++ cmake scdoc man-db
-  libopenmpi-dev openmpi-bin librabbitmq-dev libtomlplusplus-dev libspdlog-dev
+  libopenmpi-dev openmpi-bin librabbitmq-dev libtomlplusplus-dev libyaml-cpp-dev libspdlog-dev
   doctest-dev libslurm-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   slurm-wlm munge rabbitmq-server iproute2 procps util-linux
   python3 python3-pika

@@ -1,14 +1,19 @@
 #!/bin/bash
 # lithops-deploy.sh: Lithops workers on every node of a Slurm job.
 #
+#   sbatch -N3 lithops-deploy.sh
 #   sbatch -N3 lithops-deploy.sh /scratch/$USER/lithops-rt.sif
-#   sbatch -N8 --time=4:00:00 lithops-deploy.sh rt.sif --transfer sbcast
+#   sbatch -N8 --time=4:00:00 lithops-deploy.sh --transfer sbcast
 #   LITHOPS_SIF=/scratch/rt.sif sbatch lithops-deploy.sh
 #
 # Arguments: [IMAGE.sif] [lithops-hpc deploy options...] (see lithops-hpc(1)).
-# The image comes from the first argument, else $LITHOPS_SIF; the
-# configuration from $LITHOPS_HPC_CONFIG, else ~/.config/lithops-hpc/config.toml,
-# else /etc/lithops-hpc/config.toml. sbatch options on the command line
+# The image comes from the first argument, else $LITHOPS_SIF, else the
+# configuration: <sif_path>/<runtime>.sif, as the Lithops client names it
+# (singularity.sif_path and singularity.runtime of ~/.lithops/config or
+# lithops-hpc.toml(5)). The configuration: the user's Lithops config
+# ($LITHOPS_CONFIG_FILE, else ~/.lithops/config, ...) under
+# $LITHOPS_HPC_CONFIG, else ~/.config/lithops-hpc/config.toml, else
+# /etc/lithops-hpc/config.toml. sbatch options on the command line
 # override the #SBATCH lines below. Watch it with `lithops-hpc status`, end it
 # gracefully with `lithops-hpc stop` (or scancel).
 #
@@ -50,9 +55,14 @@ if [[ $# -gt 0 && $1 != -* ]]; then
     SIF=$1
     shift
 fi
-[[ -n $SIF ]] || die "no image: give it as the first argument (sbatch lithops-deploy.sh IMAGE.sif) or set LITHOPS_SIF" 2
-[[ $SIF == /* ]] || SIF=$PWD/$SIF
-[[ -f $SIF && -r $SIF ]] || die "image $SIF is not a readable file (on $(hostname -s))" 4
+# No image given: deploy runs <sif_path>/<runtime>.sif from the configuration
+# (and says where to set singularity.runtime when it is unset).
+sif_args=()
+if [[ -n $SIF ]]; then
+    [[ $SIF == /* ]] || SIF=$PWD/$SIF
+    [[ -f $SIF && -r $SIF ]] || die "image $SIF is not a readable file (on $(hostname -s))" 4
+    sif_args=(--sif "$SIF")
+fi
 
 # $LITHOPS_HPC_BIN: a build tree's binary (tests); else lithops-hpc from PATH.
 LHPC=${LITHOPS_HPC_BIN:-$(command -v lithops-hpc || true)}
@@ -80,7 +90,8 @@ cpus_per_rank=$((cpus / per_node))
 ((cpus_per_rank > 0)) || cpus_per_rank=1
 
 echo "lithops-deploy.sh: job $SLURM_JOB_ID, ${SLURM_JOB_NUM_NODES:-?} node(s) ${SLURM_JOB_NODELIST:-?}," \
-    "$cpus_per_rank CPU(s) per rank; image $SIF; config ${LITHOPS_HPC_CONFIG:-default lookup};" \
+    "$cpus_per_rank CPU(s) per rank; image ${SIF:-<sif_path>/<runtime>.sif of the configuration};" \
+    "config ${LITHOPS_HPC_CONFIG:-default lookup};" \
     "$("$LHPC" --version 2>/dev/null || echo "$LHPC")"
 
 # --mpi: the PMI plugin Open MPI needs (`srun --mpi=list` shows a site's;
@@ -88,4 +99,4 @@ echo "lithops-deploy.sh: job $SLURM_JOB_ID, ${SLURM_JOB_NUM_NODES:-?} node(s) ${
 # fails leaves the other nodes serving.
 # exec: the batch step's signals reach srun, which forwards them to the ranks.
 exec srun --mpi="${LITHOPS_SRUN_MPI:-pmix}" --kill-on-bad-exit=0 --cpus-per-task="$cpus_per_rank" \
-    "$LHPC" deploy --sif "$SIF" "$@"
+    "$LHPC" deploy "${sif_args[@]}" "$@"

@@ -1,21 +1,54 @@
-// `lithops-hpc config check`: validate, print the effective config (redacted),
-// find the engine, reach the broker. Exit 0, or the code of the first problem
+// `lithops-hpc config check`: validate, print the effective config (redacted)
+// with where each value came from, check the Lithops client's settings, find
+// the engine, reach the broker. Exit 0, or the code of the first problem
 // (3 config, 6 engine, 5 broker), after reporting every check.
 #include <iostream>
 
 #include "amqp/connection.h"
 #include "cli/cli.h"
+#include "config/client_lint.h"
 #include "container/engine.h"
 #include "util/error.h"
+#include "util/fs.h"
 
 namespace lhpc::cli {
 
 namespace {
 
+// The Lithops client's side: each finding says the fix.
+void check_client(const config::Config& c, const config::Config& loaded) {
+  config::ClientFacts facts;
+  facts.client_python = config::client_python_version();
+  if (c.singularity.runtime.empty()) {
+    facts.image_python_why = "no image (singularity.runtime is not set)";
+  } else if (facts.image = config::image_path(loaded); path_exists(facts.image)) {
+    facts.image_python = config::image_python_version(facts.image, &facts.image_python_why);
+  } else {
+    facts.image_python_why = facts.image + " does not exist here";
+  }
+  std::cout << "lithops client: " << (c.lithops.source.empty() ? "(no Lithops config found)" : c.lithops.source)
+            << "\n";
+  auto findings = config::lint_client(c, facts);
+  for (const auto& f : findings) {
+    std::cout << (f.level == config::Finding::Level::warning ? "  warning: " : "  note: ") << f.text << "\n";
+  }
+  if (findings.empty()) {
+    std::cout << "  ok\n";
+  }
+}
+
 int check(const Globals& g) {
-  auto c = config::expanded(load_config(g), config::current_placeholders());
-  std::cout << "# config: " << (c.source.empty() ? "(none found: defaults)" : c.source) << "\n"
-            << config::to_toml(c) << "\n";
+  // config::load, not load_config: the warnings are printed below, not logged twice.
+  auto loaded = config::load(g.config_path);
+  auto c = config::expanded(loaded, config::current_placeholders());
+  std::cout << "# config: " << (c.source.empty() ? "(no lithops-hpc TOML found)" : c.source) << "\n"
+            << "# Lithops config: " << (c.lithops.source.empty() ? "(none found)" : c.lithops.source) << "\n"
+            << "# precedence: flag > environment (AMQP_URL) > lithops-hpc TOML > Lithops config > default\n"
+            << config::to_toml(c, true) << "\n";
+  for (const auto& w : c.warnings) {
+    std::cout << "warning: " << w << "\n";
+  }
+  check_client(c, loaded);
   int rc = 0;
   auto fail = [&rc](const Error& e) {
     std::cout << "  " << e.what() << (e.hint().empty() ? "" : "\n  hint: " + e.hint()) << "\n";
@@ -24,6 +57,10 @@ int check(const Globals& g) {
     }
   };
 
+  if (!c.singularity.runtime.empty() && c.singularity.engine != config::Engine::host) {
+    auto image = config::image_path(loaded);
+    std::cout << "image: " << image << (path_exists(image) ? "" : " (not found on this machine)") << "\n";
+  }
   std::cout << "engine: " << config::to_string(c.singularity.engine) << ": ";
   try {
     auto engine = container::make_engine(c.singularity.engine);

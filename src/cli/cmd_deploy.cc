@@ -1,4 +1,4 @@
-// `lithops-hpc deploy --sif PATH ...`: the MPI program run by srun or mpirun
+// `lithops-hpc deploy [--sif PATH] ...`: the MPI program run by srun or mpirun
 // (or alone: one rank, a complete local deployment).
 #include "cli/cli.h"
 #include "deploy/deploy.h"
@@ -40,7 +40,15 @@ int run_deploy(const Globals& g, const DeployArgs& a) {
     o.interval = a.interval;
   }
   o.cleanup = a.cleanup;
-  return deploy::run(load_config(g), o);
+  auto cfg = load_config(g);
+  if (o.sif.empty() && o.engine.value_or(cfg.singularity.engine) != config::Engine::host) {
+    auto named = cfg;
+    if (!a.sif_path.empty()) {
+      named.singularity.sif_path = a.sif_path;
+    }
+    o.sif = config::image_path(named);  // <sif_path>/<runtime>.sif, as Lithops names it
+  }
+  return deploy::run(cfg, o);
 }
 
 }  // namespace
@@ -49,7 +57,7 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   auto* d = parent.add_subcommand(
       "deploy", "stage the image on every node and run a worker per rank (launch with srun or mpirun)");
   auto a = std::make_shared<DeployArgs>();
-  d->add_option("--sif", a->sif, "the runtime image, as rank 0 sees it (not needed with the host engine)")
+  d->add_option("--sif", a->sif, "the runtime image, as rank 0 sees it (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
       ->type_name("PATH");
   d->add_option("--transfer", a->transfer, "how the image reaches the nodes: mpi, sbcast or none (deploy.transfer)")
       ->check(choice(config::transfer_error))

@@ -1,4 +1,4 @@
-// `lithops-hpc worker --sif PATH [--mode dispatch|runscript] [--slots N]`:
+// `lithops-hpc worker [--sif PATH] [--mode dispatch|runscript] [--slots N]`:
 // one node's worker without MPI (deploy runs the same loop on every rank).
 // Exit 0 after a drain (SIGINT/SIGTERM); 6 when the instance, the handlers
 // or the runscript cannot be kept running; 3 for a bad configuration.
@@ -26,7 +26,8 @@ struct WorkerOpts {
 int run_worker(const Globals& g, const WorkerOpts& o) {
   // Signals first: one arriving while the instance starts is kept for the loop.
   SignalPipe signals{SIGINT, SIGTERM};
-  auto cfg = config::expanded(load_config(g), config::current_placeholders());
+  auto loaded = load_config(g);  // image_path expands placeholders itself
+  auto cfg = config::expanded(loaded, config::current_placeholders());
   // The flags' checks (cli::choice) already refused a bad value.
   if (!o.mode.empty()) {
     cfg.deploy.mode = config::parse_mode(o.mode).value();
@@ -40,8 +41,7 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
   std::string sif = o.sif;
   if (cfg.singularity.engine != config::Engine::host) {
     if (sif.empty()) {
-      throw Error(Exit::usage, "worker needs --sif PATH with the " + config::to_string(cfg.singularity.engine) +
-                                   " engine");
+      sif = config::image_path(loaded);  // <sif_path>/<runtime>.sif, as Lithops names it
     }
     if (!path_exists(sif)) {
       throw Error(Exit::image, "no image at " + sif, "give the path of a .sif file readable on this node");
@@ -67,7 +67,8 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
 void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
   auto* w = parent.add_subcommand("worker", "run one node's worker here (no MPI): instance, handlers, broker");
   auto o = std::make_shared<WorkerOpts>();
-  w->add_option("--sif", o->sif, "the runtime image (not needed with the host engine)")->type_name("PATH");
+  w->add_option("--sif", o->sif, "the runtime image (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
+      ->type_name("PATH");
   w->add_option("--mode", o->mode, "dispatch (default) or runscript (deploy.mode)")
       ->check(choice(config::mode_error))
       ->type_name("MODE");

@@ -1,17 +1,21 @@
 #include "config/config.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <functional>
 #include <map>
-#include <regex>
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "config/text_guard.h"
 #include "util/error.h"
+#include "util/fd.h"
 #include "util/fs.h"
 #include "util/strings.h"
 
@@ -34,6 +38,28 @@ std::string to_string(Transfer t) {
   return "?";
 }
 std::string to_string(Mode m) { return m == Mode::dispatch ? "dispatch" : "runscript"; }
+
+std::string to_string(const Origin& o) {
+  switch (o.from) {
+    case From::default_value: return "default";
+    case From::lithops_yaml:
+    case From::toml: return o.where;
+    case From::environment: return "environment (" + o.where + ")";
+    case From::flag: return "flag " + o.where;
+  }
+  return "?";
+}
+
+Origin Config::origin(const std::string& key) const {
+  auto it = origins.find(key);
+  return it == origins.end() ? Origin{} : it->second;
+}
+
+void Config::set_by_flag(const std::string& key, const std::string& flag) { origins[key] = {From::flag, flag}; }
+
+std::string LithopsClient::where(const Value& v) const {
+  return v.line > 0 ? source + ":" + std::to_string(v.line) : source;
+}
 
 std::optional<Engine> parse_engine(const std::string& s) {
   for (auto e : {Engine::singularity, Engine::apptainer, Engine::host}) {
@@ -88,6 +114,18 @@ std::string mode_error(const std::string& text) {
 }
 
 namespace {
+
+// Engines refuse long instance names, and any name is capped before it is
+// looked at, whatever its length in the file.
+constexpr std::size_t k_max_instance_name = 64;
+constexpr std::size_t k_max_runtime_name = 200;
+
+bool name_chars_ok(const std::string& s) {
+  return std::all_of(s.begin(), s.end(), [](char ch) {
+    auto c = static_cast<unsigned char>(ch);
+    return std::isalnum(c) || c == '.' || c == '_' || c == '-';
+  });
+}
 
 std::string where(const std::string& source, const toml::source_region& r) {
   return source + ":" + std::to_string(r.begin.line) + ":" + std::to_string(r.begin.column);
@@ -184,19 +222,30 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
       {"singularity",
        {
            {"sif_path", string_key(&Config::singularity, &Singularity::sif_path)},
-           {"runtime", string_key(&Config::singularity, &Singularity::runtime)},
+           {"runtime",
+            {Kind::string,
+             [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
+               if (auto problem = runtime_name_problem(str(n))) {
+                 fail_at(src, n, full, *problem, "the image is <sif_path>/<runtime>.sif: give the name without .sif");
+               }
+               c.singularity.runtime = str(n);
+             }}},
            {"engine", enum_key(&Config::singularity, &Singularity::engine, parse_engine, engine_error)},
            {"fakeroot", bool_key(&Config::singularity, &Singularity::fakeroot)},
            {"nv", bool_key(&Config::singularity, &Singularity::nv)},
            {"instance_name",
             {Kind::string,
              [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
-               static const std::regex ok("^[a-zA-Z0-9._-]+$");
-               if (!std::regex_match(str(n), ok)) {
-                 fail_at(src, n, full, "'" + str(n) + "' is not a valid instance name",
+               auto name = str(n);
+               if (name.empty() || name.size() > k_max_instance_name) {
+                 fail_at(src, n, full, "an instance name has 1 to " + std::to_string(k_max_instance_name) +
+                                           " characters, this one " + std::to_string(name.size()));
+               }
+               if (!name_chars_ok(name)) {
+                 fail_at(src, n, full, "'" + name + "' is not a valid instance name",
                          "use letters, digits, '.', '_' and '-' only");
                }
-               c.singularity.instance_name = str(n);
+               c.singularity.instance_name = name;
              }}},
            {"binds",
             {Kind::string_array,
@@ -270,57 +319,120 @@ std::string list_keys(const std::map<std::string, Key>& keys) {
   return join(names, ", ");
 }
 
-bool url_has_password(const std::string& url) {
-  try {
-    auto u = parse_amqp_url(url);
-    return url.find('@') != std::string::npos && !u.password.empty();
-  } catch (const Error&) {
-    return false;
-  }
-}
-
 }  // namespace
 
-Config parse(const std::string& toml_text, const std::string& source_name) {
-  toml::table root;
+bool url_has_password(const std::string& url) {
+  auto scheme = url.find("://");
+  if (scheme == std::string::npos) {
+    return false;
+  }
+  auto at = url.rfind('@');
+  auto colon = url.find(':', scheme + 3);
+  return at != std::string::npos && at > scheme && colon != std::string::npos && colon < at && colon + 1 < at;
+}
+
+namespace {
+
+toml::table parse_toml_text(const std::string& toml_text, const std::string& source_name) {
+  // toml++ 3.3.0 is not safe on every input: see text_guard.h.
+  check_toml_text(toml_text, source_name);
   try {
-    root = toml::parse(toml_text, source_name);
+    return toml::parse(toml_text, source_name);
   } catch (const toml::parse_error& e) {
     throw Error(Exit::config, where(source_name, e.source()) + ": " + std::string(e.description()),
                 "fix the TOML syntax at that position");
   }
-  Config cfg;
-  cfg.source = source_name;
+}
+
+const std::map<std::string, Key>& section_schema(const std::string& sec, const toml::node& sec_node,
+                                                 const std::string& source_name) {
   const auto& sch = schema();
+  auto sit = sch.find(sec);
+  if (sit == sch.end()) {
+    throw Error(Exit::config, where(source_name, sec_node.source()) + ": unknown section [" + sec + "]",
+                join({did_you_mean(sec, sch), "sections are [singularity], [rabbitmq], [deploy], [health]"}, " "));
+  }
+  if (!sec_node.is_table()) {
+    throw Error(Exit::config, where(source_name, sec_node.source()) + ": " + sec + " must be a table ([" + sec + "])");
+  }
+  return sit->second;
+}
+
+}  // namespace
+
+Config parse(const std::string& toml_text, const std::string& source_name, Config cfg) {
+  auto root = parse_toml_text(toml_text, source_name);
+  cfg.source = source_name;
   for (const auto& [sec_key, sec_node] : root) {
     std::string sec(sec_key.str());
-    auto sit = sch.find(sec);
-    if (sit == sch.end()) {
-      throw Error(Exit::config, where(source_name, sec_node.source()) + ": unknown section [" + sec + "]",
-                  join({did_you_mean(sec, sch), "sections are [singularity], [rabbitmq], [deploy], [health]"}, " "));
-    }
-    auto* table = sec_node.as_table();
-    if (!table) {
-      throw Error(Exit::config, where(source_name, sec_node.source()) + ": " + sec + " must be a table ([" + sec + "])");
-    }
-    for (const auto& [key, node] : *table) {
+    const auto& keys = section_schema(sec, sec_node, source_name);
+    for (const auto& [key, node] : *sec_node.as_table()) {
       std::string k(key.str());
       std::string full = sec + "." + k;
-      auto kit = sit->second.find(k);
-      if (kit == sit->second.end()) {
-        auto hint = did_you_mean(k, sit->second);
+      auto kit = keys.find(k);
+      if (kit == keys.end()) {
+        auto hint = did_you_mean(k, keys);
         throw Error(Exit::config, where(source_name, node.source()) + ": unknown key " + full,
-                    (hint.empty() ? "" : hint + " ") + "[" + sec + "] accepts: " + list_keys(sit->second));
+                    (hint.empty() ? "" : hint + " ") + "[" + sec + "] accepts: " + list_keys(keys));
       }
       if (!kind_matches(kit->second.kind, node)) {
         fail_at(source_name, node, full,
                 std::string("wrong type: expected ") + kind_name(kit->second.kind) + ", got " +
                     std::string(toml::impl::node_type_friendly_names[static_cast<int>(node.type())]));
       }
+      if (full == "singularity.runtime" && str(node).empty()) {
+        continue;  // "" is "not set here" (older example files): the Lithops config's name stays
+      }
       kit->second.set(cfg, node, full, source_name);
+      cfg.origins[full] = {From::toml, source_name + ":" + std::to_string(node.source().begin.line)};
     }
   }
   return cfg;
+}
+
+std::string read_config_file(const std::string& path, const std::string& what) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer.
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY));
+  if (!fd) {
+    int err = errno;
+    throw Error(Exit::config, "cannot open " + what + " " + path + ": " + errno_text(err),
+                err == ENOENT ? "check the path" : "check the file's permissions");
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) {
+    throw Error(Exit::config, "cannot stat " + what + " " + path + ": " + errno_text(errno));
+  }
+  if (S_ISDIR(st.st_mode)) {
+    throw Error(Exit::config, what + " " + path + " is a directory", "give the path of the file itself");
+  }
+  if (S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3)) {
+    return {};  // /dev/null: "no configuration", as scripts and tests say it
+  }
+  if (!S_ISREG(st.st_mode)) {
+    throw Error(Exit::config, what + " " + path + " is not a regular file (a FIFO, socket or device)",
+                "give the path of a configuration file");
+  }
+  if (static_cast<std::uint64_t>(st.st_size) > k_max_config_bytes) {
+    throw Error(Exit::config, what + " " + path + " holds " + std::to_string(st.st_size) + " bytes, more than " +
+                                  std::to_string(k_max_config_bytes),
+                "point the configuration at the right file");
+  }
+  std::string text;
+  char buf[65536];
+  for (;;) {
+    auto n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      throw Error(Exit::config, "cannot read " + what + " " + path + ": " + errno_text(errno));
+    }
+    if (n == 0 || text.size() + static_cast<std::size_t>(n) > k_max_config_bytes) {
+      break;
+    }
+    text.append(buf, static_cast<std::size_t>(n));
+  }
+  return text;
 }
 
 std::optional<std::string> find_config_file(const std::string& explicit_path) {
@@ -344,26 +456,58 @@ std::optional<std::string> find_config_file(const std::string& explicit_path) {
   return std::nullopt;
 }
 
+namespace {
+
+bool readable_by_others(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && (st.st_mode & 0044);
+}
+
+void load_lithops_yaml(Config& cfg) {
+  if (const char* j = std::getenv("LITHOPS_CONFIG"); j && *j) {
+    // Lithops reads $LITHOPS_CONFIG (JSON, a subset of YAML) before any file.
+    cfg = parse_lithops_yaml(j, "LITHOPS_CONFIG (environment)", std::move(cfg));
+    return;
+  }
+  auto file = find_lithops_config();
+  if (!file) {
+    return;
+  }
+  if (!path_exists(*file)) {
+    cfg.warnings.push_back("LITHOPS_CONFIG_FILE names " + *file +
+                           ", which does not exist: the Lithops client then runs in localhost mode; "
+                           "fix the variable or create the file");
+    return;
+  }
+  cfg = parse_lithops_yaml(read_config_file(*file, "Lithops config"), *file, std::move(cfg));
+  if (cfg.lithops.amqp_url && url_has_password(cfg.lithops.amqp_url->text) && readable_by_others(*file)) {
+    cfg.warnings.push_back(*file + " holds a broker password and others can read it; run: chmod 600 " + *file);
+  }
+}
+
+void load_toml(Config& cfg, const std::string& explicit_path) {
+  auto file = find_config_file(explicit_path);
+  if (!file) {
+    return;
+  }
+  if (!path_exists(*file)) {
+    throw Error(Exit::config, "config file " + *file + " does not exist",
+                explicit_path.empty() ? "unset LITHOPS_HPC_CONFIG or point it at a file"
+                                      : "check the path given to --config");
+  }
+  cfg = parse(read_config_file(*file, "config file"), *file, std::move(cfg));
+  if (cfg.origin("rabbitmq.amqp_url").from == From::toml && url_has_password(cfg.rabbitmq.amqp_url) &&
+      readable_by_others(*file)) {
+    cfg.warnings.push_back(*file + " holds a broker password and others can read it; run: chmod 600 " + *file);
+  }
+}
+
+}  // namespace
+
 Config load(const std::string& explicit_path) {
   Config cfg;
-  if (auto file = find_config_file(explicit_path)) {
-    if (!path_exists(*file)) {
-      throw Error(Exit::config, "config file " + *file + " does not exist",
-                  explicit_path.empty() ? "unset LITHOPS_HPC_CONFIG or point it at a file"
-                                        : "check the path given to --config");
-    }
-    std::string text;
-    try {
-      text = read_file(*file);
-    } catch (const Error& e) {
-      throw Error(Exit::config, e.what(), "check the file's permissions");
-    }
-    cfg = parse(text, *file);
-    struct stat st {};
-    if (::stat(file->c_str(), &st) == 0 && (st.st_mode & 0044) && url_has_password(cfg.rabbitmq.amqp_url)) {
-      cfg.warnings.push_back(*file + " holds a broker password and others can read it; run: chmod 600 " + *file);
-    }
-  }
+  load_lithops_yaml(cfg);
+  load_toml(cfg, explicit_path);
   if (const char* u = std::getenv("AMQP_URL"); u && *u) {
     try {
       parse_amqp_url(u);
@@ -372,6 +516,10 @@ Config load(const std::string& explicit_path) {
     }
     cfg.rabbitmq.amqp_url = u;
     cfg.amqp_url_from_env = true;
+    cfg.origins["rabbitmq.amqp_url"] = {From::environment, "AMQP_URL"};
+  }
+  for (auto& w : security_warnings(cfg)) {
+    cfg.warnings.push_back(std::move(w));
   }
   return cfg;
 }
@@ -464,6 +612,46 @@ std::string percent_decode(const std::string& s, const std::string& what) {
 }
 }  // namespace
 
+namespace {
+
+// Splits "[userinfo@]hostport[/vhost]": the userinfo ends at the last '@', so
+// a password holding a raw '@' still parses; a raw '/' in it cannot be told
+// from the vhost's, and is refused without being quoted.
+void split_authority(const std::string& url, const std::string& rest, AmqpUrl& u, std::string& hostport,
+                     std::string& path) {
+  auto at = rest.rfind('@');
+  auto slash = rest.find('/');
+  if (at != std::string::npos && slash != std::string::npos && slash < at) {
+    throw Error(Exit::config, "the AMQP URL " + redact_url(url) + " has a '/' before its '@'",
+                "percent-encode '/' in the user name or password as %2F (and '@' as %40, ':' as %3A)");
+  }
+  std::string authority = rest;
+  if (at != std::string::npos) {
+    std::string userinfo = rest.substr(0, at);
+    auto colon = userinfo.find(':');
+    u.user = percent_decode(userinfo.substr(0, colon), "user");
+    u.password = colon == std::string::npos ? "" : percent_decode(userinfo.substr(colon + 1), "password");
+    authority = rest.substr(at + 1);
+  }
+  slash = authority.find('/');
+  hostport = authority.substr(0, slash);
+  path = slash == std::string::npos ? "" : authority.substr(slash + 1);
+}
+
+int parse_port(const std::string& port) {
+  // The text is not quoted: in a URL written wrong it may be part of a password.
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
+      std::stoi(port) < 1 || std::stoi(port) > 65535) {
+    // Nor the URL: without an '@' a password in it would not be redacted.
+    throw Error(Exit::config, "bad port in the AMQP URL: the text after the host's ':' is not a number from 1 to 65535",
+                "write amqp://user:password@host:5672/vhost, with '/', '@' and ':' in the password "
+                "percent-encoded (%2F, %40, %3A)");
+  }
+  return std::stoi(port);
+}
+
+}  // namespace
+
 AmqpUrl parse_amqp_url(const std::string& url) {
   AmqpUrl u;
   std::string rest;
@@ -477,28 +665,12 @@ AmqpUrl parse_amqp_url(const std::string& url) {
     throw Error(Exit::config, "'" + redact_url(url) + "' is not an AMQP URL",
                 "write amqp://user:password@host:5672/vhost (or amqps:// for TLS)");
   }
-  std::string authority = rest, path;
-  if (auto slash = rest.find('/'); slash != std::string::npos) {
-    authority = rest.substr(0, slash);
-    path = rest.substr(slash + 1);
-  }
-  if (auto at = authority.rfind('@'); at != std::string::npos) {
-    std::string userinfo = authority.substr(0, at);
-    authority = authority.substr(at + 1);
-    auto colon = userinfo.find(':');
-    u.user = percent_decode(userinfo.substr(0, colon), "user");
-    u.password = colon == std::string::npos ? "" : percent_decode(userinfo.substr(colon + 1), "password");
-  }
-  std::string host = authority;
-  if (auto colon = authority.rfind(':'); colon != std::string::npos && authority.find(']') == std::string::npos) {
-    host = authority.substr(0, colon);
-    std::string port = authority.substr(colon + 1);
-    if (port.empty() || port.find_first_not_of("0123456789") != std::string::npos || port.size() > 5 ||
-        std::stoi(port) < 1 || std::stoi(port) > 65535) {
-      throw Error(Exit::config, "bad port '" + port + "' in the AMQP URL " + redact_url(url),
-                  "the port is a number from 1 to 65535");
-    }
-    u.port = std::stoi(port);
+  std::string hostport, path;
+  split_authority(url, rest, u, hostport, path);
+  std::string host = hostport;
+  if (auto colon = hostport.rfind(':'); colon != std::string::npos && hostport.find(']') == std::string::npos) {
+    host = hostport.substr(0, colon);
+    u.port = parse_port(hostport.substr(colon + 1));
   }
   if (host.empty()) {
     throw Error(Exit::config, "no host in the AMQP URL " + redact_url(url), "write amqp://user:password@HOST:5672/vhost");
@@ -516,8 +688,7 @@ std::string redact_url(const std::string& url) {
     return url.find('@') == std::string::npos ? url : "***";
   }
   auto start = scheme + 3;
-  auto slash = url.find('/', start);
-  auto at = url.rfind('@', slash == std::string::npos ? std::string::npos : slash);
+  auto at = url.rfind('@');
   if (at == std::string::npos || at < start) {
     return url;
   }
@@ -528,48 +699,155 @@ std::string redact_url(const std::string& url) {
   return url.substr(0, colon + 1) + "***" + url.substr(at);
 }
 
-std::string to_toml(const Config& c) {
-  auto q = [](const std::string& s) {
-    std::ostringstream os;
-    os << toml::value<std::string>(s);
-    return os.str();
-  };
-  auto b = [](bool v) { return v ? "true" : "false"; };
-  std::ostringstream o;
-  o << "[singularity]\n"
-    << "sif_path = " << q(c.singularity.sif_path) << "\n"
-    << "runtime = " << q(c.singularity.runtime) << "\n"
-    << "engine = " << q(to_string(c.singularity.engine)) << "\n"
-    << "fakeroot = " << b(c.singularity.fakeroot) << "\n"
-    << "nv = " << b(c.singularity.nv) << "\n"
-    << "instance_name = " << q(c.singularity.instance_name) << "\n"
-    << "binds = [";
-  for (std::size_t i = 0; i < c.singularity.binds.size(); ++i) {
-    o << (i ? ", " : "") << q(c.singularity.binds[i]);
+std::optional<std::string> runtime_name_problem(const std::string& name) {
+  if (name.empty() || name.size() > k_max_runtime_name) {
+    return "a runtime name has 1 to " + std::to_string(k_max_runtime_name) + " characters, this one " +
+           std::to_string(name.size());
   }
-  o << "]\n"
-    << "worker_processes = " << c.singularity.worker_processes << "\n"
-    << "python = " << q(c.singularity.python) << "\n\n"
-    << "[rabbitmq]\n"
-    << "amqp_url = " << q(redact_url(c.rabbitmq.amqp_url)) << (c.amqp_url_from_env ? "  # from AMQP_URL" : "") << "\n"
-    << "queue = " << q(c.rabbitmq.queue) << "\n"
-    << "heartbeat = " << c.rabbitmq.heartbeat << "\n"
-    << "ca_cert = " << q(c.rabbitmq.ca_cert) << "\n"
-    << "verify_peer = " << b(c.rabbitmq.verify_peer) << "\n\n"
-    << "[deploy]\n"
-    << "transfer = " << q(to_string(c.deploy.transfer)) << "\n"
-    << "chunk_mib = " << c.deploy.chunk_mib << "\n"
-    << "compress = " << b(c.deploy.compress) << "\n"
-    << "cleanup = " << b(c.deploy.cleanup) << "\n"
-    << "mode = " << q(to_string(c.deploy.mode)) << "\n"
-    << "drain_timeout = " << c.deploy.drain_timeout << "\n"
-    << "drain_before_end = " << c.deploy.drain_before_end << "\n"
-    << "min_ranks = " << c.deploy.min_ranks << "\n"
-    << "start_timeout = " << c.deploy.start_timeout << "\n"
-    << "restart_limit = " << c.deploy.restart_limit << "\n\n"
-    << "[health]\n"
-    << "interval = " << c.health.interval << "\n"
-    << "status_file = " << q(c.health.status_file) << "\n";
+  bool chars_ok = std::all_of(name.begin(), name.end(), [](char ch) {
+    auto c = static_cast<unsigned char>(ch);
+    return std::isalnum(c) || c == '.' || c == '_' || c == '+' || c == '-';
+  });
+  if (!chars_ok || !std::isalnum(static_cast<unsigned char>(name[0]))) {
+    return "'" + name + "' is not a valid runtime name: use letters, digits, '.', '_', '+' and '-', starting with "
+           "a letter or digit";
+  }
+  if (name.size() > 4 && name.ends_with(".sif")) {
+    return "runtime name '" + name + "' ends in .sif";
+  }
+  return std::nullopt;
+}
+
+std::string image_path(const Config& cfg, const Placeholders& ph) {
+  const auto& rt = cfg.singularity.runtime;
+  if (rt.empty()) {
+    throw Error(Exit::config, "no image given and singularity.runtime is not set",
+                "give --sif PATH, or set `runtime: NAME` under `singularity:` in the Lithops config "
+                "(~/.lithops/config) so the image is <sif_path>/NAME.sif");
+  }
+  auto dir = expand(cfg.singularity.sif_path, ph);
+  while (dir.size() > 1 && dir.back() == '/') {
+    dir.pop_back();
+  }
+  return (dir == "/" ? "" : dir) + "/" + rt + ".sif";
+}
+
+std::string image_path(const Config& cfg) { return image_path(cfg, current_placeholders()); }
+
+namespace {
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host == "[::1]" || starts_with(host, "127.") ||
+         host == "localhost.localdomain";
+}
+}  // namespace
+
+std::vector<std::string> security_warnings(const Config& cfg) {
+  std::vector<std::string> out;
+  const auto& url = cfg.rabbitmq.amqp_url;
+  auto url_from = to_string(cfg.origin("rabbitmq.amqp_url"));
+  if (!cfg.rabbitmq.verify_peer) {
+    out.push_back("rabbitmq.verify_peer = false (" + to_string(cfg.origin("rabbitmq.verify_peer")) +
+                  "): the broker's certificate and host name are not checked, so whoever sits between "
+                  "can read the password and the tasks; set verify_peer = true and ca_cert to your CA bundle");
+  }
+  if (url.empty() || !url_has_password(url)) {
+    return out;
+  }
+  try {
+    auto u = parse_amqp_url(url);
+    if (!u.tls && !is_loopback(u.host)) {
+      out.push_back("the broker URL " + redact_url(url) + " (" + url_from + ") sends its password in clear to " +
+                    u.host + ", which is not this machine; use amqps:// (RabbitMQ's TLS listener, port 5671)");
+    }
+  } catch (const Error&) {
+    // load() already refused a bad URL; nothing to warn about here.
+  }
+  return out;
+}
+
+namespace {
+
+std::string toml_quote(const std::string& s) {
+  std::ostringstream os;
+  os << toml::value<std::string>(s);
+  return os.str();
+}
+
+std::string toml_bool(bool v) { return v ? "true" : "false"; }
+
+template <typename T>
+std::string toml_num(T v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// Writes "key = value", and with origins "  # from <origin>".
+class TomlOut {
+public:
+  TomlOut(const Config& c, bool with_origins) : m_c(c), m_origins(with_origins) {}
+  void section(const std::string& name) {
+    m_sec = name;
+    m_o << (m_o.tellp() > 0 ? "\n" : "") << "[" << name << "]\n";
+  }
+  void kv(const std::string& key, const std::string& value) {
+    m_o << key << " = " << value;
+    if (m_origins) {
+      m_o << "  # from " << to_string(m_c.origin(m_sec + "." + key));
+    }
+    m_o << "\n";
+  }
+  std::string str() const { return m_o.str(); }
+
+private:
+  const Config& m_c;
+  bool m_origins;
+  std::string m_sec;
+  std::ostringstream m_o;
+};
+
+std::string toml_array(const std::vector<std::string>& v) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    out += (i ? ", " : "") + toml_quote(v[i]);
+  }
+  return out + "]";
+}
+
+}  // namespace
+
+std::string to_toml(const Config& c, bool with_origins) {
+  TomlOut o(c, with_origins);
+  o.section("singularity");
+  o.kv("sif_path", toml_quote(c.singularity.sif_path));
+  o.kv("runtime", toml_quote(c.singularity.runtime));
+  o.kv("engine", toml_quote(to_string(c.singularity.engine)));
+  o.kv("fakeroot", toml_bool(c.singularity.fakeroot));
+  o.kv("nv", toml_bool(c.singularity.nv));
+  o.kv("instance_name", toml_quote(c.singularity.instance_name));
+  o.kv("binds", toml_array(c.singularity.binds));
+  o.kv("worker_processes", toml_num(c.singularity.worker_processes));
+  o.kv("python", toml_quote(c.singularity.python));
+  o.section("rabbitmq");
+  o.kv("amqp_url", toml_quote(redact_url(c.rabbitmq.amqp_url)));
+  o.kv("queue", toml_quote(c.rabbitmq.queue));
+  o.kv("heartbeat", toml_num(c.rabbitmq.heartbeat));
+  o.kv("ca_cert", toml_quote(c.rabbitmq.ca_cert));
+  o.kv("verify_peer", toml_bool(c.rabbitmq.verify_peer));
+  o.section("deploy");
+  o.kv("transfer", toml_quote(to_string(c.deploy.transfer)));
+  o.kv("chunk_mib", toml_num(c.deploy.chunk_mib));
+  o.kv("compress", toml_bool(c.deploy.compress));
+  o.kv("cleanup", toml_bool(c.deploy.cleanup));
+  o.kv("mode", toml_quote(to_string(c.deploy.mode)));
+  o.kv("drain_timeout", toml_num(c.deploy.drain_timeout));
+  o.kv("drain_before_end", toml_num(c.deploy.drain_before_end));
+  o.kv("min_ranks", toml_num(c.deploy.min_ranks));
+  o.kv("start_timeout", toml_num(c.deploy.start_timeout));
+  o.kv("restart_limit", toml_num(c.deploy.restart_limit));
+  o.section("health");
+  o.kv("interval", toml_num(c.health.interval));
+  o.kv("status_file", toml_quote(c.health.status_file));
   return o.str();
 }
 

@@ -1,9 +1,11 @@
-// Configuration: the TOML file (toml++), its lookup order, defaults,
-// validation with file:line:col, the AMQP_URL override, Slurm-style
-// placeholders, and redaction of secrets for printing.
+// Configuration: the TOML file (toml++), the user's Lithops YAML
+// (lithops_yaml.cc), their lookup orders and precedence, defaults, validation
+// with file:line:col, the AMQP_URL override, where each value came from,
+// Slurm-style placeholders, and redaction of secrets for printing.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -66,14 +68,48 @@ struct Health {
   std::string status_file;                    // empty: <state dir>/jobs/<jobid>/status.json
 };
 
+// Where an effective value came from (`config check` prints it). Precedence,
+// strongest first: flag, environment (AMQP_URL), lithops-hpc TOML, Lithops
+// YAML, default.
+enum class From { default_value, lithops_yaml, toml, environment, flag };
+struct Origin {
+  From from = From::default_value;
+  std::string where;                          // file:line, the variable or the flag; empty for defaults
+};
+// "default", "/home/u/.lithops/config:4", "environment (AMQP_URL)", "flag --sif".
+std::string to_string(const Origin& o);
+
+// The user's Lithops config as the Lithops client reads it: the input of the
+// client-side checks of `config check`. Only the keys those checks need.
+struct LithopsClient {
+  struct Value {
+    std::string text;
+    int line = 0;                             // 1-based line in `source`; 0 when unknown
+  };
+  std::string source;                         // file or "LITHOPS_CONFIG (environment)"; empty: none found
+  std::optional<Value> backend;               // lithops.backend
+  std::optional<Value> storage;               // lithops.storage
+  std::optional<Value> log_level;             // lithops.log_level (Lithops' default: INFO)
+  std::optional<Value> runtime;               // singularity.runtime
+  std::optional<Value> amqp_url;              // rabbitmq.amqp_url (secret)
+  std::optional<Value> worker_processes;      // singularity.worker_processes: calls per message
+  std::string where(const Value& v) const;    // "source:line"
+};
+
 struct Config {
   Singularity singularity;
   Rabbitmq rabbitmq;
   Deploy deploy;
   Health health;
-  std::string source;                         // file it came from; empty: defaults only
+  std::string source;                         // TOML file it came from; empty: none
   std::vector<std::string> warnings;          // e.g. a readable file holding a password
   bool amqp_url_from_env = false;
+  std::map<std::string, Origin> origins;      // "section.key" -> origin; absent: the default
+  LithopsClient lithops;
+
+  Origin origin(const std::string& key) const;
+  // Records that a command-line flag set `key` (call after assigning it).
+  void set_by_flag(const std::string& key, const std::string& flag);
 };
 
 // Where the configuration comes from: --config wins, then $LITHOPS_HPC_CONFIG,
@@ -81,10 +117,27 @@ struct Config {
 // /etc/lithops-hpc/config.toml. No file at all is fine: defaults.
 std::optional<std::string> find_config_file(const std::string& explicit_path);
 
-// Loads and validates; throws lhpc::Error(Exit::config) naming file:line:col
-// and the key. `AMQP_URL` in the environment overrides rabbitmq.amqp_url.
+// Where the user's Lithops config is, in Lithops' own order (lithops/config.py
+// get_default_config_filename): $LITHOPS_CONFIG_FILE (even when missing: the
+// client then runs in localhost mode), ./.lithops_config, ~/.lithops/config,
+// /etc/lithops/config. ($LITHOPS_CONFIG, JSON text, wins over all: load reads it.)
+std::optional<std::string> find_lithops_config();
+
+// Loads and validates the Lithops YAML, then the TOML over it, then AMQP_URL
+// over both; throws lhpc::Error(Exit::config) naming file:line:col and the
+// key. Files are opened without blocking and must be regular files.
 Config load(const std::string& explicit_path);
-Config parse(const std::string& toml_text, const std::string& source_name);
+// Parsers of bytes (no lookup, no environment): the TOML over `base`, and
+// the Lithops YAML over `base` (lithops_yaml.cc).
+Config parse(const std::string& toml_text, const std::string& source_name, Config base = {});
+Config parse_lithops_yaml(const std::string& yaml_text, const std::string& source_name, Config base = {});
+// A configuration file's bytes: O_NONBLOCK (a FIFO does not hang), fstat,
+// regular files only, at most k_max_config_bytes. Throws Error(Exit::config).
+std::string read_config_file(const std::string& path, const std::string& what);
+
+// Checks of the effective values that are warnings, not errors: TLS checks
+// off, a password sent in clear to a host that is not loopback.
+std::vector<std::string> security_warnings(const Config& cfg);
 
 struct Placeholders {
   std::string jobid;  // %j
@@ -99,6 +152,17 @@ std::string expand(const std::string& pattern, const Placeholders& ph);
 // sif_path, status_file and binds with placeholders expanded.
 Config expanded(const Config& cfg, const Placeholders& ph);
 
+// "The image path": what deploy, worker, the sbatch template and autoalloc run
+// when no image is given: <sif_path>/<runtime>.sif, placeholders expanded (as
+// Lithops names it). Throws Error(Exit::config) saying where to set
+// singularity.runtime when it is unset.
+std::string image_path(const Config& cfg, const Placeholders& ph);
+std::string image_path(const Config& cfg);  // with current_placeholders()
+
+// Runtime names are file names: 1 to 200 of [A-Za-z0-9._+-], starting with a
+// letter or digit, without .sif. Empty optional when fine, else what is wrong.
+std::optional<std::string> runtime_name_problem(const std::string& name);
+
 struct AmqpUrl {
   bool tls = false;
   std::string user = "guest";
@@ -108,16 +172,22 @@ struct AmqpUrl {
   std::string vhost = "/";
 };
 // amqp[s]://[user[:password]@]host[:port][/vhost], percent-decoding as the
-// AMQP URI spec says. Throws Error(Exit::config) with what is wrong.
+// AMQP URI spec says. Throws Error(Exit::config) with what is wrong, never
+// quoting the password (also when it holds a raw '/', '?' or '#').
 AmqpUrl parse_amqp_url(const std::string& url);
 // amqp://user:***@host:port/vhost — the only form a URL is ever printed in.
+// Whatever lies between the first ':' after the scheme and the last '@' is
+// hidden, so a password holding raw '/', '@' or ':' is never shown.
 std::string redact_url(const std::string& url);
+// True when the URL names a password of its own (user:password@).
+bool url_has_password(const std::string& url);
 
 // Throws Error(Exit::config) saying where to set it when no broker URL is configured.
 void require_amqp_url(const Config& cfg);
 
-// The effective configuration as TOML, secrets redacted (config check).
-std::string to_toml(const Config& cfg);
+// The effective configuration as TOML, secrets redacted; with_origins: each
+// value followed by "# from <origin>" (config check).
+std::string to_toml(const Config& cfg, bool with_origins = false);
 
 // The short hostname (up to the first dot).
 std::string short_hostname();

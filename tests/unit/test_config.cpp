@@ -1,13 +1,18 @@
 // Configuration: every error class names file:line:col and the key; defaults,
-// placeholders, the AMQP_URL override and redaction.
+// placeholders, the AMQP_URL override and redaction; the user's Lithops YAML,
+// precedence and origins; the client-side checks; inputs toml++ 3.3.0 cannot
+// take; files that are not regular files.
 #include <doctest/doctest.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
 #include "test_support.h"
+#include "sif_fixtures.h"
+#include "config/client_lint.h"
 #include "config/config.h"
 #include "util/error.h"
 
@@ -29,7 +34,13 @@ std::string error_of(const std::string& toml) {
   return {};
 }
 
-
+// load() also reads the user's Lithops config: keep the machine's out of tests.
+struct NoLithopsConfig {
+  explicit NoLithopsConfig(const TempDir& d) : home("HOME", d.str().c_str()) {}
+  EnvGuard home;
+  EnvGuard file{"LITHOPS_CONFIG_FILE", nullptr};
+  EnvGuard json{"LITHOPS_CONFIG", nullptr};
+};
 
 }  // namespace
 
@@ -185,6 +196,7 @@ TEST_CASE("placeholders come from Slurm's environment") {
 
 TEST_CASE("lookup order: --config, then LITHOPS_HPC_CONFIG, then XDG") {
   TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
   auto a = d.write("a.toml", "[rabbitmq]\nqueue = \"from-a\"\n");
   auto b = d.write("b.toml", "[rabbitmq]\nqueue = \"from-b\"\n");
   std::filesystem::create_directories(d.file("xdg/lithops-hpc"));
@@ -203,6 +215,7 @@ TEST_CASE("lookup order: --config, then LITHOPS_HPC_CONFIG, then XDG") {
 
 TEST_CASE("AMQP_URL in the environment overrides the file") {
   TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
   auto f = d.write("c.toml", "[rabbitmq]\namqp_url = \"amqp://u:p@filehost/\"\n");
   EnvGuard amqp("AMQP_URL", "amqp://u:p@envhost/");
   auto c = load(f);
@@ -212,12 +225,360 @@ TEST_CASE("AMQP_URL in the environment overrides the file") {
 
 TEST_CASE("a readable file holding a password is a warning") {
   TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
   EnvGuard amqp("AMQP_URL", nullptr);
-  auto open = d.write("open.toml", "[rabbitmq]\namqp_url = \"amqp://u:secret@h/\"\n", 0644);
-  auto closed = d.write("closed.toml", "[rabbitmq]\namqp_url = \"amqp://u:secret@h/\"\n", 0600);
+  // localhost: no warning about the password crossing the network.
+  auto open = d.write("open.toml", "[rabbitmq]\namqp_url = \"amqp://u:secret@localhost/\"\n", 0644);
+  auto closed = d.write("closed.toml", "[rabbitmq]\namqp_url = \"amqp://u:secret@localhost/\"\n", 0600);
   auto c = load(open);
   REQUIRE(c.warnings.size() == 1);
   CHECK(c.warnings[0].find("chmod 600") != std::string::npos);
   CHECK(c.warnings[0].find("secret") == std::string::npos);
   CHECK(load(closed).warnings.empty());
+}
+
+// ---- issue 12: URLs whose password holds URL delimiters ----------------------
+
+TEST_CASE("a password holding a raw '/', '@' or ':' is never shown") {
+  CHECK(redact_url("amqp://alice:Zq/9xK@broker:5672/v") == "amqp://alice:***@broker:5672/v");
+  CHECK(redact_url("amqp://alice:Zq/9@x:K@broker/v") == "amqp://alice:***@broker/v");
+  CHECK(redact_url("amqps://alice:a?b#c@broker/") == "amqps://alice:***@broker/");
+  // The last one has no host: without an '@', "Zq9xK" reads as a bad port.
+  for (const auto* url : {"amqp://alice:Zq/9xK@broker:5672/v", "amqp://alice:Zq9xK@broker:99999/",
+                          "amqp://alice:Zq9xK/v"}) {
+    try {
+      parse_amqp_url(url);
+      FAIL("expected an error for a URL");
+    } catch (const Error& e) {
+      std::string all = std::string(e.what()) + e.hint();
+      CHECK(e.code() == Exit::config);
+      CHECK(all.find("Zq") == std::string::npos);
+      CHECK(all.find("9xK") == std::string::npos);
+    }
+  }
+  // Raw '@' in the password: the userinfo ends at the last '@'.
+  auto u = parse_amqp_url("amqp://alice:p@ss@broker:5673/v");
+  CHECK(u.password == "p@ss");
+  CHECK(u.host == "broker");
+  CHECK(u.port == 5673);
+}
+
+// ---- issue 12: TLS off in silence ---------------------------------------------
+
+TEST_CASE("verify_peer = false and a password in clear to another host are warnings") {
+  TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
+  EnvGuard amqp("AMQP_URL", nullptr);
+  auto off = load(d.write("off.toml", "[rabbitmq]\namqp_url = \"amqps://u:pw@broker.example/\"\nverify_peer = false\n"));
+  REQUIRE(off.warnings.size() == 1);
+  CHECK(off.warnings[0].find("verify_peer = false (" + d.file("off.toml") + ":3)") != std::string::npos);
+  CHECK(off.warnings[0].find("certificate") != std::string::npos);
+
+  auto clear = load(d.write("clear.toml", "[rabbitmq]\namqp_url = \"amqp://u:Zq9xK@broker.example/\"\n"));
+  REQUIRE(clear.warnings.size() == 1);
+  CHECK(clear.warnings[0].find("in clear to broker.example") != std::string::npos);
+  CHECK(clear.warnings[0].find("amqps://") != std::string::npos);
+  CHECK(clear.warnings[0].find("Zq9xK") == std::string::npos);
+
+  CHECK(load(d.write("lo.toml", "[rabbitmq]\namqp_url = \"amqp://u:pw@127.0.0.1/\"\n")).warnings.empty());
+  CHECK(load(d.write("tls.toml", "[rabbitmq]\namqp_url = \"amqps://u:pw@broker.example/\"\n")).warnings.empty());
+  CHECK(load(d.write("nopw.toml", "[rabbitmq]\namqp_url = \"amqp://broker.example/\"\n")).warnings.empty());
+}
+
+// ---- issue 12: inputs that hang or slip ----------------------------------------
+
+TEST_CASE("a FIFO or a directory given as config is refused at once") {
+  TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
+  REQUIRE(::mkfifo(d.file("fifo").c_str(), 0600) == 0);
+  try {
+    load(d.file("fifo"));
+    FAIL("a FIFO was read as a config");
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::config);
+    CHECK(std::string(e.what()).find("not a regular file") != std::string::npos);
+  }
+  try {
+    load(d.str());
+    FAIL("a directory was read as a config");
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::config);
+    CHECK(std::string(e.what()).find("is a directory") != std::string::npos);
+  }
+}
+
+TEST_CASE("a 50,000-character instance name is refused without a regex") {
+  auto msg = error_of("[singularity]\ninstance_name = \"" + std::string(50000, 'a') + "\"\n");
+  CHECK(msg.find("site.toml:2:17") != std::string::npos);
+  CHECK(msg.find("1 to 64 characters, this one 50000") != std::string::npos);
+  auto ok = parse("[singularity]\ninstance_name = \"" + std::string(64, 'a') + "\"\n", "x");
+  CHECK(ok.singularity.instance_name.size() == 64);
+}
+
+// ---- issue 12: toml++ 3.3.0 on non-ASCII input ----------------------------------
+
+TEST_CASE("inputs toml++ 3.3.0 mishandles are refused before it sees them") {
+  // upstream #190: non-ASCII first after a line-ending backslash in """.
+  auto m190 = error_of("[singularity]\npython = \"\"\"\\\n\xc2\xa7\"\"\"\n");
+  CHECK(m190.find("site.toml:3:1") != std::string::npos);
+  CHECK(m190.find("line-ending backslash") != std::string::npos);
+  // upstream #295: a bare combining mark.
+  CHECK(error_of("\xcc\xaa").find("site.toml:1:1: non-ASCII character outside a string") != std::string::npos);
+  CHECK(error_of("[deploy]\nchunk_mib = 8 \xcc\xaa\n").find("site.toml:2:15") != std::string::npos);
+  CHECK(error_of("[deploy]\xcc\xaa\n").find("site.toml:1:9") != std::string::npos);
+  // toml++ asserts (when built with assertions) on '[' then a line end.
+  CHECK(error_of("[\n").find("site.toml:1:2: a table header needs a name") != std::string::npos);
+  CHECK(error_of("[[ \n").find("site.toml:1:4") != std::string::npos);
+  CHECK(error_of("[ # x\n").find("a table header needs a name") != std::string::npos);
+  // Bytes that are not UTF-8, NUL, and too many bytes.
+  CHECK(error_of("[deploy]\n# \xff\n").find("site.toml:2:3: invalid UTF-8 (byte 0xFF)") != std::string::npos);
+  CHECK(error_of("[deploy]\n# \xc0\xaf\n").find("invalid UTF-8") != std::string::npos);
+  CHECK(error_of(std::string("[deploy]\0", 9)).find("NUL byte") != std::string::npos);
+  CHECK(error_of(std::string(2 << 20, '#')).find("more than a configuration file may hold") != std::string::npos);
+}
+
+TEST_CASE("non-ASCII in strings and comments, and multi-line arrays, still parse") {
+  auto c = parse("# caf\xc3\xa9\n[singularity]\nsif_path = \"/tmp/caf\xc3\xa9\" # \xcc\xaa\n"
+                 "python = '''py\xc2\xa7'''\nbinds = [\n  \"/a\",\n  \"/b\",\n]\n",
+                 "ok.toml");
+  CHECK(c.singularity.sif_path == "/tmp/caf\xc3\xa9");
+  CHECK(c.singularity.python == "py\xc2\xa7");
+  CHECK(c.singularity.binds.size() == 2);
+  // A '[' at a line start inside a multi-line array is a value, not a header.
+  CHECK(error_of("[singularity]\nbinds = [\n[\"x\"],\n]\n").find("wrong type") != std::string::npos);
+}
+
+// ---- issue 15: the user's Lithops config -----------------------------------------
+
+namespace {
+
+constexpr const char* k_lithops_yaml = R"(lithops:
+  backend: singularity
+  storage: minio
+  log_level: WARNING
+  data_limit: 4          # a key lithops-hpc does not read: left alone
+singularity:
+  sif_path: /scratch/%u/sif
+  runtime: my-rt
+  worker_processes: 8
+rabbitmq:
+  amqp_url: amqps://alice:Zq9xK@broker.example:5671/v
+minio:
+  endpoint: http://minio:9000
+)";
+
+std::string yaml_error(const std::string& yaml) {
+  try {
+    parse_lithops_yaml(yaml, "config.yaml");
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::config);
+    return std::string(e.what()) + " | " + e.hint();
+  }
+  FAIL("expected a config error for: " << yaml);
+  return {};
+}
+
+std::vector<std::string> warnings_of(const Config& c, const ClientFacts& f) {
+  std::vector<std::string> out;
+  for (const auto& x : lint_client(c, f)) {
+    if (x.level == Finding::Level::warning) {
+      out.push_back(x.text);
+    }
+  }
+  return out;
+}
+
+bool any_has(const std::vector<std::string>& v, const std::string& needle) {
+  return std::any_of(v.begin(), v.end(), [&](const std::string& s) { return s.find(needle) != std::string::npos; });
+}
+
+}  // namespace
+
+TEST_CASE("the Lithops YAML gives sif_path, runtime and amqp_url, with file:line") {
+  auto c = parse_lithops_yaml(k_lithops_yaml, "/home/u/.lithops/config");
+  CHECK(c.singularity.sif_path == "/scratch/%u/sif");
+  CHECK(c.singularity.runtime == "my-rt");
+  CHECK(c.rabbitmq.amqp_url == "amqps://alice:Zq9xK@broker.example:5671/v");
+  CHECK(to_string(c.origin("singularity.runtime")) == "/home/u/.lithops/config:8");
+  CHECK(to_string(c.origin("rabbitmq.amqp_url")) == "/home/u/.lithops/config:11");
+  CHECK(to_string(c.origin("deploy.transfer")) == "default");
+  // Calls per message for the client, slots per node for the workers: not mapped.
+  CHECK(c.singularity.worker_processes == 0);
+  CHECK(c.lithops.backend->text == "singularity");
+  CHECK(image_path(c, Placeholders{"1", "n", "alice"}) == "/scratch/alice/sif/my-rt.sif");
+}
+
+TEST_CASE("malformed YAML and wrong types for keys we read are errors at file:line:col") {
+  CHECK(yaml_error("singularity:\n  runtime: [a\n").find("config.yaml:") != std::string::npos);
+  auto bad = yaml_error("lithops:\n  backend: singularity\n   x: : y\n");
+  CHECK(bad.find("config.yaml:3:") != std::string::npos);
+  CHECK(yaml_error("singularity:\n  runtime:\n    - a\n").find("config.yaml:3:5: singularity.runtime: wrong type") !=
+        std::string::npos);
+  auto num = yaml_error("singularity:\n  runtime: 311\n");
+  CHECK(num.find("config.yaml:2:12") != std::string::npos);
+  CHECK(num.find("got a number") != std::string::npos);
+  CHECK(num.find("quotes") != std::string::npos);
+  CHECK(yaml_error("singularity: 3\n").find("expected a mapping") != std::string::npos);
+  CHECK(yaml_error("- a\n- b\n").find("must be a mapping") != std::string::npos);
+  // Deep nesting is refused by yaml-cpp (0.7 bounds its recursion), not a crash.
+  CHECK(yaml_error("singularity:\n  runtime: " + std::string(100000, '[') + std::string(100000, ']') + "\n")
+            .find("config.yaml:") != std::string::npos);
+  auto url = yaml_error("rabbitmq:\n  amqp_url: http://alice:Zq9xK@h/\n");
+  CHECK(url.find("config.yaml:2: rabbitmq.amqp_url") != std::string::npos);
+  CHECK(url.find("Zq9xK") == std::string::npos);
+  // Quoted numbers are strings, and keys of other sections are Lithops' business.
+  CHECK(parse_lithops_yaml("singularity:\n  runtime: '311'\naws:\n  x: [1, 2]\n", "c").singularity.runtime == "311");
+  CHECK(parse_lithops_yaml("", "c").lithops.source == "c");
+}
+
+TEST_CASE("precedence: flag > AMQP_URL > lithops-hpc TOML > Lithops YAML > default") {
+  TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
+  auto yaml = d.write("lithops.yaml", k_lithops_yaml);
+  EnvGuard lcf("LITHOPS_CONFIG_FILE", yaml.c_str());
+  auto toml = d.write("hpc.toml", "[singularity]\nsif_path = \"/fast/sif\"\n");
+  {
+    EnvGuard amqp("AMQP_URL", nullptr);
+    auto c = load(toml);
+    CHECK(c.singularity.sif_path == "/fast/sif");
+    CHECK(to_string(c.origin("singularity.sif_path")) == toml + ":2");
+    CHECK(c.singularity.runtime == "my-rt");
+    CHECK(to_string(c.origin("singularity.runtime")) == yaml + ":8");
+    CHECK(to_string(c.origin("rabbitmq.amqp_url")) == yaml + ":11");
+    CHECK(to_string(c.origin("deploy.mode")) == "default");
+  }
+  EnvGuard amqp("AMQP_URL", "amqps://u:pw@envhost/");
+  auto c = load(toml);
+  CHECK(c.rabbitmq.amqp_url == "amqps://u:pw@envhost/");
+  CHECK(to_string(c.origin("rabbitmq.amqp_url")) == "environment (AMQP_URL)");
+  c.singularity.sif_path = "/flag";
+  c.set_by_flag("singularity.sif_path", "--sif-path");
+  CHECK(to_string(c.origin("singularity.sif_path")) == "flag --sif-path");
+  auto shown = to_toml(c, true);
+  CHECK(shown.find("sif_path = '/flag'  # from flag --sif-path") != std::string::npos);
+  CHECK(shown.find("runtime = 'my-rt'  # from " + yaml + ":8") != std::string::npos);
+  CHECK(shown.find("pw@") == std::string::npos);
+}
+
+TEST_CASE("the Lithops config is looked up as Lithops does") {
+  TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
+  CHECK(!find_lithops_config());
+  std::filesystem::create_directories(d.file(".lithops"));
+  d.write(".lithops/config", "singularity:\n  runtime: from-home\n");
+  CHECK(find_lithops_config() == d.file(".lithops/config"));
+  CHECK(load("").singularity.runtime == "from-home");
+  auto other = d.write("other.yaml", "singularity:\n  runtime: from-env-file\n");
+  {
+    EnvGuard f("LITHOPS_CONFIG_FILE", other.c_str());
+    CHECK(load("").singularity.runtime == "from-env-file");
+    EnvGuard j("LITHOPS_CONFIG", R"({"singularity": {"runtime": "from-json"}})");
+    auto c = load("");
+    CHECK(c.singularity.runtime == "from-json");
+    CHECK(c.lithops.source == "LITHOPS_CONFIG (environment)");
+  }
+  EnvGuard missing("LITHOPS_CONFIG_FILE", d.file("nope").c_str());
+  auto c = load("");
+  CHECK(c.singularity.runtime.empty());
+  REQUIRE(c.warnings.size() == 1);
+  CHECK(c.warnings[0].find("localhost mode") != std::string::npos);
+}
+
+TEST_CASE("a Lithops YAML holding a password that others can read is a warning") {
+  TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
+  EnvGuard amqp("AMQP_URL", nullptr);
+  auto open = d.write("open.yaml", "rabbitmq:\n  amqp_url: amqps://u:Zq9xK@broker/\n", 0644);
+  EnvGuard f("LITHOPS_CONFIG_FILE", open.c_str());
+  auto c = load("");
+  REQUIRE(c.warnings.size() == 1);
+  CHECK(c.warnings[0].find("chmod 600 " + open) != std::string::npos);
+  CHECK(c.warnings[0].find("Zq9xK") == std::string::npos);
+  ::chmod(open.c_str(), 0600);
+  CHECK(load("").warnings.empty());
+}
+
+TEST_CASE("no runtime configured: the image path says where to set it") {
+  Config c;
+  try {
+    image_path(c, Placeholders{"1", "n", "u"});
+    FAIL("expected an error");
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::config);
+    CHECK(e.hint().find("runtime: NAME") != std::string::npos);
+  }
+  c.singularity.runtime = "rt";
+  c.singularity.sif_path = "/tmp/";
+  CHECK(image_path(c, Placeholders{"1", "n", "u"}) == "/tmp/rt.sif");
+}
+
+// ---- issue 15: client-side checks ---------------------------------------------------
+
+TEST_CASE("a sound client config raises no warning") {
+  auto c = parse_lithops_yaml(k_lithops_yaml, "l.yaml");
+  auto w = warnings_of(c, {.image = "/x/my-rt.sif", .client_python = "3.11", .image_python = "3.11"});
+  CHECK(w.empty());
+  auto all = lint_client(c, {.client_python = "3.11", .image_python = "3.11"});
+  REQUIRE(all.size() == 1);  // the note on worker_processes
+  CHECK(all[0].text.find("l.yaml:9: singularity.worker_processes = 8 is, for the Lithops client, calls per message") !=
+        std::string::npos);
+}
+
+TEST_CASE("client checks: default runtime, localhost storage, log level, backend") {
+  ClientFacts same{.client_python = "3.11", .image_python = "3.11"};
+  auto w = warnings_of(parse_lithops_yaml("lithops:\n  backend: singularity\n  storage: localhost\n"
+                                          "rabbitmq:\n  amqp_url: amqps://u:p@h/\n",
+                                          "l.yaml"),
+                       same);
+  CHECK(any_has(w, "l.yaml: singularity.runtime is not set, Lithops' default image name"));
+  CHECK(any_has(w, "runs `singularity build` itself"));
+  CHECK(any_has(w, "lithops-hpc runtime build NAME"));
+  CHECK(any_has(w, "l.yaml:3: lithops.storage is 'localhost' with backend singularity: Lithops refuses it"));
+  CHECK(any_has(w, "lithops.log_level is not set (Lithops' default: INFO)"));
+  auto dbg = warnings_of(parse_lithops_yaml("lithops:\n  backend: aws_lambda\n  log_level: DEBUG\n"
+                                            "singularity:\n  runtime: default\n",
+                                            "l.yaml"),
+                         same);
+  CHECK(any_has(dbg, "l.yaml:2: lithops.backend is 'aws_lambda'"));
+  CHECK(any_has(dbg, "l.yaml:3: lithops.log_level is DEBUG"));
+  CHECK(any_has(dbg, "l.yaml:5: singularity.runtime is 'default'"));
+  CHECK(any_has(dbg, "rabbitmq.amqp_url is not set"));
+  CHECK(any_has(warnings_of(Config{}, same), "no Lithops config found"));
+}
+
+TEST_CASE("client checks: Python versions and broker URLs that differ") {
+  auto c = parse_lithops_yaml(k_lithops_yaml, "l.yaml");
+  auto py = warnings_of(c, {.image = "/x/my-rt.sif", .client_python = "3.12", .image_python = "3.11"});
+  REQUIRE(py.size() == 1);
+  CHECK(py[0].find("the client's Python is 3.12 but the image /x/my-rt.sif has Python 3.11") != std::string::npos);
+  auto unknown = lint_client(c, {.image = "/x/my-rt.sif", .client_python = "3.12", .image_python_why = "no label"});
+  CHECK(std::any_of(unknown.begin(), unknown.end(), [](const Finding& f) {
+    return f.level == Finding::Level::note && f.text.find("cannot tell the image's Python version: no label") != std::string::npos;
+  }));
+
+  c = parse("[rabbitmq]\namqp_url = \"amqps://alice:Other1@other.example/v\"\n", "hpc.toml", c);
+  auto b = warnings_of(c, {.client_python = "3.11", .image_python = "3.11"});
+  REQUIRE(b.size() == 1);
+  CHECK(b[0].find("differs from the workers' amqps://alice:***@other.example/v (hpc.toml:2)") != std::string::npos);
+  CHECK(b[0].find("Zq9xK") == std::string::npos);
+  CHECK(b[0].find("Other1") == std::string::npos);
+
+  c = parse("[rabbitmq]\nqueue = \"mine\"\n", "hpc2.toml", parse_lithops_yaml(k_lithops_yaml, "l.yaml"));
+  CHECK(any_has(warnings_of(c, {.client_python = "3.11", .image_python = "3.11"}), "always publishes to 'task_queue'"));
+}
+
+TEST_CASE("the image's Python comes from its definition file") {
+  CHECK(python_version_from_deffile("Bootstrap: docker\nFrom: python:3.12-slim-bookworm\n") == "3.12");
+  CHECK(python_version_from_deffile("Bootstrap: docker\nFrom: python:3.12-slim\n%labels\n"
+                                    "    org.lithops-hpc.python-version 3.11\n") == "3.11");
+  CHECK(!python_version_from_deffile("Bootstrap: docker\nFrom: alpine:3.19\n"));
+  TempDir d{"config"};
+  lhpc::test::FixtureSpec spec;
+  spec.deffile = "Bootstrap: docker\nFrom: python:3.11-slim-bookworm\n";
+  lhpc::test::write_sif(d.file("rt.sif"), spec);
+  std::string why;
+  CHECK(image_python_version(d.file("rt.sif"), &why) == "3.11");
+  lhpc::test::write_sif(d.file("alpine.sif"), lhpc::test::FixtureSpec{});
+  CHECK(!image_python_version(d.file("alpine.sif"), &why));
+  CHECK(why.find("no label org.lithops-hpc.python-version") != std::string::npos);
 }
