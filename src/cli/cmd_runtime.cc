@@ -112,7 +112,9 @@ void check_image_dir(const std::string& dir, const std::string& origin) {
 // and reported once it ended: returns the wait status and the signal (0: none).
 std::pair<int, int> run_build(const std::vector<std::string>& argv, const std::string& cwd) {
   SignalPipe signals({SIGINT, SIGTERM, SIGHUP});
-  Child child = spawn({.argv = argv, .stdin_fd = STDIN_FILENO, .cwd = cwd});
+  // A build runs nothing that talks to the broker: no URL in its environment.
+  Child child = spawn({.argv = argv, .env = container::engine_command_env(Env::current()), .stdin_fd = STDIN_FILENO,
+                       .cwd = cwd});
   int got = 0;
   while (!child.try_wait()) {
     pollfd p{signals.fd(), POLLIN, 0};
