@@ -258,7 +258,7 @@ public:
 
   EngineFeatures features() const override {
     if (!m_features) {
-      auto r = run_engine({binary(), "version"}, k_list_timeout, Env::current());
+      auto r = run_engine({binary(), "version"}, k_list_timeout, engine_command_env(Env::current()));
       std::string version = r.ok() ? trim(r.out) : std::string{};
       m_features = features_for(m_kind, version);
       if (!m_features->no_eval) {
