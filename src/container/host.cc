@@ -22,7 +22,7 @@ public:
                 "on a machine that has one");
   }
   std::vector<std::string> instance_start_argv(const InstanceSpec&) const override { return {}; }
-  std::vector<std::string> instance_stop_argv(const std::string&, bool) const override { return {}; }
+  std::vector<std::string> instance_stop_argv(const std::string&, bool, int) const override { return {}; }
   std::vector<std::string> instance_list_argv(const std::string&) const override { return {}; }
 
   std::vector<std::string> exec_argv(const std::string&, const std::vector<std::string>& cmd) const override {
@@ -38,6 +38,9 @@ public:
                 "use deploy.mode = \"dispatch\" with the host engine, or set singularity.engine = \"singularity\" "
                 "/ \"apptainer\"");
   }
+
+  EngineFeatures features() const override { return {}; }
+  void set_version(const std::string&) override {}
 
   Env child_env(const Env& base, const std::map<std::string, std::string>& vars) const override {
     Env env = base;

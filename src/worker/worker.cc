@@ -340,6 +340,7 @@ void Worker::start(const std::string& image) {
   spec.nv = m_cfg.singularity.nv;
   spec.binds = m_cfg.singularity.binds;
   if (dispatch_mode && !host && !handler_host.empty()) {
+    container::check_bind_path(handler_host, "the handler bind (lithops-hpc's installed runtime-defs/handler.py)");
     spec.binds.push_back(handler_host + ":" + k_handler_in_image + ":ro");
   }
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,

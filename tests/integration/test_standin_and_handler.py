@@ -17,6 +17,8 @@ import tempfile
 import time
 import unittest
 
+import lhpc_test as lt
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STANDIN = os.path.join(ROOT, "tests", "stand-in", "singularity")
 APPTAINER = os.path.join(ROOT, "tests", "stand-in", "apptainer")
@@ -112,9 +114,11 @@ class StandInTests(unittest.TestCase):
 
     def test_version(self):
         r = run([STANDIN, "--version"])
-        self.assertEqual(r.stdout.strip(), "singularity-ce version 3.11.4-standin")
+        self.assertEqual(r.stdout.strip(), "singularity-ce version 4.5.1-standin")
         r = run([APPTAINER, "--version"])
-        self.assertEqual(r.stdout.strip(), "apptainer version 1.2.5-standin")
+        self.assertEqual(r.stdout.strip(), "apptainer version 1.5.3-standin")
+        r = run([APPTAINER, "version"], env=dict(self.env, STANDIN_VERSION="1.0.3"))
+        self.assertEqual(r.stdout.strip(), "1.0.3")
         self.assertTrue(os.path.islink(APPTAINER))
         self.assertFalse(os.path.isabs(os.readlink(APPTAINER)))
 
@@ -150,8 +154,9 @@ class StandInTests(unittest.TestCase):
         self.assertEqual(r.returncode, 255)
         self.assertIn("handler.py", r.stderr)
 
-    def test_rejects_flags_after_image(self):
+    def test_flags_after_positional_arguments_are_arguments(self):
         self.build_default()
+        # exec: the flag is the command, which does not exist (FATAL, 255)
         r = self.sing("exec", self.sif, "--cleanenv", "true")
         self.assertEqual(r.returncode, 255)
         self.assertIn("--cleanenv", r.stderr)
@@ -159,10 +164,20 @@ class StandInTests(unittest.TestCase):
         self.assertEqual(r.returncode, 255)
         r = self.sing("instance", "start", self.sif, "w", "--nv")
         self.assertEqual(r.returncode, 255)
+        self.assertEqual(self.sing("instance", "start", self.sif, "w").returncode, 0)
+        # one argument too many for cobra: exit 1, and the flag is not obeyed
+        for args in (["instance", "stop", "w", "--force"], ["instance", "list", "w", "--json"],
+                     ["build", self.sif, "x.def", "--force"]):
+            r = self.sing(*args)
+            self.assertEqual(r.returncode, 1, args)
+            self.assertIn("arg(s), received", r.stderr)
+        self.assertIn("w", self.sing("instance", "list").stdout)
+        # flag errors are cobra's: exit 1
         r = self.sing("exec", "--bogus", self.sif, "true")
-        self.assertEqual(r.returncode, 255)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("unknown flag: --bogus", r.stderr)
         r = self.sing("bogus")
-        self.assertEqual(r.returncode, 255)
+        self.assertEqual(r.returncode, 1)
         # flags before the image are fine
         r = self.sing("exec", "--cleanenv", self.sif, "true")
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -199,10 +214,10 @@ class StandInTests(unittest.TestCase):
         r = self.sing("exec", "instance://w-1.x", "cat", "/opt/lithops-hpc/handler.py")
         with open(HANDLER) as f:
             self.assertEqual(r.stdout, f.read())
-        # exec replaces itself: the command's pid is the stand-in's pid
-        r = self.sing("exec", "instance://w-1.x", "sh", "-c", "echo $$")
-        pid = int(r.stdout.strip())
-        self.assertEqual(self.log()[-1]["pid"], pid)
+        # exec joins the instance's PID namespace
+        r = self.sing("exec", "instance://w-1.x", "readlink", "/proc/self/ns/pid")
+        self.assertEqual(r.stdout.strip(), os.readlink("/proc/%d/ns/pid" % inst["pid"]))
+        self.assertNotEqual(r.stdout.strip(), os.readlink("/proc/self/ns/pid"))
 
         r = self.sing("instance", "stop", "w-1.x")
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -217,7 +232,81 @@ class StandInTests(unittest.TestCase):
         r = self.sing("exec", "instance://w-1.x", "true")
         self.assertEqual(r.returncode, 255)
         r = self.sing("instance", "stop", "w-1.x")
+        self.assertEqual(r.returncode, 1)           # RunE error "no instance found"
+        self.assertIn("no instance found", r.stderr)
+
+    def start_instance(self, name, *flags):
+        r = self.sing("instance", "start", *flags, self.sif, name)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return json.loads(self.sing("instance", "list", "--json", name).stdout)["instances"][0]["pid"]
+
+    def test_an_instance_that_dies_takes_what_was_execd_into_it(self):
+        self.build_default()
+        pid = self.start_instance("ns")
+        p = subprocess.Popen([STANDIN, "exec", "instance://ns", "sleep", "600"], env=self.env)
+        lt.wait_until(lambda: any(pid_of_child_in(pid, "sleep")), 10, "the exec'd sleep in the namespace")
+        os.kill(pid, signal.SIGKILL)
+        self.assertEqual(p.wait(10), -signal.SIGKILL)
+        self.assertEqual(json.loads(self.sing("instance", "list", "--json").stdout)["instances"], [])
+
+    def test_stop_sends_sigint_takes_an_integer_timeout(self):
+        self.build_default()
+        # SIGINT by default: an init that ignores it is killed after --timeout
+        pid = self.start_instance("s")
+        with open("/proc/%d/status" % pid) as f:
+            caught = int(next(x for x in f if x.startswith("SigCgt:")).split()[1], 16)
+        self.assertTrue(caught & (1 << (signal.SIGINT - 1)))
+        r = self.sing("instance", "stop", "--timeout", "1.5", "s")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("strconv.ParseInt", r.stderr)
+        r = self.sing("instance", "stop", "-t", "1", "s")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertNotIn("(Timeout)", r.stderr)
+        r = self.sing("instance", "stop")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("invalid command", r.stderr)
+
+    def test_flag_sets_of_instance_start_and_list(self):
+        self.build_default()
+        for flag in (["--pid"], ["--pwd", "/"], ["--cwd", "/"], ["--no-pid"]):
+            r = self.sing("instance", "start", *flag, self.sif, "f")
+            self.assertEqual(r.returncode, 1, flag)
+            self.assertIn("unknown flag", r.stderr)
+        self.assertEqual(self.sing("instance", "list", "--all").returncode, 1)
+        self.assertEqual(run([APPTAINER, "instance", "list", "--all"], env=self.env).returncode, 0)
+        # --no-eval only from Apptainer 1.1.0 / SingularityCE 3.10.0
+        r = self.sing("exec", "--no-eval", self.sif, "true", env=dict(self.env, STANDIN_VERSION="3.9.9"))
+        self.assertEqual(r.returncode, 1)
+        r = run([APPTAINER, "exec", "--no-eval", self.sif, "true"], env=dict(self.env, STANDIN_VERSION="1.1.0"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+    def test_definition_files_are_validated(self):
+        for body, err in (("%enviroment\n    X=1\n", "invalid section(s) specified: enviroment"),
+                          ("Bootsrap: x\n", "invalid header keyword found: bootsrap")):
+            path = os.path.join(self.dir, "bad.def")
+            with open(path, "w") as f:
+                f.write("Bootstrap: docker\nFrom: x\n" + body)
+            r = self.sing("build", self.sif, path)
+            self.assertEqual(r.returncode, 255)
+            self.assertIn(err, r.stderr)
+            self.assertFalse(os.path.exists(self.sif))
+
+    def test_oci_mode_refuses_instances_without_no_oci(self):
+        self.build_default()
+        env = dict(self.env, STANDIN_OCI_MODE="1")
+        r = self.sing("instance", "start", self.sif, "o", env=env)
         self.assertEqual(r.returncode, 255)
+        self.assertIn("not yet supported in OCI-mode", r.stderr)
+        r = self.sing("instance", "start", "--no-oci", self.sif, "o", env=env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = self.sing("instance", "stop", "o", env=env)
+        self.assertEqual(r.returncode, 255)
+        r = self.sing("instance", "stop", "--no-oci", "o", env=env)
+        self.assertEqual(r.returncode, 1)       # stop has no --no-oci
+        self.assertEqual(self.sing("exec", "instance://o", "true", env=env).returncode, 255)
+        self.assertEqual(self.sing("exec", "--no-oci", "instance://o", "true", env=env).returncode, 0)
+        r = run([APPTAINER, "instance", "start", "--no-oci", self.sif, "o2"], env=env)
+        self.assertEqual(r.returncode, 1)       # Apptainer has no --no-oci
 
     def test_killed_sleeper_means_no_instance(self):
         self.build_default()
@@ -246,12 +335,42 @@ class StandInTests(unittest.TestCase):
         env2 = dict(env, APPTAINERENV_AMQP_URL="amqp://a")
         r = run([APPTAINER, "exec", "instance://e", "sh", "-c", "echo $AMQP_URL"], env=env2)
         self.assertEqual(r.stdout.strip(), "amqp://a")
+        # the host PATH and the CLI's own variables stay outside
+        env3 = dict(env, PATH="/opt/host-only:" + env["PATH"], SINGULARITY_FOO="f", APPTAINER_BAR="b")
+        r = run([APPTAINER, "exec", "instance://e", "sh", "-c",
+                 "echo $PATH; echo ${SINGULARITY_FOO:-unset} ${APPTAINER_BAR:-unset}"], env=env3)
+        self.assertEqual(r.stdout.split("\n")[:2],
+                         ["/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "unset unset"])
+        r = run([APPTAINER, "exec", "instance://e", "sh", "-c", "echo $PATH"],
+                env=dict(env, APPTAINERENV_PREPEND_PATH="/first"))
+        self.assertTrue(r.stdout.startswith("/first:/usr/local/sbin:"), r.stdout)
+        # ... and are read as flags: APPTAINER_BINDPATH is --bind, SINGULARITY_ the legacy prefix
+        for var in ("APPTAINER_BINDPATH", "SINGULARITY_BIND"):
+            r = run([APPTAINER, "exec", self.sif, "ls", "/data/rt.sif"],
+                    env=dict(self.env, **{var: self.dir + ":/data"}))
+            self.assertEqual(r.returncode, 0, (var, r.stderr))
         # the log has names, never values
         recs = [rec for rec in self.log() if rec["argv"][:1] == ["exec"]]
         self.assertIn("SINGULARITYENV_AMQP_URL", recs[0]["env"])
         self.assertEqual(recs[1]["prog"], "apptainer")
         with open(self.env["STANDIN_LOG"]) as f:
             self.assertNotIn("secret", f.read())
+
+    def test_env_values_are_shell_evaluated_unless_no_eval(self):
+        self.build_default()
+        self.assertEqual(self.sing("instance", "start", self.sif, "v").returncode, 0)
+        value = 'p$HOME-$(echo sub)-`echo bq`-\\\\-end'
+        for prog in (STANDIN, APPTAINER):
+            prefix = "APPTAINERENV_" if prog == APPTAINER else "SINGULARITYENV_"
+            env = dict(self.env, **{prefix + "V": value})
+            show = ["sh", "-c", 'printf "%s" "$V"']
+            r = run([prog, "exec", "instance://v"] + show, env=env)
+            self.assertEqual(r.stdout, "p%s-sub-bq-\\-end" % os.environ["HOME"])
+            r = run([prog, "exec", "--no-eval", "instance://v"] + show, env=env)
+            self.assertEqual(r.stdout, value)
+            # NO_EVAL from the host environment is --no-eval
+            r = run([prog, "exec", "instance://v"] + show, env=dict(env, SINGULARITY_NO_EVAL="1"))
+            self.assertEqual(r.stdout, value)
 
     def test_run_runscript(self):
         d = os.path.join(self.dir, "def")
@@ -283,6 +402,20 @@ class StandInTests(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(lines[0]["event"], "ready")
         self.assertEqual(lines[1], {"id": 5, "ok": True, "echo": [1], "elapsed": lines[1]["elapsed"]})
+
+
+def pid_of_child_in(init_pid, comm):
+    """PIDs (host view) of processes named comm in init_pid's PID namespace."""
+    ns = os.readlink("/proc/%d/ns/pid" % init_pid)
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % p) as f:
+                if f.read().strip() == comm and os.readlink("/proc/%s/ns/pid" % p) == ns:
+                    yield int(p)
+        except OSError:
+            continue
 
 
 class Handler:

@@ -6,10 +6,12 @@ runscript mode (`run instance://` with AMQP_URL in the environment).
 """
 import json
 import os
+import secrets
 import signal
 import subprocess
 import tempfile
 import unittest
+import urllib.parse
 
 import lhpc_test as lt
 from worker_util import PYTHON, SOURCE_ROOT, STANDIN_DIR, Worker, rig_password, wait_records
@@ -53,6 +55,8 @@ class EngineTest(unittest.TestCase):
             if runscript:
                 f.write("\n%runscript\n" + runscript + "\n")
         sif = os.path.join(self.tmp, "rt.sif")
+        if os.path.exists(sif):
+            os.unlink(sif)      # a new image for each build in one test
         subprocess.run([os.path.join(STANDIN_DIR, prog), "build", sif, definition], check=True,
                        env=self.standin_env(), capture_output=True)
         return sif
@@ -61,11 +65,12 @@ class EngineTest(unittest.TestCase):
         return dict(os.environ, PATH=STANDIN_DIR + ":" + os.environ["PATH"], STANDIN_LOG=self.log,
                     STANDIN_STATE=self.state)
 
-    def start(self, engine, sif, **kw):
+    def start(self, engine, sif, url=None, extra=None, **kw):
         env = self.standin_env()
         env.pop("STANDIN_LOG")  # the build above logged already; keep only the worker's calls
-        w = Worker(self.url, slots=1, engine=engine, sif=sif,
-                   extra_env={"PATH": env["PATH"], "STANDIN_LOG": self.log, "STANDIN_STATE": self.state}, **kw)
+        w = Worker(url or self.url, slots=1, engine=engine, sif=sif,
+                   extra_env=dict({"PATH": env["PATH"], "STANDIN_LOG": self.log, "STANDIN_STATE": self.state},
+                                  **(extra or {})), **kw)
         self.workers.append(w)
         return w
 
@@ -88,11 +93,15 @@ class EngineTest(unittest.TestCase):
         execs = [c for c in calls if c["argv"][0] == "exec"]
         self.assertEqual(len(execs), 2, "one slot handler and the control handler")
         for c in execs:
-            self.assertEqual(c["argv"], ["exec", f"instance://{name}", PYTHON, "/opt/lithops-hpc/handler.py"])
+            self.assertEqual(c["argv"], ["exec", "--no-eval", f"instance://{name}", PYTHON,
+                                         "/opt/lithops-hpc/handler.py"])
             self.assertIn(prefix + "LITHOPS_HPC_RANK", c["env"])
             self.assertIn(prefix + "LITHOPS_HPC_HANDLER", c["env"])
             self.assertFalse([e for e in c["env"] if e.endswith("AMQP_URL")], "handlers never get the URL")
         self.assert_stopped_last(argvs, name)
+        for c in calls:
+            if c["argv"][0] == "instance":   # start, list, stop: nothing there needs the broker
+                self.assertFalse([e for e in c["env"] if e.endswith("AMQP_URL")], c["argv"])
         password = rig_password()
         for c in calls:
             self.assertNotIn(password, " ".join(c["argv"]))
@@ -103,28 +112,44 @@ class EngineTest(unittest.TestCase):
     def test_apptainer_command_lines(self):
         self.check_dispatch_through("apptainer", "APPTAINERENV_")
 
-    def test_dead_instance_is_restarted(self):
+    def test_an_instance_that_dies_takes_its_handlers_and_the_running_task_is_requeued(self):
         sif = self.build_sif("singularity")
         open(self.log, "w").close()
         w = self.start("singularity", sif)
         w.wait_consuming()
         name = f"lhpc-test-{w.env['LITHOPS_HPC_JOB_ID']}-0"
-        sleeper = next(int(p) for p in os.listdir("/proc") if p.isdigit() and self.cmdline_has(p, "standin-instance:" + name))
-        os.kill(sleeper, signal.SIGKILL)
-        os.kill(w.handler_pids("0"), signal.SIGKILL)  # what a dying instance does to its handlers
+        lt.publish_lithops(self.url, "send_task", lt.make_send_task(1, "ex-dies", {"lhpc_test": {
+            "record_dir": self.rec, "sleep": 4, "print": "lhpc-task-running"}}))
+        w.wait_log("lhpc-task-running")
+        old = w.handler_pids()
+        self.assertIn("0", old)
+        # Only the instance's init is killed: its PID namespace takes the
+        # handlers exec'd into it along, as with the real engines.
+        listed = subprocess.run([os.path.join(STANDIN_DIR, "singularity"), "instance", "list", "--json", name],
+                                env=dict(self.standin_env(), STANDIN_LOG=""), capture_output=True, check=True)
+        init = json.loads(listed.stdout)["instances"][0]["pid"]
+        os.kill(init, signal.SIGKILL)
+        lt.wait_until(lambda: not any(self.process_exists(p) for p in old.values()), 20,
+                      "the handlers to die with their instance")
         w.wait_log(f"instance {name} is gone: restarting it")
         starts = lambda: [c for c in standin_log(self.log) if c["argv"][:2] == ["instance", "start"]]  # noqa: E731
         lt.wait_until(lambda: len(starts()) == 2, 30, "a second instance start")
+        # The task that was running is requeued and runs to the end in a new handler.
+        recs = wait_records(self.rec, 1, 90)
+        self.assertEqual([r["call_id"] for r in recs], ["00000"])
+        self.assertNotIn(recs[0]["pid"], old.values())
+        # Each run prints the marker twice (print() and os.write()): the killed run and the finished one.
+        self.assertEqual(w.log().count("lhpc-task-running"), 4)
         lt.publish_lithops(self.url, "send_task",
                            lt.make_send_task(1, "ex-after-restart", {"lhpc_test": {"record_dir": self.rec}}))
-        wait_records(self.rec, 1, 60)
+        wait_records(self.rec, 2, 60)
         self.assertEqual(w.stop(), 0, w.log())
 
     @staticmethod
-    def cmdline_has(pid, text):
+    def process_exists(pid):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return text.encode() in f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
         except OSError:
             return False
 
@@ -146,7 +171,7 @@ class EngineTest(unittest.TestCase):
         name = f"lhpc-test-{w.env['LITHOPS_HPC_JOB_ID']}-0"
         calls = standin_log(self.log)
         runs = [c for c in calls if c["argv"][0] == "run"]
-        self.assertEqual(runs[0]["argv"], ["run", f"instance://{name}"])
+        self.assertEqual(runs[0]["argv"], ["run", "--no-eval", f"instance://{name}"])
         self.assertIn("SINGULARITYENV_AMQP_URL", runs[0]["env"])
         self.assertEqual(w.stop(signal.SIGTERM), 0, w.log())
         password = rig_password()
@@ -155,10 +180,53 @@ class EngineTest(unittest.TestCase):
             self.assertNotIn(password, " ".join(c["argv"]))
         self.assert_stopped_last([c["argv"] for c in standin_log(self.log)], name)
 
+    def special_user(self):
+        """A broker user whose password the engines' shell would evaluate."""
+        env = lt.rig_env()
+        user = "lhpc-sp-" + secrets.token_hex(3)
+        password = "p$x-$(id)-`id`-\\\\-$HOME"
+        vhost = urllib.parse.unquote(self.url.rsplit("/", 1)[1])
+        ctl = env["RIG_RABBITMQCTL"]
+        subprocess.run([ctl, "-q", "add_user", user, password], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([ctl, "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.addCleanup(subprocess.run, [ctl, "-q", "delete_user", user], stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL)
+        host = self.url.split("@", 1)[1]
+        return f"amqp://{user}:{password}@{host}", password
+
+    def test_a_password_with_shell_characters_reaches_the_runscript_and_the_handlers_unchanged(self):
+        url, password = self.special_user()
+        for prog, version in (("singularity", None), ("apptainer", None), ("apptainer", "1.0.3")):
+            with self.subTest(prog=prog, version=version):
+                seen = os.path.join(self.tmp, f"seen-{prog}-{version}")
+                sif = self.build_sif(prog, runscript=f'printf "%s" "$AMQP_URL" > {seen}\nexec sleep 600')
+                extra = {"STANDIN_VERSION": version} if version else {}
+                w = self.start(prog, sif, mode="runscript", url=url, extra=extra)
+                lt.wait_until(lambda: os.path.exists(seen) and os.path.getsize(seen) > 0, 60,
+                              "the runscript to write AMQP_URL")
+                with open(seen) as f:
+                    self.assertEqual(f.read(), url)
+                self.assertEqual(w.stop(signal.SIGTERM), 0, w.log())
+                self.assertNotIn(password, w.log())
+        # Dispatch mode: the worker logs in with it and the handlers run the task.
+        sif = self.build_sif("apptainer")
+        w = self.start("apptainer", sif, url=url)
+        w.wait_consuming()
+        lt.publish_lithops(self.url, "send_task",
+                           lt.make_send_task(1, "ex-special", {"lhpc_test": {"record_dir": self.rec}}))
+        wait_records(self.rec, 1, 60)
+        self.assertEqual(w.stop(), 0, w.log())
+        self.assertNotIn(password, w.log())
+
     def assert_stopped_last(self, argvs, name):
-        """`instance stop NAME` ends the run; only `instance list` (the engine confirming) follows."""
-        self.assertIn(["instance", "stop", name], argvs)
-        last = max(i for i, a in enumerate(argvs) if a == ["instance", "stop", name])
+        """`instance stop --timeout N NAME` (N below the worker's own 10 s deadline, so no
+        --force) ends the run; only `instance list` (the engine confirming) follows."""
+        stop = ["instance", "stop", "--timeout", "5", name]
+        self.assertIn(stop, argvs)
+        self.assertFalse([a for a in argvs if a[:2] == ["instance", "stop"] and "--force" in a])
+        last = max(i for i, a in enumerate(argvs) if a == stop)
         for a in argvs[last + 1:]:
             self.assertEqual(a[:2], ["instance", "list"])
 

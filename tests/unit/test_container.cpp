@@ -153,17 +153,83 @@ TEST_CASE("instance start: --fakeroot, --nv and one --bind per bind, all before 
   CHECK(tail(a->instance_start_argv(spec)) == all);
 }
 
-TEST_CASE("instance stop, stop --force, list --json, exec and run") {
-  for (auto kind : {config::Engine::singularity, config::Engine::apptainer}) {
+TEST_CASE("instance stop, stop --timeout, stop --force, list --json, exec and run") {
+  for (auto [kind, version] : {std::pair{config::Engine::singularity, "4.5.1"},
+                               std::pair{config::Engine::apptainer, "1.5.3"}}) {
     auto e = make_engine(kind);
+    e->set_version(version);
     auto n = e->name();
     CHECK(e->instance_stop_argv("w-1", false) == Argv{n, "instance", "stop", "w-1"});
+    CHECK(e->instance_stop_argv("w-1", false, 4) == Argv{n, "instance", "stop", "--timeout", "4", "w-1"});
     CHECK(e->instance_stop_argv("w-1", true) == Argv{n, "instance", "stop", "--force", "w-1"});
     CHECK(e->instance_list_argv("w-1") == Argv{n, "instance", "list", "--json", "w-1"});
     CHECK(e->exec_argv("w-1", {"python3", "/opt/lithops-hpc/handler.py", "--slot", "3"}) ==
-          Argv{n, "exec", "instance://w-1", "python3", "/opt/lithops-hpc/handler.py", "--slot", "3"});
-    CHECK(e->run_argv("w-1") == Argv{n, "run", "instance://w-1"});
+          Argv{n, "exec", "--no-eval", "instance://w-1", "python3", "/opt/lithops-hpc/handler.py", "--slot", "3"});
+    CHECK(e->run_argv("w-1") == Argv{n, "run", "--no-eval", "instance://w-1"});
   }
+}
+
+TEST_CASE("--no-eval from Apptainer 1.1.0 and SingularityCE 3.10.0 on; older releases get no flag") {
+  using config::Engine;
+  CHECK(features_for(Engine::apptainer, "1.5.3").no_eval);
+  CHECK(features_for(Engine::apptainer, "1.1.0-rc.1").no_eval);
+  CHECK_FALSE(features_for(Engine::apptainer, "1.0.3").no_eval);
+  CHECK(features_for(Engine::singularity, "4.5.1-noble").no_eval);
+  CHECK(features_for(Engine::singularity, "3.10.0").no_eval);
+  CHECK_FALSE(features_for(Engine::singularity, "3.9.9").no_eval);
+  CHECK_FALSE(features_for(Engine::singularity, "3.8.7-1.el8").no_eval);
+  // Apptainer's `singularity` compatibility link reports Apptainer's release.
+  CHECK(features_for(Engine::singularity, "1.3.4").no_eval);
+  CHECK_FALSE(features_for(Engine::singularity, "1.0.0").no_eval);
+  CHECK_FALSE(features_for(Engine::singularity, "").no_eval);
+  CHECK_FALSE(features_for(Engine::apptainer, "garbage").no_eval);
+
+  auto old = make_engine(Engine::singularity);
+  old->set_version("3.9.0");
+  CHECK(old->exec_argv("w", {"python3"}) == Argv{"singularity", "exec", "instance://w", "python3"});
+  CHECK(old->run_argv("w") == Argv{"singularity", "run", "instance://w"});
+}
+
+TEST_CASE("without --no-eval, \\, $ and backtick are escaped so the engine's shell gives the value back") {
+  CHECK(escape_for_engine_eval("p$x$(id)`id`\\q\"") == "p\\$x\\$(id)\\`id\\`\\\\q\"");
+  CHECK(escape_for_engine_eval("plain") == "plain");
+  const std::string pw = "amqp://u:a$x$(id)`id`\\\"z@h/";
+  auto old = make_engine(config::Engine::apptainer);
+  old->set_version("1.0.3");
+  CHECK(old->child_env(Env::empty(), {{"AMQP_URL", pw}}).get("APPTAINERENV_AMQP_URL") == escape_for_engine_eval(pw));
+  auto now = make_engine(config::Engine::apptainer);
+  now->set_version("1.5.3");
+  CHECK(now->child_env(Env::empty(), {{"AMQP_URL", pw}}).get("APPTAINERENV_AMQP_URL") == pw);
+}
+
+TEST_CASE("engine commands that run nothing of ours do not carry the broker URL") {
+  Env base = Env::empty();
+  base.set("PATH", "/bin");
+  base.set("AMQP_URL", k_secret);
+  base.set("SINGULARITYENV_AMQP_URL", k_secret);
+  base.set("APPTAINERENV_AMQP_URL", k_secret);
+  base.set("SINGULARITYENV_OTHER", "kept");
+  auto env = engine_command_env(base);
+  CHECK_FALSE(env.get("AMQP_URL"));
+  CHECK_FALSE(env.get("SINGULARITYENV_AMQP_URL"));
+  CHECK_FALSE(env.get("APPTAINERENV_AMQP_URL"));
+  CHECK(env.get("SINGULARITYENV_OTHER") == "kept");
+  CHECK(env.get("PATH") == "/bin");
+}
+
+TEST_CASE("a bind path holding ',' or ':' is refused: the engines would split it") {
+  auto err = error_of([] { check_bind_path("/opt/lithops,hpc/share/handler.py", "the handler bind"); });
+  CHECK(err.code() == Exit::config);
+  CHECK(std::string(err.what()).find("the handler bind: the path '/opt/lithops,hpc/share/handler.py' holds ','") ==
+        0);
+  CHECK(err.hint().find("ln -s") != std::string::npos);
+  CHECK(error_of([] { check_bind_path("/a:b", "x"); }).code() == Exit::config);
+  check_bind_path("/opt/lithops-hpc/handler.py", "x");
+  auto e = make_engine(config::Engine::apptainer);
+  auto start = [&](std::string bind) { return e->instance_start_argv({.image = "/i.sif", .name = "w", .binds = {bind}}); };
+  CHECK(error_of([&] { start("/a,b:/opt/h.py:ro"); }).code() == Exit::config);
+  CHECK(error_of([&] { start("/a:b:/opt/h.py:ro"); }).code() == Exit::config);
+  CHECK(start("/src:/dst:ro")[4] == "/src:/dst:ro");
 }
 
 TEST_CASE("an instance name the engine could misread is refused before anything runs") {
@@ -189,6 +255,7 @@ TEST_CASE("secrets reach a container through SINGULARITYENV_/APPTAINERENV_, neve
        {std::tuple{config::Engine::singularity, "SINGULARITYENV_", "APPTAINERENV_"},
         std::tuple{config::Engine::apptainer, "APPTAINERENV_", "SINGULARITYENV_"}}) {
     auto e = make_engine(kind);
+    e->set_version(kind == config::Engine::apptainer ? "1.5.3" : "4.5.1");
     CAPTURE(e->name());
     auto env = e->child_env(base, {{"AMQP_URL", k_secret}});
     CHECK(env.get(std::string(prefix) + "AMQP_URL") == k_secret);
@@ -249,8 +316,9 @@ TEST_CASE("a missing engine says what to load or configure instead") {
 TEST_CASE("runscript: the engine command carries the secret only in its environment") {
   EnvGuard plain("AMQP_URL", std::string("amqp://plain@h/"));
   auto e = make_engine(config::Engine::apptainer);
+  e->set_version("1.5.3");
   Runscript rs(*e, "w-7", {{"AMQP_URL", k_secret}});
-  CHECK(rs.argv() == Argv{"apptainer", "run", "instance://w-7"});
+  CHECK(rs.argv() == Argv{"apptainer", "run", "--no-eval", "instance://w-7"});
   CHECK(rs.env().get("APPTAINERENV_AMQP_URL") == k_secret);
   CHECK_FALSE(rs.env().get("AMQP_URL"));
 }
@@ -415,34 +483,77 @@ TEST_CASE("stand-in: a failing start reports the engine's stderr tail") {
   e->stop_instance("w-twice", 5s);
 }
 
-TEST_CASE("stand-in: the runscript sees AMQP_URL, argv and the engine's environment never hold it") {
+TEST_CASE("stand-in: the runscript sees AMQP_URL unchanged, argv and the engine's environment never hold it") {
   StandIn si;
   auto out = si.dir.path + "/seen";
-  auto sif = si.image("echo \"url=$AMQP_URL\" > \"$LHPC_TEST_OUT\"");
+  auto sif = si.image("printf 'url=%s\\n' \"$AMQP_URL\" > \"$LHPC_TEST_OUT\"");
   EnvGuard plain("AMQP_URL", std::string("amqp://plain-user-copy@h/"));
-  for (auto kind : {config::Engine::singularity, config::Engine::apptainer}) {
-    auto e = make_engine(kind);
-    CAPTURE(e->name());
-    ::unlink(out.c_str());
-    std::string name = "w-run-" + e->name();
-    e->start_instance({.image = sif, .name = name});
-    Runscript rs(*e, name, {{"AMQP_URL", k_secret}, {"LHPC_TEST_OUT", out}});
-    auto t = Runscript::Clock::now();
-    rs.start(t);
-    wait_run_ended(rs, t);
-    CHECK(read_file(out) == "url=" + k_secret + "\n");
-    e->stop_instance(name, 5s);
+  // What the engines' shell would evaluate without --no-eval.
+  const std::string secret = "amqp://lithops:s3cr3t-$x-$(id)-`id`-\\-\"@broker.example:5672/hpc";
+  // Releases with --no-eval, and ones before it (escaping instead).
+  using config::Engine;
+  for (auto [kind, version] : {std::pair{Engine::singularity, ""}, std::pair{Engine::apptainer, ""},
+                               std::pair{Engine::singularity, "3.9.0"}, std::pair{Engine::apptainer, "1.0.3"}}) {
+    EnvGuard v("STANDIN_VERSION", *version ? std::optional<std::string>(version) : std::nullopt);
+    {
+      auto e = make_engine(kind);
+      CAPTURE(e->name());
+      CAPTURE(version);
+      ::unlink(out.c_str());
+      std::string name = "w-run-" + e->name();
+      e->start_instance({.image = sif, .name = name});
+      Runscript rs(*e, name, {{"AMQP_URL", secret}, {"LHPC_TEST_OUT", out}});
+      CHECK(argv_mentions(rs.argv(), "--no-eval") == (*version == '\0'));
+      auto t = Runscript::Clock::now();
+      rs.start(t);
+      wait_run_ended(rs, t);
+      CHECK(read_file(out) == "url=" + secret + "\n");
+      e->stop_instance(name, 5s);
+    }
   }
   std::string prefix = "SINGULARITYENV_";
   for (const auto& j : si.invocations()) {
     CHECK(j.dump().find("s3cr3t") == std::string::npos);  // argv, env names, cwd
+    auto names = j["env"].get<std::vector<std::string>>();
+    if (j["argv"][0] == "instance") {
+      // instance start/list/stop run nothing that needs the broker.
+      CHECK(std::none_of(names.begin(), names.end(), [](const auto& n) { return n.find("AMQP_URL") != std::string::npos; }));
+    }
     if (j["argv"][0] == "run") {
-      CHECK(j["argv"] == nlohmann::json(Argv{"run", "instance://w-run-" + j["prog"].get<std::string>()}));
       auto want = (j["prog"] == "apptainer" ? "APPTAINERENV_" : prefix) + "AMQP_URL";
-      auto names = j["env"].get<std::vector<std::string>>();
       CHECK(std::find(names.begin(), names.end(), want) != names.end());
     }
   }
+}
+
+TEST_CASE("stand-in: instance stop asks the engine to kill after fewer seconds than our own deadline") {
+  StandIn si;
+  auto e = make_engine(config::Engine::apptainer);
+  e->start_instance({.image = si.image(), .name = "w-stop"});
+  e->stop_instance("w-stop", 5s);
+  CHECK_FALSE(e->instance_alive("w-stop"));
+  std::vector<nlohmann::json> stops;
+  for (const auto& j : si.invocations()) {
+    if (j["argv"][0] == "instance" && j["argv"][1] == "stop") {
+      stops.push_back(j["argv"]);
+    }
+  }
+  REQUIRE(stops.size() == 1);  // no --force fallback needed
+  CHECK(stops[0] == nlohmann::json(Argv{"instance", "stop", "--timeout", "2", "w-stop"}));
+}
+
+TEST_CASE("stand-in: SingularityCE in OCI mode gets --no-oci on start and exec, and is stopped by its PID") {
+  StandIn si;
+  EnvGuard oci("STANDIN_OCI_MODE", std::string("1"));
+  auto e = make_engine(config::Engine::singularity);
+  e->start_instance({.image = si.image(), .name = "w-oci"});
+  CHECK(e->instance_alive("w-oci"));
+  CHECK(e->features().no_oci);
+  CHECK(e->exec_argv("w-oci", {"true"}) == Argv{"singularity", "exec", "--no-oci", "--no-eval", "instance://w-oci", "true"});
+  auto r = run_capture({.argv = e->exec_argv("w-oci", {"true"})});
+  CHECK(r.ok());
+  e->stop_instance("w-oci", 4s);
+  CHECK_FALSE(e->instance_alive("w-oci"));
 }
 
 // ---------------------------------------------------------------- bundled definitions
