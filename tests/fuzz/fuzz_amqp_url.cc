@@ -1,0 +1,58 @@
+// libFuzzer target: the AMQP URL parser and redact_url, with the property the
+// rest of the program relies on when it prints a URL: the password does not
+// appear in redact_url's output nor in a parse error. The password is found
+// here by a rule of its own (between the first ':' of the userinfo and the
+// only '@'), not by the code under test, so a mistake there is caught.
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "config/config.h"
+#include "util/error.h"
+
+namespace {
+
+// The password of a URL of the plain shape scheme://USER:PASSWORD@REST with
+// exactly one '@' and no '/' in USER; empty when the URL is of another shape
+// or the password is too short to be told from the rest of the text.
+std::string password_of(const std::string& url) {
+  const auto scheme = url.find("://");
+  const auto at = url.find('@');
+  if (scheme == std::string::npos || at == std::string::npos || at < scheme || url.find('@', at + 1) != std::string::npos) {
+    return {};
+  }
+  const auto colon = url.find(':', scheme + 3);
+  if (colon == std::string::npos || colon > at || url.find('/', scheme + 3) < colon) {
+    return {};
+  }
+  std::string secret = url.substr(colon + 1, at - colon - 1);
+  std::string others = url.substr(0, colon + 1) + "\n" + url.substr(at);
+  if (secret.size() < 4 || others.find(secret) != std::string::npos) {
+    return {};
+  }
+  return secret;
+}
+
+void require_hidden(const std::string& text, const std::string& secret, const char* where) {
+  if (!secret.empty() && text.find(secret) != std::string::npos) {
+    std::fprintf(stderr, "fuzz: the password shows in %s: %s\n", where, text.c_str());
+    std::abort();
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string url(reinterpret_cast<const char*>(data), size);
+  const std::string secret = password_of(url);
+  require_hidden(lhpc::config::redact_url(url), secret, "redact_url's output");
+  try {
+    (void)lhpc::config::parse_amqp_url(url);
+  } catch (const lhpc::Error& e) {
+    require_hidden(e.what(), secret, "a parse error");
+    require_hidden(e.hint(), secret, "a parse error's hint");
+  }
+  return 0;
+}
