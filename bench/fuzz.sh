@@ -30,11 +30,12 @@ for t in $TARGETS; do
     [[ -f $SRC/tests/fuzz/dict/$t.dict ]] && args+=(-dict="$SRC/tests/fuzz/dict/$t.dict")
     # -fork=1 keeps going after a finding (each one is kept in $art), so one
     # crash does not end the target's campaign at its first minute.
-    "$exe" "${args[@]}" -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
+    "$exe" "${args[@]}" -print_funcs=0 -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
         "$corpus" "$SRC/tests/fuzz/corpus/$t" >"$WORK/$t/log" 2>&1 || true
     log=$WORK/$t/log
-    # In fork mode the parent prints "#N: cov: C ft: F corp: K exec/s: E ..." lines.
-    last=$(grep -E '^#[0-9]+: cov: ' "$log" | tail -n 1 || true)
+    # In fork mode the parent prints "#N: cov: C ft: F corp: K exec/s E ..."
+    # (sometimes glued to the end of a child's line: not anchored).
+    last=$(grep -oE '#[0-9]+: cov: .*' "$log" | tail -n 1 || true)
     execs=$(sed -nE 's/^#([0-9]+): .*/\1/p' <<<"$last")
     cov=$(sed -nE 's/.* cov: ([0-9]+) .*/\1/p' <<<"$last")
     ft=$(sed -nE 's/.* ft: ([0-9]+) .*/\1/p' <<<"$last")
