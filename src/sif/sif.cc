@@ -571,29 +571,12 @@ const Descriptor* primary_partition(const Image& image) {
   return nullptr;
 }
 
-std::string format_text(const Image& image) {
-  const Header& h = image.header;
-  std::string out;
-  auto line = [&out](std::string_view key, const std::string& value) {
-    out += key;
-    out.append(key.size() < 15 ? 15 - key.size() : 1, ' ');
-    out += value;
-    out += '\n';
-  };
-  line("Image:", printable(image.path));
-  line("File size:", human_bytes(static_cast<double>(image.file_size)) + " (" + num(image.file_size) + " bytes)");
-  line("Architecture:", h.arch);
-  line("SIF version:", h.version);
-  line("UUID:", uuid_text(h.uuid));
-  line("Created:", time_text(h.created));
-  line("Modified:", time_text(h.modified));
-  line("Descriptors:", std::to_string(image.descriptors.size()) + " used of " + num(h.descriptors_total) +
-                           " (table at byte " + num(h.descriptors_offset) + ", data at byte " +
-                           num(h.data_offset) + ")");
-  out += '\n';
+namespace {
 
-  // Columns follow `apptainer sif list` (id, group, link, position, type)
-  // with the partition metadata split out so it can be read at a glance.
+// Columns follow `apptainer sif list` (id, group, link, position, type)
+// with the partition metadata split out so it can be read at a glance.
+std::string descriptor_table(const Image& image) {
+  std::string out;
   using Row = std::array<std::string, 10>;
   std::vector<Row> rows;
   rows.push_back({"ID", "TYPE", "GROUP", "LINK", "NAME", "FS", "PARTITION", "ARCH", "OFFSET", "SIZE"});
@@ -633,6 +616,33 @@ std::string format_text(const Image& image) {
     out += text;
     out += '\n';
   }
+  return out;
+}
+
+}  // namespace
+
+std::string format_text(const Image& image) {
+  const Header& h = image.header;
+  std::string out;
+  auto line = [&out](std::string_view key, const std::string& value) {
+    out += key;
+    out.append(key.size() < 15 ? 15 - key.size() : 1, ' ');
+    out += value;
+    out += '\n';
+  };
+  line("Image:", printable(image.path));
+  line("File size:", human_bytes(static_cast<double>(image.file_size)) + " (" + num(image.file_size) + " bytes)");
+  line("Architecture:", h.arch);
+  line("SIF version:", h.version);
+  line("UUID:", uuid_text(h.uuid));
+  line("Created:", time_text(h.created));
+  line("Modified:", time_text(h.modified));
+  line("Descriptors:", std::to_string(image.descriptors.size()) + " used of " + num(h.descriptors_total) +
+                           " (table at byte " + num(h.descriptors_offset) + ", data at byte " +
+                           num(h.data_offset) + ")");
+  out += '\n';
+
+  out += descriptor_table(image);
   return out;
 }
 

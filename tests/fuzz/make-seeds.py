@@ -80,7 +80,7 @@ def payloads():
     }
 
 
-def main():
+def dispatch_seeds():
     for name, (pick, text) in payloads().items():
         write("payload", name, bytes([pick]) + text.encode())
         action = {0x00: "send_task", 0x10: "get_metadata", 0x20: "ping"}[pick & 0x30]
@@ -93,6 +93,8 @@ def main():
     write("message", "no-action", json.dumps({"payload": "e30="}) + "\x00")
     write("message", "deep-body-100000", deep_array(100000) + "\x00")
 
+
+def config_seeds():
     toml = {
         "minimal": '[rabbitmq]\namqp_url = "amqp://guest:guest@localhost:5672/"\n',
         "full": """[singularity]
@@ -142,6 +144,8 @@ status_file = "/tmp/%u/status-%j.json"
     for name, text in toml.items():
         write("config", name, text)
 
+
+def url_seeds():
     urls = {
         "plain": "amqp://guest:guest@localhost:5672/",
         "tls": "amqps://user:secret@broker.example.org:5671/vhost",
@@ -155,6 +159,8 @@ status_file = "/tmp/%u/status-%j.json"
     for name, text in urls.items():
         write("amqp_url", name, text)
 
+
+def record_seeds():
     rec = {
         "format": "lithops-hpc stage record 1",
         "xxh3_128": "0123456789abcdef0123456789abcdef",
@@ -171,6 +177,8 @@ status_file = "/tmp/%u/status-%j.json"
     write("record", "wrong-format", json.dumps(dict(rec, format="lithops-hpc stage record 2")))
     write("record", "deep", '{"format":"lithops-hpc stage record 1","source":' + deep_array(100000) + "}")
 
+
+def status_seeds():
     rank = {"rank": 0, "node": "n1", "pid": 4242, "state": "ready", "slots_busy": 1, "slots_total": 2,
             "done": 10, "failed": 1, "requeued": 0, "dead_lettered": 0, "broker": True, "instance": True,
             "restarts": 0, "rss_kb": 1000, "rss_tree_kb": 5000, "last_seen": 1700000000.5, "last_error": ""}
@@ -189,4 +197,8 @@ status_file = "/tmp/%u/status-%j.json"
     write("status", "deep", '{"version":1,"job":' + deep_array(100000) + "}")
 
 
-main()
+dispatch_seeds()
+config_seeds()
+url_seeds()
+record_seeds()
+status_seeds()
