@@ -4,7 +4,7 @@
 # the seed corpus of the tree plus whatever an earlier campaign in the same
 # work directory found. Prints a Markdown table: target, executions,
 # executions/s, coverage (libFuzzer's cov: edges and ft: features), corpus
-# size, largest input, findings (crash/leak/timeout/oom files).
+# size, largest input found (seeds not counted), findings (crash/leak/timeout/oom files).
 #   bench/fuzz.sh [FUZZ_BUILD_DIR]     (default ./build-fuzz; made by tests/fuzz/build.sh)
 #   SECONDS_PER_TARGET=300 TARGETS="sif message ..." WORK=build-fuzz/campaign
 set -euo pipefail
@@ -18,7 +18,7 @@ BUILD=$(cd "$BUILD" && pwd)
 WORK=${WORK:-$BUILD/campaign}
 mkdir -p "$WORK"
 
-echo "| target | seconds | executions | exec/s | cov (edges) | ft | corpus | largest input | findings |"
+echo "| target | seconds | executions | exec/s | cov (edges) | ft | corpus | largest new input | findings |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for t in $TARGETS; do
     exe=$BUILD/tests/fuzz/fuzz_$t
