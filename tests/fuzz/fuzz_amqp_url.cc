@@ -58,7 +58,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     (void)lhpc::config::parse_amqp_url(url);
   } catch (const lhpc::Error& e) {
-    require_hidden(e.what(), secret, "a parse error");
+    // The same URL with the password masked: what its message holds of the
+    // password-like text is the parser's own wording ("from 1 to 65535"), not a leak.
+    std::string masked = url;
+    if (!secret.empty()) {
+      masked.replace(url.find(secret), secret.size(), std::string(secret.size(), '\x01'));
+    }
+    std::string fixed;
+    try {
+      (void)lhpc::config::parse_amqp_url(masked);
+    } catch (const lhpc::Error& m) {
+      fixed = m.what();
+    }
+    if (fixed.find(secret) == std::string::npos) {
+      require_hidden(e.what(), secret, "a parse error");
+    }
   }
   return 0;
 }
