@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what lithops-hpc needs to build, test and run on Debian 12 (root).
 # Build: compiler, meson, the libraries. Run: Open MPI, Slurm clients, munge,
-# RabbitMQ (for a local broker), Python with pika for the tests.
+# RabbitMQ (for a local broker), Python with pika for the tests, clang and its
+# libFuzzer runtime for the fuzz suite (tests/fuzz/).
 set -euo pipefail
 packages=(
   meson ninja-build pkg-config g++ cmake scdoc man-db
@@ -9,6 +10,7 @@ packages=(
   doctest-dev libslurm-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   slurm-wlm munge rabbitmq-server iproute2 procps util-linux
   python3 python3-pika
+  clang libclang-rt-14-dev
 )
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps.sh: run as root (or with sudo): it calls apt-get" >&2

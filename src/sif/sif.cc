@@ -408,34 +408,61 @@ std::string time_text(std::int64_t unix_seconds) {
   return buf;
 }
 
-void check_magic(const std::string& path) {
-  auto img = open_image(path);
+namespace {
+
+// Where the bytes come from: a file read with pread (the data, possibly GiBs,
+// is never read) or a buffer already in memory (tests, fuzzing). Both give
+// at most n bytes at off, fewer only at the end.
+class Source {
+public:
+  virtual ~Source() = default;
+  virtual std::size_t read(unsigned char* buf, std::size_t n, std::uint64_t off) const = 0;
+  virtual std::uint64_t size() const = 0;
+};
+
+class FileSource final : public Source {
+public:
+  FileSource(const std::string& path, OpenImage img) : m_path(path), m_img(std::move(img)) {}
+  std::size_t read(unsigned char* buf, std::size_t n, std::uint64_t off) const override {
+    return read_at(m_img.fd.get(), buf, n, off, m_path);
+  }
+  std::uint64_t size() const override { return m_img.size; }
+
+private:
+  const std::string& m_path;
+  OpenImage m_img;
+};
+
+class BufferSource final : public Source {
+public:
+  explicit BufferSource(std::string_view bytes) : m_bytes(bytes) {}
+  std::size_t read(unsigned char* buf, std::size_t n, std::uint64_t off) const override {
+    if (off >= m_bytes.size()) {
+      return 0;
+    }
+    const auto got = std::min<std::uint64_t>(n, m_bytes.size() - off);
+    std::memcpy(buf, m_bytes.data() + off, static_cast<std::size_t>(got));
+    return static_cast<std::size_t>(got);
+  }
+  std::uint64_t size() const override { return m_bytes.size(); }
+
+private:
+  std::string_view m_bytes;
+};
+
+void check_magic_from(const Source& src, const std::string& path) {
   unsigned char head[k_magic_end] = {};
-  const std::size_t n = read_at(img.fd.get(), head, sizeof head, 0, path);
-  check_head(path, head, n, img.size);
+  const std::size_t n = src.read(head, sizeof head, 0);
+  check_head(path, head, n, src.size());
 }
 
-Image read_image(const std::string& path) {
-  auto img = open_image(path);
-  Image out;
-  out.path = path;
-  out.file_size = img.size;
-
-  unsigned char raw[k_header_size] = {};
-  const std::size_t n = read_at(img.fd.get(), raw, sizeof raw, 0, path);
-  check_head(path, raw, n, img.size);
-  if (n < k_header_size) {
-    fail(path + " is truncated: " + num(img.size) + " bytes, shorter than the " + std::to_string(k_header_size) +
-             "-byte SIF header",
-         k_hint_recopy);
-  }
+Header parse_header(const unsigned char* raw, const std::string& path) {
   const auto version = bytes_at(raw, k_hdr_version, k_hdr_version_len);
   if (version != std::string_view(k_version, k_hdr_version_len)) {
     fail(path + ": unsupported SIF version \"" + escaped(up_to_nul(version)) + "\" (this build reads version 01)",
          "rebuild the image with a current apptainer or singularity, or upgrade lithops-hpc");
   }
-
-  Header& h = out.header;
+  Header h;
   auto launch = up_to_nul(bytes_at(raw, k_hdr_launch, k_hdr_launch_len));
   if (!launch.empty() && launch.back() == '\n') {
     launch.remove_suffix(1);
@@ -452,7 +479,10 @@ Image read_image(const std::string& path) {
   h.descriptors_size = i64_at(raw, k_hdr_descr_size);
   h.data_offset = i64_at(raw, k_hdr_data_offset);
   h.data_size = i64_at(raw, k_hdr_data_size);
+  return h;
+}
 
+void check_table(const Header& h, const std::string& path, std::uint64_t file_size) {
   if (h.descriptors_total < 0 || h.descriptors_offset < 0 || h.descriptors_size < 0) {
     fail(path + ": corrupt SIF header: descriptor table offset " + num(h.descriptors_offset) + ", size " +
              num(h.descriptors_size) + ", count " + num(h.descriptors_total) + " (none may be negative)",
@@ -467,20 +497,23 @@ Image read_image(const std::string& path) {
   }
   const std::uint64_t table_end =
       static_cast<std::uint64_t>(h.descriptors_offset) + static_cast<std::uint64_t>(h.descriptors_size);
-  if (table_end > img.size) {
+  if (table_end > file_size) {
     fail(path + ": descriptor table at bytes " + num(h.descriptors_offset) + ".." + num(table_end) +
-             " lies outside the file (" + num(img.size) + " bytes)",
+             " lies outside the file (" + num(file_size) + " bytes)",
          k_hint_recopy);
   }
+}
 
+void read_descriptors(const Source& src, const std::string& path, Image& out) {
+  const Header& h = out.header;
   const auto total = static_cast<std::uint64_t>(h.descriptors_total);
   std::vector<unsigned char> buf(k_descriptors_per_read * k_descriptor_size);
   for (std::uint64_t first = 0; first < total; first += k_descriptors_per_read) {
     const auto count = static_cast<std::size_t>(std::min<std::uint64_t>(k_descriptors_per_read, total - first));
     const std::size_t want = count * k_descriptor_size;
     const std::uint64_t at = static_cast<std::uint64_t>(h.descriptors_offset) + first * k_descriptor_size;
-    if (read_at(img.fd.get(), buf.data(), want, at, path) != want) {
-      // The size check above passed, so the file shrank while we read it.
+    if (src.read(buf.data(), want, at) != want) {
+      // The size check passed, so the file shrank while we read it.
       fail(path + " is truncated: it ended inside the descriptor table (it changed while being read?)",
            k_hint_recopy);
     }
@@ -490,17 +523,44 @@ Image read_image(const std::string& path) {
         continue;
       }
       Descriptor d = parse_descriptor(p);
-      check_object_range(path, d, img.size);
+      check_object_range(path, d, src.size());
       out.descriptors.push_back(std::move(d));
     }
   }
+}
 
+Image parse_from(const Source& src, const std::string& path) {
+  Image out;
+  out.path = path;
+  out.file_size = src.size();
+
+  unsigned char raw[k_header_size] = {};
+  const std::size_t n = src.read(raw, sizeof raw, 0);
+  check_head(path, raw, n, src.size());
+  if (n < k_header_size) {
+    fail(path + " is truncated: " + num(src.size()) + " bytes, shorter than the " + std::to_string(k_header_size) +
+             "-byte SIF header",
+         k_hint_recopy);
+  }
+  out.header = parse_header(raw, path);
+  check_table(out.header, path, src.size());
+  read_descriptors(src, path, out);
   if (out.descriptors.empty()) {
-    fail(path + " holds no data objects (0 of " + num(h.descriptors_total) + " descriptors used)",
+    fail(path + " holds no data objects (0 of " + num(out.header.descriptors_total) + " descriptors used)",
          "the image is empty, so there is nothing to run: rebuild it with `apptainer build`");
   }
   return out;
 }
+
+}  // namespace
+
+void check_magic(const std::string& path) { check_magic_from(FileSource(path, open_image(path)), path); }
+
+void check_magic_bytes(std::string_view bytes, const std::string& name) { check_magic_from(BufferSource(bytes), name); }
+
+Image read_image(const std::string& path) { return parse_from(FileSource(path, open_image(path)), path); }
+
+Image parse_image(std::string_view bytes, const std::string& name) { return parse_from(BufferSource(bytes), name); }
 
 const Descriptor* primary_partition(const Image& image) {
   for (const auto& d : image.descriptors) {
@@ -511,29 +571,12 @@ const Descriptor* primary_partition(const Image& image) {
   return nullptr;
 }
 
-std::string format_text(const Image& image) {
-  const Header& h = image.header;
-  std::string out;
-  auto line = [&out](std::string_view key, const std::string& value) {
-    out += key;
-    out.append(key.size() < 15 ? 15 - key.size() : 1, ' ');
-    out += value;
-    out += '\n';
-  };
-  line("Image:", printable(image.path));
-  line("File size:", human_bytes(static_cast<double>(image.file_size)) + " (" + num(image.file_size) + " bytes)");
-  line("Architecture:", h.arch);
-  line("SIF version:", h.version);
-  line("UUID:", uuid_text(h.uuid));
-  line("Created:", time_text(h.created));
-  line("Modified:", time_text(h.modified));
-  line("Descriptors:", std::to_string(image.descriptors.size()) + " used of " + num(h.descriptors_total) +
-                           " (table at byte " + num(h.descriptors_offset) + ", data at byte " +
-                           num(h.data_offset) + ")");
-  out += '\n';
+namespace {
 
-  // Columns follow `apptainer sif list` (id, group, link, position, type)
-  // with the partition metadata split out so it can be read at a glance.
+// Columns follow `apptainer sif list` (id, group, link, position, type)
+// with the partition metadata split out so it can be read at a glance.
+std::string descriptor_table(const Image& image) {
+  std::string out;
   using Row = std::array<std::string, 10>;
   std::vector<Row> rows;
   rows.push_back({"ID", "TYPE", "GROUP", "LINK", "NAME", "FS", "PARTITION", "ARCH", "OFFSET", "SIZE"});
@@ -573,6 +616,33 @@ std::string format_text(const Image& image) {
     out += text;
     out += '\n';
   }
+  return out;
+}
+
+}  // namespace
+
+std::string format_text(const Image& image) {
+  const Header& h = image.header;
+  std::string out;
+  auto line = [&out](std::string_view key, const std::string& value) {
+    out += key;
+    out.append(key.size() < 15 ? 15 - key.size() : 1, ' ');
+    out += value;
+    out += '\n';
+  };
+  line("Image:", printable(image.path));
+  line("File size:", human_bytes(static_cast<double>(image.file_size)) + " (" + num(image.file_size) + " bytes)");
+  line("Architecture:", h.arch);
+  line("SIF version:", h.version);
+  line("UUID:", uuid_text(h.uuid));
+  line("Created:", time_text(h.created));
+  line("Modified:", time_text(h.modified));
+  line("Descriptors:", std::to_string(image.descriptors.size()) + " used of " + num(h.descriptors_total) +
+                           " (table at byte " + num(h.descriptors_offset) + ", data at byte " +
+                           num(h.data_offset) + ")");
+  out += '\n';
+
+  out += descriptor_table(image);
   return out;
 }
 

@@ -120,6 +120,12 @@ Image read_image(const std::string& path);
 // Error(Exit::image) for unreadable (with errno), empty, truncated, not a SIF.
 void check_magic(const std::string& path);
 
+// The same two checks on bytes already in memory, `name` standing for the
+// path in messages: what tests and the fuzzers (tests/fuzz/) call, so the
+// parser is exercised without a file system in the way.
+Image parse_image(std::string_view bytes, const std::string& name);
+void check_magic_bytes(std::string_view bytes, const std::string& name);
+
 // The partition an engine runs (primary system), or nullptr.
 const Descriptor* primary_partition(const Image& image);
 

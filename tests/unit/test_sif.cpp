@@ -275,6 +275,46 @@ TEST_CASE("check_magic accepts a SIF and refuses empty, foreign and unreadable f
   }
 }
 
+TEST_CASE("parse_image and check_magic_bytes judge bytes in memory as read_image and check_magic judge the file") {
+  TempDir dir{"sif"};
+  const std::pair<const char*, FixtureSpec> cases[] = {
+      {"good", FixtureSpec{}},
+      {"wrong-magic", corrupt(SifCorruption::wrong_magic)},
+      {"truncated-header", corrupt(SifCorruption::truncated_header)},
+      {"bad-version", corrupt(SifCorruption::bad_version)},
+      {"payload-truncated", corrupt(SifCorruption::payload_truncated)},
+      {"size-overflow", corrupt(SifCorruption::size_overflow)},
+      {"table-beyond-eof", corrupt(SifCorruption::table_beyond_eof)},
+      {"table-too-small", corrupt(SifCorruption::table_too_small)},
+      {"no-used-descriptors", corrupt(SifCorruption::no_used_descriptors)},
+  };
+  for (const auto& [name, spec] : cases) {
+    CAPTURE(name);
+    const auto path = write_fixture(dir, std::string(name) + ".sif", spec);
+    const std::string bytes = test::make_sif(spec);
+    auto outcome = [](auto&& f) -> std::string {
+      try {
+        return sif::to_json(f()).dump();
+      } catch (const Error& e) {
+        return std::string("error: ") + e.what() + " / " + e.hint();
+      }
+    };
+    CHECK(outcome([&] { return sif::parse_image(bytes, path); }) == outcome([&] { return sif::read_image(path); }));
+    auto magic = [](auto&& f) -> std::string {
+      try {
+        f();
+        return "ok";
+      } catch (const Error& e) {
+        return e.what();
+      }
+    };
+    CHECK(magic([&] { sif::check_magic_bytes(bytes, path); }) == magic([&] { sif::check_magic(path); }));
+  }
+  CHECK(image_error([] { sif::parse_image("", "mem.sif"); }) == "mem.sif is empty (0 bytes), not a SIF image");
+  CHECK(image_error([] { sif::check_magic_bytes(std::string(41, 'x'), "mem.sif"); }) ==
+        "mem.sif is truncated or not a SIF image: 41 bytes, shorter than the 128-byte SIF header");
+}
+
 TEST_CASE("to_json has the documented keys") {
   TempDir dir{"sif"};
   FixtureSpec spec;
