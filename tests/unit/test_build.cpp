@@ -31,12 +31,14 @@ public:
     return {"sh", "-c", m_script, "sh", out, def};
   }
   std::vector<std::string> instance_start_argv(const InstanceSpec&) const override { return {}; }
-  std::vector<std::string> instance_stop_argv(const std::string&, bool) const override { return {}; }
+  std::vector<std::string> instance_stop_argv(const std::string&, bool, int) const override { return {}; }
   std::vector<std::string> instance_list_argv(const std::string&) const override { return {}; }
   std::vector<std::string> exec_argv(const std::string&, const std::vector<std::string>& cmd) const override {
     return cmd;
   }
   std::vector<std::string> run_argv(const std::string&) const override { return {}; }
+  EngineFeatures features() const override { return {}; }
+  void set_version(const std::string&) override {}
   Env child_env(const Env& base, const std::map<std::string, std::string>&) const override { return base; }
   void start_instance(const InstanceSpec&) override {}
   bool instance_alive(const std::string&) override { return false; }
