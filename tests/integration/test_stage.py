@@ -373,8 +373,16 @@ class StageTest(unittest.TestCase):
     def test_a_fifo_given_as_the_image_is_refused_at_once(self):
         fifo = self.tmp / "rt.sif"
         os.mkfifo(fifo)
-        rc, _, err = self.stage(fifo, np=1, timeout=60)
-        self.assertEqual(rc, EXIT_IMAGE, err)
+        p = self.start(fifo, np=1)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            for pid in self.pids.iterdir():
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+            p.communicate()
+            self.fail("stage hung on a FIFO")
+        self.assertEqual(p.returncode, EXIT_IMAGE, err)
         self.assertIn("FIFO", err)
         self.assertEqual(self.private_dirs(), [])
 
