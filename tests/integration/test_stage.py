@@ -115,6 +115,14 @@ class StageTest(unittest.TestCase):
     def partials(self):
         return [f for f in self.all_files() if ".part-" in f]
 
+    def partials_written(self):
+        def size(f):
+            try:
+                return (self.base / f).stat().st_size
+            except FileNotFoundError:
+                return 0
+        return sum(1 for f in self.partials() if size(f) > 0)
+
     def private_dirs(self):
         return sorted(str(p) for p in self.base.glob("*/lithops-hpc-*")) if self.base.exists() else []
 
@@ -442,7 +450,9 @@ class StageTest(unittest.TestCase):
         p = self.start(src, "--chunk-mib", "1", "--log-level", "debug",
                        env={"LITHOPS_HPC_STAGE_THROTTLE_MS": "100"})
         try:
-            wait_until(lambda: len(self.partials()) == NP, 30, "every node to start writing")
+            # Bytes in every partial file: the transfer itself has begun (a
+            # partial file exists a moment before, while the nodes still agree).
+            wait_until(lambda: self.partials_written() == NP, 30, "every node to start writing")
             wait_until(lambda: len(list(self.pids.iterdir())) == NP, 5, "rank pids")
             for r in ranks:
                 os.kill(int((self.pids / str(r)).read_text()), sig)
