@@ -147,29 +147,21 @@ health::Report make_report(health::State state, const WorkerStats& s, const std:
   return r;
 }
 
-// Every rank learns whether all ranks succeeded at a step, and rank 0 learns
-// each failing rank's message (fixed size: one collective, no second round).
+// Every rank learns whether all ranks succeeded at a step and each failing
+// rank's message, whole (share_outcomes: no fixed-size buffer to cut it).
 struct Agreement {
   int ok_ranks = 0;
-  std::vector<std::string> errors;  // rank 0: per rank, empty when it succeeded
+  std::vector<std::string> errors;  // per rank, empty when it succeeded
 };
 Agreement agree(MPI_Comm comm, const std::string& my_error) {
-  constexpr int k_len = 256;
-  int rank = 0, size = 1;
-  MPI_Comm_rank(comm, &rank);
-  MPI_Comm_size(comm, &size);
-  char mine[k_len] = {};
-  std::strncpy(mine, my_error.c_str(), k_len - 1);
-  std::vector<char> all(rank == 0 ? static_cast<std::size_t>(k_len) * static_cast<std::size_t>(size) : 0);
-  MPI_Gather(mine, k_len, MPI_CHAR, all.data(), k_len, MPI_CHAR, 0, comm);
-  int ok = my_error.empty() ? 1 : 0;
+  Outcome mine;
+  if (!my_error.empty()) {
+    mine.error = Error(Exit::engine, my_error);
+  }
   Agreement a;
-  MPI_Allreduce(&ok, &a.ok_ranks, 1, MPI_INT, MPI_SUM, comm);
-  if (rank == 0) {
-    for (int i = 0; i < size; ++i) {
-      const char* p = all.data() + static_cast<std::ptrdiff_t>(i) * k_len;
-      a.errors.emplace_back(p, strnlen(p, k_len));
-    }
+  for (const auto& o : share_outcomes(comm, mine)) {
+    a.ok_ranks += o.error ? 0 : 1;
+    a.errors.push_back(o.error ? o.error->what() : std::string());
   }
   return a;
 }

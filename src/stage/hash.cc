@@ -45,20 +45,25 @@ XXH128_hash_t hash_file(const std::string& path, std::size_t buf_bytes, const st
   if (!fd) {
     throw Error(Exit::failure, "cannot read " + path + ": " + errno_text(errno));
   }
-  ::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+  return hash_fd(fd.get(), path, buf_bytes, between);
+}
+
+XXH128_hash_t hash_fd(int fd, const std::string& shown_as, std::size_t buf_bytes, const std::function<void()>& between) {
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   auto buf = std::make_unique_for_overwrite<char[]>(buf_bytes);
   Hasher h;
-  while (true) {
-    ssize_t n = ::read(fd.get(), buf.get(), buf_bytes);
+  for (off_t off = 0;;) {
+    ssize_t n = ::pread(fd, buf.get(), buf_bytes, off);
     if (n < 0) {
       if (errno == EINTR) {
         continue;
       }
-      throw Error(Exit::failure, "cannot read " + path + ": " + errno_text(errno));
+      throw Error(Exit::failure, "cannot read " + shown_as + ": " + errno_text(errno));
     }
     if (n == 0) {
       break;
     }
+    off += n;
     h.update(buf.get(), static_cast<std::size_t>(n));
     if (between) {
       between();

@@ -39,5 +39,8 @@ private:
 // Error(Exit::failure) naming the path when it cannot be read.
 XXH128_hash_t hash_file(const std::string& path, std::size_t buf_bytes = 8u << 20,
                         const std::function<void()>& between = {});
+// The same for an open file, from its start (shown_as names it in errors).
+XXH128_hash_t hash_fd(int fd, const std::string& shown_as, std::size_t buf_bytes = 8u << 20,
+                      const std::function<void()>& between = {});
 
 }  // namespace lhpc::stage

@@ -2,6 +2,8 @@
 
 #include <time.h>
 
+#include <cstdint>
+
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
@@ -33,13 +35,32 @@ namespace {
 json stamp_json(const FileStamp& s) {
   return {{"dev", s.dev}, {"ino", s.ino}, {"size", s.size}, {"mtime_ns", s.mtime_ns}, {"ctime_ns", s.ctime_ns}};
 }
+// Numbers are read only when JSON holds them as integers of the right sign:
+// get<> of a float out of range (1e20) is undefined behaviour.
+std::uint64_t unsigned_at(const json& j, const char* key) {
+  const auto& v = j.at(key);
+  if (!v.is_number_unsigned()) {
+    throw json::type_error::create(302, std::string(key) + " is not a non-negative integer", &v);
+  }
+  return v.get<std::uint64_t>();
+}
+std::int64_t signed_at(const json& j, const char* key) {
+  const auto& v = j.at(key);
+  if (!v.is_number_integer()) {
+    throw json::type_error::create(302, std::string(key) + " is not an integer", &v);
+  }
+  if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX)) {
+    throw json::type_error::create(302, std::string(key) + " is out of range", &v);
+  }
+  return v.get<std::int64_t>();
+}
 FileStamp stamp_from(const json& j) {
   FileStamp s;
-  s.dev = j.at("dev").get<std::uint64_t>();
-  s.ino = j.at("ino").get<std::uint64_t>();
-  s.size = j.at("size").get<std::uint64_t>();
-  s.mtime_ns = j.at("mtime_ns").get<std::int64_t>();
-  s.ctime_ns = j.at("ctime_ns").get<std::int64_t>();
+  s.dev = unsigned_at(j, "dev");
+  s.ino = unsigned_at(j, "ino");
+  s.size = unsigned_at(j, "size");
+  s.mtime_ns = signed_at(j, "mtime_ns");
+  s.ctime_ns = signed_at(j, "ctime_ns");
   return s;
 }
 bool is_hex128(const std::string& s) {
@@ -59,12 +80,12 @@ std::string to_json_text(const StageRecord& r) {
 std::optional<StageRecord> parse_record(const std::string& text) {
   try {
     auto j = json::parse(text);
-    if (j.value("format", "") != "lithops-hpc stage record 1") {
+    if (!j.is_object() || j.value("format", "") != "lithops-hpc stage record 1") {
       return std::nullopt;
     }
     StageRecord r;
     r.hash_hex = j.at("xxh3_128").get<std::string>();
-    r.size = j.at("size").get<std::uint64_t>();
+    r.size = unsigned_at(j, "size");
     r.stamp = stamp_from(j.at("file"));
     r.source = j.value("source", "");
     if (!is_hex128(r.hash_hex)) {
@@ -103,12 +124,15 @@ std::int64_t realtime_ns() {
 std::string SourceHashCache::default_file() { return state_dir() + "/stage-source-hashes.json"; }
 
 namespace {
+// The cache decides which hash rank 0 believes: read only from a state
+// directory that is ours and private, never through a symlink.
 json load_entries(const std::string& file) {
   try {
-    if (!path_exists(file)) {
+    auto text = read_private_file(file, std::size_t{4} << 20);
+    if (!text) {
       return json::array();
     }
-    auto j = json::parse(read_file(file));
+    auto j = json::parse(*text);
     if (j.is_object() && j.value("format", "") == "lithops-hpc source hashes 1" && j.contains("entries") &&
         j["entries"].is_array()) {
       return j["entries"];
@@ -150,7 +174,7 @@ bool SourceHashCache::remember(const std::string& path, const FileStamp& stamp, 
     }
   }
   try {
-    mkdirs(dirname_of(m_file));
+    make_private_dir(dirname_of(m_file));
     write_file_atomic(m_file, json{{"format", "lithops-hpc source hashes 1"}, {"entries", kept}}.dump(1) + "\n", 0600);
     return true;
   } catch (const Error&) {

@@ -32,7 +32,11 @@
 // transfer) removes its partial file, logs whom it waited for and ends the
 // job with MPI_Abort (exit 7).
 //
-// Test-only: LITHOPS_HPC_STAGE_THROTTLE_MS=N makes every writing leader sleep
+// Trust: a node's private directory is used only when it is ours and
+// private under a trusted sif_path (stage/node_files.h, util/fs.h); one
+// someone else made is refused before anything in it is read.
+//
+// Test builds only (meson -Dtest_hooks=true): LITHOPS_HPC_STAGE_THROTTLE_MS=N makes every writing leader sleep
 // N ms per chunk, so tests can interrupt a transfer of a small image;
 // LITHOPS_HPC_TEST_DIE_IN_STAGE=R makes rank R of the transfer exit after
 // receiving its first chunk, as a rank that crashes mid-transfer.

@@ -6,14 +6,25 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <sstream>
+#include <vector>
 
 #include "util/error.h"
 #include "util/fd.h"
 
 namespace lhpc {
+
+namespace {
+std::string fmt_mode(mode_t m) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(m & 07777));
+  return buf;
+}
+}  // namespace
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -25,67 +36,249 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-void write_file_atomic(const std::string& path, const std::string& data, mode_t mode) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode));
-  if (!fd) {
-    throw Error(Exit::failure, "cannot write " + tmp + ": " + errno_text(errno));
+namespace {
+
+std::string random_suffix() {
+  static const char k_chars[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+  std::random_device rd;
+  std::string out;
+  for (int i = 0; i < 12; ++i) {
+    out += k_chars[rd() % (sizeof k_chars - 1)];
   }
-  ::fchmod(fd.get(), mode);  // umask must not widen or narrow what we promise
+  return out;
+}
+
+void write_all_or_throw(int fd, const std::string& data, const std::string& shown) {
   std::size_t off = 0;
   while (off < data.size()) {
-    ssize_t n = ::write(fd.get(), data.data() + off, data.size() - off);
+    ssize_t n = ::write(fd, data.data() + off, data.size() - off);
     if (n < 0) {
       if (errno == EINTR) {
         continue;
       }
-      int err = errno;
-      ::unlink(tmp.c_str());
-      throw Error(Exit::failure, "cannot write " + tmp + ": " + errno_text(err));
+      throw Error(Exit::failure, "cannot write " + shown + ": " + errno_text(errno));
     }
     off += static_cast<std::size_t>(n);
   }
-  ::fsync(fd.get());
-  fd.reset();
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    throw Error(Exit::failure, "cannot rename " + tmp + " to " + path + ": " + errno_text(err));
+}
+
+// Parents may be root's (/, /tmp) or ours; others may write only where the
+// sticky bit stops them from renaming or removing what is ours.
+void check_parent(const struct stat& st, const std::string& shown) {
+  if (st.st_uid != 0 && st.st_uid != ::geteuid()) {
+    throw Error(Exit::failure,
+                shown + " belongs to " + owner_name(st.st_uid) + ", neither to you nor to root: they could swap what is inside",
+                "use a directory whose parents are yours or root's (e.g. under /tmp or your home)");
   }
+  if ((st.st_mode & 0022) != 0 && (st.st_mode & S_ISVTX) == 0) {
+    throw Error(Exit::failure, shown + " is writable by other users and not sticky: they could swap what is inside",
+                "chmod go-w " + shown + " (or +t, like /tmp), or use another directory");
+  }
+}
+
+std::vector<std::string> components(const std::string& path) {
+  std::vector<std::string> out;
+  std::size_t i = 0;
+  while (i < path.size()) {
+    auto j = path.find('/', i);
+    if (j == std::string::npos) {
+      j = path.size();
+    }
+    if (j > i) {
+      out.push_back(path.substr(i, j - i));
+    }
+    i = j + 1;
+  }
+  return out;
+}
+
+// One step down from a checked directory, never through a symlink.
+UniqueFd open_below(int parent_fd, const std::string& name, const std::string& shown) {
+  UniqueFd fd(::openat(parent_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd) {
+    int err = errno;
+    struct stat st {};
+    if ((err == ELOOP || err == ENOTDIR) && ::fstatat(parent_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISLNK(st.st_mode)) {
+      throw Error(Exit::failure, shown + " is a symbolic link: lithops-hpc follows none on the way to its directories",
+                  "give the real path (realpath " + shown + ")");
+    }
+    throw Error(Exit::failure, "cannot open directory " + shown + ": " + errno_text(err));
+  }
+  return fd;
+}
+
+}  // namespace
+
+void write_file_atomic_at(int dir_fd, const std::string& name, const std::string& data, mode_t mode,
+                          const std::string& shown_as) {
+  std::string tmp;
+  UniqueFd fd;
+  for (int tries = 0; !fd && tries < 16; ++tries) {
+    tmp = "." + name + ".tmp-" + random_suffix();
+    fd.reset(::openat(dir_fd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode));
+    if (!fd && errno != EEXIST) {
+      throw Error(Exit::failure, "cannot write " + shown_as + ": " + errno_text(errno));
+    }
+  }
+  if (!fd) {
+    throw Error(Exit::failure, "cannot write " + shown_as + ": no free temporary name beside it");
+  }
+  try {
+    // umask must not widen or narrow what we promise.
+    if (::fchmod(fd.get(), mode) != 0) {
+      throw Error(Exit::failure, "cannot set the mode of " + shown_as + ": " + errno_text(errno));
+    }
+    write_all_or_throw(fd.get(), data, shown_as);
+    if (::fsync(fd.get()) != 0) {
+      throw Error(Exit::failure, "cannot write " + shown_as + ": " + errno_text(errno));
+    }
+    fd.reset();
+    if (::renameat(dir_fd, tmp.c_str(), dir_fd, name.c_str()) != 0) {
+      throw Error(Exit::failure, "cannot rename a temporary file over " + shown_as + ": " + errno_text(errno));
+    }
+  } catch (const Error&) {
+    ::unlinkat(dir_fd, tmp.c_str(), 0);
+    throw;
+  }
+}
+
+void write_file_atomic(const std::string& path, const std::string& data, mode_t mode) {
+  auto dir = dirname_of(path);
+  UniqueFd d(::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!d) {
+    throw Error(Exit::failure, "cannot write " + path + ": " + errno_text(errno));
+  }
+  write_file_atomic_at(d.get(), basename_of(path), data, mode, path);
 }
 
 void mkdirs(const std::string& path, mode_t mode) {
-  std::error_code ec;
-  std::filesystem::create_directories(path, ec);
-  if (ec) {
-    throw Error(Exit::failure, "cannot create directory " + path + ": " + ec.message());
+  if (path.empty()) {
+    return;
   }
-  (void)mode;
-}
-
-void make_private_dir(const std::string& path) {
-  auto parent = dirname_of(path);
-  if (!parent.empty() && !path_exists(parent)) {
-    mkdirs(parent);
-  }
-  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
-    throw Error(Exit::failure, "cannot create directory " + path + ": " + errno_text(errno),
-                "check that " + parent + " exists and is writable by you");
+  std::string sofar = path.front() == '/' ? "" : ".";
+  for (const auto& c : components(path)) {
+    sofar += "/" + c;
+    if (::mkdir(sofar.c_str(), mode) != 0 && errno != EEXIST) {
+      throw Error(Exit::failure, "cannot create directory " + sofar + ": " + errno_text(errno));
+    }
   }
   struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) {
+  if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw Error(Exit::failure, "cannot create directory " + path + ": it exists and is not a directory");
+  }
+}
+
+UniqueFd open_trusted_dir(const std::string& path) {
+  if (path.empty() || path.front() != '/') {
+    throw Error(Exit::failure, "'" + path + "' is not an absolute path", "give a path starting with /");
+  }
+  UniqueFd fd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  std::string shown;
+  struct stat st {};
+  for (const auto& c : components(path)) {
+    if (::fstat(fd.get(), &st) != 0) {
+      throw Error(Exit::failure, "cannot stat " + (shown.empty() ? "/" : shown) + ": " + errno_text(errno));
+    }
+    check_parent(st, shown.empty() ? "/" : shown);
+    shown += "/" + c;
+    if (c == "..") {
+      throw Error(Exit::failure, path + " has a '..' component", "give the path without '..'");
+    }
+    fd = open_below(fd.get(), c, shown);
+  }
+  // The directory itself is the parent of what goes in it: the same rules.
+  if (::fstat(fd.get(), &st) != 0) {
     throw Error(Exit::failure, "cannot stat " + path + ": " + errno_text(errno));
   }
-  if (!S_ISDIR(st.st_mode)) {
-    throw Error(Exit::failure, path + " exists and is not a directory (a symlink?)", "remove it and try again");
+  check_parent(st, shown.empty() ? "/" : shown);
+  return fd;
+}
+
+UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::string& shown, bool create,
+                             bool* created) {
+  bool made = create && ::mkdirat(parent_fd, name.c_str(), 0700) == 0;
+  if (create && !made && errno != EEXIST) {
+    throw Error(Exit::failure, "cannot create directory " + shown + ": " + errno_text(errno),
+                "check that its parent exists and is writable by you");
+  }
+  if (created != nullptr) {
+    *created = made;
+  }
+  auto fd = open_below(parent_fd, name, shown);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) {
+    throw Error(Exit::failure, "cannot stat " + shown + ": " + errno_text(errno));
   }
   if (st.st_uid != ::geteuid()) {
-    throw Error(Exit::failure, path + " is owned by uid " + std::to_string(st.st_uid) + ", not by you",
-                "someone else created it: remove it or use another sif_path");
+    throw Error(Exit::failure,
+                shown + " belongs to " + owner_name(st.st_uid) + ", not to you: someone else made it, so nothing in it is trusted",
+                "have its owner (or root) remove it, or use another directory");
   }
-  if ((st.st_mode & 0077) != 0 && ::chmod(path.c_str(), 0700) != 0) {
-    throw Error(Exit::failure, "cannot make " + path + " private: " + errno_text(errno));
+  if ((st.st_mode & 0022) != 0) {
+    throw Error(Exit::failure, shown + " is writable by other users (mode " + fmt_mode(st.st_mode) + "), so nothing in it is trusted",
+                "check what is in it, then remove it or chmod 700 " + shown);
   }
+  if ((st.st_mode & 0077) != 0 && ::fchmod(fd.get(), 0700) != 0) {
+    throw Error(Exit::failure, "cannot make " + shown + " private: " + errno_text(errno));
+  }
+  return fd;
+}
+
+UniqueFd open_private_dir(const std::string& path, bool create, bool* created) {
+  auto parent = dirname_of(path);
+  if (create && !parent.empty() && !path_exists(parent)) {
+    mkdirs(parent, 0755);
+  }
+  auto pfd = open_trusted_dir(parent.empty() ? "/" : parent);
+  return open_private_dir_at(pfd.get(), basename_of(path), path, create, created);
+}
+
+void make_private_dir(const std::string& path) { open_private_dir(path, true); }
+
+std::optional<std::string> read_private_file(const std::string& path, std::size_t max) {
+  if (!path_exists(dirname_of(path))) {
+    return std::nullopt;
+  }
+  auto dir = open_private_dir(dirname_of(path), false);
+  UniqueFd fd(::openat(dir.get(), basename_of(path).c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+  if (!fd) {
+    if (errno == ENOENT) {
+      return std::nullopt;
+    }
+    throw Error(Exit::failure, "cannot read " + path + ": " + errno_text(errno));
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid() ||
+      static_cast<std::uint64_t>(st.st_size) > max) {
+    throw Error(Exit::failure, path + " is not a regular file of yours of at most " + std::to_string(max) + " bytes",
+                "remove it");
+  }
+  std::string text(static_cast<std::size_t>(st.st_size), '\0');
+  ssize_t n = ::pread(fd.get(), text.data(), text.size(), 0);
+  if (n < 0) {
+    throw Error(Exit::failure, "cannot read " + path + ": " + errno_text(errno));
+  }
+  text.resize(static_cast<std::size_t>(n));
+  return text;
+}
+
+void check_path_component(const std::string& what, const std::string& value) {
+  bool ok = !value.empty() && value.size() <= 128 && value != "." && value != ".." &&
+            value.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") ==
+                std::string::npos;
+  if (!ok) {
+    std::string shown = value.size() > 64 ? value.substr(0, 64) + "..." : value;
+    throw Error(Exit::usage, what + " '" + shown + "' cannot name a directory (letters, digits, '.', '_', '-' only, at most 128, not '.' or '..')",
+                "unset it or give a plain job id");
+  }
+}
+
+std::string owner_name(uid_t uid) {
+  if (auto* pw = ::getpwuid(uid); pw && pw->pw_name) {
+    return std::string(pw->pw_name) + " (uid " + std::to_string(uid) + ")";
+  }
+  return "uid " + std::to_string(uid);
 }
 
 bool path_exists(const std::string& path) {

@@ -1,4 +1,7 @@
 // Files and directories: atomic replacement, private directories, sizes.
+// What lithops-hpc keeps on disk (staged images, status files) is trusted
+// only inside a directory that is provably ours: the trust rules are here,
+// once, and later work goes through directory fds, never the path again.
 #pragma once
 
 #include <sys/types.h>
@@ -7,17 +10,50 @@
 #include <optional>
 #include <string>
 
+#include "util/fd.h"
+
 namespace lhpc {
 
 std::string read_file(const std::string& path);  // throws Error naming the path
-// Writes to a temporary file beside `path`, fsyncs, renames over it: readers
-// see the old or the new content, never half of either.
+// Writes to a new temporary file beside `path` (a random name, O_EXCL and
+// O_NOFOLLOW, so nothing planted there is followed or reused), fsyncs,
+// renames over it: readers see the old or the new content, never half of either.
 void write_file_atomic(const std::string& path, const std::string& data, mode_t mode);
-// Creates `path` (and missing parents, 0755) with the last component 0700,
-// refusing a symlink, a directory owned by someone else, or one others can
-// write: a place only this user can put an image into.
+// The same inside an open directory: `name` is one path component.
+void write_file_atomic_at(int dir_fd, const std::string& name, const std::string& data, mode_t mode,
+                          const std::string& shown_as);
+
+// The trust rules for a directory lithops-hpc keeps things in:
+//  - every parent, from /, is a real directory (no symlink on the way) owned
+//    by root or by us and not writable by group or others unless sticky (/tmp);
+//  - the directory itself is ours and private ((mode & 077) == 0).
+// Opens `path` (absolute) component by component with O_NOFOLLOW|O_DIRECTORY
+// and checks each parent; throws Error naming the component, its owner and
+// what to do.
+UniqueFd open_trusted_dir(const std::string& path);
+// `name` inside the trusted directory `parent_fd` (shown as `shown_as`),
+// created 0700 when missing and `create`; ours and private, else Error
+// naming the owner. A directory of ours that only others can read is
+// narrowed to 0700; one that others can write is refused. `created` tells
+// whether this call made it.
+UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::string& shown_as, bool create,
+                             bool* created = nullptr);
+// Both: `path`'s parents trusted, `path` itself private (created with any
+// missing parents, those 0755). Returns its fd for later work.
+UniqueFd open_private_dir(const std::string& path, bool create = true, bool* created = nullptr);
+// The content of `path` when its directory passes open_private_dir (not
+// created) and it is a regular file of ours, not a symlink, at most `max`
+// bytes; nullopt when missing. Throws Error when the directory is not trusted.
+std::optional<std::string> read_private_file(const std::string& path, std::size_t max);
+// open_private_dir, for callers that go on by path (status files).
 void make_private_dir(const std::string& path);
+// Creates `path` and missing parents with `mode` (before umask).
 void mkdirs(const std::string& path, mode_t mode = 0755);
+// A path component a job id becomes: not empty, at most 128 characters of
+// [A-Za-z0-9._-], not "." or "..". Throws Error(usage) naming `what`.
+void check_path_component(const std::string& what, const std::string& value);
+// The name of `uid` ("nobody") or its number, for messages.
+std::string owner_name(uid_t uid);
 bool path_exists(const std::string& path);
 std::optional<std::uint64_t> file_size(const std::string& path);
 void remove_tree(const std::string& path);  // rm -rf; missing is fine

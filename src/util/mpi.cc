@@ -86,4 +86,58 @@ std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& min
   return out;
 }
 
+namespace {
+
+nlohmann::json outcome_json(const Outcome& o) {
+  nlohmann::json j = {{"data", o.data}};
+  if (o.error) {
+    j["code"] = static_cast<int>(o.error->code());
+    j["msg"] = o.error->what();
+    j["hint"] = o.error->hint();
+  }
+  return j;
+}
+
+Outcome outcome_from(const std::string& text) {
+  // Our own ranks wrote it; a parse failure would be a bug, and it still
+  // reaches the user as an error rather than a crash.
+  auto j = nlohmann::json::parse(text, nullptr, false);
+  Outcome o;
+  if (!j.is_object()) {
+    o.error = Error(Exit::failure, "internal error: a rank's outcome is not JSON");
+    return o;
+  }
+  o.data = j.value("data", nlohmann::json::object());
+  if (j.contains("code")) {
+    o.error = Error(static_cast<Exit>(j.value("code", 1)), j.value("msg", std::string()),
+                    j.value("hint", std::string()));
+  }
+  return o;
+}
+
+}  // namespace
+
+std::vector<Outcome> share_outcomes(MPI_Comm comm, const Outcome& mine) {
+  std::vector<Outcome> out;
+  for (const auto& s : allgather_strings(comm, outcome_json(mine).dump())) {
+    out.push_back(outcome_from(s));
+  }
+  return out;
+}
+
+nlohmann::json share_root_outcome(MPI_Comm comm, int root, const Outcome& mine) {
+  int me = 0;
+  MPI_Comm_rank(comm, &me);
+  std::string s = me == root ? outcome_json(mine).dump() : std::string();
+  unsigned long long n = s.size();
+  MPI_Bcast(&n, 1, MPI_UNSIGNED_LONG_LONG, root, comm);
+  s.resize(static_cast<std::size_t>(n));
+  MPI_Bcast(s.data(), static_cast<int>(n), MPI_CHAR, root, comm);
+  auto o = outcome_from(s);
+  if (o.error) {
+    throw *o.error;
+  }
+  return o.data;
+}
+
 }  // namespace lhpc

@@ -7,6 +7,8 @@
 
 #include <chrono>
 #include <functional>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,5 +49,21 @@ void barrier_quietly(MPI_Comm comm, std::chrono::nanoseconds nap, const std::fun
 
 // Every rank's string, gathered to every rank (e.g. node ids), in rank order.
 std::vector<std::string> allgather_strings(MPI_Comm comm, const std::string& mine);
+
+// One rank's result of a step all ranks must agree on: the Error it failed
+// with (nullopt: it succeeded) and whatever data it shares with the others.
+struct Outcome {
+  std::optional<Error> error;
+  nlohmann::json data = nlohmann::json::object();
+};
+
+// "Every rank learns who failed": each rank's outcome, gathered to every
+// rank in rank order. Errors cross ranks as JSON, so they keep their
+// message, hint and exit code whatever their length.
+std::vector<Outcome> share_outcomes(MPI_Comm comm, const Outcome& mine);
+
+// The same when only `root` did the work: every rank gets root's data, or
+// throws root's Error (same message, hint and exit code on every rank).
+nlohmann::json share_root_outcome(MPI_Comm comm, int root, const Outcome& mine);
 
 }  // namespace lhpc

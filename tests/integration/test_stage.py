@@ -115,6 +115,14 @@ class StageTest(unittest.TestCase):
     def partials(self):
         return [f for f in self.all_files() if ".part-" in f]
 
+    def partials_written(self):
+        def size(f):
+            try:
+                return (self.base / f).stat().st_size
+            except FileNotFoundError:
+                return 0
+        return sum(1 for f in self.partials() if size(f) > 0)
+
     def private_dirs(self):
         return sorted(str(p) for p in self.base.glob("*/lithops-hpc-*")) if self.base.exists() else []
 
@@ -326,6 +334,66 @@ class StageTest(unittest.TestCase):
         self.assertIn("SLURM_JOB_ID is not set", err)
         self.assertFalse(self.base.exists())
 
+    # ---------------------------------------------------------------- other users (issue 12)
+
+    def as_nobody(self, script):
+        """The attacker's steps, as another local user."""
+        subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sh", "-c", script],
+                       check=True, cwd="/")
+
+    def test_a_private_directory_another_user_made_is_refused_not_used(self):
+        src = make_sif(self.tmp / "rt.sif", 3 * MiB)
+        ref, _ = self.stage_json(src, np=1, sif_path=str(self.tmp / "ref"))
+        # A place both users reach, sticky like /tmp; job ids are predictable.
+        self.tmp.chmod(0o755)
+        shared = self.tmp / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o1777)
+        evil = make_sif(self.tmp / "evil.sif", 3 * MiB)
+        evil.write_bytes(evil.read_bytes()[:-4] + b"EVIL")
+        evil.chmod(0o644)
+        planted = shared / f"lithops-hpc-{os.geteuid()}-{self.job}"
+        record = ("import json, os, sys; st = os.stat(sys.argv[1]); open(sys.argv[1] + '.stage.json', 'w').write("
+                  "json.dumps({'format': 'lithops-hpc stage record 1', 'xxh3_128': sys.argv[2], 'size': st.st_size, "
+                  "'file': {'dev': st.st_dev, 'ino': st.st_ino, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns, "
+                  "'ctime_ns': st.st_ctime_ns}, 'source': 'x'}))")
+        self.as_nobody(f"mkdir -m 755 {planted} && cp {evil} {planted}/rt.sif && "
+                       f"python3 -c \"{record}\" {planted}/rt.sif {ref['xxh3_128']}")
+        rc, out, err = self.stage(src, "--json", np=1, sif_path=str(shared))
+        self.assertEqual(rc, EXIT_STAGE, f"stage trusted another user's directory:\n{out}\n{err}")
+        self.assertIn("belongs to nobody", err)
+        self.assertIn("remove it", err)
+        # --cleanup refuses too, and leaves their files alone.
+        rc, _, err = self.stage(src, "--cleanup", np=1, sif_path=str(shared))
+        self.assertEqual(rc, EXIT_STAGE, err)
+        self.assertIn("belongs to nobody", err)
+        self.assertTrue((planted / "rt.sif").exists())
+        self.assertTrue((planted / "rt.sif.stage.json").exists())
+
+    def test_a_job_id_that_leaves_sif_path_is_refused(self):
+        src = make_sif(self.tmp / "rt.sif", MiB)
+        rc, _, err = self.stage(src, np=1, env={"LITHOPS_HPC_JOB_ID": "../.."})
+        self.assertEqual(rc, EXIT_USAGE, err)
+        self.assertIn("job id", err)
+        self.assertEqual(self.private_dirs(), [])
+        self.assertEqual([p.name for p in self.tmp.iterdir() if p.name.startswith("lithops-hpc")], [])
+
+    def test_a_fifo_given_as_the_image_is_refused_at_once(self):
+        fifo = self.tmp / "rt.sif"
+        os.mkfifo(fifo)
+        p = self.start(fifo, np=1)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            for pid in self.pids.iterdir():
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+            p.communicate()
+            self.fail("stage hung on a FIFO")
+        self.assertEqual(p.returncode, EXIT_IMAGE, err)
+        self.assertIn("FIFO", err)
+        self.assertEqual(self.private_dirs(), [])
+
     # ---------------------------------------------------------------- node failures
 
     def assert_failed_cleanly(self, rc, err, node, reason):
@@ -382,7 +450,9 @@ class StageTest(unittest.TestCase):
         p = self.start(src, "--chunk-mib", "1", "--log-level", "debug",
                        env={"LITHOPS_HPC_STAGE_THROTTLE_MS": "100"})
         try:
-            wait_until(lambda: len(self.partials()) == NP, 30, "every node to start writing")
+            # Bytes in every partial file: the transfer itself has begun (a
+            # partial file exists a moment before, while the nodes still agree).
+            wait_until(lambda: self.partials_written() == NP, 30, "every node to start writing")
             wait_until(lambda: len(list(self.pids.iterdir())) == NP, 5, "rank pids")
             for r in ranks:
                 os.kill(int((self.pids / str(r)).read_text()), sig)

@@ -16,6 +16,8 @@
 #include "stage/layout.h"
 #include "stage/progress.h"
 #include "stage/record.h"
+#include "stage/sbcast.h"
+#include "util/process.h"
 #include "tests/unit/sif_fixtures.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -159,6 +161,34 @@ TEST_CASE("a stage record survives a round trip and garbage is not a record") {
   auto bad_hash = r;
   bad_hash.hash_hex = "XYZ";
   CHECK_FALSE(parse_record(to_json_text(bad_hash)));
+}
+
+TEST_CASE("a record whose numbers are not integers of the right sign is not a record") {
+  StageRecord r{.hash_hex = std::string(32, 'a'), .size = 5, .stamp = {1, 2, 5, 3, 4}, .source = "/x.sif"};
+  auto text = to_json_text(r);
+  REQUIRE(parse_record(text));
+  auto with = [&](const std::string& from, const std::string& to) {
+    auto t = text;
+    auto at = t.find(from);
+    REQUIRE(at != std::string::npos);
+    return t.replace(at, from.size(), to);
+  };
+  CHECK_FALSE(parse_record(with("\"size\": 5", "\"size\": 1e20")));
+  CHECK_FALSE(parse_record(with("\"size\": 5", "\"size\": -5")));
+  CHECK_FALSE(parse_record(with("\"size\": 5", "\"size\": 5.5")));
+  CHECK_FALSE(parse_record(with("\"ino\": 2", "\"ino\": 1e300")));
+  CHECK_FALSE(parse_record(with("\"mtime_ns\": 3", "\"mtime_ns\": 1e20")));
+  CHECK_FALSE(parse_record(with("\"mtime_ns\": 3", "\"mtime_ns\": 18446744073709551615")));
+  CHECK_FALSE(parse_record("[1, 2]"));
+}
+
+TEST_CASE("sbcast does not get the broker URL") {
+  Env ours = Env::empty();
+  ours.set("AMQP_URL", "amqp://u:secret@broker/");
+  ours.set("SLURM_JOB_ID", "7");
+  auto env = sbcast_env(ours);
+  CHECK_FALSE(env.get("AMQP_URL"));
+  CHECK(env.get("SLURM_JOB_ID") == "7");
 }
 
 TEST_CASE("a record vouches for a staged copy only while the file is untouched") {

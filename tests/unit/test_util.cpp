@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "util/error.h"
 #include "util/fs.h"
@@ -74,6 +75,107 @@ TEST_CASE("atomic writes replace the file with the promised mode") {
   CHECK((st.st_mode & 0777) == 0600);
   CHECK(std::distance(std::filesystem::directory_iterator(d), {}) == 1);
   std::filesystem::remove_all(d);
+}
+
+// The attacker's side of these tests is played by uid 65534 (nobody): the
+// suite runs as root, which can hand a directory to another user.
+constexpr uid_t k_other = 65534;
+
+TEST_CASE("an atomic write does not follow a symlink planted beside the file") {
+  char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
+  std::string d = ::mkdtemp(tmpl);
+  auto victim = d + "/victim";
+  { std::ofstream(victim) << "precious"; }
+  auto f = d + "/status.json";
+  // Every name the old code could have used: <path>.tmp.<pid>.
+  REQUIRE(::symlink(victim.c_str(), (f + ".tmp." + std::to_string(::getpid())).c_str()) == 0);
+  write_file_atomic(f, "new status", 0600);
+  CHECK(read_file(victim) == "precious");
+  CHECK(read_file(f) == "new status");
+  struct stat st {};
+  REQUIRE(::lstat(f.c_str(), &st) == 0);
+  CHECK(S_ISREG(st.st_mode));
+  std::filesystem::remove_all(d);
+}
+
+TEST_CASE("a private directory is refused under a parent another user owns or can write") {
+  char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
+  std::string d = ::mkdtemp(tmpl);
+  ::chmod(d.c_str(), 0755);
+  auto theirs = d + "/theirs";
+  REQUIRE(::mkdir(theirs.c_str(), 0755) == 0);
+  REQUIRE(::chown(theirs.c_str(), k_other, k_other) == 0);
+  try {
+    make_private_dir(theirs + "/mine");
+    FAIL("a directory under another user's directory was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("uid 65534") != std::string::npos);
+  }
+  CHECK_FALSE(path_exists(theirs + "/mine"));
+
+  auto open_to_all = d + "/open";
+  REQUIRE(::mkdir(open_to_all.c_str(), 0755) == 0);
+  ::chmod(open_to_all.c_str(), 0777);
+  CHECK_THROWS_AS(make_private_dir(open_to_all + "/mine"), Error);
+  ::chmod(open_to_all.c_str(), 01777);  // sticky, like /tmp: others cannot swap what is ours
+  make_private_dir(open_to_all + "/mine");
+  CHECK(path_exists(open_to_all + "/mine"));
+  std::filesystem::remove_all(d);
+}
+
+TEST_CASE("a symlink among a private directory's parents is refused") {
+  char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
+  std::string d = ::mkdtemp(tmpl);
+  REQUIRE(::mkdir((d + "/real").c_str(), 0755) == 0);
+  REQUIRE(::symlink((d + "/real").c_str(), (d + "/link").c_str()) == 0);
+  try {
+    make_private_dir(d + "/link/private");
+    FAIL("a path through a symlink was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("symbolic link") != std::string::npos);
+  }
+  CHECK_FALSE(path_exists(d + "/real/private"));
+  std::filesystem::remove_all(d);
+}
+
+TEST_CASE("a private directory someone else made is refused, naming the owner") {
+  char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
+  std::string d = ::mkdtemp(tmpl);
+  auto p = d + "/private";
+  REQUIRE(::mkdir(p.c_str(), 0700) == 0);
+  REQUIRE(::chown(p.c_str(), k_other, k_other) == 0);
+  try {
+    open_private_dir(p, false);
+    FAIL("another user's directory was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("uid 65534") != std::string::npos);
+    CHECK_FALSE(e.hint().empty());
+  }
+  std::filesystem::remove_all(d);
+}
+
+TEST_CASE("mkdirs creates every missing directory with the mode asked for") {
+  char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
+  std::string d = ::mkdtemp(tmpl);
+  auto old = ::umask(0);
+  mkdirs(d + "/a/b", 0711);
+  ::umask(old);
+  struct stat st {};
+  REQUIRE(::stat((d + "/a").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0711);
+  REQUIRE(::stat((d + "/a/b").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0711);
+  std::filesystem::remove_all(d);
+}
+
+TEST_CASE("a job id that would leave its directory is refused") {
+  for (const char* bad : {"", ".", "..", "../..", "a/b", "x\ny"}) {
+    CHECK_THROWS_AS(check_path_component("job id", bad), Error);
+  }
+  CHECK_THROWS_AS(check_path_component("job id", std::string(200, '1')), Error);
+  for (const char* good : {"12345", "local-77", "t1_a.b"}) {
+    CHECK_NOTHROW(check_path_component("job id", good));
+  }
 }
 
 TEST_CASE("string helpers") {

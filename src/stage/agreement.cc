@@ -1,0 +1,121 @@
+#include "stage/agreement.h"
+
+#include "util/error.h"
+#include "util/signals.h"
+
+namespace lhpc::stage {
+
+using nlohmann::json;
+
+namespace {
+
+bool is_signal_code(int code) {
+  return code == static_cast<int>(Exit::interrupted) || code == static_cast<int>(Exit::terminated);
+}
+
+int code_of(const Outcome& o) { return o.error ? static_cast<int>(o.error->code()) : 0; }
+
+std::string failure_list(const World& w, const std::vector<Outcome>& all, const std::vector<int>& failed,
+                         const std::string& what) {
+  if (failed.size() == 1) {
+    return what + " failed on " + w.where(failed.front()) + ": " +
+           all[static_cast<std::size_t>(failed.front())].error->what();
+  }
+  std::string msg = what + " failed on " + std::to_string(failed.size()) + " ranks: ";
+  std::size_t shown = 0;
+  for (int r : failed) {
+    if (shown == 4) {
+      msg += "; and " + std::to_string(failed.size() - shown) + " more";
+      break;
+    }
+    msg += (shown ? "; " : "") + w.where(r) + ": " + all[static_cast<std::size_t>(r)].error->what();
+    ++shown;
+  }
+  return msg;
+}
+
+}  // namespace
+
+std::string World::where(int r) const {
+  return "node " + map.names[static_cast<std::size_t>(map.node_of_rank[static_cast<std::size_t>(r)])] + " (rank " +
+         std::to_string(r) + ")";
+}
+
+World make_world(MPI_Comm comm, const std::string& node_id) {
+  World w;
+  w.comm = comm;
+  MPI_Comm_rank(comm, &w.rank);
+  MPI_Comm_size(comm, &w.size);
+  w.map = map_nodes(allgather_strings(comm, node_id));
+  w.node = w.map.node_of_rank[static_cast<std::size_t>(w.rank)];
+  w.leader = w.map.is_leader(w.rank);
+  return w;
+}
+
+int signal_code() {
+  int s = SignalPipe::last_terminating();
+  return s != 0 ? exit_code_for_signal(s) : 0;
+}
+
+std::string signal_name(int code) { return code == static_cast<int>(Exit::interrupted) ? "SIGINT" : "SIGTERM"; }
+
+void throw_if_signalled() {
+  if (int sig = signal_code(); sig != 0) {
+    throw Error(static_cast<Exit>(sig), "interrupted by " + signal_name(sig));
+  }
+}
+
+Outcome ok(json data) { return Outcome{.error = std::nullopt, .data = std::move(data)}; }
+
+Outcome failed(int code, const std::string& msg, const std::string& hint) {
+  return Outcome{.error = Error(static_cast<Exit>(code), msg, hint), .data = json::object()};
+}
+
+Outcome attempt(const std::function<json()>& work, bool interruptible) {
+  Outcome out;
+  try {
+    out = ok(work());
+  } catch (const Error& e) {
+    out.error = e;
+  } catch (const std::exception& e) {
+    out.error = Error(Exit::failure, std::string("internal error: ") + e.what());
+  }
+  if (int sig = signal_code(); interruptible && sig != 0 && !out.error) {
+    out = failed(sig, "interrupted by " + signal_name(sig));
+  }
+  return out;
+}
+
+void throw_if_failed(const World& w, const std::vector<Outcome>& all, const std::string& what) {
+  int sig = 0;
+  int sig_rank = -1;
+  std::vector<int> failed_ranks;
+  for (int r = 0; r < w.size; ++r) {
+    int code = code_of(all[static_cast<std::size_t>(r)]);
+    if (is_signal_code(code)) {
+      if (code > sig) {
+        sig = code;
+        sig_rank = r;
+      }
+    } else if (code != 0) {
+      failed_ranks.push_back(r);
+    }
+  }
+  if (sig != 0) {
+    throw Error(static_cast<Exit>(sig), what + " interrupted by " + signal_name(sig) + " on " + w.where(sig_rank) +
+                                            ": stopped on every rank, partial copies removed");
+  }
+  if (failed_ranks.empty()) {
+    return;
+  }
+  const auto& first = *all[static_cast<std::size_t>(failed_ranks.front())].error;
+  throw Error(first.code(), failure_list(w, all, failed_ranks, what), first.hint());
+}
+
+std::vector<Outcome> agree(const World& w, const Outcome& mine, const std::string& what) {
+  auto all = share_outcomes(w.comm, mine);
+  throw_if_failed(w, all, what);
+  return all;
+}
+
+}  // namespace lhpc::stage
