@@ -11,6 +11,7 @@
 #include "autoalloc/controller.h"
 #include "autoalloc/policy.h"
 #include "autoalloc/scheduler.h"
+#include "util/error.h"
 
 using namespace lhpc::autoalloc;
 
