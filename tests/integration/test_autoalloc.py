@@ -167,10 +167,8 @@ class Autoalloc(unittest.TestCase):
     def tearDown(self):
         if self.ctl is None:
             return
-        if not getattr(self._outcome, "success", True):
-            sys.stderr.write(f"\n--- controller log ---\n{self.ctl.log()}\n")
-            for out in (self.ctl.state / "autoalloc" / "out").glob("*.out"):
-                sys.stderr.write(f"--- {out.name} ---\n{out.read_text()[-3000:]}\n")
+        # Always: unittest tells tearDown nothing reliable about the outcome across versions.
+        sys.stderr.write("\n--- controller log (last 30 lines) ---\n" + "\n".join(self.ctl.log().splitlines()[-30:]) + "\n")
         self.ctl.stop()
 
     def staged_on(self, node):
