@@ -63,7 +63,7 @@ std::string overview_text(double now, int& code) {
     }
   }
   if (all.empty() && !state) {
-    code = 2;
+    code = static_cast<int>(Exit::no_deployment);
   }
   return out;
 }

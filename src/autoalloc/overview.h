@@ -22,7 +22,7 @@ struct Deployment {
 std::vector<Deployment> deployments(double now);
 
 // One line per deployment (its headline) and the controller's line;
-// `code`: 0 when every live deployment is healthy, 1 when any is not, 2
+// `code`: 0 when every live deployment is healthy, 1 when any is not, 8
 // when there is neither a deployment nor a controller.
 std::string overview_text(double now, int& code);
 // {"deployments": [status documents], "autoalloc": state or null}.

@@ -192,6 +192,13 @@ class Autoalloc(unittest.TestCase):
         keys = ctl.publish(6, 0.3, "zero")
         lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 6 tasks done")
         ids = self.submitted_ids()
+        # status without a job id: one line per deployment and the controller's line.
+        st = run([BIN, "status"], ctl.env, check=False)
+        self.assertRegex(st.stdout, rf"(?m)^job {ids[0]}: ", st.stdout + st.stderr)
+        self.assertRegex(st.stdout, r"(?m)^autoalloc \(running, pid \d+ on \S+\): demand \d+ ready", st.stdout)
+        doc = json.loads(run([BIN, "status", "--json"], ctl.env, check=False).stdout)
+        self.assertIn(ids[0], [d["job"] for d in doc["deployments"]])
+        self.assertEqual(doc["autoalloc"]["controller"], "running")
         self.assertGreaterEqual(len(ids), 1)
         lt.wait_until(lambda: not ctl.slurm_jobs(), 90, "the idle job to end")
         self.assertRegex(ctl.log(), r"retiring job \d+: job \d+ idle")
@@ -236,6 +243,9 @@ class Autoalloc(unittest.TestCase):
         self.assertIn("invalid partition", st["error"].lower())
         self.assertIn("sbatch", st["last_refusal"])
         self.assertRegex(ctl.log(), r"(?i)sbatch refused the submission.*invalid partition")
+        st = run([BIN, "status"], ctl.env, check=False)
+        self.assertEqual(st.returncode, 1, "a controller error makes status report trouble")
+        self.assertRegex(st.stdout, r"(?i)error: sbatch refused the submission.*invalid partition")
         # Over 13 s with a poll of 0.5 s: the first try and one retry after 10 s, no more.
         t0 = time.monotonic()
         lt.wait_until(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 2, 20, "the retry")
@@ -266,6 +276,12 @@ class Autoalloc(unittest.TestCase):
         self.assertIn(first[0]["id"], state_ids)
         self.assertLessEqual(after - before, set(), f"new jobs after the restart: {after - before}\n{ctl.log()}")
         lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 30 tasks done")
+        # SIGTERM leaves the job serving; stop --all then ends it.
+        self.assertEqual(ctl.signal(signal.SIGTERM), 143)
+        self.assertEqual(set(ctl.slurm_jobs()), after, "SIGTERM left the job serving")
+        sp = run([BIN, "stop", "--all", "--timeout", "60"], ctl.env, check=False, timeout=90)
+        self.assertEqual(sp.returncode, 0, sp.stdout + sp.stderr)
+        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "stop --all to end the job")
 
     def test_5_renewal_across_time_limits(self):
         """--time-limit 1 (minute), --renew-before 40, deploy.drain_before_end 20: a backlog
