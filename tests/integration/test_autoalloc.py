@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from pathlib import Path
@@ -43,7 +44,7 @@ def run(cmd, env, timeout=60, check=True):
 class Controller:
     """One `lithops-hpc autoalloc` process with its own state dir, vhost and log."""
 
-    def __init__(self, case, name, args, slots=2, config=None, path_prefix=None):
+    def __init__(self, case, name, args, slots=2, config=None, path_prefix=None, sif=None):
         self.case = case
         self.dir = case.work / name
         self.dir.mkdir()
@@ -68,7 +69,7 @@ class Controller:
         self.env = dict(case.env, LITHOPS_HPC_CONFIG=str(self.conf), LITHOPS_HPC_STATE_DIR=str(self.state))
         if path_prefix:
             self.env["PATH"] = f"{path_prefix}:{self.env['PATH']}"
-        self.args = ["--sif", case.image, "--poll", "0.5", *args]
+        self.args = ["--sif", sif or case.image, "--poll", "0.5", *args]
         self.proc = None
         self.logs = []
         self.start()
@@ -260,7 +261,8 @@ class Autoalloc(unittest.TestCase):
 
     def test_4_sigkill_and_restart_adopts_the_job(self):
         """Controller SIGKILLed while its job serves, started again: same job, no duplicate."""
-        self.ctl = Controller(self, "adopt", ["--max-nodes", "3", "--max-pending", "1", "--idle-timeout", "60"])
+        # --max-nodes 1: a controller that lost track of its job would submit a second one.
+        self.ctl = Controller(self, "adopt", ["--max-nodes", "1", "--idle-timeout", "60"])
         ctl = self.ctl
         keys = ctl.publish(30, 1.0, "adopt")
         first = lt.wait_until(lambda: [j for j in (ctl.state_json() or {}).get("jobs", [])
@@ -284,17 +286,51 @@ class Autoalloc(unittest.TestCase):
         lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "stop --all to end the job")
 
     def test_5_renewal_across_time_limits(self):
-        """--time-limit 1 (minute), --renew-before 40, deploy.drain_before_end 20: a backlog
-        longer than one job's limit is served by successors; every task done, none lost."""
-        self.ctl = Controller(self, "renew", ["--max-nodes", "2", "--time-limit", "1", "--renew-before", "40",
+        """--time-limit 1 (minute), --renew-before 40, deploy.drain_before_end 20: a stream of
+        tasks lasting longer than one job's limit is served by successor jobs submitted before
+        their predecessors drain; every task done, none lost. The stream (one 1-s task a second,
+        2 slots) never backs up, so only renewal, not the backlog rule, brings the successors."""
+        self.ctl = Controller(self, "renew", ["--max-nodes", "3", "--time-limit", "1", "--renew-before", "40",
                                               "--idle-timeout", "5"])
         ctl = self.ctl
-        keys = ctl.publish(60, 2.0, "renew")  # 120 slot-seconds at 2 slots: beyond one job's ~40 s of service
-        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 200, "all 60 tasks done")
-        self.assertRegex(ctl.log(), r"renew job \d+: \d+ s to its time limit with work left")
+        keys = []
+        stop = threading.Event()
+
+        def stream():
+            for i in range(80):
+                if stop.is_set():
+                    return
+                keys.extend(ctl.publish(1, 1.0, f"renew{i:03d}"))
+                time.sleep(1.0)
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        self.addCleanup(stop.set)
+        t.join(200)
+        self.assertEqual(len(keys), 80)
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 90, "all 80 tasks done")
+        self.assertRegex(ctl.log(), r"submitted job \d+ .*: renew job \d+: \d+ s to its time limit with work left")
         self.assertGreaterEqual(len(self.submitted_ids()), 2)
         self.assertEqual(lt.queue_depth(ctl.url), 0)
         lt.wait_until(lambda: not ctl.slurm_jobs(), 90, "the last job to retire")
+
+    def test_6_jobs_failing_at_start_stop_submissions(self):
+        """An image the nodes cannot read: each job ends before serving; after
+        --max-start-failures 2 no more sbatch, and the error names both output files."""
+        self.ctl = Controller(self, "startfail", ["--max-start-failures", "2"], sif="/nonexistent/rt.sif")
+        ctl = self.ctl
+        ctl.publish(3, 0.1, "startfail")
+        st = lt.wait_until(lambda: (s := ctl.state_json()) and s["halted"] and s, 90, "the controller to halt")
+        outs = st["failed_outputs"]
+        self.assertEqual(len(outs), 2, st)
+        for out in outs:
+            self.assertIn(out, st["error"])
+            self.assertIn("is not a readable file", Path(out).read_text())
+        n = len(self.submitted_ids())
+        time.sleep(3)  # six polls: a halted controller submits nothing
+        self.assertEqual(len(self.submitted_ids()), n)
+        self.assertLessEqual(n, 3, "at most one job beyond the two failures was in flight")
+        st = run([BIN, "status"], ctl.env, check=False)
+        self.assertIn("in a row ended before serving", st.stdout)
 
 
 if __name__ == "__main__":
