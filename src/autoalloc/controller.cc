@@ -478,6 +478,13 @@ void Controller::tick() {
   }
   std::erase_if(m_state.jobs, [](const JobRecord& r) { return r.phase == Phase::ended; });
   observe_queue(now);
+  // Tasks running count as demand too: a stream that the prefetch empties at
+  // once leaves no ready message, and a pending successor is still needed.
+  for (const auto& r : m_state.jobs) {
+    if (r.slots_busy > 0) {
+      m_state.demand_seen = now;
+    }
+  }
   auto d = decide(snapshot(now), m_s.limits);
   for (const auto& a : d.actions) {
     carry_out(a, now);
