@@ -328,6 +328,20 @@ std::uint32_t Connection::queue_depth(const std::string& name) {
   return ok ? ok->message_count : 0;
 }
 
+std::optional<Connection::QueueInfo> Connection::queue_info(const std::string& name) {
+  auto* ok = amqp_queue_declare(m_s->conn, k_channel, amqp_cstring_bytes(name.c_str()), 1, 0, 0, 0, amqp_empty_table);
+  auto reply = amqp_get_rpc_reply(m_s->conn);
+  if (reply.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && reply.reply.id == AMQP_CHANNEL_CLOSE_METHOD &&
+      static_cast<amqp_channel_close_t*>(reply.reply.decoded)->reply_code == AMQP_NOT_FOUND) {
+    amqp_channel_close_ok_t close_ok{};
+    amqp_send_method(m_s->conn, k_channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &close_ok);
+    m_broken = true;  // channel 1 is gone: the owner reconnects
+    return std::nullopt;
+  }
+  check_rpc(("inspecting queue '" + name + "'").c_str());
+  return ok ? std::optional<QueueInfo>(QueueInfo{ok->message_count, ok->consumer_count}) : std::nullopt;
+}
+
 void Connection::qos(std::uint16_t prefetch, bool global) {
   amqp_basic_qos(m_s->conn, k_channel, 0, prefetch, global ? 1 : 0);
   check_rpc("setting the prefetch count");

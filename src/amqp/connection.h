@@ -13,6 +13,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -85,6 +86,14 @@ public:
   std::string declare_queue(const std::string& name, bool durable, bool exclusive = false, bool auto_delete = false);
   // Returns the message count of the queue (passive declare).
   std::uint32_t queue_depth(const std::string& name);
+  // Ready messages and consumers of the queue (passive declare); nullopt
+  // when it does not exist (the broker then closes the channel: the
+  // connection is unusable afterwards, make a new one).
+  struct QueueInfo {
+    std::uint32_t messages = 0;
+    std::uint32_t consumers = 0;
+  };
+  std::optional<QueueInfo> queue_info(const std::string& name);
   void qos(std::uint16_t prefetch, bool global);
   std::string consume(const std::string& queue, bool no_ack = false, bool exclusive = false);
   void confirm_select();

@@ -18,12 +18,14 @@ void register_worker(CLI::App&, Globals&, std::vector<Action>&);
 void register_ping(CLI::App&, Globals&, std::vector<Action>&);
 void register_stage(CLI::App&, Globals&, std::vector<Action>&);
 void register_deploy(CLI::App&, Globals&, std::vector<Action>&);
+void register_autoalloc(CLI::App&, Globals&, std::vector<Action>&);
 
 namespace {
 const Register k_commands[] = {
     register_runtime,
     register_stage,
     register_deploy,
+    register_autoalloc,
     register_config,
     register_sif,
     register_status,

@@ -1,5 +1,7 @@
 // `lithops-hpc status [--json] [--watch [SECONDS]] [JOBID]`: the health of a
-// deployment from its status file. Exit 0: running and every rank ready;
+// deployment from its status file; without a job id (and outside a job)
+// every deployment of the user, one line each, and the autoalloc
+// controller's line (autoalloc/overview.h). Exit 0: running and every rank ready;
 // 1: degraded (a rank not ready, unresponsive, rank 0 gone, or ended);
 // 8: no deployment found (exit codes: lithops-hpc(1)).
 #include <poll.h>
@@ -12,6 +14,8 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "autoalloc/controller.h"
+#include "autoalloc/overview.h"
 #include "cli/cli.h"
 #include "health/report.h"
 #include "health/status_file.h"
@@ -31,8 +35,34 @@ struct StatusOpts {
 
 constexpr double k_default_watch = 2;
 
+// Every deployment and the controller; the same exit codes as one deployment.
+int show_overview(const StatusOpts& o) {
+  int code = 0;
+  auto now = health::unix_now();
+  auto text = o.json ? autoalloc::overview_json(now, code) : autoalloc::overview_text(now, code);
+  if (code == static_cast<int>(Exit::no_deployment)) {
+    require_deployment(o.job);  // throws the usual "no deployment found", naming where it looked
+  }
+  std::cout << text;
+  std::cout.flush();
+  return code;
+}
+
+// Without a job id (and outside a job): the overview when there is more to
+// show than one deployment (several, or the autoalloc controller); a lone
+// deployment gets its table, as `status` always showed it.
+bool overview_wanted(const StatusOpts& o) {
+  if (!o.job.empty() || health::job_from_environment()) {
+    return false;
+  }
+  return autoalloc::load_state().has_value() || autoalloc::deployments(health::unix_now()).size() > 1;
+}
+
 // One look at the deployment; returns the exit code this look deserves.
 int show_once(const StatusOpts& o, bool watching) {
+  if (overview_wanted(o)) {
+    return show_overview(o);
+  }
   auto f = require_deployment(o.job);
   auto view = health::parse_status(f.text, f.loc.link);
   auto a = health::assess(view, health::unix_now());
@@ -108,7 +138,8 @@ void register_status(CLI::App& parent, Globals&, std::vector<Action>& actions) {
   auto o = std::make_shared<StatusOpts>();
   auto* st = parent.add_subcommand("status", "table of a deployment's ranks, nodes and their health");
   st->add_option("JOBID", o->job,
-                 "deployment to show (default: $SLURM_JOB_ID's, else the newest of yours under the state dir)");
+                 "deployment to show (default: $SLURM_JOB_ID's; else your one deployment, or one line per deployment "
+                 "of yours and the autoalloc controller's)");
   st->add_flag("--json", o->json, "print the status file's JSON (see STATUS FILE in lithops-hpc(1))");
   auto* watch = st->add_option("--watch", o->watch, "redraw every SECONDS (default 2) until Ctrl-C")
                     ->expected(0, 1)

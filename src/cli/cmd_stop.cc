@@ -2,8 +2,10 @@
 // stop by writing <job dir>/stop, which rank 0 checks every health interval
 // (the file works from any node sharing the home directory; no signal is
 // sent, see lithops-hpc(1)), then waits until the status file says stopped.
+// `--all`: every running deployment of the user at once.
 // Exit 0: stopped (or asked, with --timeout 0); 1: not stopped in time or
 // ended failed; 8: no deployment found (exit codes: lithops-hpc(1)).
+#include <algorithm>
 #include <cmath>
 #include <iostream>
 #include <memory>
@@ -12,6 +14,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "autoalloc/controller.h"
+#include "autoalloc/overview.h"
 #include "cli/cli.h"
 #include "health/report.h"
 #include "health/status_file.h"
@@ -25,6 +29,7 @@ namespace {
 struct StopOpts {
   std::string job;
   double timeout = 120;
+  bool all = false;
 };
 
 int count_stopped(const health::StatusView& v) {
@@ -75,7 +80,46 @@ void wait_stopped(const health::Location& loc, health::StatusView view, double t
   }
 }
 
+int run_stop_all(const StopOpts& o) {
+  auto live = autoalloc::live_deployments(health::unix_now());
+  if (live.empty()) {
+    require_deployment("");  // throws "no deployment found" when there is none at all
+    std::cout << "no running deployment\n";
+    return 0;
+  }
+  if (auto st = autoalloc::load_state(); st && st->controller == "running") {
+    spdlog::warn("the autoalloc controller (pid {} on {}) is running: it submits again while tasks wait; "
+                 "end it first (SIGTERM) to keep the deployments stopped",
+                 st->pid, st->host);
+  }
+  for (const auto& d : live) {
+    health::request_stop(d.found.loc);
+    std::cout << "stop requested for job " << d.view.job << "\n";
+  }
+  std::cout.flush();
+  if (o.timeout == 0) {
+    return 0;
+  }
+  double deadline = health::unix_now() + o.timeout;
+  int rc = 0;
+  for (const auto& d : live) {
+    try {
+      wait_stopped(d.found.loc, d.view, std::max(0.0, deadline - health::unix_now()));
+    } catch (const Error& e) {
+      spdlog::error("{}", e.what());
+      rc = static_cast<int>(Exit::failure);
+    }
+  }
+  return rc;
+}
+
 int run_stop(const StopOpts& o) {
+  if (o.all) {
+    if (!o.job.empty()) {
+      throw Error(Exit::usage, "stop --all takes no JOBID", "give either --all or a job id");
+    }
+    return run_stop_all(o);
+  }
   if (!o.job.empty()) {
     health::check_job_id(o.job);
   }
@@ -116,6 +160,7 @@ void register_stop(CLI::App& parent, Globals&, std::vector<Action>& actions) {
   auto* st = parent.add_subcommand("stop", "drain and stop a running deployment");
   st->add_option("JOBID", o->job,
                  "deployment to stop (default: $SLURM_JOB_ID's, else the newest of yours under the state dir)");
+  st->add_flag("--all", o->all, "every running deployment of yours");
   st->add_option("--timeout", o->timeout, "seconds to wait for every rank to stop (default 120; 0: do not wait)")
       ->type_name("S");
   actions.push_back({st, [o] { return run_stop(*o); }});

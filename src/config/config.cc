@@ -217,6 +217,32 @@ Key enum_key(T Config::*section, E T::*field, std::optional<E> (*parse)(const st
           }};
 }
 
+std::map<std::string, Key> autoalloc_keys() {
+  using A = Autoalloc;
+  return {
+      {"sif", string_key(&Config::autoalloc, &A::sif)},
+      {"script", string_key(&Config::autoalloc, &A::script)},
+      {"max_nodes", int_key(&Config::autoalloc, &A::max_nodes, 1, 1 << 20)},
+      {"nodes_per_job", int_key(&Config::autoalloc, &A::nodes_per_job, 1, 1 << 20)},
+      {"max_pending", int_key(&Config::autoalloc, &A::max_pending, 1, 1000)},
+      {"min_nodes", int_key(&Config::autoalloc, &A::min_nodes, 0, 1 << 20)},
+      {"idle_timeout", seconds_key(&Config::autoalloc, &A::idle_timeout, 0)},
+      {"time_limit", string_key(&Config::autoalloc, &A::time_limit)},
+      {"renew_before", seconds_key(&Config::autoalloc, &A::renew_before, 0)},
+      {"poll", seconds_key(&Config::autoalloc, &A::poll, 0.1)},
+      {"max_start_failures", int_key(&Config::autoalloc, &A::max_start_failures, 1, 1000)},
+      {"drain_on_exit", bool_key(&Config::autoalloc, &A::drain_on_exit)},
+      {"sbatch_args",
+       {Kind::string_array,
+        [](Config& c, const toml::node& n, const std::string&, const std::string&) {
+          c.autoalloc.sbatch_args.clear();
+          for (const auto& e : *n.as_array()) {
+            c.autoalloc.sbatch_args.push_back(str(e));
+          }
+        }}},
+  };
+}
+
 const std::map<std::string, std::map<std::string, Key>>& schema() {
   static const std::map<std::string, std::map<std::string, Key>> s = {
       {"singularity",
@@ -293,6 +319,7 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
            {"interval", seconds_key(&Config::health, &Health::interval, 0.1)},
            {"status_file", string_key(&Config::health, &Health::status_file)},
        }},
+      {"autoalloc", autoalloc_keys()},
   };
   return s;
 }
@@ -350,7 +377,7 @@ const std::map<std::string, Key>& section_schema(const std::string& sec, const t
   auto sit = sch.find(sec);
   if (sit == sch.end()) {
     throw Error(Exit::config, where(source_name, sec_node.source()) + ": unknown section [" + sec + "]",
-                join({did_you_mean(sec, sch), "sections are [singularity], [rabbitmq], [deploy], [health]"}, " "));
+                join({did_you_mean(sec, sch), "sections are [singularity], [rabbitmq], [deploy], [health], [autoalloc]"}, " "));
   }
   if (!sec_node.is_table()) {
     throw Error(Exit::config, where(source_name, sec_node.source()) + ": " + sec + " must be a table ([" + sec + "])");
@@ -814,6 +841,23 @@ std::string toml_array(const std::vector<std::string>& v) {
   return out + "]";
 }
 
+void autoalloc_toml(TomlOut& o, const Autoalloc& a) {
+  o.section("autoalloc");
+  o.kv("sif", toml_quote(a.sif));
+  o.kv("script", toml_quote(a.script));
+  o.kv("max_nodes", toml_num(a.max_nodes));
+  o.kv("nodes_per_job", toml_num(a.nodes_per_job));
+  o.kv("max_pending", toml_num(a.max_pending));
+  o.kv("min_nodes", toml_num(a.min_nodes));
+  o.kv("idle_timeout", toml_num(a.idle_timeout));
+  o.kv("time_limit", toml_quote(a.time_limit));
+  o.kv("renew_before", toml_num(a.renew_before));
+  o.kv("poll", toml_num(a.poll));
+  o.kv("max_start_failures", toml_num(a.max_start_failures));
+  o.kv("drain_on_exit", toml_bool(a.drain_on_exit));
+  o.kv("sbatch_args", toml_array(a.sbatch_args));
+}
+
 }  // namespace
 
 std::string to_toml(const Config& c, bool with_origins) {
@@ -848,6 +892,7 @@ std::string to_toml(const Config& c, bool with_origins) {
   o.section("health");
   o.kv("interval", toml_num(c.health.interval));
   o.kv("status_file", toml_quote(c.health.status_file));
+  autoalloc_toml(o, c.autoalloc);
   return o.str();
 }
 

@@ -68,6 +68,24 @@ struct Health {
   std::string status_file;                    // empty: <state dir>/jobs/<jobid>/status.json
 };
 
+// `lithops-hpc autoalloc`: the controller that submits deployments as the
+// queue needs them (see lithops-hpc.toml(5) [autoalloc]).
+struct Autoalloc {
+  std::string sif;                            // image each deployment serves; empty: $LITHOPS_SIF
+  std::string script;                         // sbatch template; empty: the installed lithops-deploy.sh
+  int max_nodes = 4;                          // held: running and pending together
+  int nodes_per_job = 1;
+  int max_pending = 1;
+  int min_nodes = 0;
+  double idle_timeout = 300;
+  std::string time_limit = "1:00:00";         // sbatch --time
+  double renew_before = 300;
+  double poll = 10;
+  int max_start_failures = 3;
+  bool drain_on_exit = false;
+  std::vector<std::string> sbatch_args;       // e.g. ["--partition=compute", "--account=P"]
+};
+
 // Where an effective value came from (`config check` prints it). Precedence,
 // strongest first: flag, environment (AMQP_URL), lithops-hpc TOML, Lithops
 // YAML, default.
@@ -101,6 +119,7 @@ struct Config {
   Rabbitmq rabbitmq;
   Deploy deploy;
   Health health;
+  Autoalloc autoalloc;
   std::string source;                         // TOML file it came from; empty: none
   std::vector<std::string> warnings;          // e.g. a readable file holding a password
   bool amqp_url_from_env = false;

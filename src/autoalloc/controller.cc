@@ -1,0 +1,539 @@
+#include "autoalloc/controller.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <ctime>
+#include <fmt/format.h>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "autoalloc/scheduler.h"
+#include "config/config.h"
+#include "health/report.h"
+#include "health/status_file.h"
+#include "health/view.h"
+#include "util/error.h"
+#include "util/fs.h"
+#include "util/signals.h"
+
+namespace lhpc::autoalloc {
+
+namespace {
+
+using json = nlohmann::ordered_json;
+
+json job_to_json(const JobRecord& r) {
+  json j = {{"id", r.id},           {"nodes", r.nodes},
+            {"phase", to_string(r.phase)}, {"submitted", r.submitted},
+            {"out", r.out},         {"renews", r.renews},
+            {"ever_serving", r.ever_serving}, {"renewed", r.renewed},
+            {"stop_requested", r.stop_requested}, {"cancelled", r.cancelled},
+            {"ready_ranks", r.ready_ranks}, {"slots_total", r.slots_total},
+            {"slots_busy", r.slots_busy}, {"idle_since", r.idle.since},
+            {"done", r.idle.done}};
+  j["seconds_left"] = r.seconds_left ? json(*r.seconds_left) : json(nullptr);
+  return j;
+}
+
+std::optional<Phase> parse_phase(const std::string& s) {
+  for (auto p : {Phase::pending, Phase::starting, Phase::serving, Phase::draining, Phase::ended}) {
+    if (to_string(p) == s) {
+      return p;
+    }
+  }
+  return std::nullopt;
+}
+
+JobRecord job_from_json(const json& j) {
+  JobRecord r;
+  r.id = j.at("id").get<std::string>();
+  r.nodes = j.at("nodes").get<int>();
+  r.phase = parse_phase(j.value("phase", "pending")).value_or(Phase::pending);
+  r.submitted = j.value("submitted", 0.0);
+  r.out = j.value("out", "");
+  r.renews = j.value("renews", "");
+  r.ever_serving = j.value("ever_serving", false);
+  r.renewed = j.value("renewed", false);
+  r.stop_requested = j.value("stop_requested", false);
+  r.cancelled = j.value("cancelled", false);
+  r.idle.since = j.value("idle_since", 0.0);
+  r.idle.done = j.value("done", 0ULL);
+  r.idle.started = r.idle.since > 0;
+  return r;
+}
+
+json limits_json(const Limits& l) {
+  return {{"max_nodes", l.max_nodes},       {"nodes_per_job", l.nodes_per_job},
+          {"max_pending", l.max_pending},   {"min_nodes", l.min_nodes},
+          {"idle_timeout", l.idle_timeout}, {"renew_before", l.renew_before},
+          {"max_start_failures", l.max_start_failures}};
+}
+
+}  // namespace
+
+std::string to_json(const State& s) {
+  json jobs = json::array();
+  for (const auto& r : s.jobs) {
+    jobs.push_back(job_to_json(r));
+  }
+  Snapshot snap;
+  for (const auto& r : s.jobs) {
+    snap.jobs.push_back({r.id, r.phase, r.nodes, r.ready_ranks, r.slots_total, r.slots_busy});
+  }
+  auto sp = supply_of(snap);
+  json j = {
+      {"version", 1},
+      {"controller", s.controller},
+      {"job_name", job_name()},
+      {"pid", s.pid},
+      {"host", s.host},
+      {"started", s.started},
+      {"updated", s.updated},
+      {"demand", {{"ready", s.ready ? json(*s.ready) : json(nullptr)},
+                  {"consumers", s.consumers ? json(*s.consumers) : json(nullptr)},
+                  {"seen", s.demand_seen}}},
+      {"supply", {{"held_nodes", sp.held_nodes}, {"pending_jobs", sp.pending_jobs},
+                  {"serving_nodes", sp.serving_nodes}, {"free_slots", sp.free_slots},
+                  {"busy_slots", sp.busy_slots}}},
+      {"next", s.next},
+      {"error", s.error},
+      {"last_refusal", s.last_refusal},
+      {"refused_in_row", s.refused_in_row},
+      {"backoff_until", s.backoff_until},
+      {"start_failures_in_row", s.start_failures_in_row},
+      {"failed_outputs", s.failed_outputs},
+      {"halted", s.halted},
+      {"limits", limits_json(s.limits)},
+      {"counters", {{"sbatch_calls", s.sbatch_calls}, {"broker_queries", s.broker_queries},
+                    {"scheduler_queries", s.scheduler_queries}}},
+      {"jobs", jobs},
+  };
+  return j.dump(2) + "\n";
+}
+
+State state_from_json(const std::string& text, const std::string& source) {
+  try {
+    auto j = json::parse(text);
+    State s;
+    for (const auto& e : j.at("jobs")) {
+      s.jobs.push_back(job_from_json(e));
+    }
+    s.controller = j.value("controller", "stopped");
+    s.pid = j.value("pid", 0L);
+    s.host = j.value("host", "");
+    s.started = j.value("started", 0.0);
+    s.updated = j.value("updated", 0.0);
+    s.next = j.value("next", "");
+    s.error = j.value("error", "");
+    s.last_refusal = j.value("last_refusal", "");
+    s.refused_in_row = j.value("refused_in_row", 0);
+    s.backoff_until = j.value("backoff_until", 0.0);
+    s.start_failures_in_row = j.value("start_failures_in_row", 0);
+    s.failed_outputs = j.value("failed_outputs", std::vector<std::string>{});
+    s.halted = j.value("halted", false);
+    const auto& d = j.at("demand");
+    s.demand_seen = d.value("seen", 0.0);
+    if (d.contains("ready") && d["ready"].is_number()) {
+      s.ready = d["ready"].get<std::uint64_t>();
+    }
+    if (d.contains("consumers") && d["consumers"].is_number()) {
+      s.consumers = d["consumers"].get<int>();
+    }
+    if (j.contains("counters")) {
+      const auto& c = j["counters"];
+      s.sbatch_calls = c.value("sbatch_calls", 0ULL);
+      s.broker_queries = c.value("broker_queries", 0ULL);
+      s.scheduler_queries = c.value("scheduler_queries", 0ULL);
+    }
+    return s;
+  } catch (const json::exception& e) {
+    throw Error(Exit::failure, source + ": not an autoalloc state file: " + e.what(),
+                "move it aside; the controller adopts its jobs by name from squeue on its next start");
+  }
+}
+
+std::string controller_dir() { return state_dir() + "/autoalloc"; }
+
+std::optional<State> load_state() {
+  auto path = controller_dir() + "/state.json";
+  if (!path_exists(path)) {
+    return std::nullopt;
+  }
+  return state_from_json(read_file(path), path);
+}
+
+std::string job_name() {
+  auto h = std::hash<std::string>{}(state_dir());
+  return fmt::format("lithops-aa-{:08x}", static_cast<std::uint32_t>(h));
+}
+
+std::string status_line(const State& s, double now) {
+  int held = 0, serving = 0, pending = 0;
+  for (const auto& r : s.jobs) {
+    held += r.phase == Phase::ended ? 0 : r.nodes;
+    serving += r.phase == Phase::serving ? 1 : 0;
+    pending += r.phase == Phase::pending ? 1 : 0;
+  }
+  std::string who = s.controller == "running" && now - s.updated > 60
+                        ? fmt::format("not updated for {:.0f} s", now - s.updated)
+                        : s.controller;
+  auto line = fmt::format("autoalloc ({}, pid {} on {}): demand {} ready, {} consumer(s); supply {} job(s), "
+                          "{} node(s) held, {} serving, {} pending; next: {}",
+                          who, s.pid, s.host, s.ready ? std::to_string(*s.ready) : "?",
+                          s.consumers ? std::to_string(*s.consumers) : "?", s.jobs.size(), held, serving, pending,
+                          s.next);
+  if (!s.error.empty()) {
+    line += "\n  error: " + s.error;
+  }
+  return line;
+}
+
+// ---------------------------------------------------------------- Controller
+
+Controller::Controller(Settings s) : m_s(std::move(s)), m_dir(controller_dir()) {
+  if (!path_exists(state_dir())) {
+    make_private_dir(state_dir());
+  }
+  make_private_dir(m_dir);
+  mkdirs(m_dir + "/out", 0700);
+  auto lock = m_dir + "/lock";
+  m_lock_fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (m_lock_fd < 0) {
+    throw Error(Exit::failure, "cannot open " + lock + ": " + errno_text(errno));
+  }
+  if (::flock(m_lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    auto prev = load_state();
+    throw Error(Exit::usage,
+                fmt::format("another autoalloc controller runs for {} (pid {} on {})", state_dir(),
+                            prev ? prev->pid : 0, prev ? prev->host : "?"),
+                "one controller per state directory: stop the other (SIGTERM) or set LITHOPS_HPC_STATE_DIR");
+  }
+  if (auto prev = load_state()) {
+    m_state = *prev;
+  }
+  // A restart is the user's answer to a halt: try again, from a clean count.
+  m_state.halted = false;
+  m_state.start_failures_in_row = 0;
+  m_state.failed_outputs.clear();
+  m_state.error.clear();
+  m_state.controller = "running";
+  m_state.pid = ::getpid();
+  m_state.host = config::short_hostname();
+  m_state.started = health::unix_now();
+  m_state.limits = m_s.limits;
+}
+
+Controller::~Controller() {
+  if (m_lock_fd >= 0) {
+    ::close(m_lock_fd);
+  }
+}
+
+void Controller::save() {
+  m_state.updated = health::unix_now();
+  write_file_atomic(m_dir + "/state.json", to_json(m_state), 0600);
+}
+
+void Controller::adopt() {
+  std::vector<std::string> known;
+  for (const auto& r : m_state.jobs) {
+    known.push_back(r.id);
+  }
+  ++m_state.scheduler_queries;
+  for (const auto& id : jobs_named(job_name())) {
+    if (std::find(known.begin(), known.end(), id) == known.end()) {
+      spdlog::warn("adopting job {}: it carries this controller's name ({}) but was not in its state", id,
+                   job_name());
+      JobRecord r;
+      r.id = id;
+      r.nodes = m_s.limits.nodes_per_job;
+      r.submitted = health::unix_now();
+      m_state.jobs.push_back(r);
+    }
+  }
+  if (!m_state.jobs.empty()) {
+    spdlog::info("adopted {} job(s) from {}/state.json and squeue", m_state.jobs.size(), m_dir);
+  }
+}
+
+void Controller::observe_slurm(double now) {
+  std::vector<std::string> ids;
+  for (const auto& r : m_state.jobs) {
+    ids.push_back(r.id);
+  }
+  if (ids.empty()) {
+    return;
+  }
+  auto seen = query_jobs(ids, m_state.scheduler_queries);
+  if (!seen) {
+    return;  // the scheduler did not answer: keep what we knew
+  }
+  for (auto& r : m_state.jobs) {
+    auto it = seen->find(r.id);
+    if (it == seen->end() || it->second.ended) {
+      r.phase = Phase::ended;
+      continue;
+    }
+    r.nodes = it->second.nodes > 0 ? it->second.nodes : r.nodes;
+    r.seconds_left = it->second.seconds_left;
+    if (it->second.pending) {
+      r.phase = Phase::pending;
+    } else if (r.phase == Phase::pending) {
+      r.phase = Phase::starting;
+    }
+    (void)now;
+  }
+}
+
+void Controller::observe_deployments(double now) {
+  for (auto& r : m_state.jobs) {
+    if (r.phase == Phase::pending || r.phase == Phase::ended) {
+      continue;
+    }
+    auto look = health::find_deployment(r.id);
+    if (!look.found) {
+      r.phase = r.stop_requested ? Phase::draining : Phase::starting;
+      continue;
+    }
+    health::StatusView v;
+    try {
+      v = health::parse_status(look.found->text, look.found->loc.link);
+    } catch (const Error& e) {
+      spdlog::debug("job {}: {}", r.id, e.what());
+      continue;
+    }
+    r.ready_ranks = 0;
+    r.slots_total = 0;
+    r.slots_busy = 0;
+    for (const auto& rank : v.ranks) {
+      if (rank.state == "ready") {
+        ++r.ready_ranks;
+        r.slots_total += rank.slots_total;
+      }
+      r.slots_busy += rank.slots_busy;
+    }
+    bool winding_down = v.state == "draining" || v.state == "stopped" || v.state == "failed";
+    if (winding_down || r.stop_requested) {
+      r.phase = Phase::draining;
+    } else if (r.ready_ranks > 0) {
+      r.phase = Phase::serving;
+      r.ever_serving = true;
+    } else {
+      r.phase = Phase::starting;
+    }
+    if (r.phase == Phase::serving) {
+      observe_idle(r.idle, now, r.slots_busy, v.summary.done);
+    }
+  }
+}
+
+void Controller::observe_queue(double now) {
+  m_state.ready.reset();
+  m_state.consumers.reset();
+  try {
+    if (!m_broker) {
+      m_broker = std::make_unique<amqp::Connection>(m_s.broker);
+    }
+    ++m_state.broker_queries;
+    auto info = m_broker->queue_info(m_s.queue);
+    if (!info) {
+      m_broker.reset();  // the channel is closed; a new connection next poll
+      m_state.ready = 0;  // no queue yet: nothing published
+      m_state.consumers = 0;
+      return;
+    }
+    m_state.ready = info->messages;
+    m_state.consumers = static_cast<int>(info->consumers);
+    if (info->messages > 0) {
+      m_state.demand_seen = now;
+    }
+  } catch (const Error& e) {
+    m_broker.reset();
+    spdlog::warn("cannot ask the broker for queue '{}': {}", m_s.queue, e.what());
+  }
+}
+
+void Controller::account_ended(JobRecord& r) {
+  if (r.ever_serving) {
+    m_state.start_failures_in_row = 0;
+    m_state.failed_outputs.clear();
+    spdlog::info("job {} ended", r.id);
+    return;
+  }
+  if (r.cancelled || r.stop_requested) {
+    spdlog::info("job {} ended before serving (cancelled by the controller)", r.id);
+    return;
+  }
+  ++m_state.start_failures_in_row;
+  m_state.failed_outputs.push_back(r.out);
+  spdlog::error("job {} ended before any rank was ready ({} in a row); see {}", r.id,
+                m_state.start_failures_in_row, r.out);
+  if (m_state.start_failures_in_row >= m_s.limits.max_start_failures && !m_state.halted) {
+    m_state.halted = true;
+    std::string files;
+    for (const auto& f : m_state.failed_outputs) {
+      files += (files.empty() ? "" : ", ") + f;
+    }
+    m_state.error = fmt::format(
+        "{} jobs in a row ended before serving: no more submissions; see their output: {}; fix the cause and "
+        "restart lithops-hpc autoalloc",
+        m_state.start_failures_in_row, files);
+    spdlog::error("{}", m_state.error);
+  }
+}
+
+Snapshot Controller::snapshot(double now) const {
+  Snapshot s;
+  s.now = now;
+  s.ready = m_state.ready;
+  s.consumers = m_state.consumers;
+  s.demand_idle_for = m_state.demand_seen > 0 ? now - m_state.demand_seen : now - m_state.started;
+  s.default_slots_per_node = m_s.default_slots;
+  s.backoff_until = m_state.backoff_until;
+  s.halted = m_state.halted;
+  for (const auto& r : m_state.jobs) {
+    JobSnapshot j{r.id, r.phase, r.nodes, r.ready_ranks, r.slots_total, r.slots_busy, r.seconds_left};
+    j.idle_for = r.idle.started ? now - r.idle.since : 0;
+    j.stop_requested = r.stop_requested;
+    j.renewed = r.renewed;
+    s.jobs.push_back(j);
+  }
+  return s;
+}
+
+void Controller::submit(const Action& a, double now) {
+  ++m_state.sbatch_calls;
+  SubmitRequest req{m_s.script, m_s.sif, a.nodes, m_s.time_limit, job_name(),
+                    m_dir + "/out/lithops-workers-%j.out", m_s.sbatch_args, m_s.config_path};
+  auto res = sbatch(req);
+  if (!res.job) {
+    ++m_state.refused_in_row;
+    m_state.last_refusal = res.message;
+    double wait = backoff_delay(m_state.refused_in_row, m_s.limits);
+    m_state.backoff_until = now + wait;
+    m_state.error = fmt::format("sbatch refused the submission ({} in a row): {}; next try in {:.0f} s",
+                                m_state.refused_in_row, res.message, wait);
+    spdlog::error("{}", m_state.error);
+    return;
+  }
+  m_state.refused_in_row = 0;
+  m_state.backoff_until = 0;
+  if (!m_state.halted) {
+    m_state.error.clear();
+  }
+  JobRecord r;
+  r.id = *res.job;
+  r.nodes = a.nodes;
+  r.submitted = now;
+  r.out = fmt::format("{}/out/lithops-workers-{}.out", m_dir, r.id);
+  r.renews = a.job;
+  m_state.jobs.push_back(r);
+  for (auto& old : m_state.jobs) {
+    if (old.id == a.job) {
+      old.renewed = true;
+    }
+  }
+  spdlog::info("submitted job {} (-N {} --time={}): {}", r.id, a.nodes, m_s.time_limit, a.why);
+}
+
+void Controller::carry_out(const Action& a, double now) {
+  if (a.kind == ActionKind::submit) {
+    save();  // counters first: a kill during sbatch is found by name, not by the state
+    submit(a, now);
+    return;
+  }
+  for (auto& r : m_state.jobs) {
+    if (r.id != a.job) {
+      continue;
+    }
+    if (a.kind == ActionKind::retire) {
+      health::request_stop(health::locate(r.id));
+      r.stop_requested = true;
+      r.phase = Phase::draining;
+      spdlog::info("retiring job {}: {}", r.id, a.why);
+    } else {
+      ++m_state.scheduler_queries;
+      cancel_job(r.id);
+      r.cancelled = true;
+      spdlog::info("cancelled job {}: {}", r.id, a.why);
+    }
+  }
+}
+
+void Controller::tick() {
+  double now = health::unix_now();
+  observe_slurm(now);
+  observe_deployments(now);
+  for (auto& r : m_state.jobs) {
+    if (r.phase == Phase::ended) {
+      account_ended(r);
+    }
+  }
+  std::erase_if(m_state.jobs, [](const JobRecord& r) { return r.phase == Phase::ended; });
+  observe_queue(now);
+  // Tasks running count as demand too: a stream that the prefetch empties at
+  // once leaves no ready message, and a pending successor is still needed.
+  for (const auto& r : m_state.jobs) {
+    if (r.slots_busy > 0) {
+      m_state.demand_seen = now;
+    }
+  }
+  auto d = decide(snapshot(now), m_s.limits);
+  for (const auto& a : d.actions) {
+    carry_out(a, now);
+  }
+  m_state.next = m_state.halted ? "halted: " + m_state.error : d.next;
+  save();
+}
+
+void Controller::finish(bool drain) {
+  m_state.controller = "stopped";
+  m_state.next = drain ? "ended (SIGTERM): deployments asked to stop (--drain-on-exit)"
+                       : "ended (SIGTERM): no more submissions; deployments keep serving";
+  if (drain) {
+    for (auto& r : m_state.jobs) {
+      if (r.phase == Phase::serving || r.phase == Phase::draining) {
+        if (!r.stop_requested) {
+          health::request_stop(health::locate(r.id));
+          r.stop_requested = true;
+        }
+      } else if (r.phase != Phase::ended) {
+        cancel_job(r.id);
+        r.cancelled = true;
+      }
+      spdlog::info("job {}: asked to stop", r.id);
+    }
+  }
+  save();
+}
+
+int Controller::run() {
+  SignalPipe signals({SIGINT, SIGTERM});
+  adopt();
+  spdlog::info("autoalloc: queue '{}' on {}; at most {} node(s), {} per job, {} pending; state in {}", m_s.queue,
+               m_s.broker.url.empty() ? "?" : config::redact_url(m_s.broker.url), m_s.limits.max_nodes,
+               m_s.limits.nodes_per_job, m_s.limits.max_pending, m_dir);
+  int sig = 0;
+  while (sig == 0) {
+    tick();
+    pollfd p{.fd = signals.fd(), .events = POLLIN};
+    if (::poll(&p, 1, static_cast<int>(m_s.poll * 1000)) > 0) {
+      for (int s : signals.drain()) {
+        sig = s;
+      }
+    }
+  }
+  spdlog::info("autoalloc: {} received; {}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               m_s.drain_on_exit ? "stopping the deployments (--drain-on-exit)" : "leaving the deployments serving");
+  finish(m_s.drain_on_exit);
+  return exit_code_for_signal(sig);
+}
+
+}  // namespace lhpc::autoalloc

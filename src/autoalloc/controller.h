@@ -1,0 +1,118 @@
+// `lithops-hpc autoalloc`: the I/O side of the controller. Each poll it asks
+// the broker for demand (passive declare: ready messages, consumers), Slurm
+// for the state of the jobs it submitted (libslurm, else squeue) and their
+// status files for ready ranks and busy slots, hands that snapshot to
+// policy.h's decide(), and carries out the actions: sbatch (explicit argv, no
+// shell, no secret), a stop request, scancel. Its state lives in
+// <state dir>/autoalloc/state.json so a restarted controller adopts its jobs;
+// the same file is what `lithops-hpc status` shows as the controller's line.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "amqp/connection.h"
+#include "autoalloc/policy.h"
+
+namespace lhpc::autoalloc {
+
+struct Settings {
+  Limits limits;
+  std::string sif;                       // first argument of the template
+  std::string script;                    // the sbatch template
+  std::string time_limit = "1:00:00";    // sbatch --time
+  double poll = 10;                      // seconds between looks
+  bool drain_on_exit = false;
+  std::vector<std::string> sbatch_args;  // passthrough (partition, account, qos ...)
+  std::string config_path;               // handed to the jobs as LITHOPS_HPC_CONFIG; empty: their lookup
+  std::string queue = "task_queue";
+  amqp::Options broker;
+  int default_slots = 1;                 // slots per node assumed before a deployment reports
+};
+
+// One job this controller submitted (or adopted), as kept across restarts.
+struct JobRecord {
+  std::string id;
+  int nodes = 0;
+  double submitted = 0;
+  std::string out;          // the batch output file
+  std::string renews;       // the job this one succeeds, if any
+  Phase phase = Phase::pending;
+  bool ever_serving = false;
+  bool renewed = false;
+  bool stop_requested = false;
+  bool cancelled = false;
+  int ready_ranks = 0, slots_total = 0, slots_busy = 0;
+  std::optional<double> seconds_left;
+  IdleClock idle;
+};
+
+struct State {
+  std::vector<JobRecord> jobs;
+  int refused_in_row = 0;
+  double backoff_until = 0;
+  std::string last_refusal;            // sbatch's own message
+  int start_failures_in_row = 0;
+  std::vector<std::string> failed_outputs;  // of the jobs that failed at start in a row
+  bool halted = false;
+  std::string error;                   // the latest problem, for status
+  double demand_seen = 0;              // last time the queue had ready messages
+  std::optional<std::uint64_t> ready;
+  std::optional<int> consumers;
+  std::string next;                    // the decision's next action and why
+  std::string controller = "running";  // running, stopped
+  double started = 0, updated = 0;
+  long pid = 0;
+  std::string host;
+  unsigned long long sbatch_calls = 0, broker_queries = 0, scheduler_queries = 0;
+  Limits limits;
+};
+
+std::string to_json(const State& s);
+// Throws Error(failure) naming `source` when the text is not a state file.
+State state_from_json(const std::string& text, const std::string& source);
+
+// <state dir>/autoalloc
+std::string controller_dir();
+// The controller's state, if one ever ran under this state directory.
+std::optional<State> load_state();
+// One line for `lithops-hpc status`: demand, supply, next action and why.
+std::string status_line(const State& s, double now);
+
+// The job name every submission carries, derived from the state directory,
+// so a controller restarted after a kill between sbatch and saving its state
+// finds that job in squeue and adopts it instead of submitting another.
+std::string job_name();
+
+class Controller {
+public:
+  explicit Controller(Settings s);
+  ~Controller();
+  Controller(const Controller&) = delete;
+  Controller& operator=(const Controller&) = delete;
+
+  // Runs until SIGTERM or SIGINT; returns the exit code for that signal.
+  int run();
+
+private:
+  void adopt();
+  void tick();
+  void observe_slurm(double now);
+  void observe_deployments(double now);
+  void observe_queue(double now);
+  void account_ended(JobRecord& r);
+  Snapshot snapshot(double now) const;
+  void carry_out(const Action& a, double now);
+  void submit(const Action& a, double now);
+  void finish(bool drain);
+  void save();
+
+  Settings m_s;
+  State m_state;
+  std::string m_dir;
+  int m_lock_fd = -1;
+  std::unique_ptr<amqp::Connection> m_broker;
+};
+
+}  // namespace lhpc::autoalloc

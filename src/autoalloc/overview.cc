@@ -1,0 +1,84 @@
+#include "autoalloc/overview.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "autoalloc/controller.h"
+#include "util/error.h"
+#include "util/fs.h"
+
+namespace lhpc::autoalloc {
+
+std::vector<Deployment> deployments(double now) {
+  std::vector<Deployment> out;
+  std::error_code ec;
+  for (const auto& d : std::filesystem::directory_iterator(state_dir() + "/jobs", ec)) {
+    auto name = d.path().filename().string();
+    try {
+      health::check_job_id(name);
+      auto look = health::find_deployment(name);
+      if (!look.found) {
+        continue;
+      }
+      Deployment dep{*look.found, health::parse_status(look.found->text, look.found->loc.link), {}};
+      dep.assessment = health::assess(dep.view, now);
+      out.push_back(std::move(dep));
+    } catch (const Error&) {
+      continue;  // not a deployment of ours, or a file being rewritten
+    }
+  }
+  std::sort(out.begin(), out.end(),
+            [](const Deployment& a, const Deployment& b) { return a.view.started < b.view.started; });
+  return out;
+}
+
+namespace {
+bool live(const Deployment& d) {
+  return d.view.state != "stopped" && d.view.state != "failed" && !d.assessment.stale;
+}
+}  // namespace
+
+std::vector<Deployment> live_deployments(double now) {
+  auto all = deployments(now);
+  std::erase_if(all, [](const Deployment& d) { return !live(d); });
+  return all;
+}
+
+std::string overview_text(double now, int& code) {
+  auto all = deployments(now);
+  auto state = load_state();
+  std::string out;
+  code = 0;
+  for (const auto& d : all) {
+    out += d.assessment.headline + "\n";
+    if (live(d) && d.assessment.code != Exit::ok) {
+      code = 1;
+    }
+  }
+  if (state) {
+    out += status_line(*state, now) + "\n";
+    if (!state->error.empty()) {
+      code = 1;
+    }
+  }
+  if (all.empty() && !state) {
+    code = static_cast<int>(Exit::no_deployment);
+  }
+  return out;
+}
+
+std::string overview_json(double now, int& code) {
+  overview_text(now, code);
+  nlohmann::ordered_json j;
+  j["deployments"] = nlohmann::ordered_json::array();
+  for (const auto& d : deployments(now)) {
+    j["deployments"].push_back(nlohmann::ordered_json::parse(d.found.text));
+  }
+  auto path = controller_dir() + "/state.json";
+  j["autoalloc"] = path_exists(path) ? nlohmann::ordered_json::parse(read_file(path), nullptr, false)
+                                     : nlohmann::ordered_json(nullptr);
+  return j.dump() + "\n";
+}
+
+}  // namespace lhpc::autoalloc

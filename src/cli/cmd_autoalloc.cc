@@ -1,0 +1,153 @@
+// `lithops-hpc autoalloc [options] [-- SBATCH_ARGS...]`: the foreground
+// controller that submits, renews and retires Slurm deployments as the queue
+// needs them (autoalloc/). Flags override the [autoalloc] config section.
+#include <filesystem>
+#include <memory>
+
+#include "autoalloc/controller.h"
+#include "cli/cli.h"
+#include "lhpc_build_config.h"
+#include "util/error.h"
+#include "util/fs.h"
+
+namespace lhpc::cli {
+
+namespace {
+
+struct AutoallocArgs {
+  std::string sif, script, time_limit;
+  int max_nodes = -1, nodes_per_job = -1, max_pending = -1, min_nodes = -1, max_start_failures = -1;
+  double idle_timeout = -1, renew_before = -1, poll = -1;
+  bool drain_on_exit = false;
+  std::vector<std::string> sbatch_args;
+};
+
+template <typename T>
+void take(T& into, const T& flag, const T& unset) {
+  if (flag != unset) {
+    into = flag;
+  }
+}
+
+std::string default_script() {
+  for (const std::string& dir : {std::string(LHPC_DATADIR), std::string(LHPC_SOURCE_ROOT)}) {
+    auto p = dir + "/slurm/lithops-deploy.sh";
+    if (path_exists(p)) {
+      return p;
+    }
+  }
+  return std::string(LHPC_DATADIR) + "/slurm/lithops-deploy.sh";
+}
+
+std::string absolute(const std::string& p) { return std::filesystem::absolute(p).lexically_normal().string(); }
+
+void check(const autoalloc::Settings& s) {
+  const auto& l = s.limits;
+  if (l.nodes_per_job > l.max_nodes) {
+    throw Error(Exit::usage, "--nodes-per-job " + std::to_string(l.nodes_per_job) + " is above --max-nodes " +
+                                 std::to_string(l.max_nodes),
+                "raise --max-nodes or lower --nodes-per-job");
+  }
+  if (l.min_nodes > l.max_nodes) {
+    throw Error(Exit::usage, "--min-nodes is above --max-nodes", "--min-nodes must fit within --max-nodes");
+  }
+  auto limit = autoalloc::parse_slurm_time(s.time_limit);
+  if (!limit || *limit <= 0) {
+    throw Error(Exit::usage, "--time-limit '" + s.time_limit + "' is not a Slurm time",
+                "use minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S (as sbatch --time)");
+  }
+  if (l.renew_before >= *limit) {
+    throw Error(Exit::usage,
+                "--renew-before " + std::to_string(static_cast<long>(l.renew_before)) +
+                    " s is not below --time-limit " + s.time_limit,
+                "a job would be renewed as soon as it serves: give a longer --time-limit or a shorter --renew-before");
+  }
+  if (!path_exists(s.script)) {
+    throw Error(Exit::usage, "sbatch template " + s.script + " not found", "give it with --script PATH");
+  }
+  if (s.sif.empty() && !std::getenv("LITHOPS_SIF")) {
+    throw Error(Exit::usage, "no image for the deployments",
+                "give --sif PATH, autoalloc.sif in the configuration, or set LITHOPS_SIF");
+  }
+}
+
+autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, const AutoallocArgs& a) {
+  auto c = cfg.autoalloc;
+  take(c.sif, a.sif, std::string());
+  take(c.script, a.script, std::string());
+  take(c.time_limit, a.time_limit, std::string());
+  take(c.max_nodes, a.max_nodes, -1);
+  take(c.nodes_per_job, a.nodes_per_job, -1);
+  take(c.max_pending, a.max_pending, -1);
+  take(c.min_nodes, a.min_nodes, -1);
+  take(c.max_start_failures, a.max_start_failures, -1);
+  take(c.idle_timeout, a.idle_timeout, -1.0);
+  take(c.renew_before, a.renew_before, -1.0);
+  take(c.poll, a.poll, -1.0);
+  autoalloc::Settings s;
+  s.limits = {c.max_nodes, c.nodes_per_job, c.max_pending, c.min_nodes, c.idle_timeout, c.renew_before,
+              c.max_start_failures};
+  s.sif = c.sif.empty() ? c.sif : absolute(c.sif);
+  s.script = c.script.empty() ? default_script() : absolute(c.script);
+  s.time_limit = c.time_limit;
+  s.poll = c.poll;
+  s.drain_on_exit = a.drain_on_exit || c.drain_on_exit;
+  s.sbatch_args = c.sbatch_args;
+  s.sbatch_args.insert(s.sbatch_args.end(), a.sbatch_args.begin(), a.sbatch_args.end());
+  if (auto path = config::find_config_file(g.config_path); path && path_exists(*path)) {
+    s.config_path = absolute(*path);
+  }
+  s.queue = cfg.rabbitmq.queue;
+  s.broker = amqp::options_from(cfg.rabbitmq);
+  s.broker.connection_name = "lithops-hpc autoalloc";
+  s.default_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : 1;
+  return s;
+}
+
+int run_autoalloc(const Globals& g, const AutoallocArgs& a) {
+  auto cfg = load_config(g);
+  config::require_amqp_url(cfg);
+  auto s = settings_from(g, cfg, a);
+  check(s);
+  autoalloc::Controller c(std::move(s));
+  return c.run();
+}
+
+void add_limits(CLI::App* c, AutoallocArgs& a) {
+  c->add_option("--max-nodes", a.max_nodes, "nodes held at most, running and pending together (default 4)")
+      ->type_name("N");
+  c->add_option("--nodes-per-job", a.nodes_per_job, "nodes of each submitted job: sbatch -N (default 1)")
+      ->type_name("K");
+  c->add_option("--max-pending", a.max_pending, "jobs waiting in Slurm's queue at most (default 1)")->type_name("P");
+  c->add_option("--min-nodes", a.min_nodes, "nodes kept even without work (default 0: scale to zero)")
+      ->type_name("M");
+  c->add_option("--idle-timeout", a.idle_timeout, "seconds without a task before a deployment is stopped (default 300)")
+      ->type_name("S");
+  c->add_option("--max-start-failures", a.max_start_failures,
+                "jobs failing at start in a row that stop submissions (default 3)")
+      ->type_name("K");
+}
+
+}  // namespace
+
+void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
+  auto a = std::make_shared<AutoallocArgs>();
+  auto* c = parent.add_subcommand(
+      "autoalloc", "submit, renew and retire Slurm deployments as the queue needs them (runs in the foreground)");
+  c->add_option("--sif", a->sif, "image every deployment serves (autoalloc.sif, else $LITHOPS_SIF)")
+      ->type_name("PATH");
+  c->add_option("--script", a->script, "sbatch template (default: the installed lithops-deploy.sh)")
+      ->type_name("PATH");
+  add_limits(c, *a);
+  c->add_option("--time-limit", a->time_limit, "sbatch --time of each job (default 1:00:00)")
+      ->type_name("SLURM_TIME");
+  c->add_option("--renew-before", a->renew_before,
+                "seconds before a job's time limit its successor is submitted while work remains (default 300)")
+      ->type_name("S");
+  c->add_option("--poll", a->poll, "seconds between looks at the queue and the jobs (default 10)")->type_name("S");
+  c->add_flag("--drain-on-exit", a->drain_on_exit, "on SIGTERM or SIGINT stop the deployments too");
+  c->add_option("SBATCH_ARGS", a->sbatch_args, "after --: passed to sbatch (partition, account, qos ...)");
+  actions.push_back({c, [&g, a] { return run_autoalloc(g, *a); }});
+}
+
+}  // namespace lhpc::cli

@@ -1,0 +1,337 @@
+#!/usr/bin/python3
+"""`lithops-hpc autoalloc` on the real 3-node Slurm rig with a real broker.
+
+The controller runs as a user would run it (foreground process, SIGTERM to
+end it) and submits slurm/lithops-deploy.sh with the host engine and
+tests/fake-lithops as Lithops. Each test has its own vhost and its own state
+directory (so its own lock, state file and job name). Short time limits and
+polls keep the suite to a few minutes.
+
+Run: LHPC_BIN=<build>/lithops-hpc LHPC_RIG_DIR=<dir outside /tmp> \
+     /usr/bin/python3 tests/integration/test_autoalloc.py [-k NAME]
+(meson: `meson test -C build integration/autoalloc`).
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lhpc_test as lt  # noqa: E402
+
+ROOT = Path(os.environ.get("LHPC_SOURCE_ROOT") or Path(__file__).resolve().parents[2])
+BUILD = Path(os.environ.get("LHPC_BUILD_ROOT") or ROOT / "build")
+BIN = os.environ.get("LHPC_BIN") or str(BUILD / "lithops-hpc")
+MAKE_SIF = BUILD / "tests" / "tools" / "make-sif"
+FAKE_LITHOPS = ROOT / "tests" / "fake-lithops"
+NODES = ["n1", "n2", "n3"]
+ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED")
+
+
+def run(cmd, env, timeout=60, check=True):
+    return subprocess.run([str(c) for c in cmd], env=env, timeout=timeout, check=check, text=True,
+                          capture_output=True, stdin=subprocess.DEVNULL)
+
+
+class Controller:
+    """One `lithops-hpc autoalloc` process with its own state dir, vhost and log."""
+
+    def __init__(self, case, name, args, slots=2, config=None, path_prefix=None, sif=None):
+        self.case = case
+        self.dir = case.work / name
+        self.dir.mkdir()
+        self.state = self.dir / "state"
+        self.records = self.dir / "records"
+        self.records.mkdir()
+        self.url = lt.fresh_vhost(name)
+        cfg = {
+            "singularity": {"engine": "host", "worker_processes": slots, "python": "/usr/bin/python3"},
+            "rabbitmq": {"amqp_url": self.url},
+            "deploy": {"transfer": "mpi", "drain_timeout": 3, "drain_before_end": 20},
+            "health": {"interval": 1},
+        }
+        for section, values in (config or {}).items():
+            cfg.setdefault(section, {}).update(values)
+        self.conf = self.dir / "config.toml"
+        with open(os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            for section, values in cfg.items():
+                f.write(f"[{section}]\n")
+                for k, v in values.items():
+                    f.write(f"{k} = {json.dumps(v)}\n")
+        self.env = dict(case.env, LITHOPS_HPC_CONFIG=str(self.conf), LITHOPS_HPC_STATE_DIR=str(self.state))
+        if path_prefix:
+            self.env["PATH"] = f"{path_prefix}:{self.env['PATH']}"
+        self.args = ["--sif", sif or case.image, "--poll", "0.5", *args]
+        self.proc = None
+        self.logs = []
+        self.start()
+
+    def start(self):
+        log = self.dir / f"controller-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([BIN, "autoalloc", *self.args], env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir)
+
+    def log(self):
+        return "".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs if p.exists())
+
+    def state_json(self):
+        try:
+            return json.loads((self.state / "autoalloc" / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def job_name(self):
+        return lt.wait_until(lambda: (self.state_json() or {}).get("job_name"), 20, "the controller's state file")
+
+    def slurm_jobs(self):
+        """{id: (state, nodes)} of this controller's jobs, straight from squeue."""
+        r = run(["squeue", "-h", "-n", self.job_name(), "-o", "%i %T %D"], self.env)
+        jobs = {}
+        for line in r.stdout.splitlines():
+            jid, state, nodes = line.split()
+            jobs[jid] = (state, int(nodes))
+        return jobs
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+    def publish(self, n, sleep, tag):
+        keys = []
+        for i in range(n):
+            job_key = f"{tag}-{i:04d}"
+            payload = lt.make_send_task(1, job_key, {"lhpc_test": {"sleep": sleep, "record_dir": str(self.records)}})
+            lt.publish_lithops(self.url, "send_task", payload)
+            keys.append((job_key, "00000"))
+        return keys
+
+    def done_keys(self):
+        out = set()
+        for p in self.records.glob("*.json"):
+            try:
+                r = json.loads(p.read_text())
+                out.add((r["job_key"], r["call_id"]))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def stop(self):
+        """SIGTERM with every job cancelled afterwards (cleanup after a test)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        try:
+            name = self.job_name()
+        except AssertionError:
+            return
+        run(["scancel", "-n", name], self.env, check=False)
+        lt.wait_until(lambda: not self.slurm_jobs(), 90, "the controller's jobs to end")
+
+
+@unittest.skipUnless(shutil.which("sbatch") and shutil.which("nsenter"), "needs Slurm and nsenter")
+class Autoalloc(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        lt.ensure_broker()
+        lt.ensure_cluster(3)
+        base = BUILD if BUILD.is_dir() else Path(lt.rig_dir())
+        cls.work = Path(tempfile.mkdtemp(prefix="autoalloc-", dir=base))  # every node sees it
+        cls.image = cls.work / "rt.sif"
+        subprocess.run([str(MAKE_SIF), str(cls.image), "4M"], check=True)
+        cls.env = lt.slurm_env()
+        cls.env.update({"LITHOPS_HPC_BIN": BIN, "PYTHONPATH": str(FAKE_LITHOPS),
+                        "LITHOPS_FAKE_STORAGE_DIR": str(cls.work / "storage")})
+        for k in ("AMQP_URL", "LITHOPS_HPC_CONFIG", "LITHOPS_SIF", "SLURM_JOB_ID", "SLURM_JOBID"):
+            cls.env.pop(k, None)
+
+    @classmethod
+    def tearDownClass(cls):
+        if os.environ.get("LHPC_KEEP_WORK") != "1":
+            shutil.rmtree(cls.work, ignore_errors=True)
+
+    def setUp(self):
+        self.ctl = None
+
+    def tearDown(self):
+        if self.ctl is None:
+            return
+        # Always: unittest tells tearDown nothing reliable about the outcome across versions.
+        sys.stderr.write("\n--- controller log (last 30 lines) ---\n" + "\n".join(self.ctl.log().splitlines()[-30:]) + "\n")
+        self.ctl.stop()
+
+    def staged_on(self, node):
+        pid = lt.rig_env()[f"RIG_SLURMD_PID_{node}"]
+        r = run(["nsenter", "-t", pid, "-m", "find", "/tmp", "-path", f"/tmp/lithops-hpc-{os.getuid()}-*"],
+                self.env, check=False)
+        return sorted(p for p in r.stdout.split() if p)
+
+    def submitted_ids(self):
+        return re.findall(r"submitted job (\d+)", self.ctl.log())
+
+    # ---------------------------------------------------------------- tests
+
+    def test_1_scale_from_zero_and_back(self):
+        """Tasks published with no job are served by a job the controller submits; after the
+        idle timeout the job is gone and so is its image."""
+        self.ctl = Controller(self, "zero", ["--max-nodes", "2", "--idle-timeout", "4"])
+        ctl = self.ctl
+        lt.wait_until(lambda: ctl.state_json(), 20, "the controller's first look")
+        self.assertEqual(ctl.slurm_jobs(), {}, "nothing submitted with an empty queue")
+        keys = ctl.publish(6, 0.3, "zero")
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 6 tasks done")
+        ids = self.submitted_ids()
+        # status without a job id: one line per deployment and the controller's line.
+        st = run([BIN, "status"], ctl.env, check=False)
+        self.assertRegex(st.stdout, rf"(?m)^job {ids[0]}: ", st.stdout + st.stderr)
+        self.assertRegex(st.stdout, r"(?m)^autoalloc \(running, pid \d+ on \S+\): demand \d+ ready", st.stdout)
+        doc = json.loads(run([BIN, "status", "--json"], ctl.env, check=False).stdout)
+        self.assertIn(ids[0], [d["job"] for d in doc["deployments"]])
+        self.assertEqual(doc["autoalloc"]["controller"], "running")
+        self.assertGreaterEqual(len(ids), 1)
+        lt.wait_until(lambda: not ctl.slurm_jobs(), 90, "the idle job to end")
+        self.assertRegex(ctl.log(), r"retiring job \d+: job \d+ idle")
+        st = lt.wait_until(lambda: (s := ctl.state_json()) and not s["jobs"] and s, 10, "no job in the state")
+        self.assertEqual(st["supply"]["held_nodes"], 0)
+        for node in NODES:
+            left = [f for f in self.staged_on(node) if any(f.endswith(f"-{i}") or f"-{i}/" in f for i in ids)]
+            self.assertEqual(left, [], f"images left on {node}")
+        self.assertEqual(lt.queue_depth(ctl.url), 0)
+        self.assertEqual(ctl.signal(signal.SIGTERM), 143)
+        self.assertEqual(ctl.state_json()["controller"], "stopped")
+
+    def test_2_max_nodes_never_exceeded_under_a_large_backlog(self):
+        """200 tasks; --max-nodes 2 with 1-node jobs and 3 pending allowed: squeue never shows
+        more than 2 nodes held, and it does reach 2."""
+        self.ctl = Controller(self, "limit", ["--max-nodes", "2", "--max-pending", "3", "--idle-timeout", "30"])
+        ctl = self.ctl
+        ctl.publish(200, 1.0, "limit")
+        peak = 0
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            held = sum(n for _, n in ctl.slurm_jobs().values())
+            self.assertLessEqual(held, 2, f"squeue: {ctl.slurm_jobs()}\n{ctl.log()}")
+            peak = max(peak, held)
+            time.sleep(0.2)
+        self.assertEqual(peak, 2, "it scaled up to the limit")
+        self.assertLessEqual(len(self.submitted_ids()), 2, "no job beyond the limit was ever submitted")
+
+    def test_3_refused_submission_backs_off(self):
+        """A nonexistent partition: sbatch's own message in the state and log, and the number of
+        sbatch calls bounded by the backoff (10 s, 20 s ...), counted by a wrapper in PATH."""
+        wrap = self.work / "sbatch-wrap"
+        wrap.mkdir(exist_ok=True)
+        calls = wrap / "calls"
+        real = shutil.which("sbatch")
+        (wrap / "sbatch").write_text(f'#!/bin/sh\necho "$*" >>{calls}\nexec {real} "$@"\n')
+        (wrap / "sbatch").chmod(0o755)
+        self.ctl = Controller(self, "refused", ["--", "--partition=nonexistent"], path_prefix=str(wrap))
+        ctl = self.ctl
+        ctl.publish(3, 0.1, "refused")
+        st = lt.wait_until(lambda: (s := ctl.state_json()) and s["error"] and s, 30, "the refusal in the state")
+        self.assertIn("invalid partition", st["error"].lower())
+        self.assertIn("sbatch", st["last_refusal"])
+        self.assertRegex(ctl.log(), r"(?i)sbatch refused the submission.*invalid partition")
+        st = run([BIN, "status"], ctl.env, check=False)
+        self.assertEqual(st.returncode, 1, "a controller error makes status report trouble")
+        self.assertRegex(st.stdout, r"(?i)error: sbatch refused the submission.*invalid partition")
+        # Over 13 s with a poll of 0.5 s: the first try and one retry after 10 s, no more.
+        t0 = time.monotonic()
+        lt.wait_until(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 2, 20, "the retry")
+        self.assertGreater(time.monotonic() - t0, 5, "the retry waited for the backoff")
+        time.sleep(3)  # a storm would show here: 6 polls in 3 s
+        n = len(calls.read_text().splitlines())
+        self.assertEqual(n, 2, calls.read_text())
+        self.assertEqual(ctl.state_json()["refused_in_row"], 2)
+        for line in calls.read_text().splitlines():
+            self.assertNotIn("amqp", line, "no broker URL on sbatch's command line")
+        self.assertEqual(ctl.slurm_jobs(), {})
+
+    def test_4_sigkill_and_restart_adopts_the_job(self):
+        """Controller SIGKILLed while its job serves, started again: same job, no duplicate."""
+        # --max-nodes 1: a controller that lost track of its job would submit a second one.
+        self.ctl = Controller(self, "adopt", ["--max-nodes", "1", "--idle-timeout", "60"])
+        ctl = self.ctl
+        keys = ctl.publish(30, 1.0, "adopt")
+        first = lt.wait_until(lambda: [j for j in (ctl.state_json() or {}).get("jobs", [])
+                                       if j["phase"] == "serving"], 90, "a serving job")
+        ctl.proc.kill()
+        ctl.proc.wait(10)
+        before = set(ctl.slurm_jobs())
+        ctl.start()
+        lt.wait_until(lambda: "adopted" in ctl.log(), 20, "the restarted controller to adopt")
+        time.sleep(4)  # eight polls of the restarted controller
+        after = set(ctl.slurm_jobs())
+        state_ids = {j["id"] for j in ctl.state_json()["jobs"]}
+        self.assertIn(first[0]["id"], state_ids)
+        self.assertLessEqual(after - before, set(), f"new jobs after the restart: {after - before}\n{ctl.log()}")
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 30 tasks done")
+        # SIGTERM leaves the job serving; stop --all then ends it.
+        self.assertEqual(ctl.signal(signal.SIGTERM), 143)
+        self.assertEqual(set(ctl.slurm_jobs()), after, "SIGTERM left the job serving")
+        sp = run([BIN, "stop", "--all", "--timeout", "60"], ctl.env, check=False, timeout=90)
+        self.assertEqual(sp.returncode, 0, sp.stdout + sp.stderr)
+        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "stop --all to end the job")
+
+    def test_5_renewal_across_time_limits(self):
+        """--time-limit 1 (minute), --renew-before 40, deploy.drain_before_end 20: a stream of
+        tasks lasting longer than one job's limit is served by successor jobs submitted before
+        their predecessors drain; every task done, none lost. The stream (one 1-s task a second,
+        2 slots) never backs up, so only renewal, not the backlog rule, brings the successors."""
+        self.ctl = Controller(self, "renew", ["--max-nodes", "3", "--time-limit", "1", "--renew-before", "40",
+                                              "--idle-timeout", "5"])
+        ctl = self.ctl
+        keys = []
+        stop = threading.Event()
+
+        def stream():
+            for i in range(80):
+                if stop.is_set():
+                    return
+                keys.extend(ctl.publish(1, 1.0, f"renew{i:03d}"))
+                time.sleep(1.0)
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        self.addCleanup(stop.set)
+        t.join(200)
+        self.assertEqual(len(keys), 80)
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 90, "all 80 tasks done")
+        self.assertRegex(ctl.log(), r"submitted job \d+ .*: renew job \d+: \d+ s to its time limit with work left")
+        self.assertGreaterEqual(len(self.submitted_ids()), 2)
+        self.assertEqual(lt.queue_depth(ctl.url), 0)
+        lt.wait_until(lambda: not ctl.slurm_jobs(), 90, "the last job to retire")
+
+    def test_6_jobs_failing_at_start_stop_submissions(self):
+        """An image the nodes cannot read: each job ends before serving; after
+        --max-start-failures 2 no more sbatch, and the error names both output files."""
+        self.ctl = Controller(self, "startfail", ["--max-start-failures", "2"], sif="/nonexistent/rt.sif")
+        ctl = self.ctl
+        ctl.publish(3, 0.1, "startfail")
+        st = lt.wait_until(lambda: (s := ctl.state_json()) and s["halted"] and s, 90, "the controller to halt")
+        outs = st["failed_outputs"]
+        self.assertGreaterEqual(len(outs), 2, st)
+        for out in outs[:2]:
+            self.assertIn(out, st["error"])
+            self.assertIn("is not a readable file", Path(out).read_text())
+        n = len(self.submitted_ids())
+        time.sleep(3)  # six polls: a halted controller submits nothing
+        self.assertEqual(len(self.submitted_ids()), n)
+        self.assertLessEqual(n, 3, "at most one job beyond the two failures was in flight")
+        st = run([BIN, "status"], ctl.env, check=False)
+        self.assertIn("in a row ended before serving", st.stdout)
+
+
+if __name__ == "__main__":
+    lt.main()
