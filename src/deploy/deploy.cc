@@ -213,6 +213,8 @@ private:
   std::string start_worker();
   void agree_started();
   bool serve();
+  void drain_all(const std::string& why, bool tell_worker = true);
+  void decide_for_all(std::optional<slurm::TimeLeftWatch>& time_left);
   int finish(bool all_ranks_failed);
   void teardown_alone();
   void report(health::State state, const std::string& error) {
@@ -237,6 +239,8 @@ private:
   std::string m_image;
   std::unique_ptr<Worker> m_worker;
   std::string m_start_error;
+  bool m_draining = false;
+  bool m_all_ranks_failed = false;
 };
 
 // Meet: every rank launched; one job id, node list and configuration.
@@ -407,33 +411,51 @@ void RankRun::agree_started() {
   }
 }
 
+// Starts the drain on this rank once, whatever asked for it. `tell_worker`
+// is false for signals: the worker reads them from the signal pipe itself
+// (and takes a second one as "stop now").
+void RankRun::drain_all(const std::string& why, bool tell_worker) {
+  if (m_draining) {
+    return;
+  }
+  m_draining = true;
+  spdlog::info("draining: {}", why);
+  if (m_rank == 0) {
+    m_health->set_state(health::DeploymentState::draining);
+    m_health->broadcast(health::Command::drain);
+  }
+  if (tell_worker) {
+    m_worker->request_drain();
+  }
+}
+
+// Rank 0 decides for everyone: every rank failed, `stop`, the time limit.
+void RankRun::decide_for_all(std::optional<slurm::TimeLeftWatch>& time_left) {
+  if (m_rank != 0 || m_draining) {
+    return;
+  }
+  if (all_failed(m_health->table())) {
+    drain_all("every rank has failed");
+    m_all_ranks_failed = true;
+  } else if (m_health->stop_requested()) {
+    drain_all("lithops-hpc stop");
+  } else if (time_left) {
+    if (auto left = time_left->current(); left && *left < m_cfg.deploy.drain_before_end) {
+      drain_all("Slurm time limit in " + std::to_string(static_cast<int>(*left)) + " s");
+    }
+  }
+}
+
 // Serve: one loop per rank; MPI only non-blocking from here on. Returns
 // true when the drain came because every rank's worker had failed for good.
 bool RankRun::serve() {
   auto& worker = *m_worker;
-  auto& health = *m_health;
   const bool started = m_start_error.empty();
-  bool draining = false, all_ranks_failed = false, got_signal = false;
+  bool got_signal = false;
   std::optional<slurm::TimeLeftWatch> time_left;
   if (m_rank == 0 && m_slurm_time) {
     time_left.emplace(m_ph.jobid);
   }
-  // `tell_worker` is false for signals: the worker reads them from the
-  // signal pipe itself (and takes a second one as "stop now").
-  auto drain_all = [&](const std::string& why, bool tell_worker = true) {
-    if (draining) {
-      return;
-    }
-    draining = true;
-    spdlog::info("draining: {}", why);
-    if (m_rank == 0) {
-      health.set_state(health::DeploymentState::draining);
-      health.broadcast(health::Command::drain);
-    }
-    if (tell_worker) {
-      worker.request_drain();
-    }
-  };
   const auto interval = std::chrono::duration<double>(m_cfg.health.interval);
   auto next_report = Clock::now();
   while (true) {
@@ -442,29 +464,18 @@ bool RankRun::serve() {
     } else {
       idle_wait(m_signals, 100, got_signal);
     }
-    if (got_signal || (SignalPipe::last_terminating() != 0 && !draining)) {
+    if (got_signal || (SignalPipe::last_terminating() != 0 && !m_draining)) {
       drain_all(SignalPipe::last_terminating() == SIGINT ? "SIGINT" : "SIGTERM", false);
     }
-    for (auto c : health.poll()) {
+    for (auto c : m_health->poll()) {
       if (c == health::Command::drain || c == health::Command::stop) {
         drain_all(std::string("rank 0 asked to ") + std::string(health::command_name(c)));
       }
     }
-    if (m_rank == 0 && !draining) {
-      if (all_failed(health.table())) {
-        drain_all("every rank has failed");
-        all_ranks_failed = true;
-      } else if (health.stop_requested()) {
-        drain_all("lithops-hpc stop");
-      } else if (time_left) {
-        if (auto left = time_left->current(); left && *left < m_cfg.deploy.drain_before_end) {
-          drain_all("Slurm time limit in " + std::to_string(static_cast<int>(*left)) + " s");
-        }
-      }
-    }
+    decide_for_all(time_left);
     if (Clock::now() >= next_report) {
       auto state = started ? state_of(worker.stats().state) : health::State::failed;
-      if (state == health::State::stopped && !draining) {
+      if (state == health::State::stopped && !m_draining) {
         state = health::State::failed;
       }
       report(state, m_start_error);
@@ -472,8 +483,8 @@ bool RankRun::serve() {
     }
     // A finished worker waits for the drain, so the shutdown exchange starts
     // together on every rank; a failed one keeps reporting "failed" meanwhile.
-    if (draining && (!started || worker.finished())) {
-      return all_ranks_failed;
+    if (m_draining && (!started || worker.finished())) {
+      return m_all_ranks_failed;
     }
   }
 }
