@@ -1,6 +1,7 @@
 // lithops-hpc: forwards to the CLI; the one place errors become messages and
 // exit codes, and the one place the process is hardened before it reads a
 // configuration or environment that may hold the broker's password.
+#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -57,6 +58,9 @@ void not_dumpable() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Once for the process: a handler or broker peer that goes away while we
+  // write to it is an EPIPE to handle where it happens, never a silent death.
+  ::signal(SIGPIPE, SIG_IGN);
   try {
     lhpc::setup_logging("info");  // to stderr, with our pattern, before anything can fail
     refuse_set_id();

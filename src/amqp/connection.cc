@@ -198,12 +198,6 @@ Options options_from(const config::Rabbitmq& r) {
   return o;
 }
 
-std::chrono::milliseconds Backoff::next() {
-  auto now = m_next;
-  m_next = std::min(m_cap, m_next * 2);
-  return now;
-}
-
 Connection::Connection(const Options& opts) : m_s(std::make_unique<State>()) {
   m_redacted = config::redact_url(opts.url);
   auto url = config::parse_amqp_url(opts.url);

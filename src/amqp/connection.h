@@ -152,17 +152,4 @@ private:
   Delivery m_partial;
 };
 
-// Capped exponential backoff: 0.5 s, 1 s, 2 s ... 30 s; reset() after success.
-class Backoff {
-public:
-  explicit Backoff(std::chrono::milliseconds first = std::chrono::milliseconds(500),
-                   std::chrono::milliseconds cap = std::chrono::milliseconds(30000))
-      : m_first(first), m_cap(cap), m_next(first) {}
-  std::chrono::milliseconds next();  // the delay to wait now; doubles the next one
-  void reset() { m_next = m_first; }
-
-private:
-  std::chrono::milliseconds m_first, m_cap, m_next;
-};
-
 }  // namespace lhpc::amqp

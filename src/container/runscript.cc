@@ -3,6 +3,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "util/backoff.h"
 #include "util/error.h"
 #include "util/strings.h"
 
@@ -65,11 +66,12 @@ void Runscript::record_failure(Clock::time_point now, const std::string& what) {
                   m_opts.restart_limit);
     return;
   }
-  auto delay = m_opts.backoff_initial;
-  for (int i = 1; i < m_streak && delay < m_opts.backoff_max; ++i) {
-    delay *= 2;
+  // The streak's n-th failure waits the backoff's n-th delay.
+  Backoff backoff(m_opts.backoff_initial, m_opts.backoff_max);
+  auto delay = backoff.next();
+  for (int i = 1; i < m_streak; ++i) {
+    delay = backoff.next();
   }
-  delay = std::min(delay, m_opts.backoff_max);
   m_next_start = now + delay;
   m_state = State::waiting;
   spdlog::warn("{}; restarting in {} ({} of {} restarts)", what, seconds_text(delay), m_streak,

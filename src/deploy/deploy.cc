@@ -9,11 +9,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <set>
 #include <thread>
 #include <spdlog/spdlog.h>
 
 #include "health/memory.h"
+#include "lhpc_build_config.h"
 #include "health/session.h"
 #include "slurm/job.h"
 #include "stage/stage.h"
@@ -110,18 +112,15 @@ config::Config apply_overrides(config::Config cfg, const Options& o) {
   return cfg;
 }
 
-health::State state_of(const WorkerStats& s) {
-  if (s.state == "running") {
-    return health::State::ready;
-  }
-  if (s.state == "draining") {
-    return health::State::draining;
-  }
-  if (s.state == "failed") {
-    return health::State::failed;
-  }
-  if (s.state == "stopped") {
-    return health::State::stopped;
+// The one place a worker's state becomes a health state.
+health::State state_of(worker::State s) {
+  switch (s) {
+    case worker::State::created:
+    case worker::State::starting: return health::State::starting;
+    case worker::State::running: return health::State::ready;
+    case worker::State::draining: return health::State::draining;
+    case worker::State::failed: return health::State::failed;
+    case worker::State::stopped: return health::State::stopped;
   }
   return health::State::starting;
 }
@@ -182,243 +181,328 @@ void idle_wait(SignalPipe& signals, int ms, bool& got_signal) {
   }
 }
 
-int run_rank(MpiSession& mpi, bool slurm_time, const config::Config& cfg_in, const Options& opts) {
-  SignalPipe signals({SIGINT, SIGTERM});
-  const int rank = mpi.rank();
-  const int size = mpi.size();
-  MPI_Comm comm = mpi.world();
+// One rank's run, phase by phase: meet, stage, start, serve, finish. The
+// phases share this state; each is a member so the order reads in run().
+class RankRun {
+public:
+  RankRun(MpiSession& mpi, bool slurm_time, const Options& opts)
+      : m_mpi(mpi), m_slurm_time(slurm_time), m_opts(opts), m_rank(mpi.rank()), m_size(mpi.size()),
+        m_comm(mpi.world()) {}
 
-  // Test hook (integration/slurm-e2e): "R" makes rank R die right after
-  // MPI_Init, as one that crashes during MPI start-up does; "R@started" once
-  // its worker started, before the second meeting point.
+  int run(const config::Config& cfg_in) {
+    meet(cfg_in);
+    stage();
+    start();
+    bool all_ranks_failed = serve();
+    return finish(all_ranks_failed);
+  }
+
+private:
+  void meet(const config::Config& cfg_in);
+  void configure(const config::Config& cfg_in);
+  void stage();
+  void start();
+  std::string start_worker();
+  void agree_started();
+  bool serve();
+  void drain_all(const std::string& why, bool tell_worker = true);
+  void decide_for_all(std::optional<slurm::TimeLeftWatch>& time_left);
+  int finish(bool all_ranks_failed);
+  void teardown_alone();
+  void report(health::State state, const std::string& error) {
+    m_health->report(make_report(state, m_worker ? m_worker->stats() : WorkerStats{}, m_ph.node, error));
+  }
+
+  // Signals first: one arriving while the instance starts is kept for the loop.
+  SignalPipe m_signals{SIGINT, SIGTERM};
+  MpiSession& m_mpi;
+  bool m_slurm_time;
+  const Options& m_opts;
+  const int m_rank, m_size;
+  MPI_Comm m_comm;
+  bool m_dies_late = false;  // test builds: LITHOPS_HPC_TEST_DIE_AT_START=R@started
+  config::Placeholders m_ph;
+  std::vector<std::string> m_nodes;
+  int m_on_node = 0, m_index_on_node = 0;
+  config::Config m_cfg;
+  int m_slots = 1, m_required = 1;
+  std::unique_ptr<health::Session> m_health;
+  stage::Result m_staged;
+  std::string m_image;
+  std::unique_ptr<Worker> m_worker;
+  std::string m_start_error;
+  bool m_draining = false;
+  bool m_all_ranks_failed = false;
+};
+
+// Meet: every rank launched; one job id, node list and configuration.
+void RankRun::meet(const config::Config& cfg_in) {
+#if LHPC_TEST_HOOKS
+  // integration/slurm-e2e: "R" makes rank R die right after MPI_Init, as one
+  // that crashes during MPI start-up does; "R@started" once its worker
+  // started, before the second meeting point.
   const char* die_hook = std::getenv("LITHOPS_HPC_TEST_DIE_AT_START");
-  const bool dies_here = die_hook != nullptr && std::atoi(die_hook) == rank;
-  const bool dies_late = dies_here && std::strstr(die_hook, "@started") != nullptr;
-  if (dies_here && !dies_late) {
+  const bool dies_here = die_hook != nullptr && std::atoi(die_hook) == m_rank;
+  m_dies_late = dies_here && std::strstr(die_hook, "@started") != nullptr;
+  if (dies_here && !m_dies_late) {
     std::_Exit(1);
   }
-  meet_or_abort(mpi, std::chrono::duration<double>(cfg_in.deploy.start_timeout), "launched");
-
+#endif
+  meet_or_abort(m_mpi, std::chrono::duration<double>(cfg_in.deploy.start_timeout), "launched");
   // One job id for every rank (rank 0's), so all name the same directories.
-  auto ph = config::current_placeholders();
-  if (ph.jobid == "local") {
-    ph.jobid = "local-" + std::to_string(::getpid());
+  m_ph = config::current_placeholders();
+  if (m_ph.jobid == "local") {
+    m_ph.jobid = "local-" + std::to_string(::getpid());
   }
-  ph.jobid = allgather_strings(comm, ph.jobid)[0];
-  auto nodes = allgather_strings(comm, ph.node);
-  int on_node = 0, index_on_node = 0;
-  for (int r = 0; r < size; ++r) {
-    if (nodes[static_cast<std::size_t>(r)] == ph.node) {
-      index_on_node += r < rank ? 1 : 0;
-      ++on_node;
+  m_ph.jobid = allgather_strings(m_comm, m_ph.jobid)[0];
+  m_nodes = allgather_strings(m_comm, m_ph.node);
+  for (int r = 0; r < m_size; ++r) {
+    if (m_nodes[static_cast<std::size_t>(r)] == m_ph.node) {
+      m_index_on_node += r < m_rank ? 1 : 0;
+      ++m_on_node;
     }
   }
-  set_log_prefix("rank " + std::to_string(rank) + " " + ph.node);
+  set_log_prefix("rank " + std::to_string(m_rank) + " " + m_ph.node);
+  configure(cfg_in);
+}
 
+void RankRun::configure(const config::Config& cfg_in) {
   // Same file and environment on every rank: a config error fails every rank alike.
-  config::Config cfg = config::expanded(apply_overrides(cfg_in, opts), ph);
-  config::require_amqp_url(cfg);
-  if (opts.sif.empty() && cfg.singularity.engine != config::Engine::host) {
-    throw Error(Exit::usage, "deploy needs --sif PATH with the " + config::to_string(cfg.singularity.engine) + " engine",
+  m_cfg = config::expanded(apply_overrides(cfg_in, m_opts), m_ph);
+  config::require_amqp_url(m_cfg);
+  if (m_opts.sif.empty() && m_cfg.singularity.engine != config::Engine::host) {
+    throw Error(Exit::usage,
+                "deploy needs --sif PATH with the " + config::to_string(m_cfg.singularity.engine) + " engine",
                 "give the runtime image: lithops-hpc deploy --sif /scratch/rt.sif");
   }
-  const int node_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : node_cores();
-  const int slots = slots_for_rank(node_slots, on_node, index_on_node);
-  const int required = cfg.deploy.min_ranks > 0 ? std::min(cfg.deploy.min_ranks, size) : size;
-  const auto interval = std::chrono::duration<double>(cfg.health.interval);
-
-  health::Session health(comm, {.job = ph.jobid,
-                                .interval = cfg.health.interval,
-                                .status_file = cfg.health.status_file,
-                                .node = ph.node});
-  if (rank == 0) {
-    spdlog::info("deploying job {} on {} rank(s), {} node(s); status: {}", ph.jobid, size,
-                 std::set<std::string>(nodes.begin(), nodes.end()).size(), health.location().status);
+  const int node_slots =
+      m_cfg.singularity.worker_processes > 0 ? m_cfg.singularity.worker_processes : worker::node_cores();
+  m_slots = slots_for_rank(node_slots, m_on_node, m_index_on_node);
+  m_required = m_cfg.deploy.min_ranks > 0 ? std::min(m_cfg.deploy.min_ranks, m_size) : m_size;
+  m_health = std::make_unique<health::Session>(m_comm, health::SessionOptions{.job = m_ph.jobid,
+                                                                             .interval = m_cfg.health.interval,
+                                                                             .status_file = m_cfg.health.status_file,
+                                                                             .node = m_ph.node});
+  if (m_rank == 0) {
+    spdlog::info("deploying job {} on {} rank(s), {} node(s); status: {}", m_ph.jobid, m_size,
+                 std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(), m_health->location().status);
   }
-  health.report(make_report(health::State::staging, {}, ph.node, ""));
+  report(health::State::staging, "");
+}
 
-  // Stage: collective; every rank throws the same error.
-  stage::Result staged;
-  std::string image = opts.sif;
-  if (!opts.sif.empty()) {
-    try {
-      staged = stage::stage_image(comm, {.source = opts.sif,
-                                         .sif_dir = cfg.singularity.sif_path,
-                                         .transfer = cfg.deploy.transfer,
-                                         .chunk_bytes = static_cast<std::size_t>(cfg.deploy.chunk_mib) << 20,
-                                         .compress = cfg.deploy.compress,
-                                         .jobid = ph.jobid,
-                                         .node_id = ph.node,
-                                         .progress = rank == 0 && ::isatty(2),
-                                         .stall_timeout = cfg.deploy.start_timeout});
-      image = staged.local_path;
-    } catch (const Error& e) {
-      if (rank == 0) {
-        health.set_state(health::DeploymentState::failed);
-      }
-      throw;
-    }
+// Stage: collective; every rank throws the same error.
+void RankRun::stage() {
+  m_image = m_opts.sif;
+  if (m_opts.sif.empty()) {
+    return;
   }
-
-  // Start: each rank its instance and worker, then one agreement.
-  Worker worker(cfg, {.rank = rank, .node = ph.node, .jobid = ph.jobid, .slots = slots});
-  worker.set_signal_pipe(&signals);
-  std::string start_error;
-  health.report(make_report(health::State::starting, worker.stats(), ph.node, ""));
   try {
-    worker.start(image);
+    m_staged = stage::stage_image(m_comm, {.source = m_opts.sif,
+                                           .sif_dir = m_cfg.singularity.sif_path,
+                                           .transfer = m_cfg.deploy.transfer,
+                                           .chunk_bytes = static_cast<std::size_t>(m_cfg.deploy.chunk_mib) << 20,
+                                           .compress = m_cfg.deploy.compress,
+                                           .jobid = m_ph.jobid,
+                                           .node_id = m_ph.node,
+                                           .progress = m_rank == 0 && ::isatty(2),
+                                           .stall_timeout = m_cfg.deploy.start_timeout});
+    m_image = m_staged.local_path;
+  } catch (const Error&) {
+    if (m_rank == 0) {
+      m_health->set_state(health::DeploymentState::failed);
+    }
+    throw;
+  }
+}
+
+// Start: each rank its instance and worker, then one agreement.
+void RankRun::start() {
+  m_worker = std::make_unique<Worker>(
+      m_cfg, worker::WorkerIdentity{.rank = m_rank, .node = m_ph.node, .jobid = m_ph.jobid, .slots = m_slots});
+  m_worker->set_signal_pipe(&m_signals);
+  report(health::State::starting, "");
+  m_start_error = start_worker();
+  if (!m_start_error.empty()) {
+    spdlog::error("failed to start: {}", m_start_error);
+  }
+  if (m_dies_late) {
+    std::_Exit(1);
+  }
+  agree_started();
+}
+
+// Starts the worker and waits until it runs or failed; returns why it failed.
+std::string RankRun::start_worker() {
+  auto& worker = *m_worker;
+  try {
+    worker.start(m_image);
     // Handlers and the broker come up asynchronously: a rank is started when
     // its worker runs, or has failed, before the ranks compare notes.
-    const auto start_timeout = std::chrono::duration<double>(cfg.deploy.start_timeout);
+    const auto start_timeout = std::chrono::duration<double>(m_cfg.deploy.start_timeout);
     auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(start_timeout);
-    while (worker.stats().state == "starting" && !worker.finished() && Clock::now() < deadline &&
+    while (worker.stats().state == worker::State::starting && !worker.finished() && Clock::now() < deadline &&
            SignalPipe::last_terminating() == 0) {
       worker.step(std::chrono::milliseconds(100));
     }
     auto st = worker.stats();
-    if (worker.finished() || st.state == "failed") {
-      start_error = st.last_error.empty() ? "the worker stopped while starting" : st.last_error;
-    } else if (st.state == "starting" && SignalPipe::last_terminating() == 0) {
-      start_error = fmt::format("the worker did not become ready within {:g} s (deploy.start_timeout)",
-                                start_timeout.count());
+    if (worker.finished() || st.state == worker::State::failed) {
+      return st.last_error.empty() ? "the worker stopped while starting" : st.last_error;
+    }
+    if (st.state == worker::State::starting && SignalPipe::last_terminating() == 0) {
+      return fmt::format("the worker did not become ready within {:g} s (deploy.start_timeout)",
+                         start_timeout.count());
     }
   } catch (const Error& e) {
-    start_error = e.what();
+    return e.what();
   }
-  if (!start_error.empty()) {
-    spdlog::error("failed to start: {}", start_error);
+  return "";
+}
+
+// What this rank undoes on its own when the job ends: its worker and
+// instance, and (alone on its node) the staged image. Before any exchange
+// with the others: if one is missing the job ends by MPI_Abort, which kills
+// this rank before a collective cleanup could run. Ranks that share a node
+// leave the image to the collective cleanup at the end.
+void RankRun::teardown_alone() {
+  m_worker->stop();
+  if (m_cfg.deploy.cleanup && m_staged.leader && m_on_node == 1 && !m_staged.private_dir.empty()) {
+    remove_tree(m_staged.private_dir);
   }
-  // What this rank undoes on its own when the job ends: its worker and
-  // instance, and (alone on its node) the staged image. Before any exchange
-  // with the others: if one is missing the job ends by MPI_Abort, which
-  // kills this rank before a collective cleanup could run. Ranks that share
-  // a node leave the image to the collective cleanup at the end.
-  auto teardown_alone = [&] {
-    worker.stop();
-    if (cfg.deploy.cleanup && staged.leader && on_node == 1 && !staged.private_dir.empty()) {
-      remove_tree(staged.private_dir);
-    }
-  };
-  if (dies_late) {
-    std::_Exit(1);
-  }
+}
+
+void RankRun::agree_started() {
   // Each rank's start above is bounded by start_timeout; the margin covers
   // ranks leaving the stage step at slightly different times.
-  const double margin = std::min(60.0, cfg.deploy.start_timeout);
-  meet_or_abort(mpi, std::chrono::duration<double>(cfg.deploy.start_timeout + margin), "workers started",
-                teardown_alone, std::chrono::duration<double>(std::min(10.0, margin)));
-  auto verdict = agree(comm, start_error);
-  if (rank == 0) {
-    for (int r = 0; r < size; ++r) {
+  const double margin = std::min(60.0, m_cfg.deploy.start_timeout);
+  meet_or_abort(m_mpi, std::chrono::duration<double>(m_cfg.deploy.start_timeout + margin), "workers started",
+                [this] { teardown_alone(); }, std::chrono::duration<double>(std::min(10.0, margin)));
+  auto verdict = agree(m_comm, m_start_error);
+  if (m_rank == 0) {
+    for (int r = 0; r < m_size; ++r) {
       if (!verdict.errors[static_cast<std::size_t>(r)].empty()) {
-        spdlog::error("rank {} on {} failed to start: {}", r, nodes[static_cast<std::size_t>(r)],
+        spdlog::error("rank {} on {} failed to start: {}", r, m_nodes[static_cast<std::size_t>(r)],
                       verdict.errors[static_cast<std::size_t>(r)]);
       }
     }
   }
-  if (verdict.ok_ranks < required) {
-    worker.stop();
-    if (rank == 0) {
-      health.report(make_report(health::State::failed, worker.stats(), ph.node, start_error));
-      health.set_state(health::DeploymentState::failed);
+  if (verdict.ok_ranks < m_required) {
+    m_worker->stop();
+    if (m_rank == 0) {
+      report(health::State::failed, m_start_error);
+      m_health->set_state(health::DeploymentState::failed);
     }
     throw Error(Exit::engine,
-                std::to_string(size - verdict.ok_ranks) + " of " + std::to_string(size) +
+                std::to_string(m_size - verdict.ok_ranks) + " of " + std::to_string(m_size) +
                     " rank(s) failed to start (rank 0's log names them)",
-                required < size ? "deploy.min_ranks allows " + std::to_string(size - required) + " to fail"
-                                : "fix the cause, or let some ranks fail with deploy.min_ranks");
+                m_required < m_size ? "deploy.min_ranks allows " + std::to_string(m_size - m_required) + " to fail"
+                                    : "fix the cause, or let some ranks fail with deploy.min_ranks");
   }
-  if (rank == 0) {
-    spdlog::info("{} of {} rank(s) started; serving {}", verdict.ok_ranks, size, config::redact_url(cfg.rabbitmq.amqp_url));
+  if (m_rank == 0) {
+    spdlog::info("{} of {} rank(s) started; serving {}", verdict.ok_ranks, m_size,
+                 config::redact_url(m_cfg.rabbitmq.amqp_url));
   }
+}
 
-  // Run: one loop per rank; MPI only non-blocking from here on.
-  const bool started = start_error.empty();
-  bool draining = false;
-  bool all_ranks_failed = false;
+// Starts the drain on this rank once, whatever asked for it. `tell_worker`
+// is false for signals: the worker reads them from the signal pipe itself
+// (and takes a second one as "stop now").
+void RankRun::drain_all(const std::string& why, bool tell_worker) {
+  if (m_draining) {
+    return;
+  }
+  m_draining = true;
+  spdlog::info("draining: {}", why);
+  if (m_rank == 0) {
+    m_health->set_state(health::DeploymentState::draining);
+    m_health->broadcast(health::Command::drain);
+  }
+  if (tell_worker) {
+    m_worker->request_drain();
+  }
+}
+
+// Rank 0 decides for everyone: every rank failed, `stop`, the time limit.
+void RankRun::decide_for_all(std::optional<slurm::TimeLeftWatch>& time_left) {
+  if (m_rank != 0 || m_draining) {
+    return;
+  }
+  if (all_failed(m_health->table())) {
+    drain_all("every rank has failed");
+    m_all_ranks_failed = true;
+  } else if (m_health->stop_requested()) {
+    drain_all("lithops-hpc stop");
+  } else if (time_left) {
+    if (auto left = time_left->current(); left && *left < m_cfg.deploy.drain_before_end) {
+      drain_all("Slurm time limit in " + std::to_string(static_cast<int>(*left)) + " s");
+    }
+  }
+}
+
+// Serve: one loop per rank; MPI only non-blocking from here on. Returns
+// true when the drain came because every rank's worker had failed for good.
+bool RankRun::serve() {
+  auto& worker = *m_worker;
+  const bool started = m_start_error.empty();
   bool got_signal = false;
   std::optional<slurm::TimeLeftWatch> time_left;
-  if (rank == 0 && slurm_time) {
-    time_left.emplace(ph.jobid);
+  if (m_rank == 0 && m_slurm_time) {
+    time_left.emplace(m_ph.jobid);
   }
-  // `tell_worker` is false for signals: the worker reads them from the
-  // signal pipe itself (and takes a second one as "stop now").
-  auto drain_all = [&](const std::string& why, bool tell_worker = true) {
-    if (draining) {
-      return;
-    }
-    draining = true;
-    spdlog::info("draining: {}", why);
-    if (rank == 0) {
-      health.set_state(health::DeploymentState::draining);
-      health.broadcast(health::Command::drain);
-    }
-    if (tell_worker) {
-      worker.request_drain();
-    }
-  };
+  const auto interval = std::chrono::duration<double>(m_cfg.health.interval);
   auto next_report = Clock::now();
   while (true) {
     if (started && !worker.finished()) {
       worker.step(std::chrono::milliseconds(100));
     } else {
-      idle_wait(signals, 100, got_signal);
+      idle_wait(m_signals, 100, got_signal);
     }
-    if (got_signal || (SignalPipe::last_terminating() != 0 && !draining)) {
+    if (got_signal || (SignalPipe::last_terminating() != 0 && !m_draining)) {
       drain_all(SignalPipe::last_terminating() == SIGINT ? "SIGINT" : "SIGTERM", false);
     }
-    for (auto c : health.poll()) {
+    for (auto c : m_health->poll()) {
       if (c == health::Command::drain || c == health::Command::stop) {
         drain_all(std::string("rank 0 asked to ") + std::string(health::command_name(c)));
       }
     }
-    if (rank == 0 && !draining) {
-      if (all_failed(health.table())) {
-        drain_all("every rank has failed");
-        all_ranks_failed = true;
-      } else if (health.stop_requested()) {
-        drain_all("lithops-hpc stop");
-      } else if (time_left) {
-        if (auto left = time_left->current(); left && *left < cfg.deploy.drain_before_end) {
-          drain_all("Slurm time limit in " + std::to_string(static_cast<int>(*left)) + " s");
-        }
-      }
-    }
+    decide_for_all(time_left);
     if (Clock::now() >= next_report) {
-      auto st = worker.stats();
-      auto state = started ? state_of(st) : health::State::failed;
-      if (state == health::State::stopped && !draining) {
+      auto state = started ? state_of(worker.stats().state) : health::State::failed;
+      if (state == health::State::stopped && !m_draining) {
         state = health::State::failed;
       }
-      health.report(make_report(state, st, ph.node, start_error));
+      report(state, m_start_error);
       next_report = Clock::now() + std::chrono::duration_cast<Clock::duration>(interval);
     }
     // A finished worker waits for the drain, so the shutdown exchange starts
     // together on every rank; a failed one keeps reporting "failed" meanwhile.
-    if (draining && (!started || worker.finished())) {
-      break;
+    if (m_draining && (!started || worker.finished())) {
+      return m_all_ranks_failed;
     }
   }
+}
 
+// Finish: the last report, the shutdown exchange, cleanup.
+int RankRun::finish(bool all_ranks_failed) {
   teardown_alone();
-  auto final_stats = worker.stats();
-  auto final_report = make_report(health::State::stopped, final_stats, ph.node, start_error);
+  auto final_stats = m_worker->stats();
+  auto final_report = make_report(health::State::stopped, final_stats, m_ph.node, m_start_error);
   // Long enough for the slowest healthy drain (and rank 0's own cleanup
   // between reports); only a rank that is really gone runs it out.
-  auto ending = health.finish(final_report, cfg.deploy.drain_timeout + 3 * cfg.health.interval + 30);
+  auto ending = m_health->finish(final_report, m_cfg.deploy.drain_timeout + 3 * m_cfg.health.interval + 30);
   if (!ending.clean) {
     spdlog::error("shutdown incomplete: {}", ending.reason);
-    if (staged.leader && cfg.deploy.cleanup && !staged.private_dir.empty()) {
-      remove_tree(staged.private_dir);  // no collective: a rank is missing
+    if (m_staged.leader && m_cfg.deploy.cleanup && !m_staged.private_dir.empty()) {
+      remove_tree(m_staged.private_dir);  // no collective: a rank is missing
     }
-    mpi.abort(static_cast<int>(Exit::failure));
+    m_mpi.abort(static_cast<int>(Exit::failure));
   }
-  if (cfg.deploy.cleanup && !opts.sif.empty()) {
-    stage::cleanup(comm, staged);
+  if (m_cfg.deploy.cleanup && !m_opts.sif.empty()) {
+    stage::cleanup(m_comm, m_staged);
   }
-  if (rank == 0) {
-    spdlog::info("stopped: {} task(s) done, {} failed, {} requeued, {} dead-lettered on this rank", final_stats.tasks_done,
-                 final_stats.tasks_failed, final_stats.tasks_requeued, final_stats.dead_lettered);
+  if (m_rank == 0) {
+    spdlog::info("stopped: {} task(s) done, {} failed, {} requeued, {} dead-lettered on this rank",
+                 final_stats.tasks_done, final_stats.tasks_failed, final_stats.tasks_requeued,
+                 final_stats.dead_lettered);
   }
   // Ended by a drain (signal, stop, time limit): success; unless the drain
   // came because every rank's worker had failed for good.
@@ -433,7 +517,8 @@ int run(const config::Config& cfg_in, const Options& opts) {
   bool slurm_time = slurm::in_allocation() && slurm::libslurm_available();
   MpiSession mpi(nullptr, nullptr);
   try {
-    return run_rank(mpi, slurm_time, cfg_in, opts);
+    RankRun rank(mpi, slurm_time, opts);
+    return rank.run(cfg_in);
   } catch (const Error& e) {
     log_collective_error(mpi.rank(), e);
     return static_cast<int>(e.code());

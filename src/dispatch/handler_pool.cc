@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -33,7 +34,8 @@ HandlerPool::HandlerPool(int count, std::function<HandlerCommand(int h)> command
     : m_command(std::move(command)), m_opts(opts), m_listener(listener),
       m_procs(static_cast<std::size_t>(count)) {
   for (auto& p : m_procs) {
-    p.backoff = amqp::Backoff(m_opts.backoff_first, m_opts.backoff_max);
+    p.backoff = Backoff(m_opts.backoff_first, m_opts.backoff_max);
+    p.deaths = FailureWindow(m_opts.restart_limit, m_opts.death_window);
   }
 }
 
@@ -73,15 +75,9 @@ void HandlerPool::spawn_one(int h, Clock::time_point now) {
     p.child = spawn(so);
   } catch (const Error& e) {
     p.state = State::down;
-    ++p.early_deaths;
     m_last_error = handler_name(h, size()) + ": " + e.what();
     spdlog::error("{}", m_last_error);
-    if (p.early_deaths > m_opts.restart_limit) {
-      p.state = State::failed;
-      m_failed = true;
-    } else {
-      p.restart_at = now + p.backoff.next();
-    }
+    record_death(h, now, e.what());
     return;
   }
   set_nonblocking(p.child.in().get());
@@ -203,9 +199,10 @@ void HandlerPool::on_line(int h, const std::string& line) {
   }
   if (json_string(j, "event") == "ready") {
     if (p.state == State::starting) {
+      // No reset of the backoff here: a handler that dies right after this
+      // line must not be restarted at once, forever. Its deaths age out of
+      // the window instead.
       p.state = State::ready;
-      p.early_deaths = 0;
-      p.backoff.reset();
       auto lithops = j.contains("lithops") && j["lithops"].is_string() ? j["lithops"].get<std::string>() : "";
       if (lithops.empty()) {
         spdlog::warn("{} (pid {}) cannot import Lithops: its tasks will fail (see its stderr)",
@@ -245,27 +242,38 @@ void HandlerPool::lose(int h, const std::string& why) {
   p.state = State::down;
   p.lost_why.clear();
   m_last_error = handler_name(h, size()) + " " + detail;
-  auto now = Clock::now();
   if (!was_ready) {
-    ++p.early_deaths;
     spdlog::error("{} died before it was ready: {} (handler stderr above says why)", handler_name(h, size()), detail);
   } else {
     spdlog::warn("{} {}", handler_name(h, size()), detail);
   }
-  if (p.early_deaths > m_opts.restart_limit) {
-    p.state = State::failed;
-    m_failed = true;
-    m_last_error = handler_name(h, size()) + " failed to start " + std::to_string(p.early_deaths) +
-                   " times in a row; last: " + detail;
-    spdlog::error("{}", m_last_error);
-  } else {
-    p.restart_at = was_ready ? now : now + p.backoff.next();
-  }
+  record_death(h, Clock::now(), detail);
   if (was_ready) {
     m_listener.handler_lost(h, detail);
   } else {
     m_listener.handler_failed_to_start(h);
   }
+}
+
+void HandlerPool::record_death(int h, Clock::time_point now, const std::string& detail) {
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  int deaths = p.deaths.record(now);
+  if (deaths == 1) {
+    p.backoff.reset();  // the first death in a window: it had been up a while
+  }
+  if (deaths > m_opts.restart_limit) {
+    p.state = State::failed;
+    m_failed = true;
+    m_last_error = fmt::format("{} died {} times within {} s (deploy.restart_limit = {}); last: {}",
+                               handler_name(h, size()), deaths, m_opts.death_window.count() / 1000,
+                               m_opts.restart_limit, detail);
+    spdlog::error("{}", m_last_error);
+    return;
+  }
+  auto delay = p.backoff.next();
+  p.restart_at = now + delay;
+  spdlog::info("restarting {} in {:.1f} s ({} of {} deaths within {} s)", handler_name(h, size()),
+               delay.count() / 1000.0, deaths, m_opts.restart_limit, m_opts.death_window.count() / 1000);
 }
 
 void HandlerPool::report_losses(Clock::time_point) {
@@ -288,7 +296,7 @@ void HandlerPool::tick(Clock::time_point now) {
       p.lost_why = "sent no ready line within " + std::to_string(m_opts.ready_timeout.count() / 1000) + " s";
       lose(h, p.lost_why);
     }
-    if (p.state == State::down && now >= p.restart_at) {
+    if (p.state == State::down && now >= p.restart_at && !m_hold) {
       spawn_one(h, now);
     }
   }
@@ -304,7 +312,7 @@ std::optional<HandlerPool::Clock::time_point> HandlerPool::next_deadline() const
   for (const auto& p : m_procs) {
     if (!p.lost_why.empty()) {
       earliest(Clock::now());
-    } else if (p.state == State::down) {
+    } else if (p.state == State::down && !m_hold) {
       earliest(p.restart_at);
     } else if (p.state == State::starting) {
       earliest(p.started + m_opts.ready_timeout);

@@ -2,7 +2,10 @@
 // a long-lived child (`ENGINE exec instance://NAME python3 handler.py`)
 // speaking JSON lines on non-blocking pipes (runtime-defs/handler.py has the
 // protocol). The pool spawns, feeds, reads and restarts them; what the lines
-// mean is the dispatcher's business.
+// mean is the dispatcher's business. Every death, before or after the ready
+// line, is counted in a time window and the restart waits a capped
+// exponential backoff: a handler that dies as soon as it is up is restarted
+// a few times, ever more slowly, then the pool fails.
 #pragma once
 
 #include <poll.h>
@@ -14,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "amqp/connection.h"
 #include "dispatch/dispatcher.h"
+#include "util/backoff.h"
 #include "util/process.h"
 
 namespace lhpc::dispatch {
@@ -28,8 +31,10 @@ struct HandlerCommand {
 struct PoolOptions {
   // From spawn to the "ready" line (a container exec plus importing Lithops).
   std::chrono::milliseconds ready_timeout{120000};
-  // Deaths before "ready" in a row, per handler, before the pool gives up.
+  // Deaths of one handler within death_window (before or after its ready
+  // line, idle or busy) tolerated; one more and the pool fails.
   int restart_limit = 5;
+  std::chrono::milliseconds death_window{60000};
   std::chrono::milliseconds backoff_first{500};
   std::chrono::milliseconds backoff_max{30000};
 };
@@ -64,6 +69,8 @@ public:
   void handle(int tag, short revents);
   // Restarts that are due, ready timeouts, losses noticed while writing.
   void tick(Clock::time_point now = Clock::now());
+  // While held, no handler is (re)started: what it would run in is down.
+  void hold_restarts(bool hold) { m_hold = hold; }
   std::optional<Clock::time_point> next_deadline() const;
 
   // EOF to every handler, then SIGTERM and SIGKILL after `grace`.
@@ -87,8 +94,8 @@ private:
     std::string partial;  // bytes of an unfinished line
     Clock::time_point started{};
     Clock::time_point restart_at{};
-    amqp::Backoff backoff;
-    int early_deaths = 0;  // in a row, before "ready"
+    Backoff backoff;
+    FailureWindow deaths{5, std::chrono::milliseconds(60000)};
     bool was_started = false;
     std::string lost_why;  // set: lost, to be reported by tick()
   };
@@ -97,6 +104,8 @@ private:
   void read_from(int h);
   void flush(int h);
   void lose(int h, const std::string& why);
+  // Counts a death; schedules the restart, or fails the pool past the limit.
+  void record_death(int h, Clock::time_point now, const std::string& detail);
   void report_losses(Clock::time_point now);
   void on_line(int h, const std::string& line);
 
@@ -105,6 +114,7 @@ private:
   Listener& m_listener;
   std::vector<Proc> m_procs;
   bool m_stopping = false;
+  bool m_hold = false;
   bool m_failed = false;
   std::string m_last_error;
   int m_restarts = 0;

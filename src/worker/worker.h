@@ -2,6 +2,8 @@
 // either the dispatcher (broker consumer + warm handler pool) or the image's
 // own runscript under supervision. `lithops-hpc worker` is a thin loop over
 // it; `deploy` runs the same loop per rank with its health timer beside it.
+// This file is the lifecycle; each mode and the instance supervision have
+// their own file beside it (dispatch_mode, runscript_mode, instance).
 //
 //   Worker w(cfg, {rank, node, jobid, slots});
 //   w.set_signal_pipe(&signals);        // SIGINT/SIGTERM: drain; a second one: stop now
@@ -14,6 +16,8 @@
 // message was split runs its republished remainder twice if this worker dies
 // before acking the original.
 #pragma once
+
+#include <poll.h>
 
 #include <chrono>
 #include <cstdint>
@@ -32,6 +36,14 @@ class SignalPipe;
 
 namespace lhpc::worker {
 
+class DispatchMode;
+class RunscriptMode;
+class InstanceSupervisor;
+
+// A worker's state. `starting` also covers a running dispatch-mode worker
+// with no ready handler yet (it cannot take a task).
+enum class State : std::uint8_t { created, starting, running, draining, stopped, failed };
+
 struct WorkerIdentity {
   int rank = 0;
   std::string node;   // empty: config::current_placeholders().node
@@ -40,7 +52,7 @@ struct WorkerIdentity {
 };
 
 struct WorkerStats {
-  std::string state;  // "starting", "running", "draining", "stopped", "failed"
+  State state = State::created;
   int slots_busy = 0;
   int slots_total = 0;
   std::uint64_t tasks_done = 0;      // calls run (function errors included)
@@ -91,31 +103,31 @@ public:
   int slots() const { return m_slots; }
 
 private:
-  enum class State { created, starting, running, draining, stopped, failed };
-  struct Impl;
-  void fail(const std::string& why);
+  // The modes drive the loop through the lifecycle's own parts.
+  friend class DispatchMode;
+  friend class RunscriptMode;
+
+  void fail(const std::string& why, const std::string& hint = "");
   void finish(std::chrono::milliseconds handler_grace = std::chrono::milliseconds(5000));
-  void step_dispatch(std::chrono::milliseconds max_wait);
-  void step_runscript(std::chrono::milliseconds max_wait);
   void on_signals();
-  void check_instance(Clock::time_point now);
+  // One poll() over the signal pipe, the watched fds and the mode's own
+  // `fds` (whose revents it fills); handles signals and watched fds itself.
+  void poll_round(std::vector<pollfd>& fds, std::chrono::milliseconds timeout);
+  container::InstanceSpec instance_spec(const std::string& image, const std::string& handler_host) const;
 
   config::Config m_cfg;
   WorkerIdentity m_id;
   std::unique_ptr<container::Engine> m_engine;
   std::string m_instance;
-  container::InstanceSpec m_spec;  // as started: restarts reuse it
   int m_slots = 1;
   State m_state = State::created;
-  bool m_instance_started = false;
-  bool m_instance_alive = false;
-  int m_instance_restarts = 0;
-  Clock::time_point m_next_instance_check{};
   Clock::time_point m_drain_deadline{};
   std::string m_last_error;
   SignalPipe* m_signals = nullptr;
   std::vector<std::pair<int, std::function<void()>>> m_watched;
-  std::unique_ptr<Impl> m_impl;
+  std::unique_ptr<InstanceSupervisor> m_supervisor;
+  std::unique_ptr<DispatchMode> m_dispatch;
+  std::unique_ptr<RunscriptMode> m_runscript;
 };
 
 }  // namespace lhpc::worker

@@ -136,6 +136,28 @@ class WorkerTest(unittest.TestCase):
         self.assertTrue(w.alive())
         self.assertEqual(lt.drain_queue(self.url, DEAD), [])
 
+    def test_handler_that_dies_right_after_ready_is_restarted_with_backoff_then_the_worker_fails(self):
+        # A "python" that says ready and exits: every handler dies as soon as it is up.
+        script = os.path.join(self.rec, "dies-when-ready.sh")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\necho '{\"event\":\"ready\",\"pid\":'$$',\"python\":\"sh\",\"lithops\":\"x\"}'\n")
+        os.chmod(script, 0o755)
+        w = Worker(self.url, slots=1, python=script)
+        self.workers.append(w)
+        try:
+            rc = w.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            self.fail(f"still restarting handlers after 90 s: {w.log().count(' started (pid ')} starts")
+        log = w.log()
+        self.assertEqual(rc, 6, log)
+        # restart_limit = 3: the first run and three restarts per handler, never more.
+        self.assertLessEqual(log.count(" started (pid "), 2 * 4, log)
+        delays = [float(x) for x in re.findall(r"restarting handler 0 in ([\d.]+) s", log)]
+        self.assertEqual(delays, [0.5, 1.0, 2.0], log)
+        self.assertRegex(log, r"handlers of rank 0 on \S+ cannot be kept running: "
+                              r"(handler 0|control handler) died 4 times within 60 s \(deploy.restart_limit = 3\)")
+        self.assertIn("hint: ", log)
+
     def test_task_that_crashes_twice_is_dead_lettered(self):
         w = self.worker(slots=1)
         self.publish(task("ex-poison", crash="always"))

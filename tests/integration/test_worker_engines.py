@@ -132,6 +132,8 @@ class EngineTest(unittest.TestCase):
         lt.wait_until(lambda: not any(self.process_exists(p) for p in old.values()), 20,
                       "the handlers to die with their instance")
         w.wait_log(f"instance {name} is gone: restarting it")
+        # After a backoff, never at once: a crash loop must not spin.
+        self.assertIn(f"instance {name} is gone: restarting it in 1.0 s (1 of 3)", w.log())
         starts = lambda: [c for c in standin_log(self.log) if c["argv"][:2] == ["instance", "start"]]  # noqa: E731
         lt.wait_until(lambda: len(starts()) == 2, 30, "a second instance start")
         # The task that was running is requeued and runs to the end in a new handler.

@@ -32,7 +32,7 @@ class Worker:
     """One `lithops-hpc worker` process with its own config, log and temp dir."""
 
     def __init__(self, url, slots=2, engine="host", mode=None, sif=None, extra_env=None,
-                 config_extra="", rabbitmq_extra="", drain_timeout=30, heartbeat=5, args=()):
+                 config_extra="", rabbitmq_extra="", drain_timeout=30, heartbeat=5, args=(), python=PYTHON):
         self.dir = tempfile.mkdtemp(prefix="lhpc-worker-test-")
         self.url = url
         self.config = os.path.join(self.dir, "config.toml")
@@ -40,7 +40,7 @@ class Worker:
             f.write(f"""[singularity]
 engine = "{engine}"
 worker_processes = {slots}
-python = "{PYTHON}"
+python = "{python}"
 instance_name = "lhpc-test"
 {config_extra}
 [rabbitmq]

@@ -595,18 +595,38 @@ TEST_CASE("a handler that never gets ready makes the pool fail after restart_lim
   CHECK(pool.last_error().find("exited with code 3") != std::string::npos);
 }
 
-// --- amqp helpers ----------------------------------------------------------
-
-TEST_CASE("reconnect backoff doubles from 0.5 s and stays at 30 s") {
-  amqp::Backoff b;
-  std::vector<long long> got;
-  for (int i = 0; i < 9; ++i) {
-    got.push_back(b.next().count());
+TEST_CASE("a handler that dies right after its ready line is restarted ever more slowly, then the pool fails") {
+  PoolOptions po;
+  po.backoff_first = std::chrono::milliseconds(100);
+  po.backoff_max = std::chrono::milliseconds(1000);
+  po.restart_limit = 3;
+  const char* dies_when_ready = R"(echo '{"event":"ready","pid":'$$',"python":"sh","lithops":"none"}'; exit 0)";
+  std::vector<std::chrono::steady_clock::time_point> readies;
+  struct Stamp : PoolEvents {
+    std::vector<std::chrono::steady_clock::time_point>& at;
+    explicit Stamp(std::vector<std::chrono::steady_clock::time_point>& a) : at(a) {}
+    void handler_ready(int h, const Json& j) override {
+      at.push_back(std::chrono::steady_clock::now());
+      PoolEvents::handler_ready(h, j);
+    }
+  } stamp(readies);
+  HandlerPool timed(1, [&](int) { return HandlerCommand{{"sh", "-c", dies_when_ready}, Env::current()}; }, po,
+                    stamp);
+  timed.start();
+  REQUIRE(pump_until(timed, [&] { return timed.failed(); }, std::chrono::milliseconds(20000)));
+  // The first run and restart_limit restarts, never more.
+  CHECK(stamp.ready.size() == 4);
+  CHECK(timed.restarts() == 3);
+  CHECK(timed.last_error().find("control handler died 4 times within 60 s") != std::string::npos);
+  // Each restart waited the backoff: 100, 200, 400 ms.
+  REQUIRE(readies.size() == 4);
+  for (std::size_t i = 1; i < readies.size(); ++i) {
+    auto gap = std::chrono::duration_cast<std::chrono::milliseconds>(readies[i] - readies[i - 1]).count();
+    CHECK(gap >= 100LL << (i - 1));
   }
-  CHECK(got == std::vector<long long>{500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000});
-  b.reset();
-  CHECK(b.next().count() == 500);
 }
+
+// --- amqp helpers ----------------------------------------------------------
 
 TEST_CASE("header values are read leniently") {
   amqp::Table t{{"n", std::int64_t{2}}, {"s", std::string("7")}, {"x", std::string("no")}, {"b", true}};

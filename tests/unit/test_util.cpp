@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "util/backoff.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/process.h"
@@ -186,4 +187,39 @@ TEST_CASE("string helpers") {
   CHECK(shell_quote("plain") == "plain");
   CHECK(human_bytes(1536) == "1.5 KiB");
   CHECK(edit_distance("sif_pth", "sif_path") == 1);
+}
+
+// --- backoff ---------------------------------------------------------------
+
+TEST_CASE("backoff doubles from its first delay, stays at the cap, and starts over after reset") {
+  Backoff b;
+  std::vector<long long> got;
+  for (int i = 0; i < 9; ++i) {
+    got.push_back(b.next().count());
+  }
+  CHECK(got == std::vector<long long>{500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000});
+  CHECK(b.attempts() == 9);
+  b.reset();
+  CHECK(b.attempts() == 0);
+  CHECK(b.next().count() == 500);
+  Backoff slow(std::chrono::milliseconds(1000), std::chrono::milliseconds(3000));
+  CHECK(slow.next().count() == 1000);
+  CHECK(slow.next().count() == 2000);
+  CHECK(slow.next().count() == 3000);
+  CHECK(slow.next().count() == 3000);
+}
+
+TEST_CASE("a failure window tolerates its limit and forgets failures older than the window") {
+  using namespace std::chrono_literals;
+  FailureWindow w(2, 10s);
+  auto t0 = FailureWindow::Clock::now();
+  CHECK(w.record(t0) == 1);
+  CHECK(w.record(t0 + 1s) == 2);
+  CHECK_FALSE(w.exceeded(t0 + 1s));
+  CHECK(w.record(t0 + 2s) == 3);
+  CHECK(w.exceeded(t0 + 2s));
+  // The first two age out: one left, and room for more.
+  CHECK(w.count(t0 + 11s) == 1);
+  CHECK_FALSE(w.exceeded(t0 + 11s));
+  CHECK(w.record(t0 + 30s) == 1);
 }

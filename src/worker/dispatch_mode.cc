@@ -1,0 +1,403 @@
+#include "worker/dispatch_mode.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <fstream>
+#include <utility>
+
+#include "container/engine.h"
+#include "dispatch/protocol.h"
+#include "lhpc_build_config.h"
+#include "util/error.h"
+#include "util/fs.h"
+#include "worker/instance.h"
+
+namespace lhpc::worker {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+namespace {
+
+milliseconds until(Clock::time_point t, Clock::time_point now) {
+  if (t <= now) {
+    return milliseconds(0);
+  }
+  return std::chrono::duration_cast<milliseconds>(t - now) + milliseconds(1);
+}
+
+}  // namespace
+
+// Benchmarks only (LITHOPS_HPC_LATENCY_LOG, test builds): "sent_ns ack_ns"
+// per acked message, written in batches (every 200 ms at most) so a benchmark
+// can watch the file grow without the worker paying a write per message.
+class LatencyLog {
+public:
+  explicit LatencyLog(std::string path) : m_path(std::move(path)) {}
+  void on_ack(const amqp::Delivery& d) {
+    auto sent = amqp::table_int(d.props.headers, dispatch::k_hdr_sent_ns, 0);
+    if (sent > 0) {
+      auto now = std::chrono::system_clock::now().time_since_epoch();
+      m_rows.emplace_back(sent, std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+    }
+  }
+  void maybe_write(Clock::time_point now) {
+    if (!m_rows.empty() && now - m_last_write > milliseconds(200)) {
+      write();
+    }
+  }
+  void write() {
+    if (m_rows.empty()) {
+      return;
+    }
+    std::ofstream out(m_path, std::ios::app);
+    for (const auto& [s, a] : m_rows) {
+      out << s << ' ' << a << '\n';
+    }
+    m_rows.clear();
+    m_last_write = Clock::now();
+  }
+
+private:
+  std::string m_path;
+  std::vector<std::pair<std::int64_t, std::int64_t>> m_rows;
+  Clock::time_point m_last_write{};
+};
+
+std::string DispatchMode::find_handler(bool host_engine) {
+  std::string path;
+  try {
+    path = container::find_runtime_defs_dir() + "/handler.py";
+    if (!path_exists(path)) {
+      path.clear();
+    }
+  } catch (const Error&) {
+    path.clear();
+  }
+  if (host_engine && path.empty()) {
+    throw Error(Exit::failure, "cannot find runtime-defs/handler.py for the host engine",
+                "install lithops-hpc (make install) or run it from its build tree");
+  }
+  return path;
+}
+
+namespace {
+
+amqp::Options broker_options(const config::Config& cfg, const WorkerIdentity& id) {
+  amqp::Options o = amqp::options_from(cfg.rabbitmq);
+  o.connection_name =
+      "lithops-hpc worker rank " + std::to_string(id.rank) + " on " + id.node + " (job " + id.jobid + ")";
+  return o;
+}
+
+}  // namespace
+
+DispatchMode::DispatchMode(Worker& worker, std::string handler_path)
+    : w(worker), m_handler_path(std::move(handler_path)), m_reconnect(broker_options(worker.m_cfg, worker.m_id)) {}
+
+DispatchMode::~DispatchMode() = default;
+
+dispatch::HandlerCommand DispatchMode::handler_command(int h) const {
+  dispatch::HandlerCommand c;
+  c.argv = w.m_engine->exec_argv(w.m_instance, {w.m_cfg.singularity.python, m_handler_path});
+  // Handlers never talk to the broker: the URL stays out of their environment.
+  Env base = Env::current();
+  for (const char* k : {"AMQP_URL", "SINGULARITYENV_AMQP_URL", "APPTAINERENV_AMQP_URL"}) {
+    base.unset(k);
+  }
+  c.env = w.m_engine->child_env(base, {{"LITHOPS_HPC_RANK", std::to_string(w.m_id.rank)},
+                                       {"LITHOPS_HPC_HANDLER", h == w.m_slots ? "control" : std::to_string(h)}});
+  return c;
+}
+
+void DispatchMode::start() {
+#if LHPC_TEST_HOOKS
+  if (const char* p = std::getenv("LITHOPS_HPC_LATENCY_LOG"); p && *p) {
+    m_latency = std::make_unique<LatencyLog>(p);
+  }
+#endif
+  dispatch::DispatcherOptions dopts;
+  dopts.slots = w.m_slots;
+  dopts.queue = w.m_cfg.rabbitmq.queue;
+  dopts.rank = w.m_id.rank;
+  dopts.node = w.m_id.node;
+  dispatch::PoolOptions popts;
+  popts.restart_limit = w.m_cfg.deploy.restart_limit;
+  m_pool = std::make_unique<dispatch::HandlerPool>(
+      w.m_slots + 1, [this](int h) { return handler_command(h); }, popts, *this);
+  // The dispatcher sends through the pool.
+  m_dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *this, *m_pool);
+  if (m_latency) {
+    m_dispatcher->set_on_ack([this](const amqp::Delivery& d) { m_latency->on_ack(d); });
+  }
+  m_pool->start();
+}
+
+// --- ports -------------------------------------------------------------------
+
+template <class F>
+auto DispatchMode::guarded(F&& f) -> decltype(f()) {
+  using R = decltype(f());
+  if (!m_conn || !m_broker_error.empty()) {
+    return R();
+  }
+  try {
+    return f();
+  } catch (const Error& e) {
+    m_broker_error = e.what();
+    return R();
+  }
+}
+
+void DispatchMode::ack(std::uint64_t tag) {
+  guarded([&] { m_conn->ack(tag); });
+}
+void DispatchMode::reject(std::uint64_t tag, bool requeue) {
+  guarded([&] { m_conn->reject(tag, requeue); });
+}
+std::uint64_t DispatchMode::publish(const std::string& rk, const std::string& body, const amqp::Properties& p) {
+  return guarded([&] { return m_conn->publish("", rk, body, p); });
+}
+void DispatchMode::set_prefetch(int n) {
+  guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n), true); });
+}
+void DispatchMode::stop_consuming() {
+  guarded([&] { m_conn->cancel_async(m_consumer_tag); });
+}
+
+void DispatchMode::handler_ready(int h, const dispatch::Json&) { m_dispatcher->on_handler_ready(h); }
+void DispatchMode::handler_reply(int h, const dispatch::Json& reply) { m_dispatcher->on_handler_reply(h, reply); }
+void DispatchMode::handler_lost(int h, const std::string& why) {
+  w.m_supervisor->check_soon();
+  m_dispatcher->on_handler_lost(h, why);
+}
+void DispatchMode::handler_failed_to_start(int) { w.m_supervisor->check_soon(); }
+
+// --- the broker --------------------------------------------------------------
+
+milliseconds DispatchMode::pump_every() const {
+  // rabbitmq-c sends heartbeats only while it reads.
+  return milliseconds(std::max(1, w.m_cfg.rabbitmq.heartbeat) * 250);
+}
+
+void DispatchMode::connect_when_due(Clock::time_point now) {
+  // Connect once a slot handler is ready: a node whose handlers cannot start
+  // never takes messages from healthy ones.
+  if (m_reconnect.connecting()) {
+    take_connection();
+    return;
+  }
+  if (m_conn || w.m_state != State::running || m_pool->ready_count() == 0 || !m_reconnect.due(now)) {
+    return;
+  }
+  std::string q = w.m_cfg.rabbitmq.queue;
+  int prefetch = m_dispatcher->desired_prefetch();
+  m_connecting_prefetch = prefetch;
+  m_reconnect.start([q, prefetch](amqp::Connection& c) {
+    // Exactly as the Lithops client declares it: durable, no arguments.
+    c.declare_queue(q, true);
+    c.declare_queue(q + ".dead", true);
+    c.confirm_select();
+    // Per channel (global): the one limit RabbitMQ lets us change while consuming.
+    c.qos(static_cast<std::uint16_t>(prefetch), true);
+    return c.consume(q);
+  });
+}
+
+void DispatchMode::take_connection() {
+  auto r = m_reconnect.take();
+  if (!r) {
+    return;
+  }
+  if (!r->conn) {
+    w.m_last_error = r->error;
+    spdlog::warn("{}; retrying in {:.1f} s", r->error, r->retry_in.count() / 1000.0);
+    return;
+  }
+  if (w.m_state != State::running) {
+    return;  // draining or failed meanwhile: close it again (nothing was delivered to us yet)
+  }
+  m_conn = std::move(r->conn);
+  m_consumer_tag = std::move(r->consumer_tag);
+  m_broker_error.clear();
+  m_last_pump = Clock::now();
+  m_dispatcher->on_connected(m_connecting_prefetch);
+  spdlog::info("{} {} on {} with {} slots (prefetch {})", m_connected_once ? "reconnected: consuming" : "consuming",
+               w.m_cfg.rabbitmq.queue, m_conn->redacted_url(), w.m_slots, m_connecting_prefetch);
+  m_connected_once = true;
+}
+
+void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_error, cleared here
+  m_conn.reset();  // broken: no polite close; the broker requeues what we held
+  m_consumer_tag.clear();
+  m_broker_error.clear();
+  m_dispatcher->on_disconnected();
+  w.m_last_error = why;
+  if (w.m_state == State::draining) {
+    spdlog::warn("lost the broker while draining: {}", why);
+    return;
+  }
+  auto delay = m_reconnect.lost();
+  spdlog::warn("lost the broker: {}; reconnecting in {:.1f} s", why, delay.count() / 1000.0);
+}
+
+void DispatchMode::pump(bool readable) {
+  if (!m_conn || !m_broker_error.empty()) {
+    return;  // a port call already found it broken: lost() follows
+  }
+  try {
+    m_conn->pump(readable);
+    m_last_pump = Clock::now();
+    amqp::Delivery d;
+    while (m_broker_error.empty() && m_conn && m_conn->next_delivery(d)) {
+      m_dispatcher->on_delivery(std::move(d));
+    }
+    if (m_conn) {
+      for (const auto& c : m_conn->take_confirms()) {
+        m_dispatcher->on_confirm(c);
+      }
+    }
+    if (m_conn && m_conn->consumer_cancelled() && w.m_state == State::running) {
+      throw Error(Exit::broker, "the broker cancelled our consumer (was " + w.m_cfg.rabbitmq.queue + " deleted?)");
+    }
+  } catch (const Error& e) {
+    m_broker_error = e.what();
+  }
+}
+
+// --- one round -----------------------------------------------------------------
+
+milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point now) const {
+  milliseconds timeout = max_wait;
+  auto sooner = [&](Clock::time_point t) { timeout = std::min(timeout, until(t, now)); };
+  if (m_conn) {
+    if (m_conn->buffered()) {
+      timeout = milliseconds(0);
+    }
+    sooner(m_last_pump + pump_every());
+  } else if (m_reconnect.connecting()) {
+    sooner(now + milliseconds(20));  // the helper thread's result
+  } else if (w.m_state == State::running && m_pool->ready_count() > 0) {
+    sooner(m_reconnect.next_attempt());
+  }
+  for (auto t : {m_pool->next_deadline(), m_dispatcher->next_deadline(), w.m_supervisor->next_deadline()}) {
+    if (t) {
+      sooner(*t);
+    }
+  }
+  if (w.m_state == State::draining) {
+    sooner(w.m_drain_deadline);
+  }
+  return timeout;
+}
+
+void DispatchMode::step(milliseconds max_wait) {
+  auto now = Clock::now();
+  std::vector<pollfd> fds;
+  std::vector<int> tags;  // -1 broker, >= 0 pool
+  if (m_conn) {
+    fds.push_back({m_conn->fd(), POLLIN, 0});
+    tags.push_back(-1);
+  }
+  m_pool->add_pollfds(fds, tags);
+  w.poll_round(fds, poll_timeout(max_wait, now));
+  bool broker_readable = false;
+  for (std::size_t i = 0; i < fds.size(); ++i) {
+    if (!fds[i].revents) {
+      continue;
+    }
+    if (tags[i] == -1) {
+      broker_readable = true;
+    } else {
+      m_pool->handle(tags[i], fds[i].revents);
+    }
+  }
+  after_poll(broker_readable, Clock::now());
+}
+
+void DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
+  if (m_conn && (broker_readable || m_conn->buffered() || now - m_last_pump >= pump_every())) {
+    pump(broker_readable);
+  }
+  m_pool->tick(now);
+  m_dispatcher->on_tick(now);
+  if (!m_broker_error.empty()) {
+    lost(m_broker_error);
+  }
+  if (m_pool->failed()) {
+    throw Error(Exit::engine,
+                fmt::format("handlers of rank {} on {} cannot be kept running: {}", w.m_id.rank, w.m_id.node,
+                            m_pool->last_error()),
+                "check singularity.python and that Lithops imports in the image (the handler's stderr is above); "
+                "deploy.restart_limit sets how many deaths a minute a handler may have");
+  }
+  w.m_supervisor->supervise(now);
+  // Handlers spawned into an instance that is down would only die: wait for it.
+  m_pool->hold_restarts(w.m_supervisor->restarting());
+  connect_when_due(now);
+  if (m_latency) {
+    m_latency->maybe_write(now);
+  }
+  if (w.m_state == State::draining) {
+    check_drained(now);
+  }
+}
+
+void DispatchMode::check_drained(Clock::time_point now) {
+  if (m_dispatcher->idle()) {
+    spdlog::info("drained: every running task finished");
+    w.finish();
+  } else if (now >= w.m_drain_deadline) {
+    spdlog::warn("drain timeout: {} calls still running are given back to the queue", m_dispatcher->busy_slots());
+    m_dispatcher->abort();
+    if (!m_broker_error.empty()) {
+      lost(m_broker_error);
+    }
+    // Given back: stop them now rather than run beside their redelivery.
+    w.finish(milliseconds(0));
+  }
+}
+
+// --- lifecycle parts -------------------------------------------------------------
+
+void DispatchMode::drain() {
+  spdlog::info("draining: no new tasks; {} running get {:.0f} s to finish", m_dispatcher->busy_slots(),
+               w.m_cfg.deploy.drain_timeout);
+  m_dispatcher->drain();
+}
+
+void DispatchMode::abort_all() {
+  m_dispatcher->drain();
+  m_dispatcher->abort();
+}
+
+void DispatchMode::finish(milliseconds handler_grace) {
+  if (m_latency) {
+    m_latency->write();
+  }
+  m_conn.reset();  // polite close: anything still unacked goes back to the queue
+  // Idle handlers exit at once on EOF; busy ones only after an abort.
+  m_pool->stop(handler_grace);
+}
+
+void DispatchMode::stop() {
+  m_conn.reset();
+  m_pool->stop(milliseconds(2000));
+}
+
+void DispatchMode::fill(WorkerStats& s) const {
+  const auto& c = m_dispatcher->counters();
+  s.slots_busy = m_dispatcher->busy_slots();
+  s.tasks_done = c.tasks_done;
+  s.tasks_failed = c.tasks_failed;
+  s.tasks_requeued = c.tasks_requeued;
+  s.dead_lettered = c.dead_lettered;
+  s.broker_connected = m_conn != nullptr;
+  if (s.state == State::running && m_pool->ready_count() == 0) {
+    s.state = State::starting;
+  }
+  s.restarts += m_pool->restarts();
+}
+
+}  // namespace lhpc::worker

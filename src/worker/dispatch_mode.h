@@ -1,0 +1,86 @@
+// Dispatch mode's wiring: the ports the dispatcher talks through (the broker
+// connection and the handler pool), the broker (re)connection, and one
+// poll() round over all of it. The lifecycle (drain, fail, stop) stays in
+// worker.cc; this file only knows how dispatch mode does each part.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "amqp/connection.h"
+#include "amqp/reconnect.h"
+#include "dispatch/dispatcher.h"
+#include "dispatch/handler_pool.h"
+#include "worker/worker.h"
+
+namespace lhpc::worker {
+
+class LatencyLog;
+
+class DispatchMode final : public dispatch::BrokerPort, public dispatch::HandlerPool::Listener {
+public:
+  using Clock = std::chrono::steady_clock;
+  static constexpr const char* k_handler_in_image = "/opt/lithops-hpc/handler.py";
+
+  // The handler script on this host (ours from the install or source tree,
+  // bind-mounted over the image's copy so both sides speak the same protocol
+  // version); empty when none is found. Throws for the host engine, which
+  // has no image copy to fall back on.
+  static std::string find_handler(bool host_engine);
+
+  // `handler_path`: where the handler runs it from (inside the instance or on the host).
+  DispatchMode(Worker& w, std::string handler_path);
+  ~DispatchMode() override;
+
+  void start();
+  void step(std::chrono::milliseconds max_wait);
+  void drain();
+  // Stop consuming and give back everything held (the worker failed).
+  void abort_all();
+  void finish(std::chrono::milliseconds handler_grace);
+  void stop();
+  void fill(WorkerStats& s) const;
+
+private:
+  // --- BrokerPort: never throws ---
+  template <class F>
+  auto guarded(F&& f) -> decltype(f());
+  void ack(std::uint64_t tag) override;
+  void reject(std::uint64_t tag, bool requeue) override;
+  std::uint64_t publish(const std::string& rk, const std::string& body, const amqp::Properties& p) override;
+  void set_prefetch(int n) override;
+  void stop_consuming() override;
+  // --- HandlerPool::Listener ---
+  void handler_ready(int h, const dispatch::Json&) override;
+  void handler_reply(int h, const dispatch::Json& reply) override;
+  void handler_lost(int h, const std::string& why) override;
+  void handler_failed_to_start(int) override;
+
+  dispatch::HandlerCommand handler_command(int h) const;
+  std::chrono::milliseconds poll_timeout(std::chrono::milliseconds max_wait, Clock::time_point now) const;
+  void after_poll(bool broker_readable, Clock::time_point now);
+  void connect_when_due(Clock::time_point now);
+  void take_connection();
+  void lost(std::string why);
+  void pump(bool readable);
+  void check_drained(Clock::time_point now);
+  std::chrono::milliseconds pump_every() const;
+
+  Worker& w;
+  std::string m_handler_path;
+  amqp::Reconnector m_reconnect;
+  std::unique_ptr<amqp::Connection> m_conn;
+  std::string m_consumer_tag;
+  std::string m_broker_error;  // set by a port call that failed; handled after the batch
+  int m_connecting_prefetch = 0;
+  Clock::time_point m_last_pump{};
+  bool m_connected_once = false;
+  std::unique_ptr<dispatch::Dispatcher> m_dispatcher;
+  std::unique_ptr<dispatch::HandlerPool> m_pool;
+  std::unique_ptr<LatencyLog> m_latency;  // test builds only
+};
+
+}  // namespace lhpc::worker
