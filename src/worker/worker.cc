@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <spdlog/spdlog.h>
 
@@ -80,7 +81,9 @@ struct Worker::Impl final : dispatch::BrokerPort, dispatch::HandlerPool::Listene
   Clock::time_point reconnect_at{};
   Clock::time_point last_pump{};
   bool connected_once = false;
+  std::unique_ptr<dispatch::InflightRecord> inflight;
   std::unique_ptr<dispatch::Dispatcher> dispatcher;
+  std::string rank_queue;  // ping reaches this rank through it
   std::unique_ptr<dispatch::HandlerPool> pool;
   std::unique_ptr<container::Runscript> runscript;
   bool runscript_signalled = false;
@@ -151,11 +154,12 @@ struct Worker::Impl final : dispatch::BrokerPort, dispatch::HandlerPool::Listene
     o.connection_name = "lithops-hpc worker rank " + std::to_string(w.m_id.rank) + " on " + w.m_id.node + " (job " +
                         w.m_id.jobid + ")";
     std::string q = w.m_cfg.rabbitmq.queue;
+    std::string rq = rank_queue;
     int prefetch = dispatcher->desired_prefetch();
     auto job = std::make_shared<ConnectJob>();
     connecting = job;
     connecting_prefetch = prefetch;
-    std::thread([job, o, q, prefetch] {
+    std::thread([job, o, q, rq, prefetch] {
       std::unique_ptr<amqp::Connection> c;
       std::string tag, error;
       try {
@@ -167,6 +171,10 @@ struct Worker::Impl final : dispatch::BrokerPort, dispatch::HandlerPool::Listene
         // Per channel (global): the one limit RabbitMQ lets us change while consuming.
         c->qos(static_cast<std::uint16_t>(prefetch), true);
         tag = c->consume(q);
+        // Gone with its last consumer; no acks, so outside the prefetch. Not
+        // exclusive: standalone workers of one job all are its rank 0.
+        c->declare_queue(rq, false, /*exclusive=*/false, /*auto_delete=*/true);
+        c->consume(rq, /*no_ack=*/true);
       } catch (const std::exception& e) {
         c.reset();
         error = e.what();
@@ -370,6 +378,12 @@ void Worker::start(const std::string& image) {
   dopts.queue = m_cfg.rabbitmq.queue;
   dopts.rank = m_id.rank;
   dopts.node = m_id.node;
+  dopts.limits = {static_cast<std::size_t>(m_cfg.rabbitmq.max_message_bytes), m_cfg.rabbitmq.max_message_depth};
+  dopts.rank_queue = dispatch::rank_queue(m_cfg.rabbitmq.queue, m_id.jobid, m_id.rank);
+  m_impl->rank_queue = dopts.rank_queue;
+  m_impl->inflight = std::make_unique<dispatch::InflightRecord>(
+      state_dir() + "/inflight/" + sanitize_name(m_id.node),
+      sanitize_name(m_id.jobid) + "-" + std::to_string(m_id.rank) + "-" + std::to_string(::getpid()));
   std::string handler_path = host ? handler_host : std::string(k_handler_in_image);
   auto command = [this, handler_path](int h) {
     dispatch::HandlerCommand c;
@@ -387,7 +401,7 @@ void Worker::start(const std::string& image) {
   popts.restart_limit = m_cfg.deploy.restart_limit;
   m_impl->pool = std::make_unique<dispatch::HandlerPool>(m_slots + 1, command, popts, *m_impl);
   // The dispatcher sends through the pool.
-  m_impl->dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *m_impl, *m_impl->pool);
+  m_impl->dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *m_impl, *m_impl->pool, m_impl->inflight.get());
   m_impl->dispatcher->set_on_ack([this](const amqp::Delivery& d) { m_impl->on_ack(d); });
   m_impl->pool->start();
   m_state = State::running;
@@ -484,9 +498,6 @@ void Worker::step_dispatch(milliseconds max_wait) {
   if (auto t = im.pool->next_deadline()) {
     sooner(*t);
   }
-  if (auto t = im.dispatcher->next_deadline()) {
-    sooner(*t);
-  }
   if (m_state == State::draining) {
     sooner(m_drain_deadline);
   }
@@ -516,7 +527,6 @@ void Worker::step_dispatch(milliseconds max_wait) {
     im.pump(broker_readable);
   }
   im.pool->tick(now);
-  im.dispatcher->on_tick(now);
   if (!im.broker_error.empty()) {
     im.lost(im.broker_error);
   }
