@@ -85,14 +85,14 @@ EOC
     AMQP_URL=$url "$BENCH" publish --count "$n" --sleep $((WINDOW * 3)) 2>/dev/null
     # Every slot busy: RANKS calls started (the fake handler logs each start).
     deadline=$((SECONDS + 120))
-    until (($(cat "$T/$label-"*.log | grep -c "LHPC-BUSY-START") >= RANKS)); do
+    until (($(cat "$T/$label-"*.log | grep -c "LHPC-BUSY-START" || true) >= RANKS)); do
         ((SECONDS < deadline)) || { echo "dispatch-busy.sh: slots never all busy" >&2; tail "$T/$label-0.log" >&2; exit 1; }
         sleep 0.1
     done
     local rot0 rot1
-    rot0=$(grep -ch "rotated to the tail" "$T/$label-"*.log | paste -sd+ | bc)
+    rot0=$(cat "$T/$label-"*.log | grep -c "rotated to the tail" || true)
     busy=$(broker_pct)
-    rot1=$(grep -ch "rotated to the tail" "$T/$label-"*.log | paste -sd+ | bc)
+    rot1=$(cat "$T/$label-"*.log | grep -c "rotated to the tail" || true)
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     PIDS=()
     awk -v l="$label" -v r="$RANKS" -v i="$idle" -v b="$busy" -v w="$WINDOW" -v rot=$((rot1 - rot0)) 'BEGIN {
