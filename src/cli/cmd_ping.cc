@@ -2,7 +2,7 @@
 // broker -> dispatcher -> control handler -> reply, end to end, through every
 // rank of the deployment its status file describes. Exit 0: every ping
 // answered; 1: a ping unanswered in time, or fewer ranks than expected;
-// 2: JOBID named but not found; 5: broker unreachable.
+// 5: broker unreachable; 8: JOBID named but not found.
 #include <algorithm>
 #include <iostream>
 #include <memory>
@@ -22,29 +22,34 @@ struct PingArgs {
   std::string job;
 };
 
+void fill(dispatch::PingTargets& t, const health::StatusView& view) {
+  t.job = view.job;
+  for (const auto& r : view.ranks) {
+    t.ranks = std::max(t.ranks, r.rank + 1);
+    t.nodes[r.rank] = r.node;
+  }
+}
+
 // The ranks to address: those of the deployment's status file when it runs;
 // none (the task queue, any rank) when there is no such deployment.
 dispatch::PingTargets targets_for(const std::string& job, std::ostream& note) {
   if (!job.empty()) {
     health::check_job_id(job);
   }
-  auto look = health::find_deployment(job);
   dispatch::PingTargets t;
+  if (!job.empty()) {
+    auto found = require_deployment(job);  // named: it must exist
+    fill(t, health::parse_status(found.text, found.loc.link));
+    return t;
+  }
+  auto look = health::find_deployment(job);
   if (look.found) {
     auto view = health::parse_status(look.found->text, look.found->loc.link);
     auto a = health::assess(view, health::unix_now());
-    bool live = (view.state == "running" || view.state == "draining") && !a.stale;
-    if (live || !job.empty()) {
-      t.job = view.job;
-      for (const auto& r : view.ranks) {
-        t.ranks = std::max(t.ranks, r.rank + 1);
-        t.nodes[r.rank] = r.node;
-      }
+    if ((view.state == "running" || view.state == "draining") && !a.stale) {
+      fill(t, view);
       return t;
     }
-  } else if (!job.empty()) {
-    throw Error(Exit::usage, "ping: no deployment " + job + " found (looked in " + look.looked + ")",
-                "lithops-hpc status lists yours; without JOBID, ping goes to whichever rank takes it");
   }
   note << "no running deployment found (looked in " << look.looked
        << "): pings go to the task queue, answered by whichever rank takes each\n";
