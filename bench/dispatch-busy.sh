@@ -96,7 +96,7 @@ EOC
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     PIDS=()
     awk -v l="$label" -v r="$RANKS" -v i="$idle" -v b="$busy" -v w="$WINDOW" -v rot=$((rot1 - rot0)) 'BEGIN {
-        printf "| %s | %d | %.2f | %.2f | %.3f | %s |\n", l, r, i, b, (b - i) / r, rot > 0 ? sprintf("%.1f", rot / w / r) : "0"
+        printf "| %s | %d | %.2f | %.2f | %.3f | %s |\n", l, r, i, b, (b - i) / r, (rot > 0 ? sprintf("%.1f", rot / w / r) : "0")
     }'
 }
 
