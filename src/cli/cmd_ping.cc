@@ -51,8 +51,9 @@ dispatch::PingTargets targets_for(const std::string& job, std::ostream& note) {
       return t;
     }
   }
-  note << "no running deployment found (looked in " << look.looked
-       << "): pings go to the task queue, answered by whichever rank takes each\n";
+  t.local_job = config::current_placeholders().jobid;
+  note << "no running deployment found (looked in " << look.looked << "): pinging this job's standalone worker ("
+       << t.local_job << ") if there is one, else whichever rank takes each ping from the task queue\n";
   return t;
 }
 

@@ -111,7 +111,23 @@ int report(const Tally& t, const PingOptions& o, const PingTargets& tg, int tota
 
 }  // namespace
 
-int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets& tg, std::ostream& out) {
+namespace {
+
+// A queue exists (passive declare). On its own connection: a missing queue
+// closes the channel that asked.
+bool queue_exists(const amqp::Options& opts, const std::string& name) {
+  try {
+    amqp::Connection probe(opts);
+    probe.queue_depth(name);
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets& given, std::ostream& out) {
   if (o.count < 1 || o.concurrency < 1 || !(o.timeout > 0)) {
     throw Error(Exit::usage, "ping: --count and --concurrency must be at least 1, --timeout above 0",
                 "e.g. lithops-hpc ping --count 100 --concurrency 8 --timeout 10");
@@ -121,6 +137,13 @@ int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets&
   opts.connection_name = "lithops-hpc ping";
   amqp::Connection c(opts);
   const auto& queue = cfg.rabbitmq.queue;
+  PingTargets tg = given;
+  // No deployment known: a standalone `worker` of this job (rank 0) still has
+  // its rank queue, which reaches it while its slots are busy.
+  if (tg.job.empty() && !tg.local_job.empty() && queue_exists(opts, rank_queue(queue, tg.local_job, 0))) {
+    tg.job = tg.local_job;
+    tg.ranks = 1;
+  }
   c.declare_queue(queue, true);  // as the Lithops client does: durable, no arguments
   std::string reply_queue = c.declare_queue("", false, true, true);
   c.consume(reply_queue, /*no_ack=*/true, /*exclusive=*/true);

@@ -19,6 +19,9 @@ struct PingTargets {
   std::string job;                  // empty: the task queue, any rank
   int ranks = 0;                    // ranks 0..ranks-1, each through its rank queue
   std::map<int, std::string> nodes; // for naming the silent ones
+  // With no job: this job's standalone worker (rank 0) is pinged through its
+  // rank queue when that queue exists, else the task queue.
+  std::string local_job;
 };
 
 struct PingOptions {
