@@ -17,8 +17,10 @@
 //   tasks that this rank holds. One queued behind a backlog is reached when
 //   the backlog ahead of it has been handed out: Lithops clients send
 //   get_metadata only when the runtime's metadata is in neither their cache
-//   nor storage, and `lithops-hpc ping` reaches each rank through its own
-//   no-ack queue (DispatcherOptions::rank_queue), outside the prefetch;
+//   nor storage; `lithops-hpc ping` reaches each rank through its own
+//   no-ack queue (DispatcherOptions::rank_queue), which shares the worker's
+//   channel and its prefetch: a rank with every slot busy answers when a
+//   slot frees;
 // - messages are bounded (Limits) before they are parsed: over either limit,
 //   or malformed, they go to <queue>.dead with the reason, then are acked;
 // - a message is recorded (CrashRecordPort) while it is processed; one that

@@ -171,8 +171,11 @@ struct Worker::Impl final : dispatch::BrokerPort, dispatch::HandlerPool::Listene
         // Per channel (global): the one limit RabbitMQ lets us change while consuming.
         c->qos(static_cast<std::uint16_t>(prefetch), true);
         tag = c->consume(q);
-        // Gone with its last consumer; no acks, so outside the prefetch. Not
-        // exclusive: standalone workers of one job all are its rank 0.
+        // Gone with its last consumer; no acks. Not exclusive: standalone
+        // workers of one job all are its rank 0. RabbitMQ counts these
+        // deliveries against this channel's (global) prefetch too, so a rank
+        // with every slot busy answers when one frees: a channel of its own
+        // would lift that.
         c->declare_queue(rq, false, /*exclusive=*/false, /*auto_delete=*/true);
         c->consume(rq, /*no_ack=*/true);
       } catch (const std::exception& e) {
