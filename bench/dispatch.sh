@@ -14,6 +14,9 @@
 #     not queueing.
 # The dispatcher runs with the host engine, runtime-defs/handler.py and
 # tests/fake-lithops (its function_handler does nothing). Prints a Markdown table.
+# LHPC_BASELINE=/path/to/other/lithops-hpc (e.g. main's, built in another
+# directory) runs that binary's dispatcher too, alternating with the others,
+# and adds its saturated tasks/s and latency: what a design change costs or buys.
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,7 +35,7 @@ BENCH=$BUILD/bench/dispatch-bench
 LHPC=${LHPC:-$BUILD/lithops-hpc}
 export LHPC_RIG_DIR=${LHPC_RIG_DIR:-$BUILD/rig}
 
-for b in "$BENCH" "$LHPC"; do
+for b in "$BENCH" "$LHPC" ${LHPC_BASELINE:+"$LHPC_BASELINE"}; do
     [[ -x $b ]] || { echo "dispatch.sh: $b missing: meson compile -C $BUILD" >&2; exit 2; }
 done
 
@@ -93,8 +96,8 @@ run_raw() { # slots count rate -> latency file
     echo "$out"
 }
 
-run_dispatcher() { # slots count rate -> latency file (a fresh one: the worker appends)
-    local url out log cfg=$T/wrk.toml
+run_dispatcher() { # slots count rate [binary] -> latency file (a fresh one: the worker appends)
+    local url out log cfg=$T/wrk.toml bin=${4:-$LHPC}
     # This runs in a subshell: it cleans up its own worker if it fails.
     trap '[[ -n $WORKER_PID ]] && kill -KILL "$WORKER_PID" 2>/dev/null' EXIT
     out=$(mktemp "$T/wrk-$1-$2-XXXXXX")
@@ -107,8 +110,8 @@ python = "$PY"
 [deploy]
 drain_timeout = 30
 EOF
-    AMQP_URL=$url PYTHONPATH=$SRC/tests/fake-lithops LITHOPS_HPC_LATENCY_LOG=$out \
-        "$LHPC" --config "$cfg" --log-level info worker --slots "$1" >"$log" 2>&1 &
+    AMQP_URL=$url PYTHONPATH=$SRC/tests/fake-lithops LITHOPS_HPC_LATENCY_LOG=$out LITHOPS_HPC_STATE_DIR=$T/state \
+        "$bin" --config "$cfg" --log-level info worker --slots "$1" >"$log" 2>&1 &
     WORKER_PID=$!
     local deadline=$((SECONDS + 60))
     until grep -qs consuming "$log"; do
@@ -129,10 +132,15 @@ EOF
 # Median of REPEAT runs each, raw and dispatcher alternating, so load from
 # other processes on the machine hits both alike.
 
-echo "| slots | raw tasks/s | dispatcher tasks/s | dispatcher/raw | raw p50 / p99 ms | dispatcher p50 / p99 ms | broker µs/msg raw / dispatcher | paced ${RATE}/s raw p50 / p99 ms | paced ${RATE}/s dispatcher p50 / p99 ms |"
-echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+B_HEAD= B_RULE=
+if [[ -n ${LHPC_BASELINE:-} ]]; then
+    B_HEAD=" baseline tasks/s | dispatcher/baseline | baseline p50 / p99 ms |"
+    B_RULE="---:|---:|---:|"
+fi
+echo "| slots | raw tasks/s | dispatcher tasks/s | dispatcher/raw | raw p50 / p99 ms | dispatcher p50 / p99 ms | broker µs/msg raw / dispatcher | paced ${RATE}/s raw p50 / p99 ms | paced ${RATE}/s dispatcher p50 / p99 ms |$B_HEAD"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|$B_RULE"
 for s in $SLOTS; do
-    rt=() r50=() r99=() rb=() dt=() d50=() d99=() db=()
+    rt=() r50=() r99=() rb=() dt=() d50=() d99=() db=() bt=() b50=() b99=()
     for ((i = 0; i < REPEAT; i++)); do
         f=$(run_raw "$s" "$N" 0)
         read -r a b c < <(stats "$f")
@@ -140,10 +148,20 @@ for s in $SLOTS; do
         f=$(run_dispatcher "$s" "$N" 0)
         read -r a b c < <(stats "$f")
         dt+=("$a") d50+=("$b") d99+=("$c") db+=("$(<"$f.broker")")
+        if [[ -n ${LHPC_BASELINE:-} ]]; then
+            f=$(run_dispatcher "$s" "$N" 0 "$LHPC_BASELINE")
+            read -r a b c < <(stats "$f")
+            bt+=("$a") b50+=("$b") b99+=("$c")
+        fi
     done
+    B_COLS=
+    if [[ -n ${LHPC_BASELINE:-} ]]; then
+        BT=$(median "${bt[@]}")
+        B_COLS=" $BT | $("$PY" -c "print(f'{$(median "${dt[@]}") / $BT * 100:.0f}%')") | $(median "${b50[@]}") / $(median "${b99[@]}") |"
+    fi
     read -r _ pr50 pr99 < <(stats "$(run_raw "$s" "$PACED_N" "$RATE")")
     read -r _ pd50 pd99 < <(stats "$(run_dispatcher "$s" "$PACED_N" "$RATE")")
     RT=$(median "${rt[@]}") DT=$(median "${dt[@]}")
     ratio=$("$PY" -c "print(f'{$DT / $RT * 100:.0f}%')")
-    echo "| $s | $RT | $DT | $ratio | $(median "${r50[@]}") / $(median "${r99[@]}") | $(median "${d50[@]}") / $(median "${d99[@]}") | $(median "${rb[@]}") / $(median "${db[@]}") | $pr50 / $pr99 | $pd50 / $pd99 |"
+    echo "| $s | $RT | $DT | $ratio | $(median "${r50[@]}") / $(median "${r99[@]}") | $(median "${d50[@]}") / $(median "${d99[@]}") | $(median "${rb[@]}") / $(median "${db[@]}") | $pr50 / $pr99 | $pd50 / $pd99 |$B_COLS"
 done

@@ -2,7 +2,10 @@
 //   dispatch-bench publish --count N [--rate R] [--queue Q]
 //       N single-call no-op send_task messages, persistent, with publisher
 //       confirms, each stamped with x-lithops-hpc-sent-ns (wall clock);
-//       --rate paces them (messages/s), else as fast as the broker takes them.
+//       --rate paces them (messages/s), else as fast as the broker takes them;
+//       --sleep S makes each call print LHPC-BUSY-START and sleep S seconds
+//       in the fake Lithops (bench/dispatch-busy.sh: every slot busy, a
+//       backlog waiting).
 //   dispatch-bench raw --count N --prefetch P --latency-log FILE [--queue Q]
 //       the baseline: a plain rabbitmq-c consumer (basic.qos P, one ack per
 //       message right after delivery) writing "sent_ns ack_ns" per message;
@@ -76,6 +79,7 @@ int publish(int argc, char** argv) {
   int count = std::stoi(arg(argc, argv, "--count", "20000"));
   double rate = std::stod(arg(argc, argv, "--rate", "0"));
   std::string queue = arg(argc, argv, "--queue", "task_queue");
+  double sleep_s = std::stod(arg(argc, argv, "--sleep", "0"));
   amqp::Options o;
   o.url = url();
   o.connection_name = "dispatch-bench publisher";
@@ -87,7 +91,12 @@ int publish(int argc, char** argv) {
   std::vector<std::string> bodies;
   bodies.reserve(static_cast<std::size_t>(count));
   for (int i = 0; i < count; ++i) {
-    bodies.push_back(dispatch::encode(dispatch::Action::send_task, noop_payload(i)));
+    auto payload = noop_payload(i);
+    if (sleep_s > 0) {
+      payload["lhpc_test"]["sleep"] = sleep_s;
+      payload["lhpc_test"]["print"] = "LHPC-BUSY-START";
+    }
+    bodies.push_back(dispatch::encode(dispatch::Action::send_task, payload));
   }
   for (int i = 0; i < count; ++i) {
     if (rate > 0) {

@@ -300,6 +300,8 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
            {"heartbeat", int_key(&Config::rabbitmq, &Rabbitmq::heartbeat, 0, 3600)},
            {"ca_cert", string_key(&Config::rabbitmq, &Rabbitmq::ca_cert)},
            {"verify_peer", bool_key(&Config::rabbitmq, &Rabbitmq::verify_peer)},
+           {"max_message_bytes", int_key(&Config::rabbitmq, &Rabbitmq::max_message_bytes, 1024, 512 << 20)},
+           {"max_message_depth", int_key(&Config::rabbitmq, &Rabbitmq::max_message_depth, 8, 1000)},
        }},
       {"deploy",
        {
@@ -878,6 +880,8 @@ std::string to_toml(const Config& c, bool with_origins) {
   o.kv("heartbeat", toml_num(c.rabbitmq.heartbeat));
   o.kv("ca_cert", toml_quote(c.rabbitmq.ca_cert));
   o.kv("verify_peer", toml_bool(c.rabbitmq.verify_peer));
+  o.kv("max_message_bytes", toml_num(c.rabbitmq.max_message_bytes));
+  o.kv("max_message_depth", toml_num(c.rabbitmq.max_message_depth));
   o.section("deploy");
   o.kv("transfer", toml_quote(to_string(c.deploy.transfer)));
   o.kv("chunk_mib", toml_num(c.deploy.chunk_mib));

@@ -48,6 +48,9 @@ struct Rabbitmq {
   int heartbeat = 60;                         // seconds; 0 disables
   std::string ca_cert;                        // amqps: CA bundle; empty = system default
   bool verify_peer = true;                    // amqps: check the broker's certificate
+  // Bounds on a task message, checked before it is parsed (dispatch/protocol.h).
+  int max_message_bytes = 16 << 20;
+  int max_message_depth = 64;
 };
 
 struct Deploy {

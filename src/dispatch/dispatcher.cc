@@ -7,8 +7,8 @@
 
 namespace lhpc::dispatch {
 
-Dispatcher::Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers)
-    : m_opts(std::move(opts)), m_broker(broker), m_handlers(handlers),
+Dispatcher::Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers, CrashRecordPort* record)
+    : m_opts(std::move(opts)), m_broker(broker), m_handlers(handlers), m_record(record),
       m_slots(static_cast<std::size_t>(std::max(1, m_opts.slots)) + 1) {
   m_opts.slots = std::max(1, m_opts.slots);
 }
@@ -48,21 +48,15 @@ int Dispatcher::ready_slots() const {
 
 bool Dispatcher::idle() const { return m_msgs.empty(); }
 
-int Dispatcher::unreserved_slots() const {
-  int n = 0;
-  for (int i = 0; i < m_opts.slots; ++i) {
-    n += m_slots[i].reserved_for == 0 ? 1 : 0;
-  }
-  return n;
-}
-
 int Dispatcher::desired_prefetch() const {
-  const int unreserved = unreserved_slots();
-  int started = 0;
+  // A task waiting for a slot whose handler is not ready is not counted: the
+  // broker keeps what comes after it until a slot can take it.
+  int held = 0;
   for (const auto& [id, m] : m_msgs) {
-    started += (m.kind == Kind::task && m.holds_slots && !m.orphan) ? 1 : 0;
+    bool holds = m.kind != Kind::task || m.holds_slots;  // control, and malformed until dead-lettered
+    held += (holds && !m.orphan && !m.no_ack) ? 1 : 0;
   }
-  return prefetch_for(unreserved, started);
+  return prefetch_for(free_slots(), held);
 }
 
 void Dispatcher::update_prefetch() {
@@ -88,7 +82,6 @@ void Dispatcher::on_connected(int prefetch) {
 void Dispatcher::on_disconnected() {
   m_connected = false;
   m_prefetch = 0;
-  m_rotating = false;
   m_pending.clear();  // sequence numbers of a dead channel mean nothing now
   m_waiting.clear();
   std::vector<std::uint64_t> gone(m_control_todo.begin(), m_control_todo.end());  // never sent
@@ -96,7 +89,7 @@ void Dispatcher::on_disconnected() {
   for (auto& [id, m] : m_msgs) {
     m.orphan = true;
     m.confirms = 0;
-    m.to_start.clear();
+    m.next = m.end;
     if (m.running == 0) {
       gone.push_back(id);
     }
@@ -116,34 +109,57 @@ void Dispatcher::on_disconnected() {
 // --- deliveries ------------------------------------------------------------
 
 void Dispatcher::on_delivery(amqp::Delivery d) {
+  // The rank queue is consumed without acks: never ack, reject or requeue
+  // what comes through it. Published to the default exchange, its routing key
+  // is the queue's name.
+  bool no_ack = !m_opts.rank_queue.empty() && d.exchange.empty() && d.routing_key == m_opts.rank_queue;
   if (m_draining || m_aborted) {
-    // In flight before our basic.cancel reached the broker.
-    m_broker.reject(d.tag, true);
+    if (!no_ack) {
+      m_broker.reject(d.tag, true);  // in flight before our basic.cancel reached the broker
+    }
     return;
   }
   Message m;
   m.id = m_next_id++;
   m.generation = m_generation;
   m.d = std::move(d);
+  m.no_ack = no_ack;
   m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : m.d.props.message_id;
   m.crashes = static_cast<int>(amqp::table_int(m.d.props.headers, k_hdr_crashes, 0));
-  auto decoded = decode(m.d.body);
+  if (m.d.redelivered && m_record && m_record->killed_before(m.d.body)) {
+    spdlog::error("message {} killed a dispatcher on this node before: moving it to {}", m.mid, dead_queue());
+    m.kind = Kind::malformed;
+    m.phase = Phase::running;
+    auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
+    dead_letter(ref, ref.d.body, "killed a dispatcher while it was processed (rank " + std::to_string(m_opts.rank) +
+                                     ", " + m_opts.node + "): never processed again", ref.crashes);
+    return;
+  }
+  // Everything from decoding to handing the calls out runs under the record.
+  if (m_record) {
+    m_record->begin(m.d.body);
+  }
+  accept(std::move(m));
+  if (m_record) {
+    m_record->end();
+  }
+}
+
+void Dispatcher::accept(Message&& m) {
+  auto decoded = decode(m.d.body, m_opts.limits);
   if (auto* bad = std::get_if<Malformed>(&decoded)) {
     spdlog::warn("message {} is malformed ({}): moving it to {}", m.mid, bad->reason, dead_queue());
     m.kind = Kind::malformed;
     m.phase = Phase::running;
-    auto id = m.id;
-    auto& ref = m_msgs.emplace(id, std::move(m)).first->second;
+    auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
     dead_letter(ref, ref.d.body, "malformed: " + bad->reason, ref.crashes);
     return;
   }
   auto& task = std::get<Task>(decoded);
   m.action = task.action;
-  m.payload = std::move(task.payload);
-  m.calls = task.calls;
-  m.delivered_calls = task.calls;
   auto id = m.id;
   if (m.action != Action::send_task) {
+    m.payload = std::move(task.payload);
     m.kind = Kind::control;
     m.phase = Phase::running;
     m.running = 1;
@@ -151,8 +167,10 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
     m_msgs.emplace(id, std::move(m));
     m_control_todo.push_back(id);
     send_control();
+    update_prefetch();  // a control message must not take a free slot's place
     return;
   }
+  m.calls = Calls(std::move(task.payload));
   m.kind = Kind::task;
   m.phase = Phase::waiting;
   m.arrived = Clock::now();
@@ -184,7 +202,8 @@ amqp::Properties Dispatcher::republish_props(const Message& m) const {
 }
 
 void Dispatcher::start_task(Message& m, std::size_t free) {
-  std::size_t keep = std::min(m.calls, free);
+  const std::size_t calls = m.calls.size();
+  std::size_t keep = std::min(calls, free);
   std::size_t reserved = 0;
   for (int i = 0; i < m_opts.slots && reserved < keep; ++i) {
     if (m_slots[i].ready && m_slots[i].reserved_for == 0) {
@@ -193,33 +212,18 @@ void Dispatcher::start_task(Message& m, std::size_t free) {
     }
   }
   m.holds_slots = true;
-  if (keep < m.calls) {
-    auto [kept, rest] = split(m.payload, keep);
-    std::size_t rest_calls = m.calls - keep;
-    m.payload = std::move(kept);
-    m.calls = keep;
-    auto seq = m_broker.publish(m_opts.queue, encode(Action::send_task, rest), republish_props(m));
+  m.next = 0;
+  m.end = keep;
+  if (keep < calls) {
+    auto seq = m_broker.publish(m_opts.queue, encode_text(Action::send_task, m.calls.slice(keep, calls)),
+                                republish_props(m));
     m_pending[seq] = {m.id, Purpose::remainder};
     ++m.confirms;
     ++m_counters.splits;
     m.phase = Phase::confirming;
-    spdlog::debug("{} ({}): {} free slots, keeping {} calls, republishing {}", m.mid, describe_calls(m.payload), free,
-                  keep, rest_calls);
-    for (auto& p : one_call_payloads(m.payload)) {
-      m.to_start.push_back(std::move(p));
-    }
+    spdlog::debug("{} ({}): {} free slots, keeping {} calls, republishing {}", m.mid, m.calls.describe(0, calls),
+                  free, keep, calls - keep);
     return;  // the calls start once the broker has confirmed the remainder
-  }
-  if (m.calls == 1) {
-    // The common case: no copy of the payload.
-    m.payload["total_calls"] = 1;
-    m.payload["worker_processes"] = 1;
-    m.to_start.push_back(std::move(m.payload));
-    m.payload = Json::object();
-  } else {
-    for (auto& p : one_call_payloads(m.payload)) {
-      m.to_start.push_back(std::move(p));
-    }
   }
   m.phase = Phase::running;
   start_calls(m);
@@ -229,23 +233,23 @@ void Dispatcher::start_calls(Message& m) {
   if (m.phase != Phase::running) {
     return;
   }
-  for (int i = 0; i < m_opts.slots && !m.to_start.empty(); ++i) {
+  for (int i = 0; i < m_opts.slots && m.next < m.end; ++i) {
     Slot& s = m_slots[i];
     if (s.reserved_for != m.id || !s.ready || s.request != 0) {
       continue;
     }
-    s.call = std::move(m.to_start.front());
-    m.to_start.pop_front();
+    s.call = m.calls.slice(m.next, m.next + 1, /*one_call=*/true);
+    s.what = m.calls.describe(m.next, m.next + 1);
+    ++m.next;
     s.request = m_next_request++;
     ++m.running;
     send_request(i, s.request, Action::send_task, s.call);
   }
 }
 
-void Dispatcher::send_request(int h, std::uint64_t request, Action action, const Json& payload) {
-  // Spelled out rather than built as a Json object: no deep copy of the payload.
+void Dispatcher::send_request(int h, std::uint64_t request, Action action, const std::string& payload_json) {
   std::string line = "{\"id\":" + std::to_string(request) + ",\"action\":\"" + to_string(action) + "\",\"payload\":";
-  line += payload.dump();
+  line += payload_json;
   line += "}\n";
   m_handlers.send(h, line);
 }
@@ -265,7 +269,8 @@ void Dispatcher::send_control() {
     }
     auto req = m_next_request++;
     m_control_out.push_back({id, req});
-    send_request(control(), req, m->action, m->payload);
+    // The payload is within max_message_depth: dump() recurses that deep at most.
+    send_request(control(), req, m->action, m->payload.dump());
   }
 }
 
@@ -278,9 +283,6 @@ void Dispatcher::on_confirm(const amqp::Confirm& c) {
   }
   PendingConfirm p = it->second;
   m_pending.erase(it);
-  if (p.purpose == Purpose::rotation) {
-    m_rotating = false;
-  }
   Message* m = find(p.msg);
   if (!m) {
     return;
@@ -290,7 +292,7 @@ void Dispatcher::on_confirm(const amqp::Confirm& c) {
     spdlog::error("the broker refused a message published for {}: giving the original back to the queue", m->mid);
     m->give_back = true;
     if (p.purpose == Purpose::remainder) {
-      m->to_start.clear();
+      m->next = m->end;
       m->phase = Phase::running;
       for (int i = 0; i < m_opts.slots; ++i) {
         if (m_slots[i].reserved_for == m->id && m_slots[i].request == 0) {
@@ -341,32 +343,9 @@ void Dispatcher::on_handler_reply(int h, const Json& reply) {
     }
     auto cr = m_control_out.front();
     m_control_out.pop_front();
-    Message* m = find(cr.msg);
-    if (!m) {
-      return;
+    if (Message* m = find(cr.msg)) {
+      answer_control(*m, ok, reply, error);
     }
-    if (m->action == Action::ping) {
-      ++m_counters.pings;
-      if (ok && !m->orphan && m_connected && !m->d.props.reply_to.empty()) {
-        amqp::Properties p;
-        p.correlation_id = m->d.props.correlation_id;
-        p.content_type = "application/json";
-        Json echo = reply.contains("echo") ? reply["echo"] : Json();
-        m_broker.publish(m->d.props.reply_to, ping_reply(m_opts.rank, m_opts.node, echo).dump(), p);
-      } else if (!ok) {
-        spdlog::warn("ping {} failed in the control handler: {}", m->mid, error);
-      }
-    } else {
-      ++m_counters.metadata;
-      std::string runtime = json_string(m->payload, "runtime_name", "?");
-      if (ok) {
-        spdlog::info("runtime metadata for {} stored", runtime);
-      } else {
-        spdlog::error("get_metadata for {} failed: {}", runtime, error);
-      }
-    }
-    --m->running;
-    maybe_complete(*m);
     return;
   }
 
@@ -376,21 +355,46 @@ void Dispatcher::on_handler_reply(int h, const Json& reply) {
     return;
   }
   auto msg_id = s.reserved_for;
-  Json call = std::move(s.call);
-  s.call = Json();
+  std::string what = std::move(s.what);
+  s.call.clear();
   s.request = 0;
   s.reserved_for = 0;
   if (ok) {
     ++m_counters.tasks_done;
   } else {
     ++m_counters.tasks_failed;
-    spdlog::warn("call {} could not run: {}", describe_calls(call), error);
+    spdlog::warn("call {} could not run: {}", what, error);
   }
   if (Message* m = find(msg_id)) {
     --m->running;
     maybe_complete(*m);
   }
   schedule();
+}
+
+void Dispatcher::answer_control(Message& m, bool ok, const Json& reply, const std::string& error) {
+  if (m.action == Action::ping) {
+    ++m_counters.pings;
+    if (ok && !m.orphan && m_connected && !m.d.props.reply_to.empty()) {
+      amqp::Properties p;
+      p.correlation_id = m.d.props.correlation_id;
+      p.content_type = "application/json";
+      Json echo = reply.contains("echo") ? reply["echo"] : Json();
+      m_broker.publish(m.d.props.reply_to, ping_reply(m_opts.rank, m_opts.node, echo).dump(), p);
+    } else if (!ok) {
+      spdlog::warn("ping {} failed in the control handler: {}", m.mid, error);
+    }
+  } else {
+    ++m_counters.metadata;
+    std::string runtime = json_string(m.payload, "runtime_name", "?");
+    if (ok) {
+      spdlog::info("runtime metadata for {} stored", runtime);
+    } else {
+      spdlog::error("get_metadata for {} failed: {}", runtime, error);
+    }
+  }
+  --m.running;
+  maybe_complete(m);
 }
 
 void Dispatcher::on_handler_lost(int h, const std::string& why) {
@@ -414,35 +418,38 @@ void Dispatcher::on_handler_lost(int h, const std::string& why) {
     if (Message* m = find(culprit.msg)) {
       ++m_counters.handler_crashes;
       --m->running;
-      crashed(*m, m->payload, why);
+      crashed(*m, {}, to_string(m->action) + " " + m->mid, why);
     }
     return;
   }
   if (s.request != 0) {
     auto msg_id = s.reserved_for;
-    Json call = std::move(s.call);
-    s.call = Json();
+    std::string call = std::move(s.call);
+    std::string what = std::move(s.what);
+    s.call.clear();
     s.request = 0;
     s.reserved_for = 0;
     ++m_counters.handler_crashes;
     if (Message* m = find(msg_id)) {
       --m->running;
-      crashed(*m, call, why);
+      crashed(*m, call, what, why);
     }
   }
   schedule();
 }
 
-void Dispatcher::crashed(Message& m, const Json& call_payload, const std::string& why) {
-  if (m.orphan || !m_connected) {
-    maybe_complete(m);  // the broker redelivers the whole message anyway
+void Dispatcher::crashed(Message& m, const std::string& call_json, const std::string& what, const std::string& why) {
+  if (m.orphan || !m_connected || m.no_ack) {
+    // The broker redelivers the whole message anyway; a ping through the
+    // rank queue is simply not answered.
+    maybe_complete(m);
     return;
   }
   int crashes = m.crashes + 1;
-  std::string what = m.kind == Kind::control ? to_string(m.action) + " " + m.mid : describe_calls(call_payload);
-  // The original body when it is exactly this call; else a one-call message.
-  std::string body = (m.kind == Kind::control || m.delivered_calls == 1) ? m.d.body
-                                                                          : encode(Action::send_task, call_payload);
+  // The original body when it is exactly this call; else a one-call message
+  // (as delivered: worker_processes is set again for the next handler).
+  std::string body = (m.kind == Kind::control || m.calls.size() == 1) ? m.d.body
+                                                                       : encode_text(Action::send_task, call_json);
   if (crashes >= m_opts.max_crashes) {
     spdlog::error("{} (message {}) killed its handler {} times, last: {}: moving it to {}", what, m.mid, crashes, why,
                   dead_queue());
@@ -488,11 +495,11 @@ void Dispatcher::release_slots(std::uint64_t msg) {
 }
 
 void Dispatcher::maybe_complete(Message& m) {
-  if (m.phase != Phase::running || m.running > 0 || m.confirms > 0 || !m.to_start.empty()) {
+  if (m.phase != Phase::running || m.running > 0 || m.confirms > 0 || m.next < m.end) {
     return;
   }
   auto id = m.id;
-  if (!m.orphan && m_connected && !m_aborted) {
+  if (!m.orphan && m_connected && !m_aborted && !m.no_ack) {
     if (m.give_back) {
       m_broker.reject(m.d.tag, true);
       ++m_counters.tasks_requeued;
@@ -505,51 +512,7 @@ void Dispatcher::maybe_complete(Message& m) {
   }
   release_slots(id);
   m_msgs.erase(id);
-}
-
-// --- timers ----------------------------------------------------------------
-
-std::optional<Dispatcher::Clock::time_point> Dispatcher::next_deadline() const {
-  if (m_opts.rotate_after.count() <= 0 || m_waiting.empty() || m_rotating || !m_connected || m_draining) {
-    return std::nullopt;
-  }
-  auto it = m_msgs.find(m_waiting.front());
-  if (it == m_msgs.end()) {
-    return Clock::now();
-  }
-  return it->second.arrived + m_opts.rotate_after;
-}
-
-void Dispatcher::on_tick(Clock::time_point now) {
-  if (m_opts.rotate_after.count() <= 0 || m_rotating || !m_connected || m_draining) {
-    return;
-  }
-  // Only while every slot runs something: a slot whose handler is being
-  // restarted takes the lookahead as soon as it is back.
-  if (unreserved_slots() > 0) {
-    return;
-  }
-  while (!m_waiting.empty() && !find(m_waiting.front())) {
-    m_waiting.pop_front();
-  }
-  if (m_waiting.empty()) {
-    return;
-  }
-  Message& m = *find(m_waiting.front());
-  if (now - m.arrived < m_opts.rotate_after) {
-    return;
-  }
-  // Every slot is busy and this task has waited: hand it to the tail of the
-  // queue (an idle worker may take it) so the broker can give us what is
-  // behind it, e.g. a get_metadata a new client waits for.
-  m_waiting.pop_front();
-  auto seq = m_broker.publish(m_opts.queue, m.d.body, republish_props(m));
-  m_pending[seq] = {m.id, Purpose::rotation};
-  ++m.confirms;
-  m.phase = Phase::running;  // nothing to run: acked once the copy is confirmed
-  m_rotating = true;
-  ++m_counters.rotations;
-  spdlog::debug("{}: every slot busy, rotated to the tail of {}", m.mid, m_opts.queue);
+  update_prefetch();
 }
 
 // --- drain -----------------------------------------------------------------
@@ -566,7 +529,7 @@ void Dispatcher::drain() {
   auto give_back = [&](std::deque<std::uint64_t>& q) {
     for (auto id : q) {
       if (Message* m = find(id)) {
-        if (m_connected && !m->orphan) {
+        if (m_connected && !m->orphan && !m->no_ack) {
           m_broker.reject(m->d.tag, true);
           ++m_counters.tasks_requeued;
         }
@@ -583,7 +546,7 @@ void Dispatcher::drain() {
 void Dispatcher::abort() {
   m_draining = true;
   for (auto& [id, m] : m_msgs) {
-    if (m_connected && !m.orphan) {
+    if (m_connected && !m.orphan && !m.no_ack) {
       m_broker.reject(m.d.tag, true);
       ++m_counters.tasks_requeued;
     }
@@ -597,7 +560,8 @@ void Dispatcher::abort() {
   for (auto& s : m_slots) {
     s.reserved_for = 0;
     s.request = 0;
-    s.call = Json();
+    s.call.clear();
+    s.what.clear();
   }
 }
 

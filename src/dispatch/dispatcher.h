@@ -9,19 +9,25 @@
 // - a send_task with more calls than free slots keeps what fits and
 //   republishes the rest (persistent, confirmed) before its calls start;
 // - the prefetch (basic.qos, per channel, changed as it goes) is free slots +
-//   started messages + 1 (prefetch_for): slots + 1 with single-call messages,
-//   less while a multi-call message holds several slots, so a busy worker
-//   never holds back more than one message that an idle worker could take;
-// - get_metadata and ping go to a reserved control handler, never behind tasks:
-//   the queue is FIFO and Lithops declares it without arguments (no
-//   priorities), so while every slot is busy the one task held as lookahead
-//   is rotated to the tail of the queue (republished, confirmed, acked) after
-//   `rotate_after`, letting the broker hand over the next message; a control
-//   message deep in a backlog is reached at one message per rotate_after per
-//   worker, at a cost of that many republishes;
+//   messages held that need an ack (prefetch_for): nothing is held back while
+//   every slot is busy, so a busy rank causes no broker traffic and never
+//   reorders the queue; the next task comes from the broker when a slot frees
+//   (an ack, or a basic.qos raise, and one delivery);
+// - get_metadata and ping run on a reserved control handler, never behind
+//   tasks that this rank holds. One queued behind a backlog is reached when
+//   the backlog ahead of it has been handed out: Lithops clients send
+//   get_metadata only when the runtime's metadata is in neither their cache
+//   nor storage; `lithops-hpc ping` reaches each rank through its own
+//   no-ack queue (DispatcherOptions::rank_queue), which shares the worker's
+//   channel and its prefetch: a rank with every slot busy answers when a
+//   slot frees;
+// - messages are bounded (Limits) before they are parsed: over either limit,
+//   or malformed, they go to <queue>.dead with the reason, then are acked;
+// - a message is recorded (CrashRecordPort) while it is processed; one that
+//   comes back redelivered after killing a dispatcher on this node is
+//   dead-lettered, never processed again here;
 // - a call whose handler dies is republished with x-lithops-hpc-crashes + 1;
 //   at the second crash it goes to <queue>.dead instead;
-// - malformed messages go to <queue>.dead with the reason, then are acked;
 // - after a broker reconnect, messages of the old connection are the
 //   broker's again (it redelivers them): calls still running finish but are
 //   not acked (at-least-once: such a call may run twice).
@@ -37,6 +43,7 @@
 #include <vector>
 
 #include "amqp/connection.h"
+#include "dispatch/inflight.h"
 #include "dispatch/protocol.h"
 
 namespace lhpc::dispatch {
@@ -73,7 +80,6 @@ struct Counters {
   std::uint64_t handler_crashes = 0;  // handlers lost while running something
   std::uint64_t metadata = 0;         // get_metadata answered
   std::uint64_t pings = 0;            // pings answered
-  std::uint64_t rotations = 0;        // lookahead tasks moved to the tail of the queue
 };
 
 struct DispatcherOptions {
@@ -82,16 +88,18 @@ struct DispatcherOptions {
   int rank = 0;
   std::string node;
   int max_crashes = 2;  // a call that crashed a handler this often is dead-lettered
-  // How long the lookahead task may wait while every slot is busy before it
-  // is rotated to the tail of the queue; 0: never rotate.
-  std::chrono::milliseconds rotate_after{100};
+  Limits limits;        // [rabbitmq] max_message_bytes, max_message_depth
+  // This rank's own queue (protocol.h rank_queue), consumed without acks:
+  // what arrives through it is never acked, rejected or requeued. Empty: none.
+  std::string rank_queue;
 };
 
 class Dispatcher {
 public:
   using Clock = std::chrono::steady_clock;
 
-  Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers);
+  // `record`: where messages in flight are noted (nullptr: nowhere).
+  Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers, CrashRecordPort* record = nullptr);
 
   // Handler indices: 0..slots-1 run tasks, control() runs get_metadata and ping.
   int control() const { return m_opts.slots; }
@@ -111,9 +119,6 @@ public:
   void on_handler_reply(int h, const Json& reply);
   // Handler h died (the pool restarts it); `why` for logs and dead-letter headers.
   void on_handler_lost(int h, const std::string& why);
-  // Timers (lookahead rotation); `now` is a parameter so tests need not wait.
-  void on_tick(Clock::time_point now = Clock::now());
-  std::optional<Clock::time_point> next_deadline() const;
   // Stop consuming; give back what has not started.
   void drain();
   // The drain timeout passed: give back everything unacked (calls still
@@ -144,30 +149,31 @@ private:
     std::string mid;  // for logs
     Kind kind = Kind::task;
     Action action = Action::send_task;
-    Json payload;  // send_task: the calls this worker keeps
-    std::size_t calls = 0;
+    Json payload;  // control requests
+    Calls calls;   // send_task: the calls as delivered
+    std::size_t next = 0, end = 0;  // send_task: calls [next, end) kept and not handed out yet
     int crashes = 0;
     Phase phase = Phase::waiting;
-    std::deque<Json> to_start;  // one-call payloads not handed out yet
+    bool no_ack = false;        // came through the rank queue
     int running = 0;            // calls (or the control request) at a handler
     int confirms = 0;           // our publishes for it not yet confirmed
     bool give_back = false;     // end with reject(requeue) instead of ack
     bool holds_slots = false;
     bool orphan = false;        // its connection is gone: never acked
     Clock::time_point arrived{};
-    std::size_t delivered_calls = 0;  // calls in the body as delivered
   };
   struct Slot {
     bool ready = false;
     std::uint64_t reserved_for = 0;  // message id; 0: free
     std::uint64_t request = 0;       // request id at the handler; 0: idle
-    Json call;                       // the one-call payload it runs
+    std::string call;                // the one-call payload it runs (JSON text)
+    std::string what;                // its call id, for logs
   };
   struct ControlRequest {
     std::uint64_t msg;
     std::uint64_t request;
   };
-  enum class Purpose { remainder, crash_requeue, dead_letter, rotation };
+  enum class Purpose { remainder, crash_requeue, dead_letter };
   struct PendingConfirm {
     std::uint64_t msg;
     Purpose purpose;
@@ -178,20 +184,22 @@ private:
   void start_task(Message& m, std::size_t free);
   void start_calls(Message& m);
   void send_control();
-  void send_request(int h, std::uint64_t request, Action action, const Json& payload);
+  void accept(Message&& m);
+  void send_request(int h, std::uint64_t request, Action action, const std::string& payload_json);
   void finish_call(Message& m);
   void maybe_complete(Message& m);
-  void crashed(Message& m, const Json& call_payload, const std::string& why);
+  void crashed(Message& m, const std::string& call_json, const std::string& what, const std::string& why);
+  void answer_control(Message& m, bool ok, const Json& reply, const std::string& error);
   void dead_letter(Message& m, const std::string& body, const std::string& reason, int crashes);
   void release_slots(std::uint64_t msg);
   void update_prefetch();
   amqp::Properties republish_props(const Message& m) const;
   int free_slots() const;
-  int unreserved_slots() const;  // reserved for no message (ready or not)
 
   DispatcherOptions m_opts;
   BrokerPort& m_broker;
   HandlerPort& m_handlers;
+  CrashRecordPort* m_record;
   std::uint64_t m_generation = 0;
   bool m_connected = false;
   bool m_draining = false;
@@ -205,7 +213,6 @@ private:
   std::deque<std::uint64_t> m_control_todo;  // control messages not yet sent
   std::deque<ControlRequest> m_control_out;  // sent to the control handler, in order
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
-  bool m_rotating = false;  // one rotation at a time
   Counters m_counters;
   std::function<void(const amqp::Delivery&)> m_on_ack;
 };

@@ -39,8 +39,96 @@ std::string random_hex(int n) {
 
 }  // namespace
 
-int run_ping(const config::Config& cfg, const PingOptions& o, std::ostream& out) {
-  if (o.count < 1 || o.concurrency < 1 || !(o.timeout > 0) || o.expect_ranks < 0) {
+namespace {
+
+struct RankStats {
+  std::string node;
+  std::vector<double> ms;
+};
+
+struct Tally {
+  std::map<int, RankStats> ranks;
+  int answered = 0, lost = 0;
+};
+
+void take_replies(amqp::Connection& c, std::map<std::string, Clock::time_point>& inflight, Tally& t) {
+  amqp::Delivery d;
+  while (c.next_delivery(d)) {
+    auto it = inflight.find(d.props.correlation_id);
+    if (it == inflight.end()) {
+      continue;  // a late answer to a ping already counted lost
+    }
+    double ms = std::chrono::duration<double, std::milli>(Clock::now() - it->second).count();
+    inflight.erase(it);
+    ++t.answered;
+    Json reply = Json::parse(d.body, nullptr, false);
+    int rank = -1;
+    std::string node = "?";
+    if (reply.is_object()) {
+      rank = static_cast<int>(json_int(reply, "rank", -1));
+      node = json_string(reply, "node", "?");
+    }
+    auto& r = t.ranks[rank];
+    r.node = node;
+    r.ms.push_back(ms);
+  }
+}
+
+// The lines after the pings: per rank, the silent ones, the summary; the exit code.
+int report(const Tally& t, const PingOptions& o, const PingTargets& tg, int total, double secs, double timeout_s,
+           std::ostream& out) {
+  for (const auto& [rank, r] : t.ranks) {
+    out << fmt::format("rank {} node {}: {} replies, p50 {:.2f} ms, p99 {:.2f} ms\n", rank, r.node, r.ms.size(),
+                       percentile(r.ms, 50), percentile(r.ms, 99));
+  }
+  std::string silent;
+  for (int rank = 0; rank < tg.ranks; ++rank) {
+    if (!t.ranks.count(rank)) {
+      auto n = tg.nodes.find(rank);
+      silent += fmt::format("{}{} ({})", silent.empty() ? "" : ", ", rank, n == tg.nodes.end() ? "?" : n->second);
+    }
+  }
+  auto n = t.ranks.size();
+  out << fmt::format("{}/{} pings answered by {} rank{} in {:.2f} s: {:.1f} pings/s\n", t.answered, total, n,
+                     n == 1 ? "" : "s", secs, secs > 0 ? t.answered / secs : 0.0);
+  if (!silent.empty()) {
+    out << fmt::format("no reply within {} s from rank (node): {}\n", timeout_s, silent);
+  }
+  int expect = o.expect_ranks >= 0 ? o.expect_ranks : tg.ranks;
+  if (t.answered == 0) {
+    return static_cast<int>(Exit::failure);
+  }
+  if (t.lost > 0) {
+    out << fmt::format("{} ping{} got no reply within {} s\n", t.lost, t.lost == 1 ? "" : "s", timeout_s);
+    return static_cast<int>(Exit::failure);
+  }
+  if (static_cast<int>(n) < expect) {
+    out << fmt::format("only {} of the {} expected ranks answered\n", n, expect);
+    return static_cast<int>(Exit::failure);
+  }
+  return 0;
+}
+
+}  // namespace
+
+namespace {
+
+// A queue exists (passive declare). On its own connection: a missing queue
+// closes the channel that asked.
+bool queue_exists(const amqp::Options& opts, const std::string& name) {
+  try {
+    amqp::Connection probe(opts);
+    probe.queue_depth(name);
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets& given, std::ostream& out) {
+  if (o.count < 1 || o.concurrency < 1 || !(o.timeout > 0)) {
     throw Error(Exit::usage, "ping: --count and --concurrency must be at least 1, --timeout above 0",
                 "e.g. lithops-hpc ping --count 100 --concurrency 8 --timeout 10");
   }
@@ -49,96 +137,59 @@ int run_ping(const config::Config& cfg, const PingOptions& o, std::ostream& out)
   opts.connection_name = "lithops-hpc ping";
   amqp::Connection c(opts);
   const auto& queue = cfg.rabbitmq.queue;
+  PingTargets tg = given;
+  // No deployment known: a standalone `worker` of this job (rank 0) still has
+  // its rank queue, which reaches it while its slots are busy.
+  if (tg.job.empty() && !tg.local_job.empty() && queue_exists(opts, rank_queue(queue, tg.local_job, 0))) {
+    tg.job = tg.local_job;
+    tg.ranks = 1;
+  }
   c.declare_queue(queue, true);  // as the Lithops client does: durable, no arguments
   std::string reply_queue = c.declare_queue("", false, true, true);
   c.consume(reply_queue, /*no_ack=*/true, /*exclusive=*/true);
 
   auto timeout = std::chrono::milliseconds(static_cast<long long>(o.timeout * 1000));
   std::string prefix = "lhpc-ping-" + random_hex(12) + "-";
-  struct Sent {
-    int seq;
-    Clock::time_point at;
+  // Ping i goes to rank i % ranks: each rank gets `count`, interleaved.
+  const int targets = tg.job.empty() ? 1 : std::max(1, tg.ranks);
+  const int total = o.count * targets;
+  std::map<std::string, Clock::time_point> inflight;
+  Tally t;
+  int next = 0;
+  auto send = [&](int seq) {
+    double unix_now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    amqp::Properties p;
+    p.reply_to = reply_queue;
+    p.correlation_id = prefix + std::to_string(seq);
+    p.delivery_mode = 1;
+    // A ping nobody takes must not linger in the queue.
+    p.expiration = std::to_string(timeout.count());
+    std::string to = tg.job.empty() ? queue : rank_queue(queue, tg.job, seq % targets);
+    c.publish("", to, encode(Action::ping, {{"seq", seq}, {"sent", unix_now}}), p);
+    inflight[p.correlation_id] = Clock::now();
   };
-  std::map<std::string, Sent> inflight;
-  struct Rank {
-    std::string node;
-    std::vector<double> ms;
-  };
-  std::map<int, Rank> ranks;
-  int next = 0, answered = 0, lost = 0;
   auto start = Clock::now();
-
-  while (answered + lost < o.count) {
-    while (static_cast<int>(inflight.size()) < o.concurrency && next < o.count) {
-      double unix_now =
-          std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-      amqp::Properties p;
-      p.reply_to = reply_queue;
-      p.correlation_id = prefix + std::to_string(next);
-      p.delivery_mode = 1;
-      // A ping nobody takes must not linger in the task queue.
-      p.expiration = std::to_string(timeout.count());
-      c.publish("", queue, encode(Action::ping, {{"seq", next}, {"sent", unix_now}}), p);
-      inflight[p.correlation_id] = {next, Clock::now()};
-      ++next;
+  while (t.answered + t.lost < total) {
+    while (static_cast<int>(inflight.size()) < o.concurrency && next < total) {
+      send(next++);
     }
     auto oldest = Clock::now();  // inflight is never empty here: the loop above just filled it
-    for (const auto& [k, s] : inflight) {
-      oldest = std::min(oldest, s.at);
+    for (const auto& [k, at] : inflight) {
+      oldest = std::min(oldest, at);
     }
     c.wait(oldest + timeout);
-    amqp::Delivery d;
-    while (c.next_delivery(d)) {
-      auto it = inflight.find(d.props.correlation_id);
-      if (it == inflight.end()) {
-        continue;  // a late answer to a ping already counted lost
-      }
-      double ms = std::chrono::duration<double, std::milli>(Clock::now() - it->second.at).count();
-      inflight.erase(it);
-      ++answered;
-      Json reply = Json::parse(d.body, nullptr, false);
-      int rank = -1;
-      std::string node = "?";
-      if (reply.is_object()) {
-        rank = static_cast<int>(json_int(reply, "rank", -1));
-        node = json_string(reply, "node", "?");
-      }
-      auto& r = ranks[rank];
-      r.node = node;
-      r.ms.push_back(ms);
-    }
-    auto now = Clock::now();
-    for (auto it = inflight.begin(); it != inflight.end();) {
-      if (now - it->second.at >= timeout) {
-        ++lost;
-        it = inflight.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    take_replies(c, inflight, t);
+    t.lost += static_cast<int>(std::erase_if(inflight, [&, now = Clock::now()](const auto& kv) {
+      return now - kv.second >= timeout;
+    }));
   }
   double secs = std::chrono::duration<double>(Clock::now() - start).count();
-
-  for (const auto& [rank, r] : ranks) {
-    out << fmt::format("rank {} node {}: {} replies, p50 {:.2f} ms, p99 {:.2f} ms\n", rank, r.node, r.ms.size(),
-                       percentile(r.ms, 50), percentile(r.ms, 99));
+  int rc = report(t, o, tg, total, secs, o.timeout, out);
+  if (t.answered == 0) {
+    out << fmt::format("no reply within {} s: is a deployment consuming '{}' on {}?\n", o.timeout,
+                       tg.job.empty() ? queue : rank_queue(queue, tg.job, 0) + "...", c.redacted_url());
   }
-  out << fmt::format("{}/{} pings answered by {} rank{} in {:.2f} s: {:.1f} pings/s\n", answered, o.count,
-                     ranks.size(), ranks.size() == 1 ? "" : "s", secs, secs > 0 ? answered / secs : 0.0);
-  if (answered == 0) {
-    out << fmt::format("no reply within {} s: is a deployment consuming '{}' on {}?\n", o.timeout, queue,
-                       c.redacted_url());
-    return static_cast<int>(Exit::failure);
-  }
-  if (lost > 0) {
-    out << fmt::format("{} ping{} got no reply within {} s\n", lost, lost == 1 ? "" : "s", o.timeout);
-    return static_cast<int>(Exit::failure);
-  }
-  if (static_cast<int>(ranks.size()) < o.expect_ranks) {
-    out << fmt::format("only {} of the {} expected ranks answered\n", ranks.size(), o.expect_ranks);
-    return static_cast<int>(Exit::failure);
-  }
-  return 0;
+  return rc;
 }
 
 }  // namespace lhpc::dispatch

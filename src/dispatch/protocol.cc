@@ -129,7 +129,103 @@ std::optional<Action> parse_action(std::string_view s) {
   return std::nullopt;
 }
 
-std::variant<Task, Malformed> decode(std::string_view body) {
+bool nests_deeper_than(std::string_view json, int max_depth) {
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < json.size(); ++i) {
+    char c = json[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // whatever is escaped cannot end the string
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth) {
+        return true;
+      }
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return false;
+}
+
+namespace {
+
+std::optional<Malformed> over_limits(std::string_view text, const Limits& limits, const char* what) {
+  if (text.size() > limits.max_bytes) {
+    return Malformed{std::string(what) + " of " + std::to_string(text.size()) + " bytes is over max_message_bytes (" +
+                     std::to_string(limits.max_bytes) + ")"};
+  }
+  if (nests_deeper_than(text, limits.max_depth)) {
+    return Malformed{std::string(what) + " nests deeper than max_message_depth (" + std::to_string(limits.max_depth) +
+                     ")"};
+  }
+  return std::nullopt;
+}
+
+std::optional<Malformed> check_calls(const Json& payload) {
+  auto ids = payload.find("call_ids");
+  if (ids == payload.end() || !ids->is_array()) {
+    return Malformed{"send_task payload has no call_ids list"};
+  }
+  if (ids->empty()) {
+    return Malformed{"send_task payload has no calls (call_ids is empty)"};
+  }
+  auto ranges = payload.find("data_byte_ranges");
+  if (ranges == payload.end() || !ranges->is_array()) {
+    return Malformed{"send_task payload has no data_byte_ranges list"};
+  }
+  if (ranges->size() != ids->size()) {
+    return Malformed{"call_ids (" + std::to_string(ids->size()) + ") and data_byte_ranges (" +
+                     std::to_string(ranges->size()) + ") differ in length"};
+  }
+  if (auto tc = payload.find("total_calls"); tc != payload.end()) {
+    if (!tc->is_number_integer()) {
+      return Malformed{"total_calls is not an integer"};
+    }
+    if (tc->get<long long>() != static_cast<long long>(ids->size())) {
+      return Malformed{"total_calls (" + std::to_string(tc->get<long long>()) +
+                       ") differs from the number of call_ids (" + std::to_string(ids->size()) + ")"};
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::variant<Task, Malformed> decode_payload(Action action, std::string_view payload_json, const Limits& limits) {
+  if (auto bad = over_limits(payload_json, limits, "payload")) {
+    return *bad;
+  }
+  Task t;
+  t.action = action;
+  t.payload = Json::parse(payload_json.begin(), payload_json.end(), nullptr, /*allow_exceptions=*/false);
+  if (t.payload.is_discarded()) {
+    return Malformed{"payload is not JSON"};
+  }
+  if (!t.payload.is_object()) {
+    return Malformed{"payload is not a JSON object"};
+  }
+  if (t.action != Action::send_task) {
+    return t;
+  }
+  if (auto bad = check_calls(t.payload)) {
+    return *bad;
+  }
+  t.calls = t.payload.find("call_ids")->size();
+  return t;
+}
+
+std::variant<Task, Malformed> decode(std::string_view body, const Limits& limits) {
+  if (auto bad = over_limits(body, limits, "message")) {
+    return *bad;
+  }
   Json msg = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (msg.is_discarded()) {
     return Malformed{"body is not JSON"};
@@ -159,84 +255,79 @@ std::variant<Task, Malformed> decode(std::string_view body) {
   if (!raw) {
     return Malformed{"payload is not valid base64"};
   }
-  Task t;
-  t.action = *action;
-  t.payload = Json::parse(*raw, nullptr, /*allow_exceptions=*/false);
-  if (t.payload.is_discarded()) {
-    return Malformed{"payload is not JSON"};
-  }
-  if (!t.payload.is_object()) {
-    return Malformed{"payload is not a JSON object"};
-  }
-  if (t.action != Action::send_task) {
-    return t;
-  }
-  auto ids = t.payload.find("call_ids");
-  if (ids == t.payload.end() || !ids->is_array()) {
-    return Malformed{"send_task payload has no call_ids list"};
-  }
-  if (ids->empty()) {
-    return Malformed{"send_task payload has no calls (call_ids is empty)"};
-  }
-  auto ranges = t.payload.find("data_byte_ranges");
-  if (ranges == t.payload.end() || !ranges->is_array()) {
-    return Malformed{"send_task payload has no data_byte_ranges list"};
-  }
-  if (ranges->size() != ids->size()) {
-    return Malformed{"call_ids (" + std::to_string(ids->size()) + ") and data_byte_ranges (" +
-                     std::to_string(ranges->size()) + ") differ in length"};
-  }
-  if (auto tc = t.payload.find("total_calls"); tc != t.payload.end()) {
-    if (!tc->is_number_integer()) {
-      return Malformed{"total_calls is not an integer"};
+  return decode_payload(*action, *raw, limits);
+}
+
+std::string encode(Action action, const Json& payload) { return encode_text(action, payload.dump()); }
+
+std::string encode_text(Action action, std::string_view payload_json) {
+  // Action names and base64 need no JSON escaping.
+  return "{\"action\":\"" + to_string(action) + "\",\"payload\":\"" + base64_encode(payload_json) + "\"}";
+}
+
+Calls::Calls(Json&& payload) {
+  for (auto it = payload.begin(); it != payload.end(); ++it) {
+    const std::string& k = it.key();
+    if (k == "call_ids" || k == "data_byte_ranges" || k == "total_calls") {
+      continue;
     }
-    if (tc->get<long long>() != static_cast<long long>(ids->size())) {
-      return Malformed{"total_calls (" + std::to_string(tc->get<long long>()) + ") differs from the number of call_ids (" +
-                       std::to_string(ids->size()) + ")"};
+    if (k == "worker_processes") {
+      m_worker_processes = it.value().dump();
+      continue;
     }
+    if (k == "job_key" && it.value().is_string()) {
+      m_job_key = it.value().get<std::string>();
+    }
+    m_shared += Json(k).dump();
+    m_shared += ':';
+    m_shared += it.value().dump();
+    m_shared += ',';
   }
-  t.calls = ids->size();
-  return t;
-}
-
-std::string encode(Action action, const Json& payload) {
-  Json msg = {{"action", to_string(action)}, {"payload", base64_encode(payload.dump())}};
-  return msg.dump();
-}
-
-namespace {
-Json slice(const Json& payload, std::size_t from, std::size_t to) {
-  Json out = payload;
-  const auto& ids = payload.at("call_ids");
-  const auto& ranges = payload.at("data_byte_ranges");
-  out["call_ids"] = Json(ids.begin() + static_cast<std::ptrdiff_t>(from), ids.begin() + static_cast<std::ptrdiff_t>(to));
-  out["data_byte_ranges"] =
-      Json(ranges.begin() + static_cast<std::ptrdiff_t>(from), ranges.begin() + static_cast<std::ptrdiff_t>(to));
-  out["total_calls"] = to - from;
-  return out;
-}
-}  // namespace
-
-std::pair<Json, Json> split(const Json& payload, std::size_t n) {
-  std::size_t calls = payload.at("call_ids").size();
-  return {slice(payload, 0, n), slice(payload, n, calls)};
-}
-
-std::vector<Json> one_call_payloads(const Json& payload) {
-  std::size_t calls = payload.at("call_ids").size();
-  std::vector<Json> out;
-  out.reserve(calls);
-  if (calls == 1) {
-    Json p = payload;
-    p["total_calls"] = 1;
-    p["worker_processes"] = 1;
-    out.push_back(std::move(p));
+  auto texts = [](const Json& list) {
+    std::vector<std::string> out;
+    out.reserve(list.size());
+    for (const auto& e : list) {
+      out.push_back(e.dump());
+    }
     return out;
+  };
+  m_ids = texts(payload.at("call_ids"));
+  m_ranges = texts(payload.at("data_byte_ranges"));
+}
+
+std::string Calls::slice(std::size_t from, std::size_t to, bool one_call) const {
+  auto list = [&](const std::vector<std::string>& v) {
+    std::string s = "[";
+    for (std::size_t i = from; i < to; ++i) {
+      if (i > from) {
+        s += ',';
+      }
+      s += v[i];
+    }
+    return s + "]";
+  };
+  std::string out = "{" + m_shared;
+  out += "\"call_ids\":" + list(m_ids);
+  out += ",\"data_byte_ranges\":" + list(m_ranges);
+  out += ",\"total_calls\":" + std::to_string(to - from);
+  if (one_call) {
+    out += ",\"worker_processes\":1";
+  } else if (!m_worker_processes.empty()) {
+    out += ",\"worker_processes\":" + m_worker_processes;
   }
-  for (std::size_t i = 0; i < calls; ++i) {
-    Json p = slice(payload, i, i + 1);
-    p["worker_processes"] = 1;
-    out.push_back(std::move(p));
+  return out + "}";
+}
+
+std::string Calls::describe(std::size_t from, std::size_t to) const {
+  auto id_text = [](const std::string& j) {
+    return j.size() >= 2 && j.front() == '"' && j.back() == '"' ? j.substr(1, j.size() - 2) : j;
+  };
+  if (from >= to || to > m_ids.size()) {
+    return m_job_key;
+  }
+  std::string out = m_job_key + "/" + id_text(m_ids[from]);
+  if (to - from > 1) {
+    out += ".." + id_text(m_ids[to - 1]) + " (" + std::to_string(to - from) + " calls)";
   }
   return out;
 }
@@ -258,10 +349,14 @@ std::string describe_calls(const Json& payload) {
   return out;
 }
 
-int prefetch_for(int free_slots, int started_task_messages) {
-  int n = free_slots + started_task_messages + 1;
+int prefetch_for(int free_slots, int held_messages) {
+  int n = free_slots + held_messages;
   // basic.qos takes a 16-bit count; 0 would mean "unlimited".
   return n < 1 ? 1 : (n > 65535 ? 65535 : n);
+}
+
+std::string rank_queue(const std::string& queue, const std::string& job, int rank) {
+  return queue + ".rank." + job + "." + std::to_string(rank);
 }
 
 std::string body_id(std::string_view body) {

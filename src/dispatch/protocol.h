@@ -1,5 +1,6 @@
 // The Lithops singularity-backend message protocol, as pure functions:
-// decoding a task message, classifying malformed ones, splitting a send_task
+// bounding and decoding a task message (from bytes: the fuzzing harnesses call
+// the same entry points), classifying malformed ones, splitting a send_task
 // across free slots and building the one-call payloads handlers run.
 // Facts: shared/lithops-protocol.md. No I/O here: everything is unit-tested.
 #pragma once
@@ -40,34 +41,79 @@ struct Malformed {
   std::string reason;
 };
 
-// Body -> Task, or Malformed with a reason naming the defect (not JSON, no
-// action, unknown action, no payload, bad base64, payload not a JSON object,
-// call_ids/data_byte_ranges missing or of different lengths, total_calls
-// different from the number of calls).
-std::variant<Task, Malformed> decode(std::string_view body);
+// Bounds checked on the bytes before anything is parsed: anyone who can
+// publish to the queue chooses a message's size and nesting, and nlohmann's
+// dump() and copies recurse once per level (about 100,000 levels overflow
+// the stack). Configured as [rabbitmq] max_message_bytes/max_message_depth.
+inline constexpr std::size_t k_default_max_message_bytes = 16u << 20;
+inline constexpr int k_default_max_message_depth = 64;
+struct Limits {
+  std::size_t max_bytes = k_default_max_message_bytes;
+  int max_depth = k_default_max_message_depth;
+};
+
+// True when `json` opens more than `max_depth` arrays/objects at once. One
+// pass, no recursion, no allocation; strings (and their escapes) are skipped;
+// the text need not be valid JSON (the parser judges that afterwards).
+bool nests_deeper_than(std::string_view json, int max_depth);
+
+// Body -> Task, or Malformed with a reason naming the defect (over the size
+// or depth limit, not JSON, no action, unknown action, no payload, bad
+// base64, payload not a JSON object, call_ids/data_byte_ranges missing or of
+// different lengths, total_calls different from the number of calls).
+// Both layers are bounded: the body's size and depth before it is parsed,
+// the decoded payload's depth before it is parsed.
+std::variant<Task, Malformed> decode(std::string_view body, const Limits& limits = {});
+// The inner layer alone: the payload's JSON text (base64 already undone), as
+// decode() judges it. An entry point for fuzzing.
+std::variant<Task, Malformed> decode_payload(Action action, std::string_view payload_json,
+                                             const Limits& limits = {});
 
 // {"action": A, "payload": base64(json(payload))}: what the Lithops client publishes.
 std::string encode(Action action, const Json& payload);
+// The same from the payload's JSON text.
+std::string encode_text(Action action, std::string_view payload_json);
 
-// The first `n` calls and the rest, both valid send_task payloads of the same
-// shape: same indices of call_ids and data_byte_ranges, total_calls updated.
-// Requires 0 < n < calls.
-std::pair<Json, Json> split(const Json& payload, std::size_t n);
+// A send_task payload taken apart once into what the dispatcher hands out:
+// the members every call shares, serialized once, and each call's id and byte
+// range serialized alone. Slices and one-call payloads are then built as text
+// from these pieces: splitting a message of N calls costs its size once,
+// never a copy of the whole payload per slice.
+class Calls {
+public:
+  Calls() = default;
+  // Takes the payload apart (moving out of it); it must have passed decode().
+  explicit Calls(Json&& payload);
+  std::size_t size() const { return m_ids.size(); }
+  const std::string& job_key() const { return m_job_key; }
+  // The payload of calls [from, to) as JSON text: same indices of call_ids
+  // and data_byte_ranges, total_calls = to - from, worker_processes as
+  // delivered, or 1 with `one_call` (what a handler process is given: one
+  // call per process; Lithops' own multi-process path fails on Linux).
+  std::string slice(std::size_t from, std::size_t to, bool one_call = false) const;
+  // "job-key/00003" or "job-key/00000..00004 (5 calls)", for logs.
+  std::string describe(std::size_t from, std::size_t to) const;
 
-// One payload per call of a send_task, each with total_calls = 1 and
-// worker_processes = 1: what a handler process is given (one call per
-// process; Lithops' own multi-process path fails on Linux).
-std::vector<Json> one_call_payloads(const Json& payload);
+private:
+  std::string m_shared;            // `"k":v,` for every other member, in order
+  std::string m_worker_processes;  // its JSON text; empty when absent
+  std::string m_job_key = "?";
+  std::vector<std::string> m_ids, m_ranges;
+};
 
 // The call ids of a send_task payload, for logs ("job-key/00003").
 std::string describe_calls(const Json& payload);
 
-// How many messages a dispatcher lets the broker hand it: one per free slot,
-// one per started message still holding slots (they stay unacked until their
-// calls finish), plus one of lookahead so a get_metadata or ping arriving while
-// every slot is busy reaches the control handler at once. With single-call
-// messages this is always slots + 1.
-int prefetch_for(int free_slots, int started_task_messages);
+// How many unacked messages a dispatcher lets the broker hand it: one per
+// free slot, plus every message it already holds that needs an ack (started
+// tasks, whose calls still hold slots, and control requests). Nothing is held
+// back while every slot is busy: such a rank costs the broker nothing and
+// leaves the queue's order alone. At least 1 (0 would mean "unlimited").
+int prefetch_for(int free_slots, int held_messages);
+
+// The queue one rank of a deployment also consumes (no-ack, exclusive,
+// auto-delete): `ping` addresses each rank through it.
+std::string rank_queue(const std::string& queue, const std::string& job, int rank);
 
 // Dead-letter and crash-accounting header names (AMQP table keys).
 inline constexpr const char* k_hdr_crashes = "x-lithops-hpc-crashes";

@@ -1,5 +1,7 @@
 #include "worker/dispatch_mode.h"
 
+#include <unistd.h>
+
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -7,6 +9,7 @@
 #include <utility>
 
 #include "container/engine.h"
+#include "dispatch/inflight.h"
 #include "dispatch/protocol.h"
 #include "lhpc_build_config.h"
 #include "util/error.h"
@@ -122,12 +125,18 @@ void DispatchMode::start() {
   dopts.queue = w.m_cfg.rabbitmq.queue;
   dopts.rank = w.m_id.rank;
   dopts.node = w.m_id.node;
+  dopts.limits = {static_cast<std::size_t>(w.m_cfg.rabbitmq.max_message_bytes), w.m_cfg.rabbitmq.max_message_depth};
+  dopts.rank_queue = dispatch::rank_queue(w.m_cfg.rabbitmq.queue, w.m_id.jobid, w.m_id.rank);
+  m_rank_queue = dopts.rank_queue;
+  m_inflight = std::make_unique<dispatch::InflightRecord>(
+      state_dir() + "/inflight/" + sanitize_name(w.m_id.node),
+      sanitize_name(w.m_id.jobid) + "-" + std::to_string(w.m_id.rank) + "-" + std::to_string(::getpid()));
   dispatch::PoolOptions popts;
   popts.restart_limit = w.m_cfg.deploy.restart_limit;
   m_pool = std::make_unique<dispatch::HandlerPool>(
       w.m_slots + 1, [this](int h) { return handler_command(h); }, popts, *this);
   // The dispatcher sends through the pool.
-  m_dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *this, *m_pool);
+  m_dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *this, *m_pool, m_inflight.get());
   if (m_latency) {
     m_dispatcher->set_on_ack([this](const amqp::Delivery& d) { m_latency->on_ack(d); });
   }
@@ -192,16 +201,24 @@ void DispatchMode::connect_when_due(Clock::time_point now) {
     return;
   }
   std::string q = w.m_cfg.rabbitmq.queue;
+  std::string rq = m_rank_queue;
   int prefetch = m_dispatcher->desired_prefetch();
   m_connecting_prefetch = prefetch;
-  m_reconnect.start([q, prefetch](amqp::Connection& c) {
+  m_reconnect.start([q, rq, prefetch](amqp::Connection& c) {
     // Exactly as the Lithops client declares it: durable, no arguments.
     c.declare_queue(q, true);
     c.declare_queue(q + ".dead", true);
     c.confirm_select();
     // Per channel (global): the one limit RabbitMQ lets us change while consuming.
     c.qos(static_cast<std::uint16_t>(prefetch), true);
-    return c.consume(q);
+    auto tag = c.consume(q);
+    // Gone with its last consumer; no acks. Not exclusive: standalone workers
+    // of one job all are its rank 0. RabbitMQ counts these deliveries against
+    // this channel's (global) prefetch too, so a rank with every slot busy
+    // answers when one frees: a channel of its own would lift that.
+    c.declare_queue(rq, false, /*exclusive=*/false, /*auto_delete=*/true);
+    c.consume(rq, /*no_ack=*/true);
+    return tag;
   });
 }
 
@@ -281,7 +298,7 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
   } else if (w.m_state == State::running && m_pool->ready_count() > 0) {
     sooner(m_reconnect.next_attempt());
   }
-  for (auto t : {m_pool->next_deadline(), m_dispatcher->next_deadline(), w.m_supervisor->next_deadline()}) {
+  for (auto t : {m_pool->next_deadline(), w.m_supervisor->next_deadline()}) {
     if (t) {
       sooner(*t);
     }
@@ -321,7 +338,6 @@ void DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
     pump(broker_readable);
   }
   m_pool->tick(now);
-  m_dispatcher->on_tick(now);
   if (!m_broker_error.empty()) {
     lost(m_broker_error);
   }

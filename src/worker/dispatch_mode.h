@@ -14,6 +14,7 @@
 #include "amqp/reconnect.h"
 #include "dispatch/dispatcher.h"
 #include "dispatch/handler_pool.h"
+#include "dispatch/inflight.h"
 #include "worker/worker.h"
 
 namespace lhpc::worker {
@@ -78,6 +79,8 @@ private:
   int m_connecting_prefetch = 0;
   Clock::time_point m_last_pump{};
   bool m_connected_once = false;
+  std::unique_ptr<dispatch::InflightRecord> m_inflight;  // before the dispatcher that points to it
+  std::string m_rank_queue;                             // ping reaches this rank through it
   std::unique_ptr<dispatch::Dispatcher> m_dispatcher;
   std::unique_ptr<dispatch::HandlerPool> m_pool;
   std::unique_ptr<LatencyLog> m_latency;  // test builds only

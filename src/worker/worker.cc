@@ -33,8 +33,6 @@ int node_cores() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
-namespace {
-
 std::string sanitize_name(std::string s) {
   for (auto& c : s) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
@@ -45,8 +43,6 @@ std::string sanitize_name(std::string s) {
   }
   return s;
 }
-
-}  // namespace
 
 Worker::Worker(const config::Config& cfg, WorkerIdentity id, std::unique_ptr<container::Engine> engine)
     : m_cfg(cfg), m_id(std::move(id)), m_engine(std::move(engine)) {

@@ -68,6 +68,10 @@ struct WorkerStats {
 // The node's usable cores (sched_getaffinity), at least 1.
 int node_cores();
 
+// `s` with every character but letters, digits, '.', '_' and '-' replaced by
+// '_': safe in instance names and file names.
+std::string sanitize_name(std::string s);
+
 class Worker {
 public:
   using Clock = std::chrono::steady_clock;

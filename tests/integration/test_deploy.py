@@ -147,11 +147,14 @@ class DeployTest(unittest.TestCase):
             copies = glob.glob(os.path.join(d.dir, "nodes", f"node{n}", "lithops-hpc-*", "rt.sif"))
             self.assertEqual(len(copies), 1, f"node{n} holds one staged copy")
             self.assertEqual(os.stat(os.path.dirname(copies[0])).st_mode & 0o777, 0o700)
-        ping = subprocess.run([BIN, "ping", "--count", "30", "--expect-ranks", "3"], env=d.env,
+        # Without --expect-ranks: every rank of the status file, each reached
+        # through its own queue, `count` pings each.
+        ping = subprocess.run([BIN, "ping", "--count", "5", "--concurrency", "3"], env=d.env,
                               capture_output=True, text=True, timeout=60)
         self.assertEqual(ping.returncode, 0, ping.stdout + ping.stderr)
         for n in range(3):
-            self.assertIn(f"node node{n}", ping.stdout)
+            self.assertRegex(ping.stdout, rf"(?m)^rank {n} node node{n}: 5 replies, ")
+        self.assertIn("15/15 pings answered by 3 ranks", ping.stdout)
 
         # Tasks that take a while, then SIGTERM in the middle: every call either
         # ran to the end or is back in the queue; none lost, none half-acked.
@@ -193,6 +196,13 @@ class DeployTest(unittest.TestCase):
             r = d.status()
             self.assertEqual(r.returncode, 1, "status exits 1 when a rank is unresponsive")
             self.assertIn("unresponsive", r.stdout)
+            # ping names the rank that did not answer; the others answer theirs.
+            ping = subprocess.run([BIN, "ping", "--count", "2", "--timeout", "2"], env=d.env,
+                                  capture_output=True, text=True, timeout=60)
+            self.assertEqual(ping.returncode, 1, ping.stdout + ping.stderr)
+            self.assertIn("no reply within 2 s from rank (node): 2 (node2)", ping.stdout)
+            for n in range(2):
+                self.assertRegex(ping.stdout, rf"(?m)^rank {n} node node{n}: 2 replies, ")
             # The others keep serving; what the stopped rank had prefetched comes
             # back when the broker drops its connection (2 missed heartbeats).
             for j in range(12):

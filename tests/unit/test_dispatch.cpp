@@ -9,7 +9,13 @@
 
 #include <signal.h>
 
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <filesystem>
+#include <set>
 #include <thread>
 
 #include "dispatch/dispatcher.h"
@@ -107,39 +113,94 @@ TEST_CASE("every class of malformed message is named") {
   CHECK(std::holds_alternative<Task>(decode(encode(Action::ping, {{"seq", 1}}))));
 }
 
+std::string deep(std::size_t levels) { return std::string(levels, '[') + std::string(levels, ']'); }
+
+TEST_CASE("a message is bounded in size and depth before it is parsed, on both layers") {
+  Limits lim{.max_bytes = 4096, .max_depth = 8};
+  CHECK_FALSE(nests_deeper_than(deep(8), 8));
+  CHECK(nests_deeper_than(deep(9), 8));
+  CHECK_FALSE(nests_deeper_than(R"({"a": "[[[[[[[[[[[[\"[[[["})", 2));  // brackets in strings do not count
+  CHECK(nests_deeper_than(R"({"a": "\\", "b": [[[1]]]})", 3));
+  auto reason = [&](const std::string& body) {
+    auto r = decode(body, lim);
+    auto* m = std::get_if<Malformed>(&r);
+    return m ? m->reason : std::string("(not malformed)");
+  };
+  CHECK(reason(std::string(5000, ' ')) == "message of 5000 bytes is over max_message_bytes (4096)");
+  CHECK(reason(R"({"action": "ping", "payload": "e30=", "x": )" + deep(9) + "}") ==
+        "message nests deeper than max_message_depth (8)");
+  // The payload's own depth is judged after base64, before its JSON is parsed.
+  CHECK(reason(body_with_payload("send_task", deep(9))) == "payload nests deeper than max_message_depth (8)");
+  CHECK(std::holds_alternative<Task>(decode_payload(Action::ping, deep(7), lim)) == false);  // an array, not an object
+  CHECK(std::holds_alternative<Task>(decode(encode(Action::send_task, job(2)), lim)));
+  // The defaults are documented in lithops-hpc.toml(5).
+  CHECK(Limits{}.max_bytes == 16u << 20);
+  CHECK(Limits{}.max_depth == 64);
+}
+
 TEST_CASE("splitting keeps the same indices of call_ids and data_byte_ranges") {
   auto p = job(5);
-  auto [kept, rest] = split(p, 2);
+  Calls c{Json(p)};
+  REQUIRE(c.size() == 5);
+  auto kept = Json::parse(c.slice(0, 2));
+  auto rest = Json::parse(c.slice(2, 5));
   CHECK(kept["call_ids"] == Json::array({"00000", "00001"}));
   CHECK(kept["data_byte_ranges"] == Json::array({Json::array({0, 9}), Json::array({10, 19})}));
   CHECK(kept["total_calls"] == 2);
   CHECK(rest["call_ids"] == Json::array({"00002", "00003", "00004"}));
   CHECK(rest["data_byte_ranges"][0] == Json::array({20, 29}));
   CHECK(rest["total_calls"] == 3);
+  CHECK(rest["worker_processes"] == 5);  // as delivered
   CHECK(rest["job_key"] == "J1");
   CHECK(rest["config"] == p["config"]);
+  CHECK(rest.size() == p.size());
   // Both halves are valid messages again.
-  CHECK(std::get<Task>(decode(encode(Action::send_task, rest))).calls == 3);
+  CHECK(std::get<Task>(decode(encode_text(Action::send_task, c.slice(2, 5)))).calls == 3);
 }
 
 TEST_CASE("handlers get one call per payload with worker_processes = 1") {
-  auto calls = one_call_payloads(job(3));
-  REQUIRE(calls.size() == 3);
+  Calls c(job(3));
   for (std::size_t i = 0; i < 3; ++i) {
-    CHECK(calls[i]["total_calls"] == 1);
-    CHECK(calls[i]["worker_processes"] == 1);
-    CHECK(calls[i]["call_ids"].size() == 1);
-    CHECK(calls[i]["data_byte_ranges"][0][0] == static_cast<int>(i * 10));
+    auto one = Json::parse(c.slice(i, i + 1, /*one_call=*/true));
+    CHECK(one["total_calls"] == 1);
+    CHECK(one["worker_processes"] == 1);
+    CHECK(one["call_ids"].size() == 1);
+    CHECK(one["data_byte_ranges"][0][0] == static_cast<int>(i * 10));
   }
-  CHECK(calls[2]["call_ids"][0] == "00002");
+  CHECK(Json::parse(c.slice(2, 3, true))["call_ids"][0] == "00002");
+  CHECK(c.describe(0, 3) == "J1/00000..00002 (3 calls)");
+  CHECK(c.describe(1, 2) == "J1/00001");
   CHECK(describe_calls(job(3)) == "J1/00000..00002 (3 calls)");
 }
 
-TEST_CASE("prefetch: one per free slot, one per started message, one lookahead") {
-  CHECK(prefetch_for(4, 0) == 5);  // idle node with 4 slots
-  CHECK(prefetch_for(0, 4) == 5);  // 4 single-call tasks running
-  CHECK(prefetch_for(0, 1) == 2);  // one 4-call message holds every slot
-  CHECK(prefetch_for(0, 0) == 1);
+TEST_CASE("a message of many calls is split by its pieces, never by copying it per slice") {
+  // 20,000 calls of a payload with a large shared part: copying the payload
+  // per one-call slice (as before) would move about 20,000 x 400 KB.
+  auto p = job(20000);
+  p["config"]["blob"] = std::string(400000, 'x');
+  Calls c(std::move(p));
+  std::size_t bytes = 0;
+  auto t0 = std::chrono::steady_clock::now();
+  for (std::size_t i = 0; i < 100; ++i) {
+    bytes += c.slice(i, i + 1, true).size();
+  }
+  auto rest = c.slice(100, 20000);
+  CHECK(bytes < 100 * 400200);
+  CHECK(std::get<Task>(decode(encode_text(Action::send_task, rest))).calls == 19900);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20));
+}
+
+TEST_CASE("prefetch: one per free slot and one per message held; nothing held back") {
+  CHECK(prefetch_for(4, 0) == 4);  // idle node with 4 slots
+  CHECK(prefetch_for(0, 4) == 4);  // 4 single-call tasks running: no lookahead
+  CHECK(prefetch_for(0, 1) == 1);  // one 4-call message holds every slot
+  CHECK(prefetch_for(1, 2) == 3);  // a free slot, a running task and a get_metadata
+  CHECK(prefetch_for(0, 0) == 1);  // 0 would mean "unlimited"
+}
+
+TEST_CASE("rank queues are per job and rank") {
+  CHECK(rank_queue("task_queue", "1234", 7) == "task_queue.rank.1234.7");
+  CHECK(rank_queue("q", "local", 0) != rank_queue("q", "local", 1));
 }
 
 TEST_CASE("a message id is stable across redeliveries") {
@@ -207,17 +268,21 @@ struct Rig {
   FakeHandlers handlers;
   Dispatcher d;
   std::uint64_t next_tag = 1;
-  explicit Rig(int slots) : d({.slots = slots, .queue = "task_queue", .rank = 3, .node = "n7"}, broker, handlers) {
+  explicit Rig(int slots, CrashRecordPort* record = nullptr)
+      : d({.slots = slots, .queue = "task_queue", .rank = 3, .node = "n7", .rank_queue = "task_queue.rank.J.3"}, broker,
+          handlers, record) {
     handlers.events = &broker.events;
     for (int h = 0; h < d.handlers(); ++h) {
       d.on_handler_ready(h);
     }
     d.on_connected(d.desired_prefetch());
   }
-  std::uint64_t deliver(const std::string& body, amqp::Properties props = {}) {
+  std::uint64_t deliver(const std::string& body, amqp::Properties props = {}, bool redelivered = false,
+                        const std::string& routing_key = "task_queue") {
     amqp::Delivery del;
     del.tag = next_tag++;
-    del.routing_key = "task_queue";
+    del.routing_key = routing_key;
+    del.redelivered = redelivered;
     del.body = body;
     del.props = std::move(props);
     d.on_delivery(std::move(del));
@@ -251,17 +316,17 @@ struct Rig {
 
 TEST_CASE("a task is acked only after its handler finished, one call per slot") {
   Rig r(2);
-  CHECK(r.d.prefetch() == 3);
+  CHECK(r.d.prefetch() == 2);
   auto t1 = r.deliver(encode(Action::send_task, job(1, "A")));
   auto t2 = r.deliver(encode(Action::send_task, job(1, "B")));
-  auto t3 = r.deliver(encode(Action::send_task, job(1, "C")));  // the lookahead: no slot free
   CHECK(r.handlers.sent.size() == 2);
   CHECK(r.d.busy_slots() == 2);
   CHECK(r.broker.acked.empty());
   CHECK(r.handlers.sent[0].request["payload"]["worker_processes"] == 1);
   r.reply(1);
   CHECK(r.broker.acked == std::vector<std::uint64_t>{t2});
-  // The freed slot takes the waiting message at once.
+  // The ack frees a unit of the prefetch: the broker hands over the next one.
+  auto t3 = r.deliver(encode(Action::send_task, job(1, "C")));
   REQUIRE(r.handlers.sent.size() == 3);
   CHECK(r.handlers.sent[2].handler == 1);
   CHECK(r.handlers.sent[2].request["payload"]["job_key"] == "C");
@@ -271,7 +336,25 @@ TEST_CASE("a task is acked only after its handler finished, one call per slot") 
   CHECK(r.d.counters().tasks_done == 3);
   CHECK(r.d.idle());
   CHECK(r.broker.published.empty());
-  CHECK(r.broker.prefetches.empty());  // single-call messages: always slots + 1
+  CHECK(r.broker.prefetches.empty());  // single-call messages: always one per slot
+}
+
+TEST_CASE("a rank whose slots are all busy holds nothing back and sends the broker nothing") {
+  Rig r(2);
+  r.deliver(encode(Action::send_task, job(1, "A")));
+  r.deliver(encode(Action::send_task, job(1, "B")));
+  // Every slot busy: the prefetch equals what it holds, so the broker keeps
+  // the rest of the queue, in order, for whichever rank frees a slot first.
+  CHECK(r.d.prefetch() == 2);
+  CHECK(r.d.desired_prefetch() == 2);
+  CHECK(r.broker.events == std::vector<std::string>{"start 0", "start 1"});
+  // A task the broker handed over anyway (a prefetch change in flight) waits
+  // here, and is neither republished nor rotated, however long it waits.
+  r.deliver(encode(Action::send_task, job(1, "C")));
+  CHECK(r.broker.published.empty());
+  CHECK(r.broker.requeued.empty());
+  r.reply(0);
+  CHECK(r.handlers.sent.back().request["payload"]["job_key"] == "C");
 }
 
 TEST_CASE("a message with more calls than free slots is split; the rest is confirmed before anything starts") {
@@ -296,8 +379,9 @@ TEST_CASE("a message with more calls than free slots is split; the rest is confi
   r.reply(1);
   CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
   CHECK(r.d.counters().splits == 1);
-  // While one 2-call message held both slots the prefetch dropped to 2, then back to 3.
-  CHECK(r.broker.prefetches == std::vector<int>{2, 3});
+  // While one 2-call message held both slots the prefetch dropped to 1, then
+  // rose as its first call freed a slot.
+  CHECK(r.broker.prefetches == std::vector<int>{1, 2});
 }
 
 TEST_CASE("a refused remainder gives the whole message back, nothing starts") {
@@ -309,21 +393,35 @@ TEST_CASE("a refused remainder gives the whole message back, nothing starts") {
   CHECK(r.d.idle());
 }
 
-TEST_CASE("get_metadata and ping never wait behind tasks") {
-  Rig r(1);
+TEST_CASE("get_metadata and ping never wait behind tasks this rank holds") {
+  Rig r(2);
   r.deliver(encode(Action::send_task, job(1, "A")));
-  r.deliver(encode(Action::send_task, job(1, "B")));  // waits: the only slot is busy
+  auto meta = r.deliver(encode(Action::get_metadata, {{"runtime_name", "rt"}}));
+  REQUIRE(r.handlers.sent.size() == 2);
+  CHECK(r.handlers.sent[1].handler == r.d.control());
+  CHECK(r.handlers.sent[1].request["action"] == "get_metadata");
+  // The control message holds a unit of the prefetch: raised so that the
+  // free slot still gets a task.
+  CHECK(r.d.prefetch() == 3);
+  r.deliver(encode(Action::send_task, job(1, "B")));
+  CHECK(r.d.busy_slots() == 2);
+  CHECK(r.d.prefetch() == 3);
+  r.reply(r.d.control());
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{meta});
+  CHECK(r.d.prefetch() == 2);
+  CHECK(r.d.counters().metadata == 1);
+}
+
+TEST_CASE("a ping through the rank queue is answered while every slot is busy, and never acked") {
+  Rig r(1);
+  auto running = r.deliver(encode(Action::send_task, job(1, "A")));
   amqp::Properties pp;
   pp.reply_to = "amq.gen-reply";
   pp.correlation_id = "c-1";
-  auto ping = r.deliver(encode(Action::ping, {{"seq", 1}}), pp);
-  auto meta = r.deliver(encode(Action::get_metadata, {{"runtime_name", "rt"}}));
-  REQUIRE(r.handlers.sent.size() == 3);
+  r.deliver(encode(Action::ping, {{"seq", 1}}), pp, false, "task_queue.rank.J.3");
+  REQUIRE(r.handlers.sent.size() == 2);
   CHECK(r.handlers.sent[1].handler == r.d.control());
-  CHECK(r.handlers.sent[1].request["action"] == "ping");
-  CHECK(r.handlers.sent[2].handler == r.d.control());
-  CHECK(r.handlers.sent[2].request["action"] == "get_metadata");
-  // Answer the ping (the first outstanding control request).
+  CHECK(r.d.prefetch() == 1);  // consumed without acks: outside the prefetch
   Json req = r.handlers.sent[1].request;
   r.d.on_handler_reply(r.d.control(), {{"id", req["id"]}, {"ok", true}, {"echo", req["payload"]}});
   REQUIRE(r.broker.published.size() == 1);
@@ -333,11 +431,19 @@ TEST_CASE("get_metadata and ping never wait behind tasks") {
   CHECK(reply["rank"] == 3);
   CHECK(reply["node"] == "n7");
   CHECK(reply["echo"]["seq"] == 1);
-  CHECK(r.broker.acked == std::vector<std::uint64_t>{ping});
-  r.reply(r.d.control());
-  CHECK(r.broker.acked == std::vector<std::uint64_t>{ping, meta});
+  CHECK(r.broker.acked.empty());  // an ack of a no-ack delivery would close the channel
   CHECK(r.d.counters().pings == 1);
-  CHECK(r.d.counters().metadata == 1);
+  // A ping through the task queue (no deployment known) is acked as usual.
+  pp.correlation_id = "c-2";
+  auto shared = r.deliver(encode(Action::ping, {{"seq", 2}}), pp);
+  r.reply(r.d.control());
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{shared});
+  // Draining: a rank-queue ping is dropped, not rejected.
+  r.d.drain();
+  r.deliver(encode(Action::ping, {{"seq", 3}}), pp, false, "task_queue.rank.J.3");
+  CHECK(r.broker.requeued.empty());
+  r.reply(0);
+  CHECK(r.broker.acked.back() == running);
 }
 
 TEST_CASE("a handler crash requeues the call once with a crash count, then dead-letters it") {
@@ -462,50 +568,97 @@ TEST_CASE("tasks wait for handlers that are not ready yet") {
   CHECK(h.sent[0].handler == 1);
 }
 
-TEST_CASE("with every slot busy the lookahead task is rotated so a get_metadata behind it is reached") {
+TEST_CASE("a message nesting 100,000 levels is dead-lettered with the reason, and the rank lives") {
   Rig r(1);
-  auto running = r.deliver(encode(Action::send_task, job(1, "RUN")));
-  auto lookahead = r.deliver(encode(Action::send_task, job(1, "LOOK")));
-  auto now = Dispatcher::Clock::now();
-  REQUIRE(r.d.next_deadline());
-  r.d.on_tick(now);  // not waited long enough yet
-  CHECK(r.broker.published.empty());
-  r.d.on_tick(now + std::chrono::seconds(1));
+  // A valid send_task (267 KB): before the bounds it parsed, then overflowed
+  // the stack in dump() when handed to a handler.
+  auto p = job(1, "DEEP");
+  p["config"] = Json::object();
+  std::string text = p.dump();
+  text.insert(text.size() - 1, ",\"x\":" + deep(100000));
+  auto tag = r.deliver(body_with_payload("send_task", text));
+  CHECK(r.handlers.sent.empty());
   REQUIRE(r.broker.published.size() == 1);
-  CHECK(r.broker.published[0].routing_key == "task_queue");
-  CHECK(std::get<Task>(decode(r.broker.published[0].body)).payload["job_key"] == "LOOK");
-  CHECK(r.broker.published[0].props.delivery_mode == 2);
-  r.d.on_tick(now + std::chrono::seconds(2));  // one rotation at a time
-  CHECK(r.broker.published.size() == 1);
+  CHECK(r.broker.published[0].routing_key == "task_queue.dead");
+  CHECK(amqp::table_string(r.broker.published[0].props.headers, k_hdr_reason) ==
+        "malformed: payload nests deeper than max_message_depth (64)");
   r.confirm_all();
-  CHECK(r.broker.acked == std::vector<std::uint64_t>{lookahead});
-  CHECK(r.d.counters().rotations == 1);
-  // What the broker hands over next, the get_metadata, runs at once.
-  r.deliver(encode(Action::get_metadata, {{"runtime_name", "rt"}}));
-  CHECK(r.handlers.sent.back().handler == r.d.control());
-  r.reply(0);
-  CHECK(r.broker.acked.back() == running);
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
+  CHECK(r.d.counters().dead_lettered == 1);
+  // Oversized: dead-lettered the same way.
+  Rig small(1);
+  auto big = small.deliver(std::string(17u << 20, ' '));
+  CHECK(amqp::table_string(small.broker.published.at(0).props.headers, k_hdr_reason) ==
+        "malformed: message of 17825792 bytes is over max_message_bytes (16777216)");
+  small.confirm_all();
+  CHECK(small.broker.acked == std::vector<std::uint64_t>{big});
 }
 
-TEST_CASE("no rotation while a slot is free, restarting, or while draining") {
-  Rig r(2);
-  r.deliver(encode(Action::send_task, job(1)));
-  r.d.on_tick(Dispatcher::Clock::now() + std::chrono::seconds(5));
-  CHECK(r.broker.published.empty());
-  CHECK_FALSE(r.d.next_deadline());
-  // Slot 1's handler is being restarted: the waiting task is for it.
-  r.d.on_handler_lost(1, "exited with code 1");
-  r.deliver(encode(Action::send_task, job(1, "W")));
-  r.d.on_tick(Dispatcher::Clock::now() + std::chrono::seconds(5));
-  CHECK(r.broker.published.empty());
-  r.d.on_handler_ready(1);
-  CHECK(r.handlers.sent.back().request["payload"]["job_key"] == "W");
-  // Draining: the lookahead goes back at once instead.
-  r.deliver(encode(Action::send_task, job(1, "X")));
-  r.d.drain();
-  r.d.on_tick(Dispatcher::Clock::now() + std::chrono::seconds(5));
-  CHECK(r.broker.published.empty());
-  CHECK(r.broker.requeued.size() == 1);
+namespace {
+struct FakeRecord : CrashRecordPort {
+  std::vector<std::string> events;
+  std::set<std::string> killers;
+  void begin(std::string_view body) override { events.push_back("begin " + body_id(body)); }
+  void end() override { events.push_back("end"); }
+  bool killed_before(std::string_view body) override { return killers.count(std::string(body)) > 0; }
+};
+}  // namespace
+
+TEST_CASE("a redelivered message that killed a dispatcher here is dead-lettered, never processed again") {
+  FakeRecord rec;
+  Rig r(1, &rec);
+  auto body = encode(Action::send_task, job(1, "K"));
+  // Processing is recorded from decoding to handing the call out.
+  r.deliver(body);
+  CHECK(rec.events == std::vector<std::string>{"begin " + body_id(body), "end"});
+  r.reply(0);
+  // The broker hands it out again after a dispatcher died on it.
+  rec.killers.insert(body);
+  rec.events.clear();
+  auto tag = r.deliver(body, {}, /*redelivered=*/true);
+  CHECK(rec.events.empty());
+  CHECK(r.handlers.sent.size() == 1);  // not started again
+  REQUIRE(r.broker.published.size() == 1);
+  CHECK(r.broker.published[0].routing_key == "task_queue.dead");
+  CHECK(amqp::table_string(r.broker.published[0].props.headers, k_hdr_reason).find("killed a dispatcher") == 0);
+  r.confirm_all();
+  CHECK(r.broker.acked.back() == tag);
+  // Redelivered for another reason (a lost connection): processed as usual.
+  auto other = encode(Action::send_task, job(1, "L"));
+  r.deliver(other, {}, true);
+  CHECK(r.handlers.sent.back().request["payload"]["job_key"] == "L");
+}
+
+TEST_CASE("the in-flight record outlives its dispatcher and is read by the next on the node") {
+  char tmpl[] = "/tmp/lhpc-inflight-XXXXXX";
+  REQUIRE(::mkdtemp(tmpl));
+  std::string dir = std::string(tmpl) + "/n1";
+  auto body = encode(Action::send_task, job(1, "POISON"));
+  {
+    // A dispatcher that dies mid-message never runs end() nor its destructor:
+    // simulated by a child process that exits at once.
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      InflightRecord dying(dir, "J-0");
+      dying.begin(body);
+      ::_exit(0);
+    }
+    int st = 0;
+    ::waitpid(pid, &st, 0);
+  }
+  InflightRecord next(dir, "J-1");
+  CHECK(next.killed_before(body));
+  CHECK_FALSE(next.killed_before(encode(Action::send_task, job(1, "FINE"))));
+  // A message processed to the end leaves nothing behind.
+  next.begin(encode(Action::send_task, job(1, "OK")));
+  next.end();
+  InflightRecord third(dir, "J-2");
+  CHECK_FALSE(third.killed_before(encode(Action::send_task, job(1, "OK"))));
+  struct stat st {};
+  REQUIRE(::stat(dir.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0700);
+  std::filesystem::remove_all(tmpl);
 }
 
 TEST_CASE("a handler reply of the wrong shape counts as a failed call, never an exception") {
