@@ -31,34 +31,28 @@ inline void require(bool ok, const char* what) {
 // steps and their copies are Dispatcher::start_task's, in its order.
 inline void dispatch_decoded(dispatch::Task task, std::size_t free_slots) {
   using namespace lhpc::dispatch;
-  std::vector<Json> to_start;
   if (task.action != Action::send_task) {
     // get_metadata and ping: send_control hands the payload as it is.
-    to_start.push_back(std::move(task.payload));
-  } else {
-    require(task.calls > 0, "decode accepted a send_task without calls");
-    const std::size_t keep = task.calls < free_slots ? task.calls : free_slots;
-    if (keep < task.calls) {
-      auto [kept, rest] = split(task.payload, keep);
-      // The remainder goes back to the queue and must decode as keep..calls.
-      auto again = decode(encode(Action::send_task, rest));
-      const auto* t = std::get_if<Task>(&again);
-      require(t != nullptr, "the republished remainder of a split does not decode");
-      require(t->calls == task.calls - keep, "the remainder of a split has the wrong number of calls");
-      (void)describe_calls(kept);
-      to_start = one_call_payloads(kept);
-    } else if (task.calls == 1) {
-      // The common case: no copy of the payload.
-      task.payload["total_calls"] = 1;
-      task.payload["worker_processes"] = 1;
-      to_start.push_back(std::move(task.payload));
-    } else {
-      to_start = one_call_payloads(task.payload);
-    }
+    (void)task.payload.dump();
+    return;
   }
-  for (const auto& p : to_start) {
-    // send_request: the line a handler reads.
-    (void)p.dump();
+  require(task.calls > 0, "decode accepted a send_task without calls");
+  Calls calls(std::move(task.payload));  // start_task takes the payload apart once
+  require(calls.size() == task.calls, "Calls and decode disagree on the number of calls");
+  const std::size_t keep = task.calls < free_slots ? task.calls : free_slots;
+  if (keep < calls.size()) {
+    // The remainder goes back to the queue and must decode as keep..calls.
+    auto again = decode(encode_text(Action::send_task, calls.slice(keep, calls.size())));
+    const auto* t = std::get_if<Task>(&again);
+    require(t != nullptr, "the republished remainder of a split does not decode");
+    require(t->calls == task.calls - keep, "the remainder of a split has the wrong number of calls");
+  }
+  (void)calls.describe(0, keep);
+  for (std::size_t i = 0; i < keep; ++i) {
+    // send_request: the one-call payload a handler reads must decode as one call.
+    auto one = decode(encode_text(Action::send_task, calls.slice(i, i + 1, /*one_call=*/true)));
+    const auto* t = std::get_if<Task>(&one);
+    require(t != nullptr && t->calls == 1, "a one-call slice does not decode as one call");
   }
 }
 
