@@ -32,13 +32,8 @@ BIN=${LHPC_BIN:-$BUILD/lithops-hpc}
 [[ -x $BIN ]] || { echo "no $BIN: build first (meson compile -C $BUILD)" >&2; exit 1; }
 export LHPC_RIG_DIR=${LHPC_RIG_DIR:-$BUILD/rig}
 
-"$HERE/tests/rig/rabbitmq.sh" ensure
-"$HERE/tests/rig/slurm-cluster.sh" ensure 3
-set -a
-# shellcheck disable=SC1090
-. "$("$HERE/tests/rig/slurm-cluster.sh" env)"
-set +a
-unset SLURM_JOB_ID AMQP_URL LITHOPS_HPC_CONFIG LITHOPS_SIF
+. "$HERE/bench/lib.sh"
+rig_up_with_slurm "$HERE"
 
 WORK=$(mktemp -d "$BUILD/bench-autoalloc.XXXXXX")   # outside /tmp: every node sees it
 trap 'rm -rf "$WORK"' EXIT

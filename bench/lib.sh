@@ -8,3 +8,14 @@ median() {
     printf '%s\n' "$@" | sort -g |
         awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+# The rig's broker and 3-node Slurm cluster up, their environment exported,
+# and nothing of the caller's own job or broker left in it. $1: source root.
+rig_up_with_slurm() {
+    "$1/tests/rig/rabbitmq.sh" ensure
+    "$1/tests/rig/slurm-cluster.sh" ensure 3
+    set -a
+    # shellcheck disable=SC1090
+    . "$("$1/tests/rig/slurm-cluster.sh" env)"
+    set +a
+    unset SLURM_JOB_ID AMQP_URL LITHOPS_HPC_CONFIG LITHOPS_SIF
+}

@@ -33,20 +33,14 @@ BIN=${LHPC_BIN:-$BUILD/lithops-hpc}
 export LHPC_RIG_DIR=${LHPC_RIG_DIR:-$BUILD/rig}
 PY=/usr/bin/python3
 
-"$HERE/tests/rig/rabbitmq.sh" ensure
-"$HERE/tests/rig/slurm-cluster.sh" ensure 3
-set -a
-# shellcheck disable=SC1090
-. "$("$HERE/tests/rig/slurm-cluster.sh" env)"
-set +a
-unset SLURM_JOB_ID AMQP_URL LITHOPS_HPC_CONFIG LITHOPS_SIF
+. "$HERE/bench/lib.sh"
+rig_up_with_slurm "$HERE"
 
 WORK=$(mktemp -d "$BUILD/bench-slurm.XXXXXX")   # outside /tmp: every node sees it
 trap 'rm -rf "$WORK"' EXIT
 mkdir -m 700 "$WORK/state"
 export LITHOPS_HPC_STATE_DIR=$WORK/state LITHOPS_HPC_BIN=$BIN PYTHONPATH=$HERE/tests/fake-lithops
 
-. "$HERE/bench/lib.sh"
 
 IMAGE=$WORK/bench.sif
 t0=$(now)
