@@ -30,7 +30,9 @@ std::string password_of(const std::string& url) {
     return {};
   }
   std::string secret = url.substr(colon + 1, at - colon - 1);
-  std::string others = url.substr(0, colon + 1) + "\n" + url.substr(at);
+  // The rest of the URL as redact_url prints it, the mask included: a
+  // password such as "p://u:**" is found in "amqp://u:***" by chance.
+  std::string others = url.substr(0, colon + 1) + "***" + url.substr(at);
   // Words of the parser's own messages: a password made of one of them
   // would show in any message, leaked or not.
   static const std::string k_fixed_text =
