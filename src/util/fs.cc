@@ -5,7 +5,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
+#include <deque>
+#include <optional>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -100,12 +104,45 @@ UniqueFd open_below(int parent_fd, const std::string& name, const std::string& s
     struct stat st {};
     if ((err == ELOOP || err == ENOTDIR) && ::fstatat(parent_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
         S_ISLNK(st.st_mode)) {
-      throw Error(Exit::failure, shown + " is a symbolic link: lithops-hpc follows none on the way to its directories",
+      throw Error(Exit::failure, shown + " is a symbolic link, not a directory: lithops-hpc keeps its files only in a real one",
                   "give the real path (realpath " + shown + ")");
     }
     throw Error(Exit::failure, "cannot open directory " + shown + ": " + errno_text(err));
   }
   return fd;
+}
+
+// The parent rules applied to an open directory.
+void check_dir_fd(int fd, const std::string& shown) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    throw Error(Exit::failure, "cannot stat " + shown + ": " + errno_text(errno));
+  }
+  check_parent(st, shown);
+}
+
+// A symbolic link on the way to a directory is followed only when root or we
+// own it: its directory passed check_parent, so nobody else could have put it
+// there or swapped it (in a sticky /tmp others can add links, but theirs).
+// So /home -> /gpfs/home works, and each part of the target is checked in
+// turn. The link's target, or nullopt when `name` is not a link.
+std::optional<std::string> trusted_link_target(int parent_fd, const std::string& name, const std::string& shown) {
+  struct stat st {};
+  if (::fstatat(parent_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISLNK(st.st_mode)) {
+    return std::nullopt;
+  }
+  if (st.st_uid != 0 && st.st_uid != ::geteuid()) {
+    throw Error(Exit::failure,
+                shown + " is a symbolic link of " + owner_name(st.st_uid) + ", neither yours nor root's: they chose where it leads",
+                "give the real path (realpath " + shown + ") if you trust it, or another directory");
+  }
+  std::string target(PATH_MAX, '\0');
+  ssize_t n = ::readlinkat(parent_fd, name.c_str(), target.data(), target.size());
+  if (n <= 0 || static_cast<std::size_t>(n) >= target.size()) {
+    throw Error(Exit::failure, "cannot read the symbolic link " + shown + ": " + errno_text(n < 0 ? errno : ENAMETOOLONG));
+  }
+  target.resize(static_cast<std::size_t>(n));
+  return target;
 }
 
 }  // namespace
@@ -173,26 +210,46 @@ UniqueFd open_trusted_dir(const std::string& path) {
   if (path.empty() || path.front() != '/') {
     throw Error(Exit::failure, "'" + path + "' is not an absolute path", "give a path starting with /");
   }
-  UniqueFd fd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  std::string shown;
-  struct stat st {};
-  for (const auto& c : components(path)) {
-    if (::fstat(fd.get(), &st) != 0) {
-      throw Error(Exit::failure, "cannot stat " + (shown.empty() ? "/" : shown) + ": " + errno_text(errno));
-    }
-    check_parent(st, shown.empty() ? "/" : shown);
-    shown += "/" + c;
-    if (c == "..") {
-      throw Error(Exit::failure, path + " has a '..' component", "give the path without '..'");
-    }
-    fd = open_below(fd.get(), c, shown);
+  auto given = components(path);
+  if (std::find(given.begin(), given.end(), "..") != given.end()) {
+    throw Error(Exit::failure, path + " has a '..' component", "give the path without '..'");
   }
-  // The directory itself is the parent of what goes in it: the same rules.
-  if (::fstat(fd.get(), &st) != 0) {
-    throw Error(Exit::failure, "cannot stat " + path + ": " + errno_text(errno));
+  // The directories walked so far, each checked before going below it; a
+  // link's target may climb back with "..".
+  std::vector<std::pair<UniqueFd, std::string>> walked;
+  walked.emplace_back(UniqueFd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)), "");
+  std::deque<std::string> todo(given.begin(), given.end());
+  int links = 0;
+  for (;;) {
+    const auto& [fd, shown] = walked.back();
+    check_dir_fd(fd.get(), shown.empty() ? "/" : shown);
+    if (todo.empty()) {
+      break;
+    }
+    auto c = std::move(todo.front());
+    todo.pop_front();
+    if (c == "." || c == "..") {
+      if (c == ".." && walked.size() > 1) {
+        walked.pop_back();
+      }
+      continue;
+    }
+    auto here = shown + "/" + c;
+    if (auto target = trusted_link_target(fd.get(), c, here)) {
+      if (++links > 40) {
+        throw Error(Exit::failure, path + " goes through more than 40 symbolic links", "give the real path (realpath " + path + ")");
+      }
+      auto parts = components(*target);
+      todo.insert(todo.begin(), parts.begin(), parts.end());
+      if (target->front() == '/') {
+        walked.resize(1);
+      }
+      continue;
+    }
+    auto next = open_below(fd.get(), c, here);
+    walked.emplace_back(std::move(next), here);
   }
-  check_parent(st, shown.empty() ? "/" : shown);
-  return fd;
+  return std::move(walked.back().first);
 }
 
 UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::string& shown, bool create,

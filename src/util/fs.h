@@ -24,8 +24,10 @@ void write_file_atomic_at(int dir_fd, const std::string& name, const std::string
                           const std::string& shown_as);
 
 // The trust rules for a directory lithops-hpc keeps things in:
-//  - every parent, from /, is a real directory (no symlink on the way) owned
-//    by root or by us and not writable by group or others unless sticky (/tmp);
+//  - every parent, from /, is a directory owned by root or by us and not
+//    writable by group or others unless sticky (/tmp); a symbolic link on the
+//    way is followed only when root or we own it (/home -> /gpfs/home), and
+//    every directory it leads through is checked the same way;
 //  - the directory itself is ours and private ((mode & 077) == 0).
 // Opens `path` (absolute) component by component with O_NOFOLLOW|O_DIRECTORY
 // and checks each parent; throws Error naming the component, its owner and

@@ -124,18 +124,40 @@ TEST_CASE("a private directory is refused under a parent another user owns or ca
   std::filesystem::remove_all(d);
 }
 
-TEST_CASE("a symlink among a private directory's parents is refused") {
+TEST_CASE("a symlink among a private directory's parents: followed when root's or ours, refused when another user's") {
   char tmpl[] = "/tmp/lhpc-test-util-XXXXXX";
   std::string d = ::mkdtemp(tmpl);
   REQUIRE(::mkdir((d + "/real").c_str(), 0755) == 0);
+  // Ours (the suite runs as root), absolute and relative with "..": followed,
+  // and the private directory lands in the real one (/home -> /gpfs/home).
   REQUIRE(::symlink((d + "/real").c_str(), (d + "/link").c_str()) == 0);
+  REQUIRE(::mkdir((d + "/sub").c_str(), 0755) == 0);
+  REQUIRE(::symlink("../real", (d + "/sub/up").c_str()) == 0);
+  make_private_dir(d + "/link/private");
+  CHECK(path_exists(d + "/real/private"));
+  CHECK_NOTHROW(open_private_dir(d + "/sub/up/private", false));
+  // Another user's link, even in a sticky directory they may write: refused.
+  REQUIRE(::lchown((d + "/link").c_str(), k_other, k_other) == 0);
   try {
-    make_private_dir(d + "/link/private");
-    FAIL("a path through a symlink was accepted");
+    make_private_dir(d + "/link/other");
+    FAIL("a path through another user's symlink was accepted");
   } catch (const Error& e) {
-    CHECK(std::string(e.what()).find("symbolic link") != std::string::npos);
+    CHECK(std::string(e.what()).find("symbolic link of") != std::string::npos);
+    CHECK(std::string(e.what()).find("uid 65534") != std::string::npos);
   }
-  CHECK_FALSE(path_exists(d + "/real/private"));
+  CHECK_FALSE(path_exists(d + "/real/other"));
+  // Ours, leading into another user's directory: the target is checked too.
+  REQUIRE(::mkdir((d + "/theirs").c_str(), 0755) == 0);
+  REQUIRE(::chown((d + "/theirs").c_str(), k_other, k_other) == 0);
+  REQUIRE(::symlink((d + "/theirs").c_str(), (d + "/to-theirs").c_str()) == 0);
+  CHECK_THROWS_AS(make_private_dir(d + "/to-theirs/private"), Error);
+  CHECK_FALSE(path_exists(d + "/theirs/private"));
+  // A loop ends with an error, not a hang.
+  REQUIRE(::symlink((d + "/loop").c_str(), (d + "/loop").c_str()) == 0);
+  CHECK_THROWS_AS(make_private_dir(d + "/loop/private"), Error);
+  // The private directory itself is never a link.
+  REQUIRE(::symlink((d + "/real/private").c_str(), (d + "/alias").c_str()) == 0);
+  CHECK_THROWS_AS(open_private_dir(d + "/alias", false), Error);
   std::filesystem::remove_all(d);
 }
 
