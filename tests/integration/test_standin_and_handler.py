@@ -313,9 +313,9 @@ class StandInTests(unittest.TestCase):
         self.assertEqual(self.sing("instance", "start", self.sif, "k").returncode, 0)
         pid = json.loads(self.sing("instance", "list", "--json").stdout)["instances"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-        r = self.sing("exec", "instance://k", "true")
-        self.assertEqual(r.returncode, 255)
+        # Gone once the sleeper is reaped: wait for that, not for a guess.
+        lt.wait_until(lambda: self.sing("exec", "instance://k", "true").returncode == 255, 10,
+                      "exec into the killed instance to fail with 255")
         self.assertEqual(json.loads(self.sing("instance", "list", "--json").stdout)["instances"], [])
 
     def test_env_prefix_stripping(self):
