@@ -20,6 +20,7 @@ WORK = Path(os.environ["LHPC_BENCH_WORK"])
 ROUNDS = int(os.environ["LHPC_BENCH_ROUNDS"])
 POLL = os.environ["LHPC_BENCH_POLL"]
 IDLE = float(os.environ["LHPC_BENCH_IDLE"])
+SERVING = 15  # seconds measured with one job serving and nothing to do, each round
 TEMPLATE = ROOT / "slurm" / "lithops-deploy.sh"
 IMAGE = WORK / "rt.sif"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -106,23 +107,25 @@ def rate(d, pid, seconds):
 def autoalloc_rounds():
     d, url, env = setup("auto")
     log = open(d / "controller.log", "w")
-    p = subprocess.Popen([BIN, "autoalloc", "--sif", str(IMAGE), "--poll", POLL, "--idle-timeout", "5",
-                          "--max-nodes", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # --idle-timeout: long enough to measure a serving job's cost after its first task.
+    p = subprocess.Popen([BIN, "autoalloc", "--sif", str(IMAGE), "--poll", POLL, "--idle-timeout",
+                          str(SERVING + 5), "--max-nodes", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         lt.wait_until(lambda: (d / "state" / "autoalloc" / "state.json").exists(), 20, "controller state")
         idle_cpu, idle_q = rate(d, p.pid, IDLE)
-        rounds, busy = [], []
+        rounds, busy, serving = [], [], []
         for i in range(ROUNDS):
             t0 = publish_one(d, url, f"a{i}")
             cpu0, tm0 = cpu_seconds(p.pid), time.monotonic()
             done = first_done(d, f"a{i}")
             busy.append((cpu_seconds(p.pid) - cpu0) / (time.monotonic() - tm0))
+            serving.append(rate(d, p.pid, SERVING))  # one job serving, the queue empty
             jid = re.findall(r"submitted job (\d+)", (d / "controller.log").read_text())[-1]
             submit, start = slurm_times(env, jid)
             rounds.append({"total": done - t0, "react": submit - t0, "slurm": start - submit, "ours": done - start})
             lt.wait_until(lambda: not state(d)["jobs"], 120, "scale back to zero", interval=0.5)
             wait_gone(env, jid)
-        return rounds, idle_cpu, idle_q, busy
+        return rounds, idle_cpu, idle_q, busy, serving
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)
@@ -138,7 +141,7 @@ def main():
     for i in range(ROUNDS):
         manual.append(manual_round(i))
         show(f"manual sbatch round {i + 1}", manual[-1])
-    auto, idle_cpu, idle_q, busy = autoalloc_rounds()
+    auto, idle_cpu, idle_q, busy, serving = autoalloc_rounds()
     for i, r in enumerate(auto):
         show(f"autoalloc round {i + 1}", r)
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
@@ -149,6 +152,11 @@ def main():
     print(f"controller idle (--poll {POLL}, {IDLE:.0f} s, no job): CPU {idle_cpu * 100:.2f} %, per minute: "
           f"{idle_q['broker_queries']:.1f} broker, {idle_q['scheduler_queries']:.1f} scheduler queries, "
           f"{idle_q['sbatch_calls']:.1f} sbatch")
+    s_cpu = statistics.median(c for c, _ in serving)
+    s_q = {k: statistics.median(q[k] for _, q in serving) for k in serving[0][1]}
+    print(f"controller with one job serving (--poll {POLL}, {SERVING} s x {len(serving)}, medians): CPU {s_cpu * 100:.2f} %,"
+          f" per minute: {s_q['broker_queries']:.1f} broker, {s_q['scheduler_queries']:.1f} scheduler queries,"
+          f" {s_q['sbatch_calls']:.1f} sbatch")
     print(f"controller CPU from publish to first task done: median {statistics.median(busy) * 100:.2f} %")
 
 
