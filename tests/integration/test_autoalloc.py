@@ -224,7 +224,7 @@ class Autoalloc(unittest.TestCase):
         self.assertEqual(ctl.state_json()["controller"], "stopped")
 
     def test_2_max_nodes_held_under_a_backlog_and_a_restarted_controller_adopts(self):
-        """80 tasks; --max-nodes 2 with 1-node jobs and 3 pending allowed: squeue, sampled
+        """120 tasks; --max-nodes 2 with 1-node jobs and 3 pending allowed: squeue, sampled
         throughout, never shows more than 2 nodes held, and it does reach 2. The controller is
         SIGKILLed while both jobs serve and started again: it adopts them and submits no
         duplicate (one that lost track would: the backlog still wants nodes). SIGTERM then
@@ -242,7 +242,7 @@ class Autoalloc(unittest.TestCase):
         ctl.job_name()  # the state file exists: the sampler can name the jobs
         sampler.start()
         self.addCleanup(stop.set)
-        keys = ctl.publish(80, 0.5, "limit")
+        keys = ctl.publish(120, 0.5, "limit")
 
         def two_serving():
             jobs = (ctl.state_json() or {}).get("jobs", [])
@@ -258,7 +258,7 @@ class Autoalloc(unittest.TestCase):
         ctl.wait_polls(6, "a duplicate submission would show")
         self.assertNotIn("submitted job", ctl.logs[-1].read_text(), ctl.log())
         self.assertEqual({j["id"] for j in ctl.state_json()["jobs"]}, before)
-        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 80 tasks done")
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 120 tasks done")
         # SIGTERM leaves the jobs serving; stop --all then ends them.
         self.assertEqual(ctl.signal(signal.SIGTERM), 143)
         self.assertEqual(set(ctl.slurm_jobs()), before, "SIGTERM left the jobs serving")
@@ -312,7 +312,7 @@ class Autoalloc(unittest.TestCase):
         submitted before their predecessors drain; every task done, none lost. The stream
         (one 1-s task a second, 2 slots) never backs up, so only renewal, not the backlog rule,
         brings the successors."""
-        self.ctl = Controller(self, "renew", ["--max-nodes", "2", "--time-limit", "1", "--renew-before", "40",
+        self.ctl = Controller(self, "renew", ["--max-nodes", "3", "--time-limit", "1", "--renew-before", "40",
                                               "--idle-timeout", "3"])
         ctl = self.ctl
         keys = []
