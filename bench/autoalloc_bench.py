@@ -68,7 +68,7 @@ def slurm_times(env, jid):
     if log and log.is_file():
         stamps = {}
         for line in log.read_text(errors="replace").splitlines():
-            m = re.match(rf"\[(\S+)\] (_slurm_rpc_submit_batch_job|sched: Allocate|sched/backfill: Started|backfill: Started) JobId={jid}\b", line)
+            m = re.match(rf"\[(\S+)\] (_slurm_rpc_submit_batch_job:|sched: Allocate|sched/backfill: Started|backfill: Started) JobId={jid}\b", line)
             if m:
                 key = "submit" if m.group(2).startswith("_slurm_rpc") else "start"
                 stamps.setdefault(key, datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").timestamp())
