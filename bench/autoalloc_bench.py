@@ -2,6 +2,7 @@
 sets up the rig and the environment). Prints one line per round and a summary."""
 import json
 import os
+import random
 import re
 import signal
 import statistics
@@ -134,6 +135,9 @@ def autoalloc_rounds():
         idle_cpu, idle_q = rate(d, p.pid, IDLE)
         rounds, busy, serving = [], [], []
         for i in range(ROUNDS):
+            # Publish at a random point of the poll cycle: right after the scale-to-zero the
+            # bench would otherwise always publish just after a poll (a reaction of a whole --poll).
+            time.sleep(random.uniform(0, float(POLL)))
             t0 = publish_one(d, url, f"a{i}")
             cpu0, tm0 = cpu_seconds(p.pid), time.monotonic()
             done = first_done(d, f"a{i}")
