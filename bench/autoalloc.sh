@@ -11,7 +11,8 @@
 #
 # Runs on the test rig (tests/rig/: a real 3-node Slurm cluster on this
 # machine and a real broker), started here when not running and left running.
-# Slurm prints SubmitTime and StartTime to the second: the split is +-1 s.
+# Submission and allocation times come from slurmctld's log (to the millisecond)
+# when readable, else from scontrol (to the second).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)

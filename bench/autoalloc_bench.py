@@ -2,6 +2,7 @@
 sets up the rig and the environment). Prints one line per round and a summary."""
 import json
 import os
+import random
 import re
 import signal
 import statistics
@@ -20,6 +21,7 @@ WORK = Path(os.environ["LHPC_BENCH_WORK"])
 ROUNDS = int(os.environ["LHPC_BENCH_ROUNDS"])
 POLL = os.environ["LHPC_BENCH_POLL"]
 IDLE = float(os.environ["LHPC_BENCH_IDLE"])
+SERVING = 15  # seconds measured with one job serving and nothing to do, each round
 TEMPLATE = ROOT / "slurm" / "lithops-deploy.sh"
 IMAGE = WORK / "rt.sif"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -54,8 +56,27 @@ def first_done(d, tag, timeout=300):
     return int(name.rsplit("-", 1)[1].split(".")[0]) / 1e9
 
 
+def ctld_log(env):
+    out = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True, text=True).stdout
+    m = re.search(r"(?m)^SlurmctldLogFile\s*=\s*(\S+)", out)
+    return Path(m.group(1)) if m else None
+
+
 def slurm_times(env, jid):
+    """(submitted, allocated) unix times: from slurmctld's log, which stamps each event to the
+    millisecond (the rig's, or any readable one); else scontrol's SubmitTime/StartTime, to the second."""
+    log = ctld_log(env)
+    if log and log.is_file():
+        stamps = {}
+        for line in log.read_text(errors="replace").splitlines():
+            m = re.match(rf"\[(\S+)\] (_slurm_rpc_submit_batch_job:|sched: Allocate|sched/backfill: Started|backfill: Started) JobId={jid}\b", line)
+            if m:
+                key = "submit" if m.group(2).startswith("_slurm_rpc") else "start"
+                stamps.setdefault(key, datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").timestamp())
+        if len(stamps) == 2:
+            return stamps["submit"], stamps["start"]
     out = subprocess.run(["scontrol", "-o", "show", "job", jid], env=env, capture_output=True, text=True).stdout
+
     def t(key):
         m = re.search(rf"\b{key}=(\S+)", out)
         return datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").timestamp()
@@ -106,31 +127,36 @@ def rate(d, pid, seconds):
 def autoalloc_rounds():
     d, url, env = setup("auto")
     log = open(d / "controller.log", "w")
-    p = subprocess.Popen([BIN, "autoalloc", "--sif", str(IMAGE), "--poll", POLL, "--idle-timeout", "5",
-                          "--max-nodes", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # --idle-timeout: long enough to measure a serving job's cost after its first task.
+    p = subprocess.Popen([BIN, "autoalloc", "--sif", str(IMAGE), "--poll", POLL, "--idle-timeout",
+                          str(SERVING + 5), "--max-nodes", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         lt.wait_until(lambda: (d / "state" / "autoalloc" / "state.json").exists(), 20, "controller state")
         idle_cpu, idle_q = rate(d, p.pid, IDLE)
-        rounds, busy = [], []
+        rounds, busy, serving = [], [], []
         for i in range(ROUNDS):
+            # Publish at a random point of the poll cycle: right after the scale-to-zero the
+            # bench would otherwise always publish just after a poll (a reaction of a whole --poll).
+            time.sleep(random.uniform(0, float(POLL)))
             t0 = publish_one(d, url, f"a{i}")
             cpu0, tm0 = cpu_seconds(p.pid), time.monotonic()
             done = first_done(d, f"a{i}")
             busy.append((cpu_seconds(p.pid) - cpu0) / (time.monotonic() - tm0))
+            serving.append(rate(d, p.pid, SERVING))  # one job serving, the queue empty
             jid = re.findall(r"submitted job (\d+)", (d / "controller.log").read_text())[-1]
             submit, start = slurm_times(env, jid)
             rounds.append({"total": done - t0, "react": submit - t0, "slurm": start - submit, "ours": done - start})
             lt.wait_until(lambda: not state(d)["jobs"], 120, "scale back to zero", interval=0.5)
             wait_gone(env, jid)
-        return rounds, idle_cpu, idle_q, busy
+        return rounds, idle_cpu, idle_q, busy, serving
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)
 
 
 def show(label, r):
-    print(f"{label}: first task done {r['total']:.2f} s after publish = react {r['react']:.1f} + "
-          f"Slurm scheduling {r['slurm']:.1f} + our start-up {r['ours']:.1f} (s, Slurm's clock to the second)")
+    print(f"{label}: first task done {r['total']:.2f} s after publish = react {r['react']:.2f} + "
+          f"Slurm scheduling {r['slurm']:.2f} + our start-up {r['ours']:.2f} s")
 
 
 def main():
@@ -138,17 +164,23 @@ def main():
     for i in range(ROUNDS):
         manual.append(manual_round(i))
         show(f"manual sbatch round {i + 1}", manual[-1])
-    auto, idle_cpu, idle_q, busy = autoalloc_rounds()
+    auto, idle_cpu, idle_q, busy, serving = autoalloc_rounds()
     for i, r in enumerate(auto):
         show(f"autoalloc round {i + 1}", r)
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     print(f"median first-task latency: autoalloc {med(auto, 'total'):.2f} s, manual sbatch {med(manual, 'total'):.2f} s,"
           f" ratio {med(auto, 'total') / med(manual, 'total'):.2f}")
-    print(f"median split (autoalloc): react {med(auto, 'react'):.1f} s, Slurm {med(auto, 'slurm'):.1f} s,"
-          f" ours {med(auto, 'ours'):.1f} s")
+    for label, rs in (("autoalloc", auto), ("manual sbatch", manual)):
+        print(f"median split ({label}): react {med(rs, 'react'):.2f} s, Slurm {med(rs, 'slurm'):.2f} s,"
+              f" ours {med(rs, 'ours'):.2f} s")
     print(f"controller idle (--poll {POLL}, {IDLE:.0f} s, no job): CPU {idle_cpu * 100:.2f} %, per minute: "
           f"{idle_q['broker_queries']:.1f} broker, {idle_q['scheduler_queries']:.1f} scheduler queries, "
           f"{idle_q['sbatch_calls']:.1f} sbatch")
+    s_cpu = statistics.median(c for c, _ in serving)
+    s_q = {k: statistics.median(q[k] for _, q in serving) for k in serving[0][1]}
+    print(f"controller with one job serving (--poll {POLL}, {SERVING} s x {len(serving)}, medians): CPU {s_cpu * 100:.2f} %,"
+          f" per minute: {s_q['broker_queries']:.1f} broker, {s_q['scheduler_queries']:.1f} scheduler queries,"
+          f" {s_q['sbatch_calls']:.1f} sbatch")
     print(f"controller CPU from publish to first task done: median {statistics.median(busy) * 100:.2f} %")
 
 

@@ -15,10 +15,7 @@ if [ ! -f "$build/build.ninja" ]; then
   meson setup -Dtest_hooks=true "$build" || { echo "0 passed, 1 failed"; exit 1; }
 fi
 meson configure -Dtest_hooks=true "$build" >/dev/null && meson compile -C "$build" || { echo "0 passed, 1 failed"; exit 1; }
-# The slow suite (autoalloc against real Slurm time limits, ~13 min) only with LHPC_SLOW=1.
-skip_slow=(--no-suite slow)
-[ "${LHPC_SLOW:-0}" = 1 ] && skip_slow=()
-meson test -C "$build" --print-errorlogs "${skip_slow[@]}" "$@"
+meson test -C "$build" --print-errorlogs "$@"
 rc=$?
 /usr/bin/python3 - "$build/meson-logs/testlog.json" <<'PY'
 import json, sys

@@ -6,6 +6,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <ctime>
 #include <fmt/format.h>
@@ -107,9 +108,11 @@ std::string to_json(const State& s) {
       {"last_refusal", s.last_refusal},
       {"refused_in_row", s.refused_in_row},
       {"backoff_until", s.backoff_until},
-      {"start_failures_in_row", s.start_failures_in_row},
-      {"failed_outputs", s.failed_outputs},
-      {"halted", s.halted},
+      {"start_failures_in_row", s.start_failures.in_row},
+      {"failed_outputs", s.start_failures.outputs},
+      {"halted", s.start_failures.halted},
+      {"halted_at", s.start_failures.halted_at},
+      {"slots_per_node", s.slots_per_node},
       {"limits", limits_json(s.limits)},
       {"counters", {{"sbatch_calls", s.sbatch_calls}, {"broker_queries", s.broker_queries},
                     {"scheduler_queries", s.scheduler_queries}}},
@@ -135,9 +138,11 @@ State state_from_json(const std::string& text, const std::string& source) {
     s.last_refusal = j.value("last_refusal", "");
     s.refused_in_row = j.value("refused_in_row", 0);
     s.backoff_until = j.value("backoff_until", 0.0);
-    s.start_failures_in_row = j.value("start_failures_in_row", 0);
-    s.failed_outputs = j.value("failed_outputs", std::vector<std::string>{});
-    s.halted = j.value("halted", false);
+    s.start_failures.in_row = j.value("start_failures_in_row", 0);
+    s.start_failures.outputs = j.value("failed_outputs", std::vector<std::string>{});
+    s.start_failures.halted = j.value("halted", false);
+    s.start_failures.halted_at = j.value("halted_at", 0.0);
+    s.slots_per_node = j.value("slots_per_node", 0);
     const auto& d = j.at("demand");
     s.demand_seen = d.value("seen", 0.0);
     if (d.contains("ready") && d["ready"].is_number()) {
@@ -219,9 +224,7 @@ Controller::Controller(Settings s) : m_s(std::move(s)), m_dir(controller_dir()) 
     m_state = *prev;
   }
   // A restart is the user's answer to a halt: try again, from a clean count.
-  m_state.halted = false;
-  m_state.start_failures_in_row = 0;
-  m_state.failed_outputs.clear();
+  m_state.start_failures = {};
   m_state.error.clear();
   m_state.controller = "running";
   m_state.pid = ::getpid();
@@ -324,7 +327,9 @@ void Controller::observe_deployments(double now) {
       r.phase = Phase::draining;
     } else if (r.ready_ranks > 0) {
       r.phase = Phase::serving;
-      r.ever_serving = true;
+      if (!r.ever_serving) {
+        account_served(r);
+      }
     } else {
       r.phase = Phase::starting;
     }
@@ -362,8 +367,6 @@ void Controller::observe_queue(double now) {
 
 void Controller::account_ended(JobRecord& r) {
   if (r.ever_serving) {
-    m_state.start_failures_in_row = 0;
-    m_state.failed_outputs.clear();
     spdlog::info("job {} ended", r.id);
     return;
   }
@@ -371,21 +374,37 @@ void Controller::account_ended(JobRecord& r) {
     spdlog::info("job {} ended before serving (cancelled by the controller)", r.id);
     return;
   }
-  ++m_state.start_failures_in_row;
-  m_state.failed_outputs.push_back(r.out);
-  spdlog::error("job {} ended before any rank was ready ({} in a row); see {}", r.id,
-                m_state.start_failures_in_row, r.out);
-  if (m_state.start_failures_in_row >= m_s.limits.max_start_failures && !m_state.halted) {
-    m_state.halted = true;
+  auto& f = m_state.start_failures;
+  bool halts = on_start_failure(f, r.out, health::unix_now(), m_s.limits);
+  spdlog::error("job {} ended before any rank was ready ({} in a row); see {}", r.id, f.in_row, r.out);
+  if (halts) {
     std::string files;
-    for (const auto& f : m_state.failed_outputs) {
-      files += (files.empty() ? "" : ", ") + f;
+    for (const auto& out : f.outputs) {
+      files += (files.empty() ? "" : ", ") + out;
     }
     m_state.error = fmt::format(
-        "{} jobs in a row ended before serving: no more submissions; see their output: {}; fix the cause and "
-        "restart lithops-hpc autoalloc",
-        m_state.start_failures_in_row, files);
+        "{} jobs in a row ended before serving: no more submissions for {:.0f} s (or until a job serves); see "
+        "their output: {}; fix the cause and restart lithops-hpc autoalloc to try again at once",
+        f.in_row, m_s.limits.halt_cooloff, files);
     spdlog::error("{}", m_state.error);
+  }
+}
+
+// The first time a job serves: a row of start failures is broken (and a halt lifted).
+void Controller::account_served(JobRecord& r) {
+  r.ever_serving = true;
+  if (on_served(m_state.start_failures)) {
+    m_state.error.clear();
+    spdlog::info("job {} serves: submissions resume after the halt for start failures", r.id);
+  }
+}
+
+void Controller::lift_halt_after_cooloff(double now) {
+  if (cool_off(m_state.start_failures, now, m_s.limits)) {
+    m_state.error.clear();
+    spdlog::warn("halt for start failures lifted after {:.0f} s: one job is tried; if it fails at start too, "
+                 "submissions halt again",
+                 m_s.limits.halt_cooloff);
   }
 }
 
@@ -397,7 +416,8 @@ Snapshot Controller::snapshot(double now) const {
   s.demand_idle_for = m_state.demand_seen > 0 ? now - m_state.demand_seen : now - m_state.started;
   s.default_slots_per_node = m_s.default_slots;
   s.backoff_until = m_state.backoff_until;
-  s.halted = m_state.halted;
+  s.halted = m_state.start_failures.halted;
+  s.learned_slots_per_node = m_state.slots_per_node;
   for (const auto& r : m_state.jobs) {
     JobSnapshot j{r.id, r.phase, r.nodes, r.ready_ranks, r.slots_total, r.slots_busy, r.seconds_left};
     j.idle_for = r.idle.started ? now - r.idle.since : 0;
@@ -425,7 +445,7 @@ void Controller::submit(const Action& a, double now) {
   }
   m_state.refused_in_row = 0;
   m_state.backoff_until = 0;
-  if (!m_state.halted) {
+  if (!m_state.start_failures.halted) {
     m_state.error.clear();
   }
   JobRecord r;
@@ -485,11 +505,16 @@ void Controller::tick() {
       m_state.demand_seen = now;
     }
   }
-  auto d = decide(snapshot(now), m_s.limits);
+  lift_halt_after_cooloff(now);
+  auto snap = snapshot(now);
+  if (std::any_of(snap.jobs.begin(), snap.jobs.end(), [](const JobSnapshot& j) { return j.phase == Phase::serving; })) {
+    m_state.slots_per_node = supply_of(snap).slots_per_node;  // remembered across scale to zero and restarts
+  }
+  auto d = decide(snap, m_s.limits);
   for (const auto& a : d.actions) {
     carry_out(a, now);
   }
-  m_state.next = m_state.halted ? "halted: " + m_state.error : d.next;
+  m_state.next = m_state.start_failures.halted ? "halted: " + m_state.error : d.next;
   save();
 }
 

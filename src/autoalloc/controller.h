@@ -53,9 +53,8 @@ struct State {
   int refused_in_row = 0;
   double backoff_until = 0;
   std::string last_refusal;            // sbatch's own message
-  int start_failures_in_row = 0;
-  std::vector<std::string> failed_outputs;  // of the jobs that failed at start in a row
-  bool halted = false;
+  StartFailures start_failures;        // K in a row halt submissions (policy.h)
+  int slots_per_node = 0;              // last reported by a serving deployment; 0: none yet
   std::string error;                   // the latest problem, for status
   double demand_seen = 0;              // last time the queue had ready messages
   std::optional<std::uint64_t> ready;
@@ -102,6 +101,8 @@ private:
   void observe_deployments(double now);
   void observe_queue(double now);
   void account_ended(JobRecord& r);
+  void account_served(JobRecord& r);
+  void lift_halt_after_cooloff(double now);
   Snapshot snapshot(double now) const;
   void carry_out(const Action& a, double now);
   void submit(const Action& a, double now);

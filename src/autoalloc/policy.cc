@@ -51,8 +51,13 @@ Supply supply_of(const Snapshot& s) {
       }
     }
   }
-  sp.slots_per_node = learned_nodes > 0 ? std::max(1, learned_slots / learned_nodes)
-                                        : std::max(1, s.default_slots_per_node);
+  if (learned_nodes > 0) {
+    sp.slots_per_node = std::max(1, learned_slots / learned_nodes);
+  } else if (s.learned_slots_per_node > 0) {
+    sp.slots_per_node = s.learned_slots_per_node;
+  } else {
+    sp.slots_per_node = std::max(1, s.default_slots_per_node);
+  }
   return sp;
 }
 
@@ -62,6 +67,32 @@ double backoff_delay(int refused_in_row, const Limits& l) {
   }
   double d = l.backoff_first * std::pow(2.0, std::min(refused_in_row - 1, 30));
   return std::min(d, l.backoff_cap);
+}
+
+bool on_served(StartFailures& f) {
+  bool lifted = f.halted;
+  f = StartFailures{};
+  return lifted;
+}
+
+bool on_start_failure(StartFailures& f, const std::string& out, double now, const Limits& l) {
+  ++f.in_row;
+  f.outputs.push_back(out);
+  if (f.halted || f.in_row < l.max_start_failures) {
+    return false;
+  }
+  f.halted = true;
+  f.halted_at = now;
+  return true;
+}
+
+bool cool_off(StartFailures& f, double now, const Limits& l) {
+  if (!f.halted || now - f.halted_at < l.halt_cooloff) {
+    return false;
+  }
+  f.halted = false;
+  f.in_row = std::max(0, l.max_start_failures - 1);
+  return true;
 }
 
 double observe_idle(IdleClock& c, double now, int busy, unsigned long long done) {

@@ -32,6 +32,7 @@ struct Limits {
   int max_start_failures = 3; // K: jobs failing at start in a row stop submissions
   double backoff_first = 10;  // seconds after the first refused submission
   double backoff_cap = 600;   // the longest wait between refused submissions
+  double halt_cooloff = 1800; // seconds a halt after start failures lasts before one probe job
 };
 
 // Where one of our deployments is, as seen from Slurm and its status file.
@@ -63,7 +64,8 @@ struct Snapshot {
   std::optional<int> consumers;
   double demand_idle_for = 0;      // seconds since the queue last had ready messages
   std::vector<JobSnapshot> jobs;
-  int default_slots_per_node = 1;  // before any deployment has said how many it has
+  int default_slots_per_node = 1;  // configured: before any deployment has said how many it has
+  int learned_slots_per_node = 0;  // reported by an earlier deployment (0: none yet); beats the default
   double backoff_until = 0;        // no submission before this (unix seconds)
   bool halted = false;             // K start failures in a row: no more submissions
   bool submitting = true;          // false once SIGTERM asked the controller to end
@@ -101,6 +103,27 @@ Decision decide(const Snapshot& s, const Limits& l);
 // Seconds to wait after the n-th refused submission in a row (n >= 1):
 // first, 2*first, 4*first ... capped.
 double backoff_delay(int refused_in_row, const Limits& l);
+
+// Jobs that end before any rank was ready, K in a row, halt submissions: a
+// bad image or configuration would otherwise burn allocations forever. The
+// halt is not forever either: it lifts as soon as any job serves (one still
+// in flight when it began, or adopted), or after Limits::halt_cooloff, when
+// one probe job is let through; if that one fails at start too, the halt
+// returns at once for another cool-off.
+struct StartFailures {
+  int in_row = 0;
+  std::vector<std::string> outputs;  // of the jobs that failed in this row
+  bool halted = false;
+  double halted_at = 0;              // unix seconds
+};
+// A job served: the row is broken and a halt lifted. True if it lifted one.
+bool on_served(StartFailures& f);
+// A job ended before serving (`out`: its batch output). True when this one
+// halts submissions.
+bool on_start_failure(StartFailures& f, const std::string& out, double now, const Limits& l);
+// Lifts a halt whose cool-off has passed, leaving one failure to spare
+// (in_row = K-1). True if it lifted one.
+bool cool_off(StartFailures& f, double now, const Limits& l);
 
 // Per-job memory the controller keeps between polls to know how long a
 // deployment has been idle: it is busy while a slot is busy or its done

@@ -4,8 +4,11 @@
 The controller runs as a user would run it (foreground process, SIGTERM to
 end it) and submits slurm/lithops-deploy.sh with the host engine and
 tests/fake-lithops as Lithops. Each test has its own vhost and its own state
-directory (so its own lock, state file and job name). Short time limits and
-polls keep the suite to a few minutes.
+directory (so its own lock, state file and job name). Polls of 0.5 s, idle
+timeouts of a few seconds and 1-minute Slurm time limits keep the file within
+its CI budget (200 s on a loaded 2-core machine); waits are on conditions
+(a task record, a state-file field, a count of the controller's own polls),
+never on a hoped-for delay.
 
 Run: LHPC_BIN=<build>/lithops-hpc LHPC_RIG_DIR=<dir outside /tmp> \
      /usr/bin/python3 tests/integration/test_autoalloc.py [-k NAME]
@@ -106,14 +109,22 @@ class Controller:
         self.proc.send_signal(sig)
         return self.proc.wait(30)
 
+    def polls(self):
+        """How many times the controller has looked at the queue (one per poll)."""
+        return ((self.state_json() or {}).get("counters") or {}).get("broker_queries", 0)
+
+    def wait_polls(self, n, what):
+        """Returns after the controller has polled n more times: the window in which an
+        action it should not take (a submission) would have shown."""
+        first = self.polls()
+        lt.wait_until(lambda: self.polls() >= first + n, 30 + n, f"{n} more polls of the controller ({what})")
+
     def publish(self, n, sleep, tag):
-        keys = []
-        for i in range(n):
-            job_key = f"{tag}-{i:04d}"
-            payload = lt.make_send_task(1, job_key, {"lhpc_test": {"sleep": sleep, "record_dir": str(self.records)}})
-            lt.publish_lithops(self.url, "send_task", payload)
-            keys.append((job_key, "00000"))
-        return keys
+        """n one-call send_task messages; their (job_key, call_id)."""
+        extra = {"lhpc_test": {"sleep": sleep, "record_dir": str(self.records)}}
+        job_keys = [f"{tag}-{i:04d}" for i in range(n)]
+        lt.publish_lithops_many(self.url, "send_task", [lt.make_send_task(1, k, extra) for k in job_keys])
+        return [(k, "00000") for k in job_keys]
 
     def done_keys(self):
         out = set()
@@ -212,21 +223,60 @@ class Autoalloc(unittest.TestCase):
         self.assertEqual(ctl.signal(signal.SIGTERM), 143)
         self.assertEqual(ctl.state_json()["controller"], "stopped")
 
-    def test_2_max_nodes_never_exceeded_under_a_large_backlog(self):
-        """200 tasks; --max-nodes 2 with 1-node jobs and 3 pending allowed: squeue never shows
-        more than 2 nodes held, and it does reach 2."""
-        self.ctl = Controller(self, "limit", ["--max-nodes", "2", "--max-pending", "3", "--idle-timeout", "30"])
+    def test_2_max_nodes_held_under_a_backlog_and_a_restarted_controller_adopts(self):
+        """120 tasks; --max-nodes 2 with 1-node jobs and 3 pending allowed: squeue, sampled
+        throughout, never shows more than 2 nodes held, and it does reach 2. The controller is
+        SIGKILLed while both jobs serve and started again: it adopts them and submits no
+        duplicate (one that lost track would: the backlog still wants nodes). SIGTERM then
+        leaves them serving, and `stop --all` ends both."""
+        self.ctl = Controller(self, "limit", ["--max-nodes", "2", "--max-pending", "3", "--idle-timeout", "60"])
         ctl = self.ctl
-        ctl.publish(200, 1.0, "limit")
-        peak = 0
-        deadline = time.monotonic() + 25
-        while time.monotonic() < deadline:
-            held = sum(n for _, n in ctl.slurm_jobs().values())
-            self.assertLessEqual(held, 2, f"squeue: {ctl.slurm_jobs()}\n{ctl.log()}")
-            peak = max(peak, held)
-            time.sleep(0.2)
+        samples, stop = [], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                try:
+                    jobs = ctl.slurm_jobs()
+                except (subprocess.SubprocessError, OSError):
+                    continue  # one squeue that failed or hung under load: the next sample counts
+                samples.append((sum(n for _, n in jobs.values()), jobs))
+                stop.wait(0.2)
+        sampler = threading.Thread(target=sample, daemon=True)
+        ctl.job_name()  # the state file exists: the sampler can name the jobs
+        sampler.start()
+        self.addCleanup(stop.set)
+        keys = ctl.publish(120, 0.5, "limit")
+
+        def two_serving():
+            jobs = (ctl.state_json() or {}).get("jobs", [])
+            return len([j for j in jobs if j["phase"] == "serving"]) == 2 and jobs
+        first = lt.wait_until(two_serving, 90, "two serving jobs")
+        ctl.proc.kill()
+        ctl.proc.wait(10)
+        before = set(ctl.slurm_jobs())
+        self.assertEqual(before, {j["id"] for j in first})
+        ctl.start()
+        lt.wait_until(lambda: "adopted 2 job(s)" in ctl.logs[-1].read_text(), 20, "the restarted controller to adopt")
+        self.assertGreater(lt.queue_depth(ctl.url), 0, "the backlog still wants nodes after the restart")
+        ctl.wait_polls(6, "a duplicate submission would show")
+        self.assertNotIn("submitted job", ctl.logs[-1].read_text(), ctl.log())
+        self.assertEqual({j["id"] for j in ctl.state_json()["jobs"]}, before)
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 120 tasks done")
+        # SIGTERM leaves the jobs serving; stop --all then ends them.
+        self.assertEqual(ctl.signal(signal.SIGTERM), 143)
+        self.assertEqual(set(ctl.slurm_jobs()), before, "SIGTERM left the jobs serving")
+        sp = run([BIN, "stop", "--all", "--timeout", "60"], ctl.env, check=False, timeout=90)
+        self.assertEqual(sp.returncode, 0, sp.stdout + sp.stderr)
+        for jid in before:
+            self.assertRegex(sp.stdout + sp.stderr, rf"job {jid}\b")
+        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "stop --all to end the jobs")
+        stop.set()
+        sampler.join(10)
+        peak = max(held for held, _ in samples)
+        over = [jobs for held, jobs in samples if held > 2]
+        self.assertEqual(over, [], f"squeue showed more than --max-nodes 2\n{ctl.log()}")
         self.assertEqual(peak, 2, "it scaled up to the limit")
-        self.assertLessEqual(len(self.submitted_ids()), 2, "no job beyond the limit was ever submitted")
+        self.assertEqual(len(self.submitted_ids()), 2, "no job beyond the limit was ever submitted")
 
     def test_3_refused_submission_backs_off(self):
         """A nonexistent partition: sbatch's own message in the state and log, and the number of
@@ -241,17 +291,17 @@ class Autoalloc(unittest.TestCase):
         ctl = self.ctl
         ctl.publish(3, 0.1, "refused")
         st = lt.wait_until(lambda: (s := ctl.state_json()) and s["error"] and s, 30, "the refusal in the state")
+        t0 = time.monotonic()
         self.assertIn("invalid partition", st["error"].lower())
         self.assertIn("sbatch", st["last_refusal"])
         self.assertRegex(ctl.log(), r"(?i)sbatch refused the submission.*invalid partition")
         st = run([BIN, "status"], ctl.env, check=False)
         self.assertEqual(st.returncode, 1, "a controller error makes status report trouble")
         self.assertRegex(st.stdout, r"(?i)error: sbatch refused the submission.*invalid partition")
-        # Over 13 s with a poll of 0.5 s: the first try and one retry after 10 s, no more.
-        t0 = time.monotonic()
-        lt.wait_until(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 2, 20, "the retry")
+        # The first try, one retry after 10 s, then 20 s of quiet: polls every 0.5 s see no more.
+        lt.wait_until(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 2, 25, "the retry")
         self.assertGreater(time.monotonic() - t0, 5, "the retry waited for the backoff")
-        time.sleep(3)  # a storm would show here: 6 polls in 3 s
+        ctl.wait_polls(6, "a submission storm would show")
         n = len(calls.read_text().splitlines())
         self.assertEqual(n, 2, calls.read_text())
         self.assertEqual(ctl.state_json()["refused_in_row"], 2)
@@ -259,61 +309,37 @@ class Autoalloc(unittest.TestCase):
             self.assertNotIn("amqp", line, "no broker URL on sbatch's command line")
         self.assertEqual(ctl.slurm_jobs(), {})
 
-    def test_4_sigkill_and_restart_adopts_the_job(self):
-        """Controller SIGKILLed while its job serves, started again: same job, no duplicate."""
-        # --max-nodes 1: a controller that lost track of its job would submit a second one.
-        self.ctl = Controller(self, "adopt", ["--max-nodes", "1", "--idle-timeout", "60"])
-        ctl = self.ctl
-        keys = ctl.publish(30, 1.0, "adopt")
-        first = lt.wait_until(lambda: [j for j in (ctl.state_json() or {}).get("jobs", [])
-                                       if j["phase"] == "serving"], 90, "a serving job")
-        ctl.proc.kill()
-        ctl.proc.wait(10)
-        before = set(ctl.slurm_jobs())
-        ctl.start()
-        lt.wait_until(lambda: "adopted" in ctl.log(), 20, "the restarted controller to adopt")
-        time.sleep(4)  # eight polls of the restarted controller
-        after = set(ctl.slurm_jobs())
-        state_ids = {j["id"] for j in ctl.state_json()["jobs"]}
-        self.assertIn(first[0]["id"], state_ids)
-        self.assertLessEqual(after - before, set(), f"new jobs after the restart: {after - before}\n{ctl.log()}")
-        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 30 tasks done")
-        # SIGTERM leaves the job serving; stop --all then ends it.
-        self.assertEqual(ctl.signal(signal.SIGTERM), 143)
-        self.assertEqual(set(ctl.slurm_jobs()), after, "SIGTERM left the job serving")
-        sp = run([BIN, "stop", "--all", "--timeout", "60"], ctl.env, check=False, timeout=90)
-        self.assertEqual(sp.returncode, 0, sp.stdout + sp.stderr)
-        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "stop --all to end the job")
-
-    def test_5_renewal_across_time_limits(self):
-        """--time-limit 1 (minute), --renew-before 40, deploy.drain_before_end 20: a stream of
-        tasks lasting longer than one job's limit is served by successor jobs submitted before
-        their predecessors drain; every task done, none lost. The stream (one 1-s task a second,
-        2 slots) never backs up, so only renewal, not the backlog rule, brings the successors."""
+    def test_4_renewal_across_time_limits(self):
+        """--time-limit 1 (minute, Slurm's least), --renew-before 40, deploy.drain_before_end 20:
+        a stream of tasks lasting longer than one job's limit is served by successor jobs
+        submitted before their predecessors drain; every task done, none lost. The stream
+        (one 1-s task a second, 2 slots) never backs up, so only renewal, not the backlog rule,
+        brings the successors."""
         self.ctl = Controller(self, "renew", ["--max-nodes", "3", "--time-limit", "1", "--renew-before", "40",
-                                              "--idle-timeout", "5"])
+                                              "--idle-timeout", "3"])
         ctl = self.ctl
         keys = []
         stop = threading.Event()
+        self.addCleanup(stop.set)
+        seconds = 62
 
         def stream():
-            for i in range(80):
+            for i in range(seconds):
                 if stop.is_set():
                     return
                 keys.extend(ctl.publish(1, 1.0, f"renew{i:03d}"))
-                time.sleep(1.0)
+                stop.wait(1.0)
         t = threading.Thread(target=stream, daemon=True)
         t.start()
-        self.addCleanup(stop.set)
-        t.join(200)
-        self.assertEqual(len(keys), 80)
-        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 90, "all 80 tasks done")
+        t.join(seconds + 60)
+        self.assertEqual(len(keys), seconds)
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 60, f"all {seconds} tasks done")
         self.assertRegex(ctl.log(), r"submitted job \d+ .*: renew job \d+: \d+ s to its time limit with work left")
         self.assertGreaterEqual(len(self.submitted_ids()), 2)
         self.assertEqual(lt.queue_depth(ctl.url), 0)
-        lt.wait_until(lambda: not ctl.slurm_jobs(), 90, "the last job to retire")
+        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "the last job to retire")
 
-    def test_6_jobs_failing_at_start_stop_submissions(self):
+    def test_5_jobs_failing_at_start_stop_submissions(self):
         """An image the nodes cannot read: each job ends before serving; after
         --max-start-failures 2 no more sbatch, and the error names both output files."""
         self.ctl = Controller(self, "startfail", ["--max-start-failures", "2"], sif="/nonexistent/rt.sif")
@@ -326,7 +352,7 @@ class Autoalloc(unittest.TestCase):
             self.assertIn(out, st["error"])
             self.assertIn("is not a readable file", Path(out).read_text())
         n = len(self.submitted_ids())
-        time.sleep(3)  # six polls: a halted controller submits nothing
+        ctl.wait_polls(6, "a halted controller submits nothing")
         self.assertEqual(len(self.submitted_ids()), n)
         self.assertLessEqual(n, 3, "at most one job beyond the two failures was in flight")
         st = run([BIN, "status"], ctl.env, check=False)

@@ -214,6 +214,56 @@ TEST_CASE("halted after start failures, or ending on SIGTERM: never submits") {
   CHECK(submits(decide(s, limits())) == 0);
 }
 
+TEST_CASE("a halt for start failures lifts when a later job serves") {
+  auto l = limits();
+  StartFailures f;
+  CHECK_FALSE(on_start_failure(f, "a.out", 100, l));
+  CHECK_FALSE(on_start_failure(f, "b.out", 110, l));
+  CHECK(on_start_failure(f, "c.out", 120, l));  // the K-th in a row halts
+  CHECK(f.halted);
+  CHECK(f.outputs == std::vector<std::string>{"a.out", "b.out", "c.out"});
+  CHECK(on_served(f));  // one still in flight serves
+  CHECK_FALSE(f.halted);
+  CHECK(f.in_row == 0);
+  CHECK(f.outputs.empty());
+  CHECK_FALSE(on_served(f));
+}
+
+TEST_CASE("a halt for start failures lifts after the cool-off for one probe job; its failure halts again") {
+  auto l = limits();
+  l.halt_cooloff = 600;
+  StartFailures f;
+  for (const char* out : {"a.out", "b.out", "c.out"}) {
+    on_start_failure(f, out, 100, l);
+  }
+  REQUIRE(f.halted);
+  CHECK_FALSE(cool_off(f, 100 + 599, l));
+  CHECK(f.halted);
+  CHECK(cool_off(f, 100 + 600, l));
+  CHECK_FALSE(f.halted);
+  auto s = queue(5);
+  s.halted = f.halted;
+  CHECK(submits(decide(s, l)) == 1);  // the probe
+  CHECK(on_start_failure(f, "d.out", 800, l));  // it failed too: halted again at once
+  CHECK(f.halted_at == 800);
+  CHECK_FALSE(cool_off(f, 800 + 599, l));
+}
+
+TEST_CASE("slots per node learned from an earlier deployment count after scaling to zero, before the default") {
+  // 6 ready, one node starting: the configured default (2 per node) wants more ...
+  auto s = queue(6, {job("1", Phase::starting)});
+  CHECK(submits(decide(s, limits())) == 1);
+  // ... but a deployment reported 8 slots per node earlier: the starting node covers them.
+  s.learned_slots_per_node = 8;
+  CHECK(supply_of(s).slots_per_node == 8);
+  CHECK(submits(decide(s, limits())) == 0);
+  // A serving deployment's own report wins over both.
+  auto j = job("2", Phase::serving, 1);
+  j.slots_total = 4;
+  s.jobs.push_back(j);
+  CHECK(supply_of(s).slots_per_node == 4);
+}
+
 TEST_CASE("draining jobs hold nodes but offer no capacity") {
   auto d = decide(queue(3, {job("1", Phase::draining)}), limits());
   CHECK(submits(d) == 1);
