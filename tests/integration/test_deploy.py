@@ -242,6 +242,37 @@ class DeployTest(unittest.TestCase):
         self.assertEqual(d.wait(), 0)
         self.assertEqual(d.status_json()["state"], "stopped")
 
+    def test_status_stays_fresh_while_workers_start_slowly(self):
+        # Handlers whose interpreter takes 3 intervals and more to come up (a
+        # loaded node, many handlers per node, a cold shared filesystem):
+        # `status` shows the ranks starting, never "rank 0 stopped updating
+        # the status file", and rank 0 does not call them unresponsive.
+        slow = os.path.join(self.tmp, "slow-python")
+        with open(slow, "w") as f:
+            f.write("#!/bin/sh\nsleep %g\nexec /usr/bin/python3 \"$@\"\n" % (4 * INTERVAL + 2))
+        os.chmod(slow, 0o755)
+        d = self.deploy(2, python=slow)
+        lt.wait_until(lambda: d.status_json(), 30, "a status file")
+        first = time.monotonic()
+        late_starting = False
+        while True:
+            self.assertIsNone(d.proc.poll(), "deploy ended while starting")
+            r = d.status()
+            self.assertNotIn("stopped updating the status file", r.stdout)
+            if r.returncode == 0:
+                break  # every rank ready
+            doc = d.status_json()
+            states = [x["state"] for x in doc["ranks"]]
+            self.assertNotIn("unresponsive", states, doc)
+            if time.monotonic() - first > 3 * INTERVAL + 1 and "starting" in states:
+                late_starting = True
+            self.assertLess(time.monotonic() - first, 60, "every rank ready within 60 s")
+            time.sleep(0.2)
+        self.assertTrue(late_starting, "the start outlasted 3 intervals (else this test checks nothing)")
+        stop = subprocess.run([BIN, "stop", "--timeout", "60"], env=d.env, capture_output=True, text=True, timeout=90)
+        self.assertEqual(stop.returncode, 0, stop.stdout + stop.stderr)
+        self.assertEqual(d.wait(), 0)
+
     def test_a_rank_that_cannot_start_fails_the_deployment_naming_rank_and_node(self):
         # No such handler interpreter: the worker cannot start on any rank.
         d = self.deploy(2, sif=self.sif, python="/nonexistent/python3")
