@@ -203,6 +203,17 @@ class DeployTest(unittest.TestCase):
             self.assertIn("no reply within 2 s from rank (node): 2 (node2)", ping.stdout)
             for n in range(2):
                 self.assertRegex(ping.stdout, rf"(?m)^rank {n} node node{n}: 2 replies, ")
+            # With the default count (10 each) a silent rank costs one
+            # timeout, not 10 of them in a row (20 s here; 1,000 s for 100 ranks).
+            t0 = time.monotonic()
+            ping = subprocess.run([BIN, "ping", "--timeout", "2"], env=d.env, capture_output=True, text=True,
+                                  timeout=60)
+            took = time.monotonic() - t0
+            self.assertEqual(ping.returncode, 1, ping.stdout + ping.stderr)
+            self.assertIn("no reply within 2 s from rank (node): 2 (node2)", ping.stdout)
+            self.assertIn("10 pings got no reply within 2 s (9 not sent: their rank had missed one already)",
+                          ping.stdout)
+            self.assertLess(took, 5 * 2, ping.stdout)
             # The others keep serving; what the stopped rank had prefetched comes
             # back when the broker drops its connection (2 missed heartbeats).
             for j in range(12):
