@@ -314,7 +314,8 @@ void RankRun::stage() {
                                            .jobid = m_ph.jobid,
                                            .node_id = m_ph.node,
                                            .progress = m_rank == 0 && ::isatty(2),
-                                           .stall_timeout = m_cfg.deploy.start_timeout});
+                                           .stall_timeout = m_cfg.deploy.start_timeout,
+                                           .tick = [this] { keep_reporting(health::State::staging); }});
     m_image = m_staged.local_path;
   } catch (const Error&) {
     if (m_rank == 0) {
