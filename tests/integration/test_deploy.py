@@ -32,7 +32,8 @@ INTERVAL = 1.0
 class Deployment:
     """mpirun -np N lithops-hpc deploy, each rank its own node."""
 
-    def __init__(self, url, ranks, sif=None, slots=2, python="/usr/bin/python3", heartbeat=60, args=(), env=None):
+    def __init__(self, url, ranks, sif=None, slots=2, python="/usr/bin/python3", heartbeat=60, args=(), env=None,
+                 interval=INTERVAL):
         self.dir = tempfile.mkdtemp(prefix="lhpc-deploy-test-")
         self.state = os.path.join(self.dir, "state")
         self.records = os.path.join(self.dir, "records")
@@ -50,7 +51,7 @@ heartbeat = {heartbeat}
 drain_timeout = 30
 cleanup = true
 [health]
-interval = {INTERVAL}
+interval = {interval}
 """)
         self.env = dict(os.environ, AMQP_URL=url, PYTHONPATH=FAKE_LITHOPS, LITHOPS_HPC_STATE_DIR=self.state,
                         OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",

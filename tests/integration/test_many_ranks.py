@@ -31,6 +31,9 @@ from test_deploy import BIN, MAKE_SIF, Deployment
 from worker_util import records
 
 RANKS = 32
+# 2 s: a rank is unresponsive after 6 s without a report, which 32 ranks
+# starting on 2 loaded cores do not reach.
+INTERVAL = 2.0
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -93,7 +96,7 @@ class ManyRanks(unittest.TestCase):
         print(f"[many-ranks {time.monotonic() - self.t0:6.1f} s] {text}", flush=True)
 
     def start(self):
-        d = Deployment(self.url, RANKS, sif=self.sif, slots=1)
+        d = Deployment(self.url, RANKS, sif=self.sif, slots=1, interval=INTERVAL)
         self.finished = False
 
         def close():
@@ -124,10 +127,10 @@ class ManyRanks(unittest.TestCase):
         cpu_run0, seq_run0 = cpu_seconds(rank0), seqs(doc)
 
         # Quiet: only health (and idle loops) for a few intervals.
-        def ten_more_reports():
+        def more_reports(n=5):
             doc = d.status_json()
-            return doc if min(r["seq"] - seq_run0[r["rank"]] for r in doc["ranks"]) >= 10 else None
-        doc = lt.wait_until(ten_more_reports, 40, "10 more reports from every rank")
+            return doc if min(r["seq"] - seq_run0[r["rank"]] for r in doc["ranks"]) >= n else None
+        doc = lt.wait_until(more_reports, 40, "5 more reports from every rank")
         self.report_health_cpu("idle", cpu_seconds(rank0) - cpu_run0, seq_run0, doc)
 
         self.serve_on_every_rank(d)
