@@ -66,7 +66,8 @@ void register_ping(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
                 "deployment whose every rank to ping (default: $SLURM_JOB_ID's, else the newest of yours running)");
   p->add_option("-c,--count", a->opts.count, "pings to send to each rank (default 10)")->type_name("N");
   p->add_option("--concurrency", a->opts.concurrency, "pings in flight at once (default 1)")->type_name("C");
-  p->add_option("--timeout", a->opts.timeout, "seconds a ping may take before it counts as lost (default 10)")
+  p->add_option("--timeout", a->opts.timeout,
+                "seconds a ping may take before it counts as lost; its rank is then sent no more (default 10)")
       ->type_name("S");
   p->add_option("--expect-ranks", a->opts.expect_ranks,
                 "fail unless at least N ranks answered (default: the deployment's rank count)")

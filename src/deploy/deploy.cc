@@ -54,13 +54,18 @@ using Clock = std::chrono::steady_clock;
 // also ends a rank that hangs. SIGINT/SIGTERM with nothing to tear down ends
 // it at once; otherwise the others get 30 s more to arrive (a signal reaches
 // every rank under scancel, and they go on to drain together).
+// `tick` runs between the barrier's tests (health keeps going while a rank waits).
 void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout, const char* point,
                    const std::function<void()>& teardown = {},
-                   std::chrono::duration<double> grace = std::chrono::duration<double>(0)) {
+                   std::chrono::duration<double> grace = std::chrono::duration<double>(0),
+                   const std::function<void()>& tick = {}) {
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
   int sig = 0;
   // Not a busy poll: ranks may share cores with workers.
   barrier_quietly(mpi.world(), std::chrono::milliseconds(5), [&] {
+    if (tick) {
+      tick();
+    }
     if (sig == 0 && (sig = SignalPipe::last_terminating()) != 0) {
       if (!teardown) {
         spdlog::error("interrupted by {} while waiting for every rank to reach \"{}\"; ending the job",
@@ -211,7 +216,10 @@ private:
   void teardown_alone();
   void report(health::State state, const std::string& error) {
     m_health->report(make_report(state, m_worker ? m_worker->stats() : WorkerStats{}, m_ph.node, error));
+    m_next_report = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                       std::chrono::duration<double>(m_cfg.health.interval));
   }
+  void keep_reporting(health::State state);
 
   // Signals first: one arriving while the instance starts is kept for the loop.
   SignalPipe m_signals{SIGINT, SIGTERM};
@@ -233,6 +241,7 @@ private:
   std::string m_start_error;
   bool m_draining = false;
   bool m_all_ranks_failed = false;
+  Clock::time_point m_next_report;
 };
 
 // Meet: every rank launched; one job id, node list and configuration.
@@ -305,13 +314,29 @@ void RankRun::stage() {
                                            .jobid = m_ph.jobid,
                                            .node_id = m_ph.node,
                                            .progress = m_rank == 0 && ::isatty(2),
-                                           .stall_timeout = m_cfg.deploy.start_timeout});
+                                           .stall_timeout = m_cfg.deploy.start_timeout,
+                                           .tick = [this] { keep_reporting(health::State::staging); }});
     m_image = m_staged.local_path;
   } catch (const Error&) {
     if (m_rank == 0) {
       m_health->set_state(health::DeploymentState::failed);
     }
     throw;
+  }
+}
+
+// While the workers start (handlers importing Lithops: seconds, more on a
+// loaded node or a cold shared filesystem) and wait for each other: every
+// rank reports each interval and rank 0 keeps the table and the status file
+// fresh, so `status` shows the ranks starting instead of calling a slow
+// start a hung deployment (3 intervals without a write) and rank 0 does not
+// mark the ranks unresponsive. Cheap: called every loop turn.
+void RankRun::keep_reporting(health::State state) {
+  if (m_rank == 0) {
+    m_health->poll();  // takes in reports; rewrites the file when a state changed
+  }
+  if (Clock::now() >= m_next_report) {
+    report(state, m_start_error);
   }
 }
 
@@ -343,6 +368,7 @@ std::string RankRun::start_worker() {
     while (worker.stats().state == worker::State::starting && !worker.finished() && Clock::now() < deadline &&
            SignalPipe::last_terminating() == 0) {
       worker.step(std::chrono::milliseconds(100));
+      keep_reporting(health::State::starting);
     }
     auto st = worker.stats();
     if (worker.finished() || st.state == worker::State::failed) {
@@ -374,8 +400,11 @@ void RankRun::agree_started() {
   // Each rank's start above is bounded by start_timeout; the margin covers
   // ranks leaving the stage step at slightly different times.
   const double margin = std::min(60.0, m_cfg.deploy.start_timeout);
+  // Still "starting" while waiting: the worker is not stepped here, so it does not serve yet.
   meet_or_abort(m_mpi, std::chrono::duration<double>(m_cfg.deploy.start_timeout + margin), "workers started",
-                [this] { teardown_alone(); }, std::chrono::duration<double>(std::min(10.0, margin)));
+                [this] { teardown_alone(); }, std::chrono::duration<double>(std::min(10.0, margin)), [this] {
+                  keep_reporting(m_start_error.empty() ? health::State::starting : health::State::failed);
+                });
   auto verdict = agree(m_comm, m_start_error);
   if (m_rank == 0) {
     for (int r = 0; r < m_size; ++r) {
@@ -448,8 +477,7 @@ bool RankRun::serve() {
   if (m_rank == 0 && m_slurm_time) {
     time_left.emplace(m_ph.jobid);
   }
-  const auto interval = std::chrono::duration<double>(m_cfg.health.interval);
-  auto next_report = Clock::now();
+  m_next_report = Clock::now();  // "ready" (or "failed") at once
   while (true) {
     if (started && !worker.finished()) {
       worker.step(std::chrono::milliseconds(100));
@@ -465,13 +493,12 @@ bool RankRun::serve() {
       }
     }
     decide_for_all(time_left);
-    if (Clock::now() >= next_report) {
+    if (Clock::now() >= m_next_report) {
       auto state = started ? state_of(worker.stats().state) : health::State::failed;
       if (state == health::State::stopped && !m_draining) {
         state = health::State::failed;
       }
       report(state, m_start_error);
-      next_report = Clock::now() + std::chrono::duration_cast<Clock::duration>(interval);
     }
     // A finished worker waits for the drain, so the shutdown exchange starts
     // together on every rank; a failed one keeps reporting "failed" meanwhile.

@@ -5,8 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <random>
+#include <set>
+#include <utility>
 
 #include "amqp/connection.h"
 #include "dispatch/protocol.h"
@@ -49,16 +52,22 @@ struct RankStats {
 struct Tally {
   std::map<int, RankStats> ranks;
   int answered = 0, lost = 0;
+  int not_sent = 0;  // of `lost`: pings to a rank that had already missed one
 };
 
-void take_replies(amqp::Connection& c, std::map<std::string, Clock::time_point>& inflight, Tally& t) {
+struct InFlight {
+  Clock::time_point at;
+  int target;  // the addressed rank; -1 on the task queue
+};
+
+void take_replies(amqp::Connection& c, std::map<std::string, InFlight>& inflight, Tally& t) {
   amqp::Delivery d;
   while (c.next_delivery(d)) {
     auto it = inflight.find(d.props.correlation_id);
     if (it == inflight.end()) {
       continue;  // a late answer to a ping already counted lost
     }
-    double ms = std::chrono::duration<double, std::milli>(Clock::now() - it->second).count();
+    double ms = std::chrono::duration<double, std::milli>(Clock::now() - it->second.at).count();
     inflight.erase(it);
     ++t.answered;
     Json reply = Json::parse(d.body, nullptr, false);
@@ -99,7 +108,9 @@ int report(const Tally& t, const PingOptions& o, const PingTargets& tg, int tota
     return static_cast<int>(Exit::failure);
   }
   if (t.lost > 0) {
-    out << fmt::format("{} ping{} got no reply within {} s\n", t.lost, t.lost == 1 ? "" : "s", timeout_s);
+    out << fmt::format(
+        "{} ping{} got no reply within {} s{}\n", t.lost, t.lost == 1 ? "" : "s", timeout_s,
+        t.not_sent > 0 ? fmt::format(" ({} not sent: their rank had missed one already)", t.not_sent) : "");
     return static_cast<int>(Exit::failure);
   }
   if (static_cast<int>(n) < expect) {
@@ -125,6 +136,57 @@ bool queue_exists(const amqp::Options& opts, const std::string& name) {
   }
 }
 
+// Sends `total` pings, `concurrency` at a time, and collects the replies.
+// `dest(seq)` names the queue and the addressed rank (-1: any). Once a ping
+// to a rank went unanswered, that rank's later pings count as lost without
+// being sent: a silent rank costs one timeout, not `count` of them in a row.
+Tally exchange(amqp::Connection& c, const PingOptions& o, const std::string& reply_queue, int total,
+               const std::function<std::pair<std::string, int>(int)>& dest) {
+  auto timeout = std::chrono::milliseconds(static_cast<long long>(o.timeout * 1000));
+  std::string prefix = "lhpc-ping-" + random_hex(12) + "-";
+  std::map<std::string, InFlight> inflight;
+  std::set<int> silent;
+  Tally t;
+  auto send = [&](int seq, const std::pair<std::string, int>& to) {
+    double unix_now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    amqp::Properties p;
+    p.reply_to = reply_queue;
+    p.correlation_id = prefix + std::to_string(seq);
+    p.delivery_mode = 1;
+    // A ping nobody takes must not linger in the queue.
+    p.expiration = std::to_string(timeout.count());
+    c.publish("", to.first, encode(Action::ping, {{"seq", seq}, {"sent", unix_now}}), p);
+    inflight[p.correlation_id] = InFlight{Clock::now(), to.second};
+  };
+  for (int next = 0; t.answered + t.lost < total;) {
+    while (static_cast<int>(inflight.size()) < o.concurrency && next < total) {
+      auto to = dest(next);
+      if (to.second >= 0 && silent.count(to.second)) {
+        ++next, ++t.lost, ++t.not_sent;
+      } else {
+        send(next++, to);
+      }
+    }
+    if (inflight.empty()) {
+      continue;  // every ping left went to silent ranks: counted above
+    }
+    auto oldest = Clock::now();
+    for (const auto& [k, f] : inflight) {
+      oldest = std::min(oldest, f.at);
+    }
+    c.wait(oldest + timeout);
+    take_replies(c, inflight, t);
+    t.lost += static_cast<int>(std::erase_if(inflight, [&, now = Clock::now()](const auto& kv) {
+      bool expired = now - kv.second.at >= timeout;
+      if (expired && kv.second.target >= 0) {
+        silent.insert(kv.second.target);
+      }
+      return expired;
+    }));
+  }
+  return t;
+}
+
 }  // namespace
 
 int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets& given, std::ostream& out) {
@@ -148,41 +210,13 @@ int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets&
   std::string reply_queue = c.declare_queue("", false, true, true);
   c.consume(reply_queue, /*no_ack=*/true, /*exclusive=*/true);
 
-  auto timeout = std::chrono::milliseconds(static_cast<long long>(o.timeout * 1000));
-  std::string prefix = "lhpc-ping-" + random_hex(12) + "-";
   // Ping i goes to rank i % ranks: each rank gets `count`, interleaved.
   const int targets = tg.job.empty() ? 1 : std::max(1, tg.ranks);
   const int total = o.count * targets;
-  std::map<std::string, Clock::time_point> inflight;
-  Tally t;
-  int next = 0;
-  auto send = [&](int seq) {
-    double unix_now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-    amqp::Properties p;
-    p.reply_to = reply_queue;
-    p.correlation_id = prefix + std::to_string(seq);
-    p.delivery_mode = 1;
-    // A ping nobody takes must not linger in the queue.
-    p.expiration = std::to_string(timeout.count());
-    std::string to = tg.job.empty() ? queue : rank_queue(queue, tg.job, seq % targets);
-    c.publish("", to, encode(Action::ping, {{"seq", seq}, {"sent", unix_now}}), p);
-    inflight[p.correlation_id] = Clock::now();
-  };
   auto start = Clock::now();
-  while (t.answered + t.lost < total) {
-    while (static_cast<int>(inflight.size()) < o.concurrency && next < total) {
-      send(next++);
-    }
-    auto oldest = Clock::now();  // inflight is never empty here: the loop above just filled it
-    for (const auto& [k, at] : inflight) {
-      oldest = std::min(oldest, at);
-    }
-    c.wait(oldest + timeout);
-    take_replies(c, inflight, t);
-    t.lost += static_cast<int>(std::erase_if(inflight, [&, now = Clock::now()](const auto& kv) {
-      return now - kv.second >= timeout;
-    }));
-  }
+  Tally t = exchange(c, o, reply_queue, total, [&](int seq) {
+    return tg.job.empty() ? std::pair{queue, -1} : std::pair{rank_queue(queue, tg.job, seq % targets), seq % targets};
+  });
   double secs = std::chrono::duration<double>(Clock::now() - start).count();
   int rc = report(t, o, tg, total, secs, o.timeout, out);
   if (t.answered == 0) {

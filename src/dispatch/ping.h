@@ -27,7 +27,8 @@ struct PingTargets {
 struct PingOptions {
   int count = 10;           // pings to send (to each rank, when ranks are addressed)
   int concurrency = 1;      // pings in flight at once
-  double timeout = 10;      // seconds each ping may take before it counts as lost
+  double timeout = 10;      // seconds each ping may take before it counts as lost; a rank that
+                            // lost one is sent no more (its remaining pings count as lost)
   int expect_ranks = -1;    // fail unless at least this many ranks answered; -1: every addressed rank
 };
 

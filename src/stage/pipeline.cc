@@ -95,7 +95,8 @@ int world_rank_of(MPI_Comm x, int r) {
 // One rank's part of the chain: its slots, requests and the agreement window.
 class Chain {
 public:
-  Chain(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk, double stall_timeout);
+  Chain(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk, double stall_timeout,
+        std::function<void()> tick);
   Transfer run(Progress* progress);
 
 private:
@@ -118,6 +119,7 @@ private:
   std::uint64_t m_size;
   std::size_t m_chunk;
   double m_stall_timeout;
+  std::function<void()> m_tick;
   int m_rank = 0;
   int m_prev = -1;
   int m_next = -1;
@@ -135,8 +137,9 @@ private:
   Transfer m_t;
 };
 
-Chain::Chain(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk, double stall_timeout)
-    : m_x(x), m_ends(ends), m_size(size), m_chunk(chunk), m_stall_timeout(stall_timeout) {
+Chain::Chain(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk, double stall_timeout,
+             std::function<void()> tick)
+    : m_x(x), m_ends(ends), m_size(size), m_chunk(chunk), m_stall_timeout(stall_timeout), m_tick(std::move(tick)) {
   int xn = 1;
   MPI_Comm_rank(x, &m_rank);
   MPI_Comm_size(x, &xn);
@@ -203,6 +206,9 @@ void Chain::wait(MPI_Request& r, Whom whom) {
     if (m_stall_timeout > 0 && waited > stall) {
       abandon_stalled(m_ends.out_fd >= 0 ? m_ends.out_path : std::string(), describe(whom), m_stall_timeout);
     }
+    if (m_tick) {
+      m_tick();
+    }
     timespec nap{0, 100'000};
     ::nanosleep(&nap, nullptr);
   }
@@ -257,6 +263,9 @@ void Chain::write_chunk(std::uint64_t i, const char* buf) {
   for (int ms = 0; ms < m_throttle && out >= 0; ++ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     poke();
+    if (m_tick) {
+      m_tick();
+    }
   }
 }
 
@@ -330,6 +339,9 @@ Transfer Chain::run(Progress* progress) {
       write_chunk(i, buf);
     }
     finish_chunk(i);
+    if (m_tick) {
+      m_tick();
+    }
     done_bytes += static_cast<std::uint64_t>(len(i));
     if (progress != nullptr) {
       progress->update(done_bytes);
@@ -351,8 +363,8 @@ Transfer Chain::run(Progress* progress) {
 }  // namespace
 
 Transfer broadcast_file(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk,
-                        double stall_timeout, Progress* progress) {
-  Chain chain(x, ends, size, chunk, stall_timeout);
+                        double stall_timeout, Progress* progress, const std::function<void()>& tick) {
+  Chain chain(x, ends, size, chunk, stall_timeout, tick);
   return chain.run(progress);
 }
 

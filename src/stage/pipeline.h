@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "stage/progress.h"
@@ -45,8 +46,9 @@ struct Transfer {
 // agreement never throttles the pipeline, and every rank that sees "stop"
 // stops before the same chunk, so no message is left unmatched. A wait
 // longer than `stall_timeout` (0: none) ends the job (exit 7).
+// `tick` (may be empty) runs while a rank waits or is throttled, and after each chunk.
 Transfer broadcast_file(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk,
-                        double stall_timeout, Progress* progress);
+                        double stall_timeout, Progress* progress, const std::function<void()>& tick = {});
 
 // A step of the transfer waited past its stall deadline: removes `partial`
 // (when not empty), logs whom it waited for, ends the job with MPI_Abort.

@@ -68,6 +68,9 @@ Outcome run_sbcast(const Options& o, const std::string& dest) {
       child.terminate(std::chrono::seconds(2));
       return failed(sig, "interrupted by " + signal_name(sig) + " while sbcast ran");
     }
+    if (o.tick) {
+      o.tick();
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   if (child.status() && (!WIFEXITED(*child.status()) || WEXITSTATUS(*child.status()) != 0)) {

@@ -376,7 +376,8 @@ void move_by_mpi(Run& run) {
                  .src_path = run.src.path,
                  .out_fd = write_here ? run.nw.fd.get() : -1,
                  .out_path = run.nw.partial};
-  auto t = broadcast_file(x, ends, run.src.size, run.o.chunk_bytes, run.o.stall_timeout, prog ? &*prog : nullptr);
+  auto t = broadcast_file(x, ends, run.src.size, run.o.chunk_bytes, run.o.stall_timeout, prog ? &*prog : nullptr,
+                          run.o.tick);
   if (prog) {
     prog->finish();
   }
@@ -432,6 +433,9 @@ std::string agree_on_transfer(Run& run) {
     if (run.in_transfer && run.o.stall_timeout > 0 &&
         Clock::now() - arrived > std::chrono::duration<double>(run.o.stall_timeout)) {
       abandon_stalled(run.nw.partial, "every rank to reach the end of the transfer", run.o.stall_timeout);
+    }
+    if (run.o.tick) {
+      run.o.tick();
     }
   });
   run.phase("every rank done moving");

@@ -46,6 +46,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,10 @@ struct Options {
   std::string node_id;       // this rank's node (LITHOPS_HPC_NODE_ID or the short hostname)
   bool progress = false;     // stderr is a terminal: redraw a progress line (rank 0)
   double stall_timeout = 0;  // seconds one step of the MPI transfer may wait (deploy.start_timeout); 0: forever
+  // Called often while this rank waits or throttles (the transfer, sbcast,
+  // the ranks that did not transfer): deploy keeps health reports and the
+  // status file going through a long stage. Cheap, and no collective. May be empty.
+  std::function<void()> tick;
 };
 
 struct Result {

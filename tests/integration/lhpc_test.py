@@ -184,6 +184,15 @@ def queue_depth(url, queue="task_queue"):
         conn.close()
 
 
+def queue_exists(url, queue):
+    """True when the queue exists (a passive declare on a connection of its own)."""
+    conn = _connect(url)
+    try:
+        return _passive_count(conn, queue) is not None
+    finally:
+        conn.close()
+
+
 def drain_queue(url, queue):
     """Get and ack every ready message; list of Message(body: bytes, headers: dict).
     [] if the queue does not exist (e.g. task_queue.dead before any dead letter)."""

@@ -32,7 +32,8 @@ INTERVAL = 1.0
 class Deployment:
     """mpirun -np N lithops-hpc deploy, each rank its own node."""
 
-    def __init__(self, url, ranks, sif=None, slots=2, python="/usr/bin/python3", heartbeat=60, args=()):
+    def __init__(self, url, ranks, sif=None, slots=2, python="/usr/bin/python3", heartbeat=60, args=(), env=None,
+                 interval=INTERVAL):
         self.dir = tempfile.mkdtemp(prefix="lhpc-deploy-test-")
         self.state = os.path.join(self.dir, "state")
         self.records = os.path.join(self.dir, "records")
@@ -50,13 +51,14 @@ heartbeat = {heartbeat}
 drain_timeout = 30
 cleanup = true
 [health]
-interval = {INTERVAL}
+interval = {interval}
 """)
         self.env = dict(os.environ, AMQP_URL=url, PYTHONPATH=FAKE_LITHOPS, LITHOPS_HPC_STATE_DIR=self.state,
                         OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                         OMPI_MCA_rmaps_base_oversubscribe="1")
         self.env.pop("LITHOPS_HPC_CONFIG", None)
         self.env.pop("SLURM_JOB_ID", None)
+        self.env.update(env or {})
         argv = [BIN, "--config", self.config, "deploy"] + (["--sif", sif] if sif else []) + list(args)
         self.log_path = os.path.join(self.dir, "deploy.log")
         self._log = open(self.log_path, "w")
@@ -203,6 +205,17 @@ class DeployTest(unittest.TestCase):
             self.assertIn("no reply within 2 s from rank (node): 2 (node2)", ping.stdout)
             for n in range(2):
                 self.assertRegex(ping.stdout, rf"(?m)^rank {n} node node{n}: 2 replies, ")
+            # With the default count (10 each) a silent rank costs one
+            # timeout, not 10 of them in a row (20 s here; 1,000 s for 100 ranks).
+            t0 = time.monotonic()
+            ping = subprocess.run([BIN, "ping", "--timeout", "2"], env=d.env, capture_output=True, text=True,
+                                  timeout=60)
+            took = time.monotonic() - t0
+            self.assertEqual(ping.returncode, 1, ping.stdout + ping.stderr)
+            self.assertIn("no reply within 2 s from rank (node): 2 (node2)", ping.stdout)
+            self.assertIn("10 pings got no reply within 2 s (9 not sent: their rank had missed one already)",
+                          ping.stdout)
+            self.assertLess(took, 5 * 2, ping.stdout)
             # The others keep serving; what the stopped rank had prefetched comes
             # back when the broker drops its connection (2 missed heartbeats).
             for j in range(12):
@@ -241,6 +254,48 @@ class DeployTest(unittest.TestCase):
         d.signal_ranks(signal.SIGINT)
         self.assertEqual(d.wait(), 0)
         self.assertEqual(d.status_json()["state"], "stopped")
+
+    def watch_until_ready(self, d, phase):
+        """Poll `status` until every rank is ready: it never calls the file
+        stale (rank 0 "stopped updating") nor a rank unresponsive, and the
+        ranks were seen in `phase` after 3 intervals (else this checks nothing)."""
+        lt.wait_until(lambda: d.status_json(), 30, "a status file")
+        first = time.monotonic()
+        late = False
+        while True:
+            self.assertIsNone(d.proc.poll(), f"deploy ended while {phase}")
+            r = d.status()
+            self.assertNotIn("stopped updating the status file", r.stdout)
+            if r.returncode == 0:
+                break  # every rank ready
+            doc = d.status_json()
+            states = [x["state"] for x in doc["ranks"]]
+            self.assertNotIn("unresponsive", states, doc)
+            late = late or (time.monotonic() - first > 3 * INTERVAL + 1 and phase in states)
+            self.assertLess(time.monotonic() - first, 60, "every rank ready within 60 s")
+            time.sleep(0.2)
+        self.assertTrue(late, f"{phase} outlasted 3 intervals (else this test checks nothing)")
+        stop = subprocess.run([BIN, "stop", "--timeout", "60"], env=d.env, capture_output=True, text=True, timeout=90)
+        self.assertEqual(stop.returncode, 0, stop.stdout + stop.stderr)
+        self.assertEqual(d.wait(), 0)
+
+    def test_status_stays_fresh_while_workers_start_slowly(self):
+        # Handlers whose interpreter takes 3 intervals and more to come up (a
+        # loaded node, many handlers per node, a cold shared filesystem):
+        # `status` shows the ranks starting, never "rank 0 stopped updating
+        # the status file", and rank 0 does not call them unresponsive.
+        slow = os.path.join(self.tmp, "slow-python")
+        with open(slow, "w") as f:
+            f.write("#!/bin/sh\nsleep %g\nexec /usr/bin/python3 \"$@\"\n" % (4 * INTERVAL + 2))
+        os.chmod(slow, 0o755)
+        self.watch_until_ready(self.deploy(2, python=slow), "starting")
+
+    def test_status_stays_fresh_while_the_image_is_staged_slowly(self):
+        # A transfer longer than 3 intervals (a large image, sbcast on many
+        # nodes): the ranks show staging, the file stays fresh. The test hook
+        # makes each writing node take 4 intervals + 2 s for the image's one chunk.
+        d = self.deploy(2, sif=self.sif, env={"LITHOPS_HPC_STAGE_THROTTLE_MS": str(int((4 * INTERVAL + 2) * 1000))})
+        self.watch_until_ready(d, "staging")
 
     def test_a_rank_that_cannot_start_fails_the_deployment_naming_rank_and_node(self):
         # No such handler interpreter: the worker cannot start on any rank.

@@ -73,6 +73,7 @@ def function_handler(payload):
                 'worker_processes': payload.get('worker_processes'),
                 'activation_id': os.environ.get('__LITHOPS_ACTIVATION_ID'),
                 'backend': os.environ.get('__LITHOPS_BACKEND'),
+                'rank': os.environ.get('LITHOPS_HPC_RANK'),  # which rank's handler ran it
             }
             probe = test.get('probe_env')
             if probe:
