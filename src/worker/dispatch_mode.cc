@@ -172,20 +172,38 @@ void DispatchMode::set_prefetch(int n) {
   guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n), true); });
 }
 void DispatchMode::set_slot_consumer(bool active) {
+  // Started only once a slot has stayed free for k_slot_consumer_delay: a
+  // slot that frees while the next task is already on its way (the ack just
+  // sent) would otherwise cost a consume and a cancel per task.
+  m_slot_wanted = active;
+  if (active) {
+    m_slot_due = Clock::now() + k_slot_consumer_delay;
+    return;
+  }
   guarded([&] {
-    if (active && m_slot_tag.empty()) {
-      amqp::ConsumeArgs a;
-      a.tag = "lhpc-slots-" + std::to_string(++m_slot_consumers);
-      a.priority = k_slot_priority;
-      a.nowait = true;
-      m_slot_tag = m_conn->consume(w.m_cfg.rabbitmq.queue, a);
-    } else if (!active && !m_slot_tag.empty()) {
+    if (!m_slot_tag.empty()) {
+      spdlog::debug("slot consumer {} cancelled: every slot busy", m_slot_tag);
       m_conn->cancel_async(m_slot_tag);
       m_slot_tag.clear();
     }
   });
 }
+
+void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
+  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || w.m_state != State::running) {
+    return;
+  }
+  guarded([&] {
+    amqp::ConsumeArgs a;
+    a.tag = "lhpc-slots-" + std::to_string(++m_slot_consumers);
+    a.priority = k_slot_priority;
+    a.nowait = true;
+    m_slot_tag = m_conn->consume(w.m_cfg.rabbitmq.queue, a);
+    spdlog::debug("slot consumer {} started: a slot is free", m_slot_tag);
+  });
+}
 void DispatchMode::stop_consuming() {
+  m_slot_wanted = false;
   guarded([&] {
     m_conn->cancel_async(k_reserve_tag);
     if (!m_slot_tag.empty()) {
@@ -273,6 +291,7 @@ void DispatchMode::take_connection() {
   m_conn = std::move(r->conn);
   m_slot_tag = std::move(r->consumer_tag);
   m_slot_consumers = m_slot_tag.empty() ? 0 : 1;
+  m_slot_wanted = !m_slot_tag.empty();
   m_broker_error.clear();
   m_last_pump = Clock::now();
   m_dispatcher->on_connected(m_connecting_prefetch, m_connecting_slot_consumer);
@@ -284,6 +303,7 @@ void DispatchMode::take_connection() {
 void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_error, cleared here
   m_conn.reset();  // broken: no polite close; the broker requeues what we held
   m_slot_tag.clear();
+  m_slot_wanted = false;
   m_broker_error.clear();
   m_dispatcher->on_disconnected();
   w.m_last_error = why;
@@ -329,6 +349,9 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
       timeout = milliseconds(0);
     }
     sooner(m_last_pump + pump_every());
+    if (m_slot_wanted && m_slot_tag.empty()) {
+      sooner(m_slot_due);
+    }
   } else if (m_reconnect.connecting()) {
     sooner(now + milliseconds(20));  // the helper thread's result
   } else if (w.m_state == State::running && m_pool->ready_count() > 0) {
@@ -374,6 +397,7 @@ void DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
     pump(broker_readable);
   }
   m_pool->tick(now);
+  start_slot_consumer_when_due(now);
   if (!m_broker_error.empty()) {
     lost(m_broker_error);
   }

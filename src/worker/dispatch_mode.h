@@ -32,6 +32,9 @@ public:
   // The slot consumer's x-priority; the reserve consumer has the default, 0.
   static constexpr int k_slot_priority = 10;
   static constexpr const char* k_reserve_tag = "lhpc-reserve";
+  // How long a slot stays free before the slot consumer starts (its reply
+  // to an ack is usually the next task, already on its way).
+  static constexpr std::chrono::milliseconds k_slot_consumer_delay{50};
 
   // The handler script on this host (ours from the install or source tree,
   // bind-mounted over the image's copy so both sides speak the same protocol
@@ -76,6 +79,7 @@ private:
   void lost(std::string why);
   void pump(bool readable);
   void check_drained(Clock::time_point now);
+  void start_slot_consumer_when_due(Clock::time_point now);
   std::chrono::milliseconds pump_every() const;
 
   Worker& w;
@@ -85,6 +89,8 @@ private:
   std::string m_slot_tag;  // the slot consumer's tag; empty while it is cancelled
   int m_slot_consumers = 0;  // started on this connection: each gets a new tag
   bool m_connecting_slot_consumer = false;
+  bool m_slot_wanted = false;     // the dispatcher asked for it; started at m_slot_due
+  Clock::time_point m_slot_due{};
   std::string m_broker_error;  // set by a port call that failed; handled after the batch
   int m_connecting_prefetch = 0;
   Clock::time_point m_last_pump{};
