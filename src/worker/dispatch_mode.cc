@@ -172,12 +172,14 @@ void DispatchMode::set_prefetch(int n) {
   guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n), true); });
 }
 void DispatchMode::set_slot_consumer(bool active) {
-  // Started only once a slot has stayed free for k_slot_consumer_delay: a
-  // slot that frees while the next task is already on its way (the ack just
-  // sent) would otherwise cost a consume and a cancel per task.
+  // Started at once unless a task came in the last k_slot_consumer_delay:
+  // then the next one is most likely on its way already (a backlog, and the
+  // ack just sent), and starting it would cost a consume and a cancel per
+  // task. It starts once no task has come for that long.
   m_slot_wanted = active;
   if (active) {
-    m_slot_due = Clock::now() + k_slot_consumer_delay;
+    m_slot_due = m_last_task_delivery + k_slot_consumer_delay;
+    start_slot_consumer_when_due(Clock::now());
     return;
   }
   guarded([&] {
@@ -324,6 +326,9 @@ void DispatchMode::pump(bool readable) {
     m_last_pump = Clock::now();
     amqp::Delivery d;
     while (m_broker_error.empty() && m_conn && m_conn->next_delivery(d)) {
+      if (d.channel != k_rank_channel) {
+        m_last_task_delivery = m_last_pump;
+      }
       m_dispatcher->on_delivery(std::move(d));
     }
     if (m_conn) {

@@ -32,8 +32,8 @@ public:
   // The slot consumer's x-priority; the reserve consumer has the default, 0.
   static constexpr int k_slot_priority = 10;
   static constexpr const char* k_reserve_tag = "lhpc-reserve";
-  // How long a slot stays free before the slot consumer starts (its reply
-  // to an ack is usually the next task, already on its way).
+  // A slot consumer wanted within this long of the last task delivered
+  // waits until no task has come for that long (a backlog keeps sending).
   static constexpr std::chrono::milliseconds k_slot_consumer_delay{50};
 
   // The handler script on this host (ours from the install or source tree,
@@ -91,6 +91,7 @@ private:
   bool m_connecting_slot_consumer = false;
   bool m_slot_wanted = false;     // the dispatcher asked for it; started at m_slot_due
   Clock::time_point m_slot_due{};
+  Clock::time_point m_last_task_delivery{};
   std::string m_broker_error;  // set by a port call that failed; handled after the batch
   int m_connecting_prefetch = 0;
   Clock::time_point m_last_pump{};
