@@ -33,7 +33,7 @@ done
 ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)
 BASE_URL=$(grep '^RIG_AMQP_URL=' "$ENV_FILE" | cut -d= -f2-)
 RDIR=$(grep '^RIG_RABBITMQ_DIR=' "$ENV_FILE" | cut -d= -f2-)
-BEAM_PID=$(cat "$RDIR/beam.pid")
+BEAM_PID=$(beam_pid "$RDIR")
 TICK=$(getconf CLK_TCK)
 broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
 

@@ -42,7 +42,7 @@ done
 "$SRC/tests/rig/rabbitmq.sh" ensure >&2
 ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)
 BASE_URL=$(grep '^RIG_AMQP_URL=' "$ENV_FILE" | cut -d= -f2-)
-BEAM_PID=$(cat "$(grep '^RIG_RABBITMQ_DIR=' "$ENV_FILE" | cut -d= -f2-)/beam.pid")
+BEAM_PID=$(beam_pid "$(grep '^RIG_RABBITMQ_DIR=' "$ENV_FILE" | cut -d= -f2-)")
 TICK=$(getconf CLK_TCK)
 broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
 # ticks before, message count -> broker µs per message since then

@@ -19,3 +19,14 @@ rig_up_with_slurm() {
     set +a
     unset SLURM_JOB_ID AMQP_URL LITHOPS_HPC_CONFIG LITHOPS_SIF
 }
+
+# The rig broker's Erlang VM (beam.smp): its PID file is under run/ since the
+# rig runs deploy/rabbitmq-user-broker.sh (at the top before).
+beam_pid() { # rabbitmq dir
+    local f
+    for f in "$1/run/beam.pid" "$1/beam.pid"; do
+        [[ -s $f ]] && { cat "$f"; return; }
+    done
+    echo "bench: no beam.pid under $1 (is the rig broker running?)" >&2
+    return 1
+}

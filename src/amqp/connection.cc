@@ -277,7 +277,7 @@ void Connection::fail(const std::string& what) {
   throw Error(Exit::broker, "broker " + m_redacted + ": " + what, k_hint);
 }
 
-void Connection::check_rpc(const char* what) {
+void Connection::check_rpc(const char* what, std::uint16_t channel) {
   amqp_rpc_reply_t r = amqp_get_rpc_reply(m_s->conn);
   switch (r.reply_type) {
     case AMQP_RESPONSE_NORMAL: return;
@@ -294,7 +294,7 @@ void Connection::check_rpc(const char* what) {
       if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
         auto* c = static_cast<amqp_channel_close_t*>(r.reply.decoded);
         amqp_channel_close_ok_t ok{};
-        amqp_send_method(m_s->conn, k_channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        amqp_send_method(m_s->conn, channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
         fail(std::string(what) + ": broker closed the channel: " + std::to_string(c->reply_code) + " " +
              bytes_str(c->reply_text));
       }
@@ -336,16 +336,49 @@ std::optional<Connection::QueueInfo> Connection::queue_info(const std::string& n
   return ok ? std::optional<QueueInfo>(QueueInfo{ok->message_count, ok->consumer_count}) : std::nullopt;
 }
 
-void Connection::qos(std::uint16_t prefetch, bool global) {
-  amqp_basic_qos(m_s->conn, k_channel, 0, prefetch, global ? 1 : 0);
-  check_rpc("setting the prefetch count");
+void Connection::open_channel(std::uint16_t channel) {
+  amqp_channel_open(m_s->conn, channel);
+  check_rpc(("opening channel " + std::to_string(channel)).c_str(), channel);
+}
+
+void Connection::qos(std::uint16_t prefetch, bool global, std::uint16_t channel) {
+  amqp_basic_qos(m_s->conn, channel, 0, prefetch, global ? 1 : 0);
+  check_rpc("setting the prefetch count", channel);
 }
 
 std::string Connection::consume(const std::string& queue, bool no_ack, bool exclusive) {
-  auto* ok = amqp_basic_consume(m_s->conn, k_channel, amqp_cstring_bytes(queue.c_str()), amqp_empty_bytes, 0,
-                                no_ack ? 1 : 0, exclusive ? 1 : 0, amqp_empty_table);
-  check_rpc(("consuming from '" + queue + "'").c_str());
-  return ok ? bytes_str(ok->consumer_tag) : std::string();
+  ConsumeArgs a;
+  a.no_ack = no_ack;
+  a.exclusive = exclusive;
+  return consume(queue, a);
+}
+
+std::string Connection::consume(const std::string& queue, const ConsumeArgs& a) {
+  amqp_table_entry_t prio{};
+  prio.key = amqp_cstring_bytes("x-priority");
+  prio.value.kind = AMQP_FIELD_KIND_I32;
+  prio.value.value.i32 = a.priority.value_or(0);
+  amqp_table_t args{a.priority ? 1 : 0, &prio};
+  std::string what = "consuming from '" + queue + "'";
+  if (a.nowait) {
+    amqp_basic_consume_t req{};
+    req.queue = str_bytes(queue);
+    req.consumer_tag = str_bytes(a.tag);
+    req.no_ack = a.no_ack ? 1 : 0;
+    req.exclusive = a.exclusive ? 1 : 0;
+    req.nowait = 1;
+    req.arguments = args;
+    int rc = amqp_send_method(m_s->conn, a.channel, AMQP_BASIC_CONSUME_METHOD, &req);
+    if (rc != AMQP_STATUS_OK) {
+      fail(what + ": " + amqp_error_string2(rc));
+    }
+    return a.tag;
+  }
+  auto* ok = amqp_basic_consume(m_s->conn, a.channel, amqp_cstring_bytes(queue.c_str()),
+                                a.tag.empty() ? amqp_empty_bytes : str_bytes(a.tag), 0, a.no_ack ? 1 : 0,
+                                a.exclusive ? 1 : 0, args);
+  check_rpc(what.c_str(), a.channel);
+  return ok ? bytes_str(ok->consumer_tag) : a.tag;
 }
 
 void Connection::confirm_select() {
@@ -359,36 +392,36 @@ void Connection::purge(const std::string& queue) {
   check_rpc(("purging '" + queue + "'").c_str());
 }
 
-void Connection::qos_async(std::uint16_t prefetch, bool global) {
+void Connection::qos_async(std::uint16_t prefetch, bool global, std::uint16_t channel) {
   amqp_basic_qos_t req{};
   req.prefetch_size = 0;
   req.prefetch_count = prefetch;
   req.global = global ? 1 : 0;
-  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_BASIC_QOS_METHOD, &req);
+  int rc = amqp_send_method(m_s->conn, channel, AMQP_BASIC_QOS_METHOD, &req);
   if (rc != AMQP_STATUS_OK) {
     fail(std::string("setting the prefetch count: ") + amqp_error_string2(rc));
   }
 }
 
-void Connection::cancel_async(const std::string& consumer_tag) {
+void Connection::cancel_async(const std::string& consumer_tag, std::uint16_t channel) {
   amqp_basic_cancel_t req{};
   req.consumer_tag = str_bytes(consumer_tag);
   req.nowait = 0;
-  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_BASIC_CANCEL_METHOD, &req);
+  int rc = amqp_send_method(m_s->conn, channel, AMQP_BASIC_CANCEL_METHOD, &req);
   if (rc != AMQP_STATUS_OK) {
     fail(std::string("cancelling the consumer: ") + amqp_error_string2(rc));
   }
 }
 
-void Connection::ack(std::uint64_t tag, bool multiple) {
-  int rc = amqp_basic_ack(m_s->conn, k_channel, tag, multiple ? 1 : 0);
+void Connection::ack(std::uint64_t tag, bool multiple, std::uint16_t channel) {
+  int rc = amqp_basic_ack(m_s->conn, channel, tag, multiple ? 1 : 0);
   if (rc != AMQP_STATUS_OK) {
     fail(std::string("ack: ") + amqp_error_string2(rc));
   }
 }
 
-void Connection::reject(std::uint64_t tag, bool requeue) {
-  int rc = amqp_basic_reject(m_s->conn, k_channel, tag, requeue ? 1 : 0);
+void Connection::reject(std::uint64_t tag, bool requeue, std::uint16_t channel) {
+  int rc = amqp_basic_reject(m_s->conn, channel, tag, requeue ? 1 : 0);
   if (rc != AMQP_STATUS_OK) {
     fail(std::string("reject: ") + amqp_error_string2(rc));
   }
@@ -448,6 +481,7 @@ void Connection::on_method(std::uint16_t channel, std::uint32_t id, void* decode
     case AMQP_BASIC_DELIVER_METHOD: {
       auto* d = static_cast<amqp_basic_deliver_t*>(decoded);
       m_partial = Delivery{};
+      m_partial.channel = channel;
       m_partial.tag = d->delivery_tag;
       m_partial.redelivered = d->redelivered != 0;
       m_partial.exchange = bytes_str(d->exchange);

@@ -1,4 +1,6 @@
-// RAII wrapper over rabbitmq-c: one connection with one channel, amqp:// and
+// RAII wrapper over rabbitmq-c: one connection with channel 1 open (more on
+// request: basic.qos is per channel, so a consumer that must not share a
+// prefetch limit gets a channel of its own), amqp:// and
 // amqps:// (CA file, peer and host name verification), vhosts, heartbeats,
 // queue declaration, consume, ack/reject, publish with publisher confirms,
 // and a non-blocking frame pump an event loop drives from poll().
@@ -42,6 +44,7 @@ struct Properties {
 };
 
 struct Delivery {
+  std::uint16_t channel = 1;  // delivery tags are per channel
   std::uint64_t tag = 0;
   bool redelivered = false;
   std::string exchange;
@@ -66,8 +69,20 @@ struct Options {
 };
 Options options_from(const config::Rabbitmq& r);
 
+// basic.consume's arguments beyond the queue's name.
+struct ConsumeArgs {
+  std::uint16_t channel = 1;
+  std::string tag;                // empty: the broker names it
+  bool no_ack = false;
+  bool exclusive = false;
+  std::optional<int> priority;    // x-priority: higher ones are served first
+  bool nowait = false;            // no consume-ok (then `tag` must be set)
+};
+
 class Connection {
 public:
+  static constexpr std::uint16_t k_default_channel = 1;
+
   // Connects, logs in and opens channel 1; throws Error(Exit::broker).
   explicit Connection(const Options& opts);
   ~Connection();  // closes politely when still healthy (bounded by 2 s)
@@ -94,16 +109,20 @@ public:
     std::uint32_t consumers = 0;
   };
   std::optional<QueueInfo> queue_info(const std::string& name);
-  void qos(std::uint16_t prefetch, bool global);
+  // Another channel on this connection (2, 3, ...): its own prefetch limit.
+  void open_channel(std::uint16_t channel);
+  void qos(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
   std::string consume(const std::string& queue, bool no_ack = false, bool exclusive = false);
+  // Returns the consumer tag; with `nowait`, sent without waiting for a reply.
+  std::string consume(const std::string& queue, const ConsumeArgs& args);
   void confirm_select();
   void purge(const std::string& queue);
 
   // Asynchronous: sent now, the reply (if any) is absorbed by pump().
-  void qos_async(std::uint16_t prefetch, bool global);
-  void cancel_async(const std::string& consumer_tag);
-  void ack(std::uint64_t tag, bool multiple = false);
-  void reject(std::uint64_t tag, bool requeue);
+  void qos_async(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
+  void cancel_async(const std::string& consumer_tag, std::uint16_t channel = k_default_channel);
+  void ack(std::uint64_t tag, bool multiple = false, std::uint16_t channel = k_default_channel);
+  void reject(std::uint64_t tag, bool requeue, std::uint16_t channel = k_default_channel);
   // Returns the confirm sequence number (0 when confirms are off).
   std::uint64_t publish(const std::string& exchange, const std::string& routing_key, std::string_view body,
                         const Properties& props);
@@ -128,7 +147,7 @@ public:
 
 private:
   [[noreturn]] void fail(const std::string& what);
-  void check_rpc(const char* what);
+  void check_rpc(const char* what, std::uint16_t channel = k_default_channel);
   void on_method(std::uint16_t channel, std::uint32_t id, void* decoded);
   void finish_content();
 

@@ -49,14 +49,25 @@ int Dispatcher::ready_slots() const {
 bool Dispatcher::idle() const { return m_msgs.empty(); }
 
 int Dispatcher::desired_prefetch() const {
-  // A task waiting for a slot whose handler is not ready is not counted: the
-  // broker keeps what comes after it until a slot can take it.
+  // A task waiting for a slot is not counted: it is the reserve (or, when a
+  // prefetch change was in flight, beyond it), so the broker keeps what
+  // comes after it until a slot frees.
   int held = 0;
   for (const auto& [id, m] : m_msgs) {
     bool holds = m.kind != Kind::task || m.holds_slots;  // control, and malformed until dead-lettered
     held += (holds && !m.orphan && !m.no_ack) ? 1 : 0;
   }
   return prefetch_for(free_slots(), held);
+}
+
+bool Dispatcher::desired_slot_consumer() const {
+  // A free slot that a waiting task is about to take is not free: no
+  // start-and-cancel between an ack and the next schedule().
+  auto waiting = static_cast<int>(m_waiting.size());
+  if (free_slots() > waiting) {
+    return true;
+  }
+  return waiting > 0 ? m_slot_consumer : false;
 }
 
 void Dispatcher::update_prefetch() {
@@ -68,14 +79,20 @@ void Dispatcher::update_prefetch() {
     m_broker.set_prefetch(want);
     m_prefetch = want;
   }
+  bool slot = desired_slot_consumer();
+  if (slot != m_slot_consumer) {
+    m_broker.set_slot_consumer(slot);
+    m_slot_consumer = slot;
+  }
 }
 
 // --- connection ------------------------------------------------------------
 
-void Dispatcher::on_connected(int prefetch) {
+void Dispatcher::on_connected(int prefetch, bool slot_consumer) {
   ++m_generation;
   m_connected = true;
   m_prefetch = prefetch;
+  m_slot_consumer = slot_consumer;
   update_prefetch();
 }
 
@@ -167,7 +184,7 @@ void Dispatcher::accept(Message&& m) {
     m_msgs.emplace(id, std::move(m));
     m_control_todo.push_back(id);
     send_control();
-    update_prefetch();  // a control message must not take a free slot's place
+    update_prefetch();  // held now: the reserve is free again, and no free slot's place is taken
     return;
   }
   m.calls = Calls(std::move(task.payload));

@@ -9,18 +9,24 @@
 // - a send_task with more calls than free slots keeps what fits and
 //   republishes the rest (persistent, confirmed) before its calls start;
 // - the prefetch (basic.qos, per channel, changed as it goes) is free slots +
-//   messages held that need an ack (prefetch_for): nothing is held back while
-//   every slot is busy, so a busy rank causes no broker traffic and never
-//   reorders the queue; the next task comes from the broker when a slot frees
-//   (an ack, or a basic.qos raise, and one delivery);
-// - get_metadata and ping run on a reserved control handler, never behind
-//   tasks that this rank holds. One queued behind a backlog is reached when
-//   the backlog ahead of it has been handed out: Lithops clients send
-//   get_metadata only when the runtime's metadata is in neither their cache
-//   nor storage; `lithops-hpc ping` reaches each rank through its own
-//   no-ack queue (DispatcherOptions::rank_queue), which shares the worker's
-//   channel and its prefetch: a rank with every slot busy answers when a
-//   slot frees;
+//   messages held that need an ack + one reserve (prefetch_for). A task that
+//   arrives with no slot free waits here in the reserve (never republished,
+//   never rotated) and starts the moment a slot frees, with no broker round
+//   trip; once the reserve is taken, a rank whose slots are all busy receives
+//   nothing and causes no broker traffic, and the queue's order is kept but
+//   for that one message;
+// - a control message (get_metadata, ping) arriving in the reserve runs at
+//   once on the control handler and then counts as held, which frees the
+//   reserve again: with every slot busy and the reserve free, get_metadata is
+//   answered without waiting for a slot. One queued behind more tasks than
+//   the busy ranks' reserves hold is reached as slots free (the queue is FIFO);
+// - two consumers share the channel: the reserve (x-priority 0, always) and
+//   the slot consumer (higher x-priority, only while a slot is free:
+//   set_slot_consumer), so the broker hands a task to an idle rank's slot
+//   before a busy rank's reserve;
+// - `lithops-hpc ping` reaches each rank through its own no-ack queue
+//   (DispatcherOptions::rank_queue), consumed on a channel of its own without
+//   a prefetch limit: a rank answers whatever its slots and reserve hold;
 // - messages are bounded (Limits) before they are parsed: over either limit,
 //   or malformed, they go to <queue>.dead with the reason, then are acked;
 // - a message is recorded (CrashRecordPort) while it is processed; one that
@@ -59,6 +65,9 @@ public:
   virtual std::uint64_t publish(const std::string& routing_key, const std::string& body,
                                 const amqp::Properties& props) = 0;
   virtual void set_prefetch(int count) = 0;
+  // Start (true) or cancel (false) the slot consumer: the one at the higher
+  // x-priority, beside the reserve consumer that always runs.
+  virtual void set_slot_consumer(bool active) = 0;
   virtual void stop_consuming() = 0;
 };
 
@@ -108,8 +117,9 @@ public:
 
   // --- events -------------------------------------------------------------
   // A (new) broker connection is consuming with `prefetch` already set
-  // (desired_prefetch() at the time); later changes go through set_prefetch.
-  void on_connected(int prefetch);
+  // (desired_prefetch() at the time) and the slot consumer started or not
+  // (desired_slot_consumer()); later changes go through the BrokerPort.
+  void on_connected(int prefetch, bool slot_consumer);
   // The connection is gone: everything unacked is the broker's again.
   void on_disconnected();
   void on_delivery(amqp::Delivery d);
@@ -134,6 +144,12 @@ public:
   int prefetch() const { return m_prefetch; }
   // The prefetch count the current state calls for (protocol.h prefetch_for).
   int desired_prefetch() const;
+  // Whether the slot consumer should run: while a slot is free; not while
+  // every slot is busy and the reserve is free (the broker would pick this
+  // rank's reserve like an idle rank's slot); left as it is while the
+  // reserve holds a task (the broker then hands this rank nothing anyway).
+  bool desired_slot_consumer() const;
+  bool slot_consumer() const { return m_slot_consumer; }
   const Counters& counters() const { return m_counters; }
   // Called with each message right before it is acked (latency logging).
   void set_on_ack(std::function<void(const amqp::Delivery&)> fn) { m_on_ack = std::move(fn); }
@@ -205,6 +221,7 @@ private:
   bool m_draining = false;
   bool m_aborted = false;
   int m_prefetch = 0;
+  bool m_slot_consumer = false;
   std::uint64_t m_next_id = 1;
   std::uint64_t m_next_request = 1;
   std::map<std::uint64_t, Message> m_msgs;

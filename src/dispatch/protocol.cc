@@ -2,6 +2,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 
@@ -350,9 +351,9 @@ std::string describe_calls(const Json& payload) {
 }
 
 int prefetch_for(int free_slots, int held_messages) {
-  int n = free_slots + held_messages;
+  int n = std::max(0, free_slots) + std::max(0, held_messages) + k_reserve;
   // basic.qos takes a 16-bit count; 0 would mean "unlimited".
-  return n < 1 ? 1 : (n > 65535 ? 65535 : n);
+  return n > 65535 ? 65535 : n;
 }
 
 std::string rank_queue(const std::string& queue, const std::string& job, int rank) {

@@ -104,15 +104,22 @@ private:
 // The call ids of a send_task payload, for logs ("job-key/00003").
 std::string describe_calls(const Json& payload);
 
+// Messages a rank takes beyond what it can start and what it holds: the
+// reserve of prefetch_for.
+inline constexpr int k_reserve = 1;
+
 // How many unacked messages a dispatcher lets the broker hand it: one per
 // free slot, plus every message it already holds that needs an ack (started
-// tasks, whose calls still hold slots, and control requests). Nothing is held
-// back while every slot is busy: such a rank costs the broker nothing and
-// leaves the queue's order alone. At least 1 (0 would mean "unlimited").
+// tasks, whose calls still hold slots, and control requests), plus one
+// reserve. The reserve takes a control message (answered at once, then held,
+// which frees the reserve again) or one task, which waits here for the next
+// free slot; while it waits and every slot is busy the broker hands this
+// rank nothing: no traffic, and no reordering beyond that one message.
+// Never 0 (that would mean "unlimited"); at most basic.qos's 65535.
 int prefetch_for(int free_slots, int held_messages);
 
-// The queue one rank of a deployment also consumes (no-ack, exclusive,
-// auto-delete): `ping` addresses each rank through it.
+// The queue one rank of a deployment also consumes (no-ack, not exclusive,
+// auto-delete) on a channel of its own: `ping` addresses each rank through it.
 std::string rank_queue(const std::string& queue, const std::string& job, int rank);
 
 // Dead-letter and crash-accounting header names (AMQP table keys).

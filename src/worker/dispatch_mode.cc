@@ -171,8 +171,48 @@ std::uint64_t DispatchMode::publish(const std::string& rk, const std::string& bo
 void DispatchMode::set_prefetch(int n) {
   guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n), true); });
 }
+void DispatchMode::set_slot_consumer(bool active) {
+  // Started at once unless a task came in the last k_slot_consumer_delay:
+  // then the next one is most likely on its way already (a backlog, and the
+  // ack just sent), and starting it would cost a consume and a cancel per
+  // task. It starts once no task has come for that long.
+  m_slot_wanted = active;
+  if (active) {
+    m_slot_due = m_last_task_delivery + k_slot_consumer_delay;
+    start_slot_consumer_when_due(Clock::now());
+    return;
+  }
+  guarded([&] {
+    if (!m_slot_tag.empty()) {
+      spdlog::debug("slot consumer {} cancelled: every slot busy", m_slot_tag);
+      m_conn->cancel_async(m_slot_tag);
+      m_slot_tag.clear();
+    }
+  });
+}
+
+void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
+  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || w.m_state != State::running) {
+    return;
+  }
+  guarded([&] {
+    amqp::ConsumeArgs a;
+    a.tag = "lhpc-slots-" + std::to_string(++m_slot_consumers);
+    a.priority = k_slot_priority;
+    a.nowait = true;
+    m_slot_tag = m_conn->consume(w.m_cfg.rabbitmq.queue, a);
+    spdlog::debug("slot consumer {} started: a slot is free", m_slot_tag);
+  });
+}
 void DispatchMode::stop_consuming() {
-  guarded([&] { m_conn->cancel_async(m_consumer_tag); });
+  m_slot_wanted = false;
+  guarded([&] {
+    m_conn->cancel_async(k_reserve_tag);
+    if (!m_slot_tag.empty()) {
+      m_conn->cancel_async(m_slot_tag);
+      m_slot_tag.clear();
+    }
+  });
 }
 
 void DispatchMode::handler_ready(int h, const dispatch::Json&) { m_dispatcher->on_handler_ready(h); }
@@ -203,21 +243,36 @@ void DispatchMode::connect_when_due(Clock::time_point now) {
   std::string q = w.m_cfg.rabbitmq.queue;
   std::string rq = m_rank_queue;
   int prefetch = m_dispatcher->desired_prefetch();
+  bool slots = m_dispatcher->desired_slot_consumer();
   m_connecting_prefetch = prefetch;
-  m_reconnect.start([q, rq, prefetch](amqp::Connection& c) {
+  m_connecting_slot_consumer = slots;
+  m_reconnect.start([q, rq, prefetch, slots](amqp::Connection& c) {
     // Exactly as the Lithops client declares it: durable, no arguments.
     c.declare_queue(q, true);
     c.declare_queue(q + ".dead", true);
     c.confirm_select();
-    // Per channel (global): the one limit RabbitMQ lets us change while consuming.
+    // Per channel (global): the one limit RabbitMQ lets us change while
+    // consuming, shared by the slot consumer and the reserve.
     c.qos(static_cast<std::uint16_t>(prefetch), true);
-    auto tag = c.consume(q);
+    amqp::ConsumeArgs a;
+    std::string tag;
+    if (slots) {
+      a.tag = "lhpc-slots-1";
+      a.priority = k_slot_priority;
+      tag = c.consume(q, a);
+    }
+    a.tag = k_reserve_tag;
+    a.priority.reset();
+    c.consume(q, a);
     // Gone with its last consumer; no acks. Not exclusive: standalone workers
-    // of one job all are its rank 0. RabbitMQ counts these deliveries against
-    // this channel's (global) prefetch too, so a rank with every slot busy
-    // answers when one frees: a channel of its own would lift that.
+    // of one job all are its rank 0. On a channel without a prefetch limit:
+    // RabbitMQ holds back even no-ack deliveries on a channel at its limit.
     c.declare_queue(rq, false, /*exclusive=*/false, /*auto_delete=*/true);
-    c.consume(rq, /*no_ack=*/true);
+    c.open_channel(k_rank_channel);
+    amqp::ConsumeArgs r;
+    r.channel = k_rank_channel;
+    r.no_ack = true;
+    c.consume(rq, r);
     return tag;
   });
 }
@@ -236,10 +291,12 @@ void DispatchMode::take_connection() {
     return;  // draining or failed meanwhile: close it again (nothing was delivered to us yet)
   }
   m_conn = std::move(r->conn);
-  m_consumer_tag = std::move(r->consumer_tag);
+  m_slot_tag = std::move(r->consumer_tag);
+  m_slot_consumers = m_slot_tag.empty() ? 0 : 1;
+  m_slot_wanted = !m_slot_tag.empty();
   m_broker_error.clear();
   m_last_pump = Clock::now();
-  m_dispatcher->on_connected(m_connecting_prefetch);
+  m_dispatcher->on_connected(m_connecting_prefetch, m_connecting_slot_consumer);
   spdlog::info("{} {} on {} with {} slots (prefetch {})", m_connected_once ? "reconnected: consuming" : "consuming",
                w.m_cfg.rabbitmq.queue, m_conn->redacted_url(), w.m_slots, m_connecting_prefetch);
   m_connected_once = true;
@@ -247,7 +304,8 @@ void DispatchMode::take_connection() {
 
 void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_error, cleared here
   m_conn.reset();  // broken: no polite close; the broker requeues what we held
-  m_consumer_tag.clear();
+  m_slot_tag.clear();
+  m_slot_wanted = false;
   m_broker_error.clear();
   m_dispatcher->on_disconnected();
   w.m_last_error = why;
@@ -268,6 +326,9 @@ void DispatchMode::pump(bool readable) {
     m_last_pump = Clock::now();
     amqp::Delivery d;
     while (m_broker_error.empty() && m_conn && m_conn->next_delivery(d)) {
+      if (d.channel != k_rank_channel) {
+        m_last_task_delivery = m_last_pump;
+      }
       m_dispatcher->on_delivery(std::move(d));
     }
     if (m_conn) {
@@ -293,6 +354,9 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
       timeout = milliseconds(0);
     }
     sooner(m_last_pump + pump_every());
+    if (m_slot_wanted && m_slot_tag.empty()) {
+      sooner(m_slot_due);
+    }
   } else if (m_reconnect.connecting()) {
     sooner(now + milliseconds(20));  // the helper thread's result
   } else if (w.m_state == State::running && m_pool->ready_count() > 0) {
@@ -338,6 +402,7 @@ void DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
     pump(broker_readable);
   }
   m_pool->tick(now);
+  start_slot_consumer_when_due(now);
   if (!m_broker_error.empty()) {
     lost(m_broker_error);
   }

@@ -25,6 +25,16 @@ class DispatchMode final : public dispatch::BrokerPort, public dispatch::Handler
 public:
   using Clock = std::chrono::steady_clock;
   static constexpr const char* k_handler_in_image = "/opt/lithops-hpc/handler.py";
+  // Channel 1 carries the task queue's two consumers (their shared prefetch
+  // is the dispatcher's); the rank queue has a channel of its own, without a
+  // prefetch limit, so a ping reaches a rank whatever its slots hold.
+  static constexpr std::uint16_t k_rank_channel = 2;
+  // The slot consumer's x-priority; the reserve consumer has the default, 0.
+  static constexpr int k_slot_priority = 10;
+  static constexpr const char* k_reserve_tag = "lhpc-reserve";
+  // A slot consumer wanted within this long of the last task delivered
+  // waits until no task has come for that long (a backlog keeps sending).
+  static constexpr std::chrono::milliseconds k_slot_consumer_delay{50};
 
   // The handler script on this host (ours from the install or source tree,
   // bind-mounted over the image's copy so both sides speak the same protocol
@@ -53,6 +63,7 @@ private:
   void reject(std::uint64_t tag, bool requeue) override;
   std::uint64_t publish(const std::string& rk, const std::string& body, const amqp::Properties& p) override;
   void set_prefetch(int n) override;
+  void set_slot_consumer(bool active) override;
   void stop_consuming() override;
   // --- HandlerPool::Listener ---
   void handler_ready(int h, const dispatch::Json&) override;
@@ -68,13 +79,19 @@ private:
   void lost(std::string why);
   void pump(bool readable);
   void check_drained(Clock::time_point now);
+  void start_slot_consumer_when_due(Clock::time_point now);
   std::chrono::milliseconds pump_every() const;
 
   Worker& w;
   std::string m_handler_path;
   amqp::Reconnector m_reconnect;
   std::unique_ptr<amqp::Connection> m_conn;
-  std::string m_consumer_tag;
+  std::string m_slot_tag;  // the slot consumer's tag; empty while it is cancelled
+  int m_slot_consumers = 0;  // started on this connection: each gets a new tag
+  bool m_connecting_slot_consumer = false;
+  bool m_slot_wanted = false;     // the dispatcher asked for it; started at m_slot_due
+  Clock::time_point m_slot_due{};
+  Clock::time_point m_last_task_delivery{};
   std::string m_broker_error;  // set by a port call that failed; handled after the batch
   int m_connecting_prefetch = 0;
   Clock::time_point m_last_pump{};

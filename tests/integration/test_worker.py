@@ -93,21 +93,38 @@ class WorkerTest(unittest.TestCase):
                         f"both workers should run calls of the split message: {pids} {handlers_a} {handlers_b}")
         self.assertEqual(sorted(r["call_id"] for r in recs), ["00000", "00001", "00002", "00003"])
 
-    @unittest.skip("issue 14 trade, open: with nothing held back while busy (no rotation), a get_metadata "
-                   "queued behind a backlog waits until the tasks ahead of it are handed out (man lithops-hpc, deploy)")
     def test_get_metadata_never_waits_behind_tasks(self):
+        # Calls end when the test opens their gate: no timing guessed.
+        gate = lambda i: os.path.join(self.rec, f"gate-{i}")  # noqa: E731
         storage = tempfile.mkdtemp(prefix="lhpc-storage-")
-        self.worker(slots=1)
-        for i in range(3):
-            self.publish(task(f"ex-slow{i}", record_dir=self.rec, sleep=4, print=f"LHPC-STARTED-{i}"))
-        self.workers[0].wait_log("LHPC-STARTED-0")
-        self.publish({"backend": "fake", "fake": {"storage_bucket": "b", "storage_dir": storage},
-                      "runtime_name": "rt-meta", "log_level": 20}, action="get_metadata")
-        meta = os.path.join(storage, "b", "lithops.jobs", "rt-meta.meta")
-        lt.wait_until(lambda: os.path.exists(meta), 30, "runtime metadata in storage")
-        # Stored while the first task of the backlog still ran.
-        self.assertLess(len(records(self.rec)), 2)
-        with open(meta) as f:
+        meta_path = lambda rt: os.path.join(storage, "b", "lithops.jobs", f"{rt}.meta")  # noqa: E731
+
+        def get_metadata(rt):
+            self.publish({"backend": "fake", "fake": {"storage_bucket": "b", "storage_dir": storage},
+                          "runtime_name": rt, "log_level": 20}, action="get_metadata")
+
+        w = self.worker(slots=1)
+        try:
+            self.publish(task("ex-busy0", record_dir=self.rec, wait_for=gate(0), print="LHPC-STARTED-0"))
+            w.wait_log("LHPC-STARTED-0")
+            # The only slot busy: get_metadata comes through the reserve and is
+            # answered while the task runs.
+            get_metadata("rt-a")
+            lt.wait_until(lambda: os.path.exists(meta_path("rt-a")), 30, "runtime metadata of rt-a in storage")
+            self.assertEqual(records(self.rec), [])
+            # A task in the reserve waits for the slot; a get_metadata behind it
+            # is answered once that task has started, before it ends.
+            self.publish(task("ex-busy1", record_dir=self.rec, wait_for=gate(1), print="LHPC-STARTED-1"))
+            get_metadata("rt-b")
+            open(gate(0), "w").close()
+            lt.wait_until(lambda: os.path.exists(meta_path("rt-b")), 30, "runtime metadata of rt-b in storage")
+            self.assertEqual([r["job_key"] for r in records(self.rec)], ["ex-busy0"])
+            self.assertIn("LHPC-STARTED-1", w.log())
+        finally:
+            for i in (0, 1):
+                open(gate(i), "w").close()
+        wait_records(self.rec, 2, 30)
+        with open(meta_path("rt-a")) as f:
             m = json.load(f)
         self.assertIn("preinstalls", m)
         self.assertIn("python_version", m)
@@ -291,19 +308,24 @@ class WorkerTest(unittest.TestCase):
 
     # --- ping --------------------------------------------------------------
 
-    @unittest.skip("issue 14, open: the rank's ping queue shares the channel's prefetch, so a rank whose only "
-                   "slot is busy answers when it frees; a channel of its own for the rank queue would lift that")
     def test_ping_reports_each_rank_and_the_throughput(self):
         w = self.worker(slots=1)
-        # Even with the only slot busy, pings go through the control handler.
-        self.publish(task("ex-busy", record_dir=self.rec, sleep=5, print="LHPC-BUSY"))
-        w.wait_log("LHPC-BUSY")
-        out = subprocess.run([BIN, "--config", w.config, "ping", "--count", "40", "--concurrency", "4"],
-                             env=w.env, capture_output=True, text=True, timeout=60)
+        gate = os.path.join(self.rec, "gate")
+        try:
+            # The only slot busy and a task waiting in the reserve: pings come
+            # through the rank's own channel, which has no prefetch limit.
+            self.publish(task("ex-busy", record_dir=self.rec, wait_for=gate, print="LHPC-BUSY"))
+            self.publish(task("ex-next", record_dir=self.rec, wait_for=gate))
+            w.wait_log("LHPC-BUSY")
+            lt.wait_until(lambda: lt.queue_depth(self.url) == 0, 30, "the second task in the reserve")
+            out = subprocess.run([BIN, "--config", w.config, "ping", "--count", "40", "--concurrency", "4"],
+                                 env=w.env, capture_output=True, text=True, timeout=60)
+            self.assertEqual(records(self.rec), [], "the pings did not wait for the task")
+        finally:
+            open(gate, "w").close()
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
         self.assertRegex(out.stdout, r"(?m)^rank 0 node \S+: 40 replies, p50 [\d.]+ ms, p99 [\d.]+ ms$")
         self.assertRegex(out.stdout, r"40/40 pings answered by 1 rank in [\d.]+ s: [\d.]+ pings/s")
-        self.assertEqual(records(self.rec), [], "the pings did not wait for the task")
         more = subprocess.run([BIN, "--config", w.config, "ping", "--count", "2", "--expect-ranks", "2"],
                               env=w.env, capture_output=True, text=True, timeout=60)
         self.assertEqual(more.returncode, 1, more.stdout + more.stderr)

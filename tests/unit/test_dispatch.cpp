@@ -190,12 +190,14 @@ TEST_CASE("a message of many calls is split by its pieces, never by copying it p
   CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20));
 }
 
-TEST_CASE("prefetch: one per free slot and one per message held; nothing held back") {
-  CHECK(prefetch_for(4, 0) == 4);  // idle node with 4 slots
-  CHECK(prefetch_for(0, 4) == 4);  // 4 single-call tasks running: no lookahead
-  CHECK(prefetch_for(0, 1) == 1);  // one 4-call message holds every slot
-  CHECK(prefetch_for(1, 2) == 3);  // a free slot, a running task and a get_metadata
-  CHECK(prefetch_for(0, 0) == 1);  // 0 would mean "unlimited"
+TEST_CASE("prefetch: one per free slot, one per message held, and one reserve") {
+  CHECK(prefetch_for(4, 0) == 5);  // idle node with 4 slots: 4 start, 1 waits in the reserve
+  CHECK(prefetch_for(0, 4) == 5);  // 4 single-call tasks running: the reserve takes one more
+  CHECK(prefetch_for(0, 1) == 2);  // one 4-call message holds every slot
+  CHECK(prefetch_for(1, 2) == 4);  // a free slot, a running task and a get_metadata
+  CHECK(prefetch_for(0, 0) == 1);  // no handler ready: the reserve only (never 0, "unlimited")
+  CHECK(prefetch_for(-1, -1) == 1);
+  CHECK(prefetch_for(40000, 40000) == 65535);  // basic.qos's 16 bits
 }
 
 TEST_CASE("rank queues are per job and rank") {
@@ -224,6 +226,7 @@ struct FakeBroker : BrokerPort {
   std::vector<std::uint64_t> requeued;
   std::vector<Published> published;
   std::vector<int> prefetches;
+  std::vector<bool> slot_consumer;  // each set_slot_consumer
   bool cancelled = false;
   std::uint64_t seq = 0;
 
@@ -243,6 +246,7 @@ struct FakeBroker : BrokerPort {
     return seq;
   }
   void set_prefetch(int n) override { prefetches.push_back(n); }
+  void set_slot_consumer(bool on) override { slot_consumer.push_back(on); }
   void stop_consuming() override { cancelled = true; }
 };
 
@@ -275,7 +279,7 @@ struct Rig {
     for (int h = 0; h < d.handlers(); ++h) {
       d.on_handler_ready(h);
     }
-    d.on_connected(d.desired_prefetch());
+    d.on_connected(d.desired_prefetch(), d.desired_slot_consumer());
   }
   std::uint64_t deliver(const std::string& body, amqp::Properties props = {}, bool redelivered = false,
                         const std::string& routing_key = "task_queue") {
@@ -316,7 +320,7 @@ struct Rig {
 
 TEST_CASE("a task is acked only after its handler finished, one call per slot") {
   Rig r(2);
-  CHECK(r.d.prefetch() == 2);
+  CHECK(r.d.prefetch() == 3);
   auto t1 = r.deliver(encode(Action::send_task, job(1, "A")));
   auto t2 = r.deliver(encode(Action::send_task, job(1, "B")));
   CHECK(r.handlers.sent.size() == 2);
@@ -339,22 +343,68 @@ TEST_CASE("a task is acked only after its handler finished, one call per slot") 
   CHECK(r.broker.prefetches.empty());  // single-call messages: always one per slot
 }
 
-TEST_CASE("a rank whose slots are all busy holds nothing back and sends the broker nothing") {
+TEST_CASE("a rank whose slots are all busy holds one task in reserve and sends the broker nothing") {
   Rig r(2);
-  r.deliver(encode(Action::send_task, job(1, "A")));
+  CHECK(r.d.prefetch() == 3);
+  auto a = r.deliver(encode(Action::send_task, job(1, "A")));
   r.deliver(encode(Action::send_task, job(1, "B")));
-  // Every slot busy: the prefetch equals what it holds, so the broker keeps
-  // the rest of the queue, in order, for whichever rank frees a slot first.
-  CHECK(r.d.prefetch() == 2);
-  CHECK(r.d.desired_prefetch() == 2);
+  // Every slot busy, the reserve free: two held + one.
+  CHECK(r.d.prefetch() == 3);
+  r.deliver(encode(Action::send_task, job(1, "C")));  // the reserve: it waits here
+  CHECK(r.handlers.sent.size() == 2);
+  // The reserve taken: what it holds plus one is what it has, so the broker
+  // keeps the rest of the queue, in order, for whichever rank frees a slot.
+  CHECK(r.d.desired_prefetch() == 3);
+  // Neither republished, rotated nor requeued however long it waits; no basic.qos.
   CHECK(r.broker.events == std::vector<std::string>{"start 0", "start 1"});
-  // A task the broker handed over anyway (a prefetch change in flight) waits
-  // here, and is neither republished nor rotated, however long it waits.
-  r.deliver(encode(Action::send_task, job(1, "C")));
-  CHECK(r.broker.published.empty());
-  CHECK(r.broker.requeued.empty());
+  CHECK(r.broker.prefetches.empty());
+  // A slot frees: the reserved task starts at once, no broker round trip.
   r.reply(0);
-  CHECK(r.handlers.sent.back().request["payload"]["job_key"] == "C");
+  REQUIRE(r.handlers.sent.size() == 3);
+  CHECK(r.handlers.sent[2].handler == 0);
+  CHECK(r.handlers.sent[2].request["payload"]["job_key"] == "C");
+  CHECK(r.broker.events == std::vector<std::string>{"start 0", "start 1", "ack " + std::to_string(a), "start 0"});
+  CHECK(r.d.prefetch() == 3);  // the ack alone frees the reserve for the next message
+  CHECK(r.broker.prefetches.empty());
+}
+
+TEST_CASE("with every slot busy, get_metadata in the reserve is answered at once, then frees the reserve") {
+  Rig r(1);
+  r.deliver(encode(Action::send_task, job(1, "A")));
+  CHECK(r.d.prefetch() == 2);  // one held + the reserve
+  auto meta = r.deliver(encode(Action::get_metadata, {{"runtime_name", "rt"}}));
+  REQUIRE(r.handlers.sent.size() == 2);
+  CHECK(r.handlers.sent[1].handler == r.d.control());
+  CHECK(r.handlers.sent[1].request["action"] == "get_metadata");
+  CHECK(r.d.prefetch() == 3);  // held now: the reserve takes the next message
+  r.deliver(encode(Action::send_task, job(1, "B")));
+  CHECK(r.handlers.sent.size() == 2);  // B waits in the reserve
+  r.reply(r.d.control());
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{meta});
+  CHECK(r.d.prefetch() == 2);
+  CHECK(r.broker.prefetches == std::vector<int>{3, 2});
+  r.reply(0);
+  CHECK(r.handlers.sent.back().request["payload"]["job_key"] == "B");
+  CHECK(r.d.counters().metadata == 1);
+}
+
+TEST_CASE("the slot consumer runs only while a slot is free: an idle rank's slot comes before a busy rank's reserve") {
+  Rig r(2);
+  CHECK(r.d.slot_consumer());
+  r.deliver(encode(Action::send_task, job(1, "A")));
+  CHECK(r.broker.slot_consumer.empty());  // a slot is still free
+  r.deliver(encode(Action::send_task, job(1, "B")));
+  CHECK(r.broker.slot_consumer == std::vector<bool>{false});  // every slot busy: the reserve alone
+  r.deliver(encode(Action::send_task, job(1, "C")));
+  r.reply(0);  // C takes the freed slot: still every slot busy
+  CHECK(r.broker.slot_consumer == std::vector<bool>{false});
+  r.reply(1);
+  CHECK(r.broker.slot_consumer == std::vector<bool>{false, true});
+  r.reply(0);
+  CHECK(r.broker.slot_consumer == std::vector<bool>{false, true});
+  CHECK(r.d.idle());
+  // A reconnect starts from what the state calls for.
+  CHECK(r.d.desired_slot_consumer());
 }
 
 TEST_CASE("a message with more calls than free slots is split; the rest is confirmed before anything starts") {
@@ -379,9 +429,9 @@ TEST_CASE("a message with more calls than free slots is split; the rest is confi
   r.reply(1);
   CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
   CHECK(r.d.counters().splits == 1);
-  // While one 2-call message held both slots the prefetch dropped to 1, then
-  // rose as its first call freed a slot.
-  CHECK(r.broker.prefetches == std::vector<int>{1, 2});
+  // While one 2-call message held both slots the prefetch dropped to 2 (it
+  // and the reserve), then rose as its first call freed a slot.
+  CHECK(r.broker.prefetches == std::vector<int>{2, 3});
 }
 
 TEST_CASE("a refused remainder gives the whole message back, nothing starts") {
@@ -401,14 +451,14 @@ TEST_CASE("get_metadata and ping never wait behind tasks this rank holds") {
   CHECK(r.handlers.sent[1].handler == r.d.control());
   CHECK(r.handlers.sent[1].request["action"] == "get_metadata");
   // The control message holds a unit of the prefetch: raised so that the
-  // free slot still gets a task.
-  CHECK(r.d.prefetch() == 3);
+  // free slot still gets a task and the reserve stays free.
+  CHECK(r.d.prefetch() == 4);
   r.deliver(encode(Action::send_task, job(1, "B")));
   CHECK(r.d.busy_slots() == 2);
-  CHECK(r.d.prefetch() == 3);
+  CHECK(r.d.prefetch() == 4);
   r.reply(r.d.control());
   CHECK(r.broker.acked == std::vector<std::uint64_t>{meta});
-  CHECK(r.d.prefetch() == 2);
+  CHECK(r.d.prefetch() == 3);
   CHECK(r.d.counters().metadata == 1);
 }
 
@@ -421,7 +471,7 @@ TEST_CASE("a ping through the rank queue is answered while every slot is busy, a
   r.deliver(encode(Action::ping, {{"seq", 1}}), pp, false, "task_queue.rank.J.3");
   REQUIRE(r.handlers.sent.size() == 2);
   CHECK(r.handlers.sent[1].handler == r.d.control());
-  CHECK(r.d.prefetch() == 1);  // consumed without acks: outside the prefetch
+  CHECK(r.d.prefetch() == 2);  // consumed without acks: outside the prefetch (the task and the reserve)
   Json req = r.handlers.sent[1].request;
   r.d.on_handler_reply(r.d.control(), {{"id", req["id"]}, {"ok", true}, {"echo", req["payload"]}});
   REQUIRE(r.broker.published.size() == 1);
@@ -547,7 +597,7 @@ TEST_CASE("after a lost connection running calls finish but are not acked") {
   CHECK(r.broker.acked.empty());
   CHECK(r.d.idle());
   // A new connection starts from a clean slate.
-  r.d.on_connected(r.d.desired_prefetch());
+  r.d.on_connected(r.d.desired_prefetch(), r.d.desired_slot_consumer());
   auto tag = r.deliver(encode(Action::send_task, job(1)));
   r.reply(0);
   CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
@@ -557,7 +607,7 @@ TEST_CASE("tasks wait for handlers that are not ready yet") {
   FakeBroker b;
   FakeHandlers h;
   Dispatcher d({.slots = 2}, b, h);
-  d.on_connected(d.desired_prefetch());
+  d.on_connected(d.desired_prefetch(), d.desired_slot_consumer());
   amqp::Delivery del;
   del.tag = 1;
   del.body = encode(Action::send_task, job(1));

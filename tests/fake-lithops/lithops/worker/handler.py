@@ -2,6 +2,8 @@
 
 lhpc_test keys (all optional):
   sleep: float        seconds each call takes
+  wait_for: path      each call waits until this file exists (at most 300 s):
+                      a test decides when a call ends, without guessing a time
   record_dir: path    write <job_key>-<call_id>-<pid>-<ns>.json per finished call
   crash: "always" | "once" | null
                       SIGKILL the calling (handler) process; "once" only when
@@ -64,6 +66,10 @@ def function_handler(payload):
             os.write(1, (text + '\n').encode())
         if test.get('sleep'):
             time.sleep(float(test['sleep']))
+        if test.get('wait_for'):
+            deadline = time.monotonic() + 300
+            while not os.path.exists(test['wait_for']) and time.monotonic() < deadline:
+                time.sleep(0.02)
         end = time.time()
         record_dir = test.get('record_dir')
         if record_dir:
