@@ -225,6 +225,26 @@ def wait_until(pred, timeout, what, interval=0.1):
         time.sleep(interval)
 
 
+def descendants(root):
+    """PIDs of every live process below root, from /proc (children of children)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def make_send_task(n_calls, job_key, extra=None):
     """A minimal Lithops-shaped job payload (the dict inside a send_task message)."""
     executor_id, _, job_id = job_key.rpartition("-")

@@ -44,26 +44,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def descendants(root):
-    """Every live process below root, from /proc (children of children)."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -167,7 +147,7 @@ class ManyRanks(unittest.TestCase):
         # among their users, so the sum is what the machine holds) and the
         # CPU each kind spent from launch to here.
         kinds = {}
-        for pid in [d.proc.pid] + descendants(d.proc.pid):
+        for pid in [d.proc.pid] + lt.descendants(d.proc.pid):
             try:
                 with open(f"/proc/{pid}/comm") as f:
                     comm = f.read().strip()
@@ -229,7 +209,7 @@ class ManyRanks(unittest.TestCase):
             p = lt.make_send_task(1, f"last-{j:03d}", {"lhpc_test": {"sleep": 1.0, "record_dir": d.records}})
             published.add((p["job_key"], p["call_ids"][0]))
             payloads.append(p)
-        procs = descendants(d.proc.pid)
+        procs = lt.descendants(d.proc.pid)
         self.assertGreaterEqual(len(procs), 3 * RANKS, "a rank and two handlers (slot, control) per rank")
         lt.publish_lithops_many(self.url, "send_task", payloads)
         lt.wait_until(lambda: records(d.records), 30, "the first calls of the wave finished")

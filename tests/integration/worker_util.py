@@ -11,7 +11,7 @@ import signal
 import subprocess
 import tempfile
 
-from lhpc_test import wait_until
+from lhpc_test import descendants, wait_until
 
 SOURCE_ROOT = os.environ.get("LHPC_SOURCE_ROOT") or os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -108,25 +108,8 @@ restart_limit = 3
             self._log.close()
 
     def descendants(self):
-        """PIDs of every process below the worker (via /proc, children of children)."""
-        children = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(d))
-        out, todo = [], [self.pid]
-        while todo:
-            p = todo.pop()
-            for c in children.get(p, []):
-                out.append(c)
-                todo.append(c)
-        return out
+        """PIDs of every process below the worker."""
+        return descendants(self.pid)
 
     def handler_pids(self, which=None):
         """{handler name ('0', '1', ..., 'control'): pid} of the live handler processes."""
