@@ -104,8 +104,8 @@ void Worker::start(const std::string& image) {
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
                config::to_string(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
   m_supervisor->start(instance_spec(image, handler_host));
+  open_handler_log();
   if (dispatch_mode) {
-    open_handler_log();
     m_dispatch = std::make_unique<DispatchMode>(*this, host ? handler_host : std::string(DispatchMode::k_handler_in_image));
     m_dispatch->start();
   } else {
