@@ -73,11 +73,12 @@ void say_missing(const logs::Record& rec, const logs::Reader& reader, bool yet) 
   for (int r : reader.missing()) {
     std::string where = rec.where == "node"
                             ? " (node-local: read it on " + rec.nodes.at(static_cast<std::size_t>(r)) +
-                                  ", e.g. srun --jobid " + rec.job + " -w " + rec.nodes.at(static_cast<std::size_t>(r)) +
-                                  " --overlap lithops-hpc logs " + rec.job + " --rank " + std::to_string(r) + ")"
+                                  ", e.g. srun --jobid " + rec.job + " -w " +
+                                  rec.nodes.at(static_cast<std::size_t>(r)) + " --overlap lithops-hpc logs " + rec.job +
+                                  " --rank " + std::to_string(r) + ")"
                             : "";
-    std::cerr << "lithops-hpc logs: " << reader.describe(r) << ": not " << (yet ? "(yet) " : "")
-              << "on this machine" << where << "\n";
+    std::cerr << "lithops-hpc logs: " << reader.describe(r) << ": not " << (yet ? "(yet) " : "") << "on this machine"
+              << where << "\n";
   }
 }
 
@@ -85,9 +86,10 @@ int run_logs(const LogsOpts& o, bool rank_given) {
   auto job = resolve_job(o.job);
   auto rec = logs::read_record(job);
   if (!rec) {
-    throw Error(Exit::no_deployment, "no handler logs recorded for job " + job + " (looked for " + state_dir() +
-                                         "/jobs/" + job + "/logs.json)",
-                k_no_job_hint);
+    throw Error(
+        Exit::no_deployment,
+        "no handler logs recorded for job " + job + " (looked for " + state_dir() + "/jobs/" + job + "/logs.json)",
+        k_no_job_hint);
   }
   logs::Reader reader(*rec, rank_given ? std::optional<int>(o.rank) : std::nullopt);
   if (!o.follow) {
@@ -122,7 +124,8 @@ int run_logs(const LogsOpts& o, bool rank_given) {
 
 void register_logs(CLI::App& parent, Globals&, std::vector<Action>& actions) {
   auto o = std::make_shared<LogsOpts>();
-  auto* lg = parent.add_subcommand("logs", "a deployment's handler output (Lithops' logging, function prints), by rank");
+  auto* lg =
+      parent.add_subcommand("logs", "a deployment's handler output (Lithops' logging, function prints), by rank");
   lg->add_option("JOBID", o->job,
                  "deployment to read (default: $SLURM_JOB_ID's; else your newest deployment or worker)");
   auto* rank = lg->add_option("--rank", o->rank, "only this rank's log")->type_name("N");

@@ -5,9 +5,9 @@
 namespace lhpc::health {
 
 std::string progress_line(const Summary& s, double per_second) {
-  std::string line = fmt::format("progress: tasks {} done, {} failed, {:.1f}/s; slots {}/{} busy; ranks {}/{} ready",
-                                 s.done, s.failed, per_second < 0 ? 0.0 : per_second, s.slots_busy, s.slots_total,
-                                 s.ready, s.ranks);
+  std::string line =
+      fmt::format("progress: tasks {} done, {} failed, {:.1f}/s; slots {}/{} busy; ranks {}/{} ready", s.done, s.failed,
+                  per_second < 0 ? 0.0 : per_second, s.slots_busy, s.slots_total, s.ready, s.ranks);
   if (s.unresponsive > 0) {
     line += fmt::format(", {} unresponsive", s.unresponsive);
   }

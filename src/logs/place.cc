@@ -64,8 +64,9 @@ UniqueFd open_dir(const Place& place, bool create) {
 }
 
 void write_record(const Record& r) {
-  nlohmann::ordered_json doc = {{"version", 1},      {"job", r.job},           {"where", r.where},
-                                {"dir", r.dir},      {"max_bytes", r.max_bytes}, {"nodes", r.nodes}};
+  nlohmann::ordered_json doc = {
+      {"version", 1},    {"job", r.job}, {"where", r.where}, {"dir", r.dir}, {"max_bytes", r.max_bytes},
+      {"nodes", r.nodes}};
   auto state = open_private_dir(state_dir(), true);
   auto job = open_chain(state.get(), state_dir(), {"jobs", r.job}, true);
   write_file_atomic_at(job.get(), "logs.json", doc.dump() + "\n", 0600, jobs_dir() + "/" + r.job + "/logs.json");

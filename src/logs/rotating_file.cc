@@ -22,7 +22,8 @@ void check_ours(int fd, const std::string& shown) {
     throw Error(Exit::failure, "cannot stat " + shown + ": " + errno_text(errno));
   }
   if (!S_ISREG(st.st_mode) || st.st_uid != ::geteuid() || st.st_nlink > 1) {
-    throw Error(Exit::failure, shown + " is not a regular file of yours with one link (owner " + owner_name(st.st_uid) + ")",
+    throw Error(Exit::failure,
+                shown + " is not a regular file of yours with one link (owner " + owner_name(st.st_uid) + ")",
                 "remove it; lithops-hpc makes its log files itself");
   }
 }
@@ -44,8 +45,8 @@ RotatingFile::RotatingFile(int dir_fd, std::string name, std::string shown, std:
 }
 
 void RotatingFile::open() {
-  UniqueFd fd(::openat(m_dir, m_name.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC,
-                       0600));
+  UniqueFd fd(
+      ::openat(m_dir, m_name.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600));
   if (!fd) {
     refuse_open(errno, m_dir, m_name, m_shown);
   }
