@@ -354,6 +354,19 @@ class WorkerTest(unittest.TestCase):
         self.assertRegex(r.stdout, r"(?m)^rank 0: BIG15-z+$")
         self.assertEqual(w.stop(), 0)
 
+    def test_a_handler_that_dies_before_ready_has_its_last_output_lines_in_the_worker_output(self):
+        script = os.path.join(self.rec, "cannot-start.sh")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\necho 'Traceback: LHPC-WHY-IT-DIED' >&2\nexit 1\n")
+        os.chmod(script, 0o755)
+        w = Worker(self.url, slots=1, python=script)
+        self.workers.append(w)
+        self.assertEqual(w.proc.wait(90), 6, w.output())
+        out = w.output()
+        self.assertIn("died before it was ready", out)
+        self.assertRegex(out, r"last lines of handler output \(\S+/rank-0.log\):")
+        self.assertRegex(out, r"(?m)  \| Traceback: LHPC-WHY-IT-DIED$")
+
     def test_a_symlink_planted_at_the_log_directory_is_not_followed(self):
         shared = tempfile.mkdtemp(prefix="lhpc-shared-")   # like /tmp: everyone writes, sticky
         self.addCleanup(shutil.rmtree, shared, True)
