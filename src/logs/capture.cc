@@ -28,9 +28,11 @@ Capture::Capture(UniqueFd dir, const std::string& name, std::string shown, std::
   m_read.reset(p[0]);
   m_write.reset(p[1]);
   ::fcntl(m_read.get(), F_SETFL, O_NONBLOCK);
-  // A larger buffer: handlers block on a full pipe only if this thread
-  // stalls for a long while (best effort: capped by fs.pipe-max-size).
-  ::fcntl(m_write.get(), F_SETPIPE_SZ, 1 << 20);
+  // A larger buffer than 64 KiB: handlers block on a full pipe only if this
+  // thread stalls for a long while. Best effort, and modest: pipe buffers
+  // count against a per-user limit (fs.pipe-user-pages-soft, 64 MiB) that
+  // the handlers' own pipes share when many ranks run on one node.
+  ::fcntl(m_write.get(), F_SETPIPE_SZ, 256 << 10);
   m_wake.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!m_wake) {
     throw Error(Exit::failure, "eventfd failed: " + errno_text(errno));
