@@ -102,6 +102,9 @@ step "lithops-hpc ping --count 10"
 step "lithops-hpc status"
 "$bin" status
 
+step "lithops-hpc logs --rank 1 | tail -n 2   (handler output: per-rank files, not the job output)"
+"$bin" logs --rank 1 | tail -n 2
+
 step "lithops-hpc stop"
 "$bin" stop --timeout 60
 wait "$deploy_pid"

@@ -216,6 +216,17 @@ def _setup_logger(payload):
         _log("setup_lithops_logger failed: %s" % exc)
 
 
+_LOG_LEVEL = object()    # the level last applied (none yet)
+
+
+def _apply_log_level(payload):
+    global _LOG_LEVEL
+    level = payload.get("log_level", "INFO")
+    if level != _LOG_LEVEL:
+        _setup_logger(payload)
+        _LOG_LEVEL = level
+
+
 def _environ_snapshot():
     """os.environ as it is now.  CPython keeps it encoded in os.environ._data:
     copying and comparing that skips decoding every variable on every call
@@ -253,10 +264,14 @@ def do_send_task(payload):
     from lithops.worker import function_handler
 
     # What the stock entry point does per message: a fresh activation id,
-    # the backend name (function_handler sets the log level from the
-    # payload itself).  One call per handler process: Lithops'
+    # the backend name.  One call per handler process: Lithops'
     # multi-process path is not used.
     payload["worker_processes"] = 1
+    # The task's log level before function_handler runs: Lithops sets it
+    # only after loading the function and data (create_job), which would
+    # otherwise log at the previous task's level (DEBUG lines for an INFO
+    # task).  Only when it changes: the logger setup costs a call's time.
+    _apply_log_level(payload)
     saved_env = _environ_snapshot()
     saved_cwd = os.getcwd()
     os.environ["__LITHOPS_ACTIVATION_ID"] = uuid.uuid4().hex[:12]
@@ -280,7 +295,7 @@ def do_get_metadata(payload):
     from lithops.storage import InternalStorage
     from lithops.worker.utils import get_runtime_metadata
 
-    _setup_logger(payload)
+    _apply_log_level(payload)
     runtime_meta = get_runtime_metadata()
     internal_storage = InternalStorage(payload)
     key = "/".join([JOBS_PREFIX, runtime_name + ".meta"])

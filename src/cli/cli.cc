@@ -14,6 +14,7 @@ void register_sif(CLI::App&, Globals&, std::vector<Action>&);
 void register_runtime(CLI::App&, Globals&, std::vector<Action>&);
 void register_status(CLI::App&, Globals&, std::vector<Action>&);
 void register_stop(CLI::App&, Globals&, std::vector<Action>&);
+void register_logs(CLI::App&, Globals&, std::vector<Action>&);
 void register_worker(CLI::App&, Globals&, std::vector<Action>&);
 void register_ping(CLI::App&, Globals&, std::vector<Action>&);
 void register_stage(CLI::App&, Globals&, std::vector<Action>&);
@@ -30,6 +31,7 @@ const Register k_commands[] = {
     register_sif,
     register_status,
     register_stop,
+    register_logs,
     register_worker,
     register_ping,
 };

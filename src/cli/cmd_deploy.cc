@@ -9,7 +9,7 @@ namespace lhpc::cli {
 namespace {
 
 struct DeployArgs {
-  std::string sif, transfer, mode, engine, sif_path, status_file;
+  std::string sif, transfer, mode, engine, sif_path, status_file, logs_dir;
   int slots = -1;
   double interval = -1;
   bool cleanup = false;
@@ -38,6 +38,9 @@ int run_deploy(const Globals& g, const DeployArgs& a) {
   }
   if (a.interval > 0) {
     o.interval = a.interval;
+  }
+  if (!a.logs_dir.empty()) {
+    o.logs_dir = a.logs_dir;
   }
   o.cleanup = a.cleanup;
   auto cfg = load_config(g);
@@ -74,6 +77,11 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   d->add_option("--status-file", a->status_file, "where rank 0 writes the status JSON (health.status_file)")
       ->type_name("FILE");
   d->add_option("--interval", a->interval, "seconds between health reports (health.interval)")->type_name("SECONDS");
+  d->add_option("--logs-dir", a->logs_dir,
+                "where handler output goes: node (node-local, the default), state (the job's state directory) "
+                "or an absolute path (logs.dir)")
+      ->check(choice(config::logs_dir_error))
+      ->type_name("WHERE");
   d->add_flag("--cleanup", a->cleanup, "remove the staged images when the deployment ends (deploy.cleanup)");
   actions.push_back({d, [&g, a] { return run_deploy(g, *a); }});
 }

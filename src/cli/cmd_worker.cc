@@ -6,7 +6,10 @@
 
 #include <memory>
 
+#include <spdlog/spdlog.h>
+
 #include "cli/cli.h"
+#include "logs/place.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/signals.h"
@@ -22,6 +25,23 @@ struct WorkerOpts {
   std::string engine;
   int slots = 0;
 };
+
+// One rank (0) on this node: where its handler log is, for `lithops-hpc logs`.
+void record_logs(const config::Config& cfg) {
+  auto ph = config::current_placeholders();
+  try {
+    auto place = logs::place_for(cfg.logs.dir, ph.jobid);
+    logs::write_record({.job = ph.jobid,
+                        .where = place.where,
+                        .dir = place.dir,
+                        .max_bytes = static_cast<std::uint64_t>(cfg.logs.max_bytes),
+                        .nodes = {ph.node}});
+    spdlog::info("handler output: {}/{}; read it with: lithops-hpc logs {}", place.dir, logs::file_name(0),
+                 ph.jobid);
+  } catch (const Error& e) {
+    spdlog::warn("lithops-hpc logs will not find this worker's handler log: {}", e.what());
+  }
+}
 
 int run_worker(const Globals& g, const WorkerOpts& o) {
   // Signals first: one arriving while the instance starts is kept for the loop.
@@ -49,6 +69,7 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
   }
   config::require_amqp_url(cfg);
 
+  record_logs(cfg);
   worker::Worker worker(cfg, worker::WorkerIdentity{.slots = o.slots});
   worker.set_signal_pipe(&signals);
   worker.start(sif);

@@ -113,6 +113,13 @@ std::string mode_error(const std::string& text) {
   return choice_error(text, parse_mode, {Mode::dispatch, Mode::runscript});
 }
 
+std::string logs_dir_error(const std::string& text) {
+  if (text == "node" || text == "state" || (!text.empty() && text.front() == '/')) {
+    return "";
+  }
+  return "'" + text + "' is not one of node, state or an absolute path";
+}
+
 namespace {
 
 // Engines refuse long instance names, and any name is capped before it is
@@ -320,6 +327,19 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
        {
            {"interval", seconds_key(&Config::health, &Health::interval, 0.1)},
            {"status_file", string_key(&Config::health, &Health::status_file)},
+       }},
+      {"logs",
+       {
+           {"dir",
+            {Kind::string,
+             [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
+               if (auto e = logs_dir_error(str(n)); !e.empty()) {
+                 fail_at(src, n, full, e, "see [logs] in lithops-hpc.toml(5)");
+               }
+               c.logs.dir = str(n);
+             }}},
+           {"max_bytes", int_key(&Config::logs, &Logs::max_bytes, 4096, 2147483647)},
+           {"progress_interval", seconds_key(&Config::logs, &Logs::progress_interval, 0)},
        }},
       {"autoalloc", autoalloc_keys()},
   };
@@ -616,6 +636,7 @@ Config expanded(const Config& cfg, const Placeholders& ph) {
   Config c = cfg;
   c.singularity.sif_path = expand(cfg.singularity.sif_path, ph);
   c.health.status_file = expand(cfg.health.status_file, ph);
+  c.logs.dir = expand(cfg.logs.dir, ph);
   for (auto& b : c.singularity.binds) {
     b = expand(b, ph);
   }
@@ -896,6 +917,10 @@ std::string to_toml(const Config& c, bool with_origins) {
   o.section("health");
   o.kv("interval", toml_num(c.health.interval));
   o.kv("status_file", toml_quote(c.health.status_file));
+  o.section("logs");
+  o.kv("dir", toml_quote(c.logs.dir));
+  o.kv("max_bytes", toml_num(c.logs.max_bytes));
+  o.kv("progress_interval", toml_num(c.logs.progress_interval));
   autoalloc_toml(o, c.autoalloc);
   return o.str();
 }

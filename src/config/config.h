@@ -29,6 +29,8 @@ std::optional<Mode> parse_mode(const std::string&);
 std::string engine_error(const std::string& text);
 std::string transfer_error(const std::string& text);
 std::string mode_error(const std::string& text);
+// logs.dir and --logs-dir: "node", "state" or an absolute path; empty when valid.
+std::string logs_dir_error(const std::string& text);
 
 struct Singularity {
   std::string sif_path = "/tmp";              // staged images go under here; placeholders
@@ -69,6 +71,14 @@ struct Deploy {
 struct Health {
   double interval = 5;                        // seconds between reports to rank 0
   std::string status_file;                    // empty: <state dir>/jobs/<jobid>/status.json
+};
+
+// Where handler output (Lithops' logging, what functions print) goes, and
+// rank 0's progress line in the job output (see lithops-hpc.toml(5) [logs]).
+struct Logs {
+  std::string dir = "node";                   // node | state | an absolute path (placeholders)
+  int max_bytes = 64 << 20;                   // per rank file; rotated once to .1 past it
+  double progress_interval = 60;              // seconds between progress lines; 0: none
 };
 
 // `lithops-hpc autoalloc`: the controller that submits deployments as the
@@ -122,6 +132,7 @@ struct Config {
   Rabbitmq rabbitmq;
   Deploy deploy;
   Health health;
+  Logs logs;
   Autoalloc autoalloc;
   std::string source;                         // TOML file it came from; empty: none
   std::vector<std::string> warnings;          // e.g. a readable file holding a password
@@ -171,7 +182,7 @@ struct Placeholders {
 Placeholders current_placeholders();
 // %j %n %u %% as in Slurm's filename patterns; an unknown %x is an error.
 std::string expand(const std::string& pattern, const Placeholders& ph);
-// sif_path, status_file and binds with placeholders expanded.
+// sif_path, status_file, logs.dir and binds with placeholders expanded.
 Config expanded(const Config& cfg, const Placeholders& ph);
 
 // "The image path": what deploy, worker, the sbatch template and autoalloc run

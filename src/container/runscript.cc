@@ -45,7 +45,11 @@ void Runscript::launch(Clock::time_point now) {
   try {
     // Its own process group: the engine's helpers and whatever the runscript
     // starts all get stop()'s signals.
-    m_child = spawn({.argv = m_argv, .env = m_env, .new_process_group = true});
+    m_child = spawn({.argv = m_argv,
+                     .env = m_env,
+                     .stdout_fd = m_opts.output_fd,
+                     .stderr_fd = m_opts.output_fd,
+                     .new_process_group = true});
   } catch (const Error& e) {
     record_failure(now, std::string("cannot start the runscript: ") + e.what());
     return;

@@ -29,6 +29,9 @@ struct RunscriptOptions {
   // A run that stays up this long was healthy: it ends the failure streak
   // and the backoff starts again from backoff_initial.
   std::chrono::milliseconds window{60000};
+  // Each run's stdout and stderr (the stock entry point logs every call):
+  // -1, ours; else e.g. the rank's handler log (logs/).
+  int output_fd = -1;
 };
 
 class Runscript {

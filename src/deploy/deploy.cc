@@ -15,6 +15,8 @@
 #include <spdlog/spdlog.h>
 
 #include "health/memory.h"
+#include "health/progress.h"
+#include "logs/place.h"
 #include "lhpc_build_config.h"
 #include "health/session.h"
 #include "slurm/job.h"
@@ -112,6 +114,9 @@ config::Config apply_overrides(config::Config cfg, const Options& o) {
   }
   if (o.interval) {
     cfg.health.interval = *o.interval;
+  }
+  if (o.logs_dir) {
+    cfg.logs.dir = *o.logs_dir;
   }
   cfg.deploy.cleanup = cfg.deploy.cleanup || o.cleanup;
   return cfg;
@@ -214,6 +219,7 @@ private:
   void decide_for_all(std::optional<slurm::TimeLeftWatch>& time_left);
   int finish(bool all_ranks_failed);
   void teardown_alone();
+  void record_logs() const;
   void report(health::State state, const std::string& error) {
     m_health->report(make_report(state, m_worker ? m_worker->stats() : WorkerStats{}, m_ph.node, error));
     m_next_report = Clock::now() + std::chrono::duration_cast<Clock::duration>(
@@ -340,8 +346,28 @@ void RankRun::keep_reporting(health::State state) {
   }
 }
 
+// Rank 0: where every rank's handler log is, for `lithops-hpc logs`.
+void RankRun::record_logs() const {
+  if (m_rank != 0) {
+    return;
+  }
+  try {
+    auto place = logs::place_for(m_cfg.logs.dir, m_ph.jobid);
+    logs::write_record({.job = m_ph.jobid,
+                        .where = place.where,
+                        .dir = place.dir,
+                        .max_bytes = static_cast<std::uint64_t>(m_cfg.logs.max_bytes),
+                        .nodes = m_nodes});
+    spdlog::info("handler output of rank N: {}/rank-N.log{}; read it with: lithops-hpc logs {}", place.dir,
+                 place.where == "node" ? " on its node" : "", m_ph.jobid);
+  } catch (const Error& e) {
+    spdlog::warn("lithops-hpc logs will not find this job's handler logs: {}", e.what());
+  }
+}
+
 // Start: each rank its instance and worker, then one agreement.
 void RankRun::start() {
+  record_logs();
   m_worker = std::make_unique<Worker>(
       m_cfg, worker::WorkerIdentity{.rank = m_rank, .node = m_ph.node, .jobid = m_ph.jobid, .slots = m_slots});
   m_worker->set_signal_pipe(&m_signals);
@@ -478,6 +504,8 @@ bool RankRun::serve() {
     time_left.emplace(m_ph.jobid);
   }
   m_next_report = Clock::now();  // "ready" (or "failed") at once
+  auto mono = [] { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); };
+  health::Progress progress(m_rank == 0 ? m_cfg.logs.progress_interval : 0, mono());
   while (true) {
     if (started && !worker.finished()) {
       worker.step(std::chrono::milliseconds(100));
@@ -493,6 +521,11 @@ bool RankRun::serve() {
       }
     }
     decide_for_all(time_left);
+    if (m_rank == 0 && !m_draining) {
+      if (auto line = progress.due(m_health->table().summary(), mono())) {
+        spdlog::info("{}", *line);
+      }
+    }
     if (Clock::now() >= m_next_report) {
       auto state = started ? state_of(worker.stats().state) : health::State::failed;
       if (state == health::State::stopped && !m_draining) {

@@ -20,6 +20,7 @@ struct Options {
   std::optional<std::string> sif_path;       // --sif-path overrides singularity.sif_path
   std::optional<std::string> status_file;    // --status-file overrides health.status_file
   std::optional<double> interval;            // --interval overrides health.interval
+  std::optional<std::string> logs_dir;       // --logs-dir overrides logs.dir
   bool cleanup = false;                      // --cleanup (or deploy.cleanup)
 };
 

@@ -69,6 +69,7 @@ void HandlerPool::spawn_one(int h, Clock::time_point now) {
     so.env = std::move(cmd.env);
     so.pipe_stdin = true;
     so.pipe_stdout = true;
+    so.stderr_fd = cmd.stderr_fd;
     // Its own process group: a Ctrl-C at the terminal reaches the worker,
     // which drains, not the handlers; and a kill reaches its children.
     so.new_process_group = true;
@@ -243,7 +244,7 @@ void HandlerPool::lose(int h, const std::string& why) {
   p.lost_why.clear();
   m_last_error = handler_name(h, size()) + " " + detail;
   if (!was_ready) {
-    spdlog::error("{} died before it was ready: {} (handler stderr above says why)", handler_name(h, size()), detail);
+    spdlog::error("{} died before it was ready: {} (its output says why)", handler_name(h, size()), detail);
   } else {
     spdlog::warn("{} {}", handler_name(h, size()), detail);
   }

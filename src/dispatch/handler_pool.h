@@ -26,6 +26,7 @@ namespace lhpc::dispatch {
 struct HandlerCommand {
   std::vector<std::string> argv;
   Env env;
+  int stderr_fd = -1;  // -1: ours (the job output); else e.g. the rank's handler log (logs/)
 };
 
 struct PoolOptions {

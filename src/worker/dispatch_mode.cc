@@ -12,6 +12,7 @@
 #include "dispatch/inflight.h"
 #include "dispatch/protocol.h"
 #include "lhpc_build_config.h"
+#include "logs/capture.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "worker/instance.h"
@@ -111,6 +112,7 @@ dispatch::HandlerCommand DispatchMode::handler_command(int h) const {
   }
   c.env = w.m_engine->child_env(base, {{"LITHOPS_HPC_RANK", std::to_string(w.m_id.rank)},
                                        {"LITHOPS_HPC_HANDLER", h == w.m_slots ? "control" : std::to_string(h)}});
+  c.stderr_fd = w.m_log ? w.m_log->write_fd() : -1;
   return c;
 }
 
@@ -221,7 +223,19 @@ void DispatchMode::handler_lost(int h, const std::string& why) {
   w.m_supervisor->check_soon();
   m_dispatcher->on_handler_lost(h, why);
 }
-void DispatchMode::handler_failed_to_start(int) { w.m_supervisor->check_soon(); }
+void DispatchMode::handler_failed_to_start(int) {
+  w.m_supervisor->check_soon();
+  // Why it died is in its output, which is in the log file, not above.
+  if (w.m_log) {
+    w.m_log->sync();
+    auto lines = w.m_log->tail();
+    std::size_t from = lines.size() > 10 ? lines.size() - 10 : 0;
+    spdlog::error("last lines of handler output ({}):", w.m_log->path());
+    for (std::size_t i = from; i < lines.size(); ++i) {
+      spdlog::error("  | {}", lines[i]);
+    }
+  }
+}
 
 // --- the broker --------------------------------------------------------------
 
@@ -410,7 +424,8 @@ void DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
     throw Error(Exit::engine,
                 fmt::format("handlers of rank {} on {} cannot be kept running: {}", w.m_id.rank, w.m_id.node,
                             m_pool->last_error()),
-                "check singularity.python and that Lithops imports in the image (the handler's stderr is above); "
+                "check singularity.python and that Lithops imports in the image (the handler's last output lines "
+                "are above; all of it: lithops-hpc logs); "
                 "deploy.restart_limit sets how many deaths a minute a handler may have");
   }
   w.m_supervisor->supervise(now);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 
+#include "logs/capture.h"
 #include "util/error.h"
 #include "worker/instance.h"
 
@@ -20,6 +21,7 @@ RunscriptMode::RunscriptMode(Worker& worker) : w(worker) {}
 void RunscriptMode::start() {
   container::RunscriptOptions ro;
   ro.restart_limit = w.m_cfg.deploy.restart_limit;
+  ro.output_fd = w.m_log ? w.m_log->write_fd() : -1;
   m_runscript = std::make_unique<container::Runscript>(
       *w.m_engine, w.m_instance, std::map<std::string, std::string>{{"AMQP_URL", w.m_cfg.rabbitmq.amqp_url}}, ro);
   m_runscript->start();
@@ -45,7 +47,8 @@ void RunscriptMode::step(milliseconds max_wait) {
   rs.poll(now);
   if (rs.failed()) {
     throw Error(Exit::engine, "the runscript keeps failing: " + rs.last_error(),
-                "its output is above; deploy.restart_limit sets how many failures in a row are allowed");
+                std::string(w.m_log ? "its output is in " + w.m_log->path() + " (lithops-hpc logs)" : "its output is above") +
+                    "; deploy.restart_limit sets how many failures in a row are allowed");
   }
   w.m_supervisor->supervise(now);
 }

@@ -9,6 +9,8 @@
 #include <cerrno>
 #include <thread>
 
+#include "logs/capture.h"
+#include "logs/place.h"
 #include "util/error.h"
 #include "util/signals.h"
 #include "worker/dispatch_mode.h"
@@ -102,6 +104,7 @@ void Worker::start(const std::string& image) {
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
                config::to_string(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
   m_supervisor->start(instance_spec(image, handler_host));
+  open_handler_log();
   if (dispatch_mode) {
     m_dispatch = std::make_unique<DispatchMode>(*this, host ? handler_host : std::string(DispatchMode::k_handler_in_image));
     m_dispatch->start();
@@ -110,6 +113,21 @@ void Worker::start(const std::string& image) {
     m_runscript->start();
   }
   m_state = State::running;
+}
+
+// Handler output to the rank's log file. A directory that is not ours (a
+// symlink or a directory planted by another user in /tmp) must not stop the
+// worker: its output then stays in ours, and the warning says why.
+void Worker::open_handler_log() {
+  try {
+    auto place = logs::place_for(m_cfg.logs.dir, m_id.jobid);
+    auto name = logs::file_name(m_id.rank);
+    m_log = std::make_unique<logs::Capture>(logs::open_dir(place, true), name, place.dir + "/" + name,
+                                            static_cast<std::uint64_t>(m_cfg.logs.max_bytes));
+    spdlog::debug("handler output: {}", m_log->path());
+  } catch (const Error& e) {
+    spdlog::warn("handler output stays in this output: {}{}", e.what(), e.hint().empty() ? "" : " (" + e.hint() + ")");
+  }
 }
 
 void Worker::request_drain() {
@@ -230,6 +248,9 @@ void Worker::stop() {
   }
   if (m_supervisor) {
     m_supervisor->stop();
+  }
+  if (m_log) {
+    m_log->close();  // the handlers are gone: what they wrote is in the file
   }
 }
 

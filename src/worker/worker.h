@@ -33,6 +33,9 @@
 namespace lhpc {
 class SignalPipe;
 }
+namespace lhpc::logs {
+class Capture;
+}
 
 namespace lhpc::worker {
 
@@ -118,6 +121,7 @@ private:
   // `fds` (whose revents it fills); handles signals and watched fds itself.
   void poll_round(std::vector<pollfd>& fds, std::chrono::milliseconds timeout);
   container::InstanceSpec instance_spec(const std::string& image, const std::string& handler_host) const;
+  void open_handler_log();
 
   config::Config m_cfg;
   WorkerIdentity m_id;
@@ -130,6 +134,7 @@ private:
   SignalPipe* m_signals = nullptr;
   std::vector<std::pair<int, std::function<void()>>> m_watched;
   std::unique_ptr<InstanceSupervisor> m_supervisor;
+  std::unique_ptr<logs::Capture> m_log;  // before the modes: their handlers write to it
   std::unique_ptr<DispatchMode> m_dispatch;
   std::unique_ptr<RunscriptMode> m_runscript;
 };

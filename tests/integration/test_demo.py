@@ -36,6 +36,7 @@ class LocalDemo(unittest.TestCase):
         self.assertIn("100 of 100 calls ran", out)
         self.assertIn("20/20 pings answered by 2 ranks", out)
         self.assertRegex(out, r"running, 2/2 ranks ready")
+        self.assertRegex(out, r"(?m)^rank 1: .*Tasks received")
         self.assertIn("stopped, 2/2 ranks stopped", out)
         with open(os.path.join(DEMO, "broker", "password")) as f:
             password = f.read().strip()

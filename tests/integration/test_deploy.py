@@ -52,6 +52,9 @@ drain_timeout = 30
 cleanup = true
 [health]
 interval = {interval}
+[logs]
+dir = "{self.dir}/logs"
+progress_interval = 1
 """)
         self.env = dict(os.environ, AMQP_URL=url, PYTHONPATH=FAKE_LITHOPS, LITHOPS_HPC_STATE_DIR=self.state,
                         OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -139,7 +142,8 @@ class DeployTest(unittest.TestCase):
         return d
 
     def test_three_ranks_ready_serve_pings_and_tasks_then_drain_on_sigterm_losing_nothing(self):
-        d = self.deploy(3, sif=self.sif)
+        # --logs-dir state: every rank's handler log in the job's state directory.
+        d = self.deploy(3, sif=self.sif, args=["--logs-dir", "state"])
         d.wait_ready(3)
         doc = d.status_json()
         self.assertEqual([r["node"] for r in doc["ranks"]], ["node0", "node1", "node2"])
@@ -162,12 +166,18 @@ class DeployTest(unittest.TestCase):
         # ran to the end or is back in the queue; none lost, none half-acked.
         published = set()
         for j in range(12):
-            p = lt.make_send_task(4, f"job{j:02d}", {"lhpc_test": {"sleep": 0.4, "record_dir": d.records}})
+            p = lt.make_send_task(4, f"job{j:02d}", {"lhpc_test": {"sleep": 0.4, "record_dir": d.records,
+                                                                   "print": "LHPC-CALL"}})
             published |= {(p["job_key"], c) for c in p["call_ids"]}
             lt.publish_lithops(self.url, "send_task", p)
         lt.wait_until(lambda: len(records(d.records)) >= 8, 60, "some calls ran")
+        follow = subprocess.Popen([BIN, "logs", "--follow"], env=d.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: follow.poll() is None and follow.kill())
         d.signal_ranks(signal.SIGTERM)
         self.assertEqual(d.wait(), 0, "deploy exits 0 after a drain")
+        out, err = follow.communicate(timeout=30)   # returns once the status says stopped
+        self.assertEqual(follow.returncode, 0, err)
         done = {(r["job_key"], r["call_id"]) for r in records(d.records) if r.get("end")}
         left = set()
         for m in lt.drain_queue(self.url, "task_queue"):
@@ -181,6 +191,22 @@ class DeployTest(unittest.TestCase):
         self.assertEqual(final["summary"]["done"], len(done))
         self.assertEqual(glob.glob(os.path.join(d.dir, "nodes", "*", "lithops-hpc-*", "*.sif")), [],
                          "cleanup removed the staged images")
+        # The job output: lithops-hpc's lines and rank 0's progress line, no handler output.
+        self.assertNotIn("LHPC-CALL", d.log())
+        self.assertNotIn("Tasks received", d.log())
+        self.assertRegex(d.log(), r"(?m)rank 0 node0: progress: tasks \d+ done, \d+ failed, [\d.]+/s; "
+                                  r"slots \d+/6 busy; ranks \d/3 ready$")
+        # `logs --follow` saw every call's print (twice: print() and a write to fd 1), each line with its rank.
+        self.assertGreaterEqual(out.count("LHPC-CALL"), 2 * len(done))
+        for line in out.splitlines():
+            self.assertRegex(line, r"^rank [0-2]: ")
+        logdir = os.path.join(d.state, "jobs", final["job"], "logs")
+        self.assertEqual(sorted(os.listdir(logdir)), ["rank-0.log", "rank-1.log", "rank-2.log"])
+        self.assertEqual(os.stat(logdir).st_mode & 0o777, 0o700)
+        again = subprocess.run([BIN, "logs", final["job"], "--rank", "2"], env=d.env, capture_output=True,
+                               text=True, timeout=30)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertTrue(all(line.startswith("rank 2: ") for line in again.stdout.splitlines()))
 
     def test_a_stopped_rank_is_unresponsive_within_three_intervals_while_others_serve(self):
         # A short heartbeat: the broker notices the stopped rank's connection is

@@ -200,7 +200,8 @@ class SlurmEndToEnd(unittest.TestCase):
         """Files under the node's private /tmp that stage made (images, records, partials)."""
         r = run(["nsenter", "-t", self.node_pid(node), "-m", "find", "/tmp", "-path", "/tmp/lithops-hpc-*"],
                 self.env, check=False)
-        return sorted(p for p in r.stdout.split() if p)
+        logs = f"/tmp/lithops-hpc-{os.getuid()}"  # handler logs (logs.dir = node), not stage's
+        return sorted(p for p in r.stdout.split() if p and p != logs and not p.startswith(logs + "/"))
 
     def assert_staged_only_on_nodes(self, job):
         want_dir = f"/tmp/lithops-hpc-{os.getuid()}-{job.id}"
@@ -312,6 +313,18 @@ class SlurmEndToEnd(unittest.TestCase):
             return s if s and all(r["done"] > 0 for r in s["ranks"]) and s["summary"]["done"] >= 36 else None
         st = lt.wait_until(all_served, 15, "per-rank done counts")
         self.assertEqual({r["node"] for r in st["ranks"] if r["done"] > 0}, set(NODES))
+        # Handler output: in a file per rank in its node's own /tmp, not in the job output;
+        # `logs` on this host reads none of them, says where they are, exits 1.
+        for r in st["ranks"]:
+            path = f"/tmp/lithops-hpc-{os.getuid()}/{job.id}/rank-{r['rank']}.log"
+            lt.wait_until(lambda: run(["nsenter", "-t", self.node_pid(r["node"]), "-m", "grep", "-q",
+                                       "Tasks received", path], self.env, check=False).returncode == 0,
+                          10, f"handler output in {path} on {r['node']}")
+        self.assertNotIn("Tasks received", job.log())
+        logs = run([BIN, "logs", job.id], self.env, check=False)
+        self.assertEqual(logs.returncode, 1, logs.stdout + logs.stderr)
+        for node in NODES:
+            self.assertIn(f"(node-local: read it on {node}, e.g. srun --jobid {job.id} -w {node}", logs.stderr)
         self.assertEqual(lt.queue_depth(job.url), 0)
 
         self.stop(job)

@@ -6,9 +6,11 @@ has its own vhost. Run: /usr/bin/python3 tests/integration/test_worker.py
 (env from meson: LHPC_BIN, LHPC_SOURCE_ROOT, LHPC_RIG_DIR).
 """
 import base64
+import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -305,6 +307,81 @@ class WorkerTest(unittest.TestCase):
         self.assertEqual(w.stop(), 0)
         self.assertNotIn("secret-pw", w.log())
         self.assertIn("u:***@127.0.0.1", w.log())
+
+    # --- handler output: per-rank log file, not the worker's output -------
+
+    def logs(self, w, *args):
+        return subprocess.run([BIN, "--config", w.config, "logs", *args], env=w.env, capture_output=True,
+                              text=True, timeout=60)
+
+    def test_handler_output_goes_to_the_rank_log_capped_and_at_each_tasks_log_level(self):
+        w = self.worker(slots=1, logs_extra="max_bytes = 4096")
+        job = w.env["LITHOPS_HPC_JOB_ID"]
+        # One handler runs these in order: a DEBUG task, then a WARNING one.
+        # Lithops sets the task's level only after loading the function, so
+        # without the handler setting it first the WARNING task would log the
+        # DEBUG task's "loading" line.
+        self.publish(task("ex-dbg", record_dir=self.rec, print="LHPC-DEBUG-TASK") | {"log_level": "DEBUG"})
+        self.publish(task("ex-warn", record_dir=self.rec, print="LHPC-WARN-TASK") | {"log_level": "WARNING"})
+        wait_records(self.rec, 2, 30)
+        lt.wait_until(lambda: "LHPC-WARN-TASK" in w.handler_log(), 10, "the second task's print in the rank log")
+        log = w.handler_log()
+        self.assertIn("loading function and data of ex-dbg", log)
+        self.assertIn("debug line of ex-dbg", log)
+        self.assertNotIn("of ex-warn", log, "no DEBUG line of the WARNING task")
+        self.assertNotIn("LHPC-", w.output(), "the worker's own output has no handler lines")
+        self.assertNotIn("Tasks received", w.output())
+        # `logs` prints them prefixed with the rank; exit codes scripts test.
+        r = self.logs(w, job)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"(?m)^rank 0: LHPC-DEBUG-TASK$")
+        self.assertRegex(r.stdout, r"(?m)^rank 0: .*Tasks received")
+        self.assertEqual(self.logs(w, job, "--rank", "1").returncode, 8, "no rank 1")
+        self.assertEqual(self.logs(w, "no-such-job").returncode, 8, "no such job")
+        # The cap: 16 calls printing 2 x 600 bytes each are far past 2 x 4096.
+        for i in range(16):
+            self.publish(task(f"ex-big{i:02d}", record_dir=self.rec, print=f"BIG{i:02d}-" + "z" * 594))
+        wait_records(self.rec, 18, 60)
+        lt.wait_until(lambda: "BIG15-" in w.handler_log(), 10, "the last call's print in the rank log")
+        files = glob.glob(os.path.join(w.logs_dir, job, "rank-0.log*"))
+        self.assertEqual(sorted(os.path.basename(f) for f in files), ["rank-0.log", "rank-0.log.1"])
+        for f in files:
+            self.assertLessEqual(os.path.getsize(f), 4096, f)
+            self.assertEqual(os.stat(f).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(os.path.dirname(files[0])).st_mode & 0o777, 0o700)
+        r = self.logs(w, "--rank", "0")  # the newest job without an id
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"(?m)^rank 0: BIG15-z+$")
+        self.assertEqual(w.stop(), 0)
+
+    def test_a_handler_that_dies_before_ready_has_its_last_output_lines_in_the_worker_output(self):
+        script = os.path.join(self.rec, "cannot-start.sh")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\necho 'Traceback: LHPC-WHY-IT-DIED' >&2\nexit 1\n")
+        os.chmod(script, 0o755)
+        w = Worker(self.url, slots=1, python=script)
+        self.workers.append(w)
+        self.assertEqual(w.proc.wait(90), 6, w.output())
+        out = w.output()
+        self.assertIn("died before it was ready", out)
+        self.assertRegex(out, r"last lines of handler output \(\S+/rank-0.log\):")
+        self.assertRegex(out, r"(?m)  \| Traceback: LHPC-WHY-IT-DIED$")
+
+    def test_a_symlink_planted_at_the_log_directory_is_not_followed(self):
+        shared = tempfile.mkdtemp(prefix="lhpc-shared-")   # like /tmp: everyone writes, sticky
+        self.addCleanup(shutil.rmtree, shared, True)
+        os.chmod(shared, 0o1777)
+        evil = os.path.join(shared, "evil")
+        # Another local user plants logs -> a directory of theirs.
+        subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sh", "-c",
+                        f"mkdir -m 777 {evil} && ln -s {evil} {shared}/logs"], check=True)
+        w = self.worker(slots=1, logs_dir=os.path.join(shared, "logs"))
+        self.assertRegex(w.output(), r"handler output stays in this output: .*logs is a symbolic link")
+        self.publish(task("ex-evil", record_dir=self.rec, print="LHPC-NOT-IN-EVIL"))
+        wait_records(self.rec, 1, 30)
+        lt.wait_until(lambda: "LHPC-NOT-IN-EVIL" in w.output(), 10, "the print in the worker's own output")
+        self.assertEqual(os.listdir(evil), [], "nothing written through the symlink")
+        self.assertEqual(w.stop(), 0)
 
     # --- ping --------------------------------------------------------------
 

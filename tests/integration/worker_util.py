@@ -32,9 +32,13 @@ class Worker:
     """One `lithops-hpc worker` process with its own config, log and temp dir."""
 
     def __init__(self, url, slots=2, engine="host", mode=None, sif=None, extra_env=None,
-                 config_extra="", rabbitmq_extra="", drain_timeout=30, heartbeat=5, args=(), python=PYTHON):
+                 config_extra="", rabbitmq_extra="", drain_timeout=30, heartbeat=5, args=(), python=PYTHON,
+                 logs_extra="", logs_dir=None):
         self.dir = tempfile.mkdtemp(prefix="lhpc-worker-test-")
         self.url = url
+        # Handler output (what functions print, Lithops' logging) goes to
+        # <logs_dir>/<job>/rank-0.log, not to the worker's own output.
+        self.logs_dir = logs_dir or os.path.join(self.dir, "logs")
         self.config = os.path.join(self.dir, "config.toml")
         with open(os.open(self.config, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write(f"""[singularity]
@@ -50,6 +54,10 @@ heartbeat = {heartbeat}
 [deploy]
 drain_timeout = {drain_timeout}
 restart_limit = 3
+
+[logs]
+dir = "{self.logs_dir}"
+{logs_extra}
 """)
         self.env = dict(os.environ)
         self.env.update({
@@ -77,9 +85,22 @@ restart_limit = 3
     def pid(self):
         return self.proc.pid
 
-    def log(self):
+    def output(self):
+        """What the worker itself printed (its stdout and stderr)."""
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def handler_log(self):
+        """The handlers' output: the rank's log file, its rotated .1 first."""
+        out = ""
+        for path in sorted(glob.glob(os.path.join(self.logs_dir, "*", "rank-0.log*")), reverse=True):
+            with open(path, errors="replace") as f:
+                out += f.read()
+        return out
+
+    def log(self):
+        """Everything: the worker's output and its handlers'."""
+        return self.output() + self.handler_log()
 
     def alive(self):
         return self.proc.poll() is None

@@ -120,6 +120,20 @@ TEST_CASE("out of range numbers say the range") {
   CHECK(msg.find("from 1 to 1024") != std::string::npos);
 }
 
+TEST_CASE("[logs]: where handler output goes, its cap, the progress line") {
+  auto c = config::parse("[logs]\ndir = \"/scratch/%u/logs\"\nmax_bytes = 8192\nprogress_interval = 0\n", "site.toml");
+  CHECK(c.logs.dir == "/scratch/%u/logs");
+  CHECK(c.logs.max_bytes == 8192);
+  CHECK(c.logs.progress_interval == 0);
+  CHECK(config::parse("", "site.toml").logs.dir == "node");
+  CHECK(config::expanded(c, {.jobid = "7", .node = "n1", .user = "alice"}).logs.dir == "/scratch/alice/logs");
+  auto msg = error_of("[logs]\ndir = \"relative/dir\"\n");
+  CHECK(msg.find("site.toml:2:7") != std::string::npos);
+  CHECK(msg.find("not one of node, state or an absolute path") != std::string::npos);
+  CHECK(error_of("[logs]\nmax_bytes = 100\n").find("from 4096") != std::string::npos);
+  CHECK(config::logs_dir_error("state").empty());
+}
+
 TEST_CASE("a bad URL is an error at its position, printed redacted") {
   auto msg = error_of("[rabbitmq]\namqp_url = \"http://u:pw@host\"\n");
   CHECK(msg.find("site.toml:2:12") != std::string::npos);

@@ -21,6 +21,7 @@ lhpc_test keys (all optional):
                       see it (probe / probe_c; null when unset)
 """
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -29,6 +30,8 @@ import time
 
 from lithops.storage.utils import StorageNoSuchKeyError
 from lithops.utils import setup_lithops_logger
+
+logger = logging.getLogger('lithops.worker.handler')
 
 
 def _crash(test):
@@ -46,9 +49,15 @@ def _crash(test):
 
 
 def function_handler(payload):
-    setup_lithops_logger(payload.get('log_level'))  # as the real one does, first thing
-    test = payload.get('lhpc_test') or {}
     job_key = payload['job_key']
+    # As the real one (Lithops 3.7): create_job() loads the function and
+    # data, logging at whatever level the logger has, and only then
+    # setup_lithops_logger(job.log_level).
+    logger.debug('loading function and data of %s (before the task level is set)', job_key)
+    setup_lithops_logger(payload.get('log_level'))
+    logger.info('Tasks received: %d - Worker processes: 1', len(payload['call_ids']))
+    logger.debug('debug line of %s', job_key)
+    test = payload.get('lhpc_test') or {}
     _crash(test)
     if test.get('missing_data'):
         bucket = payload.get('config', {}).get('lithops', {}).get('storage', 'fake')

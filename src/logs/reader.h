@@ -1,0 +1,51 @@
+// `lithops-hpc logs`: reads the per-rank handler logs a record names (those
+// on this machine: node-local logs of other nodes are not reachable from
+// here), prints each line prefixed with its rank, and can keep reading as
+// they grow, across a rotation to .1.
+#pragma once
+
+#include <sys/types.h>
+
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "logs/place.h"
+#include "util/fd.h"
+
+namespace lhpc::logs {
+
+class Reader {
+public:
+  // `only`: one rank; throws Error(no_deployment) when the job has no such rank.
+  Reader(Record rec, std::optional<int> only);
+
+  // Prints every complete line written since the last call ("rank N: line");
+  // the first call starts with the rotated .1 file. `at_end`: also a last
+  // line without its newline.
+  void pump(std::ostream& out, bool at_end = false);
+  // Selected ranks whose log is not on this machine (as of the last pump).
+  std::vector<int> missing() const;
+  // "rank 2 (node n3): /tmp/lithops-hpc-1000/123/rank-2.log"
+  std::string describe(int rank) const;
+
+private:
+  struct Tail {
+    int rank = 0;
+    bool started = false;
+    UniqueFd fd;
+    ino_t ino = 0;
+    std::string partial;
+  };
+  bool open_dir();
+  void start(Tail& t, std::ostream& out);
+  void drain(Tail& t, int fd, std::ostream& out, bool at_end);
+  void follow_rotation(Tail& t, std::ostream& out);
+
+  Record m_rec;
+  UniqueFd m_dir;
+  std::vector<Tail> m_tails;
+};
+
+}  // namespace lhpc::logs
