@@ -30,12 +30,7 @@ struct WorkerOpts {
 void record_logs(const config::Config& cfg) {
   auto ph = config::current_placeholders();
   try {
-    auto place = logs::place_for(cfg.logs.dir, ph.jobid);
-    logs::write_record({.job = ph.jobid,
-                        .where = place.where,
-                        .dir = place.dir,
-                        .max_bytes = static_cast<std::uint64_t>(cfg.logs.max_bytes),
-                        .nodes = {ph.node}});
+    auto place = logs::record_place(cfg.logs.dir, ph.jobid, static_cast<std::uint64_t>(cfg.logs.max_bytes), {ph.node});
     spdlog::info("handler output: {}/{}; read it with: lithops-hpc logs {}", place.dir, logs::file_name(0),
                  ph.jobid);
   } catch (const Error& e) {

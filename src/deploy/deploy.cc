@@ -352,12 +352,7 @@ void RankRun::record_logs() const {
     return;
   }
   try {
-    auto place = logs::place_for(m_cfg.logs.dir, m_ph.jobid);
-    logs::write_record({.job = m_ph.jobid,
-                        .where = place.where,
-                        .dir = place.dir,
-                        .max_bytes = static_cast<std::uint64_t>(m_cfg.logs.max_bytes),
-                        .nodes = m_nodes});
+    auto place = logs::record_place(m_cfg.logs.dir, m_ph.jobid, static_cast<std::uint64_t>(m_cfg.logs.max_bytes), m_nodes);
     spdlog::info("handler output of rank N: {}/rank-N.log{}; read it with: lithops-hpc logs {}", place.dir,
                  place.where == "node" ? " on its node" : "", m_ph.jobid);
   } catch (const Error& e) {

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "util/error.h"
 #include "util/fs.h"
@@ -70,6 +71,13 @@ void write_record(const Record& r) {
   auto state = open_private_dir(state_dir(), true);
   auto job = open_chain(state.get(), state_dir(), {"jobs", r.job}, true);
   write_file_atomic_at(job.get(), "logs.json", doc.dump() + "\n", 0600, jobs_dir() + "/" + r.job + "/logs.json");
+}
+
+Place record_place(const std::string& setting, const std::string& job, std::uint64_t max_bytes,
+                   std::vector<std::string> nodes) {
+  auto place = place_for(setting, job);
+  write_record({.job = job, .where = place.where, .dir = place.dir, .max_bytes = max_bytes, .nodes = std::move(nodes)});
+  return place;
 }
 
 std::optional<Record> read_record(const std::string& job) {

@@ -44,6 +44,10 @@ struct Record {
 };
 // Rank 0 (or `lithops-hpc worker`) at start. Throws Error naming the path.
 void write_record(const Record& r);
+// place_for, then its record with `nodes` (rank -> node): what rank 0 (or
+// `lithops-hpc worker`) does at start. Throws Error naming the path.
+Place record_place(const std::string& setting, const std::string& job, std::uint64_t max_bytes,
+                   std::vector<std::string> nodes);
 // nullopt when the job has no record here.
 std::optional<Record> read_record(const std::string& job);
 // The job whose record was written last (for `logs` without a job id).
