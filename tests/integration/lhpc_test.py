@@ -225,6 +225,14 @@ def wait_until(pred, timeout, what, interval=0.1):
         time.sleep(interval)
 
 
+def write_script(path, text):
+    """An executable file (mode 0755) holding text: a stand-in interpreter for a test; returns path."""
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
 def descendants(root):
     """PIDs of every live process below root, from /proc (children of children)."""
     children = {}

@@ -313,10 +313,8 @@ class DeployTest(unittest.TestCase):
         # loaded node, many handlers per node, a cold shared filesystem):
         # `status` shows the ranks starting, never "rank 0 stopped updating
         # the status file", and rank 0 does not call them unresponsive.
-        slow = os.path.join(self.tmp, "slow-python")
-        with open(slow, "w") as f:
-            f.write("#!/bin/sh\nsleep %g\nexec /usr/bin/python3 \"$@\"\n" % (4 * INTERVAL + 2))
-        os.chmod(slow, 0o755)
+        slow = lt.write_script(os.path.join(self.tmp, "slow-python"),
+                               "#!/bin/sh\nsleep %g\nexec /usr/bin/python3 \"$@\"\n" % (4 * INTERVAL + 2))
         self.watch_until_ready(self.deploy(2, python=slow), "starting")
 
     def test_status_stays_fresh_while_the_image_is_staged_slowly(self):

@@ -160,10 +160,8 @@ class WorkerTest(unittest.TestCase):
 
     def test_handler_that_dies_right_after_ready_is_restarted_with_backoff_then_the_worker_fails(self):
         # A "python" that says ready and exits: every handler dies as soon as it is up.
-        script = os.path.join(self.rec, "dies-when-ready.sh")
-        with open(script, "w") as f:
-            f.write("#!/bin/sh\necho '{\"event\":\"ready\",\"pid\":'$$',\"python\":\"sh\",\"lithops\":\"x\"}'\n")
-        os.chmod(script, 0o755)
+        script = lt.write_script(os.path.join(self.rec, "dies-when-ready.sh"),
+                                 "#!/bin/sh\necho '{\"event\":\"ready\",\"pid\":'$$',\"python\":\"sh\",\"lithops\":\"x\"}'\n")
         w = Worker(self.url, slots=1, python=script)
         self.workers.append(w)
         try:
@@ -356,10 +354,8 @@ class WorkerTest(unittest.TestCase):
         self.assertEqual(w.stop(), 0)
 
     def test_a_handler_that_dies_before_ready_has_its_last_output_lines_in_the_worker_output(self):
-        script = os.path.join(self.rec, "cannot-start.sh")
-        with open(script, "w") as f:
-            f.write("#!/bin/sh\necho 'Traceback: LHPC-WHY-IT-DIED' >&2\nexit 1\n")
-        os.chmod(script, 0o755)
+        script = lt.write_script(os.path.join(self.rec, "cannot-start.sh"),
+                                 "#!/bin/sh\necho 'Traceback: LHPC-WHY-IT-DIED' >&2\nexit 1\n")
         w = Worker(self.url, slots=1, python=script)
         self.workers.append(w)
         self.assertEqual(w.proc.wait(90), 6, w.output())
