@@ -53,6 +53,12 @@ std::size_t utf8_length(std::string_view s, std::size_t i) {
 
 bool is_ascii(char c) { return static_cast<unsigned char>(c) < 0x80; }
 
+// A character of a bare key or of a number, date or boolean: no quote may follow it.
+bool is_bare(char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
+         c == '+' || c == ':';
+}
+
 bool starts_key(char c) {
   return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
          c == '"' || c == '\'';
@@ -104,6 +110,17 @@ private:
     if (!is_ascii(c)) {
       refuse(m_src, m_pos, "non-ASCII character outside a string or a comment",
              "TOML allows it only between quotes or after '#'");
+    }
+    // A quote right after a bare key or value character (0"..., a"...) opens
+    // no string in TOML: toml++ does not scan what follows as one, so neither
+    // do we (non-ASCII there is outside a string).
+    if ((c == '"' || c == '\'') && is_bare(m_last)) {
+      m_last = c;
+      step();
+      return;
+    }
+    if (c != ' ' && c != '\t' && c != '\r') {
+      m_last = c;
     }
     switch (c) {
       case '#': m_state = State::comment; break;
@@ -230,6 +247,7 @@ private:
   State m_state = State::normal;
   bool m_in_value = false;
   int m_depth = 0;
+  char m_last = '\n';  // the last character seen outside strings, blanks aside
 };
 
 }  // namespace

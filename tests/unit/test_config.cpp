@@ -14,6 +14,7 @@
 #include "sif_fixtures.h"
 #include "config/client_lint.h"
 #include "config/config.h"
+#include "config/text_guard.h"
 #include "util/error.h"
 
 using lhpc::test::TempDir;
@@ -340,6 +341,10 @@ TEST_CASE("inputs toml++ 3.3.0 mishandles are refused before it sees them") {
   CHECK(error_of("\xcc\xaa").find("site.toml:1:1: non-ASCII character outside a string") != std::string::npos);
   CHECK(error_of("[deploy]\nchunk_mib = 8 \xcc\xaa\n").find("site.toml:2:15") != std::string::npos);
   CHECK(error_of("[deploy]\xcc\xaa\n").find("site.toml:1:9") != std::string::npos);
+  // A quote after a bare value character opens no string: what follows is outside one (fuzz).
+  CHECK(error_of("[rabbitmq]\namqp_url = 0\"a\xc3\x8c\"\n").find("site.toml:2:15: non-ASCII character outside a string") !=
+        std::string::npos);
+  CHECK_NOTHROW(lhpc::config::check_toml_text("[singularity]\npython = \"/opt/\xc3\x8c/python3\"\n", "site.toml"));
   // toml++ asserts (when built with assertions) on '[' then a line end.
   CHECK(error_of("[\n").find("site.toml:1:2: a table header needs a name") != std::string::npos);
   CHECK(error_of("[[ \n").find("site.toml:1:4") != std::string::npos);
