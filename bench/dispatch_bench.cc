@@ -148,8 +148,7 @@ int raw(int argc, char** argv) {
     std::fprintf(stderr, "dispatch-bench raw: cannot connect\n");
     return 1;
   }
-  die_amqp(amqp_login(conn, u.vhost.c_str(), 0, 131072, 60, AMQP_SASL_METHOD_PLAIN, u.user.c_str(),
-                      u.password.c_str()),
+  die_amqp(amqp_login(conn, u.vhost.c_str(), 0, 131072, 60, AMQP_SASL_METHOD_PLAIN, u.user.c_str(), u.password.c_str()),
            "login");
   amqp_channel_open(conn, 1);
   die_amqp(amqp_get_rpc_reply(conn), "channel.open");

@@ -10,7 +10,7 @@ packages=(
   doctest-dev libslurm-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   slurm-wlm munge rabbitmq-server iproute2 procps util-linux
   python3 python3-pika
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev clang-format universal-ctags
 )
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps.sh: run as root (or with sudo): it calls apt-get" >&2

@@ -239,9 +239,9 @@ Connection::Connection(const Options& opts) : m_s(std::make_unique<State>()) {
   props[0].value.kind = AMQP_FIELD_KIND_UTF8;
   props[0].value.value.bytes = str_bytes(opts.connection_name);
   amqp_table_t client_props{opts.connection_name.empty() ? 0 : 1, props};
-  amqp_rpc_reply_t r = amqp_login_with_properties(m_s->conn, url.vhost.c_str(), 0, 131072, opts.heartbeat,
-                                                  &client_props, AMQP_SASL_METHOD_PLAIN, url.user.c_str(),
-                                                  url.password.c_str());
+  amqp_rpc_reply_t r =
+      amqp_login_with_properties(m_s->conn, url.vhost.c_str(), 0, 131072, opts.heartbeat, &client_props,
+                                 AMQP_SASL_METHOD_PLAIN, url.user.c_str(), url.password.c_str());
   if (r.reply_type != AMQP_RESPONSE_NORMAL) {
     std::string why;
     if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
@@ -305,13 +305,12 @@ void Connection::check_rpc(const char* what, std::uint16_t channel) {
 
 int Connection::fd() const { return amqp_get_sockfd(m_s->conn); }
 
-bool Connection::buffered() const {
-  return amqp_frames_enqueued(m_s->conn) || amqp_data_in_buffer(m_s->conn);
-}
+bool Connection::buffered() const { return amqp_frames_enqueued(m_s->conn) || amqp_data_in_buffer(m_s->conn); }
 
 std::string Connection::declare_queue(const std::string& name, bool durable, bool exclusive, bool auto_delete) {
-  auto* ok = amqp_queue_declare(m_s->conn, k_channel, name.empty() ? amqp_empty_bytes : amqp_cstring_bytes(name.c_str()),
-                                0, durable ? 1 : 0, exclusive ? 1 : 0, auto_delete ? 1 : 0, amqp_empty_table);
+  auto* ok =
+      amqp_queue_declare(m_s->conn, k_channel, name.empty() ? amqp_empty_bytes : amqp_cstring_bytes(name.c_str()), 0,
+                         durable ? 1 : 0, exclusive ? 1 : 0, auto_delete ? 1 : 0, amqp_empty_table);
   check_rpc(("declaring queue '" + name + "'").c_str());
   return ok ? bytes_str(ok->queue) : name;
 }
@@ -545,11 +544,8 @@ void Connection::on_method(std::uint16_t channel, std::uint32_t id, void* decode
       spdlog::warn("broker {} blocks publishing: {}", m_redacted, bytes_str(b->reason));
       return;
     }
-    case AMQP_CONNECTION_UNBLOCKED_METHOD:
-      spdlog::info("broker {} unblocked publishing", m_redacted);
-      return;
-    default:
-      return;  // qos-ok, cancel-ok, ... of async requests
+    case AMQP_CONNECTION_UNBLOCKED_METHOD: spdlog::info("broker {} unblocked publishing", m_redacted); return;
+    default: return;  // qos-ok, cancel-ok, ... of async requests
   }
 }
 

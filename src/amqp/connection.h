@@ -60,23 +60,23 @@ struct Confirm {
 };
 
 struct Options {
-  std::string url;                              // amqp[s]://user:pass@host:port/vhost
-  std::string ca_cert;                          // amqps: CA bundle; empty: the system's
-  bool verify_peer = true;                      // amqps: certificate and host name
-  int heartbeat = 60;                           // seconds; 0: none
-  std::chrono::milliseconds timeout{10000};     // connect, login, each RPC
-  std::string connection_name;                  // shown by the broker (management UI)
+  std::string url;                           // amqp[s]://user:pass@host:port/vhost
+  std::string ca_cert;                       // amqps: CA bundle; empty: the system's
+  bool verify_peer = true;                   // amqps: certificate and host name
+  int heartbeat = 60;                        // seconds; 0: none
+  std::chrono::milliseconds timeout{10000};  // connect, login, each RPC
+  std::string connection_name;               // shown by the broker (management UI)
 };
 Options options_from(const config::Rabbitmq& r);
 
 // basic.consume's arguments beyond the queue's name.
 struct ConsumeArgs {
   std::uint16_t channel = 1;
-  std::string tag;                // empty: the broker names it
+  std::string tag;  // empty: the broker names it
   bool no_ack = false;
   bool exclusive = false;
-  std::optional<int> priority;    // x-priority: higher ones are served first
-  bool nowait = false;            // no consume-ok (then `tag` must be set)
+  std::optional<int> priority;  // x-priority: higher ones are served first
+  bool nowait = false;          // no consume-ok (then `tag` must be set)
 };
 
 class Connection {

@@ -34,8 +34,8 @@ public:
   struct Result {
     std::unique_ptr<Connection> conn;  // null: the attempt failed
     std::string consumer_tag;
-    std::string error;                          // why it failed (URL redacted)
-    std::chrono::milliseconds retry_in{0};      // failed: the next attempt is due after this
+    std::string error;                      // why it failed (URL redacted)
+    std::chrono::milliseconds retry_in{0};  // failed: the next attempt is due after this
   };
 
   Reconnector(Options opts, Backoff backoff = Backoff());

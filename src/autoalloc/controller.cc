@@ -6,14 +6,14 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <algorithm>
 #include <cstdio>
 #include <ctime>
-#include <fmt/format.h>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "autoalloc/scheduler.h"
 #include "config/config.h"
@@ -31,13 +31,20 @@ namespace {
 using json = nlohmann::ordered_json;
 
 json job_to_json(const JobRecord& r) {
-  json j = {{"id", r.id},           {"nodes", r.nodes},
-            {"phase", to_string(r.phase)}, {"submitted", r.submitted},
-            {"out", r.out},         {"renews", r.renews},
-            {"ever_serving", r.ever_serving}, {"renewed", r.renewed},
-            {"stop_requested", r.stop_requested}, {"cancelled", r.cancelled},
-            {"ready_ranks", r.ready_ranks}, {"slots_total", r.slots_total},
-            {"slots_busy", r.slots_busy}, {"idle_since", r.idle.since},
+  json j = {{"id", r.id},
+            {"nodes", r.nodes},
+            {"phase", to_string(r.phase)},
+            {"submitted", r.submitted},
+            {"out", r.out},
+            {"renews", r.renews},
+            {"ever_serving", r.ever_serving},
+            {"renewed", r.renewed},
+            {"stop_requested", r.stop_requested},
+            {"cancelled", r.cancelled},
+            {"ready_ranks", r.ready_ranks},
+            {"slots_total", r.slots_total},
+            {"slots_busy", r.slots_busy},
+            {"idle_since", r.idle.since},
             {"done", r.idle.done}};
   j["seconds_left"] = r.seconds_left ? json(*r.seconds_left) : json(nullptr);
   return j;
@@ -71,9 +78,12 @@ JobRecord job_from_json(const json& j) {
 }
 
 json limits_json(const Limits& l) {
-  return {{"max_nodes", l.max_nodes},       {"nodes_per_job", l.nodes_per_job},
-          {"max_pending", l.max_pending},   {"min_nodes", l.min_nodes},
-          {"idle_timeout", l.idle_timeout}, {"renew_before", l.renew_before},
+  return {{"max_nodes", l.max_nodes},
+          {"nodes_per_job", l.nodes_per_job},
+          {"max_pending", l.max_pending},
+          {"min_nodes", l.min_nodes},
+          {"idle_timeout", l.idle_timeout},
+          {"renew_before", l.renew_before},
           {"max_start_failures", l.max_start_failures}};
 }
 
@@ -97,12 +107,16 @@ std::string to_json(const State& s) {
       {"host", s.host},
       {"started", s.started},
       {"updated", s.updated},
-      {"demand", {{"ready", s.ready ? json(*s.ready) : json(nullptr)},
-                  {"consumers", s.consumers ? json(*s.consumers) : json(nullptr)},
-                  {"seen", s.demand_seen}}},
-      {"supply", {{"held_nodes", sp.held_nodes}, {"pending_jobs", sp.pending_jobs},
-                  {"serving_nodes", sp.serving_nodes}, {"free_slots", sp.free_slots},
-                  {"busy_slots", sp.busy_slots}}},
+      {"demand",
+       {{"ready", s.ready ? json(*s.ready) : json(nullptr)},
+        {"consumers", s.consumers ? json(*s.consumers) : json(nullptr)},
+        {"seen", s.demand_seen}}},
+      {"supply",
+       {{"held_nodes", sp.held_nodes},
+        {"pending_jobs", sp.pending_jobs},
+        {"serving_nodes", sp.serving_nodes},
+        {"free_slots", sp.free_slots},
+        {"busy_slots", sp.busy_slots}}},
       {"next", s.next},
       {"error", s.error},
       {"last_refusal", s.last_refusal},
@@ -114,8 +128,10 @@ std::string to_json(const State& s) {
       {"halted_at", s.start_failures.halted_at},
       {"slots_per_node", s.slots_per_node},
       {"limits", limits_json(s.limits)},
-      {"counters", {{"sbatch_calls", s.sbatch_calls}, {"broker_queries", s.broker_queries},
-                    {"scheduler_queries", s.scheduler_queries}}},
+      {"counters",
+       {{"sbatch_calls", s.sbatch_calls},
+        {"broker_queries", s.broker_queries},
+        {"scheduler_queries", s.scheduler_queries}}},
       {"jobs", jobs},
   };
   return j.dump(2) + "\n";
@@ -189,11 +205,11 @@ std::string status_line(const State& s, double now) {
   std::string who = s.controller == "running" && now - s.updated > 60
                         ? fmt::format("not updated for {:.0f} s", now - s.updated)
                         : s.controller;
-  auto line = fmt::format("autoalloc ({}, pid {} on {}): demand {} ready, {} consumer(s); supply {} job(s), "
-                          "{} node(s) held, {} serving, {} pending; next: {}",
-                          who, s.pid, s.host, s.ready ? std::to_string(*s.ready) : "?",
-                          s.consumers ? std::to_string(*s.consumers) : "?", s.jobs.size(), held, serving, pending,
-                          s.next);
+  auto line = fmt::format(
+      "autoalloc ({}, pid {} on {}): demand {} ready, {} consumer(s); supply {} job(s), "
+      "{} node(s) held, {} serving, {} pending; next: {}",
+      who, s.pid, s.host, s.ready ? std::to_string(*s.ready) : "?", s.consumers ? std::to_string(*s.consumers) : "?",
+      s.jobs.size(), held, serving, pending, s.next);
   if (!s.error.empty()) {
     line += "\n  error: " + s.error;
   }
@@ -252,8 +268,7 @@ void Controller::adopt() {
   ++m_state.scheduler_queries;
   for (const auto& id : jobs_named(job_name())) {
     if (std::find(known.begin(), known.end(), id) == known.end()) {
-      spdlog::warn("adopting job {}: it carries this controller's name ({}) but was not in its state", id,
-                   job_name());
+      spdlog::warn("adopting job {}: it carries this controller's name ({}) but was not in its state", id, job_name());
       JobRecord r;
       r.id = id;
       r.nodes = m_s.limits.nodes_per_job;
@@ -349,7 +364,7 @@ void Controller::observe_queue(double now) {
     ++m_state.broker_queries;
     auto info = m_broker->queue_info(m_s.queue);
     if (!info) {
-      m_broker.reset();  // the channel is closed; a new connection next poll
+      m_broker.reset();   // the channel is closed; a new connection next poll
       m_state.ready = 0;  // no queue yet: nothing published
       m_state.consumers = 0;
       return;
@@ -402,9 +417,10 @@ void Controller::account_served(JobRecord& r) {
 void Controller::lift_halt_after_cooloff(double now) {
   if (cool_off(m_state.start_failures, now, m_s.limits)) {
     m_state.error.clear();
-    spdlog::warn("halt for start failures lifted after {:.0f} s: one job is tried; if it fails at start too, "
-                 "submissions halt again",
-                 m_s.limits.halt_cooloff);
+    spdlog::warn(
+        "halt for start failures lifted after {:.0f} s: one job is tried; if it fails at start too, "
+        "submissions halt again",
+        m_s.limits.halt_cooloff);
   }
 }
 
@@ -430,8 +446,9 @@ Snapshot Controller::snapshot(double now) const {
 
 void Controller::submit(const Action& a, double now) {
   ++m_state.sbatch_calls;
-  SubmitRequest req{m_s.script, m_s.sif, a.nodes, m_s.time_limit, job_name(),
-                    m_dir + "/out/lithops-workers-%j.out", m_s.sbatch_args, m_s.config_path};
+  SubmitRequest req{m_s.script,      m_s.sif,        a.nodes,
+                    m_s.time_limit,  job_name(),     m_dir + "/out/lithops-workers-%j.out",
+                    m_s.sbatch_args, m_s.config_path};
   auto res = sbatch(req);
   if (!res.job) {
     ++m_state.refused_in_row;

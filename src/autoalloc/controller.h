@@ -19,16 +19,16 @@ namespace lhpc::autoalloc {
 
 struct Settings {
   Limits limits;
-  std::string sif;                       // first argument of the template
-  std::string script;                    // the sbatch template
-  std::string time_limit = "1:00:00";    // sbatch --time
-  double poll = 10;                      // seconds between looks
+  std::string sif;                     // first argument of the template
+  std::string script;                  // the sbatch template
+  std::string time_limit = "1:00:00";  // sbatch --time
+  double poll = 10;                    // seconds between looks
   bool drain_on_exit = false;
   std::vector<std::string> sbatch_args;  // passthrough (partition, account, qos ...)
   std::string config_path;               // handed to the jobs as LITHOPS_HPC_CONFIG; empty: their lookup
   std::string queue = "task_queue";
   amqp::Options broker;
-  int default_slots = 1;                 // slots per node assumed before a deployment reports
+  int default_slots = 1;  // slots per node assumed before a deployment reports
 };
 
 // One job this controller submitted (or adopted), as kept across restarts.
@@ -36,8 +36,8 @@ struct JobRecord {
   std::string id;
   int nodes = 0;
   double submitted = 0;
-  std::string out;          // the batch output file
-  std::string renews;       // the job this one succeeds, if any
+  std::string out;     // the batch output file
+  std::string renews;  // the job this one succeeds, if any
   Phase phase = Phase::pending;
   bool ever_serving = false;
   bool renewed = false;
@@ -52,11 +52,11 @@ struct State {
   std::vector<JobRecord> jobs;
   int refused_in_row = 0;
   double backoff_until = 0;
-  std::string last_refusal;            // sbatch's own message
-  StartFailures start_failures;        // K in a row halt submissions (policy.h)
-  int slots_per_node = 0;              // last reported by a serving deployment; 0: none yet
-  std::string error;                   // the latest problem, for status
-  double demand_seen = 0;              // last time the queue had ready messages
+  std::string last_refusal;      // sbatch's own message
+  StartFailures start_failures;  // K in a row halt submissions (policy.h)
+  int slots_per_node = 0;        // last reported by a serving deployment; 0: none yet
+  std::string error;             // the latest problem, for status
+  double demand_seen = 0;        // last time the queue had ready messages
   std::optional<std::uint64_t> ready;
   std::optional<int> consumers;
   std::string next;                    // the decision's next action and why

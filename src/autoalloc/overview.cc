@@ -34,9 +34,7 @@ std::vector<Deployment> deployments(double now) {
 }
 
 namespace {
-bool live(const Deployment& d) {
-  return d.view.state != "stopped" && d.view.state != "failed" && !d.assessment.stale;
-}
+bool live(const Deployment& d) { return d.view.state != "stopped" && d.view.state != "failed" && !d.assessment.stale; }
 }  // namespace
 
 std::vector<Deployment> live_deployments(double now) {

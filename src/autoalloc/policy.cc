@@ -138,14 +138,14 @@ void retire_idle(const Snapshot& s, const Limits& l, Supply& sp, Decision& d) {
       continue;
     }
     if (j.phase == Phase::serving && j.slots_busy == 0 && j.idle_for >= l.idle_timeout) {
-      d.actions.push_back({ActionKind::retire, j.id, j.nodes,
-                           fmt::format("job {} idle for {:.0f} s (--idle-timeout {:g})", j.id, j.idle_for,
-                                       l.idle_timeout)});
+      d.actions.push_back(
+          {ActionKind::retire, j.id, j.nodes,
+           fmt::format("job {} idle for {:.0f} s (--idle-timeout {:g})", j.id, j.idle_for, l.idle_timeout)});
       sp.held_nodes -= j.nodes;
     } else if (j.phase == Phase::pending && s.demand_idle_for >= l.idle_timeout) {
-      d.actions.push_back({ActionKind::cancel, j.id, j.nodes,
-                           fmt::format("job {} still pending and the queue has been empty for {:.0f} s", j.id,
-                                       s.demand_idle_for)});
+      d.actions.push_back(
+          {ActionKind::cancel, j.id, j.nodes,
+           fmt::format("job {} still pending and the queue has been empty for {:.0f} s", j.id, s.demand_idle_for)});
       sp.held_nodes -= j.nodes;
       sp.pending_jobs -= 1;
     }
@@ -170,7 +170,9 @@ std::optional<Action> renewal(const Snapshot& s, const Limits& l) {
 
 std::optional<Action> for_demand(const Snapshot& s, const Limits& l, const Supply& sp) {
   if (sp.held_nodes < l.min_nodes) {
-    return Action{ActionKind::submit, {}, l.nodes_per_job,
+    return Action{ActionKind::submit,
+                  {},
+                  l.nodes_per_job,
                   fmt::format("{} node(s) held, --min-nodes {}", sp.held_nodes, l.min_nodes)};
   }
   if (!s.ready || *s.ready == 0) {
@@ -180,7 +182,9 @@ std::optional<Action> for_demand(const Snapshot& s, const Limits& l, const Suppl
   if (static_cast<long>(*s.ready) <= capacity) {
     return std::nullopt;
   }
-  return Action{ActionKind::submit, {}, l.nodes_per_job,
+  return Action{ActionKind::submit,
+                {},
+                l.nodes_per_job,
                 fmt::format("{} task(s) ready, capacity free or coming: {} slot(s)", *s.ready, capacity)};
 }
 

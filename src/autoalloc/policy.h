@@ -23,16 +23,16 @@
 namespace lhpc::autoalloc {
 
 struct Limits {
-  int max_nodes = 4;          // held: pending + starting + serving + draining
-  int nodes_per_job = 1;      // -N of each submission
-  int max_pending = 1;        // jobs waiting in Slurm's queue
-  int min_nodes = 0;          // kept warm even without work
-  double idle_timeout = 300;  // seconds without a task before a deployment is retired
-  double renew_before = 300;  // seconds before the time limit a successor is submitted
-  int max_start_failures = 3; // K: jobs failing at start in a row stop submissions
-  double backoff_first = 10;  // seconds after the first refused submission
-  double backoff_cap = 600;   // the longest wait between refused submissions
-  double halt_cooloff = 1800; // seconds a halt after start failures lasts before one probe job
+  int max_nodes = 4;           // held: pending + starting + serving + draining
+  int nodes_per_job = 1;       // -N of each submission
+  int max_pending = 1;         // jobs waiting in Slurm's queue
+  int min_nodes = 0;           // kept warm even without work
+  double idle_timeout = 300;   // seconds without a task before a deployment is retired
+  double renew_before = 300;   // seconds before the time limit a successor is submitted
+  int max_start_failures = 3;  // K: jobs failing at start in a row stop submissions
+  double backoff_first = 10;   // seconds after the first refused submission
+  double backoff_cap = 600;    // the longest wait between refused submissions
+  double halt_cooloff = 1800;  // seconds a halt after start failures lasts before one probe job
 };
 
 // Where one of our deployments is, as seen from Slurm and its status file.
@@ -50,19 +50,19 @@ struct JobSnapshot {
   Phase phase = Phase::pending;
   int nodes = 0;
   int ready_ranks = 0;
-  int slots_total = 0;       // over its ready ranks
+  int slots_total = 0;  // over its ready ranks
   int slots_busy = 0;
   std::optional<double> seconds_left;  // until its Slurm time limit; nullopt: none or unknown
-  double idle_for = 0;       // seconds since it last ran a task (or became serving)
-  bool stop_requested = false;  // we asked it to drain already
-  bool renewed = false;         // a successor was submitted for it already
+  double idle_for = 0;                 // seconds since it last ran a task (or became serving)
+  bool stop_requested = false;         // we asked it to drain already
+  bool renewed = false;                // a successor was submitted for it already
 };
 
 struct Snapshot {
-  double now = 0;                  // unix seconds
+  double now = 0;                      // unix seconds
   std::optional<std::uint64_t> ready;  // messages ready in the queue; nullopt: broker not reached
   std::optional<int> consumers;
-  double demand_idle_for = 0;      // seconds since the queue last had ready messages
+  double demand_idle_for = 0;  // seconds since the queue last had ready messages
   std::vector<JobSnapshot> jobs;
   int default_slots_per_node = 1;  // configured: before any deployment has said how many it has
   int learned_slots_per_node = 0;  // reported by an earlier deployment (0: none yet); beats the default
@@ -76,9 +76,9 @@ std::string to_string(ActionKind k);
 
 struct Action {
   ActionKind kind = ActionKind::submit;
-  std::string job;        // retire/cancel: which; submit: the job it renews, if any
-  int nodes = 0;          // submit: -N
-  std::string why;        // for the log and the status line
+  std::string job;  // retire/cancel: which; submit: the job it renews, if any
+  int nodes = 0;    // submit: -N
+  std::string why;  // for the log and the status line
 };
 
 struct Decision {
@@ -88,13 +88,13 @@ struct Decision {
 
 // Aggregates for the status line and the limits.
 struct Supply {
-  int held_nodes = 0;     // every job not ended
+  int held_nodes = 0;  // every job not ended
   int pending_jobs = 0;
-  int coming_nodes = 0;   // pending + starting
+  int coming_nodes = 0;  // pending + starting
   int serving_nodes = 0;
-  int free_slots = 0;     // of serving jobs not draining
+  int free_slots = 0;  // of serving jobs not draining
   int busy_slots = 0;
-  int slots_per_node = 1; // learned from serving jobs, else the default
+  int slots_per_node = 1;  // learned from serving jobs, else the default
 };
 Supply supply_of(const Snapshot& s);
 
@@ -114,7 +114,7 @@ struct StartFailures {
   int in_row = 0;
   std::vector<std::string> outputs;  // of the jobs that failed in this row
   bool halted = false;
-  double halted_at = 0;              // unix seconds
+  double halted_at = 0;  // unix seconds
 };
 // A job served: the row is broken and a halt lifted. True if it lifted one.
 bool on_served(StartFailures& f);

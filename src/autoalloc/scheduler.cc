@@ -2,9 +2,9 @@
 
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
 #include <cstdio>
 #include <ctime>
-#include <spdlog/spdlog.h>
 #include <sstream>
 
 #include "autoalloc/policy.h"
@@ -125,8 +125,7 @@ std::optional<std::map<std::string, SeenJob>> query_jobs(const std::vector<std::
 std::vector<std::string> jobs_named(const std::string& name) {
   auto r = run_program({"squeue", "-h", "-u", user_name(), "-n", name, "-o", "%i"});
   if (r.code != 0) {
-    spdlog::warn("squeue failed ({}): {}; jobs submitted but not saved before a crash are not adopted", r.code,
-                 r.err);
+    spdlog::warn("squeue failed ({}): {}; jobs submitted but not saved before a crash are not adopted", r.code, r.err);
     return {};
   }
   std::vector<std::string> ids;
@@ -141,9 +140,12 @@ std::vector<std::string> jobs_named(const std::string& name) {
 }
 
 std::vector<std::string> sbatch_argv(const SubmitRequest& r) {
-  std::vector<std::string> argv = {"sbatch",         "--parsable",
-                                   "--job-name=" + r.job_name, "--nodes=" + std::to_string(r.nodes),
-                                   "--time=" + r.time_limit, "--output=" + r.output};
+  std::vector<std::string> argv = {"sbatch",
+                                   "--parsable",
+                                   "--job-name=" + r.job_name,
+                                   "--nodes=" + std::to_string(r.nodes),
+                                   "--time=" + r.time_limit,
+                                   "--output=" + r.output};
   argv.insert(argv.end(), r.sbatch_args.begin(), r.sbatch_args.end());
   argv.push_back(r.script);
   if (!r.sif.empty()) {

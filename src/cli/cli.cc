@@ -23,17 +23,8 @@ void register_autoalloc(CLI::App&, Globals&, std::vector<Action>&);
 
 namespace {
 const Register k_commands[] = {
-    register_runtime,
-    register_stage,
-    register_deploy,
-    register_autoalloc,
-    register_config,
-    register_sif,
-    register_status,
-    register_stop,
-    register_logs,
-    register_worker,
-    register_ping,
+    register_runtime, register_stage, register_deploy, register_autoalloc, register_config, register_sif,
+    register_status,  register_stop,  register_logs,   register_worker,    register_ping,
 };
 }  // namespace
 
@@ -109,8 +100,7 @@ int run(int argc, char** argv) {
   app.fallthrough();  // global options may follow the subcommand
   Globals g;
   app.add_option("--config", g.config_path, "configuration file (see lithops-hpc.toml(5))")->type_name("FILE");
-  app.add_option("--log-level", g.log_level, "trace, debug, info, warn, error, critical or off")
-      ->type_name("LEVEL");
+  app.add_option("--log-level", g.log_level, "trace, debug, info, warn, error, critical or off")->type_name("LEVEL");
   app.add_flag("-v,--verbose", g.verbose, "more detail in logs (same as --log-level debug)");
 
   std::vector<Action> actions;

@@ -44,9 +44,10 @@ std::string absolute(const std::string& p) { return std::filesystem::absolute(p)
 void check(const autoalloc::Settings& s) {
   const auto& l = s.limits;
   if (l.nodes_per_job > l.max_nodes) {
-    throw Error(Exit::usage, "--nodes-per-job " + std::to_string(l.nodes_per_job) + " is above --max-nodes " +
-                                 std::to_string(l.max_nodes),
-                "raise --max-nodes or lower --nodes-per-job");
+    throw Error(
+        Exit::usage,
+        "--nodes-per-job " + std::to_string(l.nodes_per_job) + " is above --max-nodes " + std::to_string(l.max_nodes),
+        "raise --max-nodes or lower --nodes-per-job");
   }
   if (l.min_nodes > l.max_nodes) {
     throw Error(Exit::usage, "--min-nodes is above --max-nodes", "--min-nodes must fit within --max-nodes");
@@ -85,8 +86,8 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   take(c.renew_before, a.renew_before, -1.0);
   take(c.poll, a.poll, -1.0);
   autoalloc::Settings s;
-  s.limits = {c.max_nodes, c.nodes_per_job, c.max_pending, c.min_nodes, c.idle_timeout, c.renew_before,
-              c.max_start_failures};
+  s.limits = {c.max_nodes,    c.nodes_per_job, c.max_pending,       c.min_nodes,
+              c.idle_timeout, c.renew_before,  c.max_start_failures};
   s.sif = c.sif.empty() ? c.sif : absolute(c.sif);
   s.script = c.script.empty() ? default_script() : absolute(c.script);
   s.time_limit = c.time_limit;
@@ -119,8 +120,7 @@ void add_limits(CLI::App* c, AutoallocArgs& a) {
   c->add_option("--nodes-per-job", a.nodes_per_job, "nodes of each submitted job: sbatch -N (default 1)")
       ->type_name("K");
   c->add_option("--max-pending", a.max_pending, "jobs waiting in Slurm's queue at most (default 1)")->type_name("P");
-  c->add_option("--min-nodes", a.min_nodes, "nodes kept even without work (default 0: scale to zero)")
-      ->type_name("M");
+  c->add_option("--min-nodes", a.min_nodes, "nodes kept even without work (default 0: scale to zero)")->type_name("M");
   c->add_option("--idle-timeout", a.idle_timeout, "seconds without a task before a deployment is stopped (default 300)")
       ->type_name("S");
   c->add_option("--max-start-failures", a.max_start_failures,
@@ -134,13 +134,10 @@ void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actio
   auto a = std::make_shared<AutoallocArgs>();
   auto* c = parent.add_subcommand(
       "autoalloc", "submit, renew and retire Slurm deployments as the queue needs them (runs in the foreground)");
-  c->add_option("--sif", a->sif, "image every deployment serves (autoalloc.sif, else $LITHOPS_SIF)")
-      ->type_name("PATH");
-  c->add_option("--script", a->script, "sbatch template (default: the installed lithops-deploy.sh)")
-      ->type_name("PATH");
+  c->add_option("--sif", a->sif, "image every deployment serves (autoalloc.sif, else $LITHOPS_SIF)")->type_name("PATH");
+  c->add_option("--script", a->script, "sbatch template (default: the installed lithops-deploy.sh)")->type_name("PATH");
   add_limits(c, *a);
-  c->add_option("--time-limit", a->time_limit, "sbatch --time of each job (default 1:00:00)")
-      ->type_name("SLURM_TIME");
+  c->add_option("--time-limit", a->time_limit, "sbatch --time of each job (default 1:00:00)")->type_name("SLURM_TIME");
   c->add_option("--renew-before", a->renew_before,
                 "seconds before a job's time limit its successor is submitted while work remains (default 300)")
       ->type_name("S");

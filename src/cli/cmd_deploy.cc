@@ -60,7 +60,9 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   auto* d = parent.add_subcommand(
       "deploy", "stage the image on every node and run a worker per rank (launch with srun or mpirun)");
   auto a = std::make_shared<DeployArgs>();
-  d->add_option("--sif", a->sif, "the runtime image, as rank 0 sees it (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
+  d->add_option(
+       "--sif", a->sif,
+       "the runtime image, as rank 0 sees it (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
       ->type_name("PATH");
   d->add_option("--transfer", a->transfer, "how the image reaches the nodes: mpi, sbcast or none (deploy.transfer)")
       ->check(choice(config::transfer_error))
@@ -71,9 +73,11 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   d->add_option("--engine", a->engine, "singularity, apptainer or host (singularity.engine)")
       ->check(choice(config::engine_error))
       ->type_name("ENGINE");
-  d->add_option("--slots", a->slots, "task slots per node, split among its ranks; 0: the cores (singularity.worker_processes)")
+  d->add_option("--slots", a->slots,
+                "task slots per node, split among its ranks; 0: the cores (singularity.worker_processes)")
       ->type_name("N");
-  d->add_option("--sif-path", a->sif_path, "node-local directory to stage into (singularity.sif_path)")->type_name("DIR");
+  d->add_option("--sif-path", a->sif_path, "node-local directory to stage into (singularity.sif_path)")
+      ->type_name("DIR");
   d->add_option("--status-file", a->status_file, "where rank 0 writes the status JSON (health.status_file)")
       ->type_name("FILE");
   d->add_option("--interval", a->interval, "seconds between health reports (health.interval)")->type_name("SECONDS");

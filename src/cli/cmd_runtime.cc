@@ -72,14 +72,14 @@ int build_runtime(const Globals& g, BuildOpts o, bool fakeroot_given) {
 void register_runtime(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
   auto* rt = parent.add_subcommand("runtime", "build runtime images");
   rt->require_subcommand(1);
-  auto* build = rt->add_subcommand("build", "build <sif_path>/NAME.sif (NAME: singularity.runtime) from a definition file");
+  auto* build =
+      rt->add_subcommand("build", "build <sif_path>/NAME.sif (NAME: singularity.runtime) from a definition file");
   auto o = std::make_shared<BuildOpts>();
-  build->add_option("NAME", o->name,
-                    "runtime name (default: singularity.runtime): the image is <sif_path>/NAME.sif");
+  build->add_option("NAME", o->name, "runtime name (default: singularity.runtime): the image is <sif_path>/NAME.sif");
   build->add_option("-f,--file", o->def, "definition file (default: the bundled runtime-defs/lithops-default.def)")
       ->type_name("DEF");
-  auto* fakeroot = build->add_flag("--fakeroot,!--no-fakeroot", o->fakeroot,
-                                   "build as fake root (default: singularity.fakeroot)");
+  auto* fakeroot =
+      build->add_flag("--fakeroot,!--no-fakeroot", o->fakeroot, "build as fake root (default: singularity.fakeroot)");
   build->add_flag("--force", o->force, "replace an existing image");
   build->add_option("--sif-path", o->sif_path, "directory of the image (default: singularity.sif_path)")
       ->type_name("DIR");

@@ -97,8 +97,7 @@ int run_stage(const Globals& g, const StageOpts& so) {
 
 void register_stage(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
   auto* st = parent.add_subcommand(
-      "stage",
-      "copy a SIF image to every node of the job (MPI program: one rank per node under srun or mpirun)");
+      "stage", "copy a SIF image to every node of the job (MPI program: one rank per node under srun or mpirun)");
   st->footer(
       "The copy goes to <sif_path>/lithops-hpc-<uid>-<jobid>/<name of the image> (mode 0700) on each node and is\n"
       "renamed into place only after its XXH3-128 hash matches the source's; a record beside it\n"

@@ -88,9 +88,10 @@ int run_stop_all(const StopOpts& o) {
     return 0;
   }
   if (auto st = autoalloc::load_state(); st && st->controller == "running") {
-    spdlog::warn("the autoalloc controller (pid {} on {}) is running: it submits again while tasks wait; "
-                 "end it first (SIGTERM) to keep the deployments stopped",
-                 st->pid, st->host);
+    spdlog::warn(
+        "the autoalloc controller (pid {} on {}) is running: it submits again while tasks wait; "
+        "end it first (SIGTERM) to keep the deployments stopped",
+        st->pid, st->host);
   }
   for (const auto& d : live) {
     health::request_stop(d.found.loc);

@@ -31,8 +31,7 @@ void record_logs(const config::Config& cfg) {
   auto ph = config::current_placeholders();
   try {
     auto place = logs::record_place(cfg.logs.dir, ph.jobid, static_cast<std::uint64_t>(cfg.logs.max_bytes), {ph.node});
-    spdlog::info("handler output: {}/{}; read it with: lithops-hpc logs {}", place.dir, logs::file_name(0),
-                 ph.jobid);
+    spdlog::info("handler output: {}/{}; read it with: lithops-hpc logs {}", place.dir, logs::file_name(0), ph.jobid);
   } catch (const Error& e) {
     spdlog::warn("lithops-hpc logs will not find this worker's handler log: {}", e.what());
   }
@@ -83,7 +82,8 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
 void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
   auto* w = parent.add_subcommand("worker", "run one node's worker here (no MPI): instance, handlers, broker");
   auto o = std::make_shared<WorkerOpts>();
-  w->add_option("--sif", o->sif, "the runtime image (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
+  w->add_option("--sif", o->sif,
+                "the runtime image (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
       ->type_name("PATH");
   w->add_option("--mode", o->mode, "dispatch (default) or runscript (deploy.mode)")
       ->check(choice(config::mode_error))

@@ -113,11 +113,12 @@ void check_python(const ClientFacts& f, const std::string& image, std::vector<Fi
     return;
   }
   if (*f.client_python != *f.image_python) {
-    out.push_back({Finding::Level::warning,
-                   "the client's Python is " + *f.client_python + " but the image " + image + " has Python " +
-                       *f.image_python + ": the Lithops client refuses to run (it compares them against the "
-                                         "runtime metadata); run the client with Python " +
-                       *f.image_python + ", or rebuild the image from python:" + *f.client_python});
+    out.push_back({Finding::Level::warning, "the client's Python is " + *f.client_python + " but the image " + image +
+                                                " has Python " + *f.image_python +
+                                                ": the Lithops client refuses to run (it compares them against the "
+                                                "runtime metadata); run the client with Python " +
+                                                *f.image_python +
+                                                ", or rebuild the image from python:" + *f.client_python});
   }
 }
 

@@ -5,13 +5,13 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <toml++/toml.h>
 #include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <functional>
 #include <map>
 #include <sstream>
-#include <toml++/toml.h>
 
 #include "config/text_guard.h"
 #include "util/error.h"
@@ -138,8 +138,8 @@ std::string where(const std::string& source, const toml::source_region& r) {
   return source + ":" + std::to_string(r.begin.line) + ":" + std::to_string(r.begin.column);
 }
 
-[[noreturn]] void fail_at(const std::string& source, const toml::node& n, const std::string& key, const std::string& what,
-                          const std::string& hint = {}) {
+[[noreturn]] void fail_at(const std::string& source, const toml::node& n, const std::string& key,
+                          const std::string& what, const std::string& hint = {}) {
   throw Error(Exit::config, where(source, n.source()) + ": " + key + ": " + what, hint);
 }
 
@@ -271,8 +271,9 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
              [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
                auto name = str(n);
                if (name.empty() || name.size() > k_max_instance_name) {
-                 fail_at(src, n, full, "an instance name has 1 to " + std::to_string(k_max_instance_name) +
-                                           " characters, this one " + std::to_string(name.size()));
+                 fail_at(src, n, full,
+                         "an instance name has 1 to " + std::to_string(k_max_instance_name) + " characters, this one " +
+                             std::to_string(name.size()));
                }
                if (!name_chars_ok(name)) {
                  fail_at(src, n, full, "'" + name + "' is not a valid instance name",
@@ -398,8 +399,9 @@ const std::map<std::string, Key>& section_schema(const std::string& sec, const t
   const auto& sch = schema();
   auto sit = sch.find(sec);
   if (sit == sch.end()) {
-    throw Error(Exit::config, where(source_name, sec_node.source()) + ": unknown section [" + sec + "]",
-                join({did_you_mean(sec, sch), "sections are [singularity], [rabbitmq], [deploy], [health], [autoalloc]"}, " "));
+    throw Error(
+        Exit::config, where(source_name, sec_node.source()) + ": unknown section [" + sec + "]",
+        join({did_you_mean(sec, sch), "sections are [singularity], [rabbitmq], [deploy], [health], [autoalloc]"}, " "));
   }
   if (!sec_node.is_table()) {
     throw Error(Exit::config, where(source_name, sec_node.source()) + ": " + sec + " must be a table ([" + sec + "])");
@@ -462,8 +464,9 @@ std::string read_config_file(const std::string& path, const std::string& what) {
                 "give the path of a configuration file");
   }
   if (static_cast<std::uint64_t>(st.st_size) > k_max_config_bytes) {
-    throw Error(Exit::config, what + " " + path + " holds " + std::to_string(st.st_size) + " bytes, more than " +
-                                  std::to_string(k_max_config_bytes),
+    throw Error(Exit::config,
+                what + " " + path + " holds " + std::to_string(st.st_size) + " bytes, more than " +
+                    std::to_string(k_max_config_bytes),
                 "point the configuration at the right file");
   }
   std::string text;
@@ -540,9 +543,9 @@ void load_toml(Config& cfg, const std::string& explicit_path) {
     return;
   }
   if (!path_exists(*file)) {
-    throw Error(Exit::config, "config file " + *file + " does not exist",
-                explicit_path.empty() ? "unset LITHOPS_HPC_CONFIG or point it at a file"
-                                      : "check the path given to --config");
+    throw Error(
+        Exit::config, "config file " + *file + " does not exist",
+        explicit_path.empty() ? "unset LITHOPS_HPC_CONFIG or point it at a file" : "check the path given to --config");
   }
   cfg = parse(read_config_file(*file, "config file"), *file, std::move(cfg));
   if (cfg.origin("rabbitmq.amqp_url").from == From::toml && url_has_password(cfg.rabbitmq.amqp_url) &&
@@ -723,7 +726,8 @@ AmqpUrl parse_amqp_url(const std::string& url) {
     u.port = parse_port(hostport.substr(colon + 1));
   }
   if (host.empty()) {
-    throw Error(Exit::config, "no host in the AMQP URL " + redact_url(url), "write amqp://user:password@HOST:5672/vhost");
+    throw Error(Exit::config, "no host in the AMQP URL " + redact_url(url),
+                "write amqp://user:password@HOST:5672/vhost");
   }
   u.host = host;
   if (!path.empty()) {
@@ -759,7 +763,8 @@ std::optional<std::string> runtime_name_problem(const std::string& name) {
     return std::isalnum(c) || c == '.' || c == '_' || c == '+' || c == '-';
   });
   if (!chars_ok || !std::isalnum(static_cast<unsigned char>(name[0]))) {
-    return "'" + name + "' is not a valid runtime name: use letters, digits, '.', '_', '+' and '-', starting with "
+    return "'" + name +
+           "' is not a valid runtime name: use letters, digits, '.', '_', '+' and '-', starting with "
            "a letter or digit";
   }
   if (name.size() > 4 && name.ends_with(".sif")) {

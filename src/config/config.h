@@ -33,23 +33,23 @@ std::string mode_error(const std::string& text);
 std::string logs_dir_error(const std::string& text);
 
 struct Singularity {
-  std::string sif_path = "/tmp";              // staged images go under here; placeholders
-  std::string runtime;                        // image name: <sif_path>/<runtime>.sif
+  std::string sif_path = "/tmp";  // staged images go under here; placeholders
+  std::string runtime;            // image name: <sif_path>/<runtime>.sif
   Engine engine = Engine::singularity;
   bool fakeroot = false;
-  bool nv = false;                            // --nv: NVIDIA GPUs inside the instance
+  bool nv = false;  // --nv: NVIDIA GPUs inside the instance
   std::string instance_name = "lithops-worker";
-  std::vector<std::string> binds;             // "SRC[:DST[:OPTS]]"
-  int worker_processes = 0;                   // slots per node; 0 = the node's cores
-  std::string python = "python3";             // interpreter that runs the handler
+  std::vector<std::string> binds;  // "SRC[:DST[:OPTS]]"
+  int worker_processes = 0;        // slots per node; 0 = the node's cores
+  std::string python = "python3";  // interpreter that runs the handler
 };
 
 struct Rabbitmq {
-  std::string amqp_url;                       // secret: never logged unredacted
+  std::string amqp_url;  // secret: never logged unredacted
   std::string queue = "task_queue";
-  int heartbeat = 60;                         // seconds; 0 disables
-  std::string ca_cert;                        // amqps: CA bundle; empty = system default
-  bool verify_peer = true;                    // amqps: check the broker's certificate
+  int heartbeat = 60;       // seconds; 0 disables
+  std::string ca_cert;      // amqps: CA bundle; empty = system default
+  bool verify_peer = true;  // amqps: check the broker's certificate
   // Bounds on a task message, checked before it is parsed (dispatch/protocol.h).
   int max_message_bytes = 16 << 20;
   int max_message_depth = 64;
@@ -58,45 +58,45 @@ struct Rabbitmq {
 struct Deploy {
   Transfer transfer = Transfer::mpi;
   int chunk_mib = 8;
-  bool compress = false;                      // sbcast --compress
-  bool cleanup = false;                       // remove staged images at the end
+  bool compress = false;  // sbcast --compress
+  bool cleanup = false;   // remove staged images at the end
   Mode mode = Mode::dispatch;
-  double drain_timeout = 60;                  // seconds for running tasks to finish on stop
-  double drain_before_end = 120;              // drain when Slurm time left drops under this
-  int min_ranks = 0;                          // 0: every rank must start
-  double start_timeout = 300;                 // seconds: ranks joining, workers becoming ready
-  int restart_limit = 5;                      // instance/runscript restarts before a rank fails
+  double drain_timeout = 60;      // seconds for running tasks to finish on stop
+  double drain_before_end = 120;  // drain when Slurm time left drops under this
+  int min_ranks = 0;              // 0: every rank must start
+  double start_timeout = 300;     // seconds: ranks joining, workers becoming ready
+  int restart_limit = 5;          // instance/runscript restarts before a rank fails
 };
 
 struct Health {
-  double interval = 5;                        // seconds between reports to rank 0
-  std::string status_file;                    // empty: <state dir>/jobs/<jobid>/status.json
+  double interval = 5;      // seconds between reports to rank 0
+  std::string status_file;  // empty: <state dir>/jobs/<jobid>/status.json
 };
 
 // Where handler output (Lithops' logging, what functions print) goes, and
 // rank 0's progress line in the job output (see lithops-hpc.toml(5) [logs]).
 struct Logs {
-  std::string dir = "node";                   // node | state | an absolute path (placeholders)
-  int max_bytes = 64 << 20;                   // per rank file; rotated once to .1 past it
-  double progress_interval = 60;              // seconds between progress lines; 0: none
+  std::string dir = "node";       // node | state | an absolute path (placeholders)
+  int max_bytes = 64 << 20;       // per rank file; rotated once to .1 past it
+  double progress_interval = 60;  // seconds between progress lines; 0: none
 };
 
 // `lithops-hpc autoalloc`: the controller that submits deployments as the
 // queue needs them (see lithops-hpc.toml(5) [autoalloc]).
 struct Autoalloc {
-  std::string sif;                            // image each deployment serves; empty: $LITHOPS_SIF
-  std::string script;                         // sbatch template; empty: the installed lithops-deploy.sh
-  int max_nodes = 4;                          // held: running and pending together
+  std::string sif;     // image each deployment serves; empty: $LITHOPS_SIF
+  std::string script;  // sbatch template; empty: the installed lithops-deploy.sh
+  int max_nodes = 4;   // held: running and pending together
   int nodes_per_job = 1;
   int max_pending = 1;
   int min_nodes = 0;
   double idle_timeout = 300;
-  std::string time_limit = "1:00:00";         // sbatch --time
+  std::string time_limit = "1:00:00";  // sbatch --time
   double renew_before = 300;
   double poll = 10;
   int max_start_failures = 3;
   bool drain_on_exit = false;
-  std::vector<std::string> sbatch_args;       // e.g. ["--partition=compute", "--account=P"]
+  std::vector<std::string> sbatch_args;  // e.g. ["--partition=compute", "--account=P"]
 };
 
 // Where an effective value came from (`config check` prints it). Precedence,
@@ -105,7 +105,7 @@ struct Autoalloc {
 enum class From { default_value, lithops_yaml, toml, environment, flag };
 struct Origin {
   From from = From::default_value;
-  std::string where;                          // file:line, the variable or the flag; empty for defaults
+  std::string where;  // file:line, the variable or the flag; empty for defaults
 };
 // "default", "/home/u/.lithops/config:4", "environment (AMQP_URL)", "flag --sif".
 std::string to_string(const Origin& o);
@@ -115,16 +115,16 @@ std::string to_string(const Origin& o);
 struct LithopsClient {
   struct Value {
     std::string text;
-    int line = 0;                             // 1-based line in `source`; 0 when unknown
+    int line = 0;  // 1-based line in `source`; 0 when unknown
   };
-  std::string source;                         // file or "LITHOPS_CONFIG (environment)"; empty: none found
-  std::optional<Value> backend;               // lithops.backend
-  std::optional<Value> storage;               // lithops.storage
-  std::optional<Value> log_level;             // lithops.log_level (Lithops' default: INFO)
-  std::optional<Value> runtime;               // singularity.runtime
-  std::optional<Value> amqp_url;              // rabbitmq.amqp_url (secret)
-  std::optional<Value> worker_processes;      // singularity.worker_processes: calls per message
-  std::string where(const Value& v) const;    // "source:line"
+  std::string source;                       // file or "LITHOPS_CONFIG (environment)"; empty: none found
+  std::optional<Value> backend;             // lithops.backend
+  std::optional<Value> storage;             // lithops.storage
+  std::optional<Value> log_level;           // lithops.log_level (Lithops' default: INFO)
+  std::optional<Value> runtime;             // singularity.runtime
+  std::optional<Value> amqp_url;            // rabbitmq.amqp_url (secret)
+  std::optional<Value> worker_processes;    // singularity.worker_processes: calls per message
+  std::string where(const Value& v) const;  // "source:line"
 };
 
 struct Config {
@@ -134,10 +134,10 @@ struct Config {
   Health health;
   Logs logs;
   Autoalloc autoalloc;
-  std::string source;                         // TOML file it came from; empty: none
-  std::vector<std::string> warnings;          // e.g. a readable file holding a password
+  std::string source;                 // TOML file it came from; empty: none
+  std::vector<std::string> warnings;  // e.g. a readable file holding a password
   bool amqp_url_from_env = false;
-  std::map<std::string, Origin> origins;      // "section.key" -> origin; absent: the default
+  std::map<std::string, Origin> origins;  // "section.key" -> origin; absent: the default
   LithopsClient lithops;
 
   Origin origin(const std::string& key) const;

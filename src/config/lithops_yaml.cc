@@ -34,9 +34,8 @@ const char* type_name(const YAML::Node& n) {
 // not a string: Lithops would see a bool, null or a number there.
 const char* plain_non_string(const std::string& v) {
   // PyYAML's bool resolver (YAML 1.1 without y/n).
-  static const std::array<const char*, 18> words = {"yes",   "Yes",   "YES",   "no", "No", "NO",
-                                                    "true",  "True",  "TRUE",  "false", "False", "FALSE",
-                                                    "on",    "On",    "ON",    "off",   "Off",   "OFF"};
+  static const std::array<const char*, 18> words = {"yes",   "Yes",   "YES",   "no", "No", "NO", "true", "True", "TRUE",
+                                                    "false", "False", "FALSE", "on", "On", "ON", "off",  "Off",  "OFF"};
   for (const char* w : words) {
     if (v == w) {
       return "a boolean";
@@ -51,7 +50,8 @@ const char* plain_non_string(const std::string& v) {
     char c = v[i];
     if (c >= '0' && c <= '9') {
       digit = true;
-    } else if (!(c == '.' || c == '_' || c == 'e' || c == 'E' || ((c == '+' || c == '-') && (i == 0 || v[i - 1] == 'e' || v[i - 1] == 'E')))) {
+    } else if (!(c == '.' || c == '_' || c == 'e' || c == 'E' ||
+                 ((c == '+' || c == '-') && (i == 0 || v[i - 1] == 'e' || v[i - 1] == 'E')))) {
       other = true;
     }
   }
@@ -68,7 +68,8 @@ std::optional<LithopsClient::Value> read_value(const YAML::Node& sec, const std:
   }
   std::string full = sec_name + "." + key;
   if (!n.IsScalar()) {
-    throw Error(Exit::config, at(source, n.Mark()) + ": " + full + ": wrong type: expected a string, got " + type_name(n),
+    throw Error(Exit::config,
+                at(source, n.Mark()) + ": " + full + ": wrong type: expected a string, got " + type_name(n),
                 "write it as `" + std::string(key) + ": value` under `" + sec_name + ":`");
   }
   auto text = n.Scalar();
@@ -84,9 +85,10 @@ std::optional<LithopsClient::Value> read_value(const YAML::Node& sec, const std:
 YAML::Node section(const YAML::Node& root, const char* name, const std::string& source) {
   auto n = root[name];
   if (n && !n.IsNull() && !n.IsMap()) {
-    throw Error(Exit::config, at(source, n.Mark()) + ": " + name + ": expected a mapping (keys under `" + name +
-                                  ":`), got " + type_name(n),
-                "see the Lithops documentation of its config file");
+    throw Error(
+        Exit::config,
+        at(source, n.Mark()) + ": " + name + ": expected a mapping (keys under `" + name + ":`), got " + type_name(n),
+        "see the Lithops documentation of its config file");
   }
   return n && n.IsMap() ? n : YAML::Node(YAML::NodeType::Map);
 }
@@ -112,8 +114,8 @@ std::optional<std::string> find_lithops_config() {
   if (const char* f = std::getenv("LITHOPS_CONFIG_FILE"); f) {
     return std::string(f);
   }
-  for (const auto& cand : {std::string(".lithops_config"), home_dir() + "/.lithops/config",
-                           std::string("/etc/lithops/config")}) {
+  for (const auto& cand :
+       {std::string(".lithops_config"), home_dir() + "/.lithops/config", std::string("/etc/lithops/config")}) {
     if (path_exists(cand)) {
       return cand;
     }

@@ -132,12 +132,8 @@ private:
         m_state = ahead("'''") ? State::ml_literal : State::literal;
         step(m_state == State::ml_literal ? 2 : 0);
         break;
-      case '\n':
-        m_in_value = m_depth > 0;
-        break;
-      case '=':
-        m_in_value = m_in_value || m_depth == 0;
-        break;
+      case '\n': m_in_value = m_depth > 0; break;
+      case '=': m_in_value = m_in_value || m_depth == 0; break;
       case '[':
         if (!m_in_value) {
           header();

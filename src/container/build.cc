@@ -53,8 +53,7 @@ std::optional<FileId> file_id(const std::string& path) {
 std::pair<int, int> supervise(const std::vector<std::string>& argv, const std::string& cwd) {
   SignalPipe signals({SIGINT, SIGTERM, SIGHUP});
   // A build runs nothing that talks to the broker: no URL in its environment.
-  Child child = spawn({.argv = argv, .env = engine_command_env(Env::current()), .stdin_fd = STDIN_FILENO,
-                       .cwd = cwd});
+  Child child = spawn({.argv = argv, .env = engine_command_env(Env::current()), .stdin_fd = STDIN_FILENO, .cwd = cwd});
   int got = 0;
   while (!child.try_wait()) {
     pollfd p{signals.fd(), POLLIN, 0};

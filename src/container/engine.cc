@@ -16,10 +16,8 @@ namespace lhpc::container {
 std::unique_ptr<Engine> make_engine(config::Engine kind) {
   switch (kind) {
     case config::Engine::singularity:
-    case config::Engine::apptainer:
-      return detail::make_singularity_family(kind);
-    case config::Engine::host:
-      return detail::make_host();
+    case config::Engine::apptainer: return detail::make_singularity_family(kind);
+    case config::Engine::host: return detail::make_host();
   }
   throw Error(Exit::config, "unknown container engine");
 }
@@ -28,9 +26,7 @@ namespace {
 
 struct Release {
   int major = -1, minor = 0, patch = 0;
-  bool at_least(int ma, int mi, int pa) const {
-    return std::array{major, minor, patch} >= std::array{ma, mi, pa};
-  }
+  bool at_least(int ma, int mi, int pa) const { return std::array{major, minor, patch} >= std::array{ma, mi, pa}; }
 };
 
 // The leading MAJOR.MINOR.PATCH of a version line; major -1 when there is none.
@@ -38,8 +34,7 @@ Release read_release(const std::string& version) {
   Release r;
   auto text = trim(version);
   auto pos = text.find_first_of("0123456789");
-  if (pos == std::string::npos ||
-      std::sscanf(text.c_str() + pos, "%d.%d.%d", &r.major, &r.minor, &r.patch) < 2) {
+  if (pos == std::string::npos || std::sscanf(text.c_str() + pos, "%d.%d.%d", &r.major, &r.minor, &r.patch) < 2) {
     return Release{};
   }
   return r;
@@ -85,12 +80,12 @@ void check_bind_path(const std::string& path, const std::string& where) {
   if (bad == std::string::npos) {
     return;
   }
-  throw Error(Exit::config,
-              where + ": the path '" + path + "' holds '" + path[bad] +
-                  "', which singularity and apptainer read as a separator in --bind (',' between binds, ':' "
-                  "between source, destination and options)",
-              "move or link it to a path without ',' or ':' (ln -s '" + path +
-                  "' /some/plain/path) and use that path instead");
+  throw Error(
+      Exit::config,
+      where + ": the path '" + path + "' holds '" + path[bad] +
+          "', which singularity and apptainer read as a separator in --bind (',' between binds, ':' "
+          "between source, destination and options)",
+      "move or link it to a path without ',' or ':' (ln -s '" + path + "' /some/plain/path) and use that path instead");
 }
 
 namespace {

@@ -54,18 +54,18 @@ Env engine_command_env(const Env& base);
 void check_bind_path(const std::string& path, const std::string& where);
 
 struct InstanceSpec {
-  std::string image;                 // path of the verified .sif
-  std::string name;                  // <instance_name>-<jobid>-<rank>, ^[a-zA-Z0-9._-]+$
+  std::string image;  // path of the verified .sif
+  std::string name;   // <instance_name>-<jobid>-<rank>, ^[a-zA-Z0-9._-]+$
   bool fakeroot = false;
   bool nv = false;
-  std::vector<std::string> binds;    // "SRC[:DST[:OPTS]]"
+  std::vector<std::string> binds;  // "SRC[:DST[:OPTS]]"
 };
 
 class Engine {
 public:
   virtual ~Engine() = default;
   virtual config::Engine kind() const = 0;
-  virtual std::string name() const = 0;             // "singularity", "apptainer", "host"
+  virtual std::string name() const = 0;  // "singularity", "apptainer", "host"
   // Absolute path of the engine's program, found in PATH; throws
   // Error(Exit::engine) saying what to load (module load apptainer) when it
   // is missing. Host: "" (there is no program to find).
@@ -83,7 +83,8 @@ public:
   virtual std::vector<std::string> instance_list_argv(const std::string& name) const = 0;
   // CMD run inside the instance (host: CMD itself); with --no-eval when the
   // engine has it (see features()).
-  virtual std::vector<std::string> exec_argv(const std::string& instance, const std::vector<std::string>& cmd) const = 0;
+  virtual std::vector<std::string> exec_argv(const std::string& instance,
+                                             const std::vector<std::string>& cmd) const = 0;
   // The image's %runscript in the instance; host: throws Error(Exit::config).
   virtual std::vector<std::string> run_argv(const std::string& instance) const = 0;
 

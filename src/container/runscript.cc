@@ -19,8 +19,8 @@ std::string seconds_text(Runscript::Clock::duration d) {
 
 }  // namespace
 
-Runscript::Runscript(const Engine& engine, const std::string& instance,
-                     const std::map<std::string, std::string>& vars, RunscriptOptions opts)
+Runscript::Runscript(const Engine& engine, const std::string& instance, const std::map<std::string, std::string>& vars,
+                     RunscriptOptions opts)
     : Runscript(engine.run_argv(instance), engine.child_env(Env::current(), vars), opts) {}
 
 Runscript::Runscript(std::vector<std::string> argv, Env env, RunscriptOptions opts)
@@ -78,8 +78,7 @@ void Runscript::record_failure(Clock::time_point now, const std::string& what) {
   }
   m_next_start = now + delay;
   m_state = State::waiting;
-  spdlog::warn("{}; restarting in {} ({} of {} restarts)", what, seconds_text(delay), m_streak,
-               m_opts.restart_limit);
+  spdlog::warn("{}; restarting in {} ({} of {} restarts)", what, seconds_text(delay), m_streak, m_opts.restart_limit);
 }
 
 void Runscript::poll(Clock::time_point now) {

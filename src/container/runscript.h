@@ -61,9 +61,9 @@ public:
   // When the next restart is due (nullopt: nothing scheduled).
   std::optional<Clock::time_point> next_wakeup() const;
 
-  int restarts() const { return m_restarts; }           // runs started after the first
+  int restarts() const { return m_restarts; }            // runs started after the first
   int consecutive_failures() const { return m_streak; }  // in the current streak
-  bool alive() const { return m_child.running(); }      // a run is going (as of the last poll)
+  bool alive() const { return m_child.running(); }       // a run is going (as of the last poll)
   bool failed() const { return m_state == State::failed; }
   bool stopped() const { return m_state == State::stopped; }
   const std::string& last_error() const { return m_last_error; }

@@ -10,12 +10,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
 #include <algorithm>
 #include <cerrno>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
-#include <spdlog/spdlog.h>
 #include <thread>
 
 #include "container/engine.h"
@@ -46,9 +46,7 @@ struct EngineRun {
   std::string out;
   std::string err_tail;
   bool ok() const { return !timed_out && WIFEXITED(status) && WEXITSTATUS(status) == 0; }
-  std::string describe() const {
-    return timed_out ? "did not finish in time and was killed" : describe_status(status);
-  }
+  std::string describe() const { return timed_out ? "did not finish in time and was killed" : describe_status(status); }
 };
 
 std::string tail_of(int fd) {
@@ -235,8 +233,7 @@ public:
     return {m_name, "instance", "list", "--json", name};
   }
 
-  std::vector<std::string> exec_argv(const std::string& instance,
-                                     const std::vector<std::string>& cmd) const override {
+  std::vector<std::string> exec_argv(const std::string& instance, const std::vector<std::string>& cmd) const override {
     check_instance_name(instance);
     if (cmd.empty()) {
       throw Error(Exit::failure, "exec in instance " + instance + ": empty command");
@@ -293,9 +290,10 @@ public:
   void start_instance(const InstanceSpec& spec) override {
     auto r = run_engine(with_binary(instance_start_argv(spec)), k_start_timeout, engine_command_env(Env::current()));
     if (oci_mode_refused(r) && m_kind == config::Engine::singularity && !m_no_oci) {
-      spdlog::warn("{} refuses instances in OCI mode (`oci mode = yes` in singularity.conf): starting {} with "
-                   "--no-oci, and stopping it by its PID (`instance stop` has no --no-oci)",
-                   m_name, spec.name);
+      spdlog::warn(
+          "{} refuses instances in OCI mode (`oci mode = yes` in singularity.conf): starting {} with "
+          "--no-oci, and stopping it by its PID (`instance stop` has no --no-oci)",
+          m_name, spec.name);
       m_no_oci = true;
       r = run_engine(with_binary(instance_start_argv(spec)), k_start_timeout, engine_command_env(Env::current()));
     }
@@ -380,9 +378,10 @@ private:
         }
         return r;
       }
-      spdlog::warn("{} refuses `instance stop` in OCI mode (`oci mode = yes` in singularity.conf): signalling "
-                   "instance {} by its PID",
-                   m_name, name);
+      spdlog::warn(
+          "{} refuses `instance stop` in OCI mode (`oci mode = yes` in singularity.conf): signalling "
+          "instance {} by its PID",
+          m_name, name);
       m_no_oci = true;
     }
     if (auto pid = listed(name); pid && *pid > 0) {
@@ -420,8 +419,7 @@ private:
       throw Error(Exit::engine,
                   m_name + " instance list --json printed something other than {\"instances\": [...]}: " +
                       trim(r.out.substr(0, 200)),
-                  "check that `" + m_name + "` is SingularityCE >= 3.0 or Apptainer >= 1.0 (" + m_name +
-                      " --version)");
+                  "check that `" + m_name + "` is SingularityCE >= 3.0 or Apptainer >= 1.0 (" + m_name + " --version)");
     }
     for (const auto& i : doc["instances"]) {
       if (i.is_object() && i.value("instance", std::string{}) == name) {

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -12,13 +13,12 @@
 #include <memory>
 #include <set>
 #include <thread>
-#include <spdlog/spdlog.h>
 
 #include "health/memory.h"
 #include "health/progress.h"
-#include "logs/place.h"
-#include "lhpc_build_config.h"
 #include "health/session.h"
+#include "lhpc_build_config.h"
+#include "logs/place.h"
 #include "slurm/job.h"
 #include "stage/stage.h"
 #include "util/error.h"
@@ -80,10 +80,12 @@ void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout,
     if (Clock::now() < deadline) {
       return;
     }
-    spdlog::error("not every rank reached \"{}\" within {}: a rank died or hangs (the launcher's output "
-                  "names it); ending the job",
-                  point, sig != 0 ? fmt::format("30 s of {}", sig == SIGINT ? "SIGINT" : "SIGTERM")
-                                  : fmt::format("{:g} s (deploy.start_timeout)", timeout.count()));
+    spdlog::error(
+        "not every rank reached \"{}\" within {}: a rank died or hangs (the launcher's output "
+        "names it); ending the job",
+        point,
+        sig != 0 ? fmt::format("30 s of {}", sig == SIGINT ? "SIGINT" : "SIGTERM")
+                 : fmt::format("{:g} s (deploy.start_timeout)", timeout.count()));
     spdlog::default_logger()->flush();
     if (teardown) {
       teardown();
@@ -196,7 +198,11 @@ void idle_wait(SignalPipe& signals, int ms, bool& got_signal) {
 class RankRun {
 public:
   RankRun(MpiSession& mpi, bool slurm_time, const Options& opts)
-      : m_mpi(mpi), m_slurm_time(slurm_time), m_opts(opts), m_rank(mpi.rank()), m_size(mpi.size()),
+      : m_mpi(mpi),
+        m_slurm_time(slurm_time),
+        m_opts(opts),
+        m_rank(mpi.rank()),
+        m_size(mpi.size()),
         m_comm(mpi.world()) {}
 
   int run(const config::Config& cfg_in) {
@@ -222,8 +228,8 @@ private:
   void record_logs() const;
   void report(health::State state, const std::string& error) {
     m_health->report(make_report(state, m_worker ? m_worker->stats() : WorkerStats{}, m_ph.node, error));
-    m_next_report = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                       std::chrono::duration<double>(m_cfg.health.interval));
+    m_next_report = Clock::now() +
+                    std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(m_cfg.health.interval));
   }
   void keep_reporting(health::State state);
 
@@ -295,9 +301,9 @@ void RankRun::configure(const config::Config& cfg_in) {
   m_slots = slots_for_rank(node_slots, m_on_node, m_index_on_node);
   m_required = m_cfg.deploy.min_ranks > 0 ? std::min(m_cfg.deploy.min_ranks, m_size) : m_size;
   m_health = std::make_unique<health::Session>(m_comm, health::SessionOptions{.job = m_ph.jobid,
-                                                                             .interval = m_cfg.health.interval,
-                                                                             .status_file = m_cfg.health.status_file,
-                                                                             .node = m_ph.node});
+                                                                              .interval = m_cfg.health.interval,
+                                                                              .status_file = m_cfg.health.status_file,
+                                                                              .node = m_ph.node});
   if (m_rank == 0) {
     spdlog::info("deploying job {} on {} rank(s), {} node(s); status: {}", m_ph.jobid, m_size,
                  std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(), m_health->location().status);
@@ -352,7 +358,8 @@ void RankRun::record_logs() const {
     return;
   }
   try {
-    auto place = logs::record_place(m_cfg.logs.dir, m_ph.jobid, static_cast<std::uint64_t>(m_cfg.logs.max_bytes), m_nodes);
+    auto place =
+        logs::record_place(m_cfg.logs.dir, m_ph.jobid, static_cast<std::uint64_t>(m_cfg.logs.max_bytes), m_nodes);
     spdlog::info("handler output of rank N: {}/rank-N.log{}; read it with: lithops-hpc logs {}", place.dir,
                  place.where == "node" ? " on its node" : "", m_ph.jobid);
   } catch (const Error& e) {
@@ -396,8 +403,7 @@ std::string RankRun::start_worker() {
       return st.last_error.empty() ? "the worker stopped while starting" : st.last_error;
     }
     if (st.state == worker::State::starting && SignalPipe::last_terminating() == 0) {
-      return fmt::format("the worker did not become ready within {:g} s (deploy.start_timeout)",
-                         start_timeout.count());
+      return fmt::format("the worker did not become ready within {:g} s (deploy.start_timeout)", start_timeout.count());
     }
   } catch (const Error& e) {
     return e.what();
@@ -422,10 +428,10 @@ void RankRun::agree_started() {
   // ranks leaving the stage step at slightly different times.
   const double margin = std::min(60.0, m_cfg.deploy.start_timeout);
   // Still "starting" while waiting: the worker is not stepped here, so it does not serve yet.
-  meet_or_abort(m_mpi, std::chrono::duration<double>(m_cfg.deploy.start_timeout + margin), "workers started",
-                [this] { teardown_alone(); }, std::chrono::duration<double>(std::min(10.0, margin)), [this] {
-                  keep_reporting(m_start_error.empty() ? health::State::starting : health::State::failed);
-                });
+  meet_or_abort(
+      m_mpi, std::chrono::duration<double>(m_cfg.deploy.start_timeout + margin), "workers started",
+      [this] { teardown_alone(); }, std::chrono::duration<double>(std::min(10.0, margin)),
+      [this] { keep_reporting(m_start_error.empty() ? health::State::starting : health::State::failed); });
   auto verdict = agree(m_comm, m_start_error);
   if (m_rank == 0) {
     for (int r = 0; r < m_size; ++r) {

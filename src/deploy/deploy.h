@@ -12,7 +12,7 @@
 namespace lhpc::deploy {
 
 struct Options {
-  std::string sif;                          // --sif; may be empty with the host engine
+  std::string sif;                           // --sif; may be empty with the host engine
   std::optional<config::Transfer> transfer;  // --transfer overrides deploy.transfer
   std::optional<config::Mode> mode;          // --mode overrides deploy.mode
   std::optional<config::Engine> engine;      // --engine overrides singularity.engine

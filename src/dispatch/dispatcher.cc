@@ -8,7 +8,10 @@
 namespace lhpc::dispatch {
 
 Dispatcher::Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers, CrashRecordPort* record)
-    : m_opts(std::move(opts)), m_broker(broker), m_handlers(handlers), m_record(record),
+    : m_opts(std::move(opts)),
+      m_broker(broker),
+      m_handlers(handlers),
+      m_record(record),
       m_slots(static_cast<std::size_t>(std::max(1, m_opts.slots)) + 1) {
   m_opts.slots = std::max(1, m_opts.slots);
 }
@@ -148,8 +151,10 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
     m.kind = Kind::malformed;
     m.phase = Phase::running;
     auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
-    dead_letter(ref, ref.d.body, "killed a dispatcher while it was processed (rank " + std::to_string(m_opts.rank) +
-                                     ", " + m_opts.node + "): never processed again", ref.crashes);
+    dead_letter(ref, ref.d.body,
+                "killed a dispatcher while it was processed (rank " + std::to_string(m_opts.rank) + ", " + m_opts.node +
+                    "): never processed again",
+                ref.crashes);
     return;
   }
   // Everything from decoding to handing the calls out runs under the record.
@@ -232,14 +237,14 @@ void Dispatcher::start_task(Message& m, std::size_t free) {
   m.next = 0;
   m.end = keep;
   if (keep < calls) {
-    auto seq = m_broker.publish(m_opts.queue, encode_text(Action::send_task, m.calls.slice(keep, calls)),
-                                republish_props(m));
+    auto seq =
+        m_broker.publish(m_opts.queue, encode_text(Action::send_task, m.calls.slice(keep, calls)), republish_props(m));
     m_pending[seq] = {m.id, Purpose::remainder};
     ++m.confirms;
     ++m_counters.splits;
     m.phase = Phase::confirming;
-    spdlog::debug("{} ({}): {} free slots, keeping {} calls, republishing {}", m.mid, m.calls.describe(0, calls),
-                  free, keep, calls - keep);
+    spdlog::debug("{} ({}): {} free slots, keeping {} calls, republishing {}", m.mid, m.calls.describe(0, calls), free,
+                  keep, calls - keep);
     return;  // the calls start once the broker has confirmed the remainder
   }
   m.phase = Phase::running;
@@ -465,8 +470,8 @@ void Dispatcher::crashed(Message& m, const std::string& call_json, const std::st
   int crashes = m.crashes + 1;
   // The original body when it is exactly this call; else a one-call message
   // (as delivered: worker_processes is set again for the next handler).
-  std::string body = (m.kind == Kind::control || m.calls.size() == 1) ? m.d.body
-                                                                       : encode_text(Action::send_task, call_json);
+  std::string body =
+      (m.kind == Kind::control || m.calls.size() == 1) ? m.d.body : encode_text(Action::send_task, call_json);
   if (crashes >= m_opts.max_crashes) {
     spdlog::error("{} (message {}) killed its handler {} times, last: {}: moving it to {}", what, m.mid, crashes, why,
                   dead_queue());

@@ -165,17 +165,17 @@ private:
     std::string mid;  // for logs
     Kind kind = Kind::task;
     Action action = Action::send_task;
-    Json payload;  // control requests
-    Calls calls;   // send_task: the calls as delivered
+    Json payload;                   // control requests
+    Calls calls;                    // send_task: the calls as delivered
     std::size_t next = 0, end = 0;  // send_task: calls [next, end) kept and not handed out yet
     int crashes = 0;
     Phase phase = Phase::waiting;
-    bool no_ack = false;        // came through the rank queue
-    int running = 0;            // calls (or the control request) at a handler
-    int confirms = 0;           // our publishes for it not yet confirmed
-    bool give_back = false;     // end with reject(requeue) instead of ack
+    bool no_ack = false;     // came through the rank queue
+    int running = 0;         // calls (or the control request) at a handler
+    int confirms = 0;        // our publishes for it not yet confirmed
+    bool give_back = false;  // end with reject(requeue) instead of ack
     bool holds_slots = false;
-    bool orphan = false;        // its connection is gone: never acked
+    bool orphan = false;  // its connection is gone: never acked
     Clock::time_point arrived{};
   };
   struct Slot {
@@ -225,10 +225,10 @@ private:
   std::uint64_t m_next_id = 1;
   std::uint64_t m_next_request = 1;
   std::map<std::uint64_t, Message> m_msgs;
-  std::deque<std::uint64_t> m_waiting;       // send_task messages waiting for slots
-  std::vector<Slot> m_slots;                 // slots + the control handler (last)
-  std::deque<std::uint64_t> m_control_todo;  // control messages not yet sent
-  std::deque<ControlRequest> m_control_out;  // sent to the control handler, in order
+  std::deque<std::uint64_t> m_waiting;                // send_task messages waiting for slots
+  std::vector<Slot> m_slots;                          // slots + the control handler (last)
+  std::deque<std::uint64_t> m_control_todo;           // control messages not yet sent
+  std::deque<ControlRequest> m_control_out;           // sent to the control handler, in order
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
   Counters m_counters;
   std::function<void(const amqp::Delivery&)> m_on_ack;

@@ -29,10 +29,8 @@ std::string handler_name(int h, int count) {
 
 }  // namespace
 
-HandlerPool::HandlerPool(int count, std::function<HandlerCommand(int h)> command, PoolOptions opts,
-                         Listener& listener)
-    : m_command(std::move(command)), m_opts(opts), m_listener(listener),
-      m_procs(static_cast<std::size_t>(count)) {
+HandlerPool::HandlerPool(int count, std::function<HandlerCommand(int h)> command, PoolOptions opts, Listener& listener)
+    : m_command(std::move(command)), m_opts(opts), m_listener(listener), m_procs(static_cast<std::size_t>(count)) {
   for (auto& p : m_procs) {
     p.backoff = Backoff(m_opts.backoff_first, m_opts.backoff_max);
     p.deaths = FailureWindow(m_opts.restart_limit, m_opts.death_window);
@@ -206,8 +204,8 @@ void HandlerPool::on_line(int h, const std::string& line) {
       p.state = State::ready;
       auto lithops = j.contains("lithops") && j["lithops"].is_string() ? j["lithops"].get<std::string>() : "";
       if (lithops.empty()) {
-        spdlog::warn("{} (pid {}) cannot import Lithops: its tasks will fail (see its stderr)",
-                     handler_name(h, size()), json_int(j, "pid"));
+        spdlog::warn("{} (pid {}) cannot import Lithops: its tasks will fail (see its stderr)", handler_name(h, size()),
+                     json_int(j, "pid"));
       } else {
         spdlog::debug("{} ready (pid {}, Python {}, Lithops {})", handler_name(h, size()), json_int(j, "pid"),
                       json_string(j, "python", "?"), lithops);
@@ -265,9 +263,9 @@ void HandlerPool::record_death(int h, Clock::time_point now, const std::string& 
   if (deaths > m_opts.restart_limit) {
     p.state = State::failed;
     m_failed = true;
-    m_last_error = fmt::format("{} died {} times within {} s (deploy.restart_limit = {}); last: {}",
-                               handler_name(h, size()), deaths, m_opts.death_window.count() / 1000,
-                               m_opts.restart_limit, detail);
+    m_last_error =
+        fmt::format("{} died {} times within {} s (deploy.restart_limit = {}); last: {}", handler_name(h, size()),
+                    deaths, m_opts.death_window.count() / 1000, m_opts.restart_limit, detail);
     spdlog::error("{}", m_last_error);
     return;
   }

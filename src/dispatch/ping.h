@@ -16,20 +16,20 @@
 namespace lhpc::dispatch {
 
 struct PingTargets {
-  std::string job;                  // empty: the task queue, any rank
-  int ranks = 0;                    // ranks 0..ranks-1, each through its rank queue
-  std::map<int, std::string> nodes; // for naming the silent ones
+  std::string job;                   // empty: the task queue, any rank
+  int ranks = 0;                     // ranks 0..ranks-1, each through its rank queue
+  std::map<int, std::string> nodes;  // for naming the silent ones
   // With no job: this job's standalone worker (rank 0) is pinged through its
   // rank queue when that queue exists, else the task queue.
   std::string local_job;
 };
 
 struct PingOptions {
-  int count = 10;           // pings to send (to each rank, when ranks are addressed)
-  int concurrency = 1;      // pings in flight at once
-  double timeout = 10;      // seconds each ping may take before it counts as lost; a rank that
-                            // lost one is sent no more (its remaining pings count as lost)
-  int expect_ranks = -1;    // fail unless at least this many ranks answered; -1: every addressed rank
+  int count = 10;         // pings to send (to each rank, when ranks are addressed)
+  int concurrency = 1;    // pings in flight at once
+  double timeout = 10;    // seconds each ping may take before it counts as lost; a rank that
+                          // lost one is sent no more (its remaining pings count as lost)
+  int expect_ranks = -1;  // fail unless at least this many ranks answered; -1: every addressed rank
 };
 
 // Prints one line per rank that answered, one naming each addressed rank that

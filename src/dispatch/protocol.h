@@ -32,8 +32,8 @@ std::optional<Action> parse_action(std::string_view s);
 // A message that follows the protocol.
 struct Task {
   Action action = Action::send_task;
-  Json payload;            // the decoded payload object
-  std::size_t calls = 0;   // send_task: number of calls (len(call_ids)); 0 otherwise
+  Json payload;           // the decoded payload object
+  std::size_t calls = 0;  // send_task: number of calls (len(call_ids)); 0 otherwise
 };
 
 // A message that does not: it is dead-lettered with `reason`, never retried.
@@ -66,8 +66,7 @@ bool nests_deeper_than(std::string_view json, int max_depth);
 std::variant<Task, Malformed> decode(std::string_view body, const Limits& limits = {});
 // The inner layer alone: the payload's JSON text (base64 already undone), as
 // decode() judges it. An entry point for fuzzing.
-std::variant<Task, Malformed> decode_payload(Action action, std::string_view payload_json,
-                                             const Limits& limits = {});
+std::variant<Task, Malformed> decode_payload(Action action, std::string_view payload_json, const Limits& limits = {});
 
 // {"action": A, "payload": base64(json(payload))}: what the Lithops client publishes.
 std::string encode(Action action, const Json& payload);

@@ -37,25 +37,25 @@ inline constexpr std::size_t k_last_error_len = 160;  // bytes, including the NU
 // 8-byte fields first, then 4, then 1, then the strings: no implicit padding,
 // so no uninitialised bytes go on the wire.
 struct Report {
-  std::uint64_t seq = 0;             // per rank, +1 each report; rank 0 drops older ones
-  std::uint64_t done = 0;            // tasks finished and acked
-  std::uint64_t failed = 0;          // tasks whose function raised (still acked: Lithops reports it)
-  std::uint64_t requeued = 0;        // tasks given back to the queue (handler/instance died, drain)
-  std::uint64_t dead_lettered = 0;   // tasks moved to the dead-letter queue
-  std::uint64_t rss_kb = 0;          // VmRSS of the rank process itself
-  std::uint64_t rss_tree_kb = 0;     // rss_kb + VmRSS of all its descendants (handlers)
-  double uptime = 0;                 // seconds since this rank started
-  double timestamp = 0;              // sender's unix time (informative: clocks differ across nodes)
+  std::uint64_t seq = 0;            // per rank, +1 each report; rank 0 drops older ones
+  std::uint64_t done = 0;           // tasks finished and acked
+  std::uint64_t failed = 0;         // tasks whose function raised (still acked: Lithops reports it)
+  std::uint64_t requeued = 0;       // tasks given back to the queue (handler/instance died, drain)
+  std::uint64_t dead_lettered = 0;  // tasks moved to the dead-letter queue
+  std::uint64_t rss_kb = 0;         // VmRSS of the rank process itself
+  std::uint64_t rss_tree_kb = 0;    // rss_kb + VmRSS of all its descendants (handlers)
+  double uptime = 0;                // seconds since this rank started
+  double timestamp = 0;             // sender's unix time (informative: clocks differ across nodes)
   std::uint32_t version = k_report_version;
   std::int32_t rank = -1;
-  std::int32_t pid = 0;              // of the rank process, on its node
+  std::int32_t pid = 0;  // of the rank process, on its node
   std::int32_t slots_busy = 0;
   std::int32_t slots_total = 0;
-  std::uint32_t restarts = 0;        // instance/handler/runscript restarts so far
+  std::uint32_t restarts = 0;  // instance/handler/runscript restarts so far
   State state = State::staging;
   std::uint8_t broker_connected = 0;  // 0/1
   std::uint8_t instance_alive = 0;    // 0/1
-  std::uint8_t reserved[5] = {};     // zero; keeps sizeof a multiple of 8 with no tail padding
+  std::uint8_t reserved[5] = {};      // zero; keeps sizeof a multiple of 8 with no tail padding
   char node[k_node_len] = {};
   char last_error[k_last_error_len] = {};
 };

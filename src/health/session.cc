@@ -29,8 +29,8 @@ Session::Session(MPI_Comm comm, SessionOptions opts)
                                     m_opts.clock);
   prepare(m_loc);
   write_status();
-  spdlog::info("health: status file {} (every {:g} s); stop with `lithops-hpc stop {}`", m_loc.status,
-               m_opts.interval, m_opts.job);
+  spdlog::info("health: status file {} (every {:g} s); stop with `lithops-hpc stop {}`", m_loc.status, m_opts.interval,
+               m_opts.job);
 }
 
 const Table& Session::table() const {
@@ -184,8 +184,8 @@ Ending Session::finish(Report final_report, double timeout) {
       end.missing = missing;
       end.reason = fmt::format("{} did not report stopped {}", join(names, ", "),
                                all_silent ? "and went silent" : fmt::format("within {:g} s", timeout));
-      spdlog::error("health: {}; ending the job with MPI_Abort (MPI_Finalize would wait for {} forever)",
-                    end.reason, missing.size() == 1 ? "it" : "them");
+      spdlog::error("health: {}; ending the job with MPI_Abort (MPI_Finalize would wait for {} forever)", end.reason,
+                    missing.size() == 1 ? "it" : "them");
       set_state(DeploymentState::failed);
       return end;
     }

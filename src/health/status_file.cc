@@ -3,10 +3,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
 #include <cerrno>
 #include <cstdlib>
 #include <filesystem>
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "config/config.h"
@@ -41,8 +41,8 @@ std::optional<std::string> read_if_mine(const std::string& path) {
 void check_job_id(const std::string& job) {
   bool ok = !job.empty() && job != "." && job != ".." && job.size() <= 128;
   for (char c : job) {
-    bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-                 c == '_' || c == '-' || c == '+';
+    bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+                 c == '-' || c == '+';
     ok = ok && plain;
   }
   if (!ok) {
@@ -93,8 +93,8 @@ bool stop_requested(const Location& loc) {
 }
 
 void request_stop(const Location& loc) {
-  auto text = fmt::format("requested_by={}@{} pid={} time={:.3f}\n", user_name(), config::short_hostname(),
-                          ::getpid(), unix_now());
+  auto text = fmt::format("requested_by={}@{} pid={} time={:.3f}\n", user_name(), config::short_hostname(), ::getpid(),
+                          unix_now());
   write_file_atomic(loc.stop, text, 0600);
 }
 

@@ -27,15 +27,15 @@ std::string_view deployment_state_name(DeploymentState s) {
 
 Clock Clock::system() {
   return Clock{
-      .mono = [] {
-        return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-      },
+      .mono = [] { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); },
       .wall = [] { return unix_now(); },
   };
 }
 
 Table::Table(TableOptions opts, Clock clock)
-    : m_opts(std::move(opts)), m_clock(std::move(clock)), m_created_mono(m_clock.mono()),
+    : m_opts(std::move(opts)),
+      m_clock(std::move(clock)),
+      m_created_mono(m_clock.mono()),
       m_started_wall(m_opts.started > 0 ? m_opts.started : m_clock.wall()) {
   m_entries.resize(static_cast<std::size_t>(m_opts.ranks < 1 ? 1 : m_opts.ranks));
   for (auto& e : m_entries) {

@@ -43,7 +43,7 @@ struct TableOptions {
 struct Summary {
   int ranks = 0;
   int ready = 0;
-  int degraded = 0;      // staging, starting, draining, failed or stopped
+  int degraded = 0;  // staging, starting, draining, failed or stopped
   int unresponsive = 0;
   long long slots_busy = 0;
   long long slots_total = 0;
@@ -59,9 +59,9 @@ public:
   using LogFn = std::function<void(Level, const std::string&)>;
 
   struct Entry {
-    std::optional<Report> report;  // latest; none before the first one arrived
-    double last_seen = 0;          // mono time of the latest report (table creation before any)
-    State shown = State::starting; // what the status file says: reported state or unresponsive
+    std::optional<Report> report;   // latest; none before the first one arrived
+    double last_seen = 0;           // mono time of the latest report (table creation before any)
+    State shown = State::starting;  // what the status file says: reported state or unresponsive
   };
 
   explicit Table(TableOptions opts, Clock clock = Clock::system());

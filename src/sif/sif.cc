@@ -292,8 +292,7 @@ void check_object_range(const std::string& path, const Descriptor& d, std::uint6
          k_hint_recopy);
   }
   if (end > file_size) {
-    fail(who + " spans bytes " + num(d.offset) + ".." + num(end) + " but the file is only " + num(file_size) +
-             " bytes",
+    fail(who + " spans bytes " + num(d.offset) + ".." + num(end) + " but the file is only " + num(file_size) + " bytes",
          k_hint_recopy);
   }
 }
@@ -302,28 +301,17 @@ void check_object_range(const std::string& path, const Descriptor& d, std::uint6
 
 std::string data_type_name(std::int32_t data_type) {
   switch (data_type) {
-    case k_data_deffile:
-      return "deffile";
-    case k_data_env_var:
-      return "envvar";
-    case k_data_labels:
-      return "labels";
-    case k_data_partition:
-      return "partition";
-    case k_data_signature:
-      return "signature";
-    case k_data_generic_json:
-      return "generic-json";
-    case k_data_generic:
-      return "generic";
-    case k_data_crypto_message:
-      return "crypto-message";
-    case k_data_sbom:
-      return "sbom";
-    case k_data_oci_root_index:
-      return "oci-root-index";
-    case k_data_oci_blob:
-      return "oci-blob";
+    case k_data_deffile: return "deffile";
+    case k_data_env_var: return "envvar";
+    case k_data_labels: return "labels";
+    case k_data_partition: return "partition";
+    case k_data_signature: return "signature";
+    case k_data_generic_json: return "generic-json";
+    case k_data_generic: return "generic";
+    case k_data_crypto_message: return "crypto-message";
+    case k_data_sbom: return "sbom";
+    case k_data_oci_root_index: return "oci-root-index";
+    case k_data_oci_blob: return "oci-blob";
     default: {
       char buf[32];
       std::snprintf(buf, sizeof buf, "unknown(0x%x)", static_cast<unsigned>(data_type));
@@ -334,44 +322,32 @@ std::string data_type_name(std::int32_t data_type) {
 
 std::string fs_type_name(std::int32_t fs_type) {
   switch (fs_type) {
-    case k_fs_squashfs:
-      return "squashfs";
-    case k_fs_ext3:
-      return "ext3";
-    case k_fs_archive:
-      return "archive";
-    case k_fs_raw:
-      return "raw";
-    case k_fs_encrypted_squashfs:
-      return "encrypted-squashfs";
-    case k_fs_gocryptfs_squashfs:
-      return "gocryptfs-squashfs";
-    default:
-      return "unknown(" + std::to_string(fs_type) + ")";
+    case k_fs_squashfs: return "squashfs";
+    case k_fs_ext3: return "ext3";
+    case k_fs_archive: return "archive";
+    case k_fs_raw: return "raw";
+    case k_fs_encrypted_squashfs: return "encrypted-squashfs";
+    case k_fs_gocryptfs_squashfs: return "gocryptfs-squashfs";
+    default: return "unknown(" + std::to_string(fs_type) + ")";
   }
 }
 
 std::string part_type_name(std::int32_t part_type) {
   switch (part_type) {
-    case k_part_system:
-      return "system";
-    case k_part_primary_system:
-      return "primary-system";
-    case k_part_data:
-      return "data";
-    case k_part_overlay:
-      return "overlay";
-    default:
-      return "unknown(" + std::to_string(part_type) + ")";
+    case k_part_system: return "system";
+    case k_part_primary_system: return "primary-system";
+    case k_part_data: return "data";
+    case k_part_overlay: return "overlay";
+    default: return "unknown(" + std::to_string(part_type) + ")";
   }
 }
 
 std::string arch_name(std::string_view code) {
   // arch.go: two ASCII digits then NUL; "00" is "unknown" there too.
   static constexpr std::pair<std::string_view, std::string_view> k_arches[] = {
-      {"01", "386"},     {"02", "amd64"},    {"03", "arm"},      {"04", "arm64"},   {"05", "ppc64"},
-      {"06", "ppc64le"}, {"07", "mips"},     {"08", "mipsle"},   {"09", "mips64"},  {"10", "mips64le"},
-      {"11", "s390x"},   {"12", "riscv64"},  {"13", "loong64"},
+      {"01", "386"},     {"02", "amd64"},   {"03", "arm"},     {"04", "arm64"},  {"05", "ppc64"},
+      {"06", "ppc64le"}, {"07", "mips"},    {"08", "mipsle"},  {"09", "mips64"}, {"10", "mips64le"},
+      {"11", "s390x"},   {"12", "riscv64"}, {"13", "loong64"},
   };
   code = up_to_nul(code);
   for (const auto& [c, name] : k_arches) {
@@ -514,8 +490,7 @@ void read_descriptors(const Source& src, const std::string& path, Image& out) {
     const std::uint64_t at = static_cast<std::uint64_t>(h.descriptors_offset) + first * k_descriptor_size;
     if (src.read(buf.data(), want, at) != want) {
       // The size check passed, so the file shrank while we read it.
-      fail(path + " is truncated: it ended inside the descriptor table (it changed while being read?)",
-           k_hint_recopy);
+      fail(path + " is truncated: it ended inside the descriptor table (it changed while being read?)", k_hint_recopy);
     }
     for (std::size_t i = 0; i < count; ++i) {
       const unsigned char* p = buf.data() + i * k_descriptor_size;
@@ -638,8 +613,8 @@ std::string format_text(const Image& image) {
   line("Created:", time_text(h.created));
   line("Modified:", time_text(h.modified));
   line("Descriptors:", std::to_string(image.descriptors.size()) + " used of " + num(h.descriptors_total) +
-                           " (table at byte " + num(h.descriptors_offset) + ", data at byte " +
-                           num(h.data_offset) + ")");
+                           " (table at byte " + num(h.descriptors_offset) + ", data at byte " + num(h.data_offset) +
+                           ")");
   out += '\n';
 
   out += descriptor_table(image);

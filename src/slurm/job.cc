@@ -124,9 +124,8 @@ bool expand_item(std::string_view item, std::vector<std::string>& out) {
 }
 
 [[maybe_unused]] const char* state_name(std::uint32_t base) {
-  static const char* const k_names[] = {"PENDING",  "RUNNING",   "SUSPENDED", "COMPLETED",
-                                        "CANCELLED", "FAILED",    "TIMEOUT",   "NODE_FAIL",
-                                        "PREEMPTED", "BOOT_FAIL", "DEADLINE",  "OUT_OF_MEMORY"};
+  static const char* const k_names[] = {"PENDING", "RUNNING",   "SUSPENDED", "COMPLETED", "CANCELLED", "FAILED",
+                                        "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",  "OUT_OF_MEMORY"};
   return base < std::size(k_names) ? k_names[base] : "UNKNOWN";
 }
 
@@ -509,8 +508,7 @@ struct TimeLeftWatch::State {
   std::optional<std::chrono::steady_clock::time_point> end;  // nullopt: unknown or no limit
 };
 
-TimeLeftWatch::TimeLeftWatch(std::string jobid, std::chrono::milliseconds period)
-    : m_state(std::make_shared<State>()) {
+TimeLeftWatch::TimeLeftWatch(std::string jobid, std::chrono::milliseconds period) : m_state(std::make_shared<State>()) {
   m_thread = std::thread([st = m_state, jobid = std::move(jobid), period] {
     std::unique_lock lock(st->mu);
     while (!st->stop) {

@@ -73,20 +73,20 @@ struct JobInfo {
   // CONFIGURING COMPLETED CANCELLED FAILED TIMEOUT NODE_FAIL PREEMPTED
   // BOOT_FAIL DEADLINE OUT_OF_MEMORY; empty when unknown.
   std::string state;
-  std::string reason;                     // Slurm's state description, if any
-  std::string user;                       // name, or the uid as text
+  std::string reason;  // Slurm's state description, if any
+  std::string user;    // name, or the uid as text
   std::string partition;
-  std::string nodes;                      // ranged form, "n[1-3]"
-  std::vector<std::string> node_list;     // expanded
+  std::string nodes;                   // ranged form, "n[1-3]"
+  std::vector<std::string> node_list;  // expanded
   std::uint32_t num_nodes = 0;
-  std::optional<double> time_limit;       // seconds; nullopt: no limit (or unknown)
+  std::optional<double> time_limit;        // seconds; nullopt: no limit (or unknown)
   std::optional<std::int64_t> start_time;  // unix seconds, actual or expected
   std::optional<std::int64_t> end_time;    // unix seconds, actual or expected
   std::string batch_host;
-  std::string std_out;                    // path of the batch script's output
+  std::string std_out;  // path of the batch script's output
   std::string work_dir;
-  std::optional<int> exit_code;           // when the job has ended
-  bool from_environment = false;          // filled from SLURM_* variables, not the controller
+  std::optional<int> exit_code;   // when the job has ended
+  bool from_environment = false;  // filled from SLURM_* variables, not the controller
 
   // Still holding (or waiting for) its nodes.
   bool active() const;

@@ -48,7 +48,8 @@ XXH128_hash_t hash_file(const std::string& path, std::size_t buf_bytes, const st
   return hash_fd(fd.get(), path, buf_bytes, between);
 }
 
-XXH128_hash_t hash_fd(int fd, const std::string& shown_as, std::size_t buf_bytes, const std::function<void()>& between) {
+XXH128_hash_t hash_fd(int fd, const std::string& shown_as, std::size_t buf_bytes,
+                      const std::function<void()>& between) {
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   auto buf = std::make_unique_for_overwrite<char[]>(buf_bytes);
   Hasher h;

@@ -73,7 +73,9 @@ NodeMap map_nodes(const std::vector<std::string>& node_id_of_rank) {
   return m;
 }
 
-std::uint64_t chunk_count(std::uint64_t size, std::uint64_t chunk) { return chunk == 0 ? 0 : (size + chunk - 1) / chunk; }
+std::uint64_t chunk_count(std::uint64_t size, std::uint64_t chunk) {
+  return chunk == 0 ? 0 : (size + chunk - 1) / chunk;
+}
 
 std::size_t chunk_length(std::uint64_t size, std::uint64_t chunk, std::uint64_t index) {
   std::uint64_t start = index * chunk;

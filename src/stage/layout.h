@@ -33,9 +33,9 @@ pid_t partial_pid(const std::string& staged, const std::string& name);
 // Which rank leads which node. Nodes are numbered in order of their first
 // rank; a node's leader is its lowest rank.
 struct NodeMap {
-  std::vector<int> node_of_rank;   // rank -> node index
-  std::vector<int> leader_of_node; // node index -> leader rank
-  std::vector<std::string> names;  // node index -> node id
+  std::vector<int> node_of_rank;    // rank -> node index
+  std::vector<int> leader_of_node;  // node index -> leader rank
+  std::vector<std::string> names;   // node index -> node id
   int nodes() const { return static_cast<int>(names.size()); }
   bool is_leader(int rank) const;
 };

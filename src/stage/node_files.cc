@@ -271,9 +271,10 @@ void commit(NodeWork& nw, const std::string& staged, const std::string& hash, st
     throw Error(Exit::stage, "cannot stat " + staged + " after renaming it: " + errno_text(errno));
   }
   try {
-    write_file_atomic_at(nw.dir_fd.get(), basename_of(record_path(staged)),
-                         to_json_text(StageRecord{.hash_hex = hash, .size = size, .stamp = stamp_of(st), .source = source}),
-                         0600, record_path(staged));
+    write_file_atomic_at(
+        nw.dir_fd.get(), basename_of(record_path(staged)),
+        to_json_text(StageRecord{.hash_hex = hash, .size = size, .stamp = stamp_of(st), .source = source}), 0600,
+        record_path(staged));
   } catch (const Error& e) {
     throw stage_error(e);
   }

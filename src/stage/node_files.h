@@ -21,13 +21,13 @@ namespace lhpc::stage {
 // A leader's private directory and what it created in this run; removed
 // again unless committed.
 struct NodeWork {
-  std::string sif_dir;   // sif_path on this node
-  UniqueFd sif_fd;       // sif_path, trusted (once it exists)
-  std::string dir;       // <sif_path>/lithops-hpc-<uid>-<jobid>, for messages and the result
-  UniqueFd dir_fd;       // the private directory, once it exists and was checked
+  std::string sif_dir;  // sif_path on this node
+  UniqueFd sif_fd;      // sif_path, trusted (once it exists)
+  std::string dir;      // <sif_path>/lithops-hpc-<uid>-<jobid>, for messages and the result
+  UniqueFd dir_fd;      // the private directory, once it exists and was checked
   bool made_dir = false;
-  std::string marker;    // name, set only when this run created it
-  std::string partial;   // full path (sbcast writes by path); its name is under dir_fd
+  std::string marker;   // name, set only when this run created it
+  std::string partial;  // full path (sbcast writes by path); its name is under dir_fd
   UniqueFd fd;
   bool committed = false;
 

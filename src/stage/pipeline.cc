@@ -173,12 +173,10 @@ void Chain::poke() {
 
 std::string Chain::describe(Whom whom) const {
   switch (whom) {
-    case Whom::prev:
-      return fmt::format("a chunk from rank {} (the node before this one)", world_rank_of(m_x, m_prev));
+    case Whom::prev: return fmt::format("a chunk from rank {} (the node before this one)", world_rank_of(m_x, m_prev));
     case Whom::next:
       return fmt::format("rank {} (the node after this one) to take a chunk", world_rank_of(m_x, m_next));
-    case Whom::everyone:
-      break;
+    case Whom::everyone: break;
   }
   return "every node's word on a chunk";
 }
@@ -362,8 +360,8 @@ Transfer Chain::run(Progress* progress) {
 
 }  // namespace
 
-Transfer broadcast_file(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk,
-                        double stall_timeout, Progress* progress, const std::function<void()>& tick) {
+Transfer broadcast_file(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk, double stall_timeout,
+                        Progress* progress, const std::function<void()>& tick) {
   Chain chain(x, ends, size, chunk, stall_timeout, tick);
   return chain.run(progress);
 }
@@ -376,9 +374,10 @@ void abandon_stalled(const std::string& partial, const std::string& what, double
   if (!partial.empty()) {
     ::unlink(partial.c_str());
   }
-  spdlog::error("stage: waited {:g} s for {}: a rank died or hangs (the launcher's output names it); removed this "
-                "node's partial copy, ending the job",
-                seconds, what);
+  spdlog::error(
+      "stage: waited {:g} s for {}: a rank died or hangs (the launcher's output names it); removed this "
+      "node's partial copy, ending the job",
+      seconds, what);
   spdlog::error("hint: a slow file system or network needs a longer deploy.start_timeout");
   spdlog::default_logger()->flush();
   std::this_thread::sleep_for(std::chrono::duration<double>(std::min(10.0, seconds)));

@@ -26,17 +26,17 @@ namespace lhpc::stage {
 inline constexpr std::size_t k_slice = std::size_t{256} << 10;
 
 struct ChainEnds {
-  int src_fd = -1;         // rank 0: the source, read with pread
-  std::string src_path;    // for messages
-  int out_fd = -1;         // this rank's partial file, or -1 (rank 0 without a copy of its own)
-  std::string out_path;    // removed when the transfer stalls
+  int src_fd = -1;       // rank 0: the source, read with pread
+  std::string src_path;  // for messages
+  int out_fd = -1;       // this rank's partial file, or -1 (rank 0 without a copy of its own)
+  std::string out_path;  // removed when the transfer stalls
 };
 
 struct Transfer {
-  int code = 0;            // 0; a failure's exit code; -1: stopped because another rank failed
+  int code = 0;  // 0; a failure's exit code; -1: stopped because another rank failed
   std::string msg;
   std::string hint;
-  std::string hash;        // XXH3-128 of the bytes this rank read (root) or wrote
+  std::string hash;  // XXH3-128 of the bytes this rank read (root) or wrote
 };
 
 // Collective over `x` (the ranks of the transfer, rank 0 the reader).
@@ -47,8 +47,8 @@ struct Transfer {
 // stops before the same chunk, so no message is left unmatched. A wait
 // longer than `stall_timeout` (0: none) ends the job (exit 7).
 // `tick` (may be empty) runs while a rank waits or is throttled, and after each chunk.
-Transfer broadcast_file(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk,
-                        double stall_timeout, Progress* progress, const std::function<void()>& tick = {});
+Transfer broadcast_file(MPI_Comm x, const ChainEnds& ends, std::uint64_t size, std::size_t chunk, double stall_timeout,
+                        Progress* progress, const std::function<void()>& tick = {});
 
 // A step of the transfer waited past its stall deadline: removes `partial`
 // (when not empty), logs whom it waited for, ends the job with MPI_Abort.

@@ -164,7 +164,8 @@ bool SourceHashCache::remember(const std::string& path, const FileStamp& stamp, 
     return false;
   }
   json kept = json::array();
-  kept.push_back({{"path", path}, {"file", stamp_json(stamp)}, {"xxh3_128", hash_hex}, {"hashed_at_ns", read_started_ns}});
+  kept.push_back(
+      {{"path", path}, {"file", stamp_json(stamp)}, {"xxh3_128", hash_hex}, {"hashed_at_ns", read_started_ns}});
   for (const auto& e : load_entries(m_file)) {
     if (kept.size() >= k_max_entries) {
       break;

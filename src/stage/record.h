@@ -33,14 +33,14 @@ std::optional<FileStamp> stamp_of(const std::string& path);  // nullopt: cannot 
 
 // <image>.stage.json beside a staged copy.
 struct StageRecord {
-  std::string hash_hex;     // XXH3-128 of the image
+  std::string hash_hex;  // XXH3-128 of the image
   std::uint64_t size = 0;
-  FileStamp stamp;          // of the staged file right after it was verified and renamed
-  std::string source;       // where it was staged from (for people reading the record)
+  FileStamp stamp;     // of the staged file right after it was verified and renamed
+  std::string source;  // where it was staged from (for people reading the record)
 };
 std::string to_json_text(const StageRecord& r);
 std::optional<StageRecord> parse_record(const std::string& json_text);  // nullopt: not a record
-std::optional<StageRecord> read_record(const std::string& path);       // nullopt: missing or unreadable
+std::optional<StageRecord> read_record(const std::string& path);        // nullopt: missing or unreadable
 void write_record(const std::string& path, const StageRecord& r);       // atomic, 0600; throws Error
 // The copy at `staged` still is what the record says: same device, inode,
 // size and mtime. ctime is left out on purpose: link() and rename() change

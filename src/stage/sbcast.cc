@@ -77,7 +77,8 @@ Outcome run_sbcast(const Options& o, const std::string& dest) {
     std::string text(4096, '\0');
     ssize_t n = ::pread(out.get(), text.data(), text.size(), 0);
     text.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
-    return failed(static_cast<int>(Exit::stage), join_argv(argv) + " " + describe_status(*child.status()) + ": " + trim(text),
+    return failed(static_cast<int>(Exit::stage),
+                  join_argv(argv) + " " + describe_status(*child.status()) + ": " + trim(text),
                   "check that the job's nodes can reach the file and that the directory exists on every node");
   }
   return ok();

@@ -15,9 +15,9 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
-#include <utility>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <utility>
 
 #include "sif/sif.h"
 #include "stage/agreement.h"
@@ -59,16 +59,16 @@ struct Run {
   World w;
   Clock::time_point t0 = Clock::now();
   Source src;
-  UniqueFd src_fd;         // rank 0
-  FileStamp src_stamp;     // rank 0
-  NodeWork nw;             // leaders
-  std::string staged;      // leaders: the image's final path on this node
-  std::vector<Outcome> found;  // every rank's outcome of looking for copies
-  std::vector<Action> plan;    // per node
+  UniqueFd src_fd;                     // rank 0
+  FileStamp src_stamp;                 // rank 0
+  NodeWork nw;                         // leaders
+  std::string staged;                  // leaders: the image's final path on this node
+  std::vector<Outcome> found;          // every rank's outcome of looking for copies
+  std::vector<Action> plan;            // per node
   std::vector<std::string> link_from;  // per node, for Action::link
-  Outcome moved;           // this rank's outcome of moving the bytes
-  std::string link_hash;   // leaders that linked an earlier job's copy: its hash, taken again
-  bool in_transfer = false;  // this rank is one of the MPI chain
+  Outcome moved;                       // this rank's outcome of moving the bytes
+  std::string link_hash;               // leaders that linked an earlier job's copy: its hash, taken again
+  bool in_transfer = false;            // this rank is one of the MPI chain
   Result res;
 
   Run(const Options& opts, World world) : o(opts), w(std::move(world)) {}
@@ -80,7 +80,8 @@ struct Run {
   }
   void phase(const char* what) const {
     if (root()) {
-      spdlog::debug("stage: {} at +{:.1f} ms", what, std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      spdlog::debug("stage: {} at +{:.1f} ms", what,
+                    std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
     }
   }
   double seconds() const { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -117,8 +118,8 @@ std::string summary_line(const Source& s, const Result& r, config::Transfer how,
   char secs[32];
   std::snprintf(secs, sizeof secs, "%.2f s", r.seconds);
   if (r.skipped) {
-    return s.name + " (" + size + ") already staged on all " + std::to_string(r.nodes) +
-           " node(s), nothing copied, " + secs + " [xxh3-128 " + r.hash_hex + "]";
+    return s.name + " (" + size + ") already staged on all " + std::to_string(r.nodes) + " node(s), nothing copied, " +
+           secs + " [xxh3-128 " + r.hash_hex + "]";
   }
   const int copied = r.nodes_copied - linked;
   std::string line = "staged " + s.name + " (" + size + ") on " + std::to_string(r.nodes) + " node(s) in " + secs;
@@ -146,8 +147,8 @@ void check_source(Run& run) {
       return json::object();
     }
     if (o.chunk_bytes < k_min_chunk || o.chunk_bytes > k_max_chunk) {
-      throw Error(Exit::usage,
-                  "chunk size must be between 1 MiB and 1024 MiB, not " + human_bytes(static_cast<double>(o.chunk_bytes)));
+      throw Error(Exit::usage, "chunk size must be between 1 MiB and 1024 MiB, not " +
+                                   human_bytes(static_cast<double>(o.chunk_bytes)));
     }
     if (run.sbcast()) {
       check_sbcast_usable();
@@ -297,13 +298,13 @@ void make_plan(Run& run) {
     run.plan.push_back(act);
     run.link_from.push_back(from);
   }
-  run.res.nodes_copied = static_cast<int>(
-      std::count_if(run.plan.begin(), run.plan.end(), [](Action a) { return a != Action::skip; }));
+  run.res.nodes_copied =
+      static_cast<int>(std::count_if(run.plan.begin(), run.plan.end(), [](Action a) { return a != Action::skip; }));
 }
 
 void link_earlier(Run& run) {
-  run.link_hash = link_earlier_copy(run.nw, run.staged, run.link_from[static_cast<std::size_t>(run.w.node)],
-                                    run.o.chunk_bytes);
+  run.link_hash =
+      link_earlier_copy(run.nw, run.staged, run.link_from[static_cast<std::size_t>(run.w.node)], run.o.chunk_bytes);
 }
 
 bool all_skip(const Run& run) {
@@ -543,8 +544,9 @@ void remove_on_nodes(const World& w, const std::function<std::pair<std::string, 
 }  // namespace
 
 void cleanup(MPI_Comm comm, const Result& r) {
-  const auto node = static_cast<std::size_t>(r.node) < r.node_names.size() ? r.node_names[static_cast<std::size_t>(r.node)]
-                                                                             : std::string();
+  const auto node = static_cast<std::size_t>(r.node) < r.node_names.size()
+                        ? r.node_names[static_cast<std::size_t>(r.node)]
+                        : std::string();
   World w = make_world(comm, node);
   remove_on_nodes(w, [&] { return std::pair(r.leader ? r.private_dir : std::string(), r.local_path); });
   if (w.rank == 0 && !r.private_dir.empty()) {

@@ -55,14 +55,14 @@
 namespace lhpc::stage {
 
 struct Options {
-  std::string source;        // the .sif as rank 0 sees it (other ranks: only its base name is used)
-  std::string sif_dir;       // expanded singularity.sif_path on this rank (may differ per node via %n)
+  std::string source;   // the .sif as rank 0 sees it (other ranks: only its base name is used)
+  std::string sif_dir;  // expanded singularity.sif_path on this rank (may differ per node via %n)
   config::Transfer transfer = config::Transfer::mpi;
   std::size_t chunk_bytes = std::size_t{8} << 20;  // 1 MiB .. 1 GiB
-  bool compress = false;     // sbcast --compress
-  std::string jobid;         // names the private directory
-  std::string node_id;       // this rank's node (LITHOPS_HPC_NODE_ID or the short hostname)
-  bool progress = false;     // stderr is a terminal: redraw a progress line (rank 0)
+  bool compress = false;                           // sbcast --compress
+  std::string jobid;                               // names the private directory
+  std::string node_id;                             // this rank's node (LITHOPS_HPC_NODE_ID or the short hostname)
+  bool progress = false;                           // stderr is a terminal: redraw a progress line (rank 0)
   double stall_timeout = 0;  // seconds one step of the MPI transfer may wait (deploy.start_timeout); 0: forever
   // Called often while this rank waits or throttles (the transfer, sbcast,
   // the ranks that did not transfer): deploy keeps health reports and the
@@ -71,17 +71,17 @@ struct Options {
 };
 
 struct Result {
-  std::string local_path;    // this rank's node's copy (the source itself for `none`)
-  std::string hash_hex;      // XXH3-128, 32 hex digits; empty for `none`
-  std::uint64_t bytes = 0;   // image size
-  double seconds = 0;        // wall time of the whole stage, on rank 0's clock
-  bool skipped = false;      // every node already held a verified copy: nothing moved
-  int nodes = 0;             // distinct nodes among the ranks
+  std::string local_path;   // this rank's node's copy (the source itself for `none`)
+  std::string hash_hex;     // XXH3-128, 32 hex digits; empty for `none`
+  std::uint64_t bytes = 0;  // image size
+  double seconds = 0;       // wall time of the whole stage, on rank 0's clock
+  bool skipped = false;     // every node already held a verified copy: nothing moved
+  int nodes = 0;            // distinct nodes among the ranks
   // Added for the CLI and cleanup (deploy may ignore them):
-  int nodes_copied = 0;      // nodes that got a new copy in this run (broadcast, sbcast or hard link)
-  std::string private_dir;   // this node's private directory; empty for `none`
-  bool leader = false;       // this rank does its node's file work (and its cleanup)
-  int node = 0;              // this rank's node: an index into node_names
+  int nodes_copied = 0;                 // nodes that got a new copy in this run (broadcast, sbcast or hard link)
+  std::string private_dir;              // this node's private directory; empty for `none`
+  bool leader = false;                  // this rank does its node's file work (and its cleanup)
+  int node = 0;                         // this rank's node: an index into node_names
   std::vector<std::string> node_names;  // every node, in order of their first rank
   std::vector<std::string> node_paths;  // the staged path on each of them
 };

@@ -11,13 +11,13 @@ namespace lhpc {
 // Documented in man/lithops-hpc.1.scd (EXIT STATUS). Scripts test these.
 enum class Exit : int {
   ok = 0,
-  failure = 1,      // generic runtime failure; `status`: some rank degraded
-  usage = 2,        // bad command line
-  config = 3,       // configuration file or value invalid
-  image = 4,        // not a SIF file, truncated, corrupt, hash mismatch
-  broker = 5,       // broker unreachable or refused login
-  engine = 6,       // container engine missing or an instance failed
-  stage = 7,        // image transfer failed on some node
+  failure = 1,        // generic runtime failure; `status`: some rank degraded
+  usage = 2,          // bad command line
+  config = 3,         // configuration file or value invalid
+  image = 4,          // not a SIF file, truncated, corrupt, hash mismatch
+  broker = 5,         // broker unreachable or refused login
+  engine = 6,         // container engine missing or an instance failed
+  stage = 7,          // image transfer failed on some node
   no_deployment = 8,  // `status`, `stop`: no status file where one was looked for
   interrupted = 130,  // SIGINT
   terminated = 143,   // SIGTERM

@@ -8,11 +8,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
-#include <deque>
-#include <optional>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <vector>
@@ -70,9 +70,10 @@ void write_all_or_throw(int fd, const std::string& data, const std::string& show
 // sticky bit stops them from renaming or removing what is ours.
 void check_parent(const struct stat& st, const std::string& shown) {
   if (st.st_uid != 0 && st.st_uid != ::geteuid()) {
-    throw Error(Exit::failure,
-                shown + " belongs to " + owner_name(st.st_uid) + ", neither to you nor to root: they could swap what is inside",
-                "use a directory whose parents are yours or root's (e.g. under /tmp or your home)");
+    throw Error(
+        Exit::failure,
+        shown + " belongs to " + owner_name(st.st_uid) + ", neither to you nor to root: they could swap what is inside",
+        "use a directory whose parents are yours or root's (e.g. under /tmp or your home)");
   }
   if ((st.st_mode & 0022) != 0 && (st.st_mode & S_ISVTX) == 0) {
     throw Error(Exit::failure, shown + " is writable by other users and not sticky: they could swap what is inside",
@@ -104,7 +105,8 @@ UniqueFd open_below(int parent_fd, const std::string& name, const std::string& s
     struct stat st {};
     if ((err == ELOOP || err == ENOTDIR) && ::fstatat(parent_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
         S_ISLNK(st.st_mode)) {
-      throw Error(Exit::failure, shown + " is a symbolic link, not a directory: lithops-hpc keeps its files only in a real one",
+      throw Error(Exit::failure,
+                  shown + " is a symbolic link, not a directory: lithops-hpc keeps its files only in a real one",
                   "give the real path (realpath " + shown + ")");
     }
     throw Error(Exit::failure, "cannot open directory " + shown + ": " + errno_text(err));
@@ -133,13 +135,15 @@ std::optional<std::string> trusted_link_target(int parent_fd, const std::string&
   }
   if (st.st_uid != 0 && st.st_uid != ::geteuid()) {
     throw Error(Exit::failure,
-                shown + " is a symbolic link of " + owner_name(st.st_uid) + ", neither yours nor root's: they chose where it leads",
+                shown + " is a symbolic link of " + owner_name(st.st_uid) +
+                    ", neither yours nor root's: they chose where it leads",
                 "give the real path (realpath " + shown + ") if you trust it, or another directory");
   }
   std::string target(PATH_MAX, '\0');
   ssize_t n = ::readlinkat(parent_fd, name.c_str(), target.data(), target.size());
   if (n <= 0 || static_cast<std::size_t>(n) >= target.size()) {
-    throw Error(Exit::failure, "cannot read the symbolic link " + shown + ": " + errno_text(n < 0 ? errno : ENAMETOOLONG));
+    throw Error(Exit::failure,
+                "cannot read the symbolic link " + shown + ": " + errno_text(n < 0 ? errno : ENAMETOOLONG));
   }
   target.resize(static_cast<std::size_t>(n));
   return target;
@@ -237,7 +241,8 @@ UniqueFd open_trusted_dir(const std::string& path) {
     auto here = shown + "/" + c;
     if (auto target = trusted_link_target(fd.get(), c, here)) {
       if (++links > 40) {
-        throw Error(Exit::failure, path + " goes through more than 40 symbolic links", "give the real path (realpath " + path + ")");
+        throw Error(Exit::failure, path + " goes through more than 40 symbolic links",
+                    "give the real path (realpath " + path + ")");
       }
       auto parts = components(*target);
       todo.insert(todo.begin(), parts.begin(), parts.end());
@@ -269,11 +274,13 @@ UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::
   }
   if (st.st_uid != ::geteuid()) {
     throw Error(Exit::failure,
-                shown + " belongs to " + owner_name(st.st_uid) + ", not to you: someone else made it, so nothing in it is trusted",
+                shown + " belongs to " + owner_name(st.st_uid) +
+                    ", not to you: someone else made it, so nothing in it is trusted",
                 "have its owner (or root) remove it, or use another directory");
   }
   if ((st.st_mode & 0022) != 0) {
-    throw Error(Exit::failure, shown + " is writable by other users (mode " + fmt_mode(st.st_mode) + "), so nothing in it is trusted",
+    throw Error(Exit::failure,
+                shown + " is writable by other users (mode " + fmt_mode(st.st_mode) + "), so nothing in it is trusted",
                 "check what is in it, then remove it or chmod 700 " + shown);
   }
   if ((st.st_mode & 0077) != 0 && ::fchmod(fd.get(), 0700) != 0) {
@@ -321,12 +328,14 @@ std::optional<std::string> read_private_file(const std::string& path, std::size_
 }
 
 void check_path_component(const std::string& what, const std::string& value) {
-  bool ok = !value.empty() && value.size() <= 128 && value != "." && value != ".." &&
-            value.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") ==
-                std::string::npos;
+  bool ok =
+      !value.empty() && value.size() <= 128 && value != "." && value != ".." &&
+      value.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") == std::string::npos;
   if (!ok) {
     std::string shown = value.size() > 64 ? value.substr(0, 64) + "..." : value;
-    throw Error(Exit::usage, what + " '" + shown + "' cannot name a directory (letters, digits, '.', '_', '-' only, at most 128, not '.' or '..')",
+    throw Error(Exit::usage,
+                what + " '" + shown +
+                    "' cannot name a directory (letters, digits, '.', '_', '-' only, at most 128, not '.' or '..')",
                 "unset it or give a plain job id");
   }
 }

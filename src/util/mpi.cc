@@ -109,8 +109,8 @@ Outcome outcome_from(const std::string& text) {
   }
   o.data = j.value("data", nlohmann::json::object());
   if (j.contains("code")) {
-    o.error = Error(static_cast<Exit>(j.value("code", 1)), j.value("msg", std::string()),
-                    j.value("hint", std::string()));
+    o.error =
+        Error(static_cast<Exit>(j.value("code", 1)), j.value("msg", std::string()), j.value("hint", std::string()));
   }
   return o;
 }

@@ -48,8 +48,11 @@ std::vector<std::string> Env::to_vector() const {
 }
 
 Child::Child(Child&& o) noexcept
-    : m_pid(std::exchange(o.m_pid, -1)), m_group(o.m_group), m_status(std::exchange(o.m_status, std::nullopt)),
-      m_in(std::move(o.m_in)), m_out(std::move(o.m_out)) {}
+    : m_pid(std::exchange(o.m_pid, -1)),
+      m_group(o.m_group),
+      m_status(std::exchange(o.m_status, std::nullopt)),
+      m_in(std::move(o.m_in)),
+      m_out(std::move(o.m_out)) {}
 
 Child& Child::operator=(Child&& o) noexcept {
   if (this != &o) {

@@ -30,15 +30,15 @@ private:
 };
 
 struct SpawnOptions {
-  std::vector<std::string> argv;    // argv[0] is looked up in PATH when it has no '/'
-  std::optional<Env> env;           // nullopt: inherit ours
-  bool pipe_stdin = false;          // Child::in() writes to the child's stdin
-  bool pipe_stdout = false;         // Child::out() reads the child's stdout
-  int stdin_fd = -1;                // else redirect from this fd (-1: /dev/null)
-  int stdout_fd = -1;               // else redirect to this fd (-1: inherit)
-  int stderr_fd = -1;               // -1: inherit
-  bool new_process_group = false;   // so a signal to the group reaches grandchildren
-  std::string cwd;                  // empty: ours
+  std::vector<std::string> argv;   // argv[0] is looked up in PATH when it has no '/'
+  std::optional<Env> env;          // nullopt: inherit ours
+  bool pipe_stdin = false;         // Child::in() writes to the child's stdin
+  bool pipe_stdout = false;        // Child::out() reads the child's stdout
+  int stdin_fd = -1;               // else redirect from this fd (-1: /dev/null)
+  int stdout_fd = -1;              // else redirect to this fd (-1: inherit)
+  int stderr_fd = -1;              // -1: inherit
+  bool new_process_group = false;  // so a signal to the group reaches grandchildren
+  std::string cwd;                 // empty: ours
 };
 
 class Child {
@@ -80,7 +80,7 @@ private:
 Child spawn(const SpawnOptions& opts);
 
 struct RunResult {
-  int status = 0;  // raw wait status
+  int status = 0;   // raw wait status
   std::string out;  // captured stdout
   bool ok() const;
   int exit_code() const;  // exit code, or 128+signal

@@ -16,9 +16,9 @@ public:
   SignalPipe(const SignalPipe&) = delete;
   SignalPipe& operator=(const SignalPipe&) = delete;
 
-  int fd() const noexcept;         // poll for POLLIN
-  std::vector<int> drain();        // signals received since the last call
-  static int last_terminating();   // last SIGINT/SIGTERM seen (0: none); async-safe read
+  int fd() const noexcept;        // poll for POLLIN
+  std::vector<int> drain();       // signals received since the last call
+  static int last_terminating();  // last SIGINT/SIGTERM seen (0: none); async-safe read
 
 private:
   std::vector<int> m_signals;

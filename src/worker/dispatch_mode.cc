@@ -317,7 +317,7 @@ void DispatchMode::take_connection() {
 }
 
 void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_error, cleared here
-  m_conn.reset();  // broken: no polite close; the broker requeues what we held
+  m_conn.reset();                           // broken: no polite close; the broker requeues what we held
   m_slot_tag.clear();
   m_slot_wanted = false;
   m_broker_error.clear();

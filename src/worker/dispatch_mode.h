@@ -86,10 +86,10 @@ private:
   std::string m_handler_path;
   amqp::Reconnector m_reconnect;
   std::unique_ptr<amqp::Connection> m_conn;
-  std::string m_slot_tag;  // the slot consumer's tag; empty while it is cancelled
+  std::string m_slot_tag;    // the slot consumer's tag; empty while it is cancelled
   int m_slot_consumers = 0;  // started on this connection: each gets a new tag
   bool m_connecting_slot_consumer = false;
-  bool m_slot_wanted = false;     // the dispatcher asked for it; started at m_slot_due
+  bool m_slot_wanted = false;  // the dispatcher asked for it; started at m_slot_due
   Clock::time_point m_slot_due{};
   Clock::time_point m_last_task_delivery{};
   std::string m_broker_error;  // set by a port call that failed; handled after the batch
@@ -97,7 +97,7 @@ private:
   Clock::time_point m_last_pump{};
   bool m_connected_once = false;
   std::unique_ptr<dispatch::InflightRecord> m_inflight;  // before the dispatcher that points to it
-  std::string m_rank_queue;                             // ping reaches this rank through it
+  std::string m_rank_queue;                              // ping reaches this rank through it
   std::unique_ptr<dispatch::Dispatcher> m_dispatcher;
   std::unique_ptr<dispatch::HandlerPool> m_pool;
   std::unique_ptr<LatencyLog> m_latency;  // test builds only

@@ -41,8 +41,8 @@ void InstanceSupervisor::look(Clock::time_point now) {
   ++m_restarts;
   if (m_restarts > m_restart_limit) {
     throw Error(Exit::engine,
-                "instance " + m_spec.name + " died " + std::to_string(m_restarts) + " times (deploy.restart_limit = " +
-                    std::to_string(m_restart_limit) + ")",
+                "instance " + m_spec.name + " died " + std::to_string(m_restarts) +
+                    " times (deploy.restart_limit = " + std::to_string(m_restart_limit) + ")",
                 "look for the engine's own log of the instance (out of memory, a killed process) and raise "
                 "deploy.restart_limit only if the cause is transient");
   }

@@ -46,9 +46,10 @@ void RunscriptMode::step(milliseconds max_wait) {
   }
   rs.poll(now);
   if (rs.failed()) {
-    throw Error(Exit::engine, "the runscript keeps failing: " + rs.last_error(),
-                std::string(w.m_log ? "its output is in " + w.m_log->path() + " (lithops-hpc logs)" : "its output is above") +
-                    "; deploy.restart_limit sets how many failures in a row are allowed");
+    throw Error(
+        Exit::engine, "the runscript keeps failing: " + rs.last_error(),
+        std::string(w.m_log ? "its output is in " + w.m_log->path() + " (lithops-hpc logs)" : "its output is above") +
+            "; deploy.restart_limit sets how many failures in a row are allowed");
   }
   w.m_supervisor->supervise(now);
 }

@@ -37,8 +37,8 @@ int node_cores() {
 
 std::string sanitize_name(std::string s) {
   for (auto& c : s) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
-              c == '-';
+    bool ok =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
     if (!ok) {
       c = '_';
     }
@@ -55,8 +55,9 @@ Worker::Worker(const config::Config& cfg, WorkerIdentity id, std::unique_ptr<con
   if (m_id.jobid.empty()) {
     m_id.jobid = ph.jobid;
   }
-  m_slots = m_id.slots > 0 ? m_id.slots
-                           : (m_cfg.singularity.worker_processes > 0 ? m_cfg.singularity.worker_processes : node_cores());
+  m_slots = m_id.slots > 0
+                ? m_id.slots
+                : (m_cfg.singularity.worker_processes > 0 ? m_cfg.singularity.worker_processes : node_cores());
   if (!m_engine) {
     m_engine = container::make_engine(m_cfg.singularity.engine);
   }
@@ -106,7 +107,8 @@ void Worker::start(const std::string& image) {
   m_supervisor->start(instance_spec(image, handler_host));
   open_handler_log();
   if (dispatch_mode) {
-    m_dispatch = std::make_unique<DispatchMode>(*this, host ? handler_host : std::string(DispatchMode::k_handler_in_image));
+    m_dispatch =
+        std::make_unique<DispatchMode>(*this, host ? handler_host : std::string(DispatchMode::k_handler_in_image));
     m_dispatch->start();
   } else {
     m_runscript = std::make_unique<RunscriptMode>(*this);
@@ -154,7 +156,8 @@ void Worker::on_signals() {
       continue;
     }
     if (m_state == State::draining) {
-      spdlog::warn("second {}: stopping now; unfinished tasks go back to the queue", sig == SIGINT ? "SIGINT" : "SIGTERM");
+      spdlog::warn("second {}: stopping now; unfinished tasks go back to the queue",
+                   sig == SIGINT ? "SIGINT" : "SIGTERM");
       m_drain_deadline = Clock::now();
     } else {
       spdlog::info("{} received", sig == SIGINT ? "SIGINT" : "SIGTERM");

@@ -64,7 +64,7 @@ struct WorkerStats {
   std::uint64_t dead_lettered = 0;   // moved to <queue>.dead
   bool broker_connected = false;     // runscript mode: the runscript is up
   bool instance_alive = false;
-  int restarts = 0;                  // handler, runscript and instance restarts
+  int restarts = 0;  // handler, runscript and instance restarts
   std::string last_error;
 };
 

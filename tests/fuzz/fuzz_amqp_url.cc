@@ -22,7 +22,8 @@ namespace {
 std::string password_of(const std::string& url) {
   const auto scheme = url.find("://");
   const auto at = url.find('@');
-  if (scheme == std::string::npos || at == std::string::npos || at < scheme || url.find('@', at + 1) != std::string::npos) {
+  if (scheme == std::string::npos || at == std::string::npos || at < scheme ||
+      url.find('@', at + 1) != std::string::npos) {
     return {};
   }
   const auto colon = url.find(':', scheme + 3);

@@ -17,8 +17,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const char* action = (pick & 0x30) == 0x10 ? "get_metadata" : ((pick & 0x30) == 0x20 ? "ping" : "send_task");
   const std::size_t free_slots = 1 + (pick & 0x07);
   const std::string_view payload(reinterpret_cast<const char*>(data + 1), size - 1);
-  const std::string body = std::string("{\"action\":\"") + action + "\",\"payload\":\"" +
-                           lhpc::dispatch::base64_encode(payload) + "\"}";
+  const std::string body =
+      std::string("{\"action\":\"") + action + "\",\"payload\":\"" + lhpc::dispatch::base64_encode(payload) + "\"}";
   lhpc::fuzz::decode_and_dispatch(body, free_slots);
   return 0;
 }

@@ -83,9 +83,7 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
-double mono() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double mono() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 }  // namespace
 
@@ -97,8 +95,8 @@ int main(int argc, char** argv) {
     std::string node = args.fake_nodes ? fmt::format("n{}", mpi.rank() + 1) : config::current_placeholders().node;
     set_log_prefix(fmt::format("rank {} {}", mpi.rank(), node));
 
-    health::Session h(mpi.world(), {.job = args.job, .interval = args.interval, .status_file = args.status_file,
-                                     .node = node});
+    health::Session h(mpi.world(),
+                      {.job = args.job, .interval = args.interval, .status_file = args.status_file, .node = node});
     SignalPipe signals({SIGINT, SIGTERM});
 
     const double t0 = mono();

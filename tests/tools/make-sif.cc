@@ -22,9 +22,12 @@ std::uint64_t parse_size(const std::string& s) {
     return v;
   }
   switch (unit[0]) {
-    case 'K': case 'k': return v << 10;
-    case 'M': case 'm': return v << 20;
-    case 'G': case 'g': return v << 30;
+    case 'K':
+    case 'k': return v << 10;
+    case 'M':
+    case 'm': return v << 20;
+    case 'G':
+    case 'g': return v << 30;
     default: throw std::invalid_argument("unknown size suffix '" + unit + "'");
   }
 }

@@ -23,15 +23,11 @@ constexpr std::size_t k_descriptor = 585;
 constexpr std::uint32_t k_group_flag = 0xf0000000U;
 constexpr std::uint64_t k_truncated_header_size = 100;
 
-std::uint64_t table_size(const FixtureSpec& spec) {
-  return std::uint64_t{spec.descriptor_capacity} * k_descriptor;
-}
+std::uint64_t table_size(const FixtureSpec& spec) { return std::uint64_t{spec.descriptor_capacity} * k_descriptor; }
 
 std::uint64_t data_offset(const FixtureSpec& spec) { return spec.descriptors_offset + table_size(spec); }
 
-std::uint64_t total_of(const FixtureSpec& spec) {
-  return spec.total_size != 0 ? spec.total_size : min_sif_size(spec);
-}
+std::uint64_t total_of(const FixtureSpec& spec) { return spec.total_size != 0 ? spec.total_size : min_sif_size(spec); }
 
 void put_bytes(std::string& image, std::size_t off, const std::string& s, std::size_t max) {
   std::memcpy(image.data() + off, s.data(), std::min(s.size(), max));
@@ -97,29 +93,16 @@ std::string make_prefix(const FixtureSpec& spec) {
 
   switch (spec.corruption) {
     case SifCorruption::none:
-    case SifCorruption::truncated_header:
-      break;
-    case SifCorruption::wrong_magic:
-      put_bytes(image, 32, "SIF_MAGIX", 9);
-      break;
-    case SifCorruption::bad_version:
-      put_bytes(image, 42, "02", 2);
-      break;
-    case SifCorruption::payload_truncated:
-      put_le(image, d1 + 25, total - part + 1, 8);
-      break;
-    case SifCorruption::offset_beyond_eof:
-      put_le(image, d1 + 17, total + 4096, 8);
-      break;
+    case SifCorruption::truncated_header: break;
+    case SifCorruption::wrong_magic: put_bytes(image, 32, "SIF_MAGIX", 9); break;
+    case SifCorruption::bad_version: put_bytes(image, 42, "02", 2); break;
+    case SifCorruption::payload_truncated: put_le(image, d1 + 25, total - part + 1, 8); break;
+    case SifCorruption::offset_beyond_eof: put_le(image, d1 + 17, total + 4096, 8); break;
     case SifCorruption::size_overflow:
       put_le(image, d1 + 25, static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()), 8);
       break;
-    case SifCorruption::table_beyond_eof:
-      put_le(image, 96, total + 1, 8);
-      break;
-    case SifCorruption::table_too_small:
-      put_le(image, 104, table_size(spec) - k_descriptor, 8);
-      break;
+    case SifCorruption::table_beyond_eof: put_le(image, 96, total + 1, 8); break;
+    case SifCorruption::table_too_small: put_le(image, 104, table_size(spec) - k_descriptor, 8); break;
     case SifCorruption::zero_descriptors:
       put_le(image, 80, 0, 8);
       put_le(image, 88, 0, 8);
@@ -135,9 +118,7 @@ std::string make_prefix(const FixtureSpec& spec) {
 
 }  // namespace
 
-std::size_t min_sif_size(const FixtureSpec& spec) {
-  return static_cast<std::size_t>(partition_offset(spec));
-}
+std::size_t min_sif_size(const FixtureSpec& spec) { return static_cast<std::size_t>(partition_offset(spec)); }
 
 std::uint64_t partition_offset(const FixtureSpec& spec) { return data_offset(spec) + spec.deffile.size(); }
 

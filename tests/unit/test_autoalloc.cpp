@@ -54,8 +54,8 @@ JobSnapshot job(const std::string& id, Phase p, int nodes = 1) {
 }
 
 int submits(const Decision& d) {
-  return static_cast<int>(std::count_if(d.actions.begin(), d.actions.end(),
-                                        [](const Action& a) { return a.kind == ActionKind::submit; }));
+  return static_cast<int>(
+      std::count_if(d.actions.begin(), d.actions.end(), [](const Action& a) { return a.kind == ActionKind::submit; }));
 }
 
 }  // namespace
@@ -243,7 +243,7 @@ TEST_CASE("a halt for start failures lifts after the cool-off for one probe job;
   CHECK_FALSE(f.halted);
   auto s = queue(5);
   s.halted = f.halted;
-  CHECK(submits(decide(s, l)) == 1);  // the probe
+  CHECK(submits(decide(s, l)) == 1);            // the probe
   CHECK(on_start_failure(f, "d.out", 800, l));  // it failed too: halted again at once
   CHECK(f.halted_at == 800);
   CHECK_FALSE(cool_off(f, 800 + 599, l));
@@ -306,12 +306,12 @@ TEST_CASE("Slurm time formats") {
 }
 
 TEST_CASE("sbatch runs with an explicit argv: limits, passthrough, template, image, cleanup; no URL") {
-  SubmitRequest r{"/s/lithops-deploy.sh", "/img/rt.sif", 2, "0:30:00", "lithops-aa-1", "/st/out/w-%j.out",
+  SubmitRequest r{"/s/lithops-deploy.sh",       "/img/rt.sif", 2, "0:30:00", "lithops-aa-1", "/st/out/w-%j.out",
                   {"--partition=p", "--qos=q"}, "/cfg.toml"};
-  std::vector<std::string> want = {"sbatch",          "--parsable",          "--job-name=lithops-aa-1",
-                                   "--nodes=2",       "--time=0:30:00",      "--output=/st/out/w-%j.out",
-                                   "--partition=p",   "--qos=q",             "/s/lithops-deploy.sh",
-                                   "/img/rt.sif",     "--cleanup"};
+  std::vector<std::string> want = {"sbatch",        "--parsable",     "--job-name=lithops-aa-1",
+                                   "--nodes=2",     "--time=0:30:00", "--output=/st/out/w-%j.out",
+                                   "--partition=p", "--qos=q",        "/s/lithops-deploy.sh",
+                                   "/img/rt.sif",   "--cleanup"};
   CHECK(sbatch_argv(r) == want);
   for (const auto& a : sbatch_argv(r)) {
     CHECK(a.find("amqp") == std::string::npos);

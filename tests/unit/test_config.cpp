@@ -10,15 +10,15 @@
 #include <filesystem>
 #include <fstream>
 
-#include "test_support.h"
-#include "sif_fixtures.h"
 #include "config/client_lint.h"
 #include "config/config.h"
 #include "config/text_guard.h"
+#include "sif_fixtures.h"
+#include "test_support.h"
 #include "util/error.h"
 
-using lhpc::test::TempDir;
 using lhpc::test::EnvGuard;
+using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::config;
 
@@ -259,8 +259,8 @@ TEST_CASE("a password holding a raw '/', '@' or ':' is never shown") {
   CHECK(redact_url("amqp://alice:Zq/9@x:K@broker/v") == "amqp://alice:***@broker/v");
   CHECK(redact_url("amqps://alice:a?b#c@broker/") == "amqps://alice:***@broker/");
   // The last one has no host: without an '@', "Zq9xK" reads as a bad port.
-  for (const auto* url : {"amqp://alice:Zq/9xK@broker:5672/v", "amqp://alice:Zq9xK@broker:99999/",
-                          "amqp://alice:Zq9xK/v"}) {
+  for (const auto* url :
+       {"amqp://alice:Zq/9xK@broker:5672/v", "amqp://alice:Zq9xK@broker:99999/", "amqp://alice:Zq9xK/v"}) {
     try {
       parse_amqp_url(url);
       FAIL("expected an error for a URL");
@@ -284,7 +284,8 @@ TEST_CASE("verify_peer = false and a password in clear to another host are warni
   TempDir d{"config"};
   NoLithopsConfig no_lithops{d};
   EnvGuard amqp("AMQP_URL", nullptr);
-  auto off = load(d.write("off.toml", "[rabbitmq]\namqp_url = \"amqps://u:pw@broker.example/\"\nverify_peer = false\n"));
+  auto off =
+      load(d.write("off.toml", "[rabbitmq]\namqp_url = \"amqps://u:pw@broker.example/\"\nverify_peer = false\n"));
   REQUIRE(off.warnings.size() == 1);
   CHECK(off.warnings[0].find("verify_peer = false (" + d.file("off.toml") + ":3)") != std::string::npos);
   CHECK(off.warnings[0].find("certificate") != std::string::npos);
@@ -342,8 +343,8 @@ TEST_CASE("inputs toml++ 3.3.0 mishandles are refused before it sees them") {
   CHECK(error_of("[deploy]\nchunk_mib = 8 \xcc\xaa\n").find("site.toml:2:15") != std::string::npos);
   CHECK(error_of("[deploy]\xcc\xaa\n").find("site.toml:1:9") != std::string::npos);
   // A quote after a bare value character opens no string: what follows is outside one (fuzz).
-  CHECK(error_of("[rabbitmq]\namqp_url = 0\"a\xc3\x8c\"\n").find("site.toml:2:15: non-ASCII character outside a string") !=
-        std::string::npos);
+  CHECK(error_of("[rabbitmq]\namqp_url = 0\"a\xc3\x8c\"\n")
+            .find("site.toml:2:15: non-ASCII character outside a string") != std::string::npos);
   CHECK_NOTHROW(lhpc::config::check_toml_text("[singularity]\npython = \"/opt/\xc3\x8c/python3\"\n", "site.toml"));
   // toml++ asserts (when built with assertions) on '[' then a line end.
   CHECK(error_of("[\n").find("site.toml:1:2: a table header needs a name") != std::string::npos);
@@ -357,9 +358,10 @@ TEST_CASE("inputs toml++ 3.3.0 mishandles are refused before it sees them") {
 }
 
 TEST_CASE("non-ASCII in strings and comments, and multi-line arrays, still parse") {
-  auto c = parse("# caf\xc3\xa9\n[singularity]\nsif_path = \"/tmp/caf\xc3\xa9\" # \xcc\xaa\n"
-                 "python = '''py\xc2\xa7'''\nbinds = [\n  \"/a\",\n  \"/b\",\n]\n",
-                 "ok.toml");
+  auto c = parse(
+      "# caf\xc3\xa9\n[singularity]\nsif_path = \"/tmp/caf\xc3\xa9\" # \xcc\xaa\n"
+      "python = '''py\xc2\xa7'''\nbinds = [\n  \"/a\",\n  \"/b\",\n]\n",
+      "ok.toml");
   CHECK(c.singularity.sif_path == "/tmp/caf\xc3\xa9");
   CHECK(c.singularity.python == "py\xc2\xa7");
   CHECK(c.singularity.binds.size() == 2);
@@ -572,7 +574,8 @@ TEST_CASE("client checks: Python versions and broker URLs that differ") {
   CHECK(py[0].find("the client's Python is 3.12 but the image /x/my-rt.sif has Python 3.11") != std::string::npos);
   auto unknown = lint_client(c, {.image = "/x/my-rt.sif", .client_python = "3.12", .image_python_why = "no label"});
   CHECK(std::any_of(unknown.begin(), unknown.end(), [](const Finding& f) {
-    return f.level == Finding::Level::note && f.text.find("cannot tell the image's Python version: no label") != std::string::npos;
+    return f.level == Finding::Level::note &&
+           f.text.find("cannot tell the image's Python version: no label") != std::string::npos;
   }));
 
   c = parse("[rabbitmq]\namqp_url = \"amqps://alice:Other1@other.example/v\"\n", "hpc.toml", c);

@@ -15,16 +15,16 @@
 #include <sstream>
 #include <thread>
 
-#include "test_support.h"
 #include "container/engine.h"
 #include "container/runscript.h"
 #include "lhpc_build_config.h"
+#include "test_support.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/process.h"
 
-using lhpc::test::TempDir;
 using lhpc::test::EnvGuard;
+using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::container;
 using namespace std::chrono_literals;
@@ -33,7 +33,6 @@ using Argv = std::vector<std::string>;
 namespace {
 
 const std::string k_secret = "amqp://lithops:s3cr3t-pw@broker.example:5672/hpc";
-
 
 // Sets (or unsets) one variable of this process for a scope.
 
@@ -127,8 +126,10 @@ TEST_CASE("build: flags before OUT.sif and DEF, for each flag combination") {
     auto e = make_engine(kind);
     CAPTURE(e->name());
     CHECK(e->build_argv("/s/rt.sif", "/d/rt.def", false, false) == Argv{e->name(), "build", "/s/rt.sif", "/d/rt.def"});
-    CHECK(tail(e->build_argv("/s/rt.sif", "/d/rt.def", true, false)) == Argv{"build", "--fakeroot", "/s/rt.sif", "/d/rt.def"});
-    CHECK(tail(e->build_argv("/s/rt.sif", "/d/rt.def", false, true)) == Argv{"build", "--force", "/s/rt.sif", "/d/rt.def"});
+    CHECK(tail(e->build_argv("/s/rt.sif", "/d/rt.def", true, false)) ==
+          Argv{"build", "--fakeroot", "/s/rt.sif", "/d/rt.def"});
+    CHECK(tail(e->build_argv("/s/rt.sif", "/d/rt.def", false, true)) ==
+          Argv{"build", "--force", "/s/rt.sif", "/d/rt.def"});
     CHECK(tail(e->build_argv("/s/rt.sif", "/d/rt.def", true, true)) ==
           Argv{"build", "--fakeroot", "--force", "/s/rt.sif", "/d/rt.def"});
   }
@@ -141,21 +142,22 @@ TEST_CASE("instance start: --fakeroot, --nv and one --bind per bind, all before 
   CHECK(s->instance_start_argv(spec) == Argv{"singularity", "instance", "start", "/img/rt.sif", "lithops-worker-42-0"});
   CHECK(a->instance_start_argv(spec) == Argv{"apptainer", "instance", "start", "/img/rt.sif", "lithops-worker-42-0"});
   spec.fakeroot = true;
-  CHECK(tail(s->instance_start_argv(spec)) == Argv{"instance", "start", "--fakeroot", "/img/rt.sif", "lithops-worker-42-0"});
+  CHECK(tail(s->instance_start_argv(spec)) ==
+        Argv{"instance", "start", "--fakeroot", "/img/rt.sif", "lithops-worker-42-0"});
   spec.fakeroot = false;
   spec.nv = true;
   CHECK(tail(s->instance_start_argv(spec)) == Argv{"instance", "start", "--nv", "/img/rt.sif", "lithops-worker-42-0"});
   spec.fakeroot = true;
   spec.binds = {"/scratch", "/data:/mnt/data:ro"};
-  Argv all{"instance", "start", "--fakeroot", "--nv", "--bind", "/scratch", "--bind", "/data:/mnt/data:ro",
-           "/img/rt.sif", "lithops-worker-42-0"};
+  Argv all{"instance", "start",  "--fakeroot",         "--nv",        "--bind",
+           "/scratch", "--bind", "/data:/mnt/data:ro", "/img/rt.sif", "lithops-worker-42-0"};
   CHECK(tail(s->instance_start_argv(spec)) == all);
   CHECK(tail(a->instance_start_argv(spec)) == all);
 }
 
 TEST_CASE("instance stop, stop --timeout, stop --force, list --json, exec and run") {
-  for (auto [kind, version] : {std::pair{config::Engine::singularity, "4.5.1"},
-                               std::pair{config::Engine::apptainer, "1.5.3"}}) {
+  for (auto [kind, version] :
+       {std::pair{config::Engine::singularity, "4.5.1"}, std::pair{config::Engine::apptainer, "1.5.3"}}) {
     auto e = make_engine(kind);
     e->set_version(version);
     auto n = e->name();
@@ -220,13 +222,14 @@ TEST_CASE("engine commands that run nothing of ours do not carry the broker URL"
 TEST_CASE("a bind path holding ',' or ':' is refused: the engines would split it") {
   auto err = error_of([] { check_bind_path("/opt/lithops,hpc/share/handler.py", "the handler bind"); });
   CHECK(err.code() == Exit::config);
-  CHECK(std::string(err.what()).find("the handler bind: the path '/opt/lithops,hpc/share/handler.py' holds ','") ==
-        0);
+  CHECK(std::string(err.what()).find("the handler bind: the path '/opt/lithops,hpc/share/handler.py' holds ','") == 0);
   CHECK(err.hint().find("ln -s") != std::string::npos);
   CHECK(error_of([] { check_bind_path("/a:b", "x"); }).code() == Exit::config);
   check_bind_path("/opt/lithops-hpc/handler.py", "x");
   auto e = make_engine(config::Engine::apptainer);
-  auto start = [&](std::string bind) { return e->instance_start_argv({.image = "/i.sif", .name = "w", .binds = {bind}}); };
+  auto start = [&](std::string bind) {
+    return e->instance_start_argv({.image = "/i.sif", .name = "w", .binds = {bind}});
+  };
   CHECK(error_of([&] { start("/a,b:/opt/h.py:ro"); }).code() == Exit::config);
   CHECK(error_of([&] { start("/a:b:/opt/h.py:ro"); }).code() == Exit::config);
   CHECK(start("/src:/dst:ro")[4] == "/src:/dst:ro");
@@ -251,9 +254,8 @@ TEST_CASE("secrets reach a container through SINGULARITYENV_/APPTAINERENV_, neve
   base.set("PATH", "/usr/bin:/bin");
   base.set("AMQP_URL", "amqp://plain-copy-from-the-user@h/");
   base.set("SINGULARITYENV_AMQP_URL", "stale");
-  for (auto [kind, prefix, other] :
-       {std::tuple{config::Engine::singularity, "SINGULARITYENV_", "APPTAINERENV_"},
-        std::tuple{config::Engine::apptainer, "APPTAINERENV_", "SINGULARITYENV_"}}) {
+  for (auto [kind, prefix, other] : {std::tuple{config::Engine::singularity, "SINGULARITYENV_", "APPTAINERENV_"},
+                                     std::tuple{config::Engine::apptainer, "APPTAINERENV_", "SINGULARITYENV_"}}) {
     auto e = make_engine(kind);
     e->set_version(kind == config::Engine::apptainer ? "1.5.3" : "4.5.1");
     CAPTURE(e->name());
@@ -517,7 +519,8 @@ TEST_CASE("stand-in: the runscript sees AMQP_URL unchanged, argv and the engine'
     auto names = j["env"].get<std::vector<std::string>>();
     if (j["argv"][0] == "instance") {
       // instance start/list/stop run nothing that needs the broker.
-      CHECK(std::none_of(names.begin(), names.end(), [](const auto& n) { return n.find("AMQP_URL") != std::string::npos; }));
+      CHECK(std::none_of(names.begin(), names.end(),
+                         [](const auto& n) { return n.find("AMQP_URL") != std::string::npos; }));
     }
     if (j["argv"][0] == "run") {
       auto want = (j["prog"] == "apptainer" ? "APPTAINERENV_" : prefix) + "AMQP_URL";
@@ -549,7 +552,8 @@ TEST_CASE("stand-in: SingularityCE in OCI mode gets --no-oci on start and exec, 
   e->start_instance({.image = si.image(), .name = "w-oci"});
   CHECK(e->instance_alive("w-oci"));
   CHECK(e->features().no_oci);
-  CHECK(e->exec_argv("w-oci", {"true"}) == Argv{"singularity", "exec", "--no-oci", "--no-eval", "instance://w-oci", "true"});
+  CHECK(e->exec_argv("w-oci", {"true"}) ==
+        Argv{"singularity", "exec", "--no-oci", "--no-eval", "instance://w-oci", "true"});
   auto r = run_capture({.argv = e->exec_argv("w-oci", {"true"})});
   CHECK(r.ok());
   e->stop_instance("w-oci", 4s);

@@ -36,7 +36,7 @@ Json job(int calls, const std::string& key = "J1") {
     ids.push_back(buf);
     ranges.push_back(Json::array({i * 10, i * 10 + 9}));
   }
-  return {{"job_key", key},     {"call_ids", ids},      {"data_byte_ranges", ranges},
+  return {{"job_key", key},       {"call_ids", ids},           {"data_byte_ranges", ranges},
           {"total_calls", calls}, {"worker_processes", calls}, {"config", {{"lithops", {{"backend", "singularity"}}}}}};
 }
 
@@ -62,11 +62,11 @@ TEST_CASE("base64 matches Python's b64encode and refuses what b64decode refuses"
     CHECK(base64_decode(base64_encode(s)) == s);
   }
   CHECK(base64_decode("Zm9v\nYmFy") == std::string("foobar"));  // whitespace is skipped
-  CHECK_FALSE(base64_decode("Zm9"));                             // missing padding
-  CHECK_FALSE(base64_decode("Zm9v!!=="));                        // not in the alphabet
-  CHECK_FALSE(base64_decode("Zg==Zg=="));                        // padding in the middle
+  CHECK_FALSE(base64_decode("Zm9"));                            // missing padding
+  CHECK_FALSE(base64_decode("Zm9v!!=="));                       // not in the alphabet
+  CHECK_FALSE(base64_decode("Zg==Zg=="));                       // padding in the middle
   CHECK_FALSE(base64_decode("Z==="));
-  CHECK_FALSE(base64_decode("-_8="));                            // urlsafe alphabet is not Lithops'
+  CHECK_FALSE(base64_decode("-_8="));  // urlsafe alphabet is not Lithops'
 }
 
 TEST_CASE("a Lithops send_task message decodes to its payload and call count") {
@@ -736,9 +736,8 @@ struct PoolEvents : HandlerPool::Listener {
 };
 
 // Answers every line with {"id": <its line number>, "ok": true}, like handler.py's shape.
-const char* k_echo_handler =
-    R"(echo '{"event":"ready","pid":'$$',"python":"sh","lithops":"none"}'; n=0; )"
-    R"(while read -r line; do n=$((n+1)); echo '{"id":'$n',"ok":true}'; done)";
+const char* k_echo_handler = R"(echo '{"event":"ready","pid":'$$',"python":"sh","lithops":"none"}'; n=0; )"
+                             R"(while read -r line; do n=$((n+1)); echo '{"id":'$n',"ok":true}'; done)";
 
 template <class Pred>
 bool pump_until(HandlerPool& pool, Pred pred, std::chrono::milliseconds limit = std::chrono::milliseconds(10000)) {
@@ -767,7 +766,12 @@ TEST_CASE("the pool starts handlers, feeds them lines and restarts one that dies
   PoolEvents ev;
   PoolOptions po;
   po.backoff_first = std::chrono::milliseconds(1);
-  HandlerPool pool(2, [](int) { return HandlerCommand{{"sh", "-c", k_echo_handler}, Env::current()}; }, po, ev);
+  HandlerPool pool(
+      2,
+      [](int) {
+        return HandlerCommand{{"sh", "-c", k_echo_handler}, Env::current()};
+      },
+      po, ev);
   pool.start();
   REQUIRE(pump_until(pool, [&] { return ev.ready.size() == 2; }));
   pool.send(1, "{\"id\":1}\n");
@@ -789,8 +793,12 @@ TEST_CASE("a handler that never gets ready makes the pool fail after restart_lim
   po.backoff_first = std::chrono::milliseconds(1);
   po.backoff_max = std::chrono::milliseconds(2);
   po.restart_limit = 2;
-  HandlerPool pool(1, [](int) { return HandlerCommand{{"sh", "-c", "echo not ready >&2; exit 3"}, Env::current()}; },
-                   po, ev);
+  HandlerPool pool(
+      1,
+      [](int) {
+        return HandlerCommand{{"sh", "-c", "echo not ready >&2; exit 3"}, Env::current()};
+      },
+      po, ev);
   pool.start();
   REQUIRE(pump_until(pool, [&] { return pool.failed(); }));
   CHECK(ev.ready.empty());
@@ -813,10 +821,15 @@ TEST_CASE("a handler that dies right after its ready line is restarted ever more
       PoolEvents::handler_ready(h, j);
     }
   } stamp(readies);
-  HandlerPool timed(1, [&](int) { return HandlerCommand{{"sh", "-c", dies_when_ready}, Env::current()}; }, po,
-                    stamp);
+  HandlerPool timed(
+      1,
+      [&](int) {
+        return HandlerCommand{{"sh", "-c", dies_when_ready}, Env::current()};
+      },
+      po, stamp);
   timed.start();
-  REQUIRE(pump_until(timed, [&] { return timed.failed(); }, std::chrono::milliseconds(20000)));
+  REQUIRE(pump_until(
+      timed, [&] { return timed.failed(); }, std::chrono::milliseconds(20000)));
   // The first run and restart_limit restarts, never more.
   CHECK(stamp.ready.size() == 4);
   CHECK(timed.restarts() == 3);

@@ -11,26 +11,24 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "test_support.h"
 #include "config/config.h"
 #include "health/memory.h"
 #include "health/report.h"
 #include "health/status_file.h"
 #include "health/table.h"
 #include "health/view.h"
+#include "test_support.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/process.h"
 
-using lhpc::test::TempDir;
 using lhpc::test::EnvGuard;
+using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::health;
 using nlohmann::json;
 
 namespace {
-
-
 
 // A state dir of our own, and no job id from the environment.
 struct StateDir {
@@ -329,8 +327,7 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   CHECK(doc["rank0"] == json{{"host", "n1"}, {"pid", 4242}});
   CHECK(doc["state"] == "draining");
   CHECK(keys_of(doc["summary"]) == std::set<std::string>{"ranks", "ready", "degraded", "unresponsive", "slots_busy",
-                                                         "slots_total", "done", "failed", "requeued",
-                                                         "dead_lettered"});
+                                                         "slots_total", "done", "failed", "requeued", "dead_lettered"});
   CHECK(doc["summary"]["ranks"] == 2);
   CHECK(doc["summary"]["ready"] == 1);
   CHECK(doc["summary"]["degraded"] == 1);
@@ -341,10 +338,10 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   CHECK(doc["summary"]["dead_lettered"] == 6);
   REQUIRE(doc["ranks"].size() == 2);
   const auto& r = doc["ranks"][1];
-  CHECK(keys_of(r) == std::set<std::string>{"rank", "node", "pid", "state", "reported_state", "slots_busy",
-                                            "slots_total", "done", "failed", "requeued", "dead_lettered", "broker",
-                                            "instance", "restarts", "rss_kb", "rss_tree_kb", "uptime", "seq",
-                                            "last_seen", "last_error"});
+  CHECK(keys_of(r) == std::set<std::string>{"rank",          "node",        "pid",      "state",     "reported_state",
+                                            "slots_busy",    "slots_total", "done",     "failed",    "requeued",
+                                            "dead_lettered", "broker",      "instance", "restarts",  "rss_kb",
+                                            "rss_tree_kb",   "uptime",      "seq",      "last_seen", "last_error"});
   CHECK(r["rank"] == 1);
   CHECK(r["node"] == "n2");
   CHECK(r["pid"] == 101);
@@ -437,10 +434,11 @@ TEST_CASE("the table a person reads") {
   t.update(f);
   auto v = parse_status(t.to_json(), "s");
   auto text = render(v, assess(v, fc.wall + 1));
-  CHECK(text.find("RANK  NODE  STATE   SLOTS  DONE  FAILED  REQUEUED  BROKER  INSTANCE  RESTARTS  RSS      LAST SEEN") ==
-        0);
-  CHECK(text.find("0     n1    ready   1/4    10    1       2         yes     yes       0         4.0 MiB  1.0 s ago") !=
-        std::string::npos);
+  CHECK(text.find(
+            "RANK  NODE  STATE   SLOTS  DONE  FAILED  REQUEUED  BROKER  INSTANCE  RESTARTS  RSS      LAST SEEN") == 0);
+  CHECK(
+      text.find("0     n1    ready   1/4    10    1       2         yes     yes       0         4.0 MiB  1.0 s ago") !=
+      std::string::npos);
   CHECK(text.find("rank 1 n2: last error: engine missing") != std::string::npos);
   CHECK(text.find("job 42: running, DEGRADED: 1/2 ranks ready, 1 degraded, 0 unresponsive") != std::string::npos);
 }

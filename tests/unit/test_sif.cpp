@@ -11,8 +11,8 @@
 #include <set>
 #include <string>
 
-#include "test_support.h"
 #include "sif/sif.h"
+#include "test_support.h"
 #include "tests/unit/sif_fixtures.h"
 #include "util/error.h"
 
@@ -22,7 +22,6 @@ using lhpc::test::FixtureSpec;
 using lhpc::test::SifCorruption;
 
 namespace {
-
 
 std::string write_fixture(const TempDir& dir, const std::string& name, const FixtureSpec& spec) {
   const auto path = dir.file(name);
@@ -121,8 +120,8 @@ TEST_CASE("the descriptor table is found where the header says, not at a fixed o
 TEST_CASE("make_sif builds valid images of exactly the requested size") {
   TempDir dir{"sif"};
   const std::uint64_t chunk = 4096;
-  for (std::uint64_t size : {std::uint64_t{test::min_sif_size()}, std::uint64_t{test::min_sif_size()} + 1,
-                             3 * chunk, 3 * chunk + 1}) {
+  for (std::uint64_t size :
+       {std::uint64_t{test::min_sif_size()}, std::uint64_t{test::min_sif_size()} + 1, 3 * chunk, 3 * chunk + 1}) {
     CAPTURE(size);
     const auto bytes = test::make_sif(size);
     CHECK(bytes.size() == size);
@@ -191,16 +190,16 @@ TEST_CASE("a partition that runs past the end of the file is refused, naming its
   auto spec = corrupt(SifCorruption::payload_truncated);
   const auto path = write_fixture(dir, "cut.sif", spec);
   const auto start = test::partition_offset(spec);
-  CHECK(image_error([&] { sif::read_image(path); }) ==
-        path + ": object id 2 (partition) spans bytes " + std::to_string(start) + "..8193 but the file is only " +
-            "8192 bytes");
+  CHECK(image_error([&] { sif::read_image(path); }) == path + ": object id 2 (partition) spans bytes " +
+                                                           std::to_string(start) + "..8193 but the file is only " +
+                                                           "8192 bytes");
 
   spec = corrupt(SifCorruption::offset_beyond_eof);
   write_fixture(dir, "cut.sif", spec);
   const auto size = 8192 - start;
-  CHECK(image_error([&] { sif::read_image(path); }) ==
-        path + ": object id 2 (partition) spans bytes 12288.." + std::to_string(12288 + size) +
-            " but the file is only 8192 bytes");
+  CHECK(image_error([&] { sif::read_image(path); }) == path + ": object id 2 (partition) spans bytes 12288.." +
+                                                           std::to_string(12288 + size) +
+                                                           " but the file is only 8192 bytes");
 }
 
 TEST_CASE("offset + size that overflows int64 is caught, not wrapped") {
@@ -221,13 +220,14 @@ TEST_CASE("offset + size that overflows int64 is caught, not wrapped") {
 TEST_CASE("a descriptor table outside the file or too small for its count is refused") {
   TempDir dir{"sif"};
   const auto path = write_fixture(dir, "table.sif", corrupt(SifCorruption::table_beyond_eof));
-  CHECK(image_error([&] { sif::read_image(path); }) ==
-        path + ": descriptor table at bytes 8193.." + std::to_string(8193 + 4 * 585) +
-            " lies outside the file (8192 bytes)");
+  CHECK(image_error([&] { sif::read_image(path); }) == path + ": descriptor table at bytes 8193.." +
+                                                           std::to_string(8193 + 4 * 585) +
+                                                           " lies outside the file (8192 bytes)");
 
   write_fixture(dir, "table.sif", corrupt(SifCorruption::table_too_small));
   CHECK(image_error([&] { sif::read_image(path); }) ==
-        path + ": corrupt SIF header: the descriptor table is 1755 bytes, too small for its 4 descriptors of 585 bytes");
+        path +
+            ": corrupt SIF header: the descriptor table is 1755 bytes, too small for its 4 descriptors of 585 bytes");
 
   // A count so large that count * 585 would overflow int64.
   auto bytes = test::make_sif(8192);
@@ -270,8 +270,7 @@ TEST_CASE("check_magic accepts a SIF and refuses empty, foreign and unreadable f
   if (::geteuid() != 0) {  // root reads mode-000 files anyway
     const auto locked = write_fixture(dir, "locked.sif", FixtureSpec{});
     ::chmod(locked.c_str(), 0);
-    CHECK(image_error([&] { sif::check_magic(locked); }) ==
-          "cannot read SIF image " + locked + ": Permission denied");
+    CHECK(image_error([&] { sif::check_magic(locked); }) == "cannot read SIF image " + locked + ": Permission denied");
   }
 }
 
@@ -381,7 +380,8 @@ TEST_CASE("format_text shows the header and a row per object") {
   CHECK(contains(text, "Created:       2023-11-14T22:13:20Z\n"));
   CHECK(contains(text, "ID  TYPE       GROUP  LINK  NAME    FS        PARTITION       ARCH   OFFSET  SIZE\n"));
   const auto offset = std::to_string(test::partition_offset(spec));
-  CHECK(contains(text, "2   partition  1      -     rootfs  squashfs  primary-system  amd64  " + offset + "    3.0 MiB\n"));
+  CHECK(contains(text,
+                 "2   partition  1      -     rootfs  squashfs  primary-system  amd64  " + offset + "    3.0 MiB\n"));
   CHECK(contains(text, "1   deffile    1      -     -       -         -               -      2468    36 B\n"));
 }
 

@@ -68,9 +68,9 @@ int in_child(const std::function<int()>& body) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st);
 }
 
-const char* k_job_vars[] = {"SLURM_JOB_ID",   "SLURM_JOBID",         "SLURM_JOB_NODELIST", "SLURM_NODELIST",
-                            "SLURM_JOB_NAME", "SLURM_JOB_PARTITION", "SLURM_JOB_USER",     "SLURM_JOB_NUM_NODES",
-                            "SLURM_NNODES"};
+const char* k_job_vars[] = {"SLURM_JOB_ID",   "SLURM_JOBID",         "SLURM_JOB_NODELIST",
+                            "SLURM_NODELIST", "SLURM_JOB_NAME",      "SLURM_JOB_PARTITION",
+                            "SLURM_JOB_USER", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"};
 
 void clear_job_env(ScopedEnv& e) {
   for (const char* v : k_job_vars) {
@@ -98,8 +98,8 @@ TEST_CASE("hostlists expand the way Slurm writes them") {
 
 TEST_CASE("a malformed hostlist is refused, never half expanded") {
   using slurm::expand_hostlist;
-  for (const char* bad : {"n[1-3", "n1-3]", "n[3-1]", "n[x-2]", "n[]", "n[1-]", "n[[1-2]]", "n[1-2000000]",
-                          "n[1,2,]", "n[-1]"}) {
+  for (const char* bad :
+       {"n[1-3", "n1-3]", "n[3-1]", "n[x-2]", "n[]", "n[1-]", "n[[1-2]]", "n[1-2000000]", "n[1,2,]", "n[-1]"}) {
     CAPTURE(bad);
     CHECK_FALSE(expand_hostlist(bad).has_value());
   }
@@ -122,8 +122,8 @@ TEST_CASE("node names compress back into a short hostlist for display") {
 
 #if LHPC_HAVE_SLURM
 TEST_CASE("the built-in expander agrees with libslurm on what libslurm accepts") {
-  for (const char* list : {"n1", "n[1-3,5]", "n[01-03]", "n[8-11]", "n[001-3]", "n1,n[2-3],gpu[01-02]",
-                           "a[1-2]b[3-4]", "rack[1-2]-n[01-02]", "n1 n2", "n[1-2,4-5]", "n[1-2],,n5"}) {
+  for (const char* list : {"n1", "n[1-3,5]", "n[01-03]", "n[8-11]", "n[001-3]", "n1,n[2-3],gpu[01-02]", "a[1-2]b[3-4]",
+                           "rack[1-2]-n[01-02]", "n1 n2", "n[1-2,4-5]", "n[1-2],,n5"}) {
     CAPTURE(list);
     hostlist_t hl = slurm_hostlist_create(list);
     REQUIRE(hl != nullptr);

@@ -11,23 +11,22 @@
 #include <string>
 #include <thread>
 
-#include "test_support.h"
 #include "stage/hash.h"
 #include "stage/layout.h"
 #include "stage/progress.h"
 #include "stage/record.h"
 #include "stage/sbcast.h"
-#include "util/process.h"
+#include "test_support.h"
 #include "tests/unit/sif_fixtures.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/process.h"
 
 using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::stage;
 
 namespace {
-
 
 std::string hex_of(const std::string& data) {
   Hasher h;

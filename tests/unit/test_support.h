@@ -2,9 +2,9 @@
 // goes away with its scope, and an environment variable set for a scope.
 #pragma once
 
+#include <sys/types.h>
 #include <optional>
 #include <string>
-#include <sys/types.h>
 
 namespace lhpc::test {
 

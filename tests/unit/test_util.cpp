@@ -33,9 +33,7 @@ TEST_CASE("exit status is described and mapped like a shell") {
   CHECK(describe_status(k.status).find("signal 9") != std::string::npos);
 }
 
-TEST_CASE("a missing program is a clear error") {
-  CHECK_THROWS_AS(spawn({.argv = {"no-such-program-lhpc"}}), Error);
-}
+TEST_CASE("a missing program is a clear error") { CHECK_THROWS_AS(spawn({.argv = {"no-such-program-lhpc"}}), Error); }
 
 TEST_CASE("a child handle that goes away kills its process") {
   pid_t pid;
