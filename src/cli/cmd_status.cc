@@ -20,6 +20,7 @@
 #include "health/report.h"
 #include "health/status_file.h"
 #include "health/view.h"
+#include "services/up.h"
 #include "util/error.h"
 #include "util/signals.h"
 
@@ -60,6 +61,11 @@ bool overview_wanted(const StatusOpts& o) {
 
 // One look at the deployment; returns the exit code this look deserves.
 int show_once(const StatusOpts& o, bool watching) {
+  if (!o.json && o.job.empty() && !health::job_from_environment()) {
+    if (auto line = services::status_line("task_queue")) {
+      std::cout << *line << "\n";  // above the deployments: what they all need
+    }
+  }
   if (overview_wanted(o)) {
     return show_overview(o);
   }
