@@ -329,13 +329,13 @@ std::string config_line(const ConfigWrite& w) {
 }
 
 void start_controller(const UpOptions& o, Record& r, Started& s) {
-  if (o.sif.empty()) {
+  if (o.sif.empty() && !controller_alive(r)) {
     r.controller_pid = 0;
     s.lines.push_back("controller  not started (give --sif PATH or --runtime NAME: deployments then follow the queue)");
     return;
   }
   r.controller_log = services_dir() + "/autoalloc.log";
-  if (controller_alive(r)) {
+  if (controller_alive(r)) {  // one started before, whatever image it serves
     s.lines.push_back(
         fmt::format("controller  {:<22} pid {}  log: {}", state_word(true), r.controller_pid, r.controller_log));
     return;

@@ -128,8 +128,12 @@ class Up(unittest.TestCase):
             self.assertEqual(f.read(), ORIGINAL)
 
     def test_up_writes_a_config_a_client_uses_survives_a_killed_broker_and_down_leaves_nothing(self):
-        r = self.run_as("up")
+        sif = os.path.join(self.home, "rt.sif")  # the controller runs without Slurm: it only fails to query it
+        with open(sif, "wb"):
+            pass
+        r = self.run_as("up", "--sif", sif, "--max-nodes", "2")
         out = r.stdout + r.stderr
+        self.assertRegex(r.stdout, r"controller +started +pid \d+")
         self.assertIn("Try:", out)
         self.assertIn("lithops.FunctionExecutor()", out)
         cfg = self.written()
@@ -152,8 +156,8 @@ class Up(unittest.TestCase):
 
         # Twice: nothing restarted, the config untouched.
         mtime = os.stat(self.config).st_mtime_ns
-        r = self.run_as("up")
-        self.assertEqual(r.stdout.count("running (left alone)"), 2, r.stdout)
+        r = self.run_as("up", "--sif", sif)
+        self.assertEqual(r.stdout.count("running (left alone)"), 3, r.stdout)
         self.assertEqual(os.stat(self.config).st_mtime_ns, mtime)
 
         # The same user on another login node is refused, naming this one.
@@ -165,6 +169,7 @@ class Up(unittest.TestCase):
         r = self.run_as("status", check=False)
         self.assertRegex(r.stdout, r"services: broker up amqp://lithops:\*\*\*@127\.0\.0\.1:\d+ \(task_queue: 1 waiting")
         self.assertIn(f"redis up 127.0.0.1:{redis_port}", r.stdout)
+        self.assertRegex(r.stdout, r"controller up \(pid \d+\)")
 
         # A broker killed with SIGKILL: up brings it back on the same URL.
         with open(os.path.join(self.services, "rabbitmq", "run", "beam.pid")) as f:
