@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -193,36 +194,44 @@ void write_file_atomic(const std::string& path, const std::string& data, mode_t 
   write_file_atomic_at(d.get(), basename_of(path), data, mode, path);
 }
 
-void mkdirs(const std::string& path, mode_t mode) {
-  if (path.empty()) {
+namespace {
+
+std::string absolute(const std::string& path) {
+  if (!path.empty() && path.front() == '/') {
+    return path;
+  }
+  std::string cwd(PATH_MAX, '\0');
+  if (::getcwd(cwd.data(), cwd.size()) == nullptr) {
+    throw Error(Exit::failure, "cannot resolve " + path + ": the current directory: " + errno_text(errno));
+  }
+  cwd.resize(std::strlen(cwd.c_str()));
+  return cwd == "/" ? "/" + path : cwd + "/" + path;
+}
+
+// Only a missing name is created: mkdirat on one that exists could answer
+// EROFS or EACCES rather than EEXIST on some file systems.
+void make_missing(int parent_fd, const std::string& name, const std::string& shown, mode_t mode) {
+  struct stat st {};
+  if (::fstatat(parent_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT) {
     return;
   }
-  std::string sofar = path.front() == '/' ? "" : ".";
-  for (const auto& c : components(path)) {
-    sofar += "/" + c;
-    if (::mkdir(sofar.c_str(), mode) != 0 && errno != EEXIST) {
-      throw Error(Exit::failure, "cannot create directory " + sofar + ": " + errno_text(errno));
-    }
-  }
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-    throw Error(Exit::failure, "cannot create directory " + path + ": it exists and is not a directory");
+  if (::mkdirat(parent_fd, name.c_str(), mode) != 0 && errno != EEXIST) {
+    throw Error(Exit::failure, "cannot create directory " + shown + ": " + errno_text(errno),
+                "check that its parent is writable by you");
   }
 }
 
-UniqueFd open_trusted_dir(const std::string& path) {
-  if (path.empty() || path.front() != '/') {
-    throw Error(Exit::failure, "'" + path + "' is not an absolute path", "give a path starting with /");
-  }
-  auto given = components(path);
-  if (std::find(given.begin(), given.end(), "..") != given.end()) {
-    throw Error(Exit::failure, path + " has a '..' component", "give the path without '..'");
-  }
-  // The directories walked so far, each checked before going below it; a
-  // link's target may climb back with "..".
+// The walk behind open_trusted_dir: `todo` from /, each directory checked
+// before going below it; a link's target (whose "..", unlike the given
+// path's, climbs back the directories walked). With `create`, a missing
+// directory is made by mkdirat under the one just checked, never by a path
+// that a link someone else owns could redirect.
+// With `missing`, a directory that does not exist ends the walk with no fd
+// and *missing set, instead of an error.
+UniqueFd walk_trusted(std::deque<std::string> todo, const std::string& path, const mode_t* create,
+                      bool* missing = nullptr) {
   std::vector<std::pair<UniqueFd, std::string>> walked;
   walked.emplace_back(UniqueFd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)), "");
-  std::deque<std::string> todo(given.begin(), given.end());
   int links = 0;
   for (;;) {
     const auto& [fd, shown] = walked.back();
@@ -251,10 +260,46 @@ UniqueFd open_trusted_dir(const std::string& path) {
       }
       continue;
     }
+    if (create != nullptr) {
+      make_missing(fd.get(), c, here, *create);
+    }
+    struct stat st {};
+    if (missing != nullptr && ::fstatat(fd.get(), c.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+      *missing = true;
+      return {};
+    }
     auto next = open_below(fd.get(), c, here);
     walked.emplace_back(std::move(next), here);
   }
   return std::move(walked.back().first);
+}
+
+std::deque<std::string> given_components(const std::string& path) {
+  auto given = components(path);
+  if (std::find(given.begin(), given.end(), "..") != given.end()) {
+    throw Error(Exit::failure, path + " has a '..' component", "give the path without '..'");
+  }
+  return {given.begin(), given.end()};
+}
+
+}  // namespace
+
+UniqueFd open_trusted_dir(const std::string& path) {
+  if (path.empty() || path.front() != '/') {
+    throw Error(Exit::failure, "'" + path + "' is not an absolute path", "give a path starting with /");
+  }
+  return walk_trusted(given_components(path), path, nullptr);
+}
+
+UniqueFd make_trusted_dir(const std::string& path, mode_t mode) {
+  auto abs = absolute(path);
+  return walk_trusted(given_components(abs), abs, &mode);
+}
+
+void mkdirs(const std::string& path, mode_t mode) {
+  if (!path.empty()) {
+    make_trusted_dir(path, mode);
+  }
 }
 
 UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::string& shown, bool create,
@@ -291,10 +336,8 @@ UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::
 
 UniqueFd open_private_dir(const std::string& path, bool create, bool* created) {
   auto parent = dirname_of(path);
-  if (create && !parent.empty() && !path_exists(parent)) {
-    mkdirs(parent, 0755);
-  }
-  auto pfd = open_trusted_dir(parent.empty() ? "/" : parent);
+  auto pfd =
+      create ? make_trusted_dir(parent.empty() ? "/" : parent, 0755) : open_trusted_dir(parent.empty() ? "/" : parent);
   return open_private_dir_at(pfd.get(), basename_of(path), path, create, created);
 }
 

@@ -33,6 +33,10 @@ void write_file_atomic_at(int dir_fd, const std::string& name, const std::string
 // and checks each parent; throws Error naming the component, its owner and
 // what to do.
 UniqueFd open_trusted_dir(const std::string& path);
+// The same, creating each missing directory (`mode`, before umask) with
+// mkdirat under the one just checked: nothing is created through a link
+// another user owns. A relative `path` starts at the current directory.
+UniqueFd make_trusted_dir(const std::string& path, mode_t mode = 0755);
 // `name` inside the trusted directory `parent_fd` (shown as `shown_as`),
 // created 0700 when missing and `create`; ours and private, else Error
 // naming the owner. A directory of ours that only others can read is
@@ -49,7 +53,7 @@ UniqueFd open_private_dir(const std::string& path, bool create = true, bool* cre
 std::optional<std::string> read_private_file(const std::string& path, std::size_t max);
 // open_private_dir, for callers that go on by path (status files).
 void make_private_dir(const std::string& path);
-// Creates `path` and missing parents with `mode` (before umask).
+// make_trusted_dir for callers that go on by path.
 void mkdirs(const std::string& path, mode_t mode = 0755);
 // A path component a job id becomes: not empty, at most 128 characters of
 // [A-Za-z0-9._-], not "." or "..". Throws Error(usage) naming `what`.

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "test_support.h"
 #include "util/backoff.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -14,6 +15,9 @@
 #include "util/strings.h"
 
 using namespace lhpc;
+using lhpc::test::as_nobody;
+using lhpc::test::SharedDir;
+using lhpc::test::TempDir;
 
 TEST_CASE("a child gets exactly the environment we give it") {
   Env env = Env::empty();
@@ -187,6 +191,28 @@ TEST_CASE("mkdirs creates every missing directory with the mode asked for") {
   REQUIRE(::stat((d + "/a/b").c_str(), &st) == 0);
   CHECK((st.st_mode & 0777) == 0711);
   std::filesystem::remove_all(d);
+}
+
+TEST_CASE("missing parents are never created through another user's symlink") {
+  SharedDir shared{"util"};
+  TempDir ours{"util"};
+  // They point a name we are about to create under at a directory of ours.
+  REQUIRE(as_nobody({"ln", "-s", ours.str(), shared.file("state")}));
+  try {
+    make_private_dir(shared.file("state/jobs/private"));
+    FAIL("a path through another user's symlink was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("symbolic link of nobody") != std::string::npos);
+  }
+  CHECK_FALSE(path_exists(ours.file("jobs")));
+  CHECK_THROWS_AS(mkdirs(shared.file("state/a/b")), Error);
+  CHECK_FALSE(path_exists(ours.file("a")));
+  // Missing parents of ours, relative ones too, are still made.
+  make_private_dir(shared.file("mine/jobs/private"));
+  CHECK(path_exists(shared.file("mine/jobs/private")));
+  lhpc::test::CwdGuard cwd(shared.str());
+  mkdirs("rel/a", 0755);
+  CHECK(path_exists(shared.file("rel/a")));
 }
 
 TEST_CASE("a job id that would leave its directory is refused") {
