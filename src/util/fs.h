@@ -47,9 +47,22 @@ UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::
 // Both: `path`'s parents trusted, `path` itself private (created with any
 // missing parents, those 0755). Returns its fd for later work.
 UniqueFd open_private_dir(const std::string& path, bool create = true, bool* created = nullptr);
+// Who may own a file whose content steers lithops-hpc: what it wrote itself
+// (status, state) is yours; configuration may also be root's (/etc).
+enum class FileOwner { me, me_or_root };
+// The content of a file that steers lithops-hpc (configuration, status
+// files): every directory on the way passes the parent rules above (a link,
+// the file's own name included, is followed only when root or we own it,
+// its target checked the same way), and the file is a regular file (never
+// opened otherwise: a FIFO does not hang the reader), owned as `who` says,
+// not writable by group or others, at most `max` bytes. A relative `path`
+// starts at the current directory. nullopt when it (or a directory on the
+// way) does not exist; Error naming the file and why otherwise.
+std::optional<std::string> read_trusted_file(const std::string& path, std::size_t max, FileOwner who = FileOwner::me);
 // The content of `path` when its directory passes open_private_dir (not
 // created) and it is a regular file of ours, not a symlink, at most `max`
-// bytes; nullopt when missing. Throws Error when the directory is not trusted.
+// bytes; nullopt when missing. Throws Error naming what is wrong (directory
+// not trusted, type, owner, mode, size).
 std::optional<std::string> read_private_file(const std::string& path, std::size_t max);
 // open_private_dir, for callers that go on by path (status files).
 void make_private_dir(const std::string& path);
