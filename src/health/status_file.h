@@ -32,9 +32,12 @@ Location locate(const std::string& job, const std::string& configured = {});
 // Rank 0 at start: creates the job directory (0700; the state dir 0700 when
 // made here), removes a stop request left over from an earlier run with the
 // same job id (e.g. "local"), and points <dir>/status.json at a configured
-// status file. Throws Error naming the path.
+// status file (its missing directories made under trusted ones). Throws
+// Error naming the path.
 void prepare(const Location& loc);
-// Atomic replacement, mode 0600.
+// Atomic replacement, mode 0600, in a directory that passes util/fs's trust
+// rules (every parent root's or yours, a link on the way root's or yours);
+// throws Error naming the directory and its owner otherwise.
 void write_status(const Location& loc, const std::string& json);
 
 // Rank 0, each interval: a cheap stat().
