@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <ctime>
 
+#include "util/json_number.h"
+
 namespace lhpc::dispatch {
 
 Dispatcher::Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers, CrashRecordPort* record)
@@ -352,8 +354,8 @@ void Dispatcher::on_handler_reply(int h, const Json& reply) {
     return;
   }
   std::uint64_t id = 0;
-  if (auto it = reply.find("id"); it != reply.end() && it->is_number_unsigned()) {
-    id = it->get<std::uint64_t>();
+  if (auto it = reply.find("id"); it != reply.end()) {
+    id = json_integer<std::uint64_t>(*it).value_or(0);
   }
   bool ok = json_bool(reply, "ok");
   std::string error = json_string(reply, "error");

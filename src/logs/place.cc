@@ -12,6 +12,7 @@
 
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 
 namespace lhpc::logs {
 
@@ -96,7 +97,11 @@ std::optional<Record> read_record(const std::string& job) {
     r.job = j.at("job").get<std::string>();
     r.where = j.at("where").get<std::string>();
     r.dir = j.at("dir").get<std::string>();
-    r.max_bytes = j.at("max_bytes").get<std::uint64_t>();
+    auto max_bytes = json_integer<std::uint64_t>(j.at("max_bytes"));
+    if (!max_bytes) {
+      throw std::runtime_error("max_bytes " + json_integer_rule<std::uint64_t>());
+    }
+    r.max_bytes = *max_bytes;
     r.nodes = j.at("nodes").get<std::vector<std::string>>();
     return r;
   } catch (const std::exception& e) {

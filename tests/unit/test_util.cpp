@@ -4,13 +4,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <climits>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "test_support.h"
 #include "util/backoff.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 #include "util/process.h"
 #include "util/strings.h"
 
@@ -213,6 +217,25 @@ TEST_CASE("missing parents are never created through another user's symlink") {
   lhpc::test::CwdGuard cwd(shared.str());
   mkdirs("rel/a", 0755);
   CHECK(path_exists(shared.file("rel/a")));
+}
+
+TEST_CASE("a JSON integer field takes only an integer inside its type's range; a real field any number") {
+  using J = nlohmann::json;
+  CHECK(json_integer<int>(J(5)) == 5);
+  CHECK_FALSE(json_integer<int>(J(1e20)));  // get<int>() of it is undefined behaviour
+  CHECK_FALSE(json_integer<int>(J(5.0)));
+  CHECK_FALSE(json_integer<unsigned>(J(-1)));  // get<unsigned>() wraps it
+  CHECK_FALSE(json_integer<int>(J(2147483648LL)));
+  CHECK(json_integer<int>(J(-2147483648LL)) == INT_MIN);
+  CHECK(json_integer<std::uint64_t>(J::parse("18446744073709551615")) == UINT64_MAX);
+  CHECK_FALSE(json_integer<std::int64_t>(J::parse("18446744073709551615")));
+  CHECK_FALSE(json_integer<int>(J("5")));
+  CHECK_FALSE(json_integer<int>(J(nullptr)));
+  CHECK(json_real(J(5)) == 5.0);
+  CHECK(json_real(J::parse("1e20")) == 1e20);
+  CHECK_FALSE(json_real(J("1")));
+  CHECK(J::parse("[1e400]", nullptr, false).is_discarded());  // no infinity gets in
+  CHECK(json_integer_rule<std::uint8_t>() == "is not an integer from 0 to 255");
 }
 
 TEST_CASE("a job id that would leave its directory is refused") {
