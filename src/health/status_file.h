@@ -59,7 +59,11 @@ struct Lookup {
   std::string looked;  // where we looked, for the "no deployment found" message
 };
 // `job` empty: the environment's job, else the deployment with the newest
-// "updated" among this user's <state_dir()>/jobs/*/status.json.
+// "updated" among this user's <state_dir()>/jobs/*/status.json. A status
+// file is read only as util/fs's read_trusted_file allows (a regular file of
+// yours, through directories and links only you or root control): for the
+// job asked for, anything else is an Error saying why; in the search for the
+// newest it is passed over.
 Lookup find_deployment(const std::string& job);
 
 }  // namespace lhpc::health

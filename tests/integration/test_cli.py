@@ -87,6 +87,43 @@ NOBODY = 65534
 
 
 @unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+class ForeignFilesTest(unittest.TestCase):
+    """Issue 20 finding 7: what another user (nobody) or a FIFO puts where lithops-hpc reads."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="lhpc-cli-foreign-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        os.chmod(self.tmp, 0o755)
+        self.shared = os.path.join(self.tmp, "shared")  # like /tmp: anyone may write, sticky
+        os.mkdir(self.shared)
+        os.chmod(self.shared, 0o1777)
+
+    def as_nobody(self, script):
+        subprocess.run(["setpriv", f"--reuid={NOBODY}", "--regid=nogroup", "--clear-groups", "sh", "-c", script],
+                       check=True, timeout=30)
+
+    def test_status_refuses_a_fifo_or_another_users_state_at_once(self):
+        state = os.path.join(self.tmp, "state")
+        os.makedirs(os.path.join(state, "autoalloc"), mode=0o700)
+        os.makedirs(os.path.join(state, "jobs", "77"), mode=0o700)
+        os.mkfifo(os.path.join(state, "jobs", "77", "status.json"))
+        r = run("status", "77", env={"LITHOPS_HPC_STATE_DIR": state})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("status.json is not a regular file (a FIFO", r.stderr)
+        os.mkfifo(os.path.join(state, "autoalloc", "state.json"))
+        r = run("status", env={"LITHOPS_HPC_STATE_DIR": state})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("state.json is not a regular file (a FIFO", r.stderr)
+        # A state directory they made first (a predictable shared path), with a controller line of theirs.
+        theirs = os.path.join(self.shared, "state")
+        line = '{"controller": "running", "pid": 666, "host": "evil", "next": "trust me", "jobs": [], "demand": {}}'
+        self.as_nobody(f"mkdir -p {theirs}/autoalloc && echo '{line}' > {theirs}/autoalloc/state.json")
+        r = run("status", env={"LITHOPS_HPC_STATE_DIR": theirs})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn(f"{theirs} belongs to nobody (uid {NOBODY})", r.stderr)
+        self.assertNotIn("trust me", r.stdout)
+
+
 class ProcessHardeningTest(unittest.TestCase):
     """Issue 12 item 9: never run set-uid; no core dump or ptrace holds the URL."""
 
