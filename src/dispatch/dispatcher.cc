@@ -6,6 +6,7 @@
 #include <ctime>
 
 #include "util/json_number.h"
+#include "util/strings.h"
 
 namespace lhpc::dispatch {
 
@@ -146,7 +147,8 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
   m.generation = m_generation;
   m.d = std::move(d);
   m.no_ack = no_ack;
-  m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : m.d.props.message_id;
+  // The publisher chose the id: no escape sequence of theirs reaches a log or terminal.
+  m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : escape_controls(m.d.props.message_id);
   m.crashes = static_cast<int>(amqp::table_int(m.d.props.headers, k_hdr_crashes, 0));
   if (m.d.redelivered && m_record && m_record->killed_before(m.d.body)) {
     spdlog::error("message {} killed a dispatcher on this node before: moving it to {}", m.mid, dead_queue());

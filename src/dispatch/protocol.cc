@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "util/json_number.h"
+#include "util/strings.h"
 
 namespace lhpc::dispatch {
 
@@ -246,7 +247,7 @@ std::variant<Task, Malformed> decode(std::string_view body, const Limits& limits
   }
   auto action = parse_action(a->get_ref<const std::string&>());
   if (!action) {
-    return Malformed{"unknown action '" + shorten(a->get<std::string>()) + "'"};
+    return Malformed{"unknown action '" + escape_controls(shorten(a->get<std::string>())) + "'"};
   }
   auto p = msg.find("payload");
   if (p == msg.end()) {

@@ -219,6 +219,18 @@ TEST_CASE("missing parents are never created through another user's symlink") {
   CHECK(path_exists(shared.file("rel/a")));
 }
 
+TEST_CASE("control characters are escaped for logs and terminals, printable UTF-8 is kept") {
+  CHECK(escape_controls("plain id-7") == "plain id-7");
+  CHECK(escape_controls("a\x1b[2Jb\x07\x7f\n") == "a\\x1b[2Jb\\x07\\x7f\\x0a");
+  CHECK(escape_controls("tab\there\n", "\t") == "tab\there\\x0a");
+  CHECK(escape_controls("\xc2\x9b"
+                        "31m") == "\\xc2\\x9b31m");  // C1 CSI as UTF-8
+  CHECK(escape_controls("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82") == "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82");
+  CHECK(escape_controls("\x9b\xff\xc0\xaf\xed\xa0\x80") == "\\x9b\\xff\\xc0\\xaf\\xed\\xa0\\x80");
+  CHECK(escape_controls(std::string("a\0b", 3)) == "a\\x00b");
+  CHECK(escape_controls("\xe2\x82") == "\\xe2\\x82");  // cut short
+}
+
 TEST_CASE("a JSON integer field takes only an integer inside its type's range; a real field any number") {
   using J = nlohmann::json;
   CHECK(json_integer<int>(J(5)) == 5);
