@@ -145,7 +145,7 @@ class TerminalEscapesTest(unittest.TestCase):
 
 @unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
 class ForeignFilesTest(unittest.TestCase):
-    """Issue 20 finding 7: what another user (nobody) or a FIFO puts where lithops-hpc reads."""
+    """Issue 20 findings 7 and 10: what another user (nobody) or a FIFO puts where lithops-hpc reads."""
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="lhpc-cli-foreign-")
@@ -179,6 +179,14 @@ class ForeignFilesTest(unittest.TestCase):
         self.assertEqual(r.returncode, 1, r.stderr)
         self.assertIn(f"{theirs} belongs to nobody (uid {NOBODY})", r.stderr)
         self.assertNotIn("trust me", r.stdout)
+
+    def test_sif_inspect_refuses_a_fifo_at_once(self):
+        fifo = os.path.join(self.tmp, "image.sif")
+        os.mkfifo(fifo)
+        r = subprocess.run([BIN, "sif", "inspect", fifo], capture_output=True, text=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+        self.assertEqual(r.returncode, 4, r.stderr)
+        self.assertIn(f"{fifo} is not a regular file (a FIFO), so not a SIF image", r.stderr)
 
 
 class ProcessHardeningTest(unittest.TestCase):
