@@ -368,6 +368,8 @@ TEST_CASE("a state file's number outside its field's range is refused, never con
   };
   using J = nlohmann::json;
   CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = 1e20; }) ==
+        "state.json: 'jobs[0].nodes' is not an integer from -2147483648 to 2147483647");
+  CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = 100001; }) ==
         "state.json: 'jobs[0].nodes' is not an integer from 0 to 100000");
   CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = -1; }).find("'jobs[0].nodes'") != std::string::npos);
   CHECK(refusal([](J& j) { j["jobs"][0]["done"] = 1e20; }) ==
