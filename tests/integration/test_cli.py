@@ -110,6 +110,7 @@ def on_a_terminal(args, env, timeout=30):
         out += chunk
     os.close(master)
     p.wait(timeout=timeout)
+    p.stderr.close()
     return p.returncode, out
 
 
