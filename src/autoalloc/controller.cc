@@ -50,33 +50,6 @@ json job_to_json(const JobRecord& r) {
   return j;
 }
 
-std::optional<Phase> parse_phase(const std::string& s) {
-  for (auto p : {Phase::pending, Phase::starting, Phase::serving, Phase::draining, Phase::ended}) {
-    if (to_string(p) == s) {
-      return p;
-    }
-  }
-  return std::nullopt;
-}
-
-JobRecord job_from_json(const json& j) {
-  JobRecord r;
-  r.id = j.at("id").get<std::string>();
-  r.nodes = j.at("nodes").get<int>();
-  r.phase = parse_phase(j.value("phase", "pending")).value_or(Phase::pending);
-  r.submitted = j.value("submitted", 0.0);
-  r.out = j.value("out", "");
-  r.renews = j.value("renews", "");
-  r.ever_serving = j.value("ever_serving", false);
-  r.renewed = j.value("renewed", false);
-  r.stop_requested = j.value("stop_requested", false);
-  r.cancelled = j.value("cancelled", false);
-  r.idle.since = j.value("idle_since", 0.0);
-  r.idle.done = j.value("done", 0ULL);
-  r.idle.started = r.idle.since > 0;
-  return r;
-}
-
 json limits_json(const Limits& l) {
   return {{"max_nodes", l.max_nodes},
           {"nodes_per_job", l.nodes_per_job},
@@ -135,59 +108,6 @@ std::string to_json(const State& s) {
       {"jobs", jobs},
   };
   return j.dump(2) + "\n";
-}
-
-State state_from_json(const std::string& text, const std::string& source) {
-  try {
-    auto j = json::parse(text);
-    State s;
-    for (const auto& e : j.at("jobs")) {
-      s.jobs.push_back(job_from_json(e));
-    }
-    s.controller = j.value("controller", "stopped");
-    s.pid = j.value("pid", 0L);
-    s.host = j.value("host", "");
-    s.started = j.value("started", 0.0);
-    s.updated = j.value("updated", 0.0);
-    s.next = j.value("next", "");
-    s.error = j.value("error", "");
-    s.last_refusal = j.value("last_refusal", "");
-    s.refused_in_row = j.value("refused_in_row", 0);
-    s.backoff_until = j.value("backoff_until", 0.0);
-    s.start_failures.in_row = j.value("start_failures_in_row", 0);
-    s.start_failures.outputs = j.value("failed_outputs", std::vector<std::string>{});
-    s.start_failures.halted = j.value("halted", false);
-    s.start_failures.halted_at = j.value("halted_at", 0.0);
-    s.slots_per_node = j.value("slots_per_node", 0);
-    const auto& d = j.at("demand");
-    s.demand_seen = d.value("seen", 0.0);
-    if (d.contains("ready") && d["ready"].is_number()) {
-      s.ready = d["ready"].get<std::uint64_t>();
-    }
-    if (d.contains("consumers") && d["consumers"].is_number()) {
-      s.consumers = d["consumers"].get<int>();
-    }
-    if (j.contains("counters")) {
-      const auto& c = j["counters"];
-      s.sbatch_calls = c.value("sbatch_calls", 0ULL);
-      s.broker_queries = c.value("broker_queries", 0ULL);
-      s.scheduler_queries = c.value("scheduler_queries", 0ULL);
-    }
-    return s;
-  } catch (const json::exception& e) {
-    throw Error(Exit::failure, source + ": not an autoalloc state file: " + e.what(),
-                "move it aside; the controller adopts its jobs by name from squeue on its next start");
-  }
-}
-
-std::string controller_dir() { return state_dir() + "/autoalloc"; }
-
-std::optional<State> load_state() {
-  auto path = controller_dir() + "/state.json";
-  if (!path_exists(path)) {
-    return std::nullopt;
-  }
-  return state_from_json(read_file(path), path);
 }
 
 std::string job_name() {

@@ -69,12 +69,14 @@ struct State {
 };
 
 std::string to_json(const State& s);
-// Throws Error(failure) naming `source` when the text is not a state file.
+// Throws Error(failure) naming `source` and the key when the text is not a
+// state file; numbers by util/json_number's rules (state_reader.cc).
 State state_from_json(const std::string& text, const std::string& source);
 
-// <state dir>/autoalloc
+// <state dir>/autoalloc (state_reader.cc)
 std::string controller_dir();
-// The controller's state, if one ever ran under this state directory.
+// The controller's state, if one ever ran under this state directory; read
+// by state_reader.h's rules (a regular file of yours), else Error.
 std::optional<State> load_state();
 // One line for `lithops-hpc status`: demand, supply, next action and why.
 std::string status_line(const State& s, double now);

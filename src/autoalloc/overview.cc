@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autoalloc/controller.h"
+#include "autoalloc/state_reader.h"
 #include "util/error.h"
 #include "util/fs.h"
 
@@ -73,9 +74,8 @@ std::string overview_json(double now, int& code) {
   for (const auto& d : deployments(now)) {
     j["deployments"].push_back(nlohmann::ordered_json::parse(d.found.text));
   }
-  auto path = controller_dir() + "/state.json";
-  j["autoalloc"] = path_exists(path) ? nlohmann::ordered_json::parse(read_file(path), nullptr, false)
-                                     : nlohmann::ordered_json(nullptr);
+  auto text = read_state_text();
+  j["autoalloc"] = text ? nlohmann::ordered_json::parse(*text, nullptr, false) : nlohmann::ordered_json(nullptr);
   return j.dump() + "\n";
 }
 

@@ -1,4 +1,4 @@
-// `lithops-hpc logs [JOBID] [--rank N] [--follow]`: a deployment's handler
+// `lithops-hpc logs [JOBID] [--rank N] [--follow] [--raw]`: a deployment's handler
 // output (Lithops' logging, what functions print), which goes to per-rank
 // files rather than the job output (logs.dir). Each line is prefixed with
 // its rank. Exit 0: every selected rank's log was read; 1: some are not on
@@ -6,6 +6,7 @@
 // stderr); 8: no such job, no log record for it, or no such rank.
 #include <poll.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <iostream>
@@ -30,6 +31,7 @@ struct LogsOpts {
   std::string job;
   int rank = -1;
   bool follow = false;
+  bool raw = false;
 };
 
 const char* k_no_job_hint =
@@ -92,6 +94,7 @@ int run_logs(const LogsOpts& o, bool rank_given) {
         k_no_job_hint);
   }
   logs::Reader reader(*rec, rank_given ? std::optional<int>(o.rank) : std::nullopt);
+  reader.escape_for_terminal(!o.raw && ::isatty(STDOUT_FILENO) == 1);
   if (!o.follow) {
     reader.pump(std::cout, true);
     say_missing(*rec, reader, false);
@@ -130,6 +133,9 @@ void register_logs(CLI::App& parent, Globals&, std::vector<Action>& actions) {
                  "deployment to read (default: $SLURM_JOB_ID's; else your newest deployment or worker)");
   auto* rank = lg->add_option("--rank", o->rank, "only this rank's log")->type_name("N");
   lg->add_flag("-f,--follow", o->follow, "keep printing new lines until the deployment ends (or Ctrl-C)");
+  lg->add_flag("--raw", o->raw,
+               "print control characters as written (default on a terminal: as \\xNN, so no escape sequence "
+               "reaches it)");
   actions.push_back({lg, [o, rank] { return run_logs(*o, rank->count() > 0); }});
 }
 

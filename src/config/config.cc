@@ -1,6 +1,5 @@
 #include "config/config.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -15,7 +14,6 @@
 
 #include "config/text_guard.h"
 #include "util/error.h"
-#include "util/fd.h"
 #include "util/fs.h"
 #include "util/strings.h"
 
@@ -442,49 +440,22 @@ Config parse(const std::string& toml_text, const std::string& source_name, Confi
 }
 
 std::string read_config_file(const std::string& path, const std::string& what) {
-  // O_NONBLOCK: opening a FIFO must not wait for a writer.
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY));
-  if (!fd) {
-    int err = errno;
-    throw Error(Exit::config, "cannot open " + what + " " + path + ": " + errno_text(err),
-                err == ENOENT ? "check the path" : "check the file's permissions");
-  }
+  // /dev/null: "no configuration", as scripts and tests say it (root's
+  // device; never opened).
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) {
-    throw Error(Exit::config, "cannot stat " + what + " " + path + ": " + errno_text(errno));
+  if (::stat(path.c_str(), &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3)) {
+    return {};
   }
-  if (S_ISDIR(st.st_mode)) {
-    throw Error(Exit::config, what + " " + path + " is a directory", "give the path of the file itself");
+  std::optional<std::string> text;
+  try {
+    text = read_trusted_file(path, k_max_config_bytes, FileOwner::me_or_root);
+  } catch (const Error& e) {
+    throw Error(Exit::config, what + " " + path + " not read: " + e.what(), e.hint());
   }
-  if (S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3)) {
-    return {};  // /dev/null: "no configuration", as scripts and tests say it
+  if (!text) {
+    throw Error(Exit::config, "cannot open " + what + " " + path + ": " + errno_text(ENOENT), "check the path");
   }
-  if (!S_ISREG(st.st_mode)) {
-    throw Error(Exit::config, what + " " + path + " is not a regular file (a FIFO, socket or device)",
-                "give the path of a configuration file");
-  }
-  if (static_cast<std::uint64_t>(st.st_size) > k_max_config_bytes) {
-    throw Error(Exit::config,
-                what + " " + path + " holds " + std::to_string(st.st_size) + " bytes, more than " +
-                    std::to_string(k_max_config_bytes),
-                "point the configuration at the right file");
-  }
-  std::string text;
-  char buf[65536];
-  for (;;) {
-    auto n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0) {
-      throw Error(Exit::config, "cannot read " + what + " " + path + ": " + errno_text(errno));
-    }
-    if (n == 0 || text.size() + static_cast<std::size_t>(n) > k_max_config_bytes) {
-      break;
-    }
-    text.append(buf, static_cast<std::size_t>(n));
-  }
-  return text;
+  return *text;
 }
 
 std::optional<std::string> find_config_file(const std::string& explicit_path) {

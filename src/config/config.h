@@ -158,14 +158,16 @@ std::optional<std::string> find_lithops_config();
 
 // Loads and validates the Lithops YAML, then the TOML over it, then AMQP_URL
 // over both; throws lhpc::Error(Exit::config) naming file:line:col and the
-// key. Files are opened without blocking and must be regular files.
+// key. Every file is read by read_config_file's rules.
 Config load(const std::string& explicit_path);
 // Parsers of bytes (no lookup, no environment): the TOML over `base`, and
 // the Lithops YAML over `base` (lithops_yaml.cc).
 Config parse(const std::string& toml_text, const std::string& source_name, Config base = {});
 Config parse_lithops_yaml(const std::string& yaml_text, const std::string& source_name, Config base = {});
-// A configuration file's bytes: O_NONBLOCK (a FIFO does not hang), fstat,
-// regular files only, at most k_max_config_bytes. Throws Error(Exit::config).
+// A configuration file's bytes, by util/fs's trust rules (read_trusted_file):
+// a regular file of yours or root's that others cannot write, in directories
+// only you or root control, at most k_max_config_bytes; /dev/null is empty.
+// Throws Error(Exit::config) naming the file and why it was not read.
 std::string read_config_file(const std::string& path, const std::string& what);
 
 // Checks of the effective values that are warnings, not errors: TLS checks

@@ -21,6 +21,7 @@
 #include "container/engine.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 #include "util/strings.h"
 
 namespace lhpc::container {
@@ -424,7 +425,7 @@ private:
     for (const auto& i : doc["instances"]) {
       if (i.is_object() && i.value("instance", std::string{}) == name) {
         const auto& pid = i.contains("pid") ? i["pid"] : nlohmann::json();
-        return pid.is_number_integer() ? pid.get<long long>() : 0;
+        return json_integer<long long>(pid).value_or(0);
       }
     }
     return std::nullopt;

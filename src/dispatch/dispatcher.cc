@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <ctime>
 
+#include "util/json_number.h"
+#include "util/strings.h"
+
 namespace lhpc::dispatch {
 
 Dispatcher::Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& handlers, CrashRecordPort* record)
@@ -144,7 +147,8 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
   m.generation = m_generation;
   m.d = std::move(d);
   m.no_ack = no_ack;
-  m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : m.d.props.message_id;
+  // The publisher chose the id: no escape sequence of theirs reaches a log or terminal.
+  m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : escape_controls(m.d.props.message_id);
   m.crashes = static_cast<int>(amqp::table_int(m.d.props.headers, k_hdr_crashes, 0));
   if (m.d.redelivered && m_record && m_record->killed_before(m.d.body)) {
     spdlog::error("message {} killed a dispatcher on this node before: moving it to {}", m.mid, dead_queue());
@@ -352,8 +356,8 @@ void Dispatcher::on_handler_reply(int h, const Json& reply) {
     return;
   }
   std::uint64_t id = 0;
-  if (auto it = reply.find("id"); it != reply.end() && it->is_number_unsigned()) {
-    id = it->get<std::uint64_t>();
+  if (auto it = reply.find("id"); it != reply.end()) {
+    id = json_integer<std::uint64_t>(*it).value_or(0);
   }
   bool ok = json_bool(reply, "ok");
   std::string error = json_string(reply, "error");

@@ -162,7 +162,7 @@ private:
     std::uint64_t id = 0;
     std::uint64_t generation = 0;
     amqp::Delivery d;
-    std::string mid;  // for logs
+    std::string mid;  // for logs: the message id, control characters escaped
     Kind kind = Kind::task;
     Action action = Action::send_task;
     Json payload;                   // control requests

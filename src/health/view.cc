@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
+#include "util/json_number.h"
 #include "util/strings.h"
 
 namespace lhpc::health {
@@ -32,18 +33,18 @@ public:
     return v.get<std::string>();
   }
   double num(const json& obj, const std::string& key, const std::string& where = {}) const {
-    const auto& v = at(obj, key, where);
-    if (!v.is_number()) {
+    auto v = json_real(at(obj, key, where));
+    if (!v) {
       fail(where + key, "is not a number");
     }
-    return v.get<double>();
+    return *v;
   }
   unsigned long long count(const json& obj, const std::string& key, const std::string& where = {}) const {
-    const auto& v = at(obj, key, where);
-    if (!v.is_number_integer() && !v.is_number_unsigned()) {
-      fail(where + key, "is not an integer");
+    auto v = json_integer<unsigned long long>(at(obj, key, where));
+    if (!v) {
+      fail(where + key, json_integer_rule<unsigned long long>());
     }
-    return v.get<unsigned long long>();
+    return *v;
   }
   bool boolean(const json& obj, const std::string& key, const std::string& where = {}) const {
     const auto& v = at(obj, key, where);
@@ -149,7 +150,7 @@ StatusView parse_status(const std::string& text, const std::string& source) {
     r.rss_tree_kb = rd.count(j, "rss_tree_kb", w);
     const auto& ls = rd.at(j, "last_seen", w);
     if (ls.is_number()) {
-      r.last_seen = ls.get<double>();
+      r.last_seen = json_real(ls);
     } else if (!ls.is_null()) {
       rd.fail(w + "last_seen", "is neither a number nor null");
     }

@@ -5,6 +5,8 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -344,4 +346,43 @@ TEST_CASE("the state file round-trips the jobs a restarted controller adopts") {
   CHECK(back.last_refusal == s.last_refusal);
   CHECK(back.ready == 7);
   CHECK_THROWS_AS(state_from_json("{}", "bad.json"), lhpc::Error);
+}
+
+TEST_CASE("a state file's number outside its field's range is refused, never converted") {
+  State s;
+  JobRecord r;
+  r.id = "42";
+  r.nodes = 2;
+  s.jobs.push_back(r);
+  s.ready = 3;
+  const auto good = nlohmann::json::parse(to_json(s));
+  auto refusal = [&](const std::function<void(nlohmann::json&)>& change) {
+    auto j = good;
+    change(j);
+    try {
+      state_from_json(j.dump(), "state.json");
+    } catch (const lhpc::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("read: ") + j.dump();
+  };
+  using J = nlohmann::json;
+  CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = 1e20; }) ==
+        "state.json: 'jobs[0].nodes' is not an integer from -2147483648 to 2147483647");
+  CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = 100001; }) ==
+        "state.json: 'jobs[0].nodes' is not an integer from 0 to 100000");
+  CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = -1; }).find("'jobs[0].nodes'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["jobs"][0]["done"] = 1e20; }) ==
+        "state.json: 'jobs[0].done' is not an integer from 0 to 18446744073709551615");
+  CHECK(refusal([](J& j) { j["demand"]["ready"] = 1e20; }).find("'demand.ready'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["demand"]["ready"] = -1; }).find("'demand.ready'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["pid"] = 1e20; }).find("'pid'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["refused_in_row"] = 2.5; }).find("'refused_in_row'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["demand"]["consumers"] = 4294967296.0; }).find("'demand.consumers'") != std::string::npos);
+  auto ok = good;
+  ok["jobs"][0]["done"] = 18446744073709551615ULL;
+  ok["demand"]["ready"] = nullptr;
+  auto back = state_from_json(ok.dump(), "state.json");
+  CHECK(back.jobs[0].idle.done == 18446744073709551615ULL);
+  CHECK_FALSE(back.ready);
 }

@@ -1,9 +1,10 @@
 // Configuration: every error class names file:line:col and the key; defaults,
 // placeholders, the AMQP_URL override and redaction; the user's Lithops YAML,
 // precedence and origins; the client-side checks; inputs toml++ 3.3.0 cannot
-// take; files that are not regular files.
+// take; files that are not regular files; files another user controls.
 #include <doctest/doctest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -17,7 +18,10 @@
 #include "test_support.h"
 #include "util/error.h"
 
+using lhpc::test::as_nobody;
+using lhpc::test::CwdGuard;
 using lhpc::test::EnvGuard;
+using lhpc::test::SharedDir;
 using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::config;
@@ -321,6 +325,52 @@ TEST_CASE("a FIFO or a directory given as config is refused at once") {
     CHECK(e.code() == Exit::config);
     CHECK(std::string(e.what()).find("is a directory") != std::string::npos);
   }
+}
+
+// ---- issue 20: configuration another user controls ------------------------------
+
+namespace {
+std::string refusal_of(const std::string& explicit_path) {
+  try {
+    load(explicit_path);
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::config);
+    return std::string(e.what()) + " | " + e.hint();
+  }
+  FAIL("another user's configuration was read");
+  return {};
+}
+}  // namespace
+
+TEST_CASE("another user's ./.lithops_config, --config file or link to one is refused, naming file and owner") {
+  SharedDir shared{"config"};  // like a shared or sticky directory sbatch jobs start in
+  TempDir home{"config"};
+  NoLithopsConfig no_lithops{home};
+  EnvGuard amqp("AMQP_URL", nullptr);
+  EnvGuard hpc("LITHOPS_HPC_CONFIG", nullptr);
+  EnvGuard xdg("XDG_CONFIG_HOME", home.file("xdg").c_str());
+  auto theirs = shared.file(".lithops_config");
+  REQUIRE(as_nobody({"sh", "-c", "printf 'rabbitmq:\n  amqp_url: amqp://u:p@attacker/\n' >" + theirs}));
+  {
+    CwdGuard cwd(shared.str());
+    auto msg = refusal_of("");
+    CHECK(msg.find(theirs + " belongs to nobody (uid 65534), neither to you nor to root") != std::string::npos);
+  }
+  auto toml = shared.file("site.toml");
+  REQUIRE(as_nobody({"sh", "-c", "printf '[rabbitmq]\\nqueue = \"theirs\"\\n' >" + toml}));
+  CHECK(refusal_of(toml).find(toml + " belongs to nobody") != std::string::npos);
+  // A link they planted, even to a file of ours: they chose where it leads.
+  auto mine = home.write("mine.toml", "[rabbitmq]\nqueue = \"mine\"\n", 0644);
+  REQUIRE(as_nobody({"ln", "-s", mine, shared.file("link.toml")}));
+  CHECK(refusal_of(shared.file("link.toml")).find("symbolic link of nobody") != std::string::npos);
+  // Ours, but writable by others: refused with the chmod that fixes it.
+  auto open_to_all = home.write("open.toml", "[rabbitmq]\nqueue = \"open\"\n", 0666);
+  CHECK(refusal_of(open_to_all).find("is writable by other users (mode 0666)") != std::string::npos);
+  // Ours in the same shared sticky directory, and a link of ours: read.
+  auto ok = shared.write("ours.toml", "[rabbitmq]\nqueue = \"ours\"\n", 0644);
+  CHECK(load(ok).rabbitmq.queue == "ours");
+  REQUIRE(::symlink(mine.c_str(), shared.file("our-link.toml").c_str()) == 0);
+  CHECK(load(shared.file("our-link.toml")).rabbitmq.queue == "mine");
 }
 
 TEST_CASE("a 50,000-character instance name is refused without a regex") {

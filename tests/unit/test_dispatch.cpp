@@ -22,6 +22,11 @@
 #include "dispatch/handler_pool.h"
 #include "dispatch/protocol.h"
 
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <sstream>
+
 using namespace lhpc;
 using namespace lhpc::dispatch;
 
@@ -552,6 +557,35 @@ TEST_CASE("malformed messages are dead-lettered with the reason, then acked") {
   r.confirm_all();
   CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
   CHECK(r.handlers.sent.empty());
+}
+
+namespace {
+// What the dispatcher logs, for the scope.
+struct LogCapture {
+  std::ostringstream out;
+  std::shared_ptr<spdlog::logger> old = spdlog::default_logger();
+  LogCapture() {
+    auto logger = std::make_shared<spdlog::logger>("capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(out));
+    logger->set_level(spdlog::level::debug);
+    spdlog::set_default_logger(logger);
+  }
+  ~LogCapture() { spdlog::set_default_logger(old); }
+};
+}  // namespace
+
+TEST_CASE("a publisher's message id and action reach the log with their control characters escaped") {
+  LogCapture logs;
+  Rig r(1);
+  amqp::Properties props;
+  props.message_id =
+      "id\x1b]0;owned\x07\xc2\x9b"
+      "2J";
+  r.deliver(R"({"action": "\u001b[2Jrm", "payload": ""})", props);
+  auto text = logs.out.str();
+  CHECK(text.find('\x1b') == std::string::npos);
+  CHECK(text.find('\x07') == std::string::npos);
+  CHECK(text.find("message id\\x1b]0;owned\\x07\\xc2\\x9b2J is malformed") != std::string::npos);
+  CHECK(text.find("unknown action '\\x1b[2Jrm'") != std::string::npos);
 }
 
 TEST_CASE("a call the handler could not run is counted failed and frees its slot") {

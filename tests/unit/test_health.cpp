@@ -22,7 +22,9 @@
 #include "util/fs.h"
 #include "util/process.h"
 
+using lhpc::test::as_nobody;
 using lhpc::test::EnvGuard;
+using lhpc::test::SharedDir;
 using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::health;
@@ -490,6 +492,22 @@ TEST_CASE("a configured status file is found through a link in the job directory
   REQUIRE(look.found);
   CHECK(look.found->text == t.to_json());
   CHECK(std::filesystem::is_symlink(loc.link));
+}
+
+TEST_CASE("a configured status file is never written through another user's link") {
+  StateDir sd;
+  SharedDir shared{"health"};
+  TempDir victim;
+  REQUIRE(as_nobody({"ln", "-s", victim.str(), shared.file("status")}));
+  auto loc = locate("78", shared.file("status/status-78.json"));
+  try {
+    prepare(loc);
+    FAIL("a status file behind another user's link was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find(shared.file("status") + " is a symbolic link of nobody") != std::string::npos);
+  }
+  CHECK_THROWS_AS(write_status(loc, "{}"), Error);
+  CHECK_FALSE(path_exists(victim.file("status-78.json")));
 }
 
 TEST_CASE("a stop request round trip") {
