@@ -61,9 +61,9 @@ std::string_view trimmed(std::string_view s) {
   return s;
 }
 
-// sbatch's words for a message: bounded, on one line, no terminal control,
-// no password, ASCII (the state file is JSON, which wants valid UTF-8; Slurm
-// writes English).
+// sbatch's words for a message: on one line, no terminal control, no
+// password, ASCII (the state file is JSON, which wants valid UTF-8; Slurm
+// writes English). The whole message is bounded by parse_sbatch_reply.
 std::string shown(std::string_view text) {
   auto clean = health::redact_secrets(trimmed(text));
   for (auto& c : clean) {
@@ -74,7 +74,7 @@ std::string shown(std::string_view text) {
       c = '?';
     }
   }
-  return health::truncate_utf8(trimmed(clean), k_reply_shown);
+  return std::string(trimmed(clean));
 }
 
 }  // namespace
@@ -95,18 +95,18 @@ SbatchReply parse_sbatch_reply(int exit_code, std::string_view out, std::string_
       end = start == 0 ? 0 : start - 1;
     }
     r.unreadable_success = true;
-    auto words = trimmed(err).empty() ? out : err;
-    r.refusal = trimmed(words).empty() ? "sbatch exited with code 0 and printed nothing"
-                                       : "sbatch printed no job id: " + shown(words);
-    return r;
   }
-  if (!trimmed(err).empty()) {
-    r.refusal = shown(err);
-  } else if (!trimmed(out).empty()) {
-    r.refusal = "sbatch exited with code " + std::to_string(exit_code) + ": " + shown(out);
+  auto o = shown(out), e = shown(err);
+  std::string said;
+  if (exit_code == 0) {
+    said = o.empty() && e.empty() ? "sbatch exited with code 0 and printed nothing"
+                                  : "sbatch printed no job id: " + (o.empty() ? e : o);
+  } else if (!e.empty()) {
+    said = e;
   } else {
-    r.refusal = "sbatch exited with code " + std::to_string(exit_code);
+    said = "sbatch exited with code " + std::to_string(exit_code) + (o.empty() ? "" : ": " + o);
   }
+  r.refusal = health::truncate_utf8(said, k_reply_shown);
   return r;
 }
 

@@ -463,6 +463,7 @@ struct World {
 
 struct FakeScheduler final : Scheduler {
   World& w;
+  unsigned long long calls = 0;  // this instance's, as a real one counts
   explicit FakeScheduler(World& world) : w(world) {}
   std::optional<std::map<std::string, SeenJob>> query(const std::vector<std::string>& ids) override {
     if (w.scheduler_down) {
@@ -485,6 +486,7 @@ struct FakeScheduler final : Scheduler {
     return ids;
   }
   Submitted submit(const Submission& s) override {
+    ++calls;
     w.submissions.push_back(s);
     std::string id = std::to_string(w.next_id++);
     if (!w.refuse || w.made_anyway) {
@@ -499,7 +501,7 @@ struct FakeScheduler final : Scheduler {
     w.cancelled.push_back(id);
     w.end(id);
   }
-  SchedulerCounters counters() const override { return {w.submissions.size(), 0}; }
+  SchedulerCounters counters() const override { return {calls, 0}; }
 };
 
 struct FakeQueue final : QueueProbe {
@@ -573,14 +575,15 @@ TEST_CASE("controller: tasks with no deployment bring one job; idle, it is retir
   CHECK(l.w.submissions[0].job_name == job_name());
   auto id = l.last_job();
   l.poll();
-  CHECK(l.submitted() == 1);  // pending capacity counts: no second job for the same tasks
+  CHECK(l.submitted() == 1);  // --max-pending 1
   l.w.serve(id, 2);
   l.w.ready(0);
   CHECK(l.poll().jobs.at(0).phase == Phase::serving);
   l.w.serve(id, 0, 6);  // the tasks are done
-  l.poll(30);
+  l.poll();
+  l.poll(59);
   CHECK(l.w.stops.empty());  // not idle long enough (--idle-timeout 60)
-  l.poll(31);
+  l.poll(2);
   CHECK(l.w.stops == std::vector<std::string>{id});
   CHECK(l.poll().jobs.at(0).phase == Phase::draining);
   l.w.end(id);
@@ -595,9 +598,9 @@ TEST_CASE("controller: tasks with no deployment bring one job; idle, it is retir
   CHECK(l.ctl->state().next.find("scaled to zero") != std::string::npos);
 }
 
-TEST_CASE("controller: under a backlog --max-nodes and --max-pending hold at every poll, and the limit is reached") {
+TEST_CASE("controller: under a backlog --max-pending and --max-nodes hold at every poll, and the limit is reached") {
   auto lim = limits();
-  lim.max_nodes = 5;
+  lim.max_nodes = 8;
   lim.nodes_per_job = 2;
   lim.max_pending = 2;
   Loop l(lim);
@@ -607,18 +610,22 @@ TEST_CASE("controller: under a backlog --max-nodes and --max-pending hold at eve
     int before = l.submitted();
     l.poll();
     CHECK(l.submitted() - before <= 1);  // at most one submission per poll
-    CHECK(l.w.held_nodes() <= 5);
+    CHECK(l.w.held_nodes() <= 8);
     CHECK(l.w.pending() <= 2);
     peak = std::max(peak, l.w.held_nodes());
-    if (i == 10) {
+    if (i == 3) {
+      CHECK(l.submitted() == 2);  // two pending: Slurm's queue is full for us
+      CHECK(l.ctl->state().next.find("--max-pending 2") != std::string::npos);
+    }
+    if (i >= 5) {
       for (const auto& id : l.w.held()) {
-        l.w.serve(id, 4);
+        l.w.serve(id, 4);  // Slurm starts them, every slot busy
       }
     }
   }
-  CHECK(peak == 4);  // two 2-node jobs; a third would pass 5
-  CHECK(l.submitted() == 2);
-  CHECK(l.ctl->state().next.find("--max-nodes 5") != std::string::npos);
+  CHECK(peak == 8);
+  CHECK(l.submitted() == 4);
+  CHECK(l.ctl->state().next.find("--max-nodes 8") != std::string::npos);
 }
 
 TEST_CASE("controller: a serving job near its time limit with work left gets one successor before it ends") {
@@ -657,13 +664,13 @@ TEST_CASE("controller: a refused submission shows the scheduler's words and is r
     l.poll();  // 9 s: still within the first 10 s
   }
   CHECK(l.submitted() == 1);
-  l.poll();
+  l.poll(2);
   CHECK(l.submitted() == 2);
   CHECK(l.ctl->state().error.find("next try in 20 s") != std::string::npos);
   l.poll(19);
   CHECK(l.submitted() == 2);
   l.w.refuse.reset();  // the partition is back
-  l.poll(1);
+  l.poll(2);
   CHECK(l.submitted() == 3);
   CHECK(l.ctl->state().refused_in_row == 0);
   CHECK(l.ctl->state().error.empty());
@@ -755,12 +762,13 @@ TEST_CASE("controller: restarted, it adopts its jobs from its state and by name,
   lim.max_nodes = 2;
   lim.max_pending = 2;
   Loop l(lim);
-  l.w.ready(1000);
+  l.w.ready(1);
   l.poll();
   auto saved = l.last_job();
   l.w.serve(saved, 2);
+  l.w.ready(0);
   l.poll();
-  // A second job was submitted and then the controller was killed before it saved its state.
+  // A second job was submitted and the controller killed before it saved its state.
   l.w.jobs["777"] = {SeenJob{.pending = true, .nodes = 1}, job_name()};
   l.w.jobs["778"] = {SeenJob{.pending = true, .nodes = 1}, "somebody-else"};
   int n = l.submitted();
@@ -769,10 +777,11 @@ TEST_CASE("controller: restarted, it adopts its jobs from its state and by name,
   REQUIRE(st.jobs.size() == 2);
   CHECK(st.jobs[0].id == saved);
   CHECK(st.jobs[1].id == "777");
+  l.w.ready(1000);
   for (int i = 0; i < 10; ++i) {
     l.poll();
   }
-  CHECK(l.submitted() == n);  // the backlog still wants nodes, but both are held
+  CHECK(l.submitted() == n);  // the backlog wants nodes, but both are held
   CHECK(l.ctl->state().jobs.size() == 2);
   CHECK(l.ctl->state().sbatch_calls == static_cast<unsigned long long>(n));  // counters carry across the restart
 }
