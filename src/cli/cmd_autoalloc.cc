@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "autoalloc/controller.h"
+#include "autoalloc/slurm_ports.h"
 #include "cli/cli.h"
 #include "lhpc_build_config.h"
 #include "util/error.h"
@@ -110,7 +111,8 @@ int run_autoalloc(const Globals& g, const AutoallocArgs& a) {
   config::require_amqp_url(cfg);
   auto s = settings_from(g, cfg, a);
   check(s);
-  autoalloc::Controller c(std::move(s));
+  auto ports = autoalloc::slurm_ports(s);
+  autoalloc::Controller c(std::move(s), std::move(ports));
   return c.run();
 }
 
