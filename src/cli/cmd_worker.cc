@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "cli/cli.h"
+#include "health/status_file.h"
 #include "logs/place.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -62,6 +63,9 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
     }
   }
   config::require_amqp_url(cfg);
+  // It names the instance, the handler log's place and the in-flight record:
+  // checked as deploy checks it, before any of them is made.
+  health::check_job_id(config::current_placeholders().jobid);
 
   record_logs(cfg);
   worker::Worker worker(cfg, worker::WorkerIdentity{.slots = o.slots});

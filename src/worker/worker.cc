@@ -118,6 +118,19 @@ void Worker::start(const std::string& image) {
     throw Error(Exit::failure, "worker started twice");
   }
   m_state = State::starting;
+  try {
+    start_parts(image);
+  } catch (const std::exception& e) {
+    // Never stepped half-started; stop() ends what did start. The error
+    // itself goes to the caller unchanged.
+    m_last_error = e.what();
+    m_state = State::failed;
+    throw;
+  }
+  m_state = State::running;
+}
+
+void Worker::start_parts(const std::string& image) {
   config::require_amqp_url(m_cfg);
   bool host = m_engine->kind() == config::Engine::host;
   auto spec = instance_spec(image);
@@ -128,7 +141,6 @@ void Worker::start(const std::string& image) {
   open_handler_log();
   m_context->log = m_log.get();
   m_mode->start();
-  m_state = State::running;
 }
 
 // Handler output to the rank's log file. A directory that is not ours (a

@@ -103,7 +103,9 @@ public:
 
   // Starts the instance from `image` (ignored by the host engine), then the
   // handlers and the broker connection (dispatch) or the runscript.
-  // Throws Error(Exit::engine) when the instance does not start.
+  // Throws Error(Exit::engine) when the instance does not start, and what
+  // else stopped it (the in-flight record, the handler script); the worker
+  // is failed then, and stop() ends what did start.
   void start(const std::string& image);
   // One poll() round over the broker socket, handler pipes, the signal pipe
   // and timers; never blocks longer than `max_wait`.
@@ -126,6 +128,7 @@ private:
   // One poll() over the signal pipe, the watched fds and the mode's own
   // `fds` (whose revents it fills); handles signals and watched fds itself.
   void poll_round(std::vector<pollfd>& fds, std::chrono::milliseconds timeout);
+  void start_parts(const std::string& image);
   container::InstanceSpec instance_spec(const std::string& image) const;
   void open_handler_log();
   std::unique_ptr<Mode> make_mode(std::unique_ptr<BrokerConnector> broker);

@@ -247,6 +247,15 @@ TEST_CASE("an instance name the engine could misread is refused before anything 
   CHECK(e->instance_start_argv({.image = "-odd.sif", .name = "w"})[3] == "./-odd.sif");
 }
 
+TEST_CASE("a very long instance name is checked without running out of stack") {
+  // std::regex_match recursed once per character: 50,000 overflowed the stack.
+  auto e = make_engine(config::Engine::singularity);
+  std::string name(200000, 'a');
+  CHECK(e->instance_start_argv({.image = "/i.sif", .name = name}).back() == name);
+  auto err = error_of([&] { e->instance_start_argv({.image = "/i.sif", .name = name + " "}); });
+  CHECK(err.code() == Exit::config);
+}
+
 // ---------------------------------------------------------------- environment
 
 TEST_CASE("secrets reach a container through SINGULARITYENV_/APPTAINERENV_, never argv or a plain variable") {
