@@ -24,11 +24,11 @@ double secs(milliseconds d) { return static_cast<double>(d.count()) / 1000.0; }
 }  // namespace
 
 bool DispatchMode::consuming() const {
-  return m_conn && !m_reserve_cancelled && w.m_state == State::running && m_pool->ready_count() > 0;
+  return m_conn && !m_reserve_cancelled && m_ctx.state() == State::running && m_pool->ready_count() > 0;
 }
 
 void DispatchMode::on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock::time_point now) {
-  if (gone.empty() || w.m_state != State::running) {
+  if (gone.empty() || m_ctx.state() != State::running) {
     return;  // draining: we cancelled them ourselves, or they stay gone
   }
   bool was = restore_pending();
@@ -52,15 +52,15 @@ void DispatchMode::on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock
   auto delay = m_restore_backoff.next();
   m_restore_due = now + delay;
   const auto& q = m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled ? m_rank_queue
-                                                                                 : w.m_cfg.rabbitmq.queue;
-  w.m_last_error = "the broker cancelled the consumer of " + q + " (queue deleted?)";
+                                                                                 : m_ctx.cfg.rabbitmq.queue;
+  m_ctx.note_error("the broker cancelled the consumer of " + q + " (queue deleted?)");
   spdlog::warn("the broker cancelled our consumer of {} (queue deleted, or a broker node lost): not consuming; "
                "declaring and consuming it again in {:.1f} s",
                q, secs(delay));
 }
 
 void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
-  if (!restore_pending() || !m_conn || now < m_restore_due || w.m_state != State::running) {
+  if (!restore_pending() || !m_conn || now < m_restore_due || m_ctx.state() != State::running) {
     return;
   }
   // Without waiting for replies: a refusal (the queue declared again with
@@ -69,10 +69,10 @@ void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
     return;  // lost() follows
   }
   try {
-    const auto& q = w.m_cfg.rabbitmq.queue;
+    const auto& q = m_ctx.cfg.rabbitmq.queue;
     if (m_reserve_cancelled || m_slot_cancelled) {
-      m_conn->declare_queue_async(q, true);  // as the Lithops client declares it
-      m_conn->declare_queue_async(q + ".dead", true);
+      m_conn->declare_queue_async(q, true, false);  // as the Lithops client declares it
+      m_conn->declare_queue_async(q + ".dead", true, false);
     }
     if (m_reserve_cancelled) {
       amqp::ConsumeArgs a;
@@ -95,10 +95,10 @@ void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
   }
   spdlog::info("restored: consuming {} again", m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled
                                                    ? m_rank_queue
-                                                   : w.m_cfg.rabbitmq.queue);
+                                                   : m_ctx.cfg.rabbitmq.queue);
   m_reserve_cancelled = m_slot_cancelled = m_rank_cancelled = false;
   m_restored_at = now;
-  w.m_last_error.clear();
+  m_ctx.note_error({});
 }
 
 void DispatchMode::log_totals() const {
