@@ -51,12 +51,13 @@ void DispatchMode::on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock
   }
   auto delay = m_restore_backoff.next();
   m_restore_due = now + delay;
-  const auto& q = m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled ? m_rank_queue
-                                                                                 : m_ctx.cfg.rabbitmq.queue;
+  const auto& q =
+      m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled ? m_rank_queue : m_ctx.cfg.rabbitmq.queue;
   m_ctx.note_error("the broker cancelled the consumer of " + q + " (queue deleted?)");
-  spdlog::warn("the broker cancelled our consumer of {} (queue deleted, or a broker node lost): not consuming; "
-               "declaring and consuming it again in {:.1f} s",
-               q, secs(delay));
+  spdlog::warn(
+      "the broker cancelled our consumer of {} (queue deleted, or a broker node lost): not consuming; "
+      "declaring and consuming it again in {:.1f} s",
+      q, secs(delay));
 }
 
 void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
@@ -93,9 +94,8 @@ void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
     m_broker_error = e.what();  // lost() follows
     return;
   }
-  spdlog::info("restored: consuming {} again", m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled
-                                                   ? m_rank_queue
-                                                   : m_ctx.cfg.rabbitmq.queue);
+  spdlog::info("restored: consuming {} again",
+               m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled ? m_rank_queue : m_ctx.cfg.rabbitmq.queue);
   m_reserve_cancelled = m_slot_cancelled = m_rank_cancelled = false;
   m_restored_at = now;
   m_ctx.note_error({});
@@ -103,10 +103,11 @@ void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
 
 void DispatchMode::log_totals() const {
   const auto& c = m_dispatcher->counters();
-  spdlog::info("stopped: {} call{} done, {} failed, {} requeued, {} dead-lettered, {} duplicate{} (finished after "
-               "the broker took the message back: at-least-once), {} consumer timeout{}",
-               c.tasks_done, c.tasks_done == 1 ? "" : "s", c.tasks_failed, c.tasks_requeued, c.dead_lettered,
-               c.duplicates, c.duplicates == 1 ? "" : "s", c.consumer_timeouts, c.consumer_timeouts == 1 ? "" : "s");
+  spdlog::info(
+      "stopped: {} call{} done, {} failed, {} requeued, {} dead-lettered, {} duplicate{} (finished after "
+      "the broker took the message back: at-least-once), {} consumer timeout{}",
+      c.tasks_done, c.tasks_done == 1 ? "" : "s", c.tasks_failed, c.tasks_requeued, c.dead_lettered, c.duplicates,
+      c.duplicates == 1 ? "" : "s", c.consumer_timeouts, c.consumer_timeouts == 1 ? "" : "s");
 }
 
 std::string DispatchMode::note_close() {
@@ -118,10 +119,11 @@ std::string DispatchMode::note_close() {
     return {};
   }
   auto what = m_dispatcher->on_consumer_timeout(milliseconds(*timeout));
-  auto text = fmt::format("the broker's consumer_timeout ({}) expired{}: it closed the channel and took the "
-                          "message back; raise consumer_timeout on the broker (lithops-hpc(1), FAILURE SEMANTICS)",
-                          *timeout > 0 ? fmt::format("{:g} s", static_cast<double>(*timeout) / 1000.0) : "?",
-                          what.empty() ? std::string() : " while " + what + " ran");
+  auto text = fmt::format(
+      "the broker's consumer_timeout ({}) expired{}: it closed the channel and took the "
+      "message back; raise consumer_timeout on the broker (lithops-hpc(1), FAILURE SEMANTICS)",
+      *timeout > 0 ? fmt::format("{:g} s", static_cast<double>(*timeout) / 1000.0) : "?",
+      what.empty() ? std::string() : " while " + what + " ran");
   spdlog::error("{}", text);
   return text;
 }
