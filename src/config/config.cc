@@ -308,6 +308,7 @@ const std::map<std::string, std::map<std::string, Key>>& schema() {
            {"verify_peer", bool_key(&Config::rabbitmq, &Rabbitmq::verify_peer)},
            {"max_message_bytes", int_key(&Config::rabbitmq, &Rabbitmq::max_message_bytes, 1024, 512 << 20)},
            {"max_message_depth", int_key(&Config::rabbitmq, &Rabbitmq::max_message_depth, 8, 1000)},
+           {"consumer_timeout", int_key(&Config::rabbitmq, &Rabbitmq::consumer_timeout, 0, 365 * 86400)},
        }},
       {"deploy",
        {
@@ -879,6 +880,7 @@ std::string to_toml(const Config& c, bool with_origins) {
   o.kv("verify_peer", toml_bool(c.rabbitmq.verify_peer));
   o.kv("max_message_bytes", toml_num(c.rabbitmq.max_message_bytes));
   o.kv("max_message_depth", toml_num(c.rabbitmq.max_message_depth));
+  o.kv("consumer_timeout", toml_num(c.rabbitmq.consumer_timeout));
   o.section("deploy");
   o.kv("transfer", toml_quote(to_string(c.deploy.transfer)));
   o.kv("chunk_mib", toml_num(c.deploy.chunk_mib));

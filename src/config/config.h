@@ -53,6 +53,9 @@ struct Rabbitmq {
   // Bounds on a task message, checked before it is parsed (dispatch/protocol.h).
   int max_message_bytes = 16 << 20;
   int max_message_depth = 64;
+  // The broker's consumer_timeout in seconds, as its operator set it (AMQP
+  // cannot ask); 0: unknown. Only `config check` reads it.
+  int consumer_timeout = 0;
 };
 
 struct Deploy {
@@ -121,6 +124,7 @@ struct LithopsClient {
   std::optional<Value> backend;             // lithops.backend
   std::optional<Value> storage;             // lithops.storage
   std::optional<Value> log_level;           // lithops.log_level (Lithops' default: INFO)
+  std::optional<Value> execution_timeout;   // lithops.execution_timeout, seconds (Lithops' default: 1800)
   std::optional<Value> runtime;             // singularity.runtime
   std::optional<Value> amqp_url;            // rabbitmq.amqp_url (secret)
   std::optional<Value> worker_processes;    // singularity.worker_processes: calls per message

@@ -140,7 +140,9 @@ health::State state_of(worker::State s) {
 health::Report make_report(health::State state, const WorkerStats& s, const std::string& node,
                            const std::string& error) {
   health::Report r;
-  r.state = state;
+  // Never "ready" while it consumes nothing (the broker lost, a consumer
+  // the broker cancelled not yet restored).
+  r.state = state == health::State::ready && !s.consuming ? health::State::reconnecting : state;
   r.slots_busy = s.slots_busy;
   r.slots_total = s.slots_total;
   r.done = s.tasks_done;
@@ -148,6 +150,9 @@ health::Report make_report(health::State state, const WorkerStats& s, const std:
   r.requeued = s.tasks_requeued;
   r.dead_lettered = s.dead_lettered;
   r.broker_connected = s.broker_connected ? 1 : 0;
+  r.consuming = s.consuming ? 1 : 0;
+  r.broker_blocked = s.broker_blocked ? 1 : 0;
+  r.duplicates = s.duplicates;
   r.instance_alive = s.instance_alive ? 1 : 0;
   r.restarts = static_cast<std::uint32_t>(s.restarts);
   auto mem = health::read_memory();

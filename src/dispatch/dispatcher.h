@@ -36,7 +36,15 @@
 //   at the second crash it goes to <queue>.dead instead;
 // - after a broker reconnect, messages of the old connection are the
 //   broker's again (it redelivers them): calls still running finish but are
-//   not acked (at-least-once: such a call may run twice).
+//   not acked (at-least-once: such a call may run twice; each one that
+//   finishes so is counted in Counters::duplicates);
+// - a message whose body is over max_message_bytes arrives without it
+//   (amqp::Delivery::oversized, never buffered) and goes to <queue>.dead with
+//   its headers only;
+// - when the broker closes the channel because a delivery was not acked
+//   within its consumer_timeout (on_consumer_timeout), the messages running
+//   that long are noted; one redelivered after max_timeouts such closes goes
+//   to <queue>.dead instead of running yet again.
 #pragma once
 
 #include <chrono>
@@ -81,14 +89,16 @@ public:
 };
 
 struct Counters {
-  std::uint64_t tasks_done = 0;       // calls a handler ran (function errors included)
-  std::uint64_t tasks_failed = 0;     // calls a handler could not run (ok:false)
-  std::uint64_t tasks_requeued = 0;   // calls republished after a crash, messages given back on drain
-  std::uint64_t dead_lettered = 0;    // messages and calls moved to <queue>.dead
-  std::uint64_t splits = 0;           // messages split because fewer slots were free
-  std::uint64_t handler_crashes = 0;  // handlers lost while running something
-  std::uint64_t metadata = 0;         // get_metadata answered
-  std::uint64_t pings = 0;            // pings answered
+  std::uint64_t tasks_done = 0;         // calls a handler ran (function errors included)
+  std::uint64_t tasks_failed = 0;       // calls a handler could not run (ok:false)
+  std::uint64_t tasks_requeued = 0;     // calls republished after a crash, messages given back on drain
+  std::uint64_t dead_lettered = 0;      // messages and calls moved to <queue>.dead
+  std::uint64_t splits = 0;             // messages split because fewer slots were free
+  std::uint64_t handler_crashes = 0;    // handlers lost while running something
+  std::uint64_t metadata = 0;           // get_metadata answered
+  std::uint64_t pings = 0;              // pings answered
+  std::uint64_t duplicates = 0;         // calls finished after their message went back to the broker
+  std::uint64_t consumer_timeouts = 0;  // channels the broker closed for an unacked delivery
 };
 
 struct DispatcherOptions {
@@ -96,8 +106,9 @@ struct DispatcherOptions {
   std::string queue = "task_queue";
   int rank = 0;
   std::string node;
-  int max_crashes = 2;  // a call that crashed a handler this often is dead-lettered
-  Limits limits;        // [rabbitmq] max_message_bytes, max_message_depth
+  int max_crashes = 2;   // a call that crashed a handler this often is dead-lettered
+  int max_timeouts = 2;  // a message that outlived the broker's consumer_timeout this often is dead-lettered
+  Limits limits;         // [rabbitmq] max_message_bytes, max_message_depth
   // This rank's own queue (protocol.h rank_queue), consumed without acks:
   // what arrives through it is never acked, rejected or requeued. Empty: none.
   std::string rank_queue;
@@ -122,6 +133,11 @@ public:
   void on_connected(int prefetch, bool slot_consumer);
   // The connection is gone: everything unacked is the broker's again.
   void on_disconnected();
+  // The broker closed the channel because a delivery went unacked for
+  // `timeout` (its consumer_timeout; 0: unknown). Call before
+  // on_disconnected(). Returns what ran that long, for logs and status
+  // ("job <key> call <id>, ..."); empty when nothing did.
+  std::string on_consumer_timeout(std::chrono::milliseconds timeout);
   void on_delivery(amqp::Delivery d);
   void on_confirm(const amqp::Confirm& c);
   void on_handler_ready(int h);
@@ -207,6 +223,11 @@ private:
   void crashed(Message& m, const std::string& call_json, const std::string& what, const std::string& why);
   void answer_control(Message& m, bool ok, const Json& reply, const std::string& error);
   void dead_letter(Message& m, const std::string& body, const std::string& reason, int crashes);
+  // A message refused before it was decoded: to <queue>.dead with `body`
+  // (by value: it is often the message's own, which moves).
+  void refuse(Message&& m, std::string body, const std::string& reason);
+  // Noted consumer timeouts of a message with this body (hashed).
+  int timeouts_of(const std::string& body) const;
   void release_slots(std::uint64_t msg);
   void update_prefetch();
   amqp::Properties republish_props(const Message& m) const;
@@ -231,6 +252,7 @@ private:
   std::deque<ControlRequest> m_control_out;           // sent to the control handler, in order
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
   Counters m_counters;
+  std::map<std::size_t, int> m_timeouts;  // body hash -> consumer timeouts while it ran here
   std::function<void(const amqp::Delivery&)> m_on_ack;
 };
 

@@ -12,8 +12,8 @@ namespace lhpc::health {
 
 namespace {
 
-constexpr std::array<std::string_view, 7> k_state_names = {
-    "staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive",
+constexpr std::array<std::string_view, 8> k_state_names = {
+    "staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive", "reconnecting",
 };
 
 // Largest prefix of `s` of at most `max` bytes that does not split a UTF-8 sequence.
@@ -155,7 +155,8 @@ std::string last_error_of(const Report& r) {
 }
 
 bool valid(const Report& r) {
-  return r.version == k_report_version && r.rank >= 0 && static_cast<std::uint8_t>(r.state) <= 5;
+  auto s = static_cast<std::uint8_t>(r.state);  // unresponsive is rank 0's verdict, never sent
+  return r.version == k_report_version && r.rank >= 0 && (s <= 5 || r.state == State::reconnecting);
 }
 
 double unix_now() {

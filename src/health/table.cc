@@ -146,6 +146,7 @@ Summary Table::summary() const {
       s.failed += e.report->failed;
       s.requeued += e.report->requeued;
       s.dead_lettered += e.report->dead_lettered;
+      s.duplicates += e.report->duplicates;
     }
   }
   return s;
@@ -183,7 +184,8 @@ std::string Table::to_json() const {
         {"done", s.done},
         {"failed", s.failed},
         {"requeued", s.requeued},
-        {"dead_lettered", s.dead_lettered}}},
+        {"dead_lettered", s.dead_lettered},
+        {"duplicates", s.duplicates}}},
       {"state", deployment_state_name(m_state)},
   };
   json ranks = json::array();
@@ -204,7 +206,10 @@ std::string Table::to_json() const {
     r["failed"] = p.failed;
     r["requeued"] = p.requeued;
     r["dead_lettered"] = p.dead_lettered;
+    r["duplicates"] = p.duplicates;
     r["broker"] = p.broker_connected != 0;
+    r["consuming"] = p.consuming != 0;
+    r["blocked"] = p.broker_blocked != 0;
     r["instance"] = p.instance_alive != 0;
     r["restarts"] = p.restarts;
     r["rss_kb"] = p.rss_kb;

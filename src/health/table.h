@@ -51,6 +51,7 @@ struct Summary {
   unsigned long long failed = 0;
   unsigned long long requeued = 0;
   unsigned long long dead_lettered = 0;
+  unsigned long long duplicates = 0;
 };
 
 class Table {

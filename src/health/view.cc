@@ -81,6 +81,18 @@ std::string ago(double seconds) {
   return fmt::format("{:.0f} d", seconds / 86400);
 }
 
+// The BROKER column: yes, no, blocked (an alarm on the broker), or
+// "no consumer" (connected, but the broker cancelled it: being restored).
+std::string broker_text(const RankView& r) {
+  if (!r.broker) {
+    return "no";
+  }
+  if (r.blocked) {
+    return "blocked";
+  }
+  return r.consuming ? "yes" : "no consumer";
+}
+
 std::string interval_text(double s) { return fmt::format("{:g} s", s); }
 
 std::string totals(const Summary& m) {
@@ -144,6 +156,10 @@ StatusView parse_status(const std::string& text, const std::string& source) {
     r.requeued = rd.count(j, "requeued", w);
     r.dead_lettered = rd.count(j, "dead_lettered", w);
     r.broker = rd.boolean(j, "broker", w);
+    // Newer facts: absent in a file written by an older lithops-hpc.
+    r.consuming = j.contains("consuming") ? rd.boolean(j, "consuming", w) : r.broker;
+    r.blocked = j.contains("blocked") && rd.boolean(j, "blocked", w);
+    r.duplicates = j.contains("duplicates") ? rd.count(j, "duplicates", w) : 0;
     r.instance = rd.boolean(j, "instance", w);
     r.restarts = static_cast<unsigned>(rd.count(j, "restarts", w));
     r.rss_kb = rd.count(j, "rss_kb", w);
@@ -202,7 +218,7 @@ std::string render(const StatusView& s, const Assessment& a) {
         std::to_string(r.done),
         std::to_string(r.failed),
         std::to_string(r.requeued),
-        yn(r.broker),
+        broker_text(r),
         yn(r.instance),
         std::to_string(r.restarts),
         r.rss_tree_kb ? human_bytes(static_cast<double>(r.rss_tree_kb) * 1024.0) : "-",

@@ -20,6 +20,9 @@ struct RankView {
   int slots_total = 0;
   unsigned long long done = 0, failed = 0, requeued = 0, dead_lettered = 0;
   bool broker = false;
+  bool consuming = true;  // absent in older status files
+  bool blocked = false;
+  unsigned long long duplicates = 0;
   bool instance = false;
   unsigned restarts = 0;
   unsigned long long rss_kb = 0, rss_tree_kb = 0;

@@ -17,7 +17,13 @@ public:
   void pump(bool readable) override { m_c->pump(readable); }
   bool next_delivery(amqp::Delivery& out) override { return m_c->next_delivery(out); }
   std::vector<amqp::Confirm> take_confirms() override { return m_c->take_confirms(); }
-  bool consumer_cancelled() const override { return m_c->consumer_cancelled(); }
+  std::vector<amqp::CancelledConsumer> take_cancelled() override { return m_c->take_cancelled(); }
+  bool blocked() const override { return m_c->blocked(); }
+  std::optional<amqp::BrokerClose> closed() const override { return m_c->closed(); }
+  void set_max_body(std::uint64_t bytes) override { m_c->set_max_body(bytes); }
+  void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) override {
+    m_c->declare_queue_async(queue, durable, auto_delete);
+  }
   void ack(std::uint64_t tag) override { m_c->ack(tag); }
   void reject(std::uint64_t tag, bool requeue) override { m_c->reject(tag, requeue); }
   std::uint64_t publish(const std::string& rk, std::string_view body, const amqp::Properties& p) override {
@@ -59,6 +65,7 @@ std::string subscribe(amqp::Connection& c, const Subscription& s) {
   c.open_channel(s.rank_channel);
   amqp::ConsumeArgs r;
   r.channel = s.rank_channel;
+  r.tag = s.rank_tag;
   r.no_ack = true;
   c.consume(s.rank_queue, r);
   return tag;

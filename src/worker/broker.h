@@ -29,7 +29,16 @@ public:
   virtual void pump(bool readable) = 0;
   virtual bool next_delivery(amqp::Delivery& out) = 0;
   virtual std::vector<amqp::Confirm> take_confirms() = 0;
-  virtual bool consumer_cancelled() const = 0;
+  // Consumers the broker cancelled since the last call (queue deleted, ...).
+  virtual std::vector<amqp::CancelledConsumer> take_cancelled() = 0;
+  // connection.blocked (a broker memory or disk alarm) until unblocked.
+  virtual bool blocked() const = 0;
+  // Why the broker closed a channel or the connection, once it did.
+  virtual std::optional<amqp::BrokerClose> closed() const = 0;
+  // Bodies over this many bytes are dropped as they arrive (Delivery::oversized).
+  virtual void set_max_body(std::uint64_t bytes) = 0;
+  // queue.declare without waiting for the reply (a refusal closes the channel).
+  virtual void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) = 0;
   virtual void ack(std::uint64_t tag) = 0;
   virtual void reject(std::uint64_t tag, bool requeue) = 0;
   // To the default exchange; returns the publisher-confirm sequence number.
@@ -50,6 +59,7 @@ struct Subscription {
   int slot_priority = 10;
   std::string slot_tag;     // the slot consumer's tag
   std::string reserve_tag;  // the reserve consumer's tag
+  std::string rank_tag;     // the rank queue consumer's tag
 };
 
 class BrokerConnector {

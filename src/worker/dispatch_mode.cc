@@ -205,7 +205,8 @@ void DispatchMode::set_slot_consumer(bool active) {
 }
 
 void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
-  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || m_ctx.state() != State::running) {
+  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || m_ctx.state() != State::running ||
+      m_reserve_cancelled || m_slot_cancelled) {
     return;
   }
   guarded([&] {
@@ -274,6 +275,7 @@ void DispatchMode::connect_when_due(Clock::time_point now) {
   sub.slot_priority = k_slot_priority;
   sub.slot_tag = "lhpc-slots-1";
   sub.reserve_tag = k_reserve_tag;
+  sub.rank_tag = k_rank_tag;
   m_connecting_prefetch = sub.prefetch;
   m_connecting_slot_consumer = sub.slot_consumer;
   m_reconnect->start(sub);
@@ -293,6 +295,8 @@ void DispatchMode::take_connection() {
     return;  // draining or failed meanwhile: close it again (nothing was delivered to us yet)
   }
   m_conn = std::move(r->link);
+  m_conn->set_max_body(static_cast<std::uint64_t>(m_ctx.cfg.rabbitmq.max_message_bytes));
+  m_reserve_cancelled = m_slot_cancelled = m_rank_cancelled = false;
   m_slot_tag = std::move(r->slot_tag);
   m_slot_consumers = m_slot_tag.empty() ? 0 : 1;
   m_slot_wanted = !m_slot_tag.empty();
@@ -305,7 +309,10 @@ void DispatchMode::take_connection() {
 }
 
 void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_error, cleared here
-  m_conn.reset();                           // broken: no polite close; the broker requeues what we held
+  if (auto t = note_close(); !t.empty()) {
+    why = std::move(t);
+  }
+  m_conn.reset();  // broken: no polite close; the broker requeues what we held
   m_slot_tag.clear();
   m_slot_wanted = false;
   m_broker_error.clear();
@@ -338,8 +345,8 @@ void DispatchMode::pump(bool readable) {
         m_dispatcher->on_confirm(c);
       }
     }
-    if (m_conn && m_conn->consumer_cancelled() && m_ctx.state() == State::running) {
-      throw Error(Exit::broker, "the broker cancelled our consumer (was " + m_ctx.cfg.rabbitmq.queue + " deleted?)");
+    if (m_conn) {
+      on_cancelled(m_conn->take_cancelled(), m_last_pump);
     }
   } catch (const Error& e) {
     m_broker_error = e.what();
@@ -358,6 +365,9 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
     sooner(m_last_pump + pump_every());
     if (m_slot_wanted && m_slot_tag.empty()) {
       sooner(m_slot_due);
+    }
+    if (restore_pending()) {
+      sooner(m_restore_due);
     }
   } else if (m_reconnect->connecting()) {
     sooner(now + milliseconds(20));  // the helper thread's result
@@ -404,6 +414,7 @@ std::optional<Done> DispatchMode::after_poll(bool broker_readable, Clock::time_p
     pump(broker_readable);
   }
   m_pool->tick(now);
+  restore_consumers_when_due(now);
   start_slot_consumer_when_due(now);
   if (!m_broker_error.empty()) {
     lost(m_broker_error);
@@ -469,6 +480,7 @@ void DispatchMode::finish(milliseconds handler_grace) {
   if (m_latency) {
     m_latency->write();
   }
+  log_totals();
   m_conn.reset();  // polite close: anything still unacked goes back to the queue
   // Idle handlers exit at once on EOF; busy ones only after an abort.
   if (m_pool) {
@@ -494,6 +506,10 @@ void DispatchMode::fill(WorkerStats& s) const {
   s.tasks_requeued = c.tasks_requeued;
   s.dead_lettered = c.dead_lettered;
   s.broker_connected = m_conn != nullptr;
+  s.consuming = consuming();
+  s.broker_blocked = m_conn && m_conn->blocked();
+  s.duplicates = c.duplicates;
+  s.consumer_timeouts = c.consumer_timeouts;
   if (s.state == State::running && m_pool->ready_count() == 0) {
     s.state = State::starting;
   }

@@ -14,6 +14,7 @@
 #include "dispatch/dispatcher.h"
 #include "dispatch/handler_pool.h"
 #include "dispatch/inflight.h"
+#include "util/backoff.h"
 #include "worker/broker.h"
 #include "worker/mode.h"
 #include "worker/worker.h"
@@ -33,6 +34,7 @@ public:
   // The slot consumer's x-priority; the reserve consumer has the default, 0.
   static constexpr int k_slot_priority = 10;
   static constexpr const char* k_reserve_tag = "lhpc-reserve";
+  static constexpr const char* k_rank_tag = "lhpc-rank";
   // A slot consumer wanted within this long of the last task delivered
   // waits until no task has come for that long (a backlog keeps sending).
   static constexpr std::chrono::milliseconds k_slot_consumer_delay{50};
@@ -84,6 +86,16 @@ private:
   std::optional<Done> check_drained(Clock::time_point now);
   void start_slot_consumer_when_due(Clock::time_point now);
   std::chrono::milliseconds pump_every() const;
+  // Broker faults on a live connection (consumers cancelled, consumer
+  // timeout, blocked): dispatch_faults.cc.
+  void on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock::time_point now);
+  void restore_consumers_when_due(Clock::time_point now);
+  // Before the connection is dropped: a close for the broker's
+  // consumer_timeout is noted and described (empty for any other loss).
+  std::string note_close();
+  bool consuming() const;
+  bool restore_pending() const { return m_reserve_cancelled || m_slot_cancelled || m_rank_cancelled; }
+  void log_totals() const;
 
   const ModeContext& m_ctx;
   std::string m_handler_path;  // where the handler runs it from (inside the instance or on the host)
@@ -104,6 +116,14 @@ private:
   std::unique_ptr<dispatch::Dispatcher> m_dispatcher;
   std::unique_ptr<dispatch::HandlerPool> m_pool;
   std::unique_ptr<LatencyLog> m_latency;  // test builds only
+  // Consumers the broker cancelled on this connection, restored (declare,
+  // consume) at m_restore_due; the backoff resets once one stays up.
+  bool m_reserve_cancelled = false;
+  bool m_slot_cancelled = false;
+  bool m_rank_cancelled = false;
+  Backoff m_restore_backoff{std::chrono::milliseconds(250), std::chrono::milliseconds(30000)};
+  Clock::time_point m_restore_due{};
+  Clock::time_point m_restored_at{};
 };
 
 }  // namespace lhpc::worker

@@ -61,11 +61,15 @@ struct WorkerStats {
   State state = State::created;
   int slots_busy = 0;
   int slots_total = 0;
-  std::uint64_t tasks_done = 0;      // calls run (function errors included)
-  std::uint64_t tasks_failed = 0;    // calls a handler could not run
-  std::uint64_t tasks_requeued = 0;  // given back to the queue (crash, drain)
-  std::uint64_t dead_lettered = 0;   // moved to <queue>.dead
-  bool broker_connected = false;     // runscript mode: the runscript is up
+  std::uint64_t tasks_done = 0;         // calls run (function errors included)
+  std::uint64_t tasks_failed = 0;       // calls a handler could not run
+  std::uint64_t tasks_requeued = 0;     // given back to the queue (crash, drain)
+  std::uint64_t dead_lettered = 0;      // moved to <queue>.dead
+  bool broker_connected = false;        // runscript mode: the runscript is up
+  bool consuming = false;               // the task queue's consumer is up (runscript mode: as broker_connected)
+  bool broker_blocked = false;          // connection.blocked: a memory or disk alarm on the broker
+  std::uint64_t duplicates = 0;         // calls that finished after the broker took their message back
+  std::uint64_t consumer_timeouts = 0;  // channels the broker closed for its consumer_timeout
   bool instance_alive = false;
   int restarts = 0;  // handler, runscript and instance restarts
   std::string last_error;

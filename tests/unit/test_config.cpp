@@ -595,6 +595,23 @@ TEST_CASE("a sound client config raises no warning") {
         std::string::npos);
 }
 
+TEST_CASE("config check warns when a call may outlive the broker's consumer_timeout, when it knows that") {
+  ClientFacts same{.image = "/x/my-rt.sif", .client_python = "3.11", .image_python = "3.11"};
+  auto c = parse_lithops_yaml(k_lithops_yaml, "l.yaml");
+  CHECK(!any_has(warnings_of(c, same), "consumer_timeout"));  // the broker's value unknown: no guess
+  c.rabbitmq.consumer_timeout = 1800;
+  CHECK(any_has(warnings_of(c, same),
+                "lithops.execution_timeout is not set (Lithops' default: 1800 s) but the "
+                "broker's consumer_timeout is 1800 s"));
+  c.rabbitmq.consumer_timeout = 86400;
+  CHECK(!any_has(warnings_of(c, same), "consumer_timeout"));
+  auto long_calls = parse_lithops_yaml("lithops:\n  backend: singularity\n  execution_timeout: 7200\n", "m.yaml");
+  long_calls.rabbitmq.consumer_timeout = 3600;
+  CHECK(any_has(warnings_of(long_calls, same),
+                "m.yaml:3: lithops.execution_timeout is 7200 s but the broker's "
+                "consumer_timeout is 3600 s"));
+}
+
 TEST_CASE("client checks: default runtime, localhost storage, log level, backend") {
   ClientFacts same{.client_python = "3.11", .image_python = "3.11"};
   auto w = warnings_of(parse_lithops_yaml("lithops:\n  backend: singularity\n  storage: localhost\n"

@@ -66,6 +66,7 @@ Report report_of(int rank, State s, std::uint64_t seq, const std::string& node) 
   r.requeued = 2;
   r.dead_lettered = 3;
   r.broker_connected = 1;
+  r.consuming = 1;
   r.instance_alive = 1;
   r.rss_kb = 2048;
   r.rss_tree_kb = 4096;
@@ -110,7 +111,7 @@ std::set<std::string> keys_of(const json& j) {
 
 TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
   CHECK(std::is_trivially_copyable_v<Report>);
-  CHECK(sizeof(Report) == 328);
+  CHECK(sizeof(Report) == 336);
   Report a = report_of(3, State::draining, 7, "node-7");
   set_last_error(a, "boom");
   unsigned char wire[sizeof(Report)];
@@ -127,7 +128,7 @@ TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
 
 TEST_CASE("state names are lower case and parse back") {
   for (auto s : {State::staging, State::starting, State::ready, State::draining, State::failed, State::stopped,
-                 State::unresponsive}) {
+                 State::unresponsive, State::reconnecting}) {
     auto name = std::string(state_name(s));
     for (char c : name) {
       CHECK(!(c >= 'A' && c <= 'Z'));
@@ -148,6 +149,8 @@ TEST_CASE("a report with a wrong version, a negative rank or an unknown state is
   CHECK(!valid(r));
   r.state = static_cast<State>(200);
   CHECK(!valid(r));
+  r.state = State::reconnecting;  // running, consuming nothing: sent
+  CHECK(valid(r));
   r = report_of(-1, State::ready, 1, "n");
   CHECK(!valid(r));
 }
@@ -329,7 +332,8 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   CHECK(doc["rank0"] == json{{"host", "n1"}, {"pid", 4242}});
   CHECK(doc["state"] == "draining");
   CHECK(keys_of(doc["summary"]) == std::set<std::string>{"ranks", "ready", "degraded", "unresponsive", "slots_busy",
-                                                         "slots_total", "done", "failed", "requeued", "dead_lettered"});
+                                                         "slots_total", "done", "failed", "requeued", "dead_lettered",
+                                                         "duplicates"});
   CHECK(doc["summary"]["ranks"] == 2);
   CHECK(doc["summary"]["ready"] == 1);
   CHECK(doc["summary"]["degraded"] == 1);
@@ -340,10 +344,11 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   CHECK(doc["summary"]["dead_lettered"] == 6);
   REQUIRE(doc["ranks"].size() == 2);
   const auto& r = doc["ranks"][1];
-  CHECK(keys_of(r) == std::set<std::string>{"rank",          "node",        "pid",      "state",     "reported_state",
-                                            "slots_busy",    "slots_total", "done",     "failed",    "requeued",
-                                            "dead_lettered", "broker",      "instance", "restarts",  "rss_kb",
-                                            "rss_tree_kb",   "uptime",      "seq",      "last_seen", "last_error"});
+  CHECK(keys_of(r) ==
+        std::set<std::string>{"rank",        "node",      "pid",     "state",     "reported_state", "slots_busy",
+                              "slots_total", "done",      "failed",  "requeued",  "dead_lettered",  "duplicates",
+                              "broker",      "consuming", "blocked", "instance",  "restarts",       "rss_kb",
+                              "rss_tree_kb", "uptime",    "seq",     "last_seen", "last_error"});
   CHECK(r["rank"] == 1);
   CHECK(r["node"] == "n2");
   CHECK(r["pid"] == 101);
@@ -443,6 +448,25 @@ TEST_CASE("the table a person reads") {
       std::string::npos);
   CHECK(text.find("rank 1 n2: last error: engine missing") != std::string::npos);
   CHECK(text.find("job 42: running, DEGRADED: 1/2 ranks ready, 1 degraded, 0 unresponsive") != std::string::npos);
+}
+
+TEST_CASE("a rank that consumes nothing or is blocked by the broker says so, and is not ready") {
+  FakeClock fc;
+  Table t = ready_table(fc, 2, 5);
+  auto deaf = report_of(0, State::reconnecting, 2, "n1");
+  deaf.consuming = 0;
+  t.update(deaf);
+  auto blocked = report_of(1, State::ready, 2, "n2");
+  blocked.broker_blocked = 1;
+  t.update(blocked);
+  auto v = parse_status(t.to_json(), "s");
+  CHECK(v.ranks[0].state == "reconnecting");
+  CHECK(!v.ranks[0].consuming);
+  CHECK(v.ranks[1].blocked);
+  auto text = render(v, assess(v, fc.wall + 1));
+  CHECK(text.find("n1    reconnecting  1/4    10    1       2         no consumer") != std::string::npos);
+  CHECK(text.find("n2    ready         1/4    10    1       2         blocked") != std::string::npos);
+  CHECK(text.find("DEGRADED: 1/2 ranks ready, 1 degraded") != std::string::npos);
 }
 
 TEST_CASE("a broken status file is an error naming the key") {
