@@ -3,7 +3,7 @@
 // itself: it talks to the broker and to handlers through two small ports, so
 // unit tests drive it with fakes.
 //
-// Rules it keeps (design.md, "Failure semantics"):
+// Rules it keeps (docs/design.md, "Failure semantics"):
 // - a message is acked only after every call it kept has finished (success,
 //   or a failure the handler reported); never nack-and-sleep;
 // - a send_task with more calls than free slots keeps what fits and

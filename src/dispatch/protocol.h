@@ -2,7 +2,7 @@
 // bounding and decoding a task message (from bytes: the fuzzing harnesses call
 // the same entry points), classifying malformed ones, splitting a send_task
 // across free slots and building the one-call payloads handlers run.
-// Facts: shared/lithops-protocol.md. No I/O here: everything is unit-tested.
+// Facts: docs/lithops-protocol.md. No I/O here: everything is unit-tested.
 #pragma once
 
 #include <cstddef>
