@@ -15,11 +15,14 @@
 #include "dispatch/dispatcher.h"
 #include "dispatch/handler_pool.h"
 #include "dispatch/inflight.h"
+#include "lhpc_build_config.h"
 #include "worker/worker.h"
 
 namespace lhpc::worker {
 
+#if LHPC_TEST_HOOKS
 class LatencyLog;
+#endif
 
 class DispatchMode final : public dispatch::BrokerPort, public dispatch::HandlerPool::Listener {
 public:
@@ -100,7 +103,9 @@ private:
   std::string m_rank_queue;                              // ping reaches this rank through it
   std::unique_ptr<dispatch::Dispatcher> m_dispatcher;
   std::unique_ptr<dispatch::HandlerPool> m_pool;
-  std::unique_ptr<LatencyLog> m_latency;  // test builds only
+#if LHPC_TEST_HOOKS
+  std::unique_ptr<LatencyLog> m_latency;  // bench/dispatch.sh: LITHOPS_HPC_LATENCY_LOG
+#endif
 };
 
 }  // namespace lhpc::worker
