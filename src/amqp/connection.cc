@@ -436,11 +436,6 @@ void Connection::confirm_select() {
   m_confirms = true;
 }
 
-void Connection::purge(const std::string& queue) {
-  amqp_queue_purge(m_s->conn, k_channel, amqp_cstring_bytes(queue.c_str()));
-  check_rpc(("purging '" + queue + "'").c_str());
-}
-
 void Connection::qos_async(std::uint16_t prefetch, bool global, std::uint16_t channel) {
   amqp_basic_qos_t req{};
   req.prefetch_size = 0;

@@ -142,7 +142,6 @@ public:
   // Returns the consumer tag; with `nowait`, sent without waiting for a reply.
   std::string consume(const std::string& queue, const ConsumeArgs& args);
   void confirm_select();
-  void purge(const std::string& queue);
 
   // Asynchronous: sent now, the reply (if any) is absorbed by pump().
   void qos_async(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
@@ -158,7 +157,6 @@ public:
   // (counts as life for the missed-heartbeat check). Throws on loss.
   void pump(bool readable = false);
   bool next_delivery(Delivery& out);
-  std::size_t deliveries_queued() const { return m_deliveries.size(); }
   std::vector<Confirm> take_confirms();
   std::size_t unconfirmed() const { return m_unconfirmed.size(); }
   // Consumers the broker cancelled since the last call (needs the

@@ -245,7 +245,9 @@ private:
   const Options& m_opts;
   const int m_rank, m_size;
   MPI_Comm m_comm;
-  bool m_dies_late = false;  // test builds: LITHOPS_HPC_TEST_DIE_AT_START=R@started
+#if LHPC_TEST_HOOKS
+  bool m_dies_late = false;  // LITHOPS_HPC_TEST_DIE_AT_START=R@started
+#endif
   config::Placeholders m_ph;
   std::vector<std::string> m_nodes;
   int m_on_node = 0, m_index_on_node = 0;
@@ -383,9 +385,11 @@ void RankRun::start() {
   if (!m_start_error.empty()) {
     spdlog::error("failed to start: {}", m_start_error);
   }
+#if LHPC_TEST_HOOKS
   if (m_dies_late) {
     std::_Exit(1);
   }
+#endif
   agree_started();
 }
 

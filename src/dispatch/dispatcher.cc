@@ -44,14 +44,6 @@ int Dispatcher::busy_slots() const {
   return n;
 }
 
-int Dispatcher::ready_slots() const {
-  int n = 0;
-  for (int i = 0; i < m_opts.slots; ++i) {
-    n += m_slots[i].ready ? 1 : 0;
-  }
-  return n;
-}
-
 bool Dispatcher::idle() const { return m_msgs.empty(); }
 
 int Dispatcher::desired_prefetch() const {
@@ -95,7 +87,6 @@ void Dispatcher::update_prefetch() {
 // --- connection ------------------------------------------------------------
 
 void Dispatcher::on_connected(int prefetch, bool slot_consumer) {
-  ++m_generation;
   m_connected = true;
   m_prefetch = prefetch;
   m_slot_consumer = slot_consumer;
@@ -144,7 +135,6 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
   }
   Message m;
   m.id = m_next_id++;
-  m.generation = m_generation;
   m.d = std::move(d);
   m.no_ack = no_ack;
   // The publisher chose the id: no escape sequence of theirs reaches a log or terminal.
@@ -278,7 +268,9 @@ void Dispatcher::schedule() {
 amqp::Properties Dispatcher::republish_props(const Message& m) const {
   amqp::Properties p = m.d.props;
   p.delivery_mode = 2;
-  p.headers.erase(k_hdr_sent_ns);
+#if LHPC_TEST_HOOKS
+  p.headers.erase(k_hdr_sent_ns);  // a remainder's latency is not the original's
+#endif
   return p;
 }
 
@@ -556,7 +548,9 @@ void Dispatcher::dead_letter(Message& m, const std::string& body, const std::str
   amqp::Properties p = m.d.props;
   p.delivery_mode = 2;
   p.expiration.clear();
+#if LHPC_TEST_HOOKS
   p.headers.erase(k_hdr_sent_ns);
+#endif
   p.headers[k_hdr_reason] = reason;
   p.headers[k_hdr_rank] = static_cast<std::int64_t>(m_opts.rank);
   p.headers[k_hdr_host] = m_opts.node;
@@ -590,9 +584,11 @@ void Dispatcher::maybe_complete(Message& m) {
       m_broker.reject(m.d.tag, true);
       ++m_counters.tasks_requeued;
     } else {
+#if LHPC_TEST_HOOKS
       if (m_on_ack) {
         m_on_ack(m.d);
       }
+#endif
       m_broker.ack(m.d.tag);
     }
   }

@@ -3,7 +3,7 @@
 // itself: it talks to the broker and to handlers through two small ports, so
 // unit tests drive it with fakes.
 //
-// Rules it keeps (design.md, "Failure semantics"):
+// Rules it keeps (docs/design.md, "Failure semantics"):
 // - a message is acked only after every call it kept has finished (success,
 //   or a failure the handler reported); never nack-and-sleep;
 // - a send_task with more calls than free slots keeps what fits and
@@ -59,6 +59,7 @@
 #include "amqp/connection.h"
 #include "dispatch/inflight.h"
 #include "dispatch/protocol.h"
+#include "lhpc_build_config.h"
 
 namespace lhpc::dispatch {
 
@@ -156,7 +157,6 @@ public:
   // Nothing unacked and nothing running: a drain is complete.
   bool idle() const;
   int busy_slots() const;
-  int ready_slots() const;
   int prefetch() const { return m_prefetch; }
   // The prefetch count the current state calls for (protocol.h prefetch_for).
   int desired_prefetch() const;
@@ -167,8 +167,11 @@ public:
   bool desired_slot_consumer() const;
   bool slot_consumer() const { return m_slot_consumer; }
   const Counters& counters() const { return m_counters; }
-  // Called with each message right before it is acked (latency logging).
+#if LHPC_TEST_HOOKS
+  // Called with each message right before it is acked: bench/dispatch.sh's
+  // latency log (LITHOPS_HPC_LATENCY_LOG), in test builds only.
   void set_on_ack(std::function<void(const amqp::Delivery&)> fn) { m_on_ack = std::move(fn); }
+#endif
 
 private:
   enum class Kind { task, control, malformed };
@@ -176,7 +179,6 @@ private:
 
   struct Message {
     std::uint64_t id = 0;
-    std::uint64_t generation = 0;
     amqp::Delivery d;
     std::string mid;  // for logs: the message id, control characters escaped
     Kind kind = Kind::task;
@@ -218,7 +220,6 @@ private:
   void send_control();
   void accept(Message&& m);
   void send_request(int h, std::uint64_t request, Action action, const std::string& payload_json);
-  void finish_call(Message& m);
   void maybe_complete(Message& m);
   void crashed(Message& m, const std::string& call_json, const std::string& what, const std::string& why);
   void answer_control(Message& m, bool ok, const Json& reply, const std::string& error);
@@ -237,7 +238,6 @@ private:
   BrokerPort& m_broker;
   HandlerPort& m_handlers;
   CrashRecordPort* m_record;
-  std::uint64_t m_generation = 0;
   bool m_connected = false;
   bool m_draining = false;
   bool m_aborted = false;
@@ -253,7 +253,9 @@ private:
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
   Counters m_counters;
   std::map<std::size_t, int> m_timeouts;  // body hash -> consumer timeouts while it ran here
+#if LHPC_TEST_HOOKS
   std::function<void(const amqp::Delivery&)> m_on_ack;
+#endif
 };
 
 }  // namespace lhpc::dispatch

@@ -201,6 +201,4 @@ void Transport::broadcast_control(Command c) {
 
 bool Transport::idle() const noexcept { return m_out.empty() && !m_kept; }
 
-std::size_t Transport::in_flight() const noexcept { return m_out.size(); }
-
 }  // namespace lhpc::health

@@ -74,7 +74,6 @@ public:
   void progress();
   // Nothing in flight and nothing kept (non-root: the last report left).
   bool idle() const noexcept;
-  std::size_t in_flight() const noexcept;
 
 private:
   struct Outgoing {

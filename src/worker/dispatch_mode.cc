@@ -33,6 +33,7 @@ milliseconds until(Clock::time_point t, Clock::time_point now) {
 
 }  // namespace
 
+#if LHPC_TEST_HOOKS
 // Benchmarks only (LITHOPS_HPC_LATENCY_LOG, test builds): "sent_ns ack_ns"
 // per acked message, written in batches (every 200 ms at most) so a benchmark
 // can watch the file grow without the worker paying a write per message.
@@ -68,6 +69,7 @@ private:
   std::vector<std::pair<std::int64_t, std::int64_t>> m_rows;
   Clock::time_point m_last_write{};
 };
+#endif
 
 std::string DispatchMode::find_handler(bool host_engine) {
   std::string path;
@@ -128,11 +130,6 @@ dispatch::HandlerCommand DispatchMode::handler_command(int h) const {
 }
 
 void DispatchMode::start() {
-#if LHPC_TEST_HOOKS
-  if (const char* p = std::getenv("LITHOPS_HPC_LATENCY_LOG"); p && *p) {
-    m_latency = std::make_unique<LatencyLog>(p);
-  }
-#endif
   dispatch::DispatcherOptions dopts;
   dopts.slots = m_ctx.slots;
   dopts.queue = m_ctx.cfg.rabbitmq.queue;
@@ -150,9 +147,12 @@ void DispatchMode::start() {
       m_ctx.slots + 1, [this](int h) { return handler_command(h); }, popts, *this);
   // The dispatcher sends through the pool.
   m_dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *this, *m_pool, m_inflight.get());
-  if (m_latency) {
+#if LHPC_TEST_HOOKS
+  if (const char* p = std::getenv("LITHOPS_HPC_LATENCY_LOG"); p && *p) {
+    m_latency = std::make_unique<LatencyLog>(p);
     m_dispatcher->set_on_ack([this](const amqp::Delivery& d) { m_latency->on_ack(d); });
   }
+#endif
   m_pool->start();
 }
 
@@ -431,9 +431,11 @@ std::optional<Done> DispatchMode::after_poll(bool broker_readable, Clock::time_p
   // Handlers spawned into an instance that is down would only die: wait for it.
   m_pool->hold_restarts(m_ctx.instance.restarting());
   connect_when_due(now);
+#if LHPC_TEST_HOOKS
   if (m_latency) {
     m_latency->maybe_write(now);
   }
+#endif
   if (m_ctx.state() == State::draining) {
     return check_drained(now);
   }
@@ -477,9 +479,11 @@ void DispatchMode::abort() {
 }
 
 void DispatchMode::finish(milliseconds handler_grace) {
+#if LHPC_TEST_HOOKS
   if (m_latency) {
     m_latency->write();
   }
+#endif
   log_totals();
   m_conn.reset();  // polite close: anything still unacked goes back to the queue
   // Idle handlers exit at once on EOF; busy ones only after an abort.

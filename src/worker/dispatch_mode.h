@@ -15,13 +15,16 @@
 #include "dispatch/handler_pool.h"
 #include "dispatch/inflight.h"
 #include "util/backoff.h"
+#include "lhpc_build_config.h"
 #include "worker/broker.h"
 #include "worker/mode.h"
 #include "worker/worker.h"
 
 namespace lhpc::worker {
 
+#if LHPC_TEST_HOOKS
 class LatencyLog;
+#endif
 
 class DispatchMode final : public Mode, public dispatch::BrokerPort, public dispatch::HandlerPool::Listener {
 public:
@@ -115,7 +118,9 @@ private:
   std::string m_rank_queue;                              // ping reaches this rank through it
   std::unique_ptr<dispatch::Dispatcher> m_dispatcher;
   std::unique_ptr<dispatch::HandlerPool> m_pool;
-  std::unique_ptr<LatencyLog> m_latency;  // test builds only
+#if LHPC_TEST_HOOKS
+  std::unique_ptr<LatencyLog> m_latency;  // bench/dispatch.sh: LITHOPS_HPC_LATENCY_LOG
+#endif
   // Consumers the broker cancelled on this connection, restored (declare,
   // consume) at m_restore_due; the backoff resets once one stays up.
   bool m_reserve_cancelled = false;
