@@ -331,13 +331,13 @@ void Controller::observe_deployments(double now) {
     r.slots_total = 0;
     r.slots_busy = 0;
     for (const auto& rank : v.ranks) {
-      if (rank.state == "ready") {
+      if (rank.state == health::State::ready) {
         ++r.ready_ranks;
         r.slots_total += rank.slots_total;
       }
       r.slots_busy += rank.slots_busy;
     }
-    bool winding_down = v.state == "draining" || v.state == "stopped" || v.state == "failed";
+    bool winding_down = v.state != health::DeploymentState::running;
     if (winding_down || r.stop_requested) {
       r.phase = Phase::draining;
     } else if (r.ready_ranks > 0) {
@@ -556,7 +556,7 @@ void Controller::finish(bool drain) {
   save();
 }
 
-int Controller::run() {
+Exit Controller::run() {
   SignalPipe signals({SIGINT, SIGTERM});
   adopt();
   spdlog::info("autoalloc: queue '{}' on {}; at most {} node(s), {} per job, {} pending; state in {}", m_s.queue,
@@ -575,7 +575,7 @@ int Controller::run() {
   spdlog::info("autoalloc: {} received; {}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                m_s.drain_on_exit ? "stopping the deployments (--drain-on-exit)" : "leaving the deployments serving");
   finish(m_s.drain_on_exit);
-  return exit_code_for_signal(sig);
+  return exit_for_signal(sig);
 }
 
 }  // namespace lhpc::autoalloc

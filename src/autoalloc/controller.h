@@ -14,6 +14,7 @@
 
 #include "amqp/connection.h"
 #include "autoalloc/policy.h"
+#include "util/error.h"
 
 namespace lhpc::autoalloc {
 
@@ -91,8 +92,8 @@ public:
   Controller(const Controller&) = delete;
   Controller& operator=(const Controller&) = delete;
 
-  // Runs until SIGTERM or SIGINT; returns the exit code for that signal.
-  int run();
+  // Runs until SIGTERM or SIGINT; returns how that signal ends the command.
+  Exit run();
 
 private:
   void adopt();

@@ -9,6 +9,8 @@
 
 #include "config/config.h"
 #include "health/status_file.h"
+#include "util/error.h"
+#include "util/names.h"
 
 namespace lhpc::cli {
 
@@ -18,18 +20,25 @@ struct Globals {
   bool verbose = false;
 };
 
-// A leaf subcommand and what runs when it was given; returns the exit code.
+// A leaf subcommand and what runs when it was given: it returns how the
+// command ended or throws lhpc::Error; main.cc alone makes the number.
 struct Action {
   CLI::App* app;
-  std::function<int()> run;
+  std::function<Exit()> run;
 };
 
 // Each registers its subcommands under `parent` and appends its actions.
 using Register = void (*)(CLI::App& parent, Globals& g, std::vector<Action>& actions);
 
-// A CLI11 check refusing a flag value through the config's own check (e.g.
-// config::transfer_error), so the flag and the TOML key say the same thing.
+// A CLI11 check refusing a flag value through the config's own check (an
+// enum's names, e.g. config::k_transfer_names, or config::logs_dir_error), so
+// the flag and the TOML key say the same thing.
 CLI::Validator choice(std::string (*error)(const std::string&));
+template <typename E, std::size_t N>
+CLI::Validator choice(const Names<E, N>& names) {
+  // No description: the option's help already lists the choices.
+  return CLI::Validator([&names](std::string& text) { return names.error(text); }, "");
+}
 
 // Loads the configuration the globals point at and logs its warnings.
 config::Config load_config(const Globals& g);
@@ -38,6 +47,6 @@ config::Config load_config(const Globals& g);
 // Error(no_deployment) naming where it looked when there is none.
 health::Found require_deployment(const std::string& job);
 
-int run(int argc, char** argv);
+Exit run(int argc, char** argv);
 
 }  // namespace lhpc::cli

@@ -103,7 +103,7 @@ void Worker::start(const std::string& image) {
   // Found before the instance starts: it is bind-mounted into it.
   std::string handler_host = dispatch_mode ? DispatchMode::find_handler(host) : std::string();
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
-               config::to_string(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
+               config::k_mode_names.text(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
   m_supervisor->start(instance_spec(image, handler_host));
   open_handler_log();
   if (dispatch_mode) {

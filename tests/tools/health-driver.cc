@@ -125,7 +125,7 @@ int main(int argc, char** argv) {
         }
       }
       for (auto c : h.poll()) {
-        begin_drain(health::command_name(c).data());
+        begin_drain(health::k_command_names.text(c).data());
       }
       if (h.is_root() && h.stop_requested()) {
         begin_drain("lithops-hpc stop");
