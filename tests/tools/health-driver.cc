@@ -167,7 +167,7 @@ int main(int argc, char** argv) {
     r.slots_busy = 0;
     auto end = h.finish(r, args.finish_timeout);
     if (!end.clean) {
-      mpi.abort(static_cast<int>(Exit::failure));
+      mpi.abort(Exit::failure);
     }
     spdlog::info("stopped cleanly");
     return 0;
