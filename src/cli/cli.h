@@ -47,6 +47,11 @@ config::Config load_config(const Globals& g);
 // Error(no_deployment) naming where it looked when there is none.
 health::Found require_deployment(const std::string& job);
 
+// `stop --all`: asks every running deployment to stop and waits up to
+// `timeout` seconds (cmd_stop.cc; `down` uses it too); throws Error(failure)
+// naming those that did not stop, Error(no_deployment) when there is none.
+Exit stop_all_deployments(double timeout);
+
 Exit run(int argc, char** argv);
 
 }  // namespace lhpc::cli

@@ -81,7 +81,7 @@ void wait_stopped(const health::Location& loc, health::StatusView view, double t
   }
 }
 
-Exit run_stop_all(const StopOpts& o) {
+Exit stop_all_deployments(double timeout) {
   auto live = autoalloc::live_deployments(health::unix_now());
   if (live.empty()) {
     require_deployment("");  // throws "no deployment found" when there is none at all
@@ -99,12 +99,12 @@ Exit run_stop_all(const StopOpts& o) {
     std::cout << "stop requested for job " << d.view.job << "\n";
   }
   std::cout.flush();
-  if (o.timeout == 0) {
+  if (timeout == 0) {
     return Exit::ok;
   }
   // Every deployment gets its wait; those that did not stop are reported
   // together at the end, through main like every error.
-  double deadline = health::unix_now() + o.timeout;
+  double deadline = health::unix_now() + timeout;
   std::vector<Error> missed;
   for (const auto& d : live) {
     try {
@@ -125,6 +125,8 @@ Exit run_stop_all(const StopOpts& o) {
   }
   throw Error(Exit::failure, what, missed.front().hint());
 }
+
+Exit run_stop_all(const StopOpts& o) { return stop_all_deployments(o.timeout); }
 
 Exit run_stop(const StopOpts& o) {
   if (o.all) {
