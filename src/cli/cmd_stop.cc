@@ -81,6 +81,8 @@ void wait_stopped(const health::Location& loc, health::StatusView view, double t
   }
 }
 
+}  // namespace
+
 Exit stop_all_deployments(double timeout) {
   auto live = autoalloc::live_deployments(health::unix_now());
   if (live.empty()) {
@@ -125,6 +127,8 @@ Exit stop_all_deployments(double timeout) {
   }
   throw Error(Exit::failure, what, missed.front().hint());
 }
+
+namespace {
 
 Exit run_stop_all(const StopOpts& o) { return stop_all_deployments(o.timeout); }
 
