@@ -455,7 +455,7 @@ void Controller::finish(bool drain) {
   save();
 }
 
-int Controller::run() {
+Exit Controller::run() {
   SignalPipe signals({SIGINT, SIGTERM});
   adopt();
   spdlog::info("autoalloc: queue '{}' on {}; at most {} node(s), {} per job, {} pending; state in {}", m_s.queue,
@@ -474,7 +474,7 @@ int Controller::run() {
   spdlog::info("autoalloc: {} received; {}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                m_s.drain_on_exit ? "stopping the deployments (--drain-on-exit)" : "leaving the deployments serving");
   finish(m_s.drain_on_exit);
-  return exit_code_for_signal(sig);
+  return exit_for_signal(sig);
 }
 
 }  // namespace lhpc::autoalloc

@@ -18,6 +18,7 @@
 #include "amqp/connection.h"
 #include "autoalloc/policy.h"
 #include "autoalloc/ports.h"
+#include "util/error.h"
 #include "util/fd.h"
 
 namespace lhpc::autoalloc {
@@ -108,9 +109,8 @@ public:
   Controller(const Controller&) = delete;
   Controller& operator=(const Controller&) = delete;
 
-  // Runs until SIGTERM or SIGINT; returns the exit code for that signal:
-  // adopt(), poll() every Settings::poll seconds, finish().
-  int run();
+  // Runs until SIGTERM or SIGINT; returns how that signal ends the command.
+  Exit run();
 
   // Takes on the jobs of the state file and those the scheduler knows by
   // this controller's job name (submitted, then killed before saving).

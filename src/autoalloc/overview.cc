@@ -35,7 +35,7 @@ std::vector<Deployment> deployments(double now) {
 }
 
 namespace {
-bool live(const Deployment& d) { return d.view.state != "stopped" && d.view.state != "failed" && !d.assessment.stale; }
+bool live(const Deployment& d) { return !health::ended(d.view.state) && !d.assessment.stale; }
 }  // namespace
 
 std::vector<Deployment> live_deployments(double now) {
@@ -44,31 +44,30 @@ std::vector<Deployment> live_deployments(double now) {
   return all;
 }
 
-std::string overview_text(double now, int& code) {
+Overview overview_text(double now) {
   auto all = deployments(now);
   auto state = load_state();
-  std::string out;
-  code = 0;
+  Overview o;
   for (const auto& d : all) {
-    out += d.assessment.headline + "\n";
+    o.text += d.assessment.headline + "\n";
     if (live(d) && d.assessment.code != Exit::ok) {
-      code = 1;
+      o.code = Exit::failure;
     }
   }
   if (state) {
-    out += status_line(*state, now) + "\n";
+    o.text += status_line(*state, now) + "\n";
     if (!state->error.empty()) {
-      code = 1;
+      o.code = Exit::failure;
     }
   }
   if (all.empty() && !state) {
-    code = static_cast<int>(Exit::no_deployment);
+    o.code = Exit::no_deployment;
   }
-  return out;
+  return o;
 }
 
-std::string overview_json(double now, int& code) {
-  overview_text(now, code);
+Overview overview_json(double now) {
+  Overview o{.text = {}, .code = overview_text(now).code};
   nlohmann::ordered_json j;
   j["deployments"] = nlohmann::ordered_json::array();
   for (const auto& d : deployments(now)) {
@@ -76,7 +75,8 @@ std::string overview_json(double now, int& code) {
   }
   auto text = read_state_text();
   j["autoalloc"] = text ? nlohmann::ordered_json::parse(*text, nullptr, false) : nlohmann::ordered_json(nullptr);
-  return j.dump() + "\n";
+  o.text = j.dump() + "\n";
+  return o;
 }
 
 }  // namespace lhpc::autoalloc

@@ -24,13 +24,13 @@ DeploymentLook StatusProbe::look(const std::string& job) {
   }
   d.seen = DeploymentLook::Seen::report;
   for (const auto& rank : v.ranks) {
-    if (rank.state == "ready") {
+    if (rank.state == health::State::ready) {
       ++d.ready_ranks;
       d.slots_total += rank.slots_total;
     }
     d.slots_busy += rank.slots_busy;
   }
-  d.winding_down = v.state == "draining" || v.state == "stopped" || v.state == "failed";
+  d.winding_down = v.state != health::DeploymentState::running;
   d.done = v.summary.done;
   return d;
 }

@@ -106,7 +106,7 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   return s;
 }
 
-int run_autoalloc(const Globals& g, const AutoallocArgs& a) {
+Exit run_autoalloc(const Globals& g, const AutoallocArgs& a) {
   auto cfg = load_config(g);
   config::require_amqp_url(cfg);
   auto s = settings_from(g, cfg, a);

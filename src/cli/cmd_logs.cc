@@ -65,7 +65,7 @@ bool ended(const std::string& job) {
       return false;
     }
     auto view = health::parse_status(look.found->text, look.found->loc.link);
-    return view.state == "stopped" || view.state == "failed" || health::assess(view, health::unix_now()).stale;
+    return health::ended(view.state) || health::assess(view, health::unix_now()).stale;
   } catch (const Error&) {
     return false;  // half a file or a transient problem: look again
   }
@@ -84,7 +84,7 @@ void say_missing(const logs::Record& rec, const logs::Reader& reader, bool yet) 
   }
 }
 
-int run_logs(const LogsOpts& o, bool rank_given) {
+Exit run_logs(const LogsOpts& o, bool rank_given) {
   auto job = resolve_job(o.job);
   auto rec = logs::read_record(job);
   if (!rec) {
@@ -98,7 +98,7 @@ int run_logs(const LogsOpts& o, bool rank_given) {
   if (!o.follow) {
     reader.pump(std::cout, true);
     say_missing(*rec, reader, false);
-    return reader.missing().empty() ? 0 : static_cast<int>(Exit::failure);
+    return reader.missing().empty() ? Exit::ok : Exit::failure;
   }
   SignalPipe signals({SIGINT, SIGTERM});
   reader.pump(std::cout);
@@ -109,7 +109,7 @@ int run_logs(const LogsOpts& o, bool rank_given) {
     if (::poll(&p, 1, 250) > 0) {
       auto got = signals.drain();
       reader.pump(std::cout, true);
-      return exit_code_for_signal(got.empty() ? SIGINT : got.back());
+      return exit_for_signal(got.empty() ? SIGINT : got.back());
     }
     bool over = false;
     if (std::chrono::steady_clock::now() >= next_look) {
@@ -118,7 +118,7 @@ int run_logs(const LogsOpts& o, bool rank_given) {
     }
     reader.pump(std::cout, over);
     if (over) {
-      return reader.missing().empty() ? 0 : static_cast<int>(Exit::failure);
+      return reader.missing().empty() ? Exit::ok : Exit::failure;
     }
   }
 }

@@ -10,25 +10,23 @@
 #include <string>
 #include <vector>
 
+#include "util/names.h"
+
 namespace lhpc::config {
 
 enum class Engine { singularity, apptainer, host };
 enum class Transfer { mpi, sbcast, none };
 enum class Mode { dispatch, runscript };
 
-std::string to_string(Engine);
-std::string to_string(Transfer);
-std::string to_string(Mode);
-std::optional<Engine> parse_engine(const std::string&);
-std::optional<Transfer> parse_transfer(const std::string&);
-std::optional<Mode> parse_mode(const std::string&);
-// Why `text` names no value of the enum, in the words every refusal uses
-// ("'x' is not one of mpi, sbcast, none"); empty when it is valid. The TOML
-// keys and the command-line flags (a CLI11 check) both refuse through these,
-// so a bad value reads the same wherever it was written.
-std::string engine_error(const std::string& text);
-std::string transfer_error(const std::string& text);
-std::string mode_error(const std::string& text);
+// Each enum's names, once: .text(value), .parse(text), and .error(text), the
+// refusal every reader uses ("'x' is not one of mpi, sbcast, none"; empty
+// when valid). The TOML keys and the command-line flags (cli::choice) both
+// refuse through these, so a bad value reads the same wherever it was written.
+inline constexpr Names<Engine, 3> k_engine_names{
+    {{{Engine::singularity, "singularity"}, {Engine::apptainer, "apptainer"}, {Engine::host, "host"}}}};
+inline constexpr Names<Transfer, 3> k_transfer_names{
+    {{{Transfer::mpi, "mpi"}, {Transfer::sbcast, "sbcast"}, {Transfer::none, "none"}}}};
+inline constexpr Names<Mode, 2> k_mode_names{{{{Mode::dispatch, "dispatch"}, {Mode::runscript, "runscript"}}}};
 // logs.dir and --logs-dir: "node", "state" or an absolute path; empty when valid.
 std::string logs_dir_error(const std::string& text);
 

@@ -12,6 +12,8 @@
 #include <string_view>
 #include <type_traits>
 
+#include "util/names.h"
+
 namespace lhpc::health {
 
 // A rank's state as it reports it. `unresponsive` is never sent: rank 0
@@ -30,8 +32,16 @@ enum class State : std::uint8_t {
 };
 
 // Lower case, as in the status file and logs: "ready", "unresponsive", ...
-std::string_view state_name(State s);
-std::optional<State> parse_state(std::string_view name);
+inline constexpr Names<State, 8> k_state_names{{{
+    {State::staging, "staging"},
+    {State::starting, "starting"},
+    {State::ready, "ready"},
+    {State::draining, "draining"},
+    {State::failed, "failed"},
+    {State::stopped, "stopped"},
+    {State::unresponsive, "unresponsive"},
+    {State::reconnecting, "reconnecting"},
+}}};
 
 inline constexpr std::uint32_t k_report_version = 2;
 inline constexpr std::size_t k_node_len = 64;         // bytes, including the NUL

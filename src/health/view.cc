@@ -53,6 +53,15 @@ public:
     }
     return v.get<bool>();
   }
+  // A state, by the names the writer uses; one it does not know is refused.
+  template <typename S, std::size_t N>
+  S state(const json& obj, const std::string& key, const std::string& where, const Names<S, N>& names) const {
+    auto text = str(obj, key, where);
+    if (auto s = names.parse(text)) {
+      return *s;
+    }
+    fail(where + key, "is '" + text + "', not one of " + names.list());
+  }
   [[noreturn]] void fail(const std::string& key, const std::string& what) const {
     throw Error(Exit::failure, m_source + ": '" + key + "' " + what,
                 "the file is written by lithops-hpc deploy; a different version may have written it");
@@ -124,7 +133,7 @@ StatusView parse_status(const std::string& text, const std::string& source) {
   const auto& r0 = rd.at(doc, "rank0", "");
   s.rank0_host = rd.str(r0, "host", "rank0.");
   s.rank0_pid = static_cast<long>(rd.count(r0, "pid", "rank0."));
-  s.state = rd.str(doc, "state");
+  s.state = rd.state(doc, "state", "", k_deployment_state_names);
   const auto& sm = rd.at(doc, "summary", "");
   auto& m = s.summary;
   m.ranks = static_cast<int>(rd.count(sm, "ranks", "summary."));
@@ -148,7 +157,7 @@ StatusView parse_status(const std::string& text, const std::string& source) {
     r.rank = static_cast<int>(rd.count(j, "rank", w));
     r.node = rd.str(j, "node", w);
     r.pid = static_cast<long>(rd.count(j, "pid", w));
-    r.state = rd.str(j, "state", w);
+    r.state = rd.state(j, "state", w, k_state_names);
     r.slots_busy = static_cast<int>(rd.count(j, "slots_busy", w));
     r.slots_total = static_cast<int>(rd.count(j, "slots_total", w));
     r.done = rd.count(j, "done", w);
@@ -180,8 +189,8 @@ Assessment assess(const StatusView& s, double now_unix) {
   Assessment a;
   a.age = now_unix - s.updated;
   const auto& m = s.summary;
-  bool ended = s.state == "stopped" || s.state == "failed";
-  a.stale = !ended && a.age > k_unresponsive_intervals * s.interval;
+  bool over = ended(s.state);
+  a.stale = !over && a.age > k_unresponsive_intervals * s.interval;
   if (a.stale) {
     a.code = Exit::failure;
     a.headline = fmt::format(
@@ -190,17 +199,19 @@ Assessment assess(const StatusView& s, double now_unix) {
         s.job, s.rank0_host, s.rank0_pid, ago(a.age), interval_text(s.interval));
     return a;
   }
-  if (ended) {
+  if (over) {
     a.code = Exit::failure;
-    a.headline = fmt::format("job {}: {} {} ago; {}", s.job, s.state, ago(a.age), totals(m));
+    a.headline =
+        fmt::format("job {}: {} {} ago; {}", s.job, k_deployment_state_names.text(s.state), ago(a.age), totals(m));
     return a;
   }
-  bool all_ready = m.ranks > 0 && m.ready == m.ranks && s.state == "running";
+  bool all_ready = m.ranks > 0 && m.ready == m.ranks && s.state == DeploymentState::running;
   a.code = all_ready ? Exit::ok : Exit::failure;
   std::string health = all_ready ? fmt::format("{}/{} ranks ready", m.ready, m.ranks)
                                  : fmt::format("DEGRADED: {}/{} ranks ready, {} degraded, {} unresponsive", m.ready,
                                                m.ranks, m.degraded, m.unresponsive);
-  a.headline = fmt::format("job {}: {}, {}; {} (updated {} ago)", s.job, s.state, health, totals(m), ago(a.age));
+  a.headline = fmt::format("job {}: {}, {}; {} (updated {} ago)", s.job, k_deployment_state_names.text(s.state), health,
+                           totals(m), ago(a.age));
   return a;
 }
 
@@ -213,7 +224,7 @@ std::string render(const StatusView& s, const Assessment& a) {
     rows.push_back({
         std::to_string(r.rank),
         r.node.empty() ? "-" : r.node,
-        r.state,
+        std::string(k_state_names.text(r.state)),
         fmt::format("{}/{}", r.slots_busy, r.slots_total),
         std::to_string(r.done),
         std::to_string(r.failed),

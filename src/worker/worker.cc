@@ -136,7 +136,7 @@ void Worker::start_parts(const std::string& image) {
   auto spec = instance_spec(image);
   m_mode->prepare(spec);
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
-               config::to_string(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
+               config::k_mode_names.text(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
   m_supervisor->start(spec);
   open_handler_log();
   m_context->log = m_log.get();

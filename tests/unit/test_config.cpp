@@ -119,6 +119,59 @@ TEST_CASE("enumerations list their choices") {
   CHECK(msg.find("singularity, apptainer, host") != std::string::npos);
 }
 
+TEST_CASE("an unknown section lists every section there is") {
+  auto msg = error_of("[nosuch]\nx = 1\n");
+  CHECK(msg.find("sections are [singularity], [rabbitmq], [deploy], [health], [logs], [autoalloc]") !=
+        std::string::npos);
+}
+
+TEST_CASE("enum names: one table each gives the text, reads it back, and refuses in one set of words") {
+  CHECK(k_engine_names.text(Engine::apptainer) == "apptainer");
+  CHECK(k_engine_names.parse("host") == Engine::host);
+  CHECK(!k_engine_names.parse("Host"));
+  CHECK(k_engine_names.error("host").empty());
+  CHECK(k_engine_names.error("docker") == "'docker' is not one of singularity, apptainer, host");
+  CHECK(k_transfer_names.error("scp") == "'scp' is not one of mpi, sbcast, none");
+  CHECK(k_mode_names.error("batch") == "'batch' is not one of dispatch, runscript");
+  CHECK(k_mode_names.text(static_cast<Mode>(7)) == "unknown");
+  // The TOML key refuses in the same words as the flag's check.
+  CHECK(error_of("[deploy]\ntransfer = \"scp\"\n").find("deploy.transfer: 'scp' is not one of mpi, sbcast, none") !=
+        std::string::npos);
+}
+
+TEST_CASE("every key the listing shows is one the reader takes back, with the same value") {
+  auto c = parse(R"([singularity]
+engine = "apptainer"
+binds = ["/a", "/b:/c"]
+worker_processes = 3
+[rabbitmq]
+amqp_url = "amqp://h.example:5673/v"
+heartbeat = 0
+[deploy]
+transfer = "sbcast"
+mode = "runscript"
+drain_timeout = 1.5
+[logs]
+dir = "state"
+[autoalloc]
+sbatch_args = ["--qos=low"]
+drain_on_exit = true
+)",
+                 "site.toml");
+  auto listed = to_toml(c);
+  auto again = parse(listed, "listed.toml");
+  CHECK(to_toml(again) == listed);
+  CHECK(again.singularity.engine == Engine::apptainer);
+  CHECK(again.deploy.drain_timeout == 1.5);
+  CHECK(again.autoalloc.sbatch_args == std::vector<std::string>{"--qos=low"});
+  // Every key of every section is listed, once.
+  std::size_t keys = 0;
+  for (std::size_t at = listed.find(" = "); at != std::string::npos; at = listed.find(" = ", at + 1)) {
+    ++keys;
+  }
+  CHECK(keys == 45);
+}
+
 TEST_CASE("out of range numbers say the range") {
   auto msg = error_of("[deploy]\nchunk_mib = 0\n");
   CHECK(msg.find("deploy.chunk_mib") != std::string::npos);

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "autoalloc/overview.h"
 #include "config/config.h"
 #include "health/memory.h"
 #include "health/report.h"
@@ -129,14 +130,14 @@ TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
 TEST_CASE("state names are lower case and parse back") {
   for (auto s : {State::staging, State::starting, State::ready, State::draining, State::failed, State::stopped,
                  State::unresponsive, State::reconnecting}) {
-    auto name = std::string(state_name(s));
+    auto name = std::string(k_state_names.text(s));
     for (char c : name) {
       CHECK(!(c >= 'A' && c <= 'Z'));
     }
-    CHECK(parse_state(name) == s);
+    CHECK(k_state_names.parse(name) == s);
   }
-  CHECK(state_name(State::unresponsive) == "unresponsive");
-  CHECK(!parse_state("Ready"));
+  CHECK(k_state_names.text(State::unresponsive) == "unresponsive");
+  CHECK(!k_state_names.parse("Ready"));
 }
 
 TEST_CASE("a report with a wrong version, a negative rank or an unknown state is invalid") {
@@ -460,7 +461,7 @@ TEST_CASE("a rank that consumes nothing or is blocked by the broker says so, and
   blocked.broker_blocked = 1;
   t.update(blocked);
   auto v = parse_status(t.to_json(), "s");
-  CHECK(v.ranks[0].state == "reconnecting");
+  CHECK(v.ranks[0].state == State::reconnecting);
   CHECK(!v.ranks[0].consuming);
   CHECK(v.ranks[1].blocked);
   auto text = render(v, assess(v, fc.wall + 1));
@@ -479,6 +480,39 @@ TEST_CASE("a broken status file is an error naming the key") {
   doc = json::parse(t.to_json());
   doc["version"] = 2;
   CHECK_THROWS_AS(parse_status(doc.dump(), "s"), Error);
+}
+
+TEST_CASE("the view reads states as the enums the writer uses") {
+  FakeClock fc;
+  Table t = ready_table(fc, 2);
+  t.update(report_of(1, State::draining, 2, "n2"));
+  t.set_state(DeploymentState::draining);
+  auto v = parse_status(t.to_json(), "s");
+  CHECK(v.state == DeploymentState::draining);
+  CHECK(v.ranks[0].state == State::ready);
+  CHECK(v.ranks[1].state == State::draining);
+  CHECK(!ended(v.state));
+  for (auto s :
+       {DeploymentState::running, DeploymentState::draining, DeploymentState::stopped, DeploymentState::failed}) {
+    CHECK(k_deployment_state_names.parse(k_deployment_state_names.text(s)) == s);
+  }
+  CHECK(ended(DeploymentState::stopped));
+  CHECK(ended(DeploymentState::failed));
+}
+
+TEST_CASE("a state this version does not know is an error naming the key and the states it knows") {
+  FakeClock fc;
+  Table t = ready_table(fc, 1);
+  auto doc = json::parse(t.to_json());
+  doc["state"] = "sleeping";
+  CHECK_THROWS_WITH_AS(parse_status(doc.dump(), "s"),
+                       "s: 'state' is 'sleeping', not one of running, draining, stopped, failed", Error);
+  doc = json::parse(t.to_json());
+  doc["ranks"][0]["state"] = "Ready";
+  CHECK_THROWS_WITH_AS(parse_status(doc.dump(), "s"),
+                       "s: 'ranks[0].state' is 'Ready', not one of staging, starting, ready, draining, failed, "
+                       "stopped, unresponsive, reconnecting",
+                       Error);
 }
 
 TEST_CASE("the status file lives in the job directory, private") {
@@ -598,4 +632,31 @@ TEST_CASE("finding a deployment: the job's, the environment's, else the newest")
     EnvGuard local("LITHOPS_HPC_JOB_ID", "100");
     CHECK(find_deployment("").found->loc.job == "100");
   }
+}
+
+TEST_CASE("every deployment at a glance: ok when the live ones are ready, failure when one is not, none found") {
+  StateDir sd;
+  CHECK(autoalloc::overview_text(unix_now()).code == Exit::no_deployment);
+  auto put = [&](const std::string& job, DeploymentState state, State rank_state) {
+    FakeClock fc;
+    fc.wall = unix_now();
+    Table t = ready_table(fc, 1);
+    t.update(report_of(0, rank_state, 9, "n1"));
+    t.set_state(state);
+    auto doc = json::parse(t.to_json());
+    doc["job"] = job;
+    auto loc = locate(job);
+    prepare(loc);
+    write_status(loc, doc.dump());
+  };
+  put("10", DeploymentState::running, State::ready);
+  put("11", DeploymentState::failed, State::failed);  // ended: not live, not counted
+  auto o = autoalloc::overview_text(unix_now());
+  CHECK(o.code == Exit::ok);
+  CHECK(o.text.find("job 10: running, 1/1 ranks ready") != std::string::npos);
+  CHECK(o.text.find("job 11: failed") != std::string::npos);
+  CHECK(autoalloc::live_deployments(unix_now()).size() == 1);
+  put("12", DeploymentState::running, State::starting);
+  CHECK(autoalloc::overview_text(unix_now()).code == Exit::failure);
+  CHECK(autoalloc::overview_json(unix_now()).code == Exit::failure);
 }

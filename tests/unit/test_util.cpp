@@ -16,6 +16,7 @@
 #include "util/fs.h"
 #include "util/json_number.h"
 #include "util/process.h"
+#include "util/signals.h"
 #include "util/strings.h"
 
 using namespace lhpc;
@@ -303,4 +304,13 @@ TEST_CASE("a failure window tolerates its limit and forgets failures older than 
   CHECK(w.count(t0 + 11s) == 1);
   CHECK_FALSE(w.exceeded(t0 + 11s));
   CHECK(w.record(t0 + 30s) == 1);
+}
+
+TEST_CASE("a run ended by a signal exits as the shell reports it: 129 SIGHUP, 130 SIGINT, 143 SIGTERM") {
+  CHECK(exit_for_signal(SIGHUP) == Exit::hangup);
+  CHECK(exit_for_signal(SIGINT) == Exit::interrupted);
+  CHECK(exit_for_signal(SIGTERM) == Exit::terminated);
+  CHECK(static_cast<int>(Exit::hangup) == 128 + SIGHUP);
+  CHECK(static_cast<int>(Exit::interrupted) == 128 + SIGINT);
+  CHECK(static_cast<int>(Exit::terminated) == 128 + SIGTERM);
 }
