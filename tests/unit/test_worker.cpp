@@ -252,6 +252,17 @@ struct Rig {
   }
   void hold() { dir.write("hold", ""); }
   void release() { ::unlink(dir.file("hold").c_str()); }
+  // Started, one held call running, then a drain requested: the set-up of the drain cases.
+  // Returns the running call's delivery tag.
+  std::uint64_t drain_with_one_call_running() {
+    w->start("/images/runtime.sif");
+    REQUIRE(consuming());
+    hold();
+    auto tag = broker->deliver(dispatch::encode(dispatch::Action::send_task, job(1)));
+    REQUIRE(step_until([&] { return w->stats().slots_busy == 1; }));
+    w->request_drain();
+    return tag;
+  }
   // The role of the handler given the last request.
   std::string busy_role() {
     std::ifstream in(dir.file("busy"));
@@ -311,12 +322,7 @@ TEST_CASE("the mode comes from deploy.mode: runscript runs the image's runscript
 
 TEST_CASE("a drain takes no new task, lets the running call finish and acks it, then stops the instance") {
   Rig r(config::Mode::dispatch);
-  r.w->start("/images/runtime.sif");
-  REQUIRE(r.consuming());
-  r.hold();
-  auto tag = r.broker->deliver(dispatch::encode(dispatch::Action::send_task, job(1)));
-  REQUIRE(r.step_until([&] { return r.w->stats().slots_busy == 1; }));
-  r.w->request_drain();
+  auto tag = r.drain_with_one_call_running();
   REQUIRE(r.step_until([&] { return !r.broker->cancelled.empty(); }));  // stopped consuming
   CHECK(r.w->stats().state == State::draining);
   CHECK_FALSE(r.w->finished());
@@ -336,12 +342,7 @@ TEST_CASE("a drain takes no new task, lets the running call finish and acks it, 
 
 TEST_CASE("a drain past deploy.drain_timeout gives the running call back to the queue") {
   Rig r(config::Mode::dispatch, [](config::Config& c) { c.deploy.drain_timeout = 0.02; });
-  r.w->start("/images/runtime.sif");
-  REQUIRE(r.consuming());
-  r.hold();
-  auto tag = r.broker->deliver(dispatch::encode(dispatch::Action::send_task, job(1)));
-  REQUIRE(r.step_until([&] { return r.w->stats().slots_busy == 1; }));
-  r.w->request_drain();
+  auto tag = r.drain_with_one_call_running();
   REQUIRE(r.step_until([&] { return r.w->finished(); }));
   CHECK_FALSE(r.w->failed());
   CHECK(r.broker->acked.empty());
