@@ -8,6 +8,7 @@
 #include "autoalloc/slurm_ports.h"
 #include "cli/cli.h"
 #include "lhpc_build_config.h"
+#include "lhpc_source_root.h"
 #include "util/error.h"
 #include "util/fs.h"
 

@@ -18,6 +18,7 @@
 #include "container/engine.h"
 #include "container/runscript.h"
 #include "lhpc_build_config.h"
+#include "lhpc_source_root.h"
 #include "test_support.h"
 #include "util/error.h"
 #include "util/fs.h"
