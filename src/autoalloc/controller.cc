@@ -31,7 +31,7 @@ using json = nlohmann::ordered_json;
 json job_to_json(const JobRecord& r) {
   json j = {{"id", r.id},
             {"nodes", r.nodes},
-            {"phase", to_string(r.phase)},
+            {"phase", k_phase_names.text(r.phase)},
             {"submitted", r.submitted},
             {"out", r.out},
             {"renews", r.renews},

@@ -7,26 +7,6 @@
 
 namespace lhpc::autoalloc {
 
-std::string to_string(Phase p) {
-  switch (p) {
-    case Phase::pending: return "pending";
-    case Phase::starting: return "starting";
-    case Phase::serving: return "serving";
-    case Phase::draining: return "draining";
-    case Phase::ended: return "ended";
-  }
-  return "unknown";
-}
-
-std::string to_string(ActionKind k) {
-  switch (k) {
-    case ActionKind::submit: return "submit";
-    case ActionKind::retire: return "retire";
-    case ActionKind::cancel: return "cancel";
-  }
-  return "unknown";
-}
-
 Supply supply_of(const Snapshot& s) {
   Supply sp;
   int learned_slots = 0, learned_nodes = 0;

@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "util/names.h"
+
 namespace lhpc::autoalloc {
 
 struct Limits {
@@ -43,7 +45,14 @@ enum class Phase {
   draining,  // asked to stop (by us or its time limit), or its ranks drain
   ended,     // gone from Slurm's queue or in a final state
 };
-std::string to_string(Phase p);
+// As state.json and `status` spell it.
+inline constexpr Names<Phase, 5> k_phase_names{{{
+    {Phase::pending, "pending"},
+    {Phase::starting, "starting"},
+    {Phase::serving, "serving"},
+    {Phase::draining, "draining"},
+    {Phase::ended, "ended"},
+}}};
 
 struct JobSnapshot {
   std::string id;
@@ -72,7 +81,8 @@ struct Snapshot {
 };
 
 enum class ActionKind { submit, retire, cancel };
-std::string to_string(ActionKind k);
+inline constexpr Names<ActionKind, 3> k_action_kind_names{
+    {{{ActionKind::submit, "submit"}, {ActionKind::retire, "retire"}, {ActionKind::cancel, "cancel"}}}};
 
 struct Action {
   ActionKind kind = ActionKind::submit;

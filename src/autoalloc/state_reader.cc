@@ -86,15 +86,6 @@ private:
   const std::string& m_source;
 };
 
-std::optional<Phase> parse_phase(const std::string& s) {
-  for (auto p : {Phase::pending, Phase::starting, Phase::serving, Phase::draining, Phase::ended}) {
-    if (to_string(p) == s) {
-      return p;
-    }
-  }
-  return std::nullopt;
-}
-
 JobRecord job_from_json(const json& j, const std::string& where, const std::string& source) {
   Fields f(j, where, source);
   JobRecord r;
@@ -107,7 +98,7 @@ JobRecord job_from_json(const json& j, const std::string& where, const std::stri
     f.fail("nodes", "is not an integer from 0 to " + std::to_string(k_max_job_nodes));
   }
   r.nodes = *nodes;
-  r.phase = parse_phase(f.text("phase", "pending")).value_or(Phase::pending);
+  r.phase = k_phase_names.parse(f.text("phase", "pending")).value_or(Phase::pending);
   r.submitted = f.real("submitted", 0.0);
   r.out = f.text("out", "");
   r.renews = f.text("renews", "");

@@ -113,16 +113,14 @@ struct Section {
   std::vector<Key> keys;
 };
 
-const char* kind_name(Kind k) {
-  switch (k) {
-    case Kind::string: return "a string";
-    case Kind::boolean: return "a boolean (true or false)";
-    case Kind::integer: return "an integer";
-    case Kind::number: return "a number";
-    case Kind::string_array: return "an array of strings";
-  }
-  return "?";
-}
+// How a type error names the type it expected.
+constexpr Names<Kind, 5> k_kind_names{{{
+    {Kind::string, "a string"},
+    {Kind::boolean, "a boolean (true or false)"},
+    {Kind::integer, "an integer"},
+    {Kind::number, "a number"},
+    {Kind::string_array, "an array of strings"},
+}}};
 
 bool kind_matches(Kind k, const toml::node& n) {
   switch (k) {
@@ -438,7 +436,7 @@ Config parse(const std::string& toml_text, const std::string& source_name, Confi
       }
       if (!kind_matches(spec->kind, node)) {
         fail_at(source_name, node, full,
-                std::string("wrong type: expected ") + kind_name(spec->kind) + ", got " +
+                "wrong type: expected " + std::string(k_kind_names.text(spec->kind)) + ", got " +
                     std::string(toml::impl::node_type_friendly_names[static_cast<int>(node.type())]));
       }
       if (full == "singularity.runtime" && str(node).empty()) {

@@ -234,7 +234,7 @@ void Dispatcher::accept(Message&& m) {
     m.kind = Kind::control;
     m.phase = Phase::running;
     m.running = 1;
-    spdlog::debug("{} {} -> control handler", to_string(m.action), m.mid);
+    spdlog::debug("{} {} -> control handler", k_action_names.text(m.action), m.mid);
     m_msgs.emplace(id, std::move(m));
     m_control_todo.push_back(id);
     send_control();
@@ -321,7 +321,8 @@ void Dispatcher::start_calls(Message& m) {
 }
 
 void Dispatcher::send_request(int h, std::uint64_t request, Action action, const std::string& payload_json) {
-  std::string line = "{\"id\":" + std::to_string(request) + ",\"action\":\"" + to_string(action) + "\",\"payload\":";
+  std::string line = "{\"id\":" + std::to_string(request) + ",\"action\":\"" +
+                     std::string(k_action_names.text(action)) + "\",\"payload\":";
   line += payload_json;
   line += "}\n";
   m_handlers.send(h, line);
@@ -496,7 +497,7 @@ void Dispatcher::on_handler_lost(int h, const std::string& why) {
     if (Message* m = find(culprit.msg)) {
       ++m_counters.handler_crashes;
       --m->running;
-      crashed(*m, {}, to_string(m->action) + " " + m->mid, why);
+      crashed(*m, {}, std::string(k_action_names.text(m->action)) + " " + m->mid, why);
     }
     return;
   }

@@ -115,24 +115,6 @@ std::optional<std::string> base64_decode(std::string_view text) {
   return out;
 }
 
-std::string to_string(Action a) {
-  switch (a) {
-    case Action::send_task: return "send_task";
-    case Action::get_metadata: return "get_metadata";
-    case Action::ping: return "ping";
-  }
-  return "?";
-}
-
-std::optional<Action> parse_action(std::string_view s) {
-  for (auto a : {Action::send_task, Action::get_metadata, Action::ping}) {
-    if (s == to_string(a)) {
-      return a;
-    }
-  }
-  return std::nullopt;
-}
-
 bool nests_deeper_than(std::string_view json, int max_depth) {
   int depth = 0;
   bool in_string = false;
@@ -245,7 +227,7 @@ std::variant<Task, Malformed> decode(std::string_view body, const Limits& limits
   if (!a->is_string()) {
     return Malformed{"action is not a string"};
   }
-  auto action = parse_action(a->get_ref<const std::string&>());
+  auto action = k_action_names.parse(a->get_ref<const std::string&>());
   if (!action) {
     return Malformed{"unknown action '" + escape_controls(shorten(a->get<std::string>())) + "'"};
   }
@@ -267,7 +249,8 @@ std::string encode(Action action, const Json& payload) { return encode_text(acti
 
 std::string encode_text(Action action, std::string_view payload_json) {
   // Action names and base64 need no JSON escaping.
-  return "{\"action\":\"" + to_string(action) + "\",\"payload\":\"" + base64_encode(payload_json) + "\"}";
+  return "{\"action\":\"" + std::string(k_action_names.text(action)) + "\",\"payload\":\"" +
+         base64_encode(payload_json) + "\"}";
 }
 
 Calls::Calls(Json&& payload) {

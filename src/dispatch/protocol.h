@@ -15,6 +15,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "util/names.h"
+
 namespace lhpc::dispatch {
 
 using Json = nlohmann::json;
@@ -26,8 +28,9 @@ std::string base64_encode(std::string_view bytes);
 std::optional<std::string> base64_decode(std::string_view text);
 
 enum class Action { send_task, get_metadata, ping };
-std::string to_string(Action a);
-std::optional<Action> parse_action(std::string_view s);
+// As the message's "action" field spells it.
+inline constexpr Names<Action, 3> k_action_names{
+    {{{Action::send_task, "send_task"}, {Action::get_metadata, "get_metadata"}, {Action::ping, "ping"}}}};
 
 // A message that follows the protocol.
 struct Task {

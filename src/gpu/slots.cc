@@ -105,8 +105,9 @@ std::vector<std::vector<std::string>> split_slots(const Devices& devices, int pe
   std::size_t slots = devices.ids.size() / static_cast<std::size_t>(per_slot);
   if (slots == 0) {
     throw Error(Exit::engine,
-                "a GPU runtime needs " + std::to_string(per_slot) + " " + to_text(vendor) + " GPU(s) per slot, but " +
-                    std::to_string(devices.ids.size()) + " were found (" + devices.source + ")",
+                "a GPU runtime needs " + std::to_string(per_slot) + " " + std::string(k_vendor_names.text(vendor)) +
+                    " GPU(s) per slot, but " + std::to_string(devices.ids.size()) + " were found (" + devices.source +
+                    ")",
                 "ask Slurm for GPUs (--gpus-per-node=N or --gres=gpu:N) on a partition that has them");
   }
   std::vector<std::vector<std::string>> groups(slots);
@@ -135,18 +136,6 @@ std::string engine_flag(Vendor vendor, bool nvccli) {
 std::string sbatch_request(int slots, int per_slot, bool gres) {
   std::string count = std::to_string(slots * per_slot);
   return gres ? "--gres=gpu:" + count : "--gpus-per-node=" + count;
-}
-
-std::string to_text(Vendor vendor) { return vendor == Vendor::nvidia ? "nvidia" : "amd"; }
-
-Vendor vendor_from_text(const std::string& text, const std::string& where) {
-  if (text == "nvidia") {
-    return Vendor::nvidia;
-  }
-  if (text == "amd") {
-    return Vendor::amd;
-  }
-  throw Error(Exit::config, where + ": unknown GPU vendor '" + text + "'", "choose one of: nvidia, amd");
 }
 
 }  // namespace lhpc::gpu

@@ -9,11 +9,14 @@
 #include <string>
 #include <vector>
 
+#include "util/names.h"
 #include "util/process.h"
 
 namespace lhpc::gpu {
 
 enum class Vendor { nvidia, amd };
+// The vendor's name in configuration and status.
+inline constexpr Names<Vendor, 2> k_vendor_names{{{{Vendor::nvidia, "nvidia"}, {Vendor::amd, "amd"}}}};
 
 // The GPUs one node's job may use, in the order the vendor's runtime
 // numbers them, and where that list came from (for status and messages).
@@ -57,10 +60,5 @@ std::string engine_flag(Vendor vendor, bool nvccli = false);
 // What autoalloc asks Slurm for: --gpus-per-node=N for `slots` slots of
 // `per_slot` GPUs, or --gres=gpu:N where the site wants gres.
 std::string sbatch_request(int slots, int per_slot, bool gres = false);
-
-// The vendor's name in configuration and status ("nvidia", "amd"), and back;
-// throws Error(Exit::config) listing the choices, naming `where`.
-std::string to_text(Vendor vendor);
-Vendor vendor_from_text(const std::string& text, const std::string& where);
 
 }  // namespace lhpc::gpu

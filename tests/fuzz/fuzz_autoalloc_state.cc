@@ -19,7 +19,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     lhpc::autoalloc::Snapshot snap;
     for (const auto& r : s.jobs) {
       snap.jobs.push_back({r.id, r.phase, r.nodes, r.ready_ranks, r.slots_total, r.slots_busy});
-      (void)lhpc::autoalloc::to_string(r.phase);
+      (void)lhpc::autoalloc::k_phase_names.text(r.phase);
     }
     (void)lhpc::autoalloc::supply_of(snap);
   } catch (const lhpc::Error&) {

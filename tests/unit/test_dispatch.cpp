@@ -961,3 +961,10 @@ TEST_CASE("header values are read leniently") {
   CHECK(amqp::table_string(t, "n") == "2");
   CHECK(amqp::table_string(t, "b").empty());
 }
+
+TEST_CASE("an action is named as the message spells it, and a value outside the table as every enum's is") {
+  CHECK(k_action_names.text(Action::get_metadata) == "get_metadata");
+  CHECK(k_action_names.parse("send_task") == Action::send_task);
+  CHECK_FALSE(k_action_names.parse("Send_task"));
+  CHECK(k_action_names.text(static_cast<Action>(7)) == "unknown");
+}

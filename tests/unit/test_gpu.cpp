@@ -127,8 +127,8 @@ TEST_CASE("the engine flag and the sbatch request follow the vendor and the slot
 }
 
 TEST_CASE("a vendor name is checked with the choices listed") {
-  CHECK(gpu::vendor_from_text("amd", "x") == Vendor::amd);
-  CHECK(gpu::to_text(gpu::vendor_from_text("nvidia", "x")) == "nvidia");
-  CHECK_THROWS_WITH_AS(gpu::vendor_from_text("intel", "singularity.gpu_vendor"),
-                       "singularity.gpu_vendor: unknown GPU vendor 'intel'", Error);
+  CHECK(gpu::k_vendor_names.parse("amd") == Vendor::amd);
+  CHECK(gpu::k_vendor_names.text(*gpu::k_vendor_names.parse("nvidia")) == "nvidia");
+  CHECK_FALSE(gpu::k_vendor_names.parse("intel"));
+  CHECK(gpu::k_vendor_names.error("intel") == "'intel' is not one of nvidia, amd");
 }
