@@ -522,18 +522,7 @@ std::uint64_t Connection::publish(const std::string& exchange, const std::string
 
 void Connection::on_method(std::uint16_t channel, std::uint32_t id, void* decoded) {
   switch (id) {
-    case AMQP_BASIC_DELIVER_METHOD: {
-      auto* d = static_cast<amqp_basic_deliver_t*>(decoded);
-      m_partial = Delivery{};
-      m_partial.channel = channel;
-      m_partial.tag = d->delivery_tag;
-      m_partial.redelivered = d->redelivered != 0;
-      m_partial.exchange = bytes_str(d->exchange);
-      m_partial.routing_key = bytes_str(d->routing_key);
-      m_content = Content::delivery;
-      m_body_size = 0;
-      return;
-    }
+    case AMQP_BASIC_DELIVER_METHOD: return begin_delivery(channel, decoded);
     case AMQP_BASIC_RETURN_METHOD: {
       auto* r = static_cast<amqp_basic_return_t*>(decoded);
       spdlog::warn("broker returned a message published to '{}': {} {}", bytes_str(r->routing_key), r->reply_code,
@@ -543,68 +532,87 @@ void Connection::on_method(std::uint16_t channel, std::uint32_t id, void* decode
       m_body_size = 0;
       return;
     }
-    case AMQP_BASIC_ACK_METHOD:
+    case AMQP_BASIC_ACK_METHOD: {
+      auto* a = static_cast<amqp_basic_ack_t*>(decoded);
+      return on_confirm(a->delivery_tag, a->multiple != 0, true);
+    }
     case AMQP_BASIC_NACK_METHOD: {
-      std::uint64_t tag = 0;
-      bool multiple = false;
-      bool ack = id == AMQP_BASIC_ACK_METHOD;
-      if (ack) {
-        auto* a = static_cast<amqp_basic_ack_t*>(decoded);
-        tag = a->delivery_tag;
-        multiple = a->multiple != 0;
-      } else {
-        auto* n = static_cast<amqp_basic_nack_t*>(decoded);
-        tag = n->delivery_tag;
-        multiple = n->multiple != 0;
-      }
-      if (multiple) {
-        auto end = m_unconfirmed.upper_bound(tag);
-        for (auto it = m_unconfirmed.begin(); it != end; ++it) {
-          m_confirms_in.push_back({*it, ack});
-        }
-        m_unconfirmed.erase(m_unconfirmed.begin(), end);
-      } else if (m_unconfirmed.erase(tag)) {
-        m_confirms_in.push_back({tag, ack});
-      }
-      return;
+      auto* n = static_cast<amqp_basic_nack_t*>(decoded);
+      return on_confirm(n->delivery_tag, n->multiple != 0, false);
     }
     case AMQP_BASIC_CANCEL_METHOD: {
       auto* c = static_cast<amqp_basic_cancel_t*>(decoded);
       m_cancelled.push_back({channel, bytes_str(c->consumer_tag)});
       return;
     }
-    case AMQP_CHANNEL_CLOSE_METHOD: {
-      auto* c = static_cast<amqp_channel_close_t*>(decoded);
-      m_closed = BrokerClose{true, c->reply_code, bytes_str(c->reply_text)};
-      amqp_channel_close_ok_t ok{};
-      amqp_send_method(m_s->conn, channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-      fail("broker closed channel " + std::to_string(channel) + ": " + std::to_string(c->reply_code) + " " +
-           m_closed->text);
-    }
-    case AMQP_CONNECTION_CLOSE_METHOD: {
-      auto* c = static_cast<amqp_connection_close_t*>(decoded);
-      m_closed = BrokerClose{false, c->reply_code, bytes_str(c->reply_text)};
-      amqp_connection_close_ok_t ok{};
-      amqp_send_method(m_s->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
-      fail("broker closed the connection: " + std::to_string(c->reply_code) + " " + m_closed->text);
-    }
-    case AMQP_CONNECTION_BLOCKED_METHOD: {
-      auto* b = static_cast<amqp_connection_blocked_t*>(decoded);
-      m_blocked = true;
-      m_blocked_reason = bytes_str(b->reason);
-      if (m_blocked_reason.empty()) {
-        m_blocked_reason = "no reason given";
-      }
-      spdlog::warn("broker {} blocks this connection: {}", m_redacted, m_blocked_reason);
-      return;
-    }
-    case AMQP_CONNECTION_UNBLOCKED_METHOD:
-      m_blocked = false;
-      m_blocked_reason.clear();
-      spdlog::info("broker {} unblocked this connection", m_redacted);
-      return;
+    case AMQP_CHANNEL_CLOSE_METHOD:
+    case AMQP_CONNECTION_CLOSE_METHOD: on_close(channel, id, decoded);
+    case AMQP_CONNECTION_BLOCKED_METHOD:
+    case AMQP_CONNECTION_UNBLOCKED_METHOD: return on_blocked(id, decoded);
     default: return;  // qos-ok, cancel-ok, ... of async requests
   }
+}
+
+// basic.deliver: a delivery's header and body frames follow.
+void Connection::begin_delivery(std::uint16_t channel, const void* decoded) {
+  const auto* d = static_cast<const amqp_basic_deliver_t*>(decoded);
+  m_partial = Delivery{};
+  m_partial.channel = channel;
+  m_partial.tag = d->delivery_tag;
+  m_partial.redelivered = d->redelivered != 0;
+  m_partial.exchange = bytes_str(d->exchange);
+  m_partial.routing_key = bytes_str(d->routing_key);
+  m_content = Content::delivery;
+  m_body_size = 0;
+}
+
+// A publisher confirm (ack or nack) of one sequence number, or of every
+// unconfirmed one up to it.
+void Connection::on_confirm(std::uint64_t tag, bool multiple, bool ack) {
+  if (multiple) {
+    auto end = m_unconfirmed.upper_bound(tag);
+    for (auto it = m_unconfirmed.begin(); it != end; ++it) {
+      m_confirms_in.push_back({*it, ack});
+    }
+    m_unconfirmed.erase(m_unconfirmed.begin(), end);
+  } else if (m_unconfirmed.erase(tag)) {
+    m_confirms_in.push_back({tag, ack});
+  }
+}
+
+// channel.close or connection.close from the broker: answered, kept for
+// closed_by_broker(), and the connection fails.
+void Connection::on_close(std::uint16_t channel, std::uint32_t id, const void* decoded) {
+  if (id == AMQP_CHANNEL_CLOSE_METHOD) {
+    const auto* c = static_cast<const amqp_channel_close_t*>(decoded);
+    m_closed = BrokerClose{true, c->reply_code, bytes_str(c->reply_text)};
+    amqp_channel_close_ok_t ok{};
+    amqp_send_method(m_s->conn, channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+    fail("broker closed channel " + std::to_string(channel) + ": " + std::to_string(c->reply_code) + " " +
+         m_closed->text);
+  }
+  const auto* c = static_cast<const amqp_connection_close_t*>(decoded);
+  m_closed = BrokerClose{false, c->reply_code, bytes_str(c->reply_text)};
+  amqp_connection_close_ok_t ok{};
+  amqp_send_method(m_s->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+  fail("broker closed the connection: " + std::to_string(c->reply_code) + " " + m_closed->text);
+}
+
+// connection.blocked / connection.unblocked (the broker's resource alarms).
+void Connection::on_blocked(std::uint32_t id, const void* decoded) {
+  if (id == AMQP_CONNECTION_UNBLOCKED_METHOD) {
+    m_blocked = false;
+    m_blocked_reason.clear();
+    spdlog::info("broker {} unblocked this connection", m_redacted);
+    return;
+  }
+  const auto* b = static_cast<const amqp_connection_blocked_t*>(decoded);
+  m_blocked = true;
+  m_blocked_reason = bytes_str(b->reason);
+  if (m_blocked_reason.empty()) {
+    m_blocked_reason = "no reason given";
+  }
+  spdlog::warn("broker {} blocks this connection: {}", m_redacted, m_blocked_reason);
 }
 
 void Connection::on_header(std::uint64_t body_size, const void* decoded) {

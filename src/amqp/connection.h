@@ -184,6 +184,11 @@ private:
   [[noreturn]] void fail(const std::string& what);
   void check_rpc(const char* what, std::uint16_t channel = k_default_channel);
   void on_method(std::uint16_t channel, std::uint32_t id, void* decoded);
+  // on_method()'s cases.
+  void begin_delivery(std::uint16_t channel, const void* decoded);
+  void on_confirm(std::uint64_t tag, bool multiple, bool ack);
+  [[noreturn]] void on_close(std::uint16_t channel, std::uint32_t id, const void* decoded);
+  void on_blocked(std::uint32_t id, const void* decoded);
   void on_header(std::uint64_t body_size, const void* decoded);
   void on_body(const void* bytes, std::size_t len);
   void finish_content();

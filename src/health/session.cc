@@ -132,33 +132,48 @@ void Session::set_state(DeploymentState s) {
 Ending Session::finish(Report final_report, double timeout) {
   final_report.state = State::stopped;
   stamp(final_report);
-  const auto& clock = m_opts.clock;
-  Ending end;
-
   if (!is_root()) {
     m_transport.send(final_report);
-    double last_heard = clock.mono();
-    bool finalize = false;
-    while (true) {
-      for (auto c : m_transport.poll_control()) {
-        last_heard = clock.mono();  // any word from rank 0 means it is alive
-        finalize = finalize || c == Command::finalize;
-      }
-      if (finalize && m_transport.idle()) {
-        return end;
-      }
-      double silent = clock.mono() - last_heard;
-      if (silent > timeout) {
-        end.clean = false;
-        end.reason = fmt::format("no word from rank 0 for {:.1f} s while waiting to finalize", silent);
-        spdlog::error("health: {}: rank 0 is gone or hung; ending the job with MPI_Abort", end.reason);
-        return end;
-      }
-      std::this_thread::sleep_for(k_finish_step);
-    }
+    return await_finalize(timeout);
   }
-
   m_table->update(final_report);
+  Ending end = await_stopped(timeout);
+  if (end.clean) {
+    release_ranks();
+  }
+  return end;
+}
+
+// Another rank: rank 0's finalize, for as long as rank 0 is heard from.
+Ending Session::await_finalize(double timeout) {
+  const auto& clock = m_opts.clock;
+  Ending end;
+  double last_heard = clock.mono();
+  bool finalize = false;
+  while (true) {
+    for (auto c : m_transport.poll_control()) {
+      last_heard = clock.mono();  // any word from rank 0 means it is alive
+      finalize = finalize || c == Command::finalize;
+    }
+    if (finalize && m_transport.idle()) {
+      return end;
+    }
+    double silent = clock.mono() - last_heard;
+    if (silent > timeout) {
+      end.clean = false;
+      end.reason = fmt::format("no word from rank 0 for {:.1f} s while waiting to finalize", silent);
+      spdlog::error("health: {}: rank 0 is gone or hung; ending the job with MPI_Abort", end.reason);
+      return end;
+    }
+    std::this_thread::sleep_for(k_finish_step);
+  }
+}
+
+// Rank 0: every rank's stopped report, keeping the status file and the
+// keep-alive going meanwhile; not clean after `timeout` or once every rank
+// still missing has gone silent.
+Ending Session::await_stopped(double timeout) {
+  const auto& clock = m_opts.clock;
   double start = clock.mono();
   double next_write = start;
   while (true) {
@@ -169,26 +184,14 @@ Ending Session::finish(Report final_report, double timeout) {
     auto missing = m_table->ranks_not_reporting(State::stopped);
     double now = clock.mono();
     if (missing.empty()) {
-      break;
+      return {};
     }
     bool all_silent = true;
     for (int r : missing) {
       all_silent = all_silent && m_table->entries()[static_cast<std::size_t>(r)].shown == State::unresponsive;
     }
     if (all_silent || now - start > timeout) {
-      std::vector<std::string> names;
-      for (int r : missing) {
-        names.push_back(fmt::format("{} ({})", m_table->label(r),
-                                    k_state_names.text(m_table->entries()[static_cast<std::size_t>(r)].shown)));
-      }
-      end.clean = false;
-      end.missing = missing;
-      end.reason = fmt::format("{} did not report stopped {}", join(names, ", "),
-                               all_silent ? "and went silent" : fmt::format("within {:g} s", timeout));
-      spdlog::error("health: {}; ending the job with MPI_Abort (MPI_Finalize would wait for {} forever)", end.reason,
-                    missing.size() == 1 ? "it" : "them");
-      set_state(DeploymentState::failed);
-      return end;
+      return give_up(missing, all_silent, timeout);
     }
     if (now >= next_write) {
       m_table->take_changed();
@@ -200,12 +203,35 @@ Ending Session::finish(Report final_report, double timeout) {
     }
     std::this_thread::sleep_for(k_finish_step);
   }
+}
 
+// Rank 0: the ranks that never reported stopped, named in the log and the
+// status file's state.
+Ending Session::give_up(const std::vector<int>& missing, bool all_silent, double timeout) {
+  std::vector<std::string> names;
+  for (int r : missing) {
+    names.push_back(fmt::format("{} ({})", m_table->label(r),
+                                k_state_names.text(m_table->entries()[static_cast<std::size_t>(r)].shown)));
+  }
+  Ending end;
+  end.clean = false;
+  end.missing = missing;
+  end.reason = fmt::format("{} did not report stopped {}", join(names, ", "),
+                           all_silent ? "and went silent" : fmt::format("within {:g} s", timeout));
+  spdlog::error("health: {}; ending the job with MPI_Abort (MPI_Finalize would wait for {} forever)", end.reason,
+                missing.size() == 1 ? "it" : "them");
+  set_state(DeploymentState::failed);
+  return end;
+}
+
+// Rank 0, every rank stopped: the state, finalize to every rank, the stop
+// request removed.
+void Session::release_ranks() {
   set_state(DeploymentState::stopped);
   m_transport.broadcast_control(Command::finalize);
   // Small eager messages: these complete at once; the bound is for safety.
-  double until = clock.mono() + 2;
-  while (!m_transport.idle() && clock.mono() < until) {
+  double until = m_opts.clock.mono() + 2;
+  while (!m_transport.idle() && m_opts.clock.mono() < until) {
     m_transport.progress();
     std::this_thread::sleep_for(k_finish_step);
   }
@@ -214,7 +240,6 @@ Ending Session::finish(Report final_report, double timeout) {
   } catch (const Error& e) {
     spdlog::warn("health: {}", e.what());
   }
-  return end;
 }
 
 }  // namespace lhpc::health

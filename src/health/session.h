@@ -96,6 +96,11 @@ public:
 private:
   void write_status();
   void stamp(Report& r);
+  // finish()'s steps.
+  Ending await_finalize(double timeout);
+  Ending await_stopped(double timeout);
+  Ending give_up(const std::vector<int>& missing, bool all_silent, double timeout);
+  void release_ranks();
 
   SessionOptions m_opts;
   Transport m_transport;
