@@ -2,8 +2,11 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdlib>
+#include <string_view>
+#include <utility>
 
 #include "lhpc_build_config.h"
 #include "lhpc_source_root.h"
@@ -16,6 +19,11 @@
 namespace lhpc::services {
 
 namespace {
+
+// The pid files deploy/rabbitmq-user-broker.sh keeps in <dir>/run, and what
+// the command line of the process each names holds.
+constexpr std::pair<std::string_view, std::string_view> k_pid_files[] = {
+    {"server", "rabbitmq-server"}, {"beam", "beam"}, {"epmd", "epmd"}};
 
 std::string tail_of(const std::string& path, std::size_t bytes) {
   try {
@@ -37,8 +45,22 @@ int run_script(const std::vector<std::string>& args, const std::string& log) {
   o.argv.insert(o.argv.end(), args.begin(), args.end());
   o.stdout_fd = out.get();
   o.stderr_fd = out.get();
+  ScopedUmask mask(077);  // its run/ and pid files: ours alone, as read_pid_file wants them
   auto c = spawn(o);
   return c.wait();
+}
+
+// The script signals what its pid files name: each is checked first (ours,
+// private, not a link; else Error) and one that names no process of ours
+// of its kind (a reused pid) is removed, so nothing else is signalled.
+void forget_stale_pids(const std::string& dir) {
+  for (const auto& [name, word] : k_pid_files) {
+    auto path = dir + "/run/" + std::string(name) + ".pid";
+    auto pid = read_pid_file(path, "the broker's pid file");
+    if (pid && !own_process_with(*pid, word)) {
+      ::unlink(path.c_str());
+    }
+  }
 }
 
 }  // namespace
@@ -93,6 +115,7 @@ void stop_broker(const std::string& dir, const std::string& log) {
   if (!path_exists(dir + "/run")) {
     return;
   }
+  forget_stale_pids(dir);
   int st = run_script({"stop", "--dir", dir}, log);
   if (status_exit_code(st) != 0) {
     throw Error(Exit::failure, "the broker in " + dir + " did not stop (" + describe_status(st) + ")",
@@ -101,12 +124,8 @@ void stop_broker(const std::string& dir, const std::string& log) {
 }
 
 bool broker_running(const std::string& dir) {
-  try {
-    long pid = std::strtol(trim(read_file(dir + "/run/server.pid")).c_str(), nullptr, 10);
-    return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) == 0;
-  } catch (const Error&) {
-    return false;
-  }
+  auto pid = read_pid_file(dir + "/run/server.pid", "the broker's pid file");
+  return pid && own_process_with(*pid, "rabbitmq-server");
 }
 
 std::optional<std::string> broker_url(const std::string& dir) {

@@ -113,23 +113,14 @@ private:
   std::string m_buf;
 };
 
-std::optional<pid_t> pid_in(const std::string& dir) {
-  try {
-    auto text = trim(read_file(dir + "/redis.pid"));
-    long pid = std::strtol(text.c_str(), nullptr, 10);
-    return pid > 0 ? std::optional<pid_t>(static_cast<pid_t>(pid)) : std::nullopt;
-  } catch (const Error&) {
-    return std::nullopt;
+// The redis-server of ours the pid file names, if it runs (a reused pid is
+// someone else's); Error when the file is not ours alone.
+std::optional<pid_t> running_redis(const std::string& dir) {
+  auto pid = read_pid_file(dir + "/redis.pid", "the storage's pid file");
+  if (pid && own_process_with(*pid, "redis-server")) {
+    return pid;
   }
-}
-
-// The pid is a redis-server still (a reused pid is someone else's).
-bool is_redis(pid_t pid) {
-  try {
-    return read_file("/proc/" + std::to_string(pid) + "/comm").rfind("redis-server", 0) == 0;
-  } catch (const Error&) {
-    return false;
-  }
+  return std::nullopt;
 }
 
 std::string log_tail(const std::string& path) {
@@ -204,8 +195,8 @@ std::optional<std::string> redis_query(const std::string& host, int port, const 
 }
 
 bool redis_alive(const std::string& dir, int port, const std::string& bind) {
-  auto pid = pid_in(dir);
-  if (!pid || ::kill(*pid, 0) != 0 || !is_redis(*pid)) {
+  auto pid = running_redis(dir);
+  if (!pid) {
     return false;
   }
   auto pw = read_private_file(dir + "/password", 4096);
@@ -220,6 +211,7 @@ void start_redis(const RedisSetup& s) {
   SpawnOptions o;
   o.argv = {s.server, s.dir + "/redis.conf"};
   o.cwd = s.dir;
+  ScopedUmask mask(077);  // its pid file: ours alone, as read_pid_file wants it
   auto c = spawn(o);
   int st = c.wait();  // it daemonizes: the parent ends once the child is on its way
   auto deadline = Clock::now() + std::chrono::seconds(30);
@@ -236,8 +228,8 @@ void start_redis(const RedisSetup& s) {
 }
 
 bool stop_redis(const std::string& dir, std::chrono::milliseconds grace) {
-  auto pid = pid_in(dir);
-  if (!pid || ::kill(*pid, 0) != 0 || !is_redis(*pid)) {
+  auto pid = running_redis(dir);
+  if (!pid) {
     return false;
   }
   ::kill(*pid, SIGTERM);

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
 #include <thread>
 
 #include "amqp/connection.h"
@@ -85,15 +86,7 @@ long fs_type_of(std::string path) {
 }
 
 bool alive_with(long pid, const char* word) {
-  if (pid <= 0 || ::kill(static_cast<pid_t>(pid), 0) != 0) {
-    return false;
-  }
-  try {
-    auto cmd = read_file("/proc/" + std::to_string(pid) + "/cmdline");
-    return cmd.find(word) != std::string::npos;
-  } catch (const Error&) {
-    return false;
-  }
+  return pid > 0 && pid <= std::numeric_limits<pid_t>::max() && own_process_with(static_cast<pid_t>(pid), word);
 }
 
 bool controller_alive(const Record& r) { return alive_with(r.controller_pid, "autoalloc"); }

@@ -9,10 +9,12 @@
 #include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -474,6 +476,24 @@ std::optional<std::string> read_private_file(const std::string& path, std::size_
     return std::nullopt;
   }
   return read_file_at(dir.get(), basename_of(path), path, FileOwner::me, max);
+}
+
+std::optional<pid_t> read_pid_file(const std::string& path, const std::string& what) {
+  std::optional<std::string> text;
+  try {
+    text = read_private_file(path, 64);
+  } catch (const Error& e) {
+    throw Error(e.code(), what + ": " + e.what(), e.hint());
+  }
+  if (!text) {
+    return std::nullopt;
+  }
+  char* end = nullptr;
+  long pid = std::strtol(text->c_str(), &end, 10);
+  if (end == text->c_str() || pid <= 0 || pid > std::numeric_limits<pid_t>::max()) {
+    return std::nullopt;
+  }
+  return static_cast<pid_t>(pid);
 }
 
 void check_path_component(const std::string& what, const std::string& value) {

@@ -64,6 +64,11 @@ std::optional<std::string> read_trusted_file(const std::string& path, std::size_
 // bytes; nullopt when missing. Throws Error naming what is wrong (directory
 // not trusted, type, owner, mode, size).
 std::optional<std::string> read_private_file(const std::string& path, std::size_t max);
+// A pid file of ours (a daemon's): read_private_file's rules, then one
+// positive number. nullopt when missing or holding no pid; Error starting
+// with `what` ("the broker's pid file") when it or its directory is not
+// trusted. What it names is checked with own_process_with before a signal.
+std::optional<pid_t> read_pid_file(const std::string& path, const std::string& what);
 // open_private_dir, for callers that go on by path (status files).
 void make_private_dir(const std::string& path);
 // make_trusted_dir for callers that go on by path.

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "util/error.h"
+#include "util/fs.h"
 #include "util/strings.h"
 
 extern char** environ;
@@ -316,6 +317,23 @@ std::optional<std::string> find_in_path(const std::string& name) {
     }
   }
   return std::nullopt;
+}
+
+bool own_process_with(pid_t pid, std::string_view word) {
+  if (pid <= 0) {
+    return false;
+  }
+  auto proc = "/proc/" + std::to_string(pid);
+  struct stat st {};
+  if (::stat(proc.c_str(), &st) != 0 || st.st_uid != ::geteuid()) {
+    return false;
+  }
+  try {
+    auto cmd = read_file(proc + "/cmdline");
+    return cmd.find(word) != std::string::npos;
+  } catch (const Error&) {
+    return false;  // gone meanwhile
+  }
 }
 
 }  // namespace lhpc

@@ -2,12 +2,14 @@
 // reap. Secrets travel in the environment, never in argv (see docs/design.md, "Security").
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <chrono>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "util/fd.h"
@@ -98,5 +100,25 @@ std::string describe_status(int status);
 int status_exit_code(int status);
 
 std::optional<std::string> find_in_path(const std::string& name);
+
+// A pid read from a file names our process only while that process runs as
+// this user and its command line still holds `word` ("redis-server"): a pid
+// is reused, and a file may name anyone's. Checked before it is signalled.
+bool own_process_with(pid_t pid, std::string_view word);
+
+// The file-creation mask for what is spawned while this lives (children
+// inherit it): a daemon's pid and log files are then not writable by others
+// whatever the user's umask. For a command's own thread only: the mask is the
+// process's.
+class ScopedUmask {
+public:
+  explicit ScopedUmask(mode_t mask) : m_old(::umask(mask)) {}
+  ~ScopedUmask() { ::umask(m_old); }
+  ScopedUmask(const ScopedUmask&) = delete;
+  ScopedUmask& operator=(const ScopedUmask&) = delete;
+
+private:
+  mode_t m_old;
+};
 
 }  // namespace lhpc

@@ -2,8 +2,13 @@
 // server started (tests/integration/test_up.py starts the real ones).
 #include <doctest/doctest.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <string>
 
 #include "config/lithops_yaml_edit.h"
+#include "services/broker.h"
 #include "services/lithops_config.h"
 #include "services/record.h"
 #include "services/redis.h"
@@ -11,6 +16,7 @@
 #include "test_support.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/process.h"
 
 using lhpc::config::set_lithops_keys;
 using lhpc::config::YamlSet;
@@ -145,4 +151,152 @@ TEST_CASE("the services record survives a round trip through its JSON") {
   CHECK(back.redis_port == 6400);
   CHECK(back.controller_pid == 42);
   CHECK_THROWS_AS(lhpc::services::record_from_json("{}", "t"), lhpc::Error);
+}
+
+namespace {
+
+// The Error `f` throws; fails the case when it throws none.
+template <typename F>
+lhpc::Error refusal(F&& f) {
+  try {
+    f();
+  } catch (const lhpc::Error& e) {
+    return e;
+  }
+  FAIL("accepted");
+  return lhpc::Error(lhpc::Exit::ok, "");
+}
+
+bool says(const lhpc::Error& e, const std::string& words) {
+  return std::string(e.what()).find(words) != std::string::npos;
+}
+
+}  // namespace
+
+TEST_CASE("a services pid file another user owns, that is a link, or that others can write is refused, named") {
+  lhpc::test::TempDir d("services");
+  auto run = d.file("run");
+  REQUIRE(::mkdir(run.c_str(), 0700) == 0);
+  auto pid_file = run + "/server.pid";
+  auto check_refused = [&](const std::string& why) {
+    auto e = refusal([&] { (void)lhpc::services::broker_running(d.path); });
+    CHECK(says(e, "the broker's pid file"));
+    CHECK(says(e, why));
+    CHECK_FALSE(e.hint().empty());
+  };
+  SUBCASE("another user's file") {
+    d.write("run/server.pid", std::to_string(::getpid()));
+    REQUIRE(::chown(pid_file.c_str(), lhpc::test::k_nobody, lhpc::test::k_nobody) == 0);
+    check_refused("belongs to");
+  }
+  SUBCASE("a symbolic link") {
+    auto real = d.write("elsewhere.pid", std::to_string(::getpid()));
+    REQUIRE(::symlink(real.c_str(), pid_file.c_str()) == 0);
+    check_refused("symbolic link");
+  }
+  SUBCASE("writable by the group") {
+    d.write("run/server.pid", std::to_string(::getpid()), 0620);
+    check_refused("writable by other users");
+  }
+  SUBCASE("writable by everyone") {
+    d.write("run/server.pid", std::to_string(::getpid()), 0606);
+    check_refused("writable by other users");
+  }
+  SUBCASE("in a directory another user owns") {
+    d.write("run/server.pid", std::to_string(::getpid()));
+    REQUIRE(::chown(run.c_str(), lhpc::test::k_nobody, lhpc::test::k_nobody) == 0);
+    check_refused("belongs to");
+  }
+  SUBCASE("in a directory others can write") {
+    d.write("run/server.pid", std::to_string(::getpid()));
+    REQUIRE(::chmod(run.c_str(), 0777) == 0);
+    check_refused("writable by other users");
+  }
+}
+
+TEST_CASE("the storage's pid file is refused when another user owns it or others can write it") {
+  lhpc::test::TempDir d("services");
+  auto pid_file = d.write("redis.pid", std::to_string(::getpid()));
+  SUBCASE("another user's file") {
+    REQUIRE(::chown(pid_file.c_str(), lhpc::test::k_nobody, lhpc::test::k_nobody) == 0);
+  }
+  SUBCASE("writable by the group") { REQUIRE(::chmod(pid_file.c_str(), 0660) == 0); }
+  auto e = refusal([&] { (void)lhpc::services::stop_redis(d.path, std::chrono::milliseconds(100)); });
+  CHECK(says(e, "the storage's pid file"));
+  CHECK(says(e, pid_file));
+}
+
+TEST_CASE("a pid file naming another process of ours is neither taken for the service nor signalled") {
+  lhpc::test::TempDir d("services");
+  lhpc::SpawnOptions o;
+  o.argv = {"sleep", "30"};
+  auto other = lhpc::spawn(o);
+  REQUIRE(::mkdir(d.file("run").c_str(), 0700) == 0);
+  d.write("run/server.pid", std::to_string(other.pid()) + "\n");
+  d.write("redis.pid", std::to_string(other.pid()) + "\n");
+  CHECK_FALSE(lhpc::services::broker_running(d.path));
+  CHECK_FALSE(lhpc::services::stop_redis(d.path, std::chrono::milliseconds(100)));
+  CHECK_FALSE(lhpc::services::redis_alive(d.path, 1, ""));
+  CHECK_FALSE(other.try_wait());  // not signalled
+}
+
+TEST_CASE("up refuses a Lithops config, or its directory, that another user owns, links or can write") {
+  lhpc::test::TempDir d("services");
+  auto path = d.file("config");
+  std::string before = "lithops:\n  backend: localhost\n";
+  auto check_refused = [&](const std::string& where, const std::string& why) {
+    auto e = refusal([&] { (void)lhpc::services::write_lithops_config(where, k_sets); });
+    CHECK(e.code() == lhpc::Exit::config);
+    CHECK(says(e, "the Lithops config"));
+    CHECK(says(e, why));
+    CHECK_FALSE(e.hint().empty());
+  };
+  SUBCASE("a file another user owns") {
+    d.write("config", before);
+    REQUIRE(::chown(path.c_str(), lhpc::test::k_nobody, lhpc::test::k_nobody) == 0);
+    check_refused(path, "belongs to");
+    CHECK(lhpc::read_file(path) == before);
+    CHECK_FALSE(lhpc::path_exists(path + ".bak"));
+  }
+  SUBCASE("a file others can write") {
+    d.write("config", before, 0664);
+    check_refused(path, "writable by other users");
+    CHECK(lhpc::read_file(path) == before);
+  }
+  SUBCASE("a link another user made") {
+    auto real = d.write("real-config", before);
+    REQUIRE(::symlink(real.c_str(), path.c_str()) == 0);
+    REQUIRE(::lchown(path.c_str(), lhpc::test::k_nobody, lhpc::test::k_nobody) == 0);
+    check_refused(path, "symbolic link");
+    CHECK(lhpc::read_file(real) == before);
+  }
+  SUBCASE("a directory another user owns") {
+    auto theirs = d.file("theirs");
+    REQUIRE(::mkdir(theirs.c_str(), 0755) == 0);
+    REQUIRE(::chown(theirs.c_str(), lhpc::test::k_nobody, lhpc::test::k_nobody) == 0);
+    check_refused(theirs + "/config", "belongs to");
+    CHECK_FALSE(lhpc::path_exists(theirs + "/config"));
+  }
+  SUBCASE("a directory others can write") {
+    auto open = d.file("open");
+    REQUIRE(::mkdir(open.c_str(), 0755) == 0);
+    REQUIRE(::chmod(open.c_str(), 0777) == 0);
+    check_refused(open + "/config", "writable by other users");
+    CHECK_FALSE(lhpc::path_exists(open + "/config"));
+  }
+}
+
+TEST_CASE("up writes a Lithops config through a link of the user's own, keeping the link") {
+  lhpc::test::TempDir d("services");
+  REQUIRE(::mkdir(d.file("dotfiles").c_str(), 0700) == 0);
+  auto real = d.write("dotfiles/config", "lithops:\n  backend: localhost\n");
+  auto link = d.file("config");
+  REQUIRE(::symlink(real.c_str(), link.c_str()) == 0);
+  auto w = lhpc::services::write_lithops_config(link, k_sets);
+  CHECK(w.changed);
+  CHECK(w.backup == real + ".bak");
+  struct stat st {};
+  REQUIRE(::lstat(link.c_str(), &st) == 0);
+  CHECK(S_ISLNK(st.st_mode));
+  CHECK(lhpc::read_file(real).find("storage: \"redis\"") != std::string::npos);
 }

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "test_support.h"
 #include "util/backoff.h"
@@ -313,4 +314,51 @@ TEST_CASE("a run ended by a signal exits as the shell reports it: 129 SIGHUP, 13
   CHECK(static_cast<int>(Exit::hangup) == 128 + SIGHUP);
   CHECK(static_cast<int>(Exit::interrupted) == 128 + SIGINT);
   CHECK(static_cast<int>(Exit::terminated) == 128 + SIGTERM);
+}
+
+namespace {
+
+// A spawned child runs `word` once it has exec'ed (before, it is a copy of
+// us; setpriv execs once it has changed user): wait for that.
+bool runs(pid_t pid, const std::string& word) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  auto now_runs = [&] {
+    try {
+      return read_file("/proc/" + std::to_string(pid) + "/cmdline").rfind(word, 0) == 0;
+    } catch (const Error&) {
+      return false;
+    }
+  };
+  while (!now_runs() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return now_runs();
+}
+
+}  // namespace
+
+TEST_CASE("a pid names our process only while it runs as us with the expected command") {
+  SpawnOptions mine;
+  mine.argv = {"sleep", "30"};
+  auto c = spawn(mine);
+  REQUIRE(runs(c.pid(), "sleep"));
+  CHECK(own_process_with(c.pid(), "sleep"));
+  CHECK_FALSE(own_process_with(c.pid(), "redis-server"));
+  CHECK_FALSE(own_process_with(0, "sleep"));
+  CHECK_FALSE(own_process_with(-1, "sleep"));
+
+  SpawnOptions theirs;
+  theirs.argv = {"setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sleep", "30"};
+  auto t = spawn(theirs);
+  REQUIRE(runs(t.pid(), "sleep"));
+  CHECK_FALSE(own_process_with(t.pid(), "sleep"));
+}
+
+TEST_CASE("a pid file holds one positive number; anything else is no pid") {
+  lhpc::test::TempDir d("util");
+  CHECK_FALSE(read_pid_file(d.file("missing.pid"), "the pid file"));
+  CHECK(read_pid_file(d.write("a.pid", "1234\n"), "the pid file") == 1234);
+  CHECK_FALSE(read_pid_file(d.write("b.pid", "x"), "the pid file"));
+  CHECK_FALSE(read_pid_file(d.write("c.pid", "-5"), "the pid file"));
+  CHECK_FALSE(read_pid_file(d.write("d.pid", "99999999999"), "the pid file"));
 }
