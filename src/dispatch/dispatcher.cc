@@ -442,7 +442,7 @@ void Dispatcher::on_handler_reply(int h, const Json& reply) {
     ++m_counters.tasks_done;
   } else {
     ++m_counters.tasks_failed;
-    spdlog::warn("call {} could not run: {}", what, error);
+    spdlog::warn("call {} could not run: {}", what, bounded_for_log(error));
   }
   if (Message* m = find(msg_id)) {
     --m->running;
@@ -461,15 +461,15 @@ void Dispatcher::answer_control(Message& m, bool ok, const Json& reply, const st
       Json echo = reply.contains("echo") ? reply["echo"] : Json();
       m_broker.publish(m.d.props.reply_to, ping_reply(m_opts.rank, m_opts.node, echo).dump(), p);
     } else if (!ok) {
-      spdlog::warn("ping {} failed in the control handler: {}", m.mid, error);
+      spdlog::warn("ping {} failed in the control handler: {}", m.mid, bounded_for_log(error));
     }
   } else {
     ++m_counters.metadata;
-    std::string runtime = json_string(m.payload, "runtime_name", "?");
+    std::string runtime = bounded_for_log(json_string(m.payload, "runtime_name", "?"), 200);
     if (ok) {
       spdlog::info("runtime metadata for {} stored", runtime);
     } else {
-      spdlog::error("get_metadata for {} failed: {}", runtime, error);
+      spdlog::error("get_metadata for {} failed: {}", runtime, bounded_for_log(error));
     }
   }
   --m.running;

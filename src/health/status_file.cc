@@ -14,6 +14,7 @@
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/json_number.h"
+#include "util/strings.h"
 
 namespace lhpc::health {
 
@@ -39,7 +40,7 @@ void check_job_id(const std::string& job) {
     ok = ok && plain;
   }
   if (!ok) {
-    throw Error(Exit::usage, "'" + job + "' is not a job id",
+    throw Error(Exit::usage, "'" + bounded_for_log(job, 128) + "' is not a job id",
                 "a job id is a Slurm job id (e.g. 12345 or 12345_7) or a name of letters, digits, '.', '_', '-', '+'");
   }
 }

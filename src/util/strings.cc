@@ -102,6 +102,18 @@ std::string escape_controls(std::string_view s, std::string_view keep) {
   return out;
 }
 
+std::string bounded_for_log(std::string_view s, std::size_t max_bytes) {
+  if (s.size() <= max_bytes) {
+    return escape_controls(s);
+  }
+  std::size_t cut = max_bytes;
+  // Back to the start of the character the cut falls in (at most 3 bytes).
+  for (int k = 0; k < 3 && cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xc0) == 0x80; ++k) {
+    --cut;
+  }
+  return escape_controls(s.substr(0, cut)) + "... (" + std::to_string(s.size()) + " bytes)";
+}
+
 std::string shell_quote(std::string_view s) {
   if (!s.empty() && s.find_first_of(" \t\n'\"\\$`*?[]{}()<>|&;#~!") == std::string_view::npos) {
     return std::string(s);

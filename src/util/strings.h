@@ -20,6 +20,11 @@ std::string join_argv(const std::vector<std::string>& argv);
 // escape sequence reaches the terminal; characters in `keep` (say "\t") and
 // printable UTF-8 are kept.
 std::string escape_controls(std::string_view s, std::string_view keep = {});
+// The same for text of any length (a handler's error, a bad id): at most
+// `max_bytes` of it, cut on a character boundary and marked
+// "... (N bytes)" with its whole size, so one line of log or one error stays
+// readable whatever someone else sent.
+std::string bounded_for_log(std::string_view s, std::size_t max_bytes = 512);
 // "1.5 GiB", "12.0 MiB": human sizes for progress and summaries.
 std::string human_bytes(double bytes);
 // Levenshtein distance, for "did you mean" suggestions.

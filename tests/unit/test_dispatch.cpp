@@ -588,6 +588,18 @@ TEST_CASE("a publisher's message id and action reach the log with their control 
   CHECK(text.find("unknown action '\\x1b[2Jrm'") != std::string::npos);
 }
 
+TEST_CASE("a handler's error reaches the log bounded, its control characters escaped") {
+  LogCapture logs;
+  Rig r(1);
+  r.deliver(encode(Action::send_task, job(1)));
+  r.reply(0, false, "Boom\x1b[2J\r\n" + std::string(100000, 'e'));
+  auto text = logs.out.str();
+  CHECK(text.find('\x1b') == std::string::npos);
+  CHECK(text.find("could not run: Boom\\x1b[2J\\x0d\\x0aeee") != std::string::npos);
+  CHECK(text.find("(100010 bytes)") != std::string::npos);
+  CHECK(text.size() < 2000);
+}
+
 TEST_CASE("a call the handler could not run is counted failed and frees its slot") {
   Rig r(1);
   auto tag = r.deliver(encode(Action::send_task, job(1)));

@@ -660,3 +660,17 @@ TEST_CASE("every deployment at a glance: ok when the live ones are ready, failur
   CHECK(autoalloc::overview_text(unix_now()).code == Exit::failure);
   CHECK(autoalloc::overview_json(unix_now()).code == Exit::failure);
 }
+
+TEST_CASE("a bad job id is shown bounded, its control characters escaped") {
+  std::string id = "\x1b]0;x\x07" + std::string(5000, 'A');
+  try {
+    lhpc::health::check_job_id(id);
+    FAIL("accepted");
+  } catch (const lhpc::Error& e) {
+    std::string what = e.what();
+    CHECK(what.size() < 300);
+    CHECK(what.find('\x1b') == std::string::npos);
+    CHECK(what.find("\\x1b]0;x\\x07AAA") != std::string::npos);
+    CHECK(what.find("(5006 bytes)") != std::string::npos);
+  }
+}

@@ -362,3 +362,11 @@ TEST_CASE("a pid file holds one positive number; anything else is no pid") {
   CHECK_FALSE(read_pid_file(d.write("c.pid", "-5"), "the pid file"));
   CHECK_FALSE(read_pid_file(d.write("d.pid", "99999999999"), "the pid file"));
 }
+
+TEST_CASE("text for a log is bounded on a character boundary, marked with its size, controls escaped") {
+  CHECK(bounded_for_log("short\x1b[2J", 512) == "short\\x1b[2J");
+  CHECK(bounded_for_log(std::string(600, 'x'), 512) == std::string(512, 'x') + "... (600 bytes)");
+  // "é" is two bytes: a cut inside it goes back to its start.
+  CHECK(bounded_for_log("ab\xc3\xa9z", 3) == "ab... (5 bytes)");
+  CHECK(bounded_for_log("ab\xc3\xa9z", 4) == "ab\xc3\xa9... (5 bytes)");
+}
