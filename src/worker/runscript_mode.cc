@@ -79,6 +79,12 @@ void RunscriptMode::finish(milliseconds) {
   }
 }
 
+void RunscriptMode::stop() {
+  if (m_runscript) {  // null when start() never ran or threw first
+    m_runscript->stop(milliseconds(2000));
+  }
+}
+
 void RunscriptMode::fill(WorkerStats& s) const {
   if (!m_runscript) {
     return;  // never started

@@ -22,8 +22,10 @@ public:
   void abort() override {}  // the runscript holds no work of ours to give back
   // The runscript gets 5 s after SIGTERM, whatever `grace` says.
   void finish(std::chrono::milliseconds grace) override;
-  // Nothing: finish stops the runscript; the instance's stop ends it otherwise.
-  void stop() override {}
+  // Ends a runscript still going (SIGTERM, SIGKILL after 2 s), before the
+  // worker stops the instance and closes the log it writes to: after a
+  // failure, or a worker stopped without a drain. No restart after it.
+  void stop() override;
   void fill(WorkerStats& s) const override;
 
 private:

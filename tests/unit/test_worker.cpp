@@ -365,6 +365,18 @@ TEST_CASE("stop ends the handlers and the instance, once, however often it is ca
   CHECK(r.w->stats().slots_busy == 0);
 }
 
+TEST_CASE("stop ends a runscript still going, once, however often it is called, and is safe before start") {
+  Rig r(config::Mode::runscript);
+  r.w->stop();  // before start: nothing to stop
+  r.w->start("/images/runtime.sif");
+  REQUIRE(r.step_until([&] { return r.w->stats().broker_connected; }));  // the runscript is up
+  r.w->stop();
+  CHECK_FALSE(r.w->stats().broker_connected);  // ended and reaped, not restarted
+  r.w->stop();
+  CHECK(r.instance->stops == 1);
+  CHECK_FALSE(r.instance->alive);
+}
+
 TEST_CASE("a worker whose instance dies more often than deploy.restart_limit fails and gives its calls back") {
   Rig r(config::Mode::dispatch, {}, 2);  // restart_limit 1
   r.w->start("/images/runtime.sif");
