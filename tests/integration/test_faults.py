@@ -46,6 +46,7 @@ class FaultTest(unittest.TestCase):
         lt.ensure_broker()
 
     def start_worker(self, url, **kw):
+        """A worker consuming `url`; its log is printed if the case fails."""
         w = Worker(url, **kw)
         self.addCleanup(w.cleanup)
         try:
@@ -53,6 +54,7 @@ class FaultTest(unittest.TestCase):
         except BaseException:
             print(w.log()[-6000:])
             raise
+        self.dump_on_failure(w)
         return w
 
     def dump_on_failure(self, w):
@@ -60,19 +62,24 @@ class FaultTest(unittest.TestCase):
         outcome = getattr(self, "_outcome", None)
         self.addCleanup(lambda: (outcome and not outcome.success) and print(w.log()[-8000:]))
 
+    @staticmethod
+    def delete_task_queue(url, declare_again):
+        """What `lithops clean` does to the queue (declare_again: the client declares it at once)."""
+        conn = lt._connect(url)
+        try:
+            ch = conn.channel()
+            ch.queue_delete("task_queue")
+            if declare_again:
+                ch.queue_declare("task_queue", durable=True)
+        finally:
+            conn.close()
+
     def test_a_queue_deleted_and_declared_again_is_served_within_seconds(self):
         # What `lithops clean` does to the singularity backend's queue.
         url = lt.fresh_vhost("fq")
         rec = tempfile.mkdtemp(prefix="lhpc-rec-")
         w = self.start_worker(url, slots=2)
-        self.dump_on_failure(w)
-        conn = lt._connect(url)
-        try:
-            ch = conn.channel()
-            ch.queue_delete("task_queue")
-            ch.queue_declare("task_queue", durable=True)
-        finally:
-            conn.close()
+        self.delete_task_queue(url, declare_again=True)
         w.wait_log("cancelled our consumer", timeout=10)
         jobs = publish_tasks(url, rec, "del-", 5)
         lt.wait_until(lambda: job_keys(rec) >= jobs, SERVE_AGAIN, "every task after the queue came back")
@@ -85,12 +92,7 @@ class FaultTest(unittest.TestCase):
         url = lt.fresh_vhost("fn")
         rec = tempfile.mkdtemp(prefix="lhpc-rec-")
         w = self.start_worker(url, slots=1)
-        self.dump_on_failure(w)
-        conn = lt._connect(url)
-        try:
-            conn.channel().queue_delete("task_queue")
-        finally:
-            conn.close()
+        self.delete_task_queue(url, declare_again=False)
         w.wait_log("restored: consuming task_queue again", timeout=SERVE_AGAIN)
         lt.wait_until(lambda: lt.queue_exists(url, "task_queue"), 5, "the worker to declare task_queue")
         jobs = publish_tasks(url, rec, "nodecl-", 3)
@@ -100,7 +102,6 @@ class FaultTest(unittest.TestCase):
     def test_c_an_oversized_message_is_dead_lettered_with_headers_and_never_buffered(self):
         url = lt.fresh_vhost("fo")
         w = self.start_worker(url, slots=2, rabbitmq_extra="max_message_bytes = 65536")
-        self.dump_on_failure(w)
         big = 48 * 1024 * 1024
         for i in range(3):
             lt.publish_raw(url, b"x" * big, headers={"n": i})
@@ -129,7 +130,6 @@ class FaultTest(unittest.TestCase):
         self.addCleanup(ctl, "eval", "application:set_env(rabbit, channel_tick_interval, 60000).")
         self.addCleanup(ctl, "eval", "application:set_env(rabbit, consumer_timeout, 86400000).")
         w = self.start_worker(url, slots=2)
-        self.dump_on_failure(w)
         publish_tasks(url, rec, "long-", 1, sleep=8)
         dead = []
         lt.wait_until(lambda: dead.extend(lt.drain_queue(url, "task_queue.dead")) or dead, 60,
@@ -153,7 +153,6 @@ class FaultTest(unittest.TestCase):
         url = lt.fresh_vhost("fm")
         rec = tempfile.mkdtemp(prefix="lhpc-rec-")
         w = self.start_worker(url, slots=1)
-        self.dump_on_failure(w)
         gate = os.path.join(rec, "gate")
         # A runs, B waits in the reserve, the malformed M stays in the queue.
         jobs = publish_tasks(url, rec, "alarm-a", 1, wait_for=gate)
@@ -181,7 +180,6 @@ class FaultTest(unittest.TestCase):
         url = lt.fresh_vhost("fs")
         rec = tempfile.mkdtemp(prefix="lhpc-rec-")
         w = self.start_worker(url, slots=2, heartbeat=2)
-        self.dump_on_failure(w)
         gate = os.path.join(rec, "gate")
         jobs = publish_tasks(url, rec, "frz-", 2, wait_for=gate)
         lt.wait_until(lambda: w.log().count("Tasks received") >= 2, 20, "both calls running")

@@ -559,6 +559,13 @@ struct Loop {
     ctl->poll();
     return ctl->state();
   }
+  // `n` polls, `dt` seconds apart.
+  const State& polls(int n, double dt = 1) {
+    for (int i = 0; i < n; ++i) {
+      poll(dt);
+    }
+    return ctl->state();
+  }
   int submitted() const { return static_cast<int>(w.submissions.size()); }
   std::string last_job() const { return std::to_string(w.next_id - 1); }
 };
@@ -592,9 +599,7 @@ TEST_CASE("controller: tasks with no deployment bring one job; idle, it is retir
   auto& st = l.poll();
   CHECK(st.jobs.empty());
   CHECK(st.start_failures.in_row == 0);
-  for (int i = 0; i < 5; ++i) {
-    l.poll(100);
-  }
+  l.polls(5, 100);
   CHECK(l.submitted() == 1);
   CHECK(l.w.held().empty());
   CHECK(l.ctl->state().next.find("scaled to zero") != std::string::npos);
@@ -662,9 +667,7 @@ TEST_CASE("controller: a refused submission shows the scheduler's words and is r
   CHECK(st.last_refusal == *l.w.refuse);
   CHECK(st.error.find("invalid partition specified") != std::string::npos);
   CHECK(st.error.find("next try in 10 s") != std::string::npos);
-  for (int i = 0; i < 9; ++i) {
-    l.poll();  // 9 s: still within the first 10 s
-  }
+  l.polls(9);  // 9 s: still within the first 10 s
   CHECK(l.submitted() == 1);
   l.poll(2);
   CHECK(l.submitted() == 2);
@@ -688,9 +691,7 @@ TEST_CASE("controller: a job made despite an unreadable reply is found by name, 
   REQUIRE(l.submitted() == 1);
   CHECK(l.ctl->state().jobs.size() == 1);  // adopted by name at once
   l.w.refuse.reset();
-  for (int i = 0; i < 30; ++i) {
-    l.poll();
-  }
+  l.polls(30);
   CHECK(l.submitted() == 1);
   CHECK(l.w.held().size() == 1);
 }
@@ -717,9 +718,7 @@ TEST_CASE("controller: jobs ending before serving halt submissions; a job that s
   CHECK(st.error.find("/w-" + a + ".out") != std::string::npos);
   CHECK(st.error.find("/w-" + b + ".out") != std::string::npos);
   int n = l.submitted();
-  for (int i = 0; i < 20; ++i) {
-    l.poll();
-  }
+  l.polls(20);
   CHECK(l.submitted() == n);  // halted: nothing more
   CHECK(l.ctl->state().next.find("halted") == 0);
   // One still in flight serves: the halt lifts and submissions resume.
@@ -780,9 +779,7 @@ TEST_CASE("controller: restarted, it adopts its jobs from its state and by name,
   CHECK(st.jobs[0].id == saved);
   CHECK(st.jobs[1].id == "777");
   l.w.ready(1000);
-  for (int i = 0; i < 10; ++i) {
-    l.poll();
-  }
+  l.polls(10);
   CHECK(l.submitted() == n);  // the backlog wants nodes, but both are held
   CHECK(l.ctl->state().jobs.size() == 2);
   CHECK(l.ctl->state().sbatch_calls == static_cast<unsigned long long>(n));  // counters carry across the restart
@@ -805,9 +802,7 @@ TEST_CASE("controller: a scheduler that does not answer ends nothing; the broker
   l.poll();
   l.w.scheduler_down = true;
   l.w.queue.reset();
-  for (int i = 0; i < 5; ++i) {
-    l.poll(100);
-  }
+  l.polls(5, 100);
   CHECK(l.ctl->state().jobs.size() == 1);
   CHECK(l.ctl->state().start_failures.in_row == 0);
   CHECK(l.w.stops.empty());
