@@ -90,13 +90,14 @@ class Relay:
 class NetNode:
     """A network namespace joined to the host by a veth pair on a /30 of
     198.18.0.0/15 (the benchmarking range: never routed), unique per test
-    process. `cut()` and `mend()` take the host's end down and up."""
+    process and index. `cut()` and `mend()` take the host's end down and up."""
 
-    def __init__(self):
+    def __init__(self, index=0):
+        # index: several nodes of one process (0-3).
         pid = os.getpid()
-        self.ns = f"lhpc-cut-{pid}"
-        self.veth = f"lhc{pid % 10**8}"
-        block = (pid % 2**14) * 4  # /30 blocks in 198.18.0.0/16
+        self.ns = f"lhpc-cut-{pid}-{index}"
+        self.veth = f"lhc{pid % 10**7}{index}"
+        block = ((pid % 2**12) * 4 + index) * 4  # /30 blocks in 198.18.0.0/16
         self.host_ip = f"198.18.{block // 256}.{block % 256 + 1}"
         self.node_ip = f"198.18.{block // 256}.{block % 256 + 2}"
         peer = self.veth + "n"
