@@ -38,8 +38,8 @@ UniqueFd records_dir(const LocalOptions& o) { return open_private_dir(o.records,
 }  // namespace
 
 std::string to_json(const LocalRecord& r) {
-  json j = {{"version", 1},          {"id", r.id},       {"name", r.name},    {"pgid", r.pgid},
-            {"start_ticks", r.start_ticks}, {"nodes", r.nodes}, {"output", r.output}};
+  json j = {{"version", 1},     {"id", r.id},        {"name", r.name}, {"pgid", r.pgid}, {"start_ticks", r.start_ticks},
+            {"nodes", r.nodes}, {"output", r.output}};
   return j.dump(2) + "\n";
 }
 

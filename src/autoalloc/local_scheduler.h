@@ -35,8 +35,8 @@ struct LocalOptions {
 // What is kept of one local job (its record file, <records>/<id>.json).
 struct LocalRecord {
   std::string id;
-  std::string name;  // Submission::job_name
-  long pgid = 0;     // the session and process group; its leader is mpirun
+  std::string name;               // Submission::job_name
+  long pgid = 0;                  // the session and process group; its leader is mpirun
   std::uint64_t start_ticks = 0;  // the leader's start time (/proc/<pid>/stat field 22)
   int nodes = 1;
   std::string output;

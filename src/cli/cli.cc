@@ -1,6 +1,9 @@
 #include "cli/cli.h"
 
+#include <unistd.h>
+
 #include <spdlog/spdlog.h>
+#include <climits>
 
 #include "lhpc_build_config.h"
 #include "util/error.h"
@@ -90,6 +93,15 @@ health::Found require_deployment(const std::string& job) {
                 "LITHOPS_HPC_STATE_DIR must be the same as the deployment's");
   }
   return std::move(*look.found);
+}
+
+std::string self_exe() {
+  char buf[PATH_MAX];
+  auto n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) {
+    throw Error(Exit::failure, "cannot find this executable (/proc/self/exe)");
+  }
+  return std::string(buf, static_cast<std::size_t>(n));
 }
 
 Exit run(int argc, char** argv) {

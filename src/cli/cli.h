@@ -52,6 +52,10 @@ health::Found require_deployment(const std::string& job);
 // naming those that did not stop, Error(no_deployment) when there is none.
 Exit stop_all_deployments(double timeout);
 
+// This executable (/proc/self/exe): what `up` starts as the controller and
+// what the local scheduler runs `deploy` with.
+std::string self_exe();
+
 Exit run(int argc, char** argv);
 
 }  // namespace lhpc::cli
