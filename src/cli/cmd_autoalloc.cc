@@ -151,7 +151,9 @@ void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actio
   c->add_option("--renew-before", a->renew_before,
                 "seconds before a job's time limit its successor is submitted while work remains (default 300)")
       ->type_name("S");
-  c->add_option("--poll", a->poll, "seconds between looks at the queue and the jobs (default 10)")->type_name("S");
+  c->add_option("--poll", a->poll,
+                "seconds between looks at the queue and the jobs (default 10; at zero the queue every 0.5 s too)")
+      ->type_name("S");
   c->add_flag("--drain-on-exit", a->drain_on_exit, "on SIGTERM or SIGINT stop the deployments too");
   c->add_flag("--local", a->local,
               "start the deployments on this machine with mpirun instead of Slurm (no template, no time limit)");

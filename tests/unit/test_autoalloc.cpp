@@ -988,3 +988,41 @@ TEST_CASE("local: a record whose process group number now belongs to another pro
   CHECK(sched.query({"local-1-1-1"})->at("local-1-1-1").ended);
   sched.cancel("local-1-1-1");  // never signals that group (the test would end)
 }
+
+TEST_CASE("controller: from zero the first task brings a submission within the short look, even with --poll 60") {
+  Loop l;
+  l.s.poll = 60;
+  l.start();
+  // The loop as run() drives it: each tick says how long to sleep; a task is
+  // published 17.2 s after the last poll, in the middle of a sleep.
+  double published = l.w.t + 17.2;
+  for (int i = 0; i < 1000 && l.submitted() == 0; ++i) {
+    double wait = l.ctl->tick();
+    if (l.submitted() == 0) {
+      l.w.t += wait;
+      if (l.w.t >= published) {
+        l.w.ready(1);
+      }
+    }
+  }
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.t - published <= k_zero_look);
+  // Something is held: the controller looks again at --poll, not at the short cadence.
+  CHECK(l.ctl->tick() == doctest::Approx(60).epsilon(0.01));
+}
+
+TEST_CASE("controller: at zero, a backlog the last poll saw already waits for the next poll, not every look") {
+  Loop l;
+  l.s.poll = 60;
+  l.start();
+  l.w.refuse = "QOSMaxSubmitJobPerUserLimit";  // the submission is refused: backoff, still at zero
+  l.w.ready(5);
+  l.ctl->tick();
+  REQUIRE(l.submitted() == 1);
+  auto updated = l.ctl->state().updated;
+  for (int i = 0; i < 20; ++i) {
+    l.w.t += l.ctl->tick();  // short looks at the queue only
+  }
+  CHECK(l.ctl->state().updated == updated);  // no poll since
+  CHECK(l.submitted() == 1);
+}
