@@ -114,7 +114,7 @@ bool group_alive(const LocalRecord& r, bool signalable, const std::optional<Proc
     return false;  // no process in the group, or none of ours
   }
   if (!leader) {
-    return true;  // mpirun ended, ranks of it still run
+    return true;  // mpirun ended, other members of its group still run
   }
   if (leader->start_ticks != r.start_ticks) {
     return false;  // the number went to another process after ours ended

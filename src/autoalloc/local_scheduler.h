@@ -7,7 +7,9 @@
 // in a private directory of the user (util/fs's trust rules): `jobs_named`
 // reads them. A job is alive while its process group is; a group id reused
 // by another process after ours ended is told apart by the leader's start
-// time. cancel is SIGTERM to the group: the deployment drains as on scancel.
+// time. cancel is SIGTERM to the group: mpirun forwards it to the ranks
+// (Open MPI 4.1 puts each rank in a process group of its own), which drain
+// as on scancel.
 // The deployment itself (status file, stop request) is the same as under
 // Slurm (status_probe.*).
 #pragma once
@@ -61,7 +63,7 @@ std::optional<ProcStat> parse_proc_stat(const std::string& text);
 // succeeded; `leader`: /proc/<pgid>/stat when it exists. A pid is not handed
 // out while a group carries its number, so a leader with another start time
 // means ours ended and the number was reused; no leader but a signalable
-// group means the leader ended and other members (the ranks) still run.
+// group means the leader ended and other members of its group still run.
 bool group_alive(const LocalRecord& r, bool signalable, const std::optional<ProcStat>& leader);
 
 // A plain name ([0-9A-Za-z._-]) unique on this machine: local-<unix s>-<pid>-<n>.

@@ -894,7 +894,7 @@ TEST_CASE("local: a job lives while its group does; a group number reused by ano
   LocalRecord r{"local-1-2-1", "lithops-aa-1", 4240, 987654, 1, "/o"};
   CHECK_FALSE(group_alive(r, false, std::nullopt));                // no process left, or none of ours
   CHECK(group_alive(r, true, ProcStat{'S', 4240, 987654}));        // mpirun runs
-  CHECK(group_alive(r, true, std::nullopt));                       // mpirun gone, ranks still run
+  CHECK(group_alive(r, true, std::nullopt));                       // mpirun gone, others of its group still run
   CHECK_FALSE(group_alive(r, true, ProcStat{'S', 4240, 123}));     // another process got the number
   CHECK_FALSE(group_alive(r, true, ProcStat{'Z', 4240, 987654}));  // ended, not reaped yet
 }
