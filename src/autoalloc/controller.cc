@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <functional>
@@ -486,7 +487,8 @@ Exit Controller::run() {
   while (sig == 0) {
     double wait = tick();
     pollfd p{.fd = signals.fd(), .events = POLLIN};
-    if (::poll(&p, 1, static_cast<int>(wait * 1000)) > 0) {
+    // Rounded up: waking a millisecond early would cost a look at the queue before the due poll.
+    if (::poll(&p, 1, static_cast<int>(std::ceil(wait * 1000))) > 0) {
       for (int s : signals.drain()) {
         sig = s;
       }
