@@ -226,8 +226,10 @@ bool url_has_password(const std::string& url);
 void require_amqp_url(const Config& cfg);
 
 // The effective configuration as TOML, secrets redacted; with_origins: each
-// value followed by "# from <origin>" (config check).
-std::string to_toml(const Config& cfg, bool with_origins = false);
+// value followed by "# from <origin>" (config check). changed_only: only the
+// keys set somewhere (not at their defaults), and only the sections holding
+// one; `*hidden` (when given) counts the keys left out.
+std::string to_toml(const Config& cfg, bool with_origins = false, bool changed_only = false, int* hidden = nullptr);
 
 // The short hostname (up to the first dot).
 std::string short_hostname();
