@@ -22,6 +22,7 @@ struct AutoallocArgs {
   double idle_timeout = -1, renew_before = -1, poll = -1;
   bool drain_on_exit = false;
   std::vector<std::string> sbatch_args;
+  GpuFlags gpu;
 };
 
 template <typename T>
@@ -109,6 +110,7 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
 
 Exit run_autoalloc(const Globals& g, const AutoallocArgs& a) {
   auto cfg = load_config(g);
+  apply_gpu_flags(a.gpu, cfg);
   config::require_amqp_url(cfg);
   auto s = settings_from(g, cfg, a);
   check(s);
@@ -146,6 +148,7 @@ void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actio
       ->type_name("S");
   c->add_option("--poll", a->poll, "seconds between looks at the queue and the jobs (default 10)")->type_name("S");
   c->add_flag("--drain-on-exit", a->drain_on_exit, "on SIGTERM or SIGINT stop the deployments too");
+  add_gpu_flags(c, a->gpu);
   c->add_option("SBATCH_ARGS", a->sbatch_args, "after --: passed to sbatch (partition, account, qos ...)");
   actions.push_back({c, [&g, a] { return run_autoalloc(g, *a); }});
 }
