@@ -105,6 +105,8 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   s.broker = amqp::options_from(cfg.rabbitmq);
   s.broker.connection_name = "lithops-hpc autoalloc";
   s.default_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : 1;
+  s.gpus_per_slot = cfg.singularity.gpus_per_slot;
+  s.gpu_vendor = cfg.singularity.gpu_vendor;
   return s;
 }
 
