@@ -149,6 +149,7 @@ health::Report make_report(health::State state, const WorkerStats& s, const std:
   r.state = state == health::State::ready && !s.consuming ? health::State::reconnecting : state;
   r.slots_busy = s.slots_busy;
   r.slots_total = s.slots_total;
+  health::set_gpus(r, s.gpus);
   r.done = s.tasks_done;
   r.failed = s.tasks_failed;
   r.requeued = s.tasks_requeued;
