@@ -333,6 +333,7 @@ const std::vector<Section>& schema() {
        {
            seconds_key("interval", &Config::health, &Health::interval, 0.1),
            string_key("status_file", &Config::health, &Health::status_file),
+           seconds_key("keep_ended", &Config::health, &Health::keep_ended, 0),
        }},
       {"logs",
        {

@@ -78,6 +78,9 @@ struct Deploy {
 struct Health {
   double interval = 5;      // seconds between reports to rank 0
   std::string status_file;  // empty: <state dir>/jobs/<jobid>/status.json
+  // Seconds an ended deployment's directory under <state dir>/jobs (status,
+  // stop request, logs kept there) stays after its last update; 0: forever.
+  double keep_ended = 7 * 86400;
 };
 
 // Where handler output (Lithops' logging, what functions print) goes, and

@@ -319,7 +319,8 @@ void RankRun::configure(const config::Config& cfg_in) {
   m_health = std::make_unique<health::Session>(m_comm, health::SessionOptions{.job = m_ph.jobid,
                                                                               .interval = m_cfg.health.interval,
                                                                               .status_file = m_cfg.health.status_file,
-                                                                              .node = m_ph.node});
+                                                                              .node = m_ph.node,
+                                                                              .keep_ended = m_cfg.health.keep_ended});
   if (m_rank == 0) {
     spdlog::info("deploying job {} on {} rank(s), {} node(s); status: {}", m_ph.jobid, m_size,
                  std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(), m_health->location().status);
