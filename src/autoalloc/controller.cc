@@ -347,6 +347,9 @@ Snapshot Controller::snapshot(double now) const {
 
 void Controller::submit(const Action& a, double now) {
   Submission req{m_s.sif, a.nodes, job_name(), m_dir + "/out", m_s.config_path};
+  req.gpus_per_slot = m_s.gpus_per_slot;
+  req.gpu_slots = m_s.default_slots;
+  req.gpu_vendor = m_s.gpu_vendor;
   auto res = m_p.scheduler->submit(req);
   if (!res.job) {
     ++m_state.refused_in_row;

@@ -34,7 +34,9 @@ struct Settings {
   std::string config_path;               // handed to the jobs as LITHOPS_HPC_CONFIG; empty: their lookup
   std::string queue = "task_queue";
   amqp::Options broker;
-  int default_slots = 1;  // slots per node assumed before a deployment reports
+  int default_slots = 1;  // slots per node assumed before a deployment reports (a GPU runtime: GPU slots)
+  int gpus_per_slot = 0;  // > 0: a GPU runtime, each node asked for default_slots x this many GPUs
+  config::GpuVendor gpu_vendor = config::GpuVendor::nvidia;
 };
 
 // One job this controller submitted (or adopted), as kept across restarts.

@@ -45,6 +45,28 @@ CLI::Validator choice(std::string (*error)(const std::string&)) {
   return CLI::Validator([error](std::string& text) { return error(text); }, "");
 }
 
+void add_gpu_flags(CLI::App* app, GpuFlags& flags) {
+  app->add_option("--gpus-per-slot", flags.gpus_per_slot,
+                  "GPUs each slot owns; slots are whole groups of the node's GPUs; 0: a CPU runtime "
+                  "(singularity.gpus_per_slot)")
+      ->check(CLI::Range(0, 64))
+      ->type_name("N");
+  app->add_option("--gpu-vendor", flags.vendor, "nvidia (default) or amd (singularity.gpu_vendor)")
+      ->check(choice(config::k_gpu_vendor_names))
+      ->type_name("VENDOR");
+}
+
+void apply_gpu_flags(const GpuFlags& flags, config::Config& cfg) {
+  if (flags.gpus_per_slot >= 0) {
+    cfg.singularity.gpus_per_slot = flags.gpus_per_slot;
+    cfg.set_by_flag("singularity.gpus_per_slot", "--gpus-per-slot");
+  }
+  if (!flags.vendor.empty()) {  // the flag's check (cli::choice) already refused a bad value
+    cfg.singularity.gpu_vendor = config::k_gpu_vendor_names.parse(flags.vendor).value();
+    cfg.set_by_flag("singularity.gpu_vendor", "--gpu-vendor");
+  }
+}
+
 namespace {
 
 // "lithops-hpc runtime build": the commands the parse got to, for hints.

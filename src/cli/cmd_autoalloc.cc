@@ -26,6 +26,7 @@ struct AutoallocArgs {
   bool drain_on_exit = false;
   bool local = false;
   std::vector<std::string> sbatch_args;
+  GpuFlags gpu;
 };
 
 template <typename T>
@@ -111,11 +112,14 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   s.broker = amqp::options_from(cfg.rabbitmq);
   s.broker.connection_name = "lithops-hpc autoalloc";
   s.default_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : 1;
+  s.gpus_per_slot = cfg.singularity.gpus_per_slot;
+  s.gpu_vendor = cfg.singularity.gpu_vendor;
   return s;
 }
 
 Exit run_autoalloc(const Globals& g, const AutoallocArgs& a) {
   auto cfg = load_config(g);
+  apply_gpu_flags(a.gpu, cfg);
   config::require_amqp_url(cfg);
   auto s = settings_from(g, cfg, a);
   check(s, a.local);
@@ -157,6 +161,7 @@ void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actio
   c->add_flag("--drain-on-exit", a->drain_on_exit, "on SIGTERM or SIGINT stop the deployments too");
   c->add_flag("--local", a->local,
               "start the deployments on this machine with mpirun instead of Slurm (no template, no time limit)");
+  add_gpu_flags(c, a->gpu);
   c->add_option("SBATCH_ARGS", a->sbatch_args,
                 "after --: passed to sbatch (partition, account, qos ...); with --local to mpirun");
   actions.push_back({c, [&g, a] { return run_autoalloc(g, *a); }});

@@ -334,6 +334,30 @@ TEST_CASE("sbatch runs with an explicit argv: limits, passthrough, template, ima
   }
 }
 
+TEST_CASE("a GPU runtime's sbatch line asks for its GPU slots per node and tells deploy it is one") {
+  SlurmOptions o{"/s/lithops-deploy.sh", "0:30:00", {"--partition=gpu"}};
+  Submission r{"/img/rt.sif", 2, "lithops-aa-1", "/st/out", ""};
+  r.gpus_per_slot = 2;
+  r.gpu_slots = 4;
+  r.gpu_vendor = lhpc::config::GpuVendor::amd;
+  std::vector<std::string> want = {"sbatch",
+                                   "--parsable",
+                                   "--job-name=lithops-aa-1",
+                                   "--nodes=2",
+                                   "--time=0:30:00",
+                                   "--output=/st/out/lithops-workers-%j.out",
+                                   "--gpus-per-node=8",
+                                   "--partition=gpu",
+                                   "/s/lithops-deploy.sh",
+                                   "/img/rt.sif",
+                                   "--gpus-per-slot",
+                                   "2",
+                                   "--gpu-vendor",
+                                   "amd",
+                                   "--cleanup"};
+  CHECK(sbatch_argv(o, r) == want);
+}
+
 TEST_CASE("the state file round-trips the jobs a restarted controller adopts") {
   State s;
   JobRecord r;
@@ -581,6 +605,7 @@ TEST_CASE("controller: tasks with no deployment bring one job; idle, it is retir
   CHECK(l.w.submissions[0].nodes == 1);
   CHECK(l.w.submissions[0].sif == "/img/rt.sif");
   CHECK(l.w.submissions[0].job_name == job_name());
+  CHECK(l.w.submissions[0].gpus_per_slot == 0);  // a CPU runtime asks for no GPU
   auto id = l.last_job();
   l.poll();
   CHECK(l.submitted() == 1);  // --max-pending 1
@@ -699,6 +724,26 @@ TEST_CASE("controller: a job made despite an unreadable reply is found by name, 
   }
   CHECK(l.submitted() == 1);
   CHECK(l.w.held().size() == 1);
+}
+
+TEST_CASE("controller: a GPU runtime's submissions ask for its GPU slots, and supply is counted in them") {
+  auto lim = limits();
+  lim.max_pending = 2;
+  Loop l(lim);
+  l.s.gpus_per_slot = 1;
+  l.s.default_slots = 4;
+  l.start();
+  l.w.ready(4);
+  l.poll();
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.submissions[0].gpus_per_slot == 1);
+  CHECK(l.w.submissions[0].gpu_slots == 4);
+  CHECK(sbatch_argv(SlurmOptions{"/t.sh"}, l.w.submissions[0])[6] == "--gpus-per-node=4");
+  l.poll();
+  CHECK(l.submitted() == 1);  // 4 tasks: the pending node's 4 GPU slots cover them
+  l.w.ready(8);
+  l.poll();
+  CHECK(l.submitted() == 2);  // 8: they do not
 }
 
 TEST_CASE("controller: jobs ending before serving halt submissions; a job that serves lifts the halt") {
