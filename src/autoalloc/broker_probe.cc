@@ -19,8 +19,7 @@ std::optional<QueueLook> BrokerProbe::look() {
     ++m_queries;
     auto info = m_conn->queue_info(m_queue);
     if (!info) {
-      m_conn.reset();      // the channel is closed; a new connection next poll
-      return QueueLook{};  // no queue yet: nothing published
+      return QueueLook{};  // no queue yet: nothing published (the connection stays)
     }
     return QueueLook{info->messages, static_cast<int>(info->consumers)};
   } catch (const Error& e) {

@@ -105,9 +105,9 @@ std::vector<std::vector<std::string>> split_slots(const Devices& devices, int pe
   std::size_t slots = devices.ids.size() / static_cast<std::size_t>(per_slot);
   if (slots == 0) {
     throw Error(Exit::engine,
-                "a GPU runtime needs " + std::to_string(per_slot) + " " + std::string(k_vendor_names.text(vendor)) +
-                    " GPU(s) per slot, but " + std::to_string(devices.ids.size()) + " were found (" + devices.source +
-                    ")",
+                "a GPU runtime needs " + std::to_string(per_slot) + " " +
+                    std::string(config::k_gpu_vendor_names.text(vendor)) + " GPU(s) per slot, but " +
+                    std::to_string(devices.ids.size()) + " were found (" + devices.source + ")",
                 "ask Slurm for GPUs (--gpus-per-node=N or --gres=gpu:N) on a partition that has them");
   }
   std::vector<std::vector<std::string>> groups(slots);
@@ -116,6 +116,25 @@ std::vector<std::vector<std::string>> split_slots(const Devices& devices, int pe
     groups[k].assign(first, first + per_slot);
   }
   return groups;
+}
+
+std::vector<std::vector<std::string>> share_of(const std::vector<std::vector<std::string>>& groups, int ranks,
+                                               int index) {
+  const std::size_t n = groups.size();
+  const std::size_t r = static_cast<std::size_t>(std::max(ranks, 1));
+  const std::size_t i = static_cast<std::size_t>(std::clamp(index, 0, static_cast<int>(r) - 1));
+  const std::size_t base = n / r;
+  const std::size_t extra = n % r;
+  const std::size_t first = i * base + std::min(i, extra);
+  const std::size_t count = base + (i < extra ? 1 : 0);
+  if (count == 0) {
+    throw Error(Exit::engine,
+                std::to_string(n) + " GPU slot(s) on this node for " + std::to_string(r) + " ranks: rank " +
+                    std::to_string(i) + " of the node has none",
+                "run one rank per node (--ntasks-per-node=1) or ask for more GPUs");
+  }
+  auto from = groups.begin() + static_cast<std::ptrdiff_t>(first);
+  return {from, from + static_cast<std::ptrdiff_t>(count)};
 }
 
 std::map<std::string, std::string> slot_env(Vendor vendor, const std::vector<std::string>& group) {

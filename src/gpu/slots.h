@@ -9,14 +9,14 @@
 #include <string>
 #include <vector>
 
-#include "util/names.h"
+#include "config/config.h"
 #include "util/process.h"
 
 namespace lhpc::gpu {
 
-enum class Vendor { nvidia, amd };
-// The vendor's name in configuration and status.
-inline constexpr Names<Vendor, 2> k_vendor_names{{{{Vendor::nvidia, "nvidia"}, {Vendor::amd, "amd"}}}};
+// The vendor is a configuration value (singularity.gpu_vendor); its names
+// are config::k_gpu_vendor_names.
+using Vendor = config::GpuVendor;
 
 // The GPUs one node's job may use, in the order the vendor's runtime
 // numbers them, and where that list came from (for status and messages).
@@ -48,6 +48,12 @@ Devices discover(const Env& env, Vendor vendor, const std::string& root = "/");
 // when `per_slot` < 1 and Error(Exit::engine) when fewer GPUs than one slot
 // needs are there, naming how many were found and where.
 std::vector<std::vector<std::string>> split_slots(const Devices& devices, int per_slot, Vendor vendor);
+
+// The groups of one of `ranks` ranks sharing a node (`index` 0-based):
+// contiguous, the first `groups % ranks` ranks taking one more. Throws
+// Error(Exit::engine) when this rank's share is empty (more ranks than slots).
+std::vector<std::vector<std::string>> share_of(const std::vector<std::vector<std::string>>& groups, int ranks,
+                                               int index);
 
 // The variables slot `group`'s handler alone gets: CUDA_VISIBLE_DEVICES and
 // CUDA_DEVICE_ORDER=PCI_BUS_ID (NVIDIA), ROCR_VISIBLE_DEVICES (AMD).

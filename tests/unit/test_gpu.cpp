@@ -127,8 +127,14 @@ TEST_CASE("the engine flag and the sbatch request follow the vendor and the slot
 }
 
 TEST_CASE("a vendor name is checked with the choices listed") {
-  CHECK(gpu::k_vendor_names.parse("amd") == Vendor::amd);
-  CHECK(gpu::k_vendor_names.text(*gpu::k_vendor_names.parse("nvidia")) == "nvidia");
-  CHECK_FALSE(gpu::k_vendor_names.parse("intel"));
-  CHECK(gpu::k_vendor_names.error("intel") == "'intel' is not one of nvidia, amd");
+  CHECK(config::k_gpu_vendor_names.parse("amd") == Vendor::amd);
+  CHECK(config::k_gpu_vendor_names.text(Vendor::nvidia) == "nvidia");
+  CHECK(config::k_gpu_vendor_names.error("intel") == "'intel' is not one of nvidia, amd");
+}
+
+TEST_CASE("ranks sharing a node split its GPU slots") {
+  auto groups = std::vector<std::vector<std::string>>{{"0"}, {"1"}, {"2"}};
+  CHECK(gpu::share_of(groups, 2, 0) == std::vector<std::vector<std::string>>{{"0"}, {"1"}});
+  CHECK(gpu::share_of(groups, 2, 1) == std::vector<std::vector<std::string>>{{"2"}});
+  CHECK_THROWS_AS(gpu::share_of(groups, 4, 3), Error);
 }
