@@ -109,6 +109,9 @@ public:
     std::uint32_t consumers = 0;
   };
   std::optional<QueueInfo> queue_info(const std::string& name);
+  // A durable exchange of `type` ("fanout", "direct", ...), no arguments.
+  void declare_exchange(const std::string& name, const std::string& type);
+  void bind_queue(const std::string& queue, const std::string& exchange, const std::string& routing_key = "");
   // Another channel on this connection (2, 3, ...): its own prefetch limit.
   void open_channel(std::uint16_t channel);
   void qos(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
@@ -120,6 +123,9 @@ public:
 
   // Asynchronous: sent now, the reply (if any) is absorbed by pump().
   void qos_async(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
+  // A durable queue without arguments, nowait: a publish sent after it on
+  // the same channel reaches the queue; a failure closes the channel.
+  void declare_queue_async(const std::string& name);
   void cancel_async(const std::string& consumer_tag, std::uint16_t channel = k_default_channel);
   void ack(std::uint64_t tag, bool multiple = false, std::uint16_t channel = k_default_channel);
   void reject(std::uint64_t tag, bool requeue, std::uint16_t channel = k_default_channel);

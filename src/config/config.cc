@@ -773,6 +773,8 @@ std::optional<std::string> runtime_name_problem(const std::string& name) {
   return std::nullopt;
 }
 
+std::string runtime_name_error(const std::string& name) { return runtime_name_problem(name).value_or(""); }
+
 std::string image_path(const Config& cfg, const Placeholders& ph) {
   const auto& rt = cfg.singularity.runtime;
   if (rt.empty()) {
@@ -788,6 +790,19 @@ std::string image_path(const Config& cfg, const Placeholders& ph) {
 }
 
 std::string image_path(const Config& cfg) { return image_path(cfg, current_placeholders()); }
+
+std::string served_runtime(const Config& cfg, const std::string& image) {
+  if (!cfg.singularity.runtime.empty()) {
+    return cfg.singularity.runtime;
+  }
+  auto slash = image.rfind('/');
+  std::string name = slash == std::string::npos ? image : image.substr(slash + 1);
+  if (!name.ends_with(".sif")) {
+    return {};
+  }
+  name.resize(name.size() - 4);
+  return runtime_name_problem(name) ? std::string() : name;
+}
 
 namespace {
 bool is_loopback(const std::string& host) {

@@ -303,10 +303,13 @@ void RankRun::configure(const config::Config& cfg_in) {
   m_health = std::make_unique<health::Session>(m_comm, health::SessionOptions{.job = m_ph.jobid,
                                                                               .interval = m_cfg.health.interval,
                                                                               .status_file = m_cfg.health.status_file,
-                                                                              .node = m_ph.node});
+                                                                              .node = m_ph.node,
+                                                                              .runtime = m_cfg.singularity.runtime});
   if (m_rank == 0) {
-    spdlog::info("deploying job {} on {} rank(s), {} node(s); status: {}", m_ph.jobid, m_size,
-                 std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(), m_health->location().status);
+    spdlog::info("deploying job {} on {} rank(s), {} node(s), runtime {}; status: {}", m_ph.jobid, m_size,
+                 std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(),
+                 m_cfg.singularity.runtime.empty() ? "any (none set)" : m_cfg.singularity.runtime,
+                 m_health->location().status);
   }
   report(health::State::staging, "");
 }
@@ -371,7 +374,8 @@ void RankRun::record_logs() const {
 void RankRun::start() {
   record_logs();
   m_worker = std::make_unique<Worker>(
-      m_cfg, worker::WorkerIdentity{.rank = m_rank, .node = m_ph.node, .jobid = m_ph.jobid, .slots = m_slots});
+      m_cfg, worker::WorkerIdentity{
+                 .rank = m_rank, .node = m_ph.node, .jobid = m_ph.jobid, .slots = m_slots, .ranks_on_node = m_on_node});
   m_worker->set_signal_pipe(&m_signals);
   report(health::State::starting, "");
   m_start_error = start_worker();
@@ -506,7 +510,7 @@ bool RankRun::serve() {
   }
   m_next_report = Clock::now();  // "ready" (or "failed") at once
   auto mono = [] { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); };
-  health::Progress progress(m_rank == 0 ? m_cfg.logs.progress_interval : 0, mono());
+  health::Progress progress(m_rank == 0 ? m_cfg.logs.progress_interval : 0, mono(), m_cfg.singularity.runtime);
   while (true) {
     if (started && !worker.finished()) {
       worker.step(std::chrono::milliseconds(100));

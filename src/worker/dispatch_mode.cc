@@ -11,10 +11,12 @@
 #include "container/engine.h"
 #include "dispatch/inflight.h"
 #include "dispatch/protocol.h"
+#include "dispatch/runtime.h"
 #include "lhpc_build_config.h"
 #include "logs/capture.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/memory_limit.h"
 #include "worker/instance.h"
 
 namespace lhpc::worker {
@@ -130,6 +132,11 @@ void DispatchMode::start() {
   dopts.limits = {static_cast<std::size_t>(w.m_cfg.rabbitmq.max_message_bytes), w.m_cfg.rabbitmq.max_message_depth};
   dopts.rank_queue = dispatch::rank_queue(w.m_cfg.rabbitmq.queue, w.m_id.jobid, w.m_id.rank);
   m_rank_queue = dopts.rank_queue;
+  dopts.runtime = w.m_cfg.singularity.runtime;  // checked by config: a valid name, or empty
+  dopts.memory_mb = job_memory_mb() / static_cast<std::uint64_t>(std::max(1, w.m_id.ranks_on_node));
+  if (!dopts.runtime.empty()) {
+    m_runtime_queue = dispatch::runtime_queue(dopts.queue, dopts.runtime);
+  }
   m_inflight = std::make_unique<dispatch::InflightRecord>(
       state_dir() + "/inflight/" + sanitize_name(w.m_id.node),
       sanitize_name(w.m_id.jobid) + "-" + std::to_string(w.m_id.rank) + "-" + std::to_string(::getpid()));
@@ -170,6 +177,13 @@ void DispatchMode::reject(std::uint64_t tag, bool requeue) {
 std::uint64_t DispatchMode::publish(const std::string& rk, const std::string& body, const amqp::Properties& p) {
   return guarded([&] { return m_conn->publish("", rk, body, p); });
 }
+std::uint64_t DispatchMode::publish_to_exchange(const std::string& exchange, const std::string& body,
+                                                const amqp::Properties& p) {
+  return guarded([&] { return m_conn->publish(exchange, "", body, p); });
+}
+void DispatchMode::declare_queue(const std::string& name) {
+  guarded([&] { m_conn->declare_queue_async(name); });
+}
 void DispatchMode::set_prefetch(int n) {
   guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n), true); });
 }
@@ -190,6 +204,10 @@ void DispatchMode::set_slot_consumer(bool active) {
       m_conn->cancel_async(m_slot_tag);
       m_slot_tag.clear();
     }
+    if (!m_runtime_slot_tag.empty()) {
+      m_conn->cancel_async(m_runtime_slot_tag);
+      m_runtime_slot_tag.clear();
+    }
   });
 }
 
@@ -203,6 +221,10 @@ void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
     a.priority = k_slot_priority;
     a.nowait = true;
     m_slot_tag = m_conn->consume(w.m_cfg.rabbitmq.queue, a);
+    if (!m_runtime_queue.empty()) {
+      a.tag = "lhpc-runtime-slots-" + std::to_string(m_slot_consumers);
+      m_runtime_slot_tag = m_conn->consume(m_runtime_queue, a);
+    }
     spdlog::debug("slot consumer {} started: a slot is free", m_slot_tag);
   });
 }
@@ -213,6 +235,13 @@ void DispatchMode::stop_consuming() {
     if (!m_slot_tag.empty()) {
       m_conn->cancel_async(m_slot_tag);
       m_slot_tag.clear();
+    }
+    if (!m_runtime_queue.empty()) {
+      m_conn->cancel_async(k_runtime_reserve_tag);
+    }
+    if (!m_runtime_slot_tag.empty()) {
+      m_conn->cancel_async(m_runtime_slot_tag);
+      m_runtime_slot_tag.clear();
     }
   });
 }
@@ -256,14 +285,22 @@ void DispatchMode::connect_when_due(Clock::time_point now) {
   }
   std::string q = w.m_cfg.rabbitmq.queue;
   std::string rq = m_rank_queue;
+  std::string rtq = m_runtime_queue;
   int prefetch = m_dispatcher->desired_prefetch();
   bool slots = m_dispatcher->desired_slot_consumer();
   m_connecting_prefetch = prefetch;
   m_connecting_slot_consumer = slots;
-  m_reconnect.start([q, rq, prefetch, slots](amqp::Connection& c) {
+  m_reconnect.start([q, rq, rtq, prefetch, slots](amqp::Connection& c) {
     // Exactly as the Lithops client declares it: durable, no arguments.
     c.declare_queue(q, true);
     c.declare_queue(q + ".dead", true);
+    // Where get_metadata for another runtime goes (dispatcher.h): it must
+    // exist before a publish to it, or the broker closes the channel.
+    c.declare_exchange(dispatch::runtimes_exchange(q), "fanout");
+    if (!rtq.empty()) {
+      c.declare_queue(rtq, true);
+      c.bind_queue(rtq, dispatch::runtimes_exchange(q));
+    }
     c.confirm_select();
     // Per channel (global): the one limit RabbitMQ lets us change while
     // consuming, shared by the slot consumer and the reserve.
@@ -274,6 +311,15 @@ void DispatchMode::connect_when_due(Clock::time_point now) {
       a.tag = "lhpc-slots-1";
       a.priority = k_slot_priority;
       tag = c.consume(q, a);
+    }
+    if (!rtq.empty()) {
+      if (slots) {
+        a.tag = "lhpc-runtime-slots-1";
+        c.consume(rtq, a);
+      }
+      a.tag = k_runtime_reserve_tag;
+      a.priority.reset();
+      c.consume(rtq, a);
     }
     a.tag = k_reserve_tag;
     a.priority.reset();
@@ -306,19 +352,23 @@ void DispatchMode::take_connection() {
   }
   m_conn = std::move(r->conn);
   m_slot_tag = std::move(r->consumer_tag);
+  m_runtime_slot_tag = m_slot_tag.empty() || m_runtime_queue.empty() ? "" : "lhpc-runtime-slots-1";
   m_slot_consumers = m_slot_tag.empty() ? 0 : 1;
   m_slot_wanted = !m_slot_tag.empty();
   m_broker_error.clear();
   m_last_pump = Clock::now();
   m_dispatcher->on_connected(m_connecting_prefetch, m_connecting_slot_consumer);
-  spdlog::info("{} {} on {} with {} slots (prefetch {})", m_connected_once ? "reconnected: consuming" : "consuming",
-               w.m_cfg.rabbitmq.queue, m_conn->redacted_url(), w.m_slots, m_connecting_prefetch);
+  spdlog::info("{} {}{} on {} with {} slots (prefetch {}), runtime {}",
+               m_connected_once ? "reconnected: consuming" : "consuming", w.m_cfg.rabbitmq.queue,
+               m_runtime_queue.empty() ? "" : " and " + m_runtime_queue, m_conn->redacted_url(), w.m_slots,
+               m_connecting_prefetch, m_runtime_queue.empty() ? "any (none set)" : w.m_cfg.singularity.runtime);
   m_connected_once = true;
 }
 
 void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_error, cleared here
   m_conn.reset();                           // broken: no polite close; the broker requeues what we held
   m_slot_tag.clear();
+  m_runtime_slot_tag.clear();
   m_slot_wanted = false;
   m_broker_error.clear();
   m_dispatcher->on_disconnected();

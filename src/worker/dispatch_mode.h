@@ -32,6 +32,9 @@ public:
   // The slot consumer's x-priority; the reserve consumer has the default, 0.
   static constexpr int k_slot_priority = 10;
   static constexpr const char* k_reserve_tag = "lhpc-reserve";
+  // The same two consumers on the runtime's queue (dispatch/runtime.h), on
+  // channel 1 as well: the channel's prefetch limit counts both queues.
+  static constexpr const char* k_runtime_reserve_tag = "lhpc-runtime-reserve";
   // A slot consumer wanted within this long of the last task delivered
   // waits until no task has come for that long (a backlog keeps sending).
   static constexpr std::chrono::milliseconds k_slot_consumer_delay{50};
@@ -62,6 +65,9 @@ private:
   void ack(std::uint64_t tag) override;
   void reject(std::uint64_t tag, bool requeue) override;
   std::uint64_t publish(const std::string& rk, const std::string& body, const amqp::Properties& p) override;
+  std::uint64_t publish_to_exchange(const std::string& exchange, const std::string& body,
+                                    const amqp::Properties& p) override;
+  void declare_queue(const std::string& name) override;
   void set_prefetch(int n) override;
   void set_slot_consumer(bool active) override;
   void stop_consuming() override;
@@ -86,8 +92,10 @@ private:
   std::string m_handler_path;
   amqp::Reconnector m_reconnect;
   std::unique_ptr<amqp::Connection> m_conn;
-  std::string m_slot_tag;    // the slot consumer's tag; empty while it is cancelled
-  int m_slot_consumers = 0;  // started on this connection: each gets a new tag
+  std::string m_slot_tag;          // the slot consumer's tag; empty while it is cancelled
+  std::string m_runtime_queue;     // this runtime's queue; empty: the deployment serves every runtime
+  std::string m_runtime_slot_tag;  // the slot consumer's on it
+  int m_slot_consumers = 0;        // started on this connection: each gets a new tag
   bool m_connecting_slot_consumer = false;
   bool m_slot_wanted = false;  // the dispatcher asked for it; started at m_slot_due
   Clock::time_point m_slot_due{};

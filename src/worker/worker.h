@@ -49,9 +49,10 @@ enum class State : std::uint8_t { created, starting, running, draining, stopped,
 
 struct WorkerIdentity {
   int rank = 0;
-  std::string node;   // empty: config::current_placeholders().node
-  std::string jobid;  // empty: config::current_placeholders().jobid
-  int slots = 0;      // 0: singularity.worker_processes, and 0 there: the node's cores
+  std::string node;       // empty: config::current_placeholders().node
+  std::string jobid;      // empty: config::current_placeholders().jobid
+  int slots = 0;          // 0: singularity.worker_processes, and 0 there: the node's cores
+  int ranks_on_node = 1;  // the node's memory is shared among them (runtime_memory caps)
 };
 
 struct WorkerStats {

@@ -88,7 +88,8 @@ struct Logged {
 
 // A table of `n` ranks, all ready, at the fake clock's time.
 Table ready_table(FakeClock& fc, int n, double interval = 5) {
-  Table t({.job = "42", .ranks = n, .interval = interval, .rank0_host = "n1", .rank0_pid = 4242}, fc.clock());
+  Table t({.job = "42", .runtime = "rt-a", .ranks = n, .interval = interval, .rank0_host = "n1", .rank0_pid = 4242},
+          fc.clock());
   t.set_logger([](Table::Level, const std::string&) {});
   for (int i = 0; i < n; ++i) {
     t.update(report_of(i, State::ready, 1, "n" + std::to_string(i + 1)));
@@ -317,9 +318,10 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   t.set_state(DeploymentState::draining);
   auto doc = json::parse(t.to_json());
 
-  CHECK(keys_of(doc) == std::set<std::string>{"job", "version", "updated", "started", "interval", "rank0", "summary",
-                                              "state", "ranks"});
+  CHECK(keys_of(doc) == std::set<std::string>{"job", "runtime", "version", "updated", "started", "interval", "rank0",
+                                              "summary", "state", "ranks"});
   CHECK(doc["job"] == "42");
+  CHECK(doc["runtime"] == "rt-a");
   CHECK(doc["version"] == 1);
   CHECK(doc["updated"].get<double>() == doctest::Approx(1700000001.25));
   CHECK(doc["started"].get<double>() == doctest::Approx(1700000000));
@@ -387,6 +389,8 @@ TEST_CASE("status exit codes: ready 0, degraded 1, unresponsive 1, stale 1, ende
   };
   CHECK(judge().code == Exit::ok);
   CHECK(judge().headline.find("3/3 ranks ready") != std::string::npos);
+  CHECK(judge().headline.find("job 42 (runtime rt-a): running") == 0);
+  CHECK(parse_status(t.to_json(), "s").runtime == "rt-a");
 
   SUBCASE("degraded: a rank starting") {
     t.update(report_of(1, State::starting, 2, "n2"));
@@ -440,7 +444,8 @@ TEST_CASE("the table a person reads") {
       text.find("0     n1    ready   1/4    10    1       2         yes     yes       0         4.0 MiB  1.0 s ago") !=
       std::string::npos);
   CHECK(text.find("rank 1 n2: last error: engine missing") != std::string::npos);
-  CHECK(text.find("job 42: running, DEGRADED: 1/2 ranks ready, 1 degraded, 0 unresponsive") != std::string::npos);
+  CHECK(text.find("job 42 (runtime rt-a): running, DEGRADED: 1/2 ranks ready, 1 degraded, 0 unresponsive") !=
+        std::string::npos);
 }
 
 TEST_CASE("a broken status file is an error naming the key") {
