@@ -99,22 +99,33 @@ amqp::Options broker_options(const config::Config& cfg, const WorkerIdentity& id
 
 }  // namespace
 
-DispatchMode::DispatchMode(Worker& worker, std::string handler_path)
-    : w(worker), m_handler_path(std::move(handler_path)), m_reconnect(broker_options(worker.m_cfg, worker.m_id)) {}
+DispatchMode::DispatchMode(const ModeContext& ctx, std::unique_ptr<BrokerConnector> broker)
+    : m_ctx(ctx), m_reconnect(broker ? std::move(broker) : make_amqp_connector(broker_options(ctx.cfg, ctx.id))) {}
 
 DispatchMode::~DispatchMode() = default;
 
+void DispatchMode::prepare(container::InstanceSpec& spec) {
+  bool host = m_ctx.engine.kind() == config::Engine::host;
+  // Found before the instance starts: it is bind-mounted into it.
+  std::string handler_host = find_handler(host);
+  if (!host && !handler_host.empty()) {
+    container::check_bind_path(handler_host, "the handler bind (lithops-hpc's installed runtime-defs/handler.py)");
+    spec.binds.push_back(handler_host + ":" + k_handler_in_image + ":ro");
+  }
+  m_handler_path = host ? handler_host : std::string(k_handler_in_image);
+}
+
 dispatch::HandlerCommand DispatchMode::handler_command(int h) const {
   dispatch::HandlerCommand c;
-  c.argv = w.m_engine->exec_argv(w.m_instance, {w.m_cfg.singularity.python, m_handler_path});
+  c.argv = m_ctx.engine.exec_argv(m_ctx.instance_name, {m_ctx.cfg.singularity.python, m_handler_path});
   // Handlers never talk to the broker: the URL stays out of their environment.
   Env base = Env::current();
   for (const char* k : {"AMQP_URL", "SINGULARITYENV_AMQP_URL", "APPTAINERENV_AMQP_URL"}) {
     base.unset(k);
   }
-  c.env = w.m_engine->child_env(base, {{"LITHOPS_HPC_RANK", std::to_string(w.m_id.rank)},
-                                       {"LITHOPS_HPC_HANDLER", h == w.m_slots ? "control" : std::to_string(h)}});
-  c.stderr_fd = w.m_log ? w.m_log->write_fd() : -1;
+  c.env = m_ctx.engine.child_env(base, {{"LITHOPS_HPC_RANK", std::to_string(m_ctx.id.rank)},
+                                        {"LITHOPS_HPC_HANDLER", h == m_ctx.slots ? "control" : std::to_string(h)}});
+  c.stderr_fd = m_ctx.log ? m_ctx.log->write_fd() : -1;
   return c;
 }
 
@@ -125,25 +136,25 @@ void DispatchMode::start() {
   }
 #endif
   dispatch::DispatcherOptions dopts;
-  dopts.slots = w.m_slots;
-  dopts.queue = w.m_cfg.rabbitmq.queue;
-  dopts.rank = w.m_id.rank;
-  dopts.node = w.m_id.node;
-  dopts.limits = {static_cast<std::size_t>(w.m_cfg.rabbitmq.max_message_bytes), w.m_cfg.rabbitmq.max_message_depth};
-  dopts.rank_queue = dispatch::rank_queue(w.m_cfg.rabbitmq.queue, w.m_id.jobid, w.m_id.rank);
+  dopts.slots = m_ctx.slots;
+  dopts.queue = m_ctx.cfg.rabbitmq.queue;
+  dopts.rank = m_ctx.id.rank;
+  dopts.node = m_ctx.id.node;
+  dopts.limits = {static_cast<std::size_t>(m_ctx.cfg.rabbitmq.max_message_bytes), m_ctx.cfg.rabbitmq.max_message_depth};
+  dopts.rank_queue = dispatch::rank_queue(m_ctx.cfg.rabbitmq.queue, m_ctx.id.jobid, m_ctx.id.rank);
   m_rank_queue = dopts.rank_queue;
-  dopts.runtime = w.m_cfg.singularity.runtime;  // checked by config: a valid name, or empty
-  dopts.memory_mb = job_memory_mb() / static_cast<std::uint64_t>(std::max(1, w.m_id.ranks_on_node));
+  dopts.runtime = m_ctx.cfg.singularity.runtime;  // checked by config: a valid name, or empty
   if (!dopts.runtime.empty()) {
     m_runtime_queue = dispatch::runtime_queue(dopts.queue, dopts.runtime);
   }
+  dopts.memory_mb = job_memory_mb() / static_cast<std::uint64_t>(std::max(1, m_ctx.id.ranks_on_node));
   m_inflight = std::make_unique<dispatch::InflightRecord>(
-      state_dir() + "/inflight/" + sanitize_name(w.m_id.node),
-      sanitize_name(w.m_id.jobid) + "-" + std::to_string(w.m_id.rank) + "-" + std::to_string(::getpid()));
+      state_dir() + "/inflight/" + sanitize_name(m_ctx.id.node),
+      sanitize_name(m_ctx.id.jobid) + "-" + std::to_string(m_ctx.id.rank) + "-" + std::to_string(::getpid()));
   dispatch::PoolOptions popts;
-  popts.restart_limit = w.m_cfg.deploy.restart_limit;
+  popts.restart_limit = m_ctx.cfg.deploy.restart_limit;
   m_pool = std::make_unique<dispatch::HandlerPool>(
-      w.m_slots + 1, [this](int h) { return handler_command(h); }, popts, *this);
+      m_ctx.slots + 1, [this](int h) { return handler_command(h); }, popts, *this);
   // The dispatcher sends through the pool.
   m_dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *this, *m_pool, m_inflight.get());
   if (m_latency) {
@@ -175,17 +186,17 @@ void DispatchMode::reject(std::uint64_t tag, bool requeue) {
   guarded([&] { m_conn->reject(tag, requeue); });
 }
 std::uint64_t DispatchMode::publish(const std::string& rk, const std::string& body, const amqp::Properties& p) {
-  return guarded([&] { return m_conn->publish("", rk, body, p); });
+  return guarded([&] { return m_conn->publish(rk, body, p); });
 }
 std::uint64_t DispatchMode::publish_to_exchange(const std::string& exchange, const std::string& body,
                                                 const amqp::Properties& p) {
-  return guarded([&] { return m_conn->publish(exchange, "", body, p); });
+  return guarded([&] { return m_conn->publish_to_exchange(exchange, body, p); });
 }
 void DispatchMode::declare_queue(const std::string& name) {
   guarded([&] { m_conn->declare_queue_async(name); });
 }
 void DispatchMode::set_prefetch(int n) {
-  guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n), true); });
+  guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n)); });
 }
 void DispatchMode::set_slot_consumer(bool active) {
   // Started at once unless a task came in the last k_slot_consumer_delay:
@@ -212,7 +223,7 @@ void DispatchMode::set_slot_consumer(bool active) {
 }
 
 void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
-  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || w.m_state != State::running) {
+  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || m_ctx.state() != State::running) {
     return;
   }
   guarded([&] {
@@ -220,7 +231,7 @@ void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
     a.tag = "lhpc-slots-" + std::to_string(++m_slot_consumers);
     a.priority = k_slot_priority;
     a.nowait = true;
-    m_slot_tag = m_conn->consume(w.m_cfg.rabbitmq.queue, a);
+    m_slot_tag = m_conn->consume(m_ctx.cfg.rabbitmq.queue, a);
     if (!m_runtime_queue.empty()) {
       a.tag = "lhpc-runtime-slots-" + std::to_string(m_slot_consumers);
       m_runtime_slot_tag = m_conn->consume(m_runtime_queue, a);
@@ -249,17 +260,17 @@ void DispatchMode::stop_consuming() {
 void DispatchMode::handler_ready(int h, const dispatch::Json&) { m_dispatcher->on_handler_ready(h); }
 void DispatchMode::handler_reply(int h, const dispatch::Json& reply) { m_dispatcher->on_handler_reply(h, reply); }
 void DispatchMode::handler_lost(int h, const std::string& why) {
-  w.m_supervisor->check_soon();
+  m_ctx.instance.check_soon();
   m_dispatcher->on_handler_lost(h, why);
 }
 void DispatchMode::handler_failed_to_start(int) {
-  w.m_supervisor->check_soon();
+  m_ctx.instance.check_soon();
   // Why it died is in its output, which is in the log file, not above.
-  if (w.m_log) {
-    w.m_log->sync();
-    auto lines = w.m_log->tail();
+  if (m_ctx.log) {
+    m_ctx.log->sync();
+    auto lines = m_ctx.log->tail();
     std::size_t from = lines.size() > 10 ? lines.size() - 10 : 0;
-    spdlog::error("last lines of handler output ({}):", w.m_log->path());
+    spdlog::error("last lines of handler output ({}):", m_ctx.log->path());
     for (std::size_t i = from; i < lines.size(); ++i) {
       spdlog::error("  | {}", lines[i]);
     }
@@ -270,88 +281,52 @@ void DispatchMode::handler_failed_to_start(int) {
 
 milliseconds DispatchMode::pump_every() const {
   // rabbitmq-c sends heartbeats only while it reads.
-  return milliseconds(std::max(1, w.m_cfg.rabbitmq.heartbeat) * 250);
+  return milliseconds(std::max(1, m_ctx.cfg.rabbitmq.heartbeat) * 250);
 }
 
 void DispatchMode::connect_when_due(Clock::time_point now) {
   // Connect once a slot handler is ready: a node whose handlers cannot start
   // never takes messages from healthy ones.
-  if (m_reconnect.connecting()) {
+  if (m_reconnect->connecting()) {
     take_connection();
     return;
   }
-  if (m_conn || w.m_state != State::running || m_pool->ready_count() == 0 || !m_reconnect.due(now)) {
+  if (m_conn || m_ctx.state() != State::running || m_pool->ready_count() == 0 || !m_reconnect->due(now)) {
     return;
   }
-  std::string q = w.m_cfg.rabbitmq.queue;
-  std::string rq = m_rank_queue;
-  std::string rtq = m_runtime_queue;
-  int prefetch = m_dispatcher->desired_prefetch();
-  bool slots = m_dispatcher->desired_slot_consumer();
-  m_connecting_prefetch = prefetch;
-  m_connecting_slot_consumer = slots;
-  m_reconnect.start([q, rq, rtq, prefetch, slots](amqp::Connection& c) {
-    // Exactly as the Lithops client declares it: durable, no arguments.
-    c.declare_queue(q, true);
-    c.declare_queue(q + ".dead", true);
-    // Where get_metadata for another runtime goes (dispatcher.h): it must
-    // exist before a publish to it, or the broker closes the channel.
-    c.declare_exchange(dispatch::runtimes_exchange(q), "fanout");
-    if (!rtq.empty()) {
-      c.declare_queue(rtq, true);
-      c.bind_queue(rtq, dispatch::runtimes_exchange(q));
-    }
-    c.confirm_select();
-    // Per channel (global): the one limit RabbitMQ lets us change while
-    // consuming, shared by the slot consumer and the reserve.
-    c.qos(static_cast<std::uint16_t>(prefetch), true);
-    amqp::ConsumeArgs a;
-    std::string tag;
-    if (slots) {
-      a.tag = "lhpc-slots-1";
-      a.priority = k_slot_priority;
-      tag = c.consume(q, a);
-    }
-    if (!rtq.empty()) {
-      if (slots) {
-        a.tag = "lhpc-runtime-slots-1";
-        c.consume(rtq, a);
-      }
-      a.tag = k_runtime_reserve_tag;
-      a.priority.reset();
-      c.consume(rtq, a);
-    }
-    a.tag = k_reserve_tag;
-    a.priority.reset();
-    c.consume(q, a);
-    // Gone with its last consumer; no acks. Not exclusive: standalone workers
-    // of one job all are its rank 0. On a channel without a prefetch limit:
-    // RabbitMQ holds back even no-ack deliveries on a channel at its limit.
-    c.declare_queue(rq, false, /*exclusive=*/false, /*auto_delete=*/true);
-    c.open_channel(k_rank_channel);
-    amqp::ConsumeArgs r;
-    r.channel = k_rank_channel;
-    r.no_ack = true;
-    c.consume(rq, r);
-    return tag;
-  });
+  Subscription sub;
+  sub.queue = m_ctx.cfg.rabbitmq.queue;
+  sub.rank_queue = m_rank_queue;
+  sub.prefetch = m_dispatcher->desired_prefetch();
+  sub.slot_consumer = m_dispatcher->desired_slot_consumer();
+  sub.rank_channel = k_rank_channel;
+  sub.slot_priority = k_slot_priority;
+  sub.slot_tag = "lhpc-slots-1";
+  sub.reserve_tag = k_reserve_tag;
+  sub.runtimes_exchange = dispatch::runtimes_exchange(sub.queue);
+  sub.runtime_queue = m_runtime_queue;
+  sub.runtime_slot_tag = "lhpc-runtime-slots-1";
+  sub.runtime_reserve_tag = k_runtime_reserve_tag;
+  m_connecting_prefetch = sub.prefetch;
+  m_connecting_slot_consumer = sub.slot_consumer;
+  m_reconnect->start(sub);
 }
 
 void DispatchMode::take_connection() {
-  auto r = m_reconnect.take();
+  auto r = m_reconnect->take();
   if (!r) {
     return;
   }
-  if (!r->conn) {
-    w.m_last_error = r->error;
+  if (!r->link) {
+    m_ctx.note_error(r->error);
     spdlog::warn("{}; retrying in {:.1f} s", r->error, r->retry_in.count() / 1000.0);
     return;
   }
-  if (w.m_state != State::running) {
+  if (m_ctx.state() != State::running) {
     return;  // draining or failed meanwhile: close it again (nothing was delivered to us yet)
   }
-  m_conn = std::move(r->conn);
-  m_slot_tag = std::move(r->consumer_tag);
+  m_conn = std::move(r->link);
+  m_slot_tag = std::move(r->slot_tag);
   m_runtime_slot_tag = m_slot_tag.empty() || m_runtime_queue.empty() ? "" : "lhpc-runtime-slots-1";
   m_slot_consumers = m_slot_tag.empty() ? 0 : 1;
   m_slot_wanted = !m_slot_tag.empty();
@@ -359,9 +334,9 @@ void DispatchMode::take_connection() {
   m_last_pump = Clock::now();
   m_dispatcher->on_connected(m_connecting_prefetch, m_connecting_slot_consumer);
   spdlog::info("{} {}{} on {} with {} slots (prefetch {}), runtime {}",
-               m_connected_once ? "reconnected: consuming" : "consuming", w.m_cfg.rabbitmq.queue,
-               m_runtime_queue.empty() ? "" : " and " + m_runtime_queue, m_conn->redacted_url(), w.m_slots,
-               m_connecting_prefetch, m_runtime_queue.empty() ? "any (none set)" : w.m_cfg.singularity.runtime);
+               m_connected_once ? "reconnected: consuming" : "consuming", m_ctx.cfg.rabbitmq.queue,
+               m_runtime_queue.empty() ? "" : " and " + m_runtime_queue, m_conn->redacted_url(), m_ctx.slots,
+               m_connecting_prefetch, m_runtime_queue.empty() ? "any (none set)" : m_ctx.cfg.singularity.runtime);
   m_connected_once = true;
 }
 
@@ -372,12 +347,12 @@ void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_e
   m_slot_wanted = false;
   m_broker_error.clear();
   m_dispatcher->on_disconnected();
-  w.m_last_error = why;
-  if (w.m_state == State::draining) {
+  m_ctx.note_error(why);
+  if (m_ctx.state() == State::draining) {
     spdlog::warn("lost the broker while draining: {}", why);
     return;
   }
-  auto delay = m_reconnect.lost();
+  auto delay = m_reconnect->lost();
   spdlog::warn("lost the broker: {}; reconnecting in {:.1f} s", why, delay.count() / 1000.0);
 }
 
@@ -400,8 +375,8 @@ void DispatchMode::pump(bool readable) {
         m_dispatcher->on_confirm(c);
       }
     }
-    if (m_conn && m_conn->consumer_cancelled() && w.m_state == State::running) {
-      throw Error(Exit::broker, "the broker cancelled our consumer (was " + w.m_cfg.rabbitmq.queue + " deleted?)");
+    if (m_conn && m_conn->consumer_cancelled() && m_ctx.state() == State::running) {
+      throw Error(Exit::broker, "the broker cancelled our consumer (was " + m_ctx.cfg.rabbitmq.queue + " deleted?)");
     }
   } catch (const Error& e) {
     m_broker_error = e.what();
@@ -421,23 +396,23 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
     if (m_slot_wanted && m_slot_tag.empty()) {
       sooner(m_slot_due);
     }
-  } else if (m_reconnect.connecting()) {
+  } else if (m_reconnect->connecting()) {
     sooner(now + milliseconds(20));  // the helper thread's result
-  } else if (w.m_state == State::running && m_pool->ready_count() > 0) {
-    sooner(m_reconnect.next_attempt());
+  } else if (m_ctx.state() == State::running && m_pool->ready_count() > 0) {
+    sooner(m_reconnect->next_attempt());
   }
-  for (auto t : {m_pool->next_deadline(), w.m_supervisor->next_deadline()}) {
+  for (auto t : {m_pool->next_deadline(), m_ctx.instance.next_deadline()}) {
     if (t) {
       sooner(*t);
     }
   }
-  if (w.m_state == State::draining) {
-    sooner(w.m_drain_deadline);
+  if (m_ctx.state() == State::draining) {
+    sooner(m_ctx.drain_deadline());
   }
   return timeout;
 }
 
-void DispatchMode::step(milliseconds max_wait) {
+std::optional<Done> DispatchMode::step(milliseconds max_wait) {
   auto now = Clock::now();
   std::vector<pollfd> fds;
   std::vector<int> tags;  // -1 broker, >= 0 pool
@@ -446,7 +421,7 @@ void DispatchMode::step(milliseconds max_wait) {
     tags.push_back(-1);
   }
   m_pool->add_pollfds(fds, tags);
-  w.poll_round(fds, poll_timeout(max_wait, now));
+  m_ctx.poll(fds, poll_timeout(max_wait, now));
   bool broker_readable = false;
   for (std::size_t i = 0; i < fds.size(); ++i) {
     if (!fds[i].revents) {
@@ -458,10 +433,10 @@ void DispatchMode::step(milliseconds max_wait) {
       m_pool->handle(tags[i], fds[i].revents);
     }
   }
-  after_poll(broker_readable, Clock::now());
+  return after_poll(broker_readable, Clock::now());
 }
 
-void DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
+std::optional<Done> DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
   if (m_conn && (broker_readable || m_conn->buffered() || now - m_last_pump >= pump_every())) {
     pump(broker_readable);
   }
@@ -472,48 +447,57 @@ void DispatchMode::after_poll(bool broker_readable, Clock::time_point now) {
   }
   if (m_pool->failed()) {
     throw Error(Exit::engine,
-                fmt::format("handlers of rank {} on {} cannot be kept running: {}", w.m_id.rank, w.m_id.node,
+                fmt::format("handlers of rank {} on {} cannot be kept running: {}", m_ctx.id.rank, m_ctx.id.node,
                             m_pool->last_error()),
                 "check singularity.python and that Lithops imports in the image (the handler's last output lines "
                 "are above; all of it: lithops-hpc logs); "
                 "deploy.restart_limit sets how many deaths a minute a handler may have");
   }
-  w.m_supervisor->supervise(now);
+  m_ctx.instance.supervise(now);
   // Handlers spawned into an instance that is down would only die: wait for it.
-  m_pool->hold_restarts(w.m_supervisor->restarting());
+  m_pool->hold_restarts(m_ctx.instance.restarting());
   connect_when_due(now);
   if (m_latency) {
     m_latency->maybe_write(now);
   }
-  if (w.m_state == State::draining) {
-    check_drained(now);
+  if (m_ctx.state() == State::draining) {
+    return check_drained(now);
   }
+  return std::nullopt;
 }
 
-void DispatchMode::check_drained(Clock::time_point now) {
+std::optional<Done> DispatchMode::check_drained(Clock::time_point now) {
   if (m_dispatcher->idle()) {
     spdlog::info("drained: every running task finished");
-    w.finish();
-  } else if (now >= w.m_drain_deadline) {
+    return Done{};
+  }
+  if (now >= m_ctx.drain_deadline()) {
     spdlog::warn("drain timeout: {} calls still running are given back to the queue", m_dispatcher->busy_slots());
     m_dispatcher->abort();
     if (!m_broker_error.empty()) {
       lost(m_broker_error);
     }
     // Given back: stop them now rather than run beside their redelivery.
-    w.finish(milliseconds(0));
+    return Done{milliseconds(0)};
   }
+  return std::nullopt;
 }
 
 // --- lifecycle parts -------------------------------------------------------------
 
 void DispatchMode::drain() {
+  if (!m_dispatcher) {
+    return;  // never started
+  }
   spdlog::info("draining: no new tasks; {} running get {:.0f} s to finish", m_dispatcher->busy_slots(),
-               w.m_cfg.deploy.drain_timeout);
+               m_ctx.cfg.deploy.drain_timeout);
   m_dispatcher->drain();
 }
 
-void DispatchMode::abort_all() {
+void DispatchMode::abort() {
+  if (!m_dispatcher) {
+    return;
+  }
   m_dispatcher->drain();
   m_dispatcher->abort();
 }
@@ -524,15 +508,22 @@ void DispatchMode::finish(milliseconds handler_grace) {
   }
   m_conn.reset();  // polite close: anything still unacked goes back to the queue
   // Idle handlers exit at once on EOF; busy ones only after an abort.
-  m_pool->stop(handler_grace);
+  if (m_pool) {
+    m_pool->stop(handler_grace);
+  }
 }
 
 void DispatchMode::stop() {
   m_conn.reset();
-  m_pool->stop(milliseconds(2000));
+  if (m_pool) {  // null when start() threw before the pool existed
+    m_pool->stop(milliseconds(2000));
+  }
 }
 
 void DispatchMode::fill(WorkerStats& s) const {
+  if (!m_dispatcher || !m_pool) {
+    return;  // never started
+  }
   const auto& c = m_dispatcher->counters();
   s.slots_busy = m_dispatcher->busy_slots();
   s.tasks_done = c.tasks_done;

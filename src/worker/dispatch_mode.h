@@ -1,7 +1,7 @@
 // Dispatch mode's wiring: the ports the dispatcher talks through (the broker
 // connection and the handler pool), the broker (re)connection, and one
 // poll() round over all of it. The lifecycle (drain, fail, stop) stays in
-// worker.cc; this file only knows how dispatch mode does each part.
+// worker.cc; this file only knows how dispatch mode does each part (Mode).
 #pragma once
 
 #include <chrono>
@@ -11,17 +11,18 @@
 #include <vector>
 
 #include "amqp/connection.h"
-#include "amqp/reconnect.h"
 #include "dispatch/dispatcher.h"
 #include "dispatch/handler_pool.h"
 #include "dispatch/inflight.h"
+#include "worker/broker.h"
+#include "worker/mode.h"
 #include "worker/worker.h"
 
 namespace lhpc::worker {
 
 class LatencyLog;
 
-class DispatchMode final : public dispatch::BrokerPort, public dispatch::HandlerPool::Listener {
+class DispatchMode final : public Mode, public dispatch::BrokerPort, public dispatch::HandlerPool::Listener {
 public:
   using Clock = std::chrono::steady_clock;
   static constexpr const char* k_handler_in_image = "/opt/lithops-hpc/handler.py";
@@ -45,18 +46,20 @@ public:
   // has no image copy to fall back on.
   static std::string find_handler(bool host_engine);
 
-  // `handler_path`: where the handler runs it from (inside the instance or on the host).
-  DispatchMode(Worker& w, std::string handler_path);
+  // `broker`: null for the real one (amqp/, from rabbitmq.*).
+  explicit DispatchMode(const ModeContext& ctx, std::unique_ptr<BrokerConnector> broker = nullptr);
   ~DispatchMode() override;
 
-  void start();
-  void step(std::chrono::milliseconds max_wait);
-  void drain();
+  // Finds the handler script; binds ours over the image's copy.
+  void prepare(container::InstanceSpec& spec) override;
+  void start() override;
+  std::optional<Done> step(std::chrono::milliseconds max_wait) override;
+  void drain() override;
   // Stop consuming and give back everything held (the worker failed).
-  void abort_all();
-  void finish(std::chrono::milliseconds handler_grace);
-  void stop();
-  void fill(WorkerStats& s) const;
+  void abort() override;
+  void finish(std::chrono::milliseconds handler_grace) override;
+  void stop() override;
+  void fill(WorkerStats& s) const override;
 
 private:
   // --- BrokerPort: never throws ---
@@ -79,19 +82,19 @@ private:
 
   dispatch::HandlerCommand handler_command(int h) const;
   std::chrono::milliseconds poll_timeout(std::chrono::milliseconds max_wait, Clock::time_point now) const;
-  void after_poll(bool broker_readable, Clock::time_point now);
+  std::optional<Done> after_poll(bool broker_readable, Clock::time_point now);
   void connect_when_due(Clock::time_point now);
   void take_connection();
   void lost(std::string why);
   void pump(bool readable);
-  void check_drained(Clock::time_point now);
+  std::optional<Done> check_drained(Clock::time_point now);
   void start_slot_consumer_when_due(Clock::time_point now);
   std::chrono::milliseconds pump_every() const;
 
-  Worker& w;
-  std::string m_handler_path;
-  amqp::Reconnector m_reconnect;
-  std::unique_ptr<amqp::Connection> m_conn;
+  const ModeContext& m_ctx;
+  std::string m_handler_path;  // where the handler runs it from (inside the instance or on the host)
+  std::unique_ptr<BrokerConnector> m_reconnect;
+  std::unique_ptr<BrokerLink> m_conn;
   std::string m_slot_tag;          // the slot consumer's tag; empty while it is cancelled
   std::string m_runtime_queue;     // this runtime's queue; empty: the deployment serves every runtime
   std::string m_runtime_slot_tag;  // the slot consumer's on it

@@ -16,45 +16,46 @@ namespace lhpc::worker {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-RunscriptMode::RunscriptMode(Worker& worker) : w(worker) {}
+RunscriptMode::RunscriptMode(const ModeContext& ctx) : m_ctx(ctx) {}
 
 void RunscriptMode::start() {
   container::RunscriptOptions ro;
-  ro.restart_limit = w.m_cfg.deploy.restart_limit;
-  ro.output_fd = w.m_log ? w.m_log->write_fd() : -1;
+  ro.restart_limit = m_ctx.cfg.deploy.restart_limit;
+  ro.output_fd = m_ctx.log ? m_ctx.log->write_fd() : -1;
   m_runscript = std::make_unique<container::Runscript>(
-      *w.m_engine, w.m_instance, std::map<std::string, std::string>{{"AMQP_URL", w.m_cfg.rabbitmq.amqp_url}}, ro);
+      m_ctx.engine, m_ctx.instance_name, std::map<std::string, std::string>{{"AMQP_URL", m_ctx.cfg.rabbitmq.amqp_url}},
+      ro);
   m_runscript->start();
 }
 
-void RunscriptMode::step(milliseconds max_wait) {
+std::optional<Done> RunscriptMode::step(milliseconds max_wait) {
   auto& rs = *m_runscript;
   auto now = Clock::now();
   // No SIGCHLD here: check the run at least every 200 ms.
   milliseconds timeout = std::min(max_wait, milliseconds(200));
-  for (auto t : {rs.next_wakeup(), w.m_supervisor->next_deadline()}) {
+  for (auto t : {rs.next_wakeup(), m_ctx.instance.next_deadline()}) {
     if (t) {
       timeout = std::min(timeout, std::chrono::duration_cast<milliseconds>(*t - now) + milliseconds(1));
     }
   }
   std::vector<pollfd> none;
-  w.poll_round(none, timeout);
+  m_ctx.poll(none, timeout);
   now = Clock::now();
-  if (w.m_state == State::draining) {
-    step_draining(now);
-    return;
+  if (m_ctx.state() == State::draining) {
+    return step_draining(now);
   }
   rs.poll(now);
   if (rs.failed()) {
-    throw Error(
-        Exit::engine, "the runscript keeps failing: " + rs.last_error(),
-        std::string(w.m_log ? "its output is in " + w.m_log->path() + " (lithops-hpc logs)" : "its output is above") +
-            "; deploy.restart_limit sets how many failures in a row are allowed");
+    throw Error(Exit::engine, "the runscript keeps failing: " + rs.last_error(),
+                std::string(m_ctx.log ? "its output is in " + m_ctx.log->path() + " (lithops-hpc logs)"
+                                      : "its output is above") +
+                    "; deploy.restart_limit sets how many failures in a row are allowed");
   }
-  w.m_supervisor->supervise(now);
+  m_ctx.instance.supervise(now);
+  return std::nullopt;
 }
 
-void RunscriptMode::step_draining(Clock::time_point now) {
+std::optional<Done> RunscriptMode::step_draining(Clock::time_point now) {
   auto& rs = *m_runscript;
   // Non-blocking: SIGTERM once, then watch it go; SIGKILL at the deadline.
   if (!m_signalled && rs.alive()) {
@@ -62,16 +63,26 @@ void RunscriptMode::step_draining(Clock::time_point now) {
     m_signalled = true;
   }
   rs.poll(now);  // reaps; a restart is never due this soon (backoff >= 1 s)
-  if (!rs.alive() || now >= w.m_drain_deadline) {
+  if (!rs.alive() || now >= m_ctx.drain_deadline()) {
     rs.stop(milliseconds(0));
     spdlog::info("runscript stopped");
-    w.finish();
+    return Done{};
+  }
+  return std::nullopt;
+}
+
+void RunscriptMode::drain() { spdlog::info("draining: stopping the runscript"); }
+
+void RunscriptMode::finish(milliseconds) {
+  if (m_runscript) {
+    m_runscript->stop(milliseconds(5000));
   }
 }
 
-void RunscriptMode::finish() { m_runscript->stop(milliseconds(5000)); }
-
 void RunscriptMode::fill(WorkerStats& s) const {
+  if (!m_runscript) {
+    return;  // never started
+  }
   s.restarts += m_runscript->restarts();
   s.broker_connected = m_runscript->alive();
   s.slots_busy = 0;

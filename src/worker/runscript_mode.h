@@ -7,22 +7,29 @@
 #include <memory>
 
 #include "container/runscript.h"
+#include "worker/mode.h"
 #include "worker/worker.h"
 
 namespace lhpc::worker {
 
-class RunscriptMode {
+class RunscriptMode final : public Mode {
 public:
-  explicit RunscriptMode(Worker& w);
-  void start();
-  void step(std::chrono::milliseconds max_wait);
-  void finish();
-  void fill(WorkerStats& s) const;
+  explicit RunscriptMode(const ModeContext& ctx);
+  void prepare(container::InstanceSpec&) override {}
+  void start() override;
+  std::optional<Done> step(std::chrono::milliseconds max_wait) override;
+  void drain() override;
+  void abort() override {}  // the runscript holds no work of ours to give back
+  // The runscript gets 5 s after SIGTERM, whatever `grace` says.
+  void finish(std::chrono::milliseconds grace) override;
+  // Nothing: finish stops the runscript; the instance's stop ends it otherwise.
+  void stop() override {}
+  void fill(WorkerStats& s) const override;
 
 private:
-  void step_draining(std::chrono::steady_clock::time_point now);
+  std::optional<Done> step_draining(std::chrono::steady_clock::time_point now);
 
-  Worker& w;
+  const ModeContext& m_ctx;
   std::unique_ptr<container::Runscript> m_runscript;
   bool m_signalled = false;
 };

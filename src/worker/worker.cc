@@ -15,6 +15,7 @@
 #include "util/signals.h"
 #include "worker/dispatch_mode.h"
 #include "worker/instance.h"
+#include "worker/mode.h"
 #include "worker/runscript_mode.h"
 
 namespace lhpc::worker {
@@ -46,8 +47,8 @@ std::string sanitize_name(std::string s) {
   return s;
 }
 
-Worker::Worker(const config::Config& cfg, WorkerIdentity id, std::unique_ptr<container::Engine> engine)
-    : m_cfg(cfg), m_id(std::move(id)), m_engine(std::move(engine)) {
+Worker::Worker(const config::Config& cfg, WorkerIdentity id, WorkerPorts ports)
+    : m_cfg(cfg), m_id(std::move(id)), m_engine(std::move(ports.engine)) {
   auto ph = config::current_placeholders();
   if (m_id.node.empty()) {
     m_id.node = ph.node;
@@ -62,7 +63,32 @@ Worker::Worker(const config::Config& cfg, WorkerIdentity id, std::unique_ptr<con
     m_engine = container::make_engine(m_cfg.singularity.engine);
   }
   m_instance = sanitize_name(m_cfg.singularity.instance_name + "-" + m_id.jobid + "-" + std::to_string(m_id.rank));
-  m_supervisor = std::make_unique<InstanceSupervisor>(*m_engine, m_cfg.deploy.restart_limit);
+  m_supervisor = ports.instance_backoff ? std::make_unique<InstanceSupervisor>(*m_engine, m_cfg.deploy.restart_limit,
+                                                                               *ports.instance_backoff)
+                                        : std::make_unique<InstanceSupervisor>(*m_engine, m_cfg.deploy.restart_limit);
+  m_context = std::make_unique<ModeContext>(ModeContext{
+      .cfg = m_cfg,
+      .id = m_id,
+      .slots = m_slots,
+      .engine = *m_engine,
+      .instance_name = m_instance,
+      .instance = *m_supervisor,
+      .log = nullptr,
+      .state = [this] { return m_state; },
+      .drain_deadline = [this] { return m_drain_deadline; },
+      .poll = [this](std::vector<pollfd>& fds, milliseconds timeout) { poll_round(fds, timeout); },
+      .note_error = [this](const std::string& why) { m_last_error = why; },
+  });
+  m_mode = make_mode(std::move(ports.broker));
+}
+
+// The one place that knows which modes there are.
+std::unique_ptr<Mode> Worker::make_mode(std::unique_ptr<BrokerConnector> broker) {
+  switch (m_cfg.deploy.mode) {
+    case config::Mode::dispatch: return std::make_unique<DispatchMode>(*m_context, std::move(broker));
+    case config::Mode::runscript: return std::make_unique<RunscriptMode>(*m_context);
+  }
+  throw Error(Exit::failure, "unknown deploy.mode");
 }
 
 Worker::~Worker() {
@@ -77,18 +103,13 @@ void Worker::set_signal_pipe(SignalPipe* signals) { m_signals = signals; }
 
 void Worker::watch_fd(int fd, std::function<void()> on_ready) { m_watched.emplace_back(fd, std::move(on_ready)); }
 
-container::InstanceSpec Worker::instance_spec(const std::string& image, const std::string& handler_host) const {
+container::InstanceSpec Worker::instance_spec(const std::string& image) const {
   container::InstanceSpec spec;
   spec.image = image;
   spec.name = m_instance;
   spec.fakeroot = m_cfg.singularity.fakeroot;
   spec.nv = m_cfg.singularity.nv;
   spec.binds = m_cfg.singularity.binds;
-  bool host = m_engine->kind() == config::Engine::host;
-  if (m_cfg.deploy.mode == config::Mode::dispatch && !host && !handler_host.empty()) {
-    container::check_bind_path(handler_host, "the handler bind (lithops-hpc's installed runtime-defs/handler.py)");
-    spec.binds.push_back(handler_host + ":" + DispatchMode::k_handler_in_image + ":ro");
-  }
   return spec;
 }
 
@@ -97,23 +118,16 @@ void Worker::start(const std::string& image) {
     throw Error(Exit::failure, "worker started twice");
   }
   m_state = State::starting;
-  bool dispatch_mode = m_cfg.deploy.mode == config::Mode::dispatch;
   config::require_amqp_url(m_cfg);
   bool host = m_engine->kind() == config::Engine::host;
-  // Found before the instance starts: it is bind-mounted into it.
-  std::string handler_host = dispatch_mode ? DispatchMode::find_handler(host) : std::string();
+  auto spec = instance_spec(image);
+  m_mode->prepare(spec);
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
                config::to_string(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
-  m_supervisor->start(instance_spec(image, handler_host));
+  m_supervisor->start(spec);
   open_handler_log();
-  if (dispatch_mode) {
-    m_dispatch =
-        std::make_unique<DispatchMode>(*this, host ? handler_host : std::string(DispatchMode::k_handler_in_image));
-    m_dispatch->start();
-  } else {
-    m_runscript = std::make_unique<RunscriptMode>(*this);
-    m_runscript->start();
-  }
+  m_context->log = m_log.get();
+  m_mode->start();
   m_state = State::running;
 }
 
@@ -138,11 +152,7 @@ void Worker::request_drain() {
   }
   m_state = State::draining;
   m_drain_deadline = Clock::now() + milliseconds(static_cast<long long>(m_cfg.deploy.drain_timeout * 1000));
-  if (m_dispatch) {
-    m_dispatch->drain();
-  } else {
-    spdlog::info("draining: stopping the runscript");
-  }
+  m_mode->drain();
 }
 
 bool Worker::finished() const { return m_state == State::stopped || m_state == State::failed; }
@@ -205,10 +215,8 @@ void Worker::step(milliseconds max_wait) {
     return;
   }
   try {
-    if (m_runscript) {
-      m_runscript->step(max_wait);
-    } else {
-      m_dispatch->step(max_wait);
+    if (auto done = m_mode->step(max_wait)) {
+      finish(done->grace);
     }
   } catch (const Error& e) {
     fail(e.what(), e.hint());
@@ -227,28 +235,19 @@ void Worker::fail(const std::string& why, const std::string& hint) {
   if (!hint.empty()) {
     spdlog::error("hint: {}", hint);
   }
-  if (m_dispatch) {
-    m_dispatch->abort_all();  // stop consuming so healthy nodes take the work; give back what we hold
-  }
+  m_mode->abort();  // stop taking work so healthy nodes take it; give back what we hold
   finish(milliseconds(0));
   m_state = State::failed;
 }
 
 void Worker::finish(milliseconds handler_grace) {
-  if (m_dispatch) {
-    m_dispatch->finish(handler_grace);
-  }
-  if (m_runscript) {
-    m_runscript->finish();
-  }
+  m_mode->finish(handler_grace);
   stop();
   m_state = State::stopped;
 }
 
 void Worker::stop() {
-  if (m_dispatch) {
-    m_dispatch->stop();
-  }
+  m_mode->stop();
   if (m_supervisor) {
     m_supervisor->stop();
   }
@@ -264,12 +263,7 @@ WorkerStats Worker::stats() const {
   s.instance_alive = m_supervisor->alive();
   s.restarts = m_supervisor->restarts();
   s.last_error = m_last_error;
-  if (m_dispatch) {
-    m_dispatch->fill(s);
-  }
-  if (m_runscript) {
-    m_runscript->fill(s);
-  }
+  m_mode->fill(s);
   return s;
 }
 

@@ -2,7 +2,8 @@
 // either the dispatcher (broker consumer + warm handler pool) or the image's
 // own runscript under supervision. `lithops-hpc worker` is a thin loop over
 // it; `deploy` runs the same loop per rank with its health timer beside it.
-// This file is the lifecycle; each mode and the instance supervision have
+// This file is the lifecycle; each mode (behind the Mode interface of
+// mode.h, picked once from deploy.mode) and the instance supervision have
 // their own file beside it (dispatch_mode, runscript_mode, instance).
 //
 //   Worker w(cfg, {rank, node, jobid, slots});
@@ -29,6 +30,8 @@
 
 #include "config/config.h"
 #include "container/engine.h"
+#include "util/backoff.h"
+#include "worker/broker.h"
 
 namespace lhpc {
 class SignalPipe;
@@ -39,8 +42,8 @@ class Capture;
 
 namespace lhpc::worker {
 
-class DispatchMode;
-class RunscriptMode;
+class Mode;
+struct ModeContext;
 class InstanceSupervisor;
 
 // A worker's state. `starting` also covers a running dispatch-mode worker
@@ -76,13 +79,20 @@ int node_cores();
 // '_': safe in instance names and file names.
 std::string sanitize_name(std::string s);
 
+// What a test replaces; each one left empty is the real one.
+struct WorkerPorts {
+  std::unique_ptr<container::Engine> engine;  // null: made from singularity.engine
+  std::unique_ptr<BrokerConnector> broker;    // null: from rabbitmq.* (dispatch mode's only)
+  std::optional<Backoff> instance_backoff;    // restarts of a dead instance; null: 1 s doubling to 30 s
+};
+
 class Worker {
 public:
   using Clock = std::chrono::steady_clock;
 
-  // `cfg` already expanded (config::expanded); `engine` for tests, else
-  // made from singularity.engine.
-  Worker(const config::Config& cfg, WorkerIdentity id, std::unique_ptr<container::Engine> engine = nullptr);
+  // `cfg` already expanded (config::expanded). The mode is picked here,
+  // once, from deploy.mode.
+  Worker(const config::Config& cfg, WorkerIdentity id, WorkerPorts ports = {});
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -111,18 +121,15 @@ public:
   int slots() const { return m_slots; }
 
 private:
-  // The modes drive the loop through the lifecycle's own parts.
-  friend class DispatchMode;
-  friend class RunscriptMode;
-
   void fail(const std::string& why, const std::string& hint = "");
   void finish(std::chrono::milliseconds handler_grace = std::chrono::milliseconds(5000));
   void on_signals();
   // One poll() over the signal pipe, the watched fds and the mode's own
   // `fds` (whose revents it fills); handles signals and watched fds itself.
   void poll_round(std::vector<pollfd>& fds, std::chrono::milliseconds timeout);
-  container::InstanceSpec instance_spec(const std::string& image, const std::string& handler_host) const;
+  container::InstanceSpec instance_spec(const std::string& image) const;
   void open_handler_log();
+  std::unique_ptr<Mode> make_mode(std::unique_ptr<BrokerConnector> broker);
 
   config::Config m_cfg;
   WorkerIdentity m_id;
@@ -135,9 +142,9 @@ private:
   SignalPipe* m_signals = nullptr;
   std::vector<std::pair<int, std::function<void()>>> m_watched;
   std::unique_ptr<InstanceSupervisor> m_supervisor;
-  std::unique_ptr<logs::Capture> m_log;  // before the modes: their handlers write to it
-  std::unique_ptr<DispatchMode> m_dispatch;
-  std::unique_ptr<RunscriptMode> m_runscript;
+  std::unique_ptr<logs::Capture> m_log;    // before the mode: its handlers write to it
+  std::unique_ptr<ModeContext> m_context;  // what the mode sees of this worker
+  std::unique_ptr<Mode> m_mode;            // picked once, from deploy.mode
 };
 
 }  // namespace lhpc::worker
