@@ -6,7 +6,7 @@
 #
 #   rabbitmq-user-broker.sh start [--dir DIR] [--host NAME] [--port N] [--bind ADDR]
 #                                 [--tls-cert FILE --tls-key FILE [--tls-ca FILE] | --no-tls]
-#                                 [--name NODE]
+#                                 [--name NODE] [--consumer-timeout SECONDS|off]
 #   rabbitmq-user-broker.sh status|stop|url [--dir DIR]
 #   rabbitmq-user-broker.sh ctl [--dir DIR] RABBITMQCTL-ARGS...   e.g. ctl list_queues
 #
@@ -28,10 +28,17 @@
 #       without TLS: plain AMQP on that interface; only on a network where
 #       every host and user able to reach the port is trusted. A warning says so.
 # Options given to a later start replace the saved ones; --port/--host/--bind/
-# --tls-*/--name are kept otherwise. --name sets the Erlang node name (default
+# --tls-*/--name/--consumer-timeout are kept otherwise. --name sets the Erlang node name (default
 # lithops@localhost): two brokers on one machine each have their own epmd, so
 # they may share it. DIR/node-env.sh holds the environment rabbitmqctl needs
 # to reach this broker (no secrets).
+#
+# Fit for long Lithops calls: a task is acked when it has finished, so the
+# broker's consumer_timeout (RabbitMQ's default: 30 min) is 24 h here, or
+# --consumer-timeout SECONDS, or off (no limit). The memory alarm is at 1/8 of
+# this node's memory (at least 256 MiB, at most 4 GiB: a login node is
+# shared) and the disk alarm at 1 GB free: past either the broker blocks
+# publishers rather than fail.
 #
 # Needs: rabbitmq-server (Debian/Ubuntu package rabbitmq-server, or a generic
 # tarball with RABBITMQ_SBIN=<its sbin>), epmd (Erlang), python3 or ss to find
@@ -102,6 +109,7 @@ port_free() { # port -> true when nothing listens on it
 
 load_settings() {
     AMQP_PORT="" DIST_PORT="" EPMD_PORT="" HOST="" BIND="" TLS_CERT="" TLS_KEY="" TLS_CA="" NODE_NAME=""
+    CONSUMER_TIMEOUT=86400
     # shellcheck disable=SC1091
     [[ -f $D/settings ]] && . "$D/settings"
     return 0
@@ -118,8 +126,19 @@ TLS_CERT=$(printf %q "$TLS_CERT")
 TLS_KEY=$(printf %q "$TLS_KEY")
 TLS_CA=$(printf %q "$TLS_CA")
 NODE_NAME=$(printf %q "$NODE_NAME")
+CONSUMER_TIMEOUT=$CONSUMER_TIMEOUT
 EOF
     mv "$D/settings.tmp" "$D/settings"
+}
+
+# The memory alarm: 1/8 of this node's memory, within [256 MiB, 4 GiB].
+memory_limit() {
+    local kb mib
+    kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo 2>/dev/null || true)
+    mib=$(( ${kb:-2097152} / 1024 / 8 ))
+    ((mib >= 256)) || mib=256
+    ((mib <= 4096)) || mib=4096
+    echo "${mib}MiB"
 }
 
 scheme() { [[ -n $TLS_CERT ]] && echo amqps || echo amqp; }
@@ -198,12 +217,22 @@ write_config() {
             echo "default_permissions.write = .*"
             echo "loopback_users = none"
             # lithops-hpc acks a task when it has finished: let one run up to a
-            # day (the default, 30 min, would close the worker's channel).
-            echo "consumer_timeout = 86400000"
+            # day, or as set (the default, 30 min, would close the worker's
+            # channel). "off" is set in advanced.config below.
+            [[ $CONSUMER_TIMEOUT == off ]] || echo "consumer_timeout = $((CONSUMER_TIMEOUT * 1000))"
+            echo "vm_memory_high_watermark.absolute = $(memory_limit)"
+            echo "disk_free_limit.absolute = 1GB"
         } >"$D/rabbitmq.conf"
         echo "$(scheme)://$BROKER_USER:$(cat "$D/password")@$HOST:$AMQP_PORT" >"$D/amqp_url"
     )
-    [[ -f $D/advanced.config ]] || echo '[].' >"$D/advanced.config"
+    {
+        echo "%% Written by $PROG on each start: edit its options, not this file."
+        if [[ $CONSUMER_TIMEOUT == off ]]; then
+            echo "[{rabbit, [{consumer_timeout, undefined}]}]."
+        else
+            echo "[]."
+        fi
+    } >"$D/advanced.config"
 }
 
 pid_of() { cat "$D/run/$1.pid" 2>/dev/null || true; }
@@ -246,7 +275,7 @@ choose_host() { # host given at this start ("" if none)
 }
 
 do_start() {
-    local opt_port="" opt_host="" opt_bind="" opt_cert="" opt_key="" opt_ca="" no_tls="" opt_name=""
+    local opt_port="" opt_host="" opt_bind="" opt_cert="" opt_key="" opt_ca="" no_tls="" opt_name="" opt_timeout=""
     while (($#)); do
         case $1 in
             --port) opt_port=${2:?--port needs a number}; shift 2 ;;
@@ -257,6 +286,7 @@ do_start() {
             --tls-ca) opt_ca=${2:?}; shift 2 ;;
             --no-tls) no_tls=1; shift ;;
             --name) opt_name=${2:?--name needs a node name such as rig@localhost}; shift 2 ;;
+            --consumer-timeout) opt_timeout=${2:?--consumer-timeout needs seconds or off}; shift 2 ;;
             *) die "start: unknown option $1 (see $PROG --help)" ;;
         esac
     done
@@ -271,6 +301,11 @@ do_start() {
     [[ -n $opt_host ]] && HOST=$opt_host
     [[ -n $opt_bind ]] && BIND=$opt_bind
     [[ -n $opt_name ]] && NODE_NAME=$opt_name
+    if [[ -n $opt_timeout ]]; then
+        [[ $opt_timeout == off || ($opt_timeout =~ ^[0-9]+$ && $opt_timeout -ge 1) ]] ||
+            die "--consumer-timeout takes seconds (1 or more) or off, not $opt_timeout"
+        CONSUMER_TIMEOUT=$opt_timeout
+    fi
     if [[ -n $no_tls ]]; then
         TLS_CERT="" TLS_KEY="" TLS_CA=""
     elif [[ -n $opt_cert || -n $opt_key ]]; then

@@ -20,11 +20,12 @@ void register_ping(CLI::App&, Globals&, std::vector<Action>&);
 void register_stage(CLI::App&, Globals&, std::vector<Action>&);
 void register_deploy(CLI::App&, Globals&, std::vector<Action>&);
 void register_autoalloc(CLI::App&, Globals&, std::vector<Action>&);
+void register_up(CLI::App&, Globals&, std::vector<Action>&);
 
 namespace {
 const Register k_commands[] = {
-    register_runtime, register_stage, register_deploy, register_autoalloc, register_config, register_sif,
-    register_status,  register_stop,  register_logs,   register_worker,    register_ping,
+    register_up,  register_runtime, register_stage, register_deploy, register_autoalloc, register_config,
+    register_sif, register_status,  register_stop,  register_logs,   register_worker,    register_ping,
 };
 }  // namespace
 

@@ -38,6 +38,10 @@ config::Config load_config(const Globals& g);
 // Error(no_deployment) naming where it looked when there is none.
 health::Found require_deployment(const std::string& job);
 
+// `stop --all`: asks every running deployment to stop and waits up to
+// `timeout` seconds; returns the exit code (cmd_stop.cc; `down` uses it too).
+int stop_all_deployments(double timeout);
+
 int run(int argc, char** argv);
 
 }  // namespace lhpc::cli

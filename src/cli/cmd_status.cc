@@ -20,6 +20,7 @@
 #include "health/report.h"
 #include "health/status_file.h"
 #include "health/view.h"
+#include "services/up.h"
 #include "util/error.h"
 #include "util/signals.h"
 
@@ -60,8 +61,20 @@ bool overview_wanted(const StatusOpts& o) {
 
 // One look at the deployment; returns the exit code this look deserves.
 int show_once(const StatusOpts& o, bool watching) {
+  bool services = false;
+  if (!o.json && o.job.empty() && !health::job_from_environment()) {
+    if (auto line = services::status_line("task_queue")) {
+      std::cout << *line << "\n";  // above the deployments: what they all need
+      services = true;
+    }
+  }
   if (overview_wanted(o)) {
     return show_overview(o);
+  }
+  if (services && !health::find_deployment("").found) {
+    std::cout << "no deployment\n";  // the services line said what there is; not an error
+    std::cout.flush();
+    return static_cast<int>(Exit::no_deployment);
   }
   auto f = require_deployment(o.job);
   auto view = health::parse_status(f.text, f.loc.link);

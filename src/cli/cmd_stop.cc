@@ -80,39 +80,7 @@ void wait_stopped(const health::Location& loc, health::StatusView view, double t
   }
 }
 
-int run_stop_all(const StopOpts& o) {
-  auto live = autoalloc::live_deployments(health::unix_now());
-  if (live.empty()) {
-    require_deployment("");  // throws "no deployment found" when there is none at all
-    std::cout << "no running deployment\n";
-    return 0;
-  }
-  if (auto st = autoalloc::load_state(); st && st->controller == "running") {
-    spdlog::warn(
-        "the autoalloc controller (pid {} on {}) is running: it submits again while tasks wait; "
-        "end it first (SIGTERM) to keep the deployments stopped",
-        st->pid, st->host);
-  }
-  for (const auto& d : live) {
-    health::request_stop(d.found.loc);
-    std::cout << "stop requested for job " << d.view.job << "\n";
-  }
-  std::cout.flush();
-  if (o.timeout == 0) {
-    return 0;
-  }
-  double deadline = health::unix_now() + o.timeout;
-  int rc = 0;
-  for (const auto& d : live) {
-    try {
-      wait_stopped(d.found.loc, d.view, std::max(0.0, deadline - health::unix_now()));
-    } catch (const Error& e) {
-      spdlog::error("{}", e.what());
-      rc = static_cast<int>(Exit::failure);
-    }
-  }
-  return rc;
-}
+int run_stop_all(const StopOpts& o) { return stop_all_deployments(o.timeout); }
 
 int run_stop(const StopOpts& o) {
   if (o.all) {
@@ -155,6 +123,40 @@ int run_stop(const StopOpts& o) {
 }
 
 }  // namespace
+
+int stop_all_deployments(double timeout) {
+  auto live = autoalloc::live_deployments(health::unix_now());
+  if (live.empty()) {
+    require_deployment("");  // throws "no deployment found" when there is none at all
+    std::cout << "no running deployment\n";
+    return 0;
+  }
+  if (auto st = autoalloc::load_state(); st && st->controller == "running") {
+    spdlog::warn(
+        "the autoalloc controller (pid {} on {}) is running: it submits again while tasks wait; "
+        "end it first (SIGTERM) to keep the deployments stopped",
+        st->pid, st->host);
+  }
+  for (const auto& d : live) {
+    health::request_stop(d.found.loc);
+    std::cout << "stop requested for job " << d.view.job << "\n";
+  }
+  std::cout.flush();
+  if (timeout == 0) {
+    return 0;
+  }
+  double deadline = health::unix_now() + timeout;
+  int rc = 0;
+  for (const auto& d : live) {
+    try {
+      wait_stopped(d.found.loc, d.view, std::max(0.0, deadline - health::unix_now()));
+    } catch (const Error& e) {
+      spdlog::error("{}", e.what());
+      rc = static_cast<int>(Exit::failure);
+    }
+  }
+  return rc;
+}
 
 void register_stop(CLI::App& parent, Globals&, std::vector<Action>& actions) {
   auto o = std::make_shared<StopOpts>();

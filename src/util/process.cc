@@ -68,6 +68,12 @@ Child& Child::operator=(Child&& o) noexcept {
 
 Child::~Child() { release_handles(); }
 
+pid_t Child::release() noexcept {
+  m_in.reset();
+  m_out.reset();
+  return std::exchange(m_pid, -1);
+}
+
 void Child::release_handles() {
   m_in.reset();
   m_out.reset();
@@ -214,7 +220,9 @@ Child spawn(const SpawnOptions& opts) {
   short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
   posix_spawnattr_setsigmask(&sa.attr, &none);
   posix_spawnattr_setsigdefault(&sa.attr, &all);
-  if (opts.new_process_group) {
+  if (opts.new_session) {
+    flags |= POSIX_SPAWN_SETSID;
+  } else if (opts.new_process_group) {
     flags |= POSIX_SPAWN_SETPGROUP;
     posix_spawnattr_setpgroup(&sa.attr, 0);
   }
@@ -244,7 +252,7 @@ Child spawn(const SpawnOptions& opts) {
   }
   Child c;
   c.m_pid = pid;
-  c.m_group = opts.new_process_group;
+  c.m_group = opts.new_process_group || opts.new_session;
   c.m_in = std::move(in_w);
   c.m_out = std::move(out_r);
   return c;

@@ -38,6 +38,7 @@ struct SpawnOptions {
   int stdout_fd = -1;              // else redirect to this fd (-1: inherit)
   int stderr_fd = -1;              // -1: inherit
   bool new_process_group = false;  // so a signal to the group reaches grandchildren
+  bool new_session = false;        // setsid: a daemon that outlives us and our terminal
   std::string cwd;                 // empty: ours
 };
 
@@ -66,6 +67,9 @@ public:
   // SIGTERM, then SIGKILL after `grace`; always reaps.
   void terminate(std::chrono::milliseconds grace);
   std::optional<int> status() const { return m_status; }
+  // Lets the child outlive this handle (a daemon): returns its pid and
+  // forgets it; init reaps it once we are gone.
+  pid_t release() noexcept;
 
 private:
   friend Child spawn(const SpawnOptions&);

@@ -9,7 +9,7 @@ import unittest
 SOURCE_ROOT = os.environ["LHPC_SOURCE_ROOT"]
 BUILD_ROOT = os.environ["LHPC_BUILD_ROOT"]
 BIN = os.environ["LHPC_BIN"]
-COMMANDS = ["runtime build", "stage", "deploy", "autoalloc", "worker", "status", "stop", "logs", "ping", "config check", "sif inspect"]
+COMMANDS = ["up", "down", "runtime build", "stage", "deploy", "autoalloc", "worker", "status", "stop", "logs", "ping", "config check", "sif inspect"]
 
 
 def help_of(cmd):

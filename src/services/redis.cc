@@ -1,0 +1,270 @@
+#include "services/redis.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <thread>
+
+#include "services/net.h"
+#include "util/error.h"
+#include "util/fd.h"
+#include "util/fs.h"
+#include "util/process.h"
+#include "util/strings.h"
+
+namespace lhpc::services {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string random_hex(std::size_t bytes) {
+  UniqueFd f(::open("/dev/urandom", O_RDONLY | O_CLOEXEC));
+  std::string raw(bytes, '\0');
+  if (!f || ::read(f.get(), raw.data(), bytes) != static_cast<ssize_t>(bytes)) {
+    throw Error(Exit::failure, "cannot read /dev/urandom for a password");
+  }
+  static const char* k_hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : raw) {
+    out += k_hex[c >> 4];
+    out += k_hex[c & 15];
+  }
+  return out;
+}
+
+std::string resp_command(const std::vector<std::string>& args) {
+  std::string out = "*" + std::to_string(args.size()) + "\r\n";
+  for (const auto& a : args) {
+    out += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+  }
+  return out;
+}
+
+// Reads until `buf` holds one whole reply starting at `at`; returns its text
+// and moves `at` past it, or nullopt for an error reply or a broken stream.
+class RespReader {
+public:
+  RespReader(int fd, Clock::time_point deadline) : m_fd(fd), m_deadline(deadline) {}
+  std::optional<std::string> next() {
+    auto line = read_line();
+    if (!line || line->empty()) {
+      return std::nullopt;
+    }
+    char kind = (*line)[0];
+    auto rest = line->substr(1);
+    if (kind == '+' || kind == ':') {
+      return rest;
+    }
+    if (kind != '$') {
+      return std::nullopt;  // '-' error, or a type we never ask for
+    }
+    long n = std::strtol(rest.c_str(), nullptr, 10);
+    if (n < 0 || !fill(static_cast<std::size_t>(n) + 2)) {
+      return std::nullopt;
+    }
+    auto body = m_buf.substr(0, static_cast<std::size_t>(n));
+    m_buf.erase(0, static_cast<std::size_t>(n) + 2);
+    return body;
+  }
+
+private:
+  bool more() {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(m_deadline - Clock::now()).count();
+    pollfd p{.fd = m_fd, .events = POLLIN, .revents = 0};
+    if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) != 1) {
+      return false;
+    }
+    char chunk[4096];
+    auto got = ::read(m_fd, chunk, sizeof chunk);
+    if (got <= 0) {
+      return false;
+    }
+    m_buf.append(chunk, static_cast<std::size_t>(got));
+    return true;
+  }
+  bool fill(std::size_t n) {
+    while (m_buf.size() < n) {
+      if (!more()) {
+        return false;
+      }
+    }
+    return true;
+  }
+  std::optional<std::string> read_line() {
+    std::size_t nl;
+    while ((nl = m_buf.find("\r\n")) == std::string::npos) {
+      if (!more()) {
+        return std::nullopt;
+      }
+    }
+    auto line = m_buf.substr(0, nl);
+    m_buf.erase(0, nl + 2);
+    return line;
+  }
+  int m_fd;
+  Clock::time_point m_deadline;
+  std::string m_buf;
+};
+
+std::optional<pid_t> pid_in(const std::string& dir) {
+  try {
+    auto text = trim(read_file(dir + "/redis.pid"));
+    long pid = std::strtol(text.c_str(), nullptr, 10);
+    return pid > 0 ? std::optional<pid_t>(static_cast<pid_t>(pid)) : std::nullopt;
+  } catch (const Error&) {
+    return std::nullopt;
+  }
+}
+
+// The pid is a redis-server still (a reused pid is someone else's).
+bool is_redis(pid_t pid) {
+  try {
+    return read_file("/proc/" + std::to_string(pid) + "/comm").rfind("redis-server", 0) == 0;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+std::string log_tail(const std::string& path) {
+  try {
+    auto text = read_file(path);
+    auto from = text.size() > 1500 ? text.size() - 1500 : 0;
+    return text.substr(from);
+  } catch (const Error&) {
+    return "";
+  }
+}
+
+}  // namespace
+
+std::string probe_address(const std::string& bind) { return bind.empty() || bind == "0.0.0.0" ? "127.0.0.1" : bind; }
+
+std::string redis_conf(const RedisSetup& s, const std::string& password) {
+  std::string c;
+  c += "# Written by lithops-hpc up on each start: edit its options, not this file.\n";
+  c += "port " + std::to_string(s.port) + "\n";
+  c += "bind " + (s.bind.empty() ? std::string("127.0.0.1") : s.bind) + "\n";
+  c += "protected-mode yes\n";
+  c += "daemonize yes\n";
+  c += "pidfile " + s.dir + "/redis.pid\n";
+  c += "logfile " + s.dir + "/redis.log\n";
+  c += "dir " + s.dir + "/data\n";
+  c += "dbfilename dump.rdb\n";
+  c += "save 900 1 300 100\n";
+  c += "appendonly no\n";
+  // Full is an error for the writer, never a silent loss of a stored result.
+  c += "maxmemory " + std::to_string(s.maxmemory) + "\n";
+  c += "maxmemory-policy noeviction\n";
+  c += "requirepass " + password + "\n";
+  return c;
+}
+
+std::string redis_password(const std::string& dir) {
+  auto path = dir + "/password";
+  if (auto p = read_private_file(path, 4096)) {
+    return trim(*p);
+  }
+  auto pw = random_hex(24);
+  write_file_atomic(path, pw + "\n", 0600);
+  return pw;
+}
+
+std::optional<std::string> redis_query(const std::string& host, int port, const std::string& password,
+                                       const std::vector<std::string>& args, std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<std::uint16_t>(port));
+  if (!s || ::inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
+    return std::nullopt;
+  }
+  timeval tv{.tv_sec = static_cast<time_t>(timeout.count() / 1000),
+             .tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
+  ::setsockopt(s.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    return std::nullopt;
+  }
+  auto req = resp_command({"AUTH", password}) + resp_command(args);
+  if (::send(s.get(), req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
+    return std::nullopt;
+  }
+  RespReader r(s.get(), deadline);
+  if (!r.next()) {
+    return std::nullopt;  // AUTH refused
+  }
+  return r.next();
+}
+
+bool redis_alive(const std::string& dir, int port, const std::string& bind) {
+  auto pid = pid_in(dir);
+  if (!pid || ::kill(*pid, 0) != 0 || !is_redis(*pid)) {
+    return false;
+  }
+  auto pw = read_private_file(dir + "/password", 4096);
+  return pw && redis_query(probe_address(bind), port, trim(*pw), {"PING"}, std::chrono::seconds(2)) == "PONG";
+}
+
+void start_redis(const RedisSetup& s) {
+  auto pw = redis_password(s.dir);
+  make_private_dir(s.dir + "/data");
+  write_file_atomic(s.dir + "/redis.conf", redis_conf(s, pw), 0600);
+  ::unlink((s.dir + "/redis.pid").c_str());
+  SpawnOptions o;
+  o.argv = {s.server, s.dir + "/redis.conf"};
+  o.cwd = s.dir;
+  auto c = spawn(o);
+  int st = c.wait();  // it daemonizes: the parent ends once the child is on its way
+  auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (Clock::now() < deadline) {
+    if (redis_alive(s.dir, s.port, s.bind)) {
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  throw Error(Exit::failure,
+              "redis-server did not start on port " + std::to_string(s.port) + " (" + describe_status(st) +
+                  "); its log " + s.dir + "/redis.log ends with:\n" + log_tail(s.dir + "/redis.log"),
+              "fix what the log says, then run lithops-hpc up again");
+}
+
+bool stop_redis(const std::string& dir, std::chrono::milliseconds grace) {
+  auto pid = pid_in(dir);
+  if (!pid || ::kill(*pid, 0) != 0 || !is_redis(*pid)) {
+    return false;
+  }
+  ::kill(*pid, SIGTERM);
+  auto deadline = Clock::now() + grace;
+  while (::kill(*pid, 0) == 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (::kill(*pid, 0) == 0) {
+    ::kill(*pid, SIGKILL);
+  }
+  return true;
+}
+
+std::optional<std::uint64_t> redis_used_memory(const std::string& dir, int port, const std::string& bind) {
+  auto pw = read_private_file(dir + "/password", 4096);
+  if (!pw) {
+    return std::nullopt;
+  }
+  auto info = redis_query(probe_address(bind), port, trim(*pw), {"INFO", "memory"}, std::chrono::seconds(2));
+  if (!info) {
+    return std::nullopt;
+  }
+  auto at = info->find("used_memory:");
+  if (at == std::string::npos) {
+    return std::nullopt;
+  }
+  return std::strtoull(info->c_str() + at + 12, nullptr, 10);
+}
+
+}  // namespace lhpc::services

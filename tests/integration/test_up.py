@@ -1,0 +1,198 @@
+"""`lithops-hpc up` / `down` as a user runs them on a login node: a fresh
+non-root user (setpriv to an unused uid) with an empty home and an existing
+Lithops config of their own. up starts the broker (deploy/rabbitmq-user-broker.sh)
+and a Redis, writes their settings into the Lithops config, and a real client
+(pika, python3-redis) connects with exactly what was written; up again leaves
+them alone; a broker killed with SIGKILL comes back on the same URL; down
+leaves no process and no listening port. Needs root (to become the user)."""
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import unittest
+
+import pika
+import redis
+import yaml
+
+import lhpc_test
+
+BIN = os.environ["LHPC_BIN"]
+BUILD_ROOT = os.environ["LHPC_BUILD_ROOT"]
+UID = 47000 + os.getpid() % 1000
+
+
+def test_hooks():
+    with open(os.path.join(BUILD_ROOT, "lhpc_build_config.h")) as f:
+        return "#define LHPC_TEST_HOOKS 1" in f.read()
+
+
+def processes_of(uid):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found.append((pid, f.read().replace(b"\0", b" ").decode(errors="replace")))
+        except OSError:
+            pass
+    return found
+
+
+def listening(port):
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+ORIGINAL = """# my own Lithops settings: up must keep this comment
+lithops:
+    log_level: DEBUG
+aws:
+    region: eu-west-1
+"""
+
+
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+class Up(unittest.TestCase):
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="lhpc-up-", dir=BUILD_ROOT)
+        os.chmod(self.root, 0o755)
+        self.home = os.path.join(self.root, "home")
+        os.mkdir(self.home, 0o700)
+        os.makedirs(os.path.join(self.home, ".lithops"), 0o755)
+        self.config = os.path.join(self.home, ".lithops", "config")
+        with open(self.config, "w") as f:
+            f.write(ORIGINAL)
+        os.chmod(self.config, 0o644)
+        for d, _, files in os.walk(self.home):
+            os.chown(d, UID, UID)
+            for name in files:
+                os.chown(os.path.join(d, name), UID, UID)
+        self.services = os.path.join(self.home, ".lithops-hpc", "services")
+
+    def tearDown(self):
+        self.run_as("down", check=False)
+        for pid, _ in processes_of(UID):
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def run_as(self, *args, env=None, check=True):
+        e = {"HOME": self.home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        e.update(env or {})
+        r = subprocess.run(["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", BIN, *args],
+                           env=e, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                           cwd=self.home)
+        if check:
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        return r
+
+    def written(self):
+        with open(self.config) as f:
+            return yaml.safe_load(f)
+
+    def client_works(self, cfg):
+        params = pika.URLParameters(cfg["rabbitmq"]["amqp_url"])
+        params.socket_timeout = 5
+        conn = pika.BlockingConnection(params)
+        ch = conn.channel()
+        ch.queue_declare(queue="task_queue", durable=True)
+        ch.basic_publish(exchange="", routing_key="task_queue", body=b"x")
+        conn.close()
+        r = redis.Redis(host=cfg["redis"]["host"], port=cfg["redis"]["port"], password=cfg["redis"]["password"],
+                        socket_timeout=5)
+        r.set("lithops-test", b"value")
+        self.assertEqual(r.get("lithops-test"), b"value")
+        r.close()
+
+    def test_first_day_messages_come_before_anything_starts(self):
+        r = self.run_as("up", env={"LITHOPS_HPC_REDIS_SERVER": "/nonexistent/redis-server"}, check=False)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("redis-server", r.stderr)
+        self.assertIn("apt install redis-server", r.stderr)
+        self.assertIn("--storage", r.stderr)
+        if test_hooks():
+            r = self.run_as("up", env={"LHPC_TEST_FS_TYPE": "0x6969"}, check=False)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn("network file system", r.stderr)
+            self.assertIn("--data-dir /var/tmp/lithops-hpc-", r.stderr)
+        r = self.run_as("up", "--broker-url", "amqp://u:secret@h:5672/v", check=False)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("--broker-url -", r.stderr)
+        self.assertEqual(processes_of(UID), [])
+        with open(self.config) as f:
+            self.assertEqual(f.read(), ORIGINAL)
+
+    def test_up_writes_a_config_a_client_uses_survives_a_killed_broker_and_down_leaves_nothing(self):
+        sif = os.path.join(self.home, "rt.sif")  # the controller runs without Slurm: it only fails to query it
+        with open(sif, "wb"):
+            pass
+        r = self.run_as("up", "--sif", sif, "--max-nodes", "2")
+        out = r.stdout + r.stderr
+        self.assertRegex(r.stdout, r"controller +started +pid \d+")
+        self.assertIn("Try:", out)
+        self.assertIn("lithops.FunctionExecutor()", out)
+        cfg = self.written()
+        self.assertEqual(cfg["lithops"]["backend"], "singularity")
+        self.assertEqual(cfg["lithops"]["storage"], "redis")
+        self.assertEqual(cfg["lithops"]["log_level"], "DEBUG")
+        self.assertEqual(cfg["aws"], {"region": "eu-west-1"})
+        self.assertEqual(cfg["redis"]["host"], "127.0.0.1")
+        with open(self.config) as f:
+            self.assertIn("# my own Lithops settings: up must keep this comment", f.read())
+        self.assertEqual(os.stat(self.config).st_mode & 0o777, 0o600)
+        with open(self.config + ".bak") as f:
+            self.assertEqual(f.read(), ORIGINAL)
+        for secret in (cfg["redis"]["password"], pika.URLParameters(cfg["rabbitmq"]["amqp_url"]).credentials.password):
+            self.assertNotIn(secret, out)
+        self.client_works(cfg)
+        url = cfg["rabbitmq"]["amqp_url"]
+        amqp_port = pika.URLParameters(url).port
+        redis_port = cfg["redis"]["port"]
+
+        # Twice: nothing restarted, the config untouched.
+        mtime = os.stat(self.config).st_mtime_ns
+        r = self.run_as("up", "--sif", sif)
+        self.assertEqual(r.stdout.count("running (left alone)"), 3, r.stdout)
+        self.assertEqual(os.stat(self.config).st_mtime_ns, mtime)
+
+        # The same user on another login node is refused, naming this one.
+        r = self.run_as("up", env={"LITHOPS_HPC_NODE_ID": "login-other"}, check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("already run on", r.stderr)
+
+        # status: the services line above the deployments.
+        r = self.run_as("status", check=False)
+        self.assertRegex(r.stdout, r"services: broker up amqp://lithops:\*\*\*@127\.0\.0\.1:\d+ \(task_queue: 1 waiting")
+        self.assertIn(f"redis up 127.0.0.1:{redis_port}", r.stdout)
+        self.assertRegex(r.stdout, r"controller up \(pid \d+\)")
+
+        # A broker killed with SIGKILL: up brings it back on the same URL.
+        with open(os.path.join(self.services, "rabbitmq", "run", "beam.pid")) as f:
+            beam = int(f.read())
+        with open(os.path.join(self.services, "rabbitmq", "run", "server.pid")) as f:
+            server = int(f.read())
+        os.kill(beam, 9)
+        lhpc_test.wait_until(lambda: not os.path.exists(f"/proc/{server}"), timeout=30,
+                             what="the broker's start script to end after its VM was killed")
+        r = self.run_as("up")
+        self.assertRegex(r.stdout, r"broker +started")
+        self.assertEqual(self.written()["rabbitmq"]["amqp_url"], url)
+        self.client_works(self.written())
+
+        r = self.run_as("down")
+        self.assertIn("nothing of lithops-hpc up is running now", r.stdout)
+        self.assertEqual(processes_of(UID), [])
+        self.assertFalse(listening(amqp_port))
+        self.assertFalse(listening(redis_port))
+        self.assertEqual(self.written()["aws"], {"region": "eu-west-1"})
+        r = self.run_as("status", check=False)
+        self.assertIn("services: down", r.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
