@@ -38,6 +38,11 @@ export LHPC_RIG_DIR=${LHPC_RIG_DIR:-$BUILD/rig}
 for b in "$BENCH" "$LHPC" ${LHPC_BASELINE:+"$LHPC_BASELINE"}; do
     [[ -x $b ]] || { echo "dispatch.sh: $b missing: meson compile -C $BUILD" >&2; exit 2; }
 done
+# The worker writes the publish->ack latency log (LITHOPS_HPC_LATENCY_LOG)
+# only in a test build; a release binary holds no bench code. LHPC and
+# LHPC_BASELINE must be test builds too.
+grep -qx '#define LHPC_TEST_HOOKS 1' "$BUILD/lhpc_build_config.h" 2>/dev/null ||
+    { echo "dispatch.sh: $BUILD is not a test build (meson configure -Dtest_hooks=true $BUILD)" >&2; exit 2; }
 
 "$SRC/tests/rig/rabbitmq.sh" ensure >&2
 ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)

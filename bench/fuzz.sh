@@ -1,5 +1,6 @@
 #!/bin/bash
-# The longer fuzzing campaign (tests/fuzz/README.md): each libFuzzer harness
+# The longer fuzzing campaign, the open-ended search CI does not do (CI runs a
+# fixed number of inputs: tests/fuzz/README.md): each libFuzzer harness
 # for SECONDS (default 300) on one core, one after the other, starting from
 # the seed corpus of the tree plus whatever an earlier campaign in the same
 # work directory found. Prints a Markdown table: target, executions,
@@ -47,3 +48,4 @@ for t in $TARGETS; do
 done
 echo
 echo "Findings, if any, are under $WORK/<target>/findings; logs in $WORK/<target>/log."
+echo "A fixed finding becomes a seed (corpus/<target>/regress-*) that every CI run replays: tests/fuzz/README.md, \"From a finding to a seed\"."

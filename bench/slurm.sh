@@ -13,7 +13,7 @@
 # job (cleanup on, so every round copies to all nodes). Also times a plain
 # parallel `cp` of the image into the three nodes' /tmp: on one machine the
 # nodes share the same memory bus, so that is the honest ceiling (see
-# shared/test-rig.md, "MPI broadcast of a file, measured here").
+# docs/test-rig.md, "Moving a file, measured here").
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)

@@ -17,7 +17,7 @@
 #   source cold; it affects every process on the machine.
 # - Neither cp nor stage fsyncs: a run ends when every copy is in page cache,
 #   as `cp` leaves it. Both are limited here by first writes into fresh page
-#   cache pages (see shared/test-rig.md), not by the disk.
+#   cache pages (see docs/test-rig.md), not by the disk.
 # - stage runs use their own job id each (no skip), under mpirun with
 #   --oversubscribe (ranks > cores) and --bind-to none (mpirun pins each
 #   rank to one core when ranks <= cores; cp processes float freely, and on a

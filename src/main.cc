@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
     lhpc::setup_logging("info");  // to stderr, with our pattern, before anything can fail
     refuse_set_id();
     not_dumpable();
-    return lhpc::cli::run(argc, argv);
+    return static_cast<int>(lhpc::cli::run(argc, argv));
   } catch (const lhpc::Error& e) {
     spdlog::error("{}", e.what());
     if (!e.hint().empty()) {

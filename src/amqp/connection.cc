@@ -155,6 +155,30 @@ struct TableBuilder {
   }
 };
 
+// rabbitmq-c announces only authentication_failure_close (and merges what
+// we add): without consumer_cancel_notify the broker drops a consumer of a
+// deleted queue without a word, and without connection.blocked it blocks us
+// in silence during an alarm.
+amqp_rpc_reply_t login(amqp_connection_state_t conn, const config::AmqpUrl& url, const Options& opts) {
+  amqp_table_entry_t caps[2];
+  caps[0].key = amqp_cstring_bytes("consumer_cancel_notify");
+  caps[1].key = amqp_cstring_bytes("connection.blocked");
+  for (auto& c : caps) {
+    c.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    c.value.value.boolean = 1;
+  }
+  amqp_table_entry_t props[2];
+  props[0].key = amqp_cstring_bytes("capabilities");
+  props[0].value.kind = AMQP_FIELD_KIND_TABLE;
+  props[0].value.value.table = amqp_table_t{2, caps};
+  props[1].key = amqp_cstring_bytes("connection_name");
+  props[1].value.kind = AMQP_FIELD_KIND_UTF8;
+  props[1].value.value.bytes = str_bytes(opts.connection_name);
+  amqp_table_t client_props{opts.connection_name.empty() ? 1 : 2, props};
+  return amqp_login_with_properties(conn, url.vhost.c_str(), 0, 131072, opts.heartbeat, &client_props,
+                                    AMQP_SASL_METHOD_PLAIN, url.user.c_str(), url.password.c_str());
+}
+
 }  // namespace
 
 std::int64_t table_int(const Table& t, const std::string& key, std::int64_t fallback) {
@@ -187,6 +211,26 @@ std::string table_string(const Table& t, const std::string& key) {
     return std::to_string(*i);
   }
   return {};
+}
+
+std::optional<std::int64_t> consumer_timeout_of(const BrokerClose& c) {
+  if (!c.channel || c.code != AMQP_PRECONDITION_FAILED ||
+      c.text.find("delivery acknowledgement") == std::string::npos || c.text.find("timed out") == std::string::npos) {
+    return std::nullopt;
+  }
+  static constexpr std::string_view k_used = "Timeout value used: ";
+  auto at = c.text.find(k_used);
+  if (at == std::string::npos) {
+    return 0;
+  }
+  std::int64_t ms = 0;
+  for (std::size_t i = at + k_used.size(); i < c.text.size() && c.text[i] >= '0' && c.text[i] <= '9'; ++i) {
+    if (ms > 1'000'000'000'000) {
+      return 0;  // no real timeout; keep clear of overflow
+    }
+    ms = ms * 10 + (c.text[i] - '0');
+  }
+  return ms;
 }
 
 Options options_from(const config::Rabbitmq& r) {
@@ -234,14 +278,7 @@ Connection::Connection(const Options& opts) : m_s(std::make_unique<State>()) {
   amqp_set_handshake_timeout(m_s->conn, &tv);
   amqp_set_rpc_timeout(m_s->conn, &tv);
 
-  amqp_table_entry_t props[1];
-  props[0].key = amqp_cstring_bytes("connection_name");
-  props[0].value.kind = AMQP_FIELD_KIND_UTF8;
-  props[0].value.value.bytes = str_bytes(opts.connection_name);
-  amqp_table_t client_props{opts.connection_name.empty() ? 0 : 1, props};
-  amqp_rpc_reply_t r =
-      amqp_login_with_properties(m_s->conn, url.vhost.c_str(), 0, 131072, opts.heartbeat, &client_props,
-                                 AMQP_SASL_METHOD_PLAIN, url.user.c_str(), url.password.c_str());
+  amqp_rpc_reply_t r = login(m_s->conn, url, opts);
   if (r.reply_type != AMQP_RESPONSE_NORMAL) {
     std::string why;
     if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
@@ -315,6 +352,19 @@ std::string Connection::declare_queue(const std::string& name, bool durable, boo
   return ok ? bytes_str(ok->queue) : name;
 }
 
+void Connection::declare_queue_async(const std::string& name, bool durable, bool auto_delete) {
+  amqp_queue_declare_t req{};
+  req.queue = str_bytes(name);
+  req.durable = durable ? 1 : 0;
+  req.auto_delete = auto_delete ? 1 : 0;
+  req.nowait = 1;
+  req.arguments = amqp_empty_table;
+  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_QUEUE_DECLARE_METHOD, &req);
+  if (rc != AMQP_STATUS_OK) {
+    fail("declaring queue '" + name + "': " + amqp_error_string2(rc));
+  }
+}
+
 std::uint32_t Connection::queue_depth(const std::string& name) {
   auto* ok = amqp_queue_declare(m_s->conn, k_channel, amqp_cstring_bytes(name.c_str()), 1, 0, 0, 0, amqp_empty_table);
   check_rpc(("inspecting queue '" + name + "'").c_str());
@@ -386,11 +436,6 @@ void Connection::confirm_select() {
   m_confirms = true;
 }
 
-void Connection::purge(const std::string& queue) {
-  amqp_queue_purge(m_s->conn, k_channel, amqp_cstring_bytes(queue.c_str()));
-  check_rpc(("purging '" + queue + "'").c_str());
-}
-
 void Connection::declare_exchange(const std::string& name, const std::string& type) {
   amqp_exchange_declare(m_s->conn, k_channel, amqp_cstring_bytes(name.c_str()), amqp_cstring_bytes(type.c_str()), 0,
                         /*durable=*/1, /*auto_delete=*/0, /*internal=*/0, amqp_empty_table);
@@ -403,15 +448,29 @@ void Connection::bind_queue(const std::string& queue, const std::string& exchang
   check_rpc(("binding queue '" + queue + "' to '" + exchange + "'").c_str());
 }
 
-void Connection::declare_queue_async(const std::string& name) {
-  amqp_queue_declare_t req{};
-  req.queue = str_bytes(name);
+void Connection::declare_exchange_async(const std::string& name, const std::string& type) {
+  amqp_exchange_declare_t req{};
+  req.exchange = str_bytes(name);
+  req.type = str_bytes(type);
   req.durable = 1;
   req.nowait = 1;
   req.arguments = amqp_empty_table;
-  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_QUEUE_DECLARE_METHOD, &req);
+  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_EXCHANGE_DECLARE_METHOD, &req);
   if (rc != AMQP_STATUS_OK) {
-    fail("declaring queue '" + name + "': " + amqp_error_string2(rc));
+    fail("declaring exchange '" + name + "': " + amqp_error_string2(rc));
+  }
+}
+
+void Connection::bind_queue_async(const std::string& queue, const std::string& exchange) {
+  amqp_queue_bind_t req{};
+  req.queue = str_bytes(queue);
+  req.exchange = str_bytes(exchange);
+  req.routing_key = amqp_empty_bytes;
+  req.nowait = 1;
+  req.arguments = amqp_empty_table;
+  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_QUEUE_BIND_METHOD, &req);
+  if (rc != AMQP_STATUS_OK) {
+    fail("binding queue '" + queue + "' to '" + exchange + "': " + amqp_error_string2(rc));
   }
 }
 
@@ -547,34 +606,82 @@ void Connection::on_method(std::uint16_t channel, std::uint32_t id, void* decode
       }
       return;
     }
-    case AMQP_BASIC_CANCEL_METHOD:
-      spdlog::warn("broker {} cancelled our consumer (queue deleted?)", m_redacted);
-      m_consumer_cancelled = true;
+    case AMQP_BASIC_CANCEL_METHOD: {
+      auto* c = static_cast<amqp_basic_cancel_t*>(decoded);
+      m_cancelled.push_back({channel, bytes_str(c->consumer_tag)});
       return;
+    }
     case AMQP_CHANNEL_CLOSE_METHOD: {
       auto* c = static_cast<amqp_channel_close_t*>(decoded);
+      m_closed = BrokerClose{true, c->reply_code, bytes_str(c->reply_text)};
       amqp_channel_close_ok_t ok{};
       amqp_send_method(m_s->conn, channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-      fail("broker closed the channel: " + std::to_string(c->reply_code) + " " + bytes_str(c->reply_text));
+      fail("broker closed channel " + std::to_string(channel) + ": " + std::to_string(c->reply_code) + " " +
+           m_closed->text);
     }
     case AMQP_CONNECTION_CLOSE_METHOD: {
       auto* c = static_cast<amqp_connection_close_t*>(decoded);
+      m_closed = BrokerClose{false, c->reply_code, bytes_str(c->reply_text)};
       amqp_connection_close_ok_t ok{};
       amqp_send_method(m_s->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
-      fail("broker closed the connection: " + std::to_string(c->reply_code) + " " + bytes_str(c->reply_text));
+      fail("broker closed the connection: " + std::to_string(c->reply_code) + " " + m_closed->text);
     }
     case AMQP_CONNECTION_BLOCKED_METHOD: {
       auto* b = static_cast<amqp_connection_blocked_t*>(decoded);
-      spdlog::warn("broker {} blocks publishing: {}", m_redacted, bytes_str(b->reason));
+      m_blocked = true;
+      m_blocked_reason = bytes_str(b->reason);
+      if (m_blocked_reason.empty()) {
+        m_blocked_reason = "no reason given";
+      }
+      spdlog::warn("broker {} blocks this connection: {}", m_redacted, m_blocked_reason);
       return;
     }
-    case AMQP_CONNECTION_UNBLOCKED_METHOD: spdlog::info("broker {} unblocked publishing", m_redacted); return;
+    case AMQP_CONNECTION_UNBLOCKED_METHOD:
+      m_blocked = false;
+      m_blocked_reason.clear();
+      spdlog::info("broker {} unblocked this connection", m_redacted);
+      return;
     default: return;  // qos-ok, cancel-ok, ... of async requests
   }
 }
 
-void Connection::finish_content() {
+void Connection::on_header(std::uint64_t body_size, const void* decoded) {
+  if (m_content == Content::none) {
+    return;
+  }
+  m_body_size = body_size;
   if (m_content == Content::delivery) {
+    m_partial.props = read_properties(static_cast<const amqp_basic_properties_t*>(decoded));
+    m_partial.body_size = body_size;
+    if (m_max_body > 0 && body_size > m_max_body) {
+      // Never buffered: any publisher could otherwise pin prefetch x the
+      // broker's maximum message size in every rank.
+      m_partial.oversized = true;
+      m_content = Content::oversized;
+    } else {
+      m_partial.body.reserve(body_size);
+    }
+  }
+  if (m_body_size == 0) {
+    finish_content();
+  }
+}
+
+void Connection::on_body(const void* bytes, std::size_t len) {
+  if (m_content == Content::none) {
+    return;
+  }
+  if (m_content == Content::delivery) {
+    m_partial.body.append(static_cast<const char*>(bytes), len);
+  }
+  m_body_size -= std::min<std::uint64_t>(m_body_size, len);
+  if (m_body_size == 0) {
+    finish_content();
+  }
+}
+
+void Connection::finish_content() {
+  if (m_content == Content::delivery || m_content == Content::oversized) {
     m_deliveries.push_back(std::move(m_partial));
   }
   m_partial = Delivery{};
@@ -606,31 +713,8 @@ void Connection::pump(bool readable) {
     m_last_recv = now;
     switch (frame.frame_type) {
       case AMQP_FRAME_METHOD: on_method(frame.channel, frame.payload.method.id, frame.payload.method.decoded); break;
-      case AMQP_FRAME_HEADER:
-        if (m_content != Content::none) {
-          m_body_size = frame.payload.properties.body_size;
-          if (m_content == Content::delivery) {
-            m_partial.props =
-                read_properties(static_cast<const amqp_basic_properties_t*>(frame.payload.properties.decoded));
-            m_partial.body.reserve(m_body_size);
-          }
-          if (m_body_size == 0) {
-            finish_content();
-          }
-        }
-        break;
-      case AMQP_FRAME_BODY:
-        if (m_content != Content::none) {
-          const auto& frag = frame.payload.body_fragment;
-          if (m_content == Content::delivery) {
-            m_partial.body.append(static_cast<const char*>(frag.bytes), frag.len);
-          }
-          m_body_size -= std::min<std::uint64_t>(m_body_size, frag.len);
-          if (m_body_size == 0) {
-            finish_content();
-          }
-        }
-        break;
+      case AMQP_FRAME_HEADER: on_header(frame.payload.properties.body_size, frame.payload.properties.decoded); break;
+      case AMQP_FRAME_BODY: on_body(frame.payload.body_fragment.bytes, frame.payload.body_fragment.len); break;
       default: break;
     }
     amqp_maybe_release_buffers(m_s->conn);

@@ -19,6 +19,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -51,7 +52,32 @@ struct Delivery {
   std::string routing_key;
   Properties props;
   std::string body;
+  // The body was over Connection::set_max_body: dropped frame by frame as it
+  // arrived (body is empty), `body_size` is what the broker announced.
+  bool oversized = false;
+  std::uint64_t body_size = 0;
 };
+
+// A consumer the broker cancelled (basic.cancel: its queue was deleted, a
+// node of a broker cluster was lost, a policy changed).
+struct CancelledConsumer {
+  std::uint16_t channel = 1;
+  std::string tag;
+};
+
+// Why the broker closed a channel or the connection (channel.close or
+// connection.close); kept after the Connection threw.
+struct BrokerClose {
+  bool channel = true;  // false: the whole connection
+  int code = 0;         // 406 PRECONDITION_FAILED, 404 NOT_FOUND, 320 CONNECTION_FORCED, ...
+  std::string text;
+};
+
+// The broker's consumer_timeout (ms) when `c` closed a channel because a
+// delivery was not acknowledged in time (RabbitMQ 3.8.15+: 406 "delivery
+// acknowledgement on channel N timed out. Timeout value used: T ms ...");
+// nullopt for any other close. 0 when the text names no value.
+std::optional<std::int64_t> consumer_timeout_of(const BrokerClose& c);
 
 // The broker's answer to a published message (publisher confirms).
 struct Confirm {
@@ -119,13 +145,9 @@ public:
   // Returns the consumer tag; with `nowait`, sent without waiting for a reply.
   std::string consume(const std::string& queue, const ConsumeArgs& args);
   void confirm_select();
-  void purge(const std::string& queue);
 
   // Asynchronous: sent now, the reply (if any) is absorbed by pump().
   void qos_async(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
-  // A durable queue without arguments, nowait: a publish sent after it on
-  // the same channel reaches the queue; a failure closes the channel.
-  void declare_queue_async(const std::string& name);
   void cancel_async(const std::string& consumer_tag, std::uint16_t channel = k_default_channel);
   void ack(std::uint64_t tag, bool multiple = false, std::uint16_t channel = k_default_channel);
   void reject(std::uint64_t tag, bool requeue, std::uint16_t channel = k_default_channel);
@@ -138,11 +160,25 @@ public:
   // (counts as life for the missed-heartbeat check). Throws on loss.
   void pump(bool readable = false);
   bool next_delivery(Delivery& out);
-  std::size_t deliveries_queued() const { return m_deliveries.size(); }
   std::vector<Confirm> take_confirms();
   std::size_t unconfirmed() const { return m_unconfirmed.size(); }
-  // The broker cancelled our consumer (queue deleted).
-  bool consumer_cancelled() const { return m_consumer_cancelled; }
+  // Consumers the broker cancelled since the last call (needs the
+  // consumer_cancel_notify capability, which Connection announces).
+  std::vector<CancelledConsumer> take_cancelled() { return std::exchange(m_cancelled, {}); }
+  // connection.blocked (a memory or disk alarm): the broker reads nothing we
+  // send until connection.unblocked. Empty reason: not blocked.
+  bool blocked() const { return m_blocked; }
+  const std::string& blocked_reason() const { return m_blocked_reason; }
+  // The channel.close or connection.close that ended this connection, if any.
+  const std::optional<BrokerClose>& closed() const { return m_closed; }
+  // Bodies over this many bytes are not kept (Delivery::oversized); 0: no cap.
+  void set_max_body(std::uint64_t bytes) { m_max_body = bytes; }
+  // queue.declare with nowait: no reply; a refusal closes the channel later.
+  void declare_queue_async(const std::string& name, bool durable, bool auto_delete = false);
+  // exchange.declare (durable, no arguments) and queue.bind (routing key "")
+  // with nowait, likewise: restoring a runtime queue the broker deleted.
+  void declare_exchange_async(const std::string& name, const std::string& type);
+  void bind_queue_async(const std::string& queue, const std::string& exchange);
 
   // For simple clients (ping, bench): pumps until `deadline`, returning early
   // once something was queued. Never blocks past the deadline.
@@ -155,6 +191,8 @@ private:
   [[noreturn]] void fail(const std::string& what);
   void check_rpc(const char* what, std::uint16_t channel = k_default_channel);
   void on_method(std::uint16_t channel, std::uint32_t id, void* decoded);
+  void on_header(std::uint64_t body_size, const void* decoded);
+  void on_body(const void* bytes, std::size_t len);
   void finish_content();
 
   struct State;
@@ -163,7 +201,11 @@ private:
   int m_heartbeat = 0;
   bool m_broken = false;
   bool m_confirms = false;
-  bool m_consumer_cancelled = false;
+  std::vector<CancelledConsumer> m_cancelled;
+  bool m_blocked = false;
+  std::string m_blocked_reason;
+  std::optional<BrokerClose> m_closed;
+  std::uint64_t m_max_body = 0;
   std::uint64_t m_next_seq = 1;
   std::set<std::uint64_t> m_unconfirmed;
   std::vector<Confirm> m_confirms_in;
@@ -171,7 +213,7 @@ private:
   std::chrono::steady_clock::time_point m_last_recv;
 
   // A delivery being assembled from method, header and body frames.
-  enum class Content { none, delivery, discard };
+  enum class Content { none, delivery, oversized, discard };
   Content m_content = Content::none;
   std::uint64_t m_body_size = 0;
   Delivery m_partial;

@@ -15,12 +15,10 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
-#include "autoalloc/scheduler.h"
 #include "config/config.h"
 #include "health/report.h"
-#include "health/status_file.h"
-#include "health/view.h"
 #include "util/error.h"
+#include "util/fd.h"
 #include "util/fs.h"
 #include "util/signals.h"
 
@@ -48,33 +46,6 @@ json job_to_json(const JobRecord& r) {
             {"done", r.idle.done}};
   j["seconds_left"] = r.seconds_left ? json(*r.seconds_left) : json(nullptr);
   return j;
-}
-
-std::optional<Phase> parse_phase(const std::string& s) {
-  for (auto p : {Phase::pending, Phase::starting, Phase::serving, Phase::draining, Phase::ended}) {
-    if (to_string(p) == s) {
-      return p;
-    }
-  }
-  return std::nullopt;
-}
-
-JobRecord job_from_json(const json& j) {
-  JobRecord r;
-  r.id = j.at("id").get<std::string>();
-  r.nodes = j.at("nodes").get<int>();
-  r.phase = parse_phase(j.value("phase", "pending")).value_or(Phase::pending);
-  r.submitted = j.value("submitted", 0.0);
-  r.out = j.value("out", "");
-  r.renews = j.value("renews", "");
-  r.ever_serving = j.value("ever_serving", false);
-  r.renewed = j.value("renewed", false);
-  r.stop_requested = j.value("stop_requested", false);
-  r.cancelled = j.value("cancelled", false);
-  r.idle.since = j.value("idle_since", 0.0);
-  r.idle.done = j.value("done", 0ULL);
-  r.idle.started = r.idle.since > 0;
-  return r;
 }
 
 json limits_json(const Limits& l) {
@@ -137,59 +108,6 @@ std::string to_json(const State& s) {
   return j.dump(2) + "\n";
 }
 
-State state_from_json(const std::string& text, const std::string& source) {
-  try {
-    auto j = json::parse(text);
-    State s;
-    for (const auto& e : j.at("jobs")) {
-      s.jobs.push_back(job_from_json(e));
-    }
-    s.controller = j.value("controller", "stopped");
-    s.pid = j.value("pid", 0L);
-    s.host = j.value("host", "");
-    s.started = j.value("started", 0.0);
-    s.updated = j.value("updated", 0.0);
-    s.next = j.value("next", "");
-    s.error = j.value("error", "");
-    s.last_refusal = j.value("last_refusal", "");
-    s.refused_in_row = j.value("refused_in_row", 0);
-    s.backoff_until = j.value("backoff_until", 0.0);
-    s.start_failures.in_row = j.value("start_failures_in_row", 0);
-    s.start_failures.outputs = j.value("failed_outputs", std::vector<std::string>{});
-    s.start_failures.halted = j.value("halted", false);
-    s.start_failures.halted_at = j.value("halted_at", 0.0);
-    s.slots_per_node = j.value("slots_per_node", 0);
-    const auto& d = j.at("demand");
-    s.demand_seen = d.value("seen", 0.0);
-    if (d.contains("ready") && d["ready"].is_number()) {
-      s.ready = d["ready"].get<std::uint64_t>();
-    }
-    if (d.contains("consumers") && d["consumers"].is_number()) {
-      s.consumers = d["consumers"].get<int>();
-    }
-    if (j.contains("counters")) {
-      const auto& c = j["counters"];
-      s.sbatch_calls = c.value("sbatch_calls", 0ULL);
-      s.broker_queries = c.value("broker_queries", 0ULL);
-      s.scheduler_queries = c.value("scheduler_queries", 0ULL);
-    }
-    return s;
-  } catch (const json::exception& e) {
-    throw Error(Exit::failure, source + ": not an autoalloc state file: " + e.what(),
-                "move it aside; the controller adopts its jobs by name from squeue on its next start");
-  }
-}
-
-std::string controller_dir() { return state_dir() + "/autoalloc"; }
-
-std::optional<State> load_state() {
-  auto path = controller_dir() + "/state.json";
-  if (!path_exists(path)) {
-    return std::nullopt;
-  }
-  return state_from_json(read_file(path), path);
-}
-
 std::string job_name() {
   auto h = std::hash<std::string>{}(state_dir());
   return fmt::format("lithops-aa-{:08x}", static_cast<std::uint32_t>(h));
@@ -218,18 +136,21 @@ std::string status_line(const State& s, double now) {
 
 // ---------------------------------------------------------------- Controller
 
-Controller::Controller(Settings s) : m_s(std::move(s)), m_dir(controller_dir()) {
+Controller::Controller(Settings s, Ports p) : m_s(std::move(s)), m_p(std::move(p)), m_dir(controller_dir()) {
+  if (!m_p.clock) {
+    m_p.clock = health::unix_now;
+  }
   if (!path_exists(state_dir())) {
     make_private_dir(state_dir());
   }
   make_private_dir(m_dir);
   mkdirs(m_dir + "/out", 0700);
   auto lock = m_dir + "/lock";
-  m_lock_fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (m_lock_fd < 0) {
+  m_lock = UniqueFd(::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (m_lock.get() < 0) {
     throw Error(Exit::failure, "cannot open " + lock + ": " + errno_text(errno));
   }
-  if (::flock(m_lock_fd, LOCK_EX | LOCK_NB) != 0) {
+  if (::flock(m_lock.get(), LOCK_EX | LOCK_NB) != 0) {
     auto prev = load_state();
     throw Error(Exit::usage,
                 fmt::format("another autoalloc controller runs for {} (pid {} on {})", state_dir(),
@@ -239,24 +160,27 @@ Controller::Controller(Settings s) : m_s(std::move(s)), m_dir(controller_dir()) 
   if (auto prev = load_state()) {
     m_state = *prev;
   }
+  m_earlier = {m_state.sbatch_calls, m_state.broker_queries, m_state.scheduler_queries};
   // A restart is the user's answer to a halt: try again, from a clean count.
   m_state.start_failures = {};
   m_state.error.clear();
   m_state.controller = "running";
   m_state.pid = ::getpid();
   m_state.host = config::short_hostname();
-  m_state.started = health::unix_now();
+  m_state.started = now();
   m_state.limits = m_s.limits;
 }
 
-Controller::~Controller() {
-  if (m_lock_fd >= 0) {
-    ::close(m_lock_fd);
-  }
-}
+Controller::~Controller() = default;
+
+double Controller::now() const { return m_p.clock(); }
 
 void Controller::save() {
-  m_state.updated = health::unix_now();
+  m_state.updated = now();
+  auto sc = m_p.scheduler->counters();
+  m_state.sbatch_calls = m_earlier.sbatch + sc.submissions;
+  m_state.scheduler_queries = m_earlier.scheduler + sc.queries;
+  m_state.broker_queries = m_earlier.broker + m_p.queue->queries();
   write_file_atomic(m_dir + "/state.json", to_json(m_state), 0600);
 }
 
@@ -265,23 +189,25 @@ void Controller::adopt() {
   for (const auto& r : m_state.jobs) {
     known.push_back(r.id);
   }
-  ++m_state.scheduler_queries;
-  for (const auto& id : jobs_named(job_name())) {
+  int taken = 0;
+  for (const auto& id : m_p.scheduler->jobs_named(job_name())) {
     if (std::find(known.begin(), known.end(), id) == known.end()) {
       spdlog::warn("adopting job {}: it carries this controller's name ({}) but was not in its state", id, job_name());
       JobRecord r;
       r.id = id;
       r.nodes = m_s.limits.nodes_per_job;
-      r.submitted = health::unix_now();
+      r.submitted = now();
       m_state.jobs.push_back(r);
+      ++taken;
     }
   }
   if (!m_state.jobs.empty()) {
-    spdlog::info("adopted {} job(s) from {}/state.json and squeue", m_state.jobs.size(), m_dir);
+    spdlog::info("adopted {} job(s) from {}/state.json and the scheduler ({} by name)", m_state.jobs.size(), m_dir,
+                 taken);
   }
 }
 
-void Controller::observe_slurm(double now) {
+void Controller::observe_jobs() {
   std::vector<std::string> ids;
   for (const auto& r : m_state.jobs) {
     ids.push_back(r.id);
@@ -289,7 +215,7 @@ void Controller::observe_slurm(double now) {
   if (ids.empty()) {
     return;
   }
-  auto seen = query_jobs(ids, m_state.scheduler_queries);
+  auto seen = m_p.scheduler->query(ids);
   if (!seen) {
     return;  // the scheduler did not answer: keep what we knew
   }
@@ -306,7 +232,6 @@ void Controller::observe_slurm(double now) {
     } else if (r.phase == Phase::pending) {
       r.phase = Phase::starting;
     }
-    (void)now;
   }
 }
 
@@ -315,30 +240,18 @@ void Controller::observe_deployments(double now) {
     if (r.phase == Phase::pending || r.phase == Phase::ended) {
       continue;
     }
-    auto look = health::find_deployment(r.id);
-    if (!look.found) {
+    auto d = m_p.deployments->look(r.id);
+    if (d.seen == DeploymentLook::Seen::nothing) {
       r.phase = r.stop_requested ? Phase::draining : Phase::starting;
       continue;
     }
-    health::StatusView v;
-    try {
-      v = health::parse_status(look.found->text, look.found->loc.link);
-    } catch (const Error& e) {
-      spdlog::debug("job {}: {}", r.id, e.what());
+    if (d.seen == DeploymentLook::Seen::unreadable) {
       continue;
     }
-    r.ready_ranks = 0;
-    r.slots_total = 0;
-    r.slots_busy = 0;
-    for (const auto& rank : v.ranks) {
-      if (rank.state == "ready") {
-        ++r.ready_ranks;
-        r.slots_total += rank.slots_total;
-      }
-      r.slots_busy += rank.slots_busy;
-    }
-    bool winding_down = v.state == "draining" || v.state == "stopped" || v.state == "failed";
-    if (winding_down || r.stop_requested) {
+    r.ready_ranks = d.ready_ranks;
+    r.slots_total = d.slots_total;
+    r.slots_busy = d.slots_busy;
+    if (d.winding_down || r.stop_requested) {
       r.phase = Phase::draining;
     } else if (r.ready_ranks > 0) {
       r.phase = Phase::serving;
@@ -349,37 +262,24 @@ void Controller::observe_deployments(double now) {
       r.phase = Phase::starting;
     }
     if (r.phase == Phase::serving) {
-      observe_idle(r.idle, now, r.slots_busy, v.summary.done);
+      observe_idle(r.idle, now, r.slots_busy, d.done);
     }
   }
 }
 
 void Controller::observe_queue(double now) {
+  auto look = m_p.queue->look();
   m_state.ready.reset();
   m_state.consumers.reset();
-  try {
-    if (!m_broker) {
-      m_broker = std::make_unique<amqp::Connection>(m_s.broker);
-    }
-    ++m_state.broker_queries;
-    auto info = m_broker->queue_info(m_s.queue);
-    if (!info) {
-      m_broker.reset();   // the channel is closed; a new connection next poll
-      m_state.ready = 0;  // no queue yet: nothing published
-      m_state.consumers = 0;
-      return;
-    }
-    m_state.ready = info->messages;
-    m_state.consumers = static_cast<int>(info->consumers);
-    if (info->messages > 0) {
-      m_state.demand_seen = now;
-    }
-  } catch (const Error& e) {
-    m_broker.reset();
-    spdlog::warn("cannot ask the broker for queue '{}': {}", m_s.queue, e.what());
+  if (!look) {
+    return;
+  }
+  m_state.ready = look->ready;
+  m_state.consumers = look->consumers;
+  if (look->ready > 0) {
+    m_state.demand_seen = now;
   }
 }
-
 void Controller::account_ended(JobRecord& r) {
   if (r.ever_serving) {
     spdlog::info("job {} ended", r.id);
@@ -390,7 +290,7 @@ void Controller::account_ended(JobRecord& r) {
     return;
   }
   auto& f = m_state.start_failures;
-  bool halts = on_start_failure(f, r.out, health::unix_now(), m_s.limits);
+  bool halts = on_start_failure(f, r.out, now(), m_s.limits);
   spdlog::error("job {} ended before any rank was ready ({} in a row); see {}", r.id, f.in_row, r.out);
   if (halts) {
     std::string files;
@@ -445,19 +345,19 @@ Snapshot Controller::snapshot(double now) const {
 }
 
 void Controller::submit(const Action& a, double now) {
-  ++m_state.sbatch_calls;
-  SubmitRequest req{m_s.script,      m_s.sif,        a.nodes,
-                    m_s.time_limit,  job_name(),     m_dir + "/out/lithops-workers-%j.out",
-                    m_s.sbatch_args, m_s.config_path};
-  auto res = sbatch(req);
+  Submission req{m_s.sif, a.nodes, job_name(), m_dir + "/out", m_s.config_path};
+  auto res = m_p.scheduler->submit(req);
   if (!res.job) {
     ++m_state.refused_in_row;
     m_state.last_refusal = res.message;
     double wait = backoff_delay(m_state.refused_in_row, m_s.limits);
     m_state.backoff_until = now + wait;
-    m_state.error = fmt::format("sbatch refused the submission ({} in a row): {}; next try in {:.0f} s",
+    m_state.error = fmt::format("the scheduler refused the submission ({} in a row): {}; next try in {:.0f} s",
                                 m_state.refused_in_row, res.message, wait);
     spdlog::error("{}", m_state.error);
+    if (res.maybe_submitted) {
+      adopt();  // a job it made anyway carries our name
+    }
     return;
   }
   m_state.refused_in_row = 0;
@@ -469,7 +369,7 @@ void Controller::submit(const Action& a, double now) {
   r.id = *res.job;
   r.nodes = a.nodes;
   r.submitted = now;
-  r.out = fmt::format("{}/out/lithops-workers-{}.out", m_dir, r.id);
+  r.out = res.output;
   r.renews = a.job;
   m_state.jobs.push_back(r);
   for (auto& old : m_state.jobs) {
@@ -491,22 +391,21 @@ void Controller::carry_out(const Action& a, double now) {
       continue;
     }
     if (a.kind == ActionKind::retire) {
-      health::request_stop(health::locate(r.id));
+      m_p.deployments->request_stop(r.id);
       r.stop_requested = true;
       r.phase = Phase::draining;
       spdlog::info("retiring job {}: {}", r.id, a.why);
     } else {
-      ++m_state.scheduler_queries;
-      cancel_job(r.id);
+      m_p.scheduler->cancel(r.id);
       r.cancelled = true;
       spdlog::info("cancelled job {}: {}", r.id, a.why);
     }
   }
 }
 
-void Controller::tick() {
-  double now = health::unix_now();
-  observe_slurm(now);
+void Controller::poll() {
+  double now = this->now();
+  observe_jobs();
   observe_deployments(now);
   for (auto& r : m_state.jobs) {
     if (r.phase == Phase::ended) {
@@ -543,11 +442,11 @@ void Controller::finish(bool drain) {
     for (auto& r : m_state.jobs) {
       if (r.phase == Phase::serving || r.phase == Phase::draining) {
         if (!r.stop_requested) {
-          health::request_stop(health::locate(r.id));
+          m_p.deployments->request_stop(r.id);
           r.stop_requested = true;
         }
       } else if (r.phase != Phase::ended) {
-        cancel_job(r.id);
+        m_p.scheduler->cancel(r.id);
         r.cancelled = true;
       }
       spdlog::info("job {}: asked to stop", r.id);
@@ -556,7 +455,7 @@ void Controller::finish(bool drain) {
   save();
 }
 
-int Controller::run() {
+Exit Controller::run() {
   SignalPipe signals({SIGINT, SIGTERM});
   adopt();
   spdlog::info("autoalloc: queue '{}' on {}; at most {} node(s), {} per job, {} pending; state in {}", m_s.queue,
@@ -564,7 +463,7 @@ int Controller::run() {
                m_s.limits.nodes_per_job, m_s.limits.max_pending, m_dir);
   int sig = 0;
   while (sig == 0) {
-    tick();
+    poll();
     pollfd p{.fd = signals.fd(), .events = POLLIN};
     if (::poll(&p, 1, static_cast<int>(m_s.poll * 1000)) > 0) {
       for (int s : signals.drain()) {
@@ -575,7 +474,7 @@ int Controller::run() {
   spdlog::info("autoalloc: {} received; {}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                m_s.drain_on_exit ? "stopping the deployments (--drain-on-exit)" : "leaving the deployments serving");
   finish(m_s.drain_on_exit);
-  return exit_code_for_signal(sig);
+  return exit_for_signal(sig);
 }
 
 }  // namespace lhpc::autoalloc

@@ -1,19 +1,25 @@
-// `lithops-hpc autoalloc`: the I/O side of the controller. Each poll it asks
-// the broker for demand (passive declare: ready messages, consumers), Slurm
-// for the state of the jobs it submitted (libslurm, else squeue) and their
-// status files for ready ranks and busy slots, hands that snapshot to
-// policy.h's decide(), and carries out the actions: sbatch (explicit argv, no
-// shell, no secret), a stop request, scancel. Its state lives in
-// <state dir>/autoalloc/state.json so a restarted controller adopts its jobs;
-// the same file is what `lithops-hpc status` shows as the controller's line.
+// `lithops-hpc autoalloc`: the controller's loop. Each poll it asks its ports
+// (ports.h) for demand (the queue: ready messages, consumers), for the state
+// of the jobs it submitted (the scheduler) and for what those deployments
+// report (ready ranks, busy slots), keeps the memory policy.h does not (idle
+// clocks, start failures, backoff), hands the snapshot to decide(), and
+// carries out the actions through the same ports: submit, ask to drain,
+// cancel. Its state lives in <state dir>/autoalloc/state.json so a restarted
+// controller adopts its jobs; the same file is what `lithops-hpc status`
+// shows as the controller's line. Nothing here talks to Slurm or the broker.
 #pragma once
 
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "amqp/connection.h"
 #include "autoalloc/policy.h"
+#include "autoalloc/ports.h"
+#include "util/error.h"
+#include "util/fd.h"
 
 namespace lhpc::autoalloc {
 
@@ -69,12 +75,14 @@ struct State {
 };
 
 std::string to_json(const State& s);
-// Throws Error(failure) naming `source` when the text is not a state file.
+// Throws Error(failure) naming `source` and the key when the text is not a
+// state file; numbers by util/json_number's rules (state_reader.cc).
 State state_from_json(const std::string& text, const std::string& source);
 
-// <state dir>/autoalloc
+// <state dir>/autoalloc (state_reader.cc)
 std::string controller_dir();
-// The controller's state, if one ever ran under this state directory.
+// The controller's state, if one ever ran under this state directory; read
+// by state_reader.h's rules (a regular file of yours), else Error.
 std::optional<State> load_state();
 // One line for `lithops-hpc status`: demand, supply, next action and why.
 std::string status_line(const State& s, double now);
@@ -84,20 +92,39 @@ std::string status_line(const State& s, double now);
 // finds that job in squeue and adopts it instead of submitting another.
 std::string job_name();
 
+// The world as the controller reaches it. `clock`: unix seconds (empty: the
+// system clock); tests step a fake one instead of sleeping.
+struct Ports {
+  std::unique_ptr<Scheduler> scheduler;
+  std::unique_ptr<QueueProbe> queue;
+  std::unique_ptr<DeploymentProbe> deployments;
+  std::function<double()> clock;
+};
+
 class Controller {
 public:
-  explicit Controller(Settings s);
+  // Takes the lock of <state dir>/autoalloc and loads its state.json.
+  Controller(Settings s, Ports p);
   ~Controller();
   Controller(const Controller&) = delete;
   Controller& operator=(const Controller&) = delete;
 
-  // Runs until SIGTERM or SIGINT; returns the exit code for that signal.
-  int run();
+  // Runs until SIGTERM or SIGINT; returns how that signal ends the command.
+  Exit run();
+
+  // Takes on the jobs of the state file and those the scheduler knows by
+  // this controller's job name (submitted, then killed before saving).
+  void adopt();
+  // One look at the world and the actions it calls for; saves the state.
+  void poll();
+  // The end (SIGTERM): no more submissions; with `drain` the deployments are
+  // asked to stop and jobs not serving yet are cancelled.
+  void finish(bool drain);
+  const State& state() const { return m_state; }
 
 private:
-  void adopt();
-  void tick();
-  void observe_slurm(double now);
+  double now() const;
+  void observe_jobs();
   void observe_deployments(double now);
   void observe_queue(double now);
   void account_ended(JobRecord& r);
@@ -106,14 +133,17 @@ private:
   Snapshot snapshot(double now) const;
   void carry_out(const Action& a, double now);
   void submit(const Action& a, double now);
-  void finish(bool drain);
   void save();
 
   Settings m_s;
+  Ports m_p;
   State m_state;
+  // The counters of earlier runs (state.json): the ports' own add to them.
+  struct {
+    unsigned long long sbatch = 0, broker = 0, scheduler = 0;
+  } m_earlier;
   std::string m_dir;
-  int m_lock_fd = -1;
-  std::unique_ptr<amqp::Connection> m_broker;
+  UniqueFd m_lock;
 };
 
 }  // namespace lhpc::autoalloc

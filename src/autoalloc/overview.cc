@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autoalloc/controller.h"
+#include "autoalloc/state_reader.h"
 #include "util/error.h"
 #include "util/fs.h"
 
@@ -34,7 +35,7 @@ std::vector<Deployment> deployments(double now) {
 }
 
 namespace {
-bool live(const Deployment& d) { return d.view.state != "stopped" && d.view.state != "failed" && !d.assessment.stale; }
+bool live(const Deployment& d) { return !health::ended(d.view.state) && !d.assessment.stale; }
 }  // namespace
 
 std::vector<Deployment> live_deployments(double now) {
@@ -43,40 +44,39 @@ std::vector<Deployment> live_deployments(double now) {
   return all;
 }
 
-std::string overview_text(double now, int& code) {
+Overview overview_text(double now) {
   auto all = deployments(now);
   auto state = load_state();
-  std::string out;
-  code = 0;
+  Overview o;
   for (const auto& d : all) {
-    out += d.assessment.headline + "\n";
+    o.text += d.assessment.headline + "\n";
     if (live(d) && d.assessment.code != Exit::ok) {
-      code = 1;
+      o.code = Exit::failure;
     }
   }
   if (state) {
-    out += status_line(*state, now) + "\n";
+    o.text += status_line(*state, now) + "\n";
     if (!state->error.empty()) {
-      code = 1;
+      o.code = Exit::failure;
     }
   }
   if (all.empty() && !state) {
-    code = static_cast<int>(Exit::no_deployment);
+    o.code = Exit::no_deployment;
   }
-  return out;
+  return o;
 }
 
-std::string overview_json(double now, int& code) {
-  overview_text(now, code);
+Overview overview_json(double now) {
+  Overview o{.text = {}, .code = overview_text(now).code};
   nlohmann::ordered_json j;
   j["deployments"] = nlohmann::ordered_json::array();
   for (const auto& d : deployments(now)) {
     j["deployments"].push_back(nlohmann::ordered_json::parse(d.found.text));
   }
-  auto path = controller_dir() + "/state.json";
-  j["autoalloc"] = path_exists(path) ? nlohmann::ordered_json::parse(read_file(path), nullptr, false)
-                                     : nlohmann::ordered_json(nullptr);
-  return j.dump() + "\n";
+  auto text = read_state_text();
+  j["autoalloc"] = text ? nlohmann::ordered_json::parse(*text, nullptr, false) : nlohmann::ordered_json(nullptr);
+  o.text = j.dump() + "\n";
+  return o;
 }
 
 }  // namespace lhpc::autoalloc

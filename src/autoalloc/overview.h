@@ -9,6 +9,7 @@
 
 #include "health/status_file.h"
 #include "health/view.h"
+#include "util/error.h"
 
 namespace lhpc::autoalloc {
 
@@ -21,12 +22,17 @@ struct Deployment {
 // Every <state dir>/jobs/*/status.json of ours that parses, oldest first.
 std::vector<Deployment> deployments(double now);
 
-// One line per deployment (its headline) and the controller's line;
-// `code`: 0 when every live deployment is healthy, 1 when any is not, 8
-// when there is neither a deployment nor a controller.
-std::string overview_text(double now, int& code);
+// What `status` prints without a job id, and how it ends: ok when every live
+// deployment is healthy, failure when one is not (or the controller reports
+// an error), no_deployment when there is neither a deployment nor a controller.
+struct Overview {
+  std::string text;
+  Exit code = Exit::ok;
+};
+// One line per deployment (its headline) and the controller's line.
+Overview overview_text(double now);
 // {"deployments": [status documents], "autoalloc": state or null}.
-std::string overview_json(double now, int& code);
+Overview overview_json(double now);
 
 // Deployments still running (not stopped, failed or stale): `stop --all`.
 std::vector<Deployment> live_deployments(double now);

@@ -92,7 +92,7 @@ health::Found require_deployment(const std::string& job) {
   return std::move(*look.found);
 }
 
-int run(int argc, char** argv) {
+Exit run(int argc, char** argv) {
   setup_logging("info");  // errors while parsing still go to stderr with our pattern
   CLI::App app{"lithops-hpc: run Lithops workers on HPC clusters (Slurm, MPI, Singularity/Apptainer)"};
   app.name("lithops-hpc");
@@ -111,8 +111,9 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    if (e.get_exit_code() == 0) {  // --help, --version
-      return app.exit(e);
+    if (e.get_exit_code() == 0) {  // --help, --version: printed, success
+      app.exit(e);
+      return Exit::ok;
     }
     throw usage_error(app, e);
   }

@@ -9,6 +9,8 @@
 
 #include "config/config.h"
 #include "health/status_file.h"
+#include "util/error.h"
+#include "util/names.h"
 
 namespace lhpc::cli {
 
@@ -18,18 +20,25 @@ struct Globals {
   bool verbose = false;
 };
 
-// A leaf subcommand and what runs when it was given; returns the exit code.
+// A leaf subcommand and what runs when it was given: it returns how the
+// command ended or throws lhpc::Error; main.cc alone makes the number.
 struct Action {
   CLI::App* app;
-  std::function<int()> run;
+  std::function<Exit()> run;
 };
 
 // Each registers its subcommands under `parent` and appends its actions.
 using Register = void (*)(CLI::App& parent, Globals& g, std::vector<Action>& actions);
 
-// A CLI11 check refusing a flag value through the config's own check (e.g.
-// config::transfer_error), so the flag and the TOML key say the same thing.
+// A CLI11 check refusing a flag value through the config's own check (an
+// enum's names, e.g. config::k_transfer_names, or config::logs_dir_error), so
+// the flag and the TOML key say the same thing.
 CLI::Validator choice(std::string (*error)(const std::string&));
+template <typename E, std::size_t N>
+CLI::Validator choice(const Names<E, N>& names) {
+  // No description: the option's help already lists the choices.
+  return CLI::Validator([&names](std::string& text) { return names.error(text); }, "");
+}
 
 // Loads the configuration the globals point at and logs its warnings.
 config::Config load_config(const Globals& g);
@@ -39,9 +48,10 @@ config::Config load_config(const Globals& g);
 health::Found require_deployment(const std::string& job);
 
 // `stop --all`: asks every running deployment to stop and waits up to
-// `timeout` seconds; returns the exit code (cmd_stop.cc; `down` uses it too).
-int stop_all_deployments(double timeout);
+// `timeout` seconds (cmd_stop.cc; `down` uses it too); throws Error(failure)
+// naming those that did not stop, Error(no_deployment) when there is none.
+Exit stop_all_deployments(double timeout);
 
-int run(int argc, char** argv);
+Exit run(int argc, char** argv);
 
 }  // namespace lhpc::cli

@@ -5,8 +5,10 @@
 #include <memory>
 
 #include "autoalloc/controller.h"
+#include "autoalloc/slurm_ports.h"
 #include "cli/cli.h"
 #include "lhpc_build_config.h"
+#include "lhpc_source_root.h"
 #include "util/error.h"
 #include "util/fs.h"
 
@@ -105,12 +107,13 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   return s;
 }
 
-int run_autoalloc(const Globals& g, const AutoallocArgs& a) {
+Exit run_autoalloc(const Globals& g, const AutoallocArgs& a) {
   auto cfg = load_config(g);
   config::require_amqp_url(cfg);
   auto s = settings_from(g, cfg, a);
   check(s);
-  autoalloc::Controller c(std::move(s));
+  auto ports = autoalloc::slurm_ports(s);
+  autoalloc::Controller c(std::move(s), std::move(ports));
   return c.run();
 }
 

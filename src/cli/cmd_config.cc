@@ -37,7 +37,7 @@ void check_client(const config::Config& c, const config::Config& loaded) {
   }
 }
 
-int check(const Globals& g) {
+Exit check(const Globals& g) {
   // config::load, not load_config: the warnings are printed below, not logged twice.
   auto loaded = config::load(g.config_path);
   auto c = config::expanded(loaded, config::current_placeholders());
@@ -49,11 +49,11 @@ int check(const Globals& g) {
     std::cout << "warning: " << w << "\n";
   }
   check_client(c, loaded);
-  int rc = 0;
+  Exit rc = Exit::ok;  // the first problem's
   auto fail = [&rc](const Error& e) {
     std::cout << "  " << e.what() << (e.hint().empty() ? "" : "\n  hint: " + e.hint()) << "\n";
-    if (rc == 0) {
-      rc = static_cast<int>(e.code());
+    if (rc == Exit::ok) {
+      rc = e.code();
     }
   };
 
@@ -68,7 +68,7 @@ int check(const Globals& g) {
     std::cout << "runtime: " << c.singularity.runtime << ", image " << image << "\n";
     std::cout << "image: " << image << (path_exists(image) ? "" : " (not found on this machine)") << "\n";
   }
-  std::cout << "engine: " << config::to_string(c.singularity.engine) << ": ";
+  std::cout << "engine: " << config::k_engine_names.text(c.singularity.engine) << ": ";
   try {
     auto engine = container::make_engine(c.singularity.engine);
     auto path = engine->binary();

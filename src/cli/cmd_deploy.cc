@@ -16,17 +16,17 @@ struct DeployArgs {
 };
 
 // The flags' checks (cli::choice) already refused a bad value.
-template <typename T>
-std::optional<T> parsed(const std::string& text, std::optional<T> (*parse)(const std::string&)) {
-  return text.empty() ? std::nullopt : parse(text);
+template <typename E, std::size_t N>
+std::optional<E> parsed(const std::string& text, const Names<E, N>& names) {
+  return text.empty() ? std::nullopt : names.parse(text);
 }
 
-int run_deploy(const Globals& g, const DeployArgs& a) {
+Exit run_deploy(const Globals& g, const DeployArgs& a) {
   deploy::Options o;
   o.sif = a.sif;
-  o.transfer = parsed(a.transfer, config::parse_transfer);
-  o.mode = parsed(a.mode, config::parse_mode);
-  o.engine = parsed(a.engine, config::parse_engine);
+  o.transfer = parsed(a.transfer, config::k_transfer_names);
+  o.mode = parsed(a.mode, config::k_mode_names);
+  o.engine = parsed(a.engine, config::k_engine_names);
   if (a.slots >= 0) {
     o.slots = a.slots;
   }
@@ -75,13 +75,13 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
       ->check(choice(config::runtime_name_error))
       ->type_name("NAME");
   d->add_option("--transfer", a->transfer, "how the image reaches the nodes: mpi, sbcast or none (deploy.transfer)")
-      ->check(choice(config::transfer_error))
+      ->check(choice(config::k_transfer_names))
       ->type_name("HOW");
   d->add_option("--mode", a->mode, "dispatch or runscript (deploy.mode)")
-      ->check(choice(config::mode_error))
+      ->check(choice(config::k_mode_names))
       ->type_name("MODE");
   d->add_option("--engine", a->engine, "singularity, apptainer or host (singularity.engine)")
-      ->check(choice(config::engine_error))
+      ->check(choice(config::k_engine_names))
       ->type_name("ENGINE");
   d->add_option("--slots", a->slots,
                 "task slots per node, split among its ranks; 0: the cores (singularity.worker_processes)")

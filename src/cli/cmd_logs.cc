@@ -1,4 +1,4 @@
-// `lithops-hpc logs [JOBID] [--rank N] [--follow]`: a deployment's handler
+// `lithops-hpc logs [JOBID] [--rank N] [--follow] [--raw]`: a deployment's handler
 // output (Lithops' logging, what functions print), which goes to per-rank
 // files rather than the job output (logs.dir). Each line is prefixed with
 // its rank. Exit 0: every selected rank's log was read; 1: some are not on
@@ -6,6 +6,7 @@
 // stderr); 8: no such job, no log record for it, or no such rank.
 #include <poll.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <iostream>
@@ -30,6 +31,7 @@ struct LogsOpts {
   std::string job;
   int rank = -1;
   bool follow = false;
+  bool raw = false;
 };
 
 const char* k_no_job_hint =
@@ -63,7 +65,7 @@ bool ended(const std::string& job) {
       return false;
     }
     auto view = health::parse_status(look.found->text, look.found->loc.link);
-    return view.state == "stopped" || view.state == "failed" || health::assess(view, health::unix_now()).stale;
+    return health::ended(view.state) || health::assess(view, health::unix_now()).stale;
   } catch (const Error&) {
     return false;  // half a file or a transient problem: look again
   }
@@ -82,7 +84,7 @@ void say_missing(const logs::Record& rec, const logs::Reader& reader, bool yet) 
   }
 }
 
-int run_logs(const LogsOpts& o, bool rank_given) {
+Exit run_logs(const LogsOpts& o, bool rank_given) {
   auto job = resolve_job(o.job);
   auto rec = logs::read_record(job);
   if (!rec) {
@@ -92,10 +94,11 @@ int run_logs(const LogsOpts& o, bool rank_given) {
         k_no_job_hint);
   }
   logs::Reader reader(*rec, rank_given ? std::optional<int>(o.rank) : std::nullopt);
+  reader.escape_for_terminal(!o.raw && ::isatty(STDOUT_FILENO) == 1);
   if (!o.follow) {
     reader.pump(std::cout, true);
     say_missing(*rec, reader, false);
-    return reader.missing().empty() ? 0 : static_cast<int>(Exit::failure);
+    return reader.missing().empty() ? Exit::ok : Exit::failure;
   }
   SignalPipe signals({SIGINT, SIGTERM});
   reader.pump(std::cout);
@@ -106,7 +109,7 @@ int run_logs(const LogsOpts& o, bool rank_given) {
     if (::poll(&p, 1, 250) > 0) {
       auto got = signals.drain();
       reader.pump(std::cout, true);
-      return exit_code_for_signal(got.empty() ? SIGINT : got.back());
+      return exit_for_signal(got.empty() ? SIGINT : got.back());
     }
     bool over = false;
     if (std::chrono::steady_clock::now() >= next_look) {
@@ -115,7 +118,7 @@ int run_logs(const LogsOpts& o, bool rank_given) {
     }
     reader.pump(std::cout, over);
     if (over) {
-      return reader.missing().empty() ? 0 : static_cast<int>(Exit::failure);
+      return reader.missing().empty() ? Exit::ok : Exit::failure;
     }
   }
 }
@@ -130,6 +133,9 @@ void register_logs(CLI::App& parent, Globals&, std::vector<Action>& actions) {
                  "deployment to read (default: $SLURM_JOB_ID's; else your newest deployment or worker)");
   auto* rank = lg->add_option("--rank", o->rank, "only this rank's log")->type_name("N");
   lg->add_flag("-f,--follow", o->follow, "keep printing new lines until the deployment ends (or Ctrl-C)");
+  lg->add_flag("--raw", o->raw,
+               "print control characters as written (default on a terminal: as \\xNN, so no escape sequence "
+               "reaches it)");
   actions.push_back({lg, [o, rank] { return run_logs(*o, rank->count() > 0); }});
 }
 

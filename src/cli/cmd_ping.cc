@@ -46,7 +46,7 @@ dispatch::PingTargets targets_for(const std::string& job, std::ostream& note) {
   if (look.found) {
     auto view = health::parse_status(look.found->text, look.found->loc.link);
     auto a = health::assess(view, health::unix_now());
-    if ((view.state == "running" || view.state == "draining") && !a.stale) {
+    if (!health::ended(view.state) && !a.stale) {
       fill(t, view);
       return t;
     }

@@ -35,7 +35,7 @@ std::string config_line_for(const config::Config& cfg, const std::string& name) 
               : std::string());
 }
 
-int build_runtime(const Globals& g, BuildOpts o, bool fakeroot_given) {
+Exit build_runtime(const Globals& g, BuildOpts o, bool fakeroot_given) {
   if (!o.name.empty()) {
     container::check_runtime_name(o.name);  // before the configuration: a typo is the likelier mistake
   }
@@ -64,7 +64,7 @@ int build_runtime(const Globals& g, BuildOpts o, bool fakeroot_given) {
   if (auto line = config_line_for(cfg, o.name); !line.empty()) {
     std::cout << line << "\n";
   }
-  return 0;
+  return Exit::ok;
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 
 #include "cli/cli.h"
 #include "sif/sif.h"
+#include "util/error.h"
 
 namespace lhpc::cli {
 
@@ -24,7 +25,7 @@ void register_sif(CLI::App& parent, Globals&, std::vector<Action>& actions) {
                        } else {
                          std::cout << sif::format_text(img);
                        }
-                       return 0;
+                       return Exit::ok;
                      }});
 }
 

@@ -33,13 +33,13 @@ struct StageOpts {
   bool json = false;
 };
 
-int run_stage(const Globals& g, const StageOpts& so) {
+Exit run_stage(const Globals& g, const StageOpts& so) {
   auto cfg = load_config(g);
   auto ph = config::current_placeholders();
   stage::Options o;
   o.source = so.sif;
   o.sif_dir = config::expand(so.sif_path.empty() ? cfg.singularity.sif_path : so.sif_path, ph);
-  o.transfer = so.transfer.empty() ? cfg.deploy.transfer : config::parse_transfer(so.transfer).value();
+  o.transfer = so.transfer.empty() ? cfg.deploy.transfer : config::k_transfer_names.parse(so.transfer).value();
   o.chunk_bytes = static_cast<std::size_t>(so.chunk_mib > 0 ? so.chunk_mib : cfg.deploy.chunk_mib) << 20;
   o.compress = so.compress || cfg.deploy.compress;
   o.jobid = ph.jobid;
@@ -55,18 +55,18 @@ int run_stage(const Globals& g, const StageOpts& so) {
   try {
     if (so.cleanup) {
       stage::cleanup(mpi.world(), o);
-      return 0;
+      return Exit::ok;
     }
     auto r = stage::stage_image(mpi.world(), o);
     if (mpi.rank() != 0) {
-      return 0;
+      return Exit::ok;
     }
     if (so.json) {
       nlohmann::json paths = nlohmann::json::object();
       for (std::size_t i = 0; i < r.node_names.size(); ++i) {
         paths[r.node_names[i]] = r.node_paths[i];
       }
-      nlohmann::json j = {{"transfer", config::to_string(o.transfer)},
+      nlohmann::json j = {{"transfer", config::k_transfer_names.text(o.transfer)},
                           {"xxh3_128", r.hash_hex},
                           {"bytes", r.bytes},
                           {"seconds", r.seconds},
@@ -86,10 +86,10 @@ int run_stage(const Globals& g, const StageOpts& so) {
       }
     }
     std::cout.flush();  // before MPI_Finalize, like the error path below
-    return 0;
+    return Exit::ok;
   } catch (const Error& e) {
     log_collective_error(mpi.rank(), e);
-    return static_cast<int>(e.code());
+    return e.code();
   }
 }
 
@@ -110,7 +110,7 @@ void register_stage(CLI::App& parent, Globals& g, std::vector<Action>& actions) 
                  "mpi: rank 0 reads the image once and broadcasts it to one rank per node (default, "
                  "[deploy] transfer); sbcast: Slurm's sbcast to every node of the allocation, then each node "
                  "checks the hash; none: the image is on a shared file system, only check it is readable there")
-      ->check(choice(config::transfer_error))
+      ->check(choice(config::k_transfer_names))
       ->type_name("HOW");
   st->add_option("--sif-path", so->sif_path,
                  "node-local directory for staged images (default: singularity.sif_path, /tmp); %j job id, "

@@ -37,16 +37,15 @@ struct StatusOpts {
 constexpr double k_default_watch = 2;
 
 // Every deployment and the controller; the same exit codes as one deployment.
-int show_overview(const StatusOpts& o) {
-  int code = 0;
+Exit show_overview(const StatusOpts& o) {
   auto now = health::unix_now();
-  auto text = o.json ? autoalloc::overview_json(now, code) : autoalloc::overview_text(now, code);
-  if (code == static_cast<int>(Exit::no_deployment)) {
+  auto seen = o.json ? autoalloc::overview_json(now) : autoalloc::overview_text(now);
+  if (seen.code == Exit::no_deployment) {
     require_deployment(o.job);  // throws the usual "no deployment found", naming where it looked
   }
-  std::cout << text;
+  std::cout << seen.text;
   std::cout.flush();
-  return code;
+  return seen.code;
 }
 
 // Without a job id (and outside a job): the overview when there is more to
@@ -60,7 +59,7 @@ bool overview_wanted(const StatusOpts& o) {
 }
 
 // One look at the deployment; returns the exit code this look deserves.
-int show_once(const StatusOpts& o, bool watching) {
+Exit show_once(const StatusOpts& o, bool watching) {
   bool services = false;
   if (!o.json && o.job.empty() && !health::job_from_environment()) {
     if (auto line = services::status_line("task_queue")) {
@@ -74,7 +73,7 @@ int show_once(const StatusOpts& o, bool watching) {
   if (services && !health::find_deployment("").found) {
     std::cout << "no deployment\n";  // the services line said what there is; not an error
     std::cout.flush();
-    return static_cast<int>(Exit::no_deployment);
+    return Exit::no_deployment;
   }
   auto f = require_deployment(o.job);
   auto view = health::parse_status(f.text, f.loc.link);
@@ -93,10 +92,10 @@ int show_once(const StatusOpts& o, bool watching) {
     std::cout << health::render(view, a);
   }
   std::cout.flush();
-  return static_cast<int>(a.code);
+  return a.code;
 }
 
-int run_status(const StatusOpts& o, bool watch_given) {
+Exit run_status(const StatusOpts& o, bool watch_given) {
   if (!o.job.empty()) {
     health::check_job_id(o.job);
   }
@@ -140,7 +139,7 @@ int run_status(const StatusOpts& o, bool watch_given) {
     pollfd p{.fd = signals.fd(), .events = POLLIN};
     if (::poll(&p, 1, static_cast<int>(every * 1000)) > 0) {
       auto got = signals.drain();
-      return exit_code_for_signal(got.empty() ? SIGINT : got.back());
+      return exit_for_signal(got.empty() ? SIGINT : got.back());
     }
   }
 }

@@ -35,13 +35,14 @@ struct StopOpts {
 int count_stopped(const health::StatusView& v) {
   int n = 0;
   for (const auto& r : v.ranks) {
-    n += r.state == "stopped" ? 1 : 0;
+    n += r.state == health::State::stopped ? 1 : 0;
   }
   return n;
 }
 
 std::string progress_line(const health::StatusView& v) {
-  return fmt::format("job {}: {}, {}/{} ranks stopped", v.job, v.state, count_stopped(v), v.ranks.size());
+  return fmt::format("job {}: {}, {}/{} ranks stopped", v.job, health::k_deployment_state_names.text(v.state),
+                     count_stopped(v), v.ranks.size());
 }
 
 // Polls the status file until the deployment stopped (returns) or failed or
@@ -64,11 +65,11 @@ void wait_stopped(const health::Location& loc, health::StatusView view, double t
       std::cout.flush();
       last_line = line;
     }
-    if (view.state == "stopped") {
+    if (view.state == health::DeploymentState::stopped) {
       std::cout << health::assess(view, health::unix_now()).headline << "\n";
       return;
     }
-    if (view.state == "failed") {
+    if (view.state == health::DeploymentState::failed) {
       throw Error(Exit::failure, "job " + view.job + " ended failed: a rank did not stop",
                   "see the job's batch log for the rank that failed");
     }
@@ -80,9 +81,58 @@ void wait_stopped(const health::Location& loc, health::StatusView view, double t
   }
 }
 
-int run_stop_all(const StopOpts& o) { return stop_all_deployments(o.timeout); }
+}  // namespace
 
-int run_stop(const StopOpts& o) {
+Exit stop_all_deployments(double timeout) {
+  auto live = autoalloc::live_deployments(health::unix_now());
+  if (live.empty()) {
+    require_deployment("");  // throws "no deployment found" when there is none at all
+    std::cout << "no running deployment\n";
+    return Exit::ok;
+  }
+  if (auto st = autoalloc::load_state(); st && st->controller == "running") {
+    spdlog::warn(
+        "the autoalloc controller (pid {} on {}) is running: it submits again while tasks wait; "
+        "end it first (SIGTERM) to keep the deployments stopped",
+        st->pid, st->host);
+  }
+  for (const auto& d : live) {
+    health::request_stop(d.found.loc);
+    std::cout << "stop requested for job " << d.view.job << "\n";
+  }
+  std::cout.flush();
+  if (timeout == 0) {
+    return Exit::ok;
+  }
+  // Every deployment gets its wait; those that did not stop are reported
+  // together at the end, through main like every error.
+  double deadline = health::unix_now() + timeout;
+  std::vector<Error> missed;
+  for (const auto& d : live) {
+    try {
+      wait_stopped(d.found.loc, d.view, std::max(0.0, deadline - health::unix_now()));
+    } catch (const Error& e) {
+      missed.push_back(e);
+    }
+  }
+  if (missed.empty()) {
+    return Exit::ok;
+  }
+  if (missed.size() == 1) {
+    throw missed.front();
+  }
+  std::string what = fmt::format("{} of {} deployments did not stop", missed.size(), live.size());
+  for (const auto& e : missed) {
+    what += std::string("; ") + e.what();
+  }
+  throw Error(Exit::failure, what, missed.front().hint());
+}
+
+namespace {
+
+Exit run_stop_all(const StopOpts& o) { return stop_all_deployments(o.timeout); }
+
+Exit run_stop(const StopOpts& o) {
   if (o.all) {
     if (!o.job.empty()) {
       throw Error(Exit::usage, "stop --all takes no JOBID", "give either --all or a job id");
@@ -98,11 +148,11 @@ int run_stop(const StopOpts& o) {
   auto found = require_deployment(o.job);
   const auto& loc = found.loc;
   auto view = health::parse_status(found.text, loc.link);
-  if (view.state == "stopped") {
+  if (view.state == health::DeploymentState::stopped) {
     std::cout << "job " << view.job << " is already stopped\n";
-    return 0;
+    return Exit::ok;
   }
-  if (view.state == "failed") {
+  if (view.state == health::DeploymentState::failed) {
     throw Error(Exit::failure, "job " + view.job + " already ended: failed",
                 "see the job's batch log; `lithops-hpc status " + view.job + "` shows its last report");
   }
@@ -113,50 +163,16 @@ int run_stop(const StopOpts& o) {
   health::request_stop(loc);
   if (o.timeout == 0) {
     std::cout << "stop requested for job " << view.job << " (" << loc.stop << ")\n";
-    return 0;
+    return Exit::ok;
   }
   std::cout << fmt::format("stop requested for job {}; waiting up to {:g} s (rank 0 looks every {:g} s)\n", view.job,
                            o.timeout, view.interval);
   std::cout.flush();
   wait_stopped(loc, view, o.timeout);
-  return 0;
+  return Exit::ok;
 }
 
 }  // namespace
-
-int stop_all_deployments(double timeout) {
-  auto live = autoalloc::live_deployments(health::unix_now());
-  if (live.empty()) {
-    require_deployment("");  // throws "no deployment found" when there is none at all
-    std::cout << "no running deployment\n";
-    return 0;
-  }
-  if (auto st = autoalloc::load_state(); st && st->controller == "running") {
-    spdlog::warn(
-        "the autoalloc controller (pid {} on {}) is running: it submits again while tasks wait; "
-        "end it first (SIGTERM) to keep the deployments stopped",
-        st->pid, st->host);
-  }
-  for (const auto& d : live) {
-    health::request_stop(d.found.loc);
-    std::cout << "stop requested for job " << d.view.job << "\n";
-  }
-  std::cout.flush();
-  if (timeout == 0) {
-    return 0;
-  }
-  double deadline = health::unix_now() + timeout;
-  int rc = 0;
-  for (const auto& d : live) {
-    try {
-      wait_stopped(d.found.loc, d.view, std::max(0.0, deadline - health::unix_now()));
-    } catch (const Error& e) {
-      spdlog::error("{}", e.what());
-      rc = static_cast<int>(Exit::failure);
-    }
-  }
-  return rc;
-}
 
 void register_stop(CLI::App& parent, Globals&, std::vector<Action>& actions) {
   auto o = std::make_shared<StopOpts>();

@@ -8,6 +8,8 @@
 #include <iostream>
 #include <memory>
 
+#include <spdlog/spdlog.h>
+
 #include "cli/cli.h"
 #include "config/config.h"
 #include "services/up.h"
@@ -32,7 +34,7 @@ std::string self_exe() {
   return std::string(buf, static_cast<std::size_t>(n));
 }
 
-int run_up(const Globals& g, UpArgs a) {
+Exit run_up(const Globals& g, UpArgs a) {
   if (!a.o.sif.empty() && !a.runtime.empty()) {
     throw Error(Exit::usage, "--sif and --runtime both name the image", "give one of them");
   }
@@ -51,7 +53,7 @@ int run_up(const Globals& g, UpArgs a) {
   a.o.self = self_exe();
   a.o.config_path = g.config_path;
   std::cout << services::up(a.o);
-  return 0;
+  return Exit::ok;
 }
 
 }  // namespace
@@ -98,11 +100,12 @@ void register_up(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
                            stop_all_deployments(120);
                          } catch (const Error& e) {
                            if (e.code() != Exit::no_deployment) {
-                             throw;
+                             // down goes on to stop the rest, as it did
+                             spdlog::warn("{}", e.what());
                            }
                          }
                        });
-                       return 0;
+                       return Exit::ok;
                      }});
 }
 

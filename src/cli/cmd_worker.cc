@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "cli/cli.h"
+#include "health/status_file.h"
 #include "logs/place.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -38,7 +39,7 @@ void record_logs(const config::Config& cfg) {
   }
 }
 
-int run_worker(const Globals& g, const WorkerOpts& o) {
+Exit run_worker(const Globals& g, const WorkerOpts& o) {
   // Signals first: one arriving while the instance starts is kept for the loop.
   SignalPipe signals{SIGINT, SIGTERM};
   auto loaded = load_config(g);  // image_path expands placeholders itself
@@ -48,10 +49,10 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
   auto cfg = config::expanded(loaded, config::current_placeholders());
   // The flags' checks (cli::choice) already refused a bad value.
   if (!o.mode.empty()) {
-    cfg.deploy.mode = config::parse_mode(o.mode).value();
+    cfg.deploy.mode = config::k_mode_names.parse(o.mode).value();
   }
   if (!o.engine.empty()) {
-    cfg.singularity.engine = config::parse_engine(o.engine).value();
+    cfg.singularity.engine = config::k_engine_names.parse(o.engine).value();
   }
   if (o.slots < 0) {
     throw Error(Exit::usage, "--slots must be 1 or more (0: worker_processes, else the node's cores)");
@@ -67,6 +68,9 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
   }
   config::require_amqp_url(cfg);
   cfg.singularity.runtime = config::served_runtime(cfg, sif);
+  // It names the instance, the handler log's place and the in-flight record:
+  // checked as deploy checks it, before any of them is made.
+  health::check_job_id(config::current_placeholders().jobid);
 
   record_logs(cfg);
   worker::Worker worker(cfg, worker::WorkerIdentity{.slots = o.slots});
@@ -76,10 +80,7 @@ int run_worker(const Globals& g, const WorkerOpts& o) {
     worker.step(std::chrono::milliseconds(1000));
   }
   worker.stop();
-  if (worker.failed()) {
-    return static_cast<int>(Exit::engine);
-  }
-  return 0;
+  return worker.failed() ? Exit::engine : Exit::ok;
 }
 
 }  // namespace
@@ -91,7 +92,7 @@ void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions)
                 "the runtime image (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
       ->type_name("PATH");
   w->add_option("--mode", o->mode, "dispatch (default) or runscript (deploy.mode)")
-      ->check(choice(config::mode_error))
+      ->check(choice(config::k_mode_names))
       ->type_name("MODE");
   w->add_option("--runtime", o->runtime,
                 "the Lithops runtime this worker serves, and the image <sif_path>/NAME.sif when no --sif is given "
@@ -101,7 +102,7 @@ void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   w->add_option("--slots", o->slots, "tasks at once (default: singularity.worker_processes, else the cores)")
       ->type_name("N");
   w->add_option("--engine", o->engine, "singularity, apptainer or host (singularity.engine)")
-      ->check(choice(config::engine_error))
+      ->check(choice(config::k_engine_names))
       ->type_name("ENGINE");
   actions.push_back({w, [&g, o] { return run_worker(g, *o); }});
 }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -174,6 +175,37 @@ void check_broker(const Config& cfg, std::vector<Finding>& out) {
   }
 }
 
+// lithops/constants.py EXECUTION_TIMEOUT_DEFAULT = 1800. A call running
+// longer than the broker's consumer_timeout is taken back by the broker
+// (its acknowledgement comes only when the call ends) and run again.
+void check_consumer_timeout(const Config& cfg, std::vector<Finding>& out) {
+  const auto& l = cfg.lithops;
+  int broker = cfg.rabbitmq.consumer_timeout;
+  if (l.source.empty() || broker <= 0) {
+    return;  // the broker's value is unknown: AMQP cannot ask it
+  }
+  double exec = 1800;
+  if (l.execution_timeout) {
+    char* end = nullptr;
+    exec = std::strtod(l.execution_timeout->text.c_str(), &end);
+    if (!end || *end != '\0' || l.execution_timeout->text.empty()) {
+      return;  // Lithops itself refuses it
+    }
+  }
+  if (exec < broker) {
+    return;
+  }
+  out.push_back(
+      {Finding::Level::warning,
+       (l.execution_timeout
+            ? l.where(*l.execution_timeout) + ": lithops.execution_timeout is " + l.execution_timeout->text + " s"
+            : l.source + ": lithops.execution_timeout is not set (Lithops' default: 1800 s)") +
+           " but the broker's consumer_timeout is " + std::to_string(broker) +
+           " s (rabbitmq.consumer_timeout): a call running longer is taken back by the broker and run "
+           "again, then dead-lettered; raise consumer_timeout on the broker above the longest call "
+           "(lithops-hpc(1), FAILURE SEMANTICS) and set rabbitmq.consumer_timeout to match"});
+}
+
 // singularity.py invoke: worker_processes is how many calls go in one message.
 void note_worker_processes(const LithopsClient& l, std::vector<Finding>& out) {
   if (!l.worker_processes) {
@@ -198,6 +230,7 @@ std::vector<Finding> lint_client(const Config& cfg, const ClientFacts& facts) {
   check_python(facts, facts.image.empty() ? "(none: singularity.runtime is not set)" : facts.image, out);
   check_log_level(l, out);
   check_broker(cfg, out);
+  check_consumer_timeout(cfg, out);
   note_worker_processes(l, out);
   return out;
 }

@@ -1,11 +1,11 @@
 #include "config/config.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <toml++/toml.h>
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cstdlib>
@@ -15,29 +15,11 @@
 
 #include "config/text_guard.h"
 #include "util/error.h"
-#include "util/fd.h"
 #include "util/fs.h"
+#include "util/names.h"
 #include "util/strings.h"
 
 namespace lhpc::config {
-
-std::string to_string(Engine e) {
-  switch (e) {
-    case Engine::singularity: return "singularity";
-    case Engine::apptainer: return "apptainer";
-    case Engine::host: return "host";
-  }
-  return "?";
-}
-std::string to_string(Transfer t) {
-  switch (t) {
-    case Transfer::mpi: return "mpi";
-    case Transfer::sbcast: return "sbcast";
-    case Transfer::none: return "none";
-  }
-  return "?";
-}
-std::string to_string(Mode m) { return m == Mode::dispatch ? "dispatch" : "runscript"; }
 
 std::string to_string(const Origin& o) {
   switch (o.from) {
@@ -59,58 +41,6 @@ void Config::set_by_flag(const std::string& key, const std::string& flag) { orig
 
 std::string LithopsClient::where(const Value& v) const {
   return v.line > 0 ? source + ":" + std::to_string(v.line) : source;
-}
-
-std::optional<Engine> parse_engine(const std::string& s) {
-  for (auto e : {Engine::singularity, Engine::apptainer, Engine::host}) {
-    if (s == to_string(e)) {
-      return e;
-    }
-  }
-  return std::nullopt;
-}
-std::optional<Transfer> parse_transfer(const std::string& s) {
-  for (auto t : {Transfer::mpi, Transfer::sbcast, Transfer::none}) {
-    if (s == to_string(t)) {
-      return t;
-    }
-  }
-  return std::nullopt;
-}
-std::optional<Mode> parse_mode(const std::string& s) {
-  for (auto m : {Mode::dispatch, Mode::runscript}) {
-    if (s == to_string(m)) {
-      return m;
-    }
-  }
-  return std::nullopt;
-}
-
-namespace {
-
-template <typename E>
-std::string choice_error(const std::string& text, std::optional<E> (*parse)(const std::string&),
-                         std::initializer_list<E> all) {
-  if (parse(text)) {
-    return {};
-  }
-  std::string names;
-  for (auto e : all) {
-    names += (names.empty() ? "" : ", ") + to_string(e);
-  }
-  return "'" + text + "' is not one of " + names;
-}
-
-}  // namespace
-
-std::string engine_error(const std::string& text) {
-  return choice_error(text, parse_engine, {Engine::singularity, Engine::apptainer, Engine::host});
-}
-std::string transfer_error(const std::string& text) {
-  return choice_error(text, parse_transfer, {Transfer::mpi, Transfer::sbcast, Transfer::none});
-}
-std::string mode_error(const std::string& text) {
-  return choice_error(text, parse_mode, {Mode::dispatch, Mode::runscript});
 }
 
 std::string logs_dir_error(const std::string& text) {
@@ -143,11 +73,44 @@ std::string where(const std::string& source, const toml::source_region& r) {
   throw Error(Exit::config, where(source, n.source()) + ": " + key + ": " + what, hint);
 }
 
-// One entry per key: its type is checked before `set` runs, `set` checks the value.
+std::string toml_quote(const std::string& s) {
+  std::ostringstream os;
+  os << toml::value<std::string>(s);
+  return os.str();
+}
+
+std::string toml_bool(bool v) { return v ? "true" : "false"; }
+
+template <typename T>
+std::string toml_num(T v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+std::string toml_array(const std::vector<std::string>& v) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    out += (i ? ", " : "") + toml_quote(v[i]);
+  }
+  return out + "]";
+}
+
+// One entry per key, the only place a key is named: the reader checks its
+// type before `set` runs and `set` checks the value; `show` writes the
+// effective value (to_toml, `config check`'s listing). The default is the
+// field's initializer in config.h, which `show` prints for a Config{}.
 enum class Kind { string, boolean, integer, number, string_array };
+using Set = std::function<void(Config&, const toml::node&, const std::string& full, const std::string& src)>;
 struct Key {
+  std::string_view name;
   Kind kind;
-  std::function<void(Config&, const toml::node&, const std::string& full, const std::string& src)> set;
+  Set set;
+  std::function<std::string(const Config&)> show;
+};
+struct Section {
+  std::string_view name;
+  std::vector<Key> keys;
 };
 
 const char* kind_name(Kind k) {
@@ -179,179 +142,226 @@ std::string str(const toml::node& n) { return n.value<std::string>().value_or(""
 std::int64_t integer(const toml::node& n) { return n.value<std::int64_t>().value_or(0); }
 double number(const toml::node& n) { return n.value<double>().value_or(0.0); }
 
+// A string value's own check (beyond its type); throws through fail_at.
+using Check =
+    std::function<void(const std::string& value, const toml::node&, const std::string& full, const std::string& src)>;
+
 template <typename T>
-Key string_key(T Config::*section, std::string T::*field) {
-  return {Kind::string, [=](Config& c, const toml::node& n, const std::string&, const std::string&) {
+Key string_key(std::string_view name, T Config::*section, std::string T::*field, Check check = {}) {
+  return {name, Kind::string,
+          [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
+            if (check) {
+              check(str(n), n, full, src);
+            }
             (c.*section).*field = str(n);
-          }};
+          },
+          [=](const Config& c) { return toml_quote((c.*section).*field); }};
 }
 template <typename T>
-Key bool_key(T Config::*section, bool T::*field) {
-  return {Kind::boolean, [=](Config& c, const toml::node& n, const std::string&, const std::string&) {
+Key strings_key(std::string_view name, T Config::*section, std::vector<std::string> T::*field) {
+  return {name, Kind::string_array,
+          [=](Config& c, const toml::node& n, const std::string&, const std::string&) {
+            auto& to = (c.*section).*field;
+            to.clear();
+            for (const auto& e : *n.as_array()) {
+              to.push_back(str(e));
+            }
+          },
+          [=](const Config& c) { return toml_array((c.*section).*field); }};
+}
+template <typename T>
+Key bool_key(std::string_view name, T Config::*section, bool T::*field) {
+  return {name, Kind::boolean,
+          [=](Config& c, const toml::node& n, const std::string&, const std::string&) {
             (c.*section).*field = n.value<bool>().value_or(false);
-          }};
+          },
+          [=](const Config& c) { return toml_bool((c.*section).*field); }};
 }
 template <typename T>
-Key int_key(T Config::*section, int T::*field, std::int64_t lo, std::int64_t hi) {
-  return {Kind::integer, [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
+Key int_key(std::string_view name, T Config::*section, int T::*field, std::int64_t lo, std::int64_t hi) {
+  return {name, Kind::integer,
+          [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
             auto v = integer(n);
             if (v < lo || v > hi) {
               fail_at(src, n, full, std::to_string(v) + " is out of range",
                       "use a value from " + std::to_string(lo) + " to " + std::to_string(hi));
             }
             (c.*section).*field = static_cast<int>(v);
-          }};
+          },
+          [=](const Config& c) { return toml_num((c.*section).*field); }};
 }
 template <typename T>
-Key seconds_key(T Config::*section, double T::*field, double lo) {
-  return {Kind::number, [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
+Key seconds_key(std::string_view name, T Config::*section, double T::*field, double lo) {
+  return {name, Kind::number,
+          [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
             auto v = number(n);
             if (!(v >= lo) || v > 1e7) {
               fail_at(src, n, full, "must be at least " + std::to_string(lo) + " seconds");
             }
             (c.*section).*field = v;
-          }};
+          },
+          [=](const Config& c) { return toml_num((c.*section).*field); }};
 }
-template <typename E, typename T>
-Key enum_key(T Config::*section, E T::*field, std::optional<E> (*parse)(const std::string&),
-             std::string (*error)(const std::string&)) {
-  return {Kind::string, [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
-            auto v = parse(str(n));
+template <typename E, std::size_t N, typename T>
+Key enum_key(std::string_view name, T Config::*section, E T::*field, const Names<E, N>& names) {
+  return {name, Kind::string,
+          [=, &names](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
+            auto v = names.parse(str(n));
             if (!v) {
-              fail_at(src, n, full, error(str(n)));
+              fail_at(src, n, full, names.error(str(n)));
             }
             (c.*section).*field = *v;
+          },
+          [=, &names](const Config& c) { return toml_quote(std::string(names.text((c.*section).*field))); }};
+}
+
+void check_runtime(const std::string& v, const toml::node& n, const std::string& full, const std::string& src) {
+  if (auto problem = runtime_name_problem(v)) {
+    fail_at(src, n, full, *problem, "the image is <sif_path>/<runtime>.sif: give the name without .sif");
+  }
+}
+
+void check_instance_name(const std::string& name, const toml::node& n, const std::string& full,
+                         const std::string& src) {
+  if (name.empty() || name.size() > k_max_instance_name) {
+    fail_at(src, n, full,
+            "an instance name has 1 to " + std::to_string(k_max_instance_name) + " characters, this one " +
+                std::to_string(name.size()));
+  }
+  if (!name_chars_ok(name)) {
+    fail_at(src, n, full, "'" + name + "' is not a valid instance name", "use letters, digits, '.', '_' and '-' only");
+  }
+}
+
+void check_url(const std::string& v, const toml::node& n, const std::string& full, const std::string& src) {
+  try {
+    parse_amqp_url(v);
+  } catch (const Error& e) {
+    fail_at(src, n, full, e.what(), e.hint());
+  }
+}
+
+void check_logs_dir(const std::string& v, const toml::node& n, const std::string& full, const std::string& src) {
+  if (auto e = logs_dir_error(v); !e.empty()) {
+    fail_at(src, n, full, e, "see [logs] in lithops-hpc.toml(5)");
+  }
+}
+
+Section singularity_keys() {
+  using S = Singularity;
+  const auto sec = &Config::singularity;
+  return {"singularity",
+          {
+              string_key("sif_path", sec, &S::sif_path),
+              string_key("runtime", sec, &S::runtime, check_runtime),
+              enum_key("engine", sec, &S::engine, k_engine_names),
+              bool_key("fakeroot", sec, &S::fakeroot),
+              bool_key("nv", sec, &S::nv),
+              string_key("instance_name", sec, &S::instance_name, check_instance_name),
+              strings_key("binds", sec, &S::binds),
+              int_key("worker_processes", sec, &S::worker_processes, 0, 4096),
+              string_key("python", sec, &S::python),
           }};
 }
 
-std::map<std::string, Key> autoalloc_keys() {
-  using A = Autoalloc;
-  return {
-      {"sif", string_key(&Config::autoalloc, &A::sif)},
-      {"script", string_key(&Config::autoalloc, &A::script)},
-      {"max_nodes", int_key(&Config::autoalloc, &A::max_nodes, 1, 1 << 20)},
-      {"nodes_per_job", int_key(&Config::autoalloc, &A::nodes_per_job, 1, 1 << 20)},
-      {"max_pending", int_key(&Config::autoalloc, &A::max_pending, 1, 1000)},
-      {"min_nodes", int_key(&Config::autoalloc, &A::min_nodes, 0, 1 << 20)},
-      {"idle_timeout", seconds_key(&Config::autoalloc, &A::idle_timeout, 0)},
-      {"time_limit", string_key(&Config::autoalloc, &A::time_limit)},
-      {"renew_before", seconds_key(&Config::autoalloc, &A::renew_before, 0)},
-      {"poll", seconds_key(&Config::autoalloc, &A::poll, 0.1)},
-      {"max_start_failures", int_key(&Config::autoalloc, &A::max_start_failures, 1, 1000)},
-      {"drain_on_exit", bool_key(&Config::autoalloc, &A::drain_on_exit)},
-      {"sbatch_args",
-       {Kind::string_array,
-        [](Config& c, const toml::node& n, const std::string&, const std::string&) {
-          c.autoalloc.sbatch_args.clear();
-          for (const auto& e : *n.as_array()) {
-            c.autoalloc.sbatch_args.push_back(str(e));
-          }
-        }}},
-  };
+Section rabbitmq_keys() {
+  using R = Rabbitmq;
+  const auto sec = &Config::rabbitmq;
+  auto url = string_key("amqp_url", sec, &R::amqp_url, check_url);
+  url.show = [](const Config& c) { return toml_quote(redact_url(c.rabbitmq.amqp_url)); };  // a secret
+  return {"rabbitmq",
+          {
+              url,
+              string_key("queue", sec, &R::queue),
+              int_key("heartbeat", sec, &R::heartbeat, 0, 3600),
+              string_key("ca_cert", sec, &R::ca_cert),
+              bool_key("verify_peer", sec, &R::verify_peer),
+              int_key("max_message_bytes", sec, &R::max_message_bytes, 1024, 512 << 20),
+              int_key("max_message_depth", sec, &R::max_message_depth, 8, 1000),
+              int_key("consumer_timeout", sec, &R::consumer_timeout, 0, 365 * 86400),
+          }};
 }
 
-const std::map<std::string, std::map<std::string, Key>>& schema() {
-  static const std::map<std::string, std::map<std::string, Key>> s = {
-      {"singularity",
-       {
-           {"sif_path", string_key(&Config::singularity, &Singularity::sif_path)},
-           {"runtime",
-            {Kind::string,
-             [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
-               if (auto problem = runtime_name_problem(str(n))) {
-                 fail_at(src, n, full, *problem, "the image is <sif_path>/<runtime>.sif: give the name without .sif");
-               }
-               c.singularity.runtime = str(n);
-             }}},
-           {"engine", enum_key(&Config::singularity, &Singularity::engine, parse_engine, engine_error)},
-           {"fakeroot", bool_key(&Config::singularity, &Singularity::fakeroot)},
-           {"nv", bool_key(&Config::singularity, &Singularity::nv)},
-           {"instance_name",
-            {Kind::string,
-             [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
-               auto name = str(n);
-               if (name.empty() || name.size() > k_max_instance_name) {
-                 fail_at(src, n, full,
-                         "an instance name has 1 to " + std::to_string(k_max_instance_name) + " characters, this one " +
-                             std::to_string(name.size()));
-               }
-               if (!name_chars_ok(name)) {
-                 fail_at(src, n, full, "'" + name + "' is not a valid instance name",
-                         "use letters, digits, '.', '_' and '-' only");
-               }
-               c.singularity.instance_name = name;
-             }}},
-           {"binds",
-            {Kind::string_array,
-             [](Config& c, const toml::node& n, const std::string&, const std::string&) {
-               c.singularity.binds.clear();
-               for (const auto& e : *n.as_array()) {
-                 c.singularity.binds.push_back(str(e));
-               }
-             }}},
-           {"worker_processes", int_key(&Config::singularity, &Singularity::worker_processes, 0, 4096)},
-           {"python", string_key(&Config::singularity, &Singularity::python)},
-       }},
-      {"rabbitmq",
-       {
-           {"amqp_url",
-            {Kind::string,
-             [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
-               try {
-                 parse_amqp_url(str(n));
-               } catch (const Error& e) {
-                 fail_at(src, n, full, e.what(), e.hint());
-               }
-               c.rabbitmq.amqp_url = str(n);
-             }}},
-           {"queue", string_key(&Config::rabbitmq, &Rabbitmq::queue)},
-           {"heartbeat", int_key(&Config::rabbitmq, &Rabbitmq::heartbeat, 0, 3600)},
-           {"ca_cert", string_key(&Config::rabbitmq, &Rabbitmq::ca_cert)},
-           {"verify_peer", bool_key(&Config::rabbitmq, &Rabbitmq::verify_peer)},
-           {"max_message_bytes", int_key(&Config::rabbitmq, &Rabbitmq::max_message_bytes, 1024, 512 << 20)},
-           {"max_message_depth", int_key(&Config::rabbitmq, &Rabbitmq::max_message_depth, 8, 1000)},
-       }},
-      {"deploy",
-       {
-           {"transfer", enum_key(&Config::deploy, &Deploy::transfer, parse_transfer, transfer_error)},
-           {"chunk_mib", int_key(&Config::deploy, &Deploy::chunk_mib, 1, 1024)},
-           {"compress", bool_key(&Config::deploy, &Deploy::compress)},
-           {"cleanup", bool_key(&Config::deploy, &Deploy::cleanup)},
-           {"mode", enum_key(&Config::deploy, &Deploy::mode, parse_mode, mode_error)},
-           {"drain_timeout", seconds_key(&Config::deploy, &Deploy::drain_timeout, 0)},
-           {"drain_before_end", seconds_key(&Config::deploy, &Deploy::drain_before_end, 0)},
-           {"min_ranks", int_key(&Config::deploy, &Deploy::min_ranks, 0, 1 << 20)},
-           {"start_timeout", seconds_key(&Config::deploy, &Deploy::start_timeout, 1)},
-           {"restart_limit", int_key(&Config::deploy, &Deploy::restart_limit, 0, 1000)},
-       }},
+Section deploy_keys() {
+  using D = Deploy;
+  const auto sec = &Config::deploy;
+  return {"deploy",
+          {
+              enum_key("transfer", sec, &D::transfer, k_transfer_names),
+              int_key("chunk_mib", sec, &D::chunk_mib, 1, 1024),
+              bool_key("compress", sec, &D::compress),
+              bool_key("cleanup", sec, &D::cleanup),
+              enum_key("mode", sec, &D::mode, k_mode_names),
+              seconds_key("drain_timeout", sec, &D::drain_timeout, 0),
+              seconds_key("drain_before_end", sec, &D::drain_before_end, 0),
+              int_key("min_ranks", sec, &D::min_ranks, 0, 1 << 20),
+              seconds_key("start_timeout", sec, &D::start_timeout, 1),
+              int_key("restart_limit", sec, &D::restart_limit, 0, 1000),
+          }};
+}
+
+Section autoalloc_keys() {
+  using A = Autoalloc;
+  const auto sec = &Config::autoalloc;
+  return {"autoalloc",
+          {
+              string_key("sif", sec, &A::sif),
+              string_key("script", sec, &A::script),
+              int_key("max_nodes", sec, &A::max_nodes, 1, 1 << 20),
+              int_key("nodes_per_job", sec, &A::nodes_per_job, 1, 1 << 20),
+              int_key("max_pending", sec, &A::max_pending, 1, 1000),
+              int_key("min_nodes", sec, &A::min_nodes, 0, 1 << 20),
+              seconds_key("idle_timeout", sec, &A::idle_timeout, 0),
+              string_key("time_limit", sec, &A::time_limit),
+              seconds_key("renew_before", sec, &A::renew_before, 0),
+              seconds_key("poll", sec, &A::poll, 0.1),
+              int_key("max_start_failures", sec, &A::max_start_failures, 1, 1000),
+              bool_key("drain_on_exit", sec, &A::drain_on_exit),
+              strings_key("sbatch_args", sec, &A::sbatch_args),
+          }};
+}
+
+// Every section and key, in the order `config check` lists them.
+const std::vector<Section>& schema() {
+  static const std::vector<Section> s = {
+      singularity_keys(),
+      rabbitmq_keys(),
+      deploy_keys(),
       {"health",
        {
-           {"interval", seconds_key(&Config::health, &Health::interval, 0.1)},
-           {"status_file", string_key(&Config::health, &Health::status_file)},
+           seconds_key("interval", &Config::health, &Health::interval, 0.1),
+           string_key("status_file", &Config::health, &Health::status_file),
        }},
       {"logs",
        {
-           {"dir",
-            {Kind::string,
-             [](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
-               if (auto e = logs_dir_error(str(n)); !e.empty()) {
-                 fail_at(src, n, full, e, "see [logs] in lithops-hpc.toml(5)");
-               }
-               c.logs.dir = str(n);
-             }}},
-           {"max_bytes", int_key(&Config::logs, &Logs::max_bytes, 4096, 2147483647)},
-           {"progress_interval", seconds_key(&Config::logs, &Logs::progress_interval, 0)},
+           string_key("dir", &Config::logs, &Logs::dir, check_logs_dir),
+           int_key("max_bytes", &Config::logs, &Logs::max_bytes, 4096, 2147483647),
+           seconds_key("progress_interval", &Config::logs, &Logs::progress_interval, 0),
        }},
-      {"autoalloc", autoalloc_keys()},
+      autoalloc_keys(),
   };
   return s;
 }
 
-template <typename Map>
-std::string did_you_mean(const std::string& name, const Map& known) {
+template <typename Entry>
+std::vector<std::string> names_of(const std::vector<Entry>& entries) {
+  std::vector<std::string> names;
+  for (const auto& e : entries) {
+    names.emplace_back(e.name);
+  }
+  return names;
+}
+
+template <typename Entry>
+const Entry* find_named(const std::vector<Entry>& entries, const std::string& name) {
+  auto it = std::find_if(entries.begin(), entries.end(), [&](const Entry& e) { return e.name == name; });
+  return it == entries.end() ? nullptr : &*it;
+}
+
+std::string did_you_mean(const std::string& name, const std::vector<std::string>& known) {
   std::string best;
   std::size_t best_d = 3;
-  for (const auto& [k, _] : known) {
+  for (const auto& k : known) {
     auto d = edit_distance(name, k);
     if (d < best_d) {
       best_d = d;
@@ -361,11 +371,10 @@ std::string did_you_mean(const std::string& name, const Map& known) {
   return best.empty() ? std::string() : "did you mean '" + best + "'?";
 }
 
-std::string list_keys(const std::map<std::string, Key>& keys) {
-  std::vector<std::string> names;
-  for (const auto& [k, _] : keys) {
-    names.push_back(k);
-  }
+// Sorted, as the refusal of an unknown key lists them.
+std::string list_keys(const Section& sec) {
+  auto names = names_of(sec.keys);
+  std::sort(names.begin(), names.end());
   return join(names, ", ");
 }
 
@@ -394,19 +403,20 @@ toml::table parse_toml_text(const std::string& toml_text, const std::string& sou
   }
 }
 
-const std::map<std::string, Key>& section_schema(const std::string& sec, const toml::node& sec_node,
-                                                 const std::string& source_name) {
-  const auto& sch = schema();
-  auto sit = sch.find(sec);
-  if (sit == sch.end()) {
-    throw Error(
-        Exit::config, where(source_name, sec_node.source()) + ": unknown section [" + sec + "]",
-        join({did_you_mean(sec, sch), "sections are [singularity], [rabbitmq], [deploy], [health], [autoalloc]"}, " "));
+const Section& section_schema(const std::string& sec, const toml::node& sec_node, const std::string& source_name) {
+  const auto* found = find_named(schema(), sec);
+  if (found == nullptr) {
+    std::string all;
+    for (const auto& name : names_of(schema())) {
+      all += (all.empty() ? "[" : ", [") + name + "]";
+    }
+    throw Error(Exit::config, where(source_name, sec_node.source()) + ": unknown section [" + sec + "]",
+                join({did_you_mean(sec, names_of(schema())), "sections are " + all}, " "));
   }
   if (!sec_node.is_table()) {
     throw Error(Exit::config, where(source_name, sec_node.source()) + ": " + sec + " must be a table ([" + sec + "])");
   }
-  return sit->second;
+  return *found;
 }
 
 }  // namespace
@@ -416,25 +426,25 @@ Config parse(const std::string& toml_text, const std::string& source_name, Confi
   cfg.source = source_name;
   for (const auto& [sec_key, sec_node] : root) {
     std::string sec(sec_key.str());
-    const auto& keys = section_schema(sec, sec_node, source_name);
+    const auto& section = section_schema(sec, sec_node, source_name);
     for (const auto& [key, node] : *sec_node.as_table()) {
       std::string k(key.str());
       std::string full = sec + "." + k;
-      auto kit = keys.find(k);
-      if (kit == keys.end()) {
-        auto hint = did_you_mean(k, keys);
+      const auto* spec = find_named(section.keys, k);
+      if (spec == nullptr) {
+        auto hint = did_you_mean(k, names_of(section.keys));
         throw Error(Exit::config, where(source_name, node.source()) + ": unknown key " + full,
-                    (hint.empty() ? "" : hint + " ") + "[" + sec + "] accepts: " + list_keys(keys));
+                    (hint.empty() ? "" : hint + " ") + "[" + sec + "] accepts: " + list_keys(section));
       }
-      if (!kind_matches(kit->second.kind, node)) {
+      if (!kind_matches(spec->kind, node)) {
         fail_at(source_name, node, full,
-                std::string("wrong type: expected ") + kind_name(kit->second.kind) + ", got " +
+                std::string("wrong type: expected ") + kind_name(spec->kind) + ", got " +
                     std::string(toml::impl::node_type_friendly_names[static_cast<int>(node.type())]));
       }
       if (full == "singularity.runtime" && str(node).empty()) {
         continue;  // "" is "not set here" (older example files): the Lithops config's name stays
       }
-      kit->second.set(cfg, node, full, source_name);
+      spec->set(cfg, node, full, source_name);
       cfg.origins[full] = {From::toml, source_name + ":" + std::to_string(node.source().begin.line)};
     }
   }
@@ -442,49 +452,22 @@ Config parse(const std::string& toml_text, const std::string& source_name, Confi
 }
 
 std::string read_config_file(const std::string& path, const std::string& what) {
-  // O_NONBLOCK: opening a FIFO must not wait for a writer.
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY));
-  if (!fd) {
-    int err = errno;
-    throw Error(Exit::config, "cannot open " + what + " " + path + ": " + errno_text(err),
-                err == ENOENT ? "check the path" : "check the file's permissions");
-  }
+  // /dev/null: "no configuration", as scripts and tests say it (root's
+  // device; never opened).
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) {
-    throw Error(Exit::config, "cannot stat " + what + " " + path + ": " + errno_text(errno));
+  if (::stat(path.c_str(), &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3)) {
+    return {};
   }
-  if (S_ISDIR(st.st_mode)) {
-    throw Error(Exit::config, what + " " + path + " is a directory", "give the path of the file itself");
+  std::optional<std::string> text;
+  try {
+    text = read_trusted_file(path, k_max_config_bytes, FileOwner::me_or_root);
+  } catch (const Error& e) {
+    throw Error(Exit::config, what + " " + path + " not read: " + e.what(), e.hint());
   }
-  if (S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3)) {
-    return {};  // /dev/null: "no configuration", as scripts and tests say it
+  if (!text) {
+    throw Error(Exit::config, "cannot open " + what + " " + path + ": " + errno_text(ENOENT), "check the path");
   }
-  if (!S_ISREG(st.st_mode)) {
-    throw Error(Exit::config, what + " " + path + " is not a regular file (a FIFO, socket or device)",
-                "give the path of a configuration file");
-  }
-  if (static_cast<std::uint64_t>(st.st_size) > k_max_config_bytes) {
-    throw Error(Exit::config,
-                what + " " + path + " holds " + std::to_string(st.st_size) + " bytes, more than " +
-                    std::to_string(k_max_config_bytes),
-                "point the configuration at the right file");
-  }
-  std::string text;
-  char buf[65536];
-  for (;;) {
-    auto n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0) {
-      throw Error(Exit::config, "cannot read " + what + " " + path + ": " + errno_text(errno));
-    }
-    if (n == 0 || text.size() + static_cast<std::size_t>(n) > k_max_config_bytes) {
-      break;
-    }
-    text.append(buf, static_cast<std::size_t>(n));
-  }
-  return text;
+  return *text;
 }
 
 std::optional<std::string> find_config_file(const std::string& explicit_path) {
@@ -837,21 +820,6 @@ std::vector<std::string> security_warnings(const Config& cfg) {
 
 namespace {
 
-std::string toml_quote(const std::string& s) {
-  std::ostringstream os;
-  os << toml::value<std::string>(s);
-  return os.str();
-}
-
-std::string toml_bool(bool v) { return v ? "true" : "false"; }
-
-template <typename T>
-std::string toml_num(T v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
-
 // Writes "key = value", and with origins "  # from <origin>".
 class TomlOut {
 public:
@@ -876,72 +844,16 @@ private:
   std::ostringstream m_o;
 };
 
-std::string toml_array(const std::vector<std::string>& v) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < v.size(); ++i) {
-    out += (i ? ", " : "") + toml_quote(v[i]);
-  }
-  return out + "]";
-}
-
-void autoalloc_toml(TomlOut& o, const Autoalloc& a) {
-  o.section("autoalloc");
-  o.kv("sif", toml_quote(a.sif));
-  o.kv("script", toml_quote(a.script));
-  o.kv("max_nodes", toml_num(a.max_nodes));
-  o.kv("nodes_per_job", toml_num(a.nodes_per_job));
-  o.kv("max_pending", toml_num(a.max_pending));
-  o.kv("min_nodes", toml_num(a.min_nodes));
-  o.kv("idle_timeout", toml_num(a.idle_timeout));
-  o.kv("time_limit", toml_quote(a.time_limit));
-  o.kv("renew_before", toml_num(a.renew_before));
-  o.kv("poll", toml_num(a.poll));
-  o.kv("max_start_failures", toml_num(a.max_start_failures));
-  o.kv("drain_on_exit", toml_bool(a.drain_on_exit));
-  o.kv("sbatch_args", toml_array(a.sbatch_args));
-}
-
 }  // namespace
 
 std::string to_toml(const Config& c, bool with_origins) {
   TomlOut o(c, with_origins);
-  o.section("singularity");
-  o.kv("sif_path", toml_quote(c.singularity.sif_path));
-  o.kv("runtime", toml_quote(c.singularity.runtime));
-  o.kv("engine", toml_quote(to_string(c.singularity.engine)));
-  o.kv("fakeroot", toml_bool(c.singularity.fakeroot));
-  o.kv("nv", toml_bool(c.singularity.nv));
-  o.kv("instance_name", toml_quote(c.singularity.instance_name));
-  o.kv("binds", toml_array(c.singularity.binds));
-  o.kv("worker_processes", toml_num(c.singularity.worker_processes));
-  o.kv("python", toml_quote(c.singularity.python));
-  o.section("rabbitmq");
-  o.kv("amqp_url", toml_quote(redact_url(c.rabbitmq.amqp_url)));
-  o.kv("queue", toml_quote(c.rabbitmq.queue));
-  o.kv("heartbeat", toml_num(c.rabbitmq.heartbeat));
-  o.kv("ca_cert", toml_quote(c.rabbitmq.ca_cert));
-  o.kv("verify_peer", toml_bool(c.rabbitmq.verify_peer));
-  o.kv("max_message_bytes", toml_num(c.rabbitmq.max_message_bytes));
-  o.kv("max_message_depth", toml_num(c.rabbitmq.max_message_depth));
-  o.section("deploy");
-  o.kv("transfer", toml_quote(to_string(c.deploy.transfer)));
-  o.kv("chunk_mib", toml_num(c.deploy.chunk_mib));
-  o.kv("compress", toml_bool(c.deploy.compress));
-  o.kv("cleanup", toml_bool(c.deploy.cleanup));
-  o.kv("mode", toml_quote(to_string(c.deploy.mode)));
-  o.kv("drain_timeout", toml_num(c.deploy.drain_timeout));
-  o.kv("drain_before_end", toml_num(c.deploy.drain_before_end));
-  o.kv("min_ranks", toml_num(c.deploy.min_ranks));
-  o.kv("start_timeout", toml_num(c.deploy.start_timeout));
-  o.kv("restart_limit", toml_num(c.deploy.restart_limit));
-  o.section("health");
-  o.kv("interval", toml_num(c.health.interval));
-  o.kv("status_file", toml_quote(c.health.status_file));
-  o.section("logs");
-  o.kv("dir", toml_quote(c.logs.dir));
-  o.kv("max_bytes", toml_num(c.logs.max_bytes));
-  o.kv("progress_interval", toml_num(c.logs.progress_interval));
-  autoalloc_toml(o, c.autoalloc);
+  for (const auto& sec : schema()) {
+    o.section(std::string(sec.name));
+    for (const auto& key : sec.keys) {
+      o.kv(std::string(key.name), key.show(c));
+    }
+  }
   return o.str();
 }
 

@@ -10,25 +10,23 @@
 #include <string>
 #include <vector>
 
+#include "util/names.h"
+
 namespace lhpc::config {
 
 enum class Engine { singularity, apptainer, host };
 enum class Transfer { mpi, sbcast, none };
 enum class Mode { dispatch, runscript };
 
-std::string to_string(Engine);
-std::string to_string(Transfer);
-std::string to_string(Mode);
-std::optional<Engine> parse_engine(const std::string&);
-std::optional<Transfer> parse_transfer(const std::string&);
-std::optional<Mode> parse_mode(const std::string&);
-// Why `text` names no value of the enum, in the words every refusal uses
-// ("'x' is not one of mpi, sbcast, none"); empty when it is valid. The TOML
-// keys and the command-line flags (a CLI11 check) both refuse through these,
-// so a bad value reads the same wherever it was written.
-std::string engine_error(const std::string& text);
-std::string transfer_error(const std::string& text);
-std::string mode_error(const std::string& text);
+// Each enum's names, once: .text(value), .parse(text), and .error(text), the
+// refusal every reader uses ("'x' is not one of mpi, sbcast, none"; empty
+// when valid). The TOML keys and the command-line flags (cli::choice) both
+// refuse through these, so a bad value reads the same wherever it was written.
+inline constexpr Names<Engine, 3> k_engine_names{
+    {{{Engine::singularity, "singularity"}, {Engine::apptainer, "apptainer"}, {Engine::host, "host"}}}};
+inline constexpr Names<Transfer, 3> k_transfer_names{
+    {{{Transfer::mpi, "mpi"}, {Transfer::sbcast, "sbcast"}, {Transfer::none, "none"}}}};
+inline constexpr Names<Mode, 2> k_mode_names{{{{Mode::dispatch, "dispatch"}, {Mode::runscript, "runscript"}}}};
 // logs.dir and --logs-dir: "node", "state" or an absolute path; empty when valid.
 std::string logs_dir_error(const std::string& text);
 
@@ -53,6 +51,9 @@ struct Rabbitmq {
   // Bounds on a task message, checked before it is parsed (dispatch/protocol.h).
   int max_message_bytes = 16 << 20;
   int max_message_depth = 64;
+  // The broker's consumer_timeout in seconds, as its operator set it (AMQP
+  // cannot ask); 0: unknown. Only `config check` reads it.
+  int consumer_timeout = 0;
 };
 
 struct Deploy {
@@ -121,6 +122,7 @@ struct LithopsClient {
   std::optional<Value> backend;             // lithops.backend
   std::optional<Value> storage;             // lithops.storage
   std::optional<Value> log_level;           // lithops.log_level (Lithops' default: INFO)
+  std::optional<Value> execution_timeout;   // lithops.execution_timeout, seconds (Lithops' default: 1800)
   std::optional<Value> runtime;             // singularity.runtime
   std::optional<Value> amqp_url;            // rabbitmq.amqp_url (secret)
   std::optional<Value> worker_processes;    // singularity.worker_processes: calls per message
@@ -158,14 +160,16 @@ std::optional<std::string> find_lithops_config();
 
 // Loads and validates the Lithops YAML, then the TOML over it, then AMQP_URL
 // over both; throws lhpc::Error(Exit::config) naming file:line:col and the
-// key. Files are opened without blocking and must be regular files.
+// key. Every file is read by read_config_file's rules.
 Config load(const std::string& explicit_path);
 // Parsers of bytes (no lookup, no environment): the TOML over `base`, and
 // the Lithops YAML over `base` (lithops_yaml.cc).
 Config parse(const std::string& toml_text, const std::string& source_name, Config base = {});
 Config parse_lithops_yaml(const std::string& yaml_text, const std::string& source_name, Config base = {});
-// A configuration file's bytes: O_NONBLOCK (a FIFO does not hang), fstat,
-// regular files only, at most k_max_config_bytes. Throws Error(Exit::config).
+// A configuration file's bytes, by util/fs's trust rules (read_trusted_file):
+// a regular file of yours or root's that others cannot write, in directories
+// only you or root control, at most k_max_config_bytes; /dev/null is empty.
+// Throws Error(Exit::config) naming the file and why it was not read.
 std::string read_config_file(const std::string& path, const std::string& what);
 
 // Checks of the effective values that are warnings, not errors: TLS checks

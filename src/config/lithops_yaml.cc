@@ -136,6 +136,7 @@ Config parse_lithops_yaml(const std::string& yaml_text, const std::string& sourc
   l.backend = read_value(lithops, "lithops", "backend", source_name, false);
   l.storage = read_value(lithops, "lithops", "storage", source_name, false);
   l.log_level = read_value(lithops, "lithops", "log_level", source_name, false);
+  l.execution_timeout = read_value(lithops, "lithops", "execution_timeout", source_name, false);
   l.worker_processes = read_value(sing, "singularity", "worker_processes", source_name, false);
   l.runtime = read_value(sing, "singularity", "runtime", source_name, true);
   l.amqp_url = read_value(rabbit, "rabbitmq", "amqp_url", source_name, true);

@@ -59,6 +59,10 @@ bool is_bare(char c) {
          c == '+' || c == ':';
 }
 
+bool ends_bare_value(char c) {
+  return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == ',' || c == ']' || c == '}' || c == '#';
+}
+
 bool starts_key(char c) {
   return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
          c == '"' || c == '\'';
@@ -111,6 +115,16 @@ private:
       refuse(m_src, m_pos, "non-ASCII character outside a string or a comment",
              "TOML allows it only between quotes or after '#'");
     }
+    // toml++ reads a value that starts with a bare character (a number, a
+    // date, a boolean, or garbage such as 0"..., 0)"...) to the next blank,
+    // ',', ']', '}', '#' or line end before it judges it: quotes and braces
+    // inside that run open nothing, and non-ASCII in it is refused above.
+    if (m_bare_value && !ends_bare_value(c)) {
+      m_last = c;
+      step();
+      return;
+    }
+    m_bare_value = m_last == '=' && is_bare(c);
     // A quote right after a bare key or value character (0"..., a"...) opens
     // no string in TOML: toml++ does not scan what follows as one, so neither
     // do we (non-ASCII there is outside a string).
@@ -243,7 +257,8 @@ private:
   State m_state = State::normal;
   bool m_in_value = false;
   int m_depth = 0;
-  char m_last = '\n';  // the last character seen outside strings, blanks aside
+  char m_last = '\n';         // the last character seen outside strings, blanks aside
+  bool m_bare_value = false;  // inside a value toml++ reads as one bare run (see normal())
 };
 
 }  // namespace

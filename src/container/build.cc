@@ -167,8 +167,7 @@ BuiltImage build_image(Engine& engine, const BuildRequest& req) {
       removed = "; removed the partial image " + out;
     }
     if (sig != 0) {
-      throw Error(static_cast<Exit>(exit_code_for_signal(sig)),
-                  "build interrupted by signal " + std::to_string(sig) + removed);
+      throw Error(exit_for_signal(sig), "build interrupted by signal " + std::to_string(sig) + removed);
     }
     throw Error(Exit::engine, engine.name() + " build " + describe_status(status) + removed,
                 "the engine's messages above say why; run it by hand from " + cwd + ": " + by_hand);

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "lhpc_build_config.h"
+#include "lhpc_source_root.h"
 #include "util/error.h"
 #include "util/strings.h"
 

@@ -15,12 +15,12 @@
 #include <cerrno>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <regex>
 #include <thread>
 
 #include "container/engine.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 #include "util/strings.h"
 
 namespace lhpc::container {
@@ -128,10 +128,14 @@ std::string with_tail(std::string what, const EngineRun& r) {
   return what;
 }
 
-const std::regex k_instance_name_re("^[a-zA-Z0-9._-]+$");
+// A loop, not std::regex: libstdc++'s matcher recurses once per character
+// and overflows the stack on a long name (a job id is part of it).
+bool instance_name_char(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+}
 
 void check_instance_name(const std::string& name) {
-  if (!std::regex_match(name, k_instance_name_re) || name.front() == '-') {
+  if (name.empty() || name.front() == '-' || !std::all_of(name.begin(), name.end(), instance_name_char)) {
     throw Error(Exit::config, "invalid instance name '" + name + "'",
                 "singularity.instance_name may hold only letters, digits, '.', '_' and '-', and not start with '-'");
   }
@@ -424,7 +428,7 @@ private:
     for (const auto& i : doc["instances"]) {
       if (i.is_object() && i.value("instance", std::string{}) == name) {
         const auto& pid = i.contains("pid") ? i["pid"] : nlohmann::json();
-        return pid.is_number_integer() ? pid.get<long long>() : 0;
+        return json_integer<long long>(pid).value_or(0);
       }
     }
     return std::nullopt;

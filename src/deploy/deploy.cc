@@ -45,6 +45,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// How the job ends when a meeting point gives up: as the signal that ended
+// the wait asked, else as a failure.
+Exit abort_outcome(int sig) { return sig != 0 ? exit_for_signal(sig) : Exit::failure; }
+
 // A start-up meeting point with a deadline. A rank that died before it (a
 // crash inside MPI_Init, a node lost while starting) would leave the others
 // in a blocking collective until the time limit: the sbatch template runs
@@ -73,7 +77,7 @@ void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout,
         spdlog::error("interrupted by {} while waiting for every rank to reach \"{}\"; ending the job",
                       sig == SIGINT ? "SIGINT" : "SIGTERM", point);
         spdlog::default_logger()->flush();
-        mpi.abort(128 + sig);
+        mpi.abort(abort_outcome(sig));
       }
       deadline = std::min(deadline, Clock::now() + std::chrono::seconds(30));
     }
@@ -91,7 +95,7 @@ void meet_or_abort(const MpiSession& mpi, std::chrono::duration<double> timeout,
       teardown();
       std::this_thread::sleep_for(grace);
     }
-    mpi.abort(sig != 0 ? 128 + sig : static_cast<int>(Exit::failure));
+    mpi.abort(abort_outcome(sig));
   });
 }
 
@@ -140,7 +144,9 @@ health::State state_of(worker::State s) {
 health::Report make_report(health::State state, const WorkerStats& s, const std::string& node,
                            const std::string& error) {
   health::Report r;
-  r.state = state;
+  // Never "ready" while it consumes nothing (the broker lost, a consumer
+  // the broker cancelled not yet restored).
+  r.state = state == health::State::ready && !s.consuming ? health::State::reconnecting : state;
   r.slots_busy = s.slots_busy;
   r.slots_total = s.slots_total;
   r.done = s.tasks_done;
@@ -148,6 +154,9 @@ health::Report make_report(health::State state, const WorkerStats& s, const std:
   r.requeued = s.tasks_requeued;
   r.dead_lettered = s.dead_lettered;
   r.broker_connected = s.broker_connected ? 1 : 0;
+  r.consuming = s.consuming ? 1 : 0;
+  r.broker_blocked = s.broker_blocked ? 1 : 0;
+  r.duplicates = s.duplicates;
   r.instance_alive = s.instance_alive ? 1 : 0;
   r.restarts = static_cast<std::uint32_t>(s.restarts);
   auto mem = health::read_memory();
@@ -205,7 +214,7 @@ public:
         m_size(mpi.size()),
         m_comm(mpi.world()) {}
 
-  int run(const config::Config& cfg_in) {
+  Exit run(const config::Config& cfg_in) {
     meet(cfg_in);
     stage();
     start();
@@ -223,7 +232,7 @@ private:
   bool serve();
   void drain_all(const std::string& why, bool tell_worker = true);
   void decide_for_all(std::optional<slurm::TimeLeftWatch>& time_left);
-  int finish(bool all_ranks_failed);
+  Exit finish(bool all_ranks_failed);
   void teardown_alone();
   void record_logs() const;
   void report(health::State state, const std::string& error) {
@@ -240,7 +249,9 @@ private:
   const Options& m_opts;
   const int m_rank, m_size;
   MPI_Comm m_comm;
-  bool m_dies_late = false;  // test builds: LITHOPS_HPC_TEST_DIE_AT_START=R@started
+#if LHPC_TEST_HOOKS
+  bool m_dies_late = false;  // LITHOPS_HPC_TEST_DIE_AT_START=R@started
+#endif
   config::Placeholders m_ph;
   std::vector<std::string> m_nodes;
   int m_on_node = 0, m_index_on_node = 0;
@@ -266,7 +277,7 @@ void RankRun::meet(const config::Config& cfg_in) {
   const bool dies_here = die_hook != nullptr && std::atoi(die_hook) == m_rank;
   m_dies_late = dies_here && std::strstr(die_hook, "@started") != nullptr;
   if (dies_here && !m_dies_late) {
-    std::_Exit(1);
+    std::_Exit(1);  // exit-codes: a test hook's simulated crash
   }
 #endif
   meet_or_abort(m_mpi, std::chrono::duration<double>(cfg_in.deploy.start_timeout), "launched");
@@ -293,7 +304,8 @@ void RankRun::configure(const config::Config& cfg_in) {
   config::require_amqp_url(m_cfg);
   if (m_opts.sif.empty() && m_cfg.singularity.engine != config::Engine::host) {
     throw Error(Exit::usage,
-                "deploy needs --sif PATH with the " + config::to_string(m_cfg.singularity.engine) + " engine",
+                "deploy needs --sif PATH with the " +
+                    std::string(config::k_engine_names.text(m_cfg.singularity.engine)) + " engine",
                 "give the runtime image: lithops-hpc deploy --sif /scratch/rt.sif");
   }
   const int node_slots =
@@ -382,9 +394,11 @@ void RankRun::start() {
   if (!m_start_error.empty()) {
     spdlog::error("failed to start: {}", m_start_error);
   }
+#if LHPC_TEST_HOOKS
   if (m_dies_late) {
-    std::_Exit(1);
+    std::_Exit(1);  // exit-codes: a test hook's simulated crash
   }
+#endif
   agree_started();
 }
 
@@ -522,7 +536,7 @@ bool RankRun::serve() {
     }
     for (auto c : m_health->poll()) {
       if (c == health::Command::drain || c == health::Command::stop) {
-        drain_all(std::string("rank 0 asked to ") + std::string(health::command_name(c)));
+        drain_all(std::string("rank 0 asked to ") + std::string(health::k_command_names.text(c)));
       }
     }
     decide_for_all(time_left);
@@ -547,7 +561,7 @@ bool RankRun::serve() {
 }
 
 // Finish: the last report, the shutdown exchange, cleanup.
-int RankRun::finish(bool all_ranks_failed) {
+Exit RankRun::finish(bool all_ranks_failed) {
   teardown_alone();
   auto final_stats = m_worker->stats();
   auto final_report = make_report(health::State::stopped, final_stats, m_ph.node, m_start_error);
@@ -559,7 +573,7 @@ int RankRun::finish(bool all_ranks_failed) {
     if (m_staged.leader && m_cfg.deploy.cleanup && !m_staged.private_dir.empty()) {
       remove_tree(m_staged.private_dir);  // no collective: a rank is missing
     }
-    m_mpi.abort(static_cast<int>(Exit::failure));
+    m_mpi.abort(Exit::failure);
   }
   if (m_cfg.deploy.cleanup && !m_opts.sif.empty()) {
     stage::cleanup(m_comm, m_staged);
@@ -571,12 +585,12 @@ int RankRun::finish(bool all_ranks_failed) {
   }
   // Ended by a drain (signal, stop, time limit): success; unless the drain
   // came because every rank's worker had failed for good.
-  return all_ranks_failed ? static_cast<int>(Exit::engine) : 0;
+  return all_ranks_failed ? Exit::engine : Exit::ok;
 }
 
 }  // namespace
 
-int run(const config::Config& cfg_in, const Options& opts) {
+Exit run(const config::Config& cfg_in, const Options& opts) {
   // Before MPI_Init: libslurm's first contact may take seconds, and its
   // answer decides whether rank 0 watches the time limit.
   bool slurm_time = slurm::in_allocation() && slurm::libslurm_available();
@@ -586,7 +600,7 @@ int run(const config::Config& cfg_in, const Options& opts) {
     return rank.run(cfg_in);
   } catch (const Error& e) {
     log_collective_error(mpi.rank(), e);
-    return static_cast<int>(e.code());
+    return e.code();
   }
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "config/config.h"
+#include "util/error.h"
 
 namespace lhpc::deploy {
 
@@ -24,8 +25,9 @@ struct Options {
   bool cleanup = false;                      // --cleanup (or deploy.cleanup)
 };
 
-// Runs the whole deployment on this rank; returns the process exit code.
-int run(const config::Config& cfg, const Options& opts);
+// Runs the whole deployment on this rank; returns how it ended (main.cc
+// makes the number), or ends the job through MpiSession::abort.
+Exit run(const config::Config& cfg, const Options& opts);
 
 // Slots of one rank: the node's slots split among the ranks on that node,
 // the first `total % ranks` ranks taking one more; never below one.

@@ -7,6 +7,8 @@
 
 #include "config/config.h"
 #include "dispatch/runtime.h"
+#include "util/json_number.h"
+#include "util/strings.h"
 
 namespace lhpc::dispatch {
 
@@ -44,14 +46,6 @@ int Dispatcher::busy_slots() const {
     if (m_slots[i].request != 0) {
       ++n;
     }
-  }
-  return n;
-}
-
-int Dispatcher::ready_slots() const {
-  int n = 0;
-  for (int i = 0; i < m_opts.slots; ++i) {
-    n += m_slots[i].ready ? 1 : 0;
   }
   return n;
 }
@@ -99,7 +93,6 @@ void Dispatcher::update_prefetch() {
 // --- connection ------------------------------------------------------------
 
 void Dispatcher::on_connected(int prefetch, bool slot_consumer) {
-  ++m_generation;
   m_connected = true;
   m_prefetch = prefetch;
   m_slot_consumer = slot_consumer;
@@ -149,20 +142,32 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
   }
   Message m;
   m.id = m_next_id++;
-  m.generation = m_generation;
   m.d = std::move(d);
   m.no_ack = no_ack;
-  m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : m.d.props.message_id;
+  // The publisher chose the id: no escape sequence of theirs reaches a log or terminal.
+  m.mid = m.d.props.message_id.empty() ? body_id(m.d.body) : escape_controls(m.d.props.message_id);
   m.crashes = static_cast<int>(amqp::table_int(m.d.props.headers, k_hdr_crashes, 0));
+  if (m.d.oversized) {
+    auto reason = "over rabbitmq.max_message_bytes: " + std::to_string(m.d.body_size) + " bytes (limit " +
+                  std::to_string(m_opts.limits.max_bytes) + "); the body was discarded as it arrived";
+    spdlog::warn("message {} is {}: moving its headers to {}", m.mid, reason, dead_queue());
+    refuse(std::move(m), {}, reason);
+    return;
+  }
   if (m.d.redelivered && m_record && m_record->killed_before(m.d.body)) {
     spdlog::error("message {} killed a dispatcher on this node before: moving it to {}", m.mid, dead_queue());
-    m.kind = Kind::malformed;
-    m.phase = Phase::running;
-    auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
-    dead_letter(ref, ref.d.body,
-                "killed a dispatcher while it was processed (rank " + std::to_string(m_opts.rank) + ", " + m_opts.node +
-                    "): never processed again",
-                ref.crashes);
+    refuse(std::move(m), m.d.body,
+           "killed a dispatcher while it was processed (rank " + std::to_string(m_opts.rank) + ", " + m_opts.node +
+               "): never processed again");
+    return;
+  }
+  if (int t = m.d.redelivered ? timeouts_of(m.d.body) : 0; t >= m_opts.max_timeouts) {
+    spdlog::error("message {} ran past the broker's consumer_timeout {} times: moving it to {}", m.mid, t,
+                  dead_queue());
+    refuse(std::move(m), m.d.body,
+           "ran longer than the broker's consumer_timeout " + std::to_string(t) +
+               " times (the broker took it back each time): never run again; raise the broker's consumer_timeout "
+               "(see lithops-hpc(1), FAILURE SEMANTICS)");
     return;
   }
   // Everything from decoding to handing the calls out runs under the record.
@@ -175,14 +180,57 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
   }
 }
 
+void Dispatcher::refuse(Message&& m, std::string body, const std::string& reason) {
+  m.kind = Kind::malformed;
+  m.phase = Phase::running;
+  auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
+  dead_letter(ref, body, reason, ref.crashes);
+}
+
+int Dispatcher::timeouts_of(const std::string& body) const {
+  auto it = m_timeouts.find(std::hash<std::string>{}(body));
+  return it == m_timeouts.end() ? 0 : it->second;
+}
+
+std::string Dispatcher::on_consumer_timeout(std::chrono::milliseconds timeout) {
+  ++m_counters.consumer_timeouts;
+  auto now = Clock::now();
+  // The broker names no delivery: note every task running for at least
+  // half the timeout (the broker checks on a timer), else the oldest one.
+  std::vector<Message*> culprits;
+  Message* oldest = nullptr;
+  for (auto& [id, m] : m_msgs) {
+    if (m.kind != Kind::task || m.no_ack || m.orphan || m.running == 0) {
+      continue;
+    }
+    if (!oldest || m.arrived < oldest->arrived) {
+      oldest = &m;
+    }
+    if (timeout.count() > 0 && now - m.arrived >= timeout / 2) {
+      culprits.push_back(&m);
+    }
+  }
+  if (culprits.empty() && oldest) {
+    culprits.push_back(oldest);
+  }
+  if (m_timeouts.size() > 4096) {
+    m_timeouts.clear();  // bounded: a long-lived worker forgets old ones
+  }
+  std::string what;
+  for (Message* m : culprits) {
+    int n = ++m_timeouts[std::hash<std::string>{}(m->d.body)];
+    auto one = "job " + m->calls.job_key() + " (message " + m->mid + ", " + std::to_string(n) + " of " +
+               std::to_string(m_opts.max_timeouts) + ")";
+    what += (what.empty() ? "" : ", ") + one;
+  }
+  return what;
+}
+
 void Dispatcher::accept(Message&& m) {
   auto decoded = decode(m.d.body, m_opts.limits);
   if (auto* bad = std::get_if<Malformed>(&decoded)) {
     spdlog::warn("message {} is malformed ({}): moving it to {}", m.mid, bad->reason, dead_queue());
-    m.kind = Kind::malformed;
-    m.phase = Phase::running;
-    auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
-    dead_letter(ref, ref.d.body, "malformed: " + bad->reason, ref.crashes);
+    refuse(std::move(m), m.d.body, "malformed: " + bad->reason);
     return;
   }
   auto& task = std::get<Task>(decoded);
@@ -329,7 +377,9 @@ void Dispatcher::schedule() {
 amqp::Properties Dispatcher::republish_props(const Message& m) const {
   amqp::Properties p = m.d.props;
   p.delivery_mode = 2;
-  p.headers.erase(k_hdr_sent_ns);
+#if LHPC_TEST_HOOKS
+  p.headers.erase(k_hdr_sent_ns);  // a remainder's latency is not the original's
+#endif
   return p;
 }
 
@@ -462,8 +512,8 @@ void Dispatcher::on_handler_reply(int h, const Json& reply) {
     return;
   }
   std::uint64_t id = 0;
-  if (auto it = reply.find("id"); it != reply.end() && it->is_number_unsigned()) {
-    id = it->get<std::uint64_t>();
+  if (auto it = reply.find("id"); it != reply.end()) {
+    id = json_integer<std::uint64_t>(*it).value_or(0);
   }
   bool ok = json_bool(reply, "ok");
   std::string error = json_string(reply, "error");
@@ -491,6 +541,11 @@ void Dispatcher::on_handler_reply(int h, const Json& reply) {
   s.call.clear();
   s.request = 0;
   s.reserved_for = 0;
+  if (Message* m = find(msg_id); m && m->orphan) {
+    ++m_counters.duplicates;  // the broker has it back: it runs again somewhere
+    spdlog::warn("call {} finished after the broker took its message {} back: it runs again (duplicate {})", what,
+                 m->mid, m_counters.duplicates);
+  }
   if (ok) {
     ++m_counters.tasks_done;
   } else {
@@ -602,7 +657,9 @@ void Dispatcher::dead_letter(Message& m, const std::string& body, const std::str
   amqp::Properties p = m.d.props;
   p.delivery_mode = 2;
   p.expiration.clear();
+#if LHPC_TEST_HOOKS
   p.headers.erase(k_hdr_sent_ns);
+#endif
   p.headers[k_hdr_reason] = reason;
   p.headers[k_hdr_rank] = static_cast<std::int64_t>(m_opts.rank);
   p.headers[k_hdr_host] = m_opts.node;
@@ -636,9 +693,11 @@ void Dispatcher::maybe_complete(Message& m) {
       m_broker.reject(m.d.tag, true);
       ++m_counters.tasks_requeued;
     } else {
+#if LHPC_TEST_HOOKS
       if (m_on_ack && m.kind != Kind::moved) {  // a moved message is acked again where it runs
         m_on_ack(m.d);
       }
+#endif
       m_broker.ack(m.d.tag);
     }
   }

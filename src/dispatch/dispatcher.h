@@ -3,7 +3,7 @@
 // itself: it talks to the broker and to handlers through two small ports, so
 // unit tests drive it with fakes.
 //
-// Rules it keeps (design.md, "Failure semantics"):
+// Rules it keeps (docs/design.md, "Failure semantics"):
 // - a message is acked only after every call it kept has finished (success,
 //   or a failure the handler reported); never nack-and-sleep;
 // - a send_task with more calls than free slots keeps what fits and
@@ -36,7 +36,15 @@
 //   at the second crash it goes to <queue>.dead instead;
 // - after a broker reconnect, messages of the old connection are the
 //   broker's again (it redelivers them): calls still running finish but are
-//   not acked (at-least-once: such a call may run twice);
+//   not acked (at-least-once: such a call may run twice; each one that
+//   finishes so is counted in Counters::duplicates);
+// - a message whose body is over max_message_bytes arrives without it
+//   (amqp::Delivery::oversized, never buffered) and goes to <queue>.dead with
+//   its headers only;
+// - when the broker closes the channel because a delivery was not acked
+//   within its consumer_timeout (on_consumer_timeout), the messages running
+//   that long are noted; one redelivered after max_timeouts such closes goes
+//   to <queue>.dead instead of running yet again;
 // - a deployment serves one runtime (DispatcherOptions::runtime; runtime.h):
 //   it never runs a send_task nor answers a get_metadata of another. A task
 //   for runtime R is published (persistent, confirmed) to R's durable queue
@@ -63,6 +71,7 @@
 #include "amqp/connection.h"
 #include "dispatch/inflight.h"
 #include "dispatch/protocol.h"
+#include "lhpc_build_config.h"
 
 namespace lhpc::dispatch {
 
@@ -99,15 +108,17 @@ public:
 };
 
 struct Counters {
-  std::uint64_t tasks_done = 0;       // calls a handler ran (function errors included)
-  std::uint64_t tasks_failed = 0;     // calls a handler could not run (ok:false)
-  std::uint64_t tasks_requeued = 0;   // calls republished after a crash, messages given back on drain
-  std::uint64_t dead_lettered = 0;    // messages and calls moved to <queue>.dead
-  std::uint64_t splits = 0;           // messages split because fewer slots were free
-  std::uint64_t handler_crashes = 0;  // handlers lost while running something
-  std::uint64_t metadata = 0;         // get_metadata answered
-  std::uint64_t pings = 0;            // pings answered
-  std::uint64_t moved = 0;            // messages moved to another runtime's queue (or its fanout)
+  std::uint64_t tasks_done = 0;         // calls a handler ran (function errors included)
+  std::uint64_t tasks_failed = 0;       // calls a handler could not run (ok:false)
+  std::uint64_t tasks_requeued = 0;     // calls republished after a crash, messages given back on drain
+  std::uint64_t dead_lettered = 0;      // messages and calls moved to <queue>.dead
+  std::uint64_t splits = 0;             // messages split because fewer slots were free
+  std::uint64_t handler_crashes = 0;    // handlers lost while running something
+  std::uint64_t metadata = 0;           // get_metadata answered
+  std::uint64_t pings = 0;              // pings answered
+  std::uint64_t duplicates = 0;         // calls finished after their message went back to the broker
+  std::uint64_t consumer_timeouts = 0;  // channels the broker closed for an unacked delivery
+  std::uint64_t moved = 0;              // messages moved to another runtime's queue (or its fanout)
 };
 
 struct DispatcherOptions {
@@ -115,8 +126,9 @@ struct DispatcherOptions {
   std::string queue = "task_queue";
   int rank = 0;
   std::string node;
-  int max_crashes = 2;  // a call that crashed a handler this often is dead-lettered
-  Limits limits;        // [rabbitmq] max_message_bytes, max_message_depth
+  int max_crashes = 2;   // a call that crashed a handler this often is dead-lettered
+  int max_timeouts = 2;  // a message that outlived the broker's consumer_timeout this often is dead-lettered
+  Limits limits;         // [rabbitmq] max_message_bytes, max_message_depth
   // This rank's own queue (protocol.h rank_queue), consumed without acks:
   // what arrives through it is never acked, rejected or requeued. Empty: none.
   std::string rank_queue;
@@ -148,6 +160,11 @@ public:
   void on_connected(int prefetch, bool slot_consumer);
   // The connection is gone: everything unacked is the broker's again.
   void on_disconnected();
+  // The broker closed the channel because a delivery went unacked for
+  // `timeout` (its consumer_timeout; 0: unknown). Call before
+  // on_disconnected(). Returns what ran that long, for logs and status
+  // ("job <key> call <id>, ..."); empty when nothing did.
+  std::string on_consumer_timeout(std::chrono::milliseconds timeout);
   void on_delivery(amqp::Delivery d);
   void on_confirm(const amqp::Confirm& c);
   void on_handler_ready(int h);
@@ -166,7 +183,6 @@ public:
   // Nothing unacked and nothing running: a drain is complete.
   bool idle() const;
   int busy_slots() const;
-  int ready_slots() const;
   int prefetch() const { return m_prefetch; }
   // The prefetch count the current state calls for (protocol.h prefetch_for).
   int desired_prefetch() const;
@@ -177,9 +193,12 @@ public:
   bool desired_slot_consumer() const;
   bool slot_consumer() const { return m_slot_consumer; }
   const Counters& counters() const { return m_counters; }
-  // Called with each message that ran here right before it is acked
-  // (latency logging); not with one moved to another runtime's queue.
+#if LHPC_TEST_HOOKS
+  // Called with each message that ran here right before it is acked (not
+  // with one moved to another runtime's queue): bench/dispatch.sh's latency
+  // log (LITHOPS_HPC_LATENCY_LOG), in test builds only.
   void set_on_ack(std::function<void(const amqp::Delivery&)> fn) { m_on_ack = std::move(fn); }
+#endif
   // Slots in use at most (runtime_memory): slots() unless memory caps it.
   int slot_cap() const { return m_slot_cap; }
 
@@ -189,9 +208,8 @@ private:
 
   struct Message {
     std::uint64_t id = 0;
-    std::uint64_t generation = 0;
     amqp::Delivery d;
-    std::string mid;  // for logs
+    std::string mid;  // for logs: the message id, control characters escaped
     Kind kind = Kind::task;
     Action action = Action::send_task;
     Json payload;                   // control requests
@@ -242,11 +260,15 @@ private:
   // The queue a message came from when that is this runtime's; else the task queue.
   std::string home_queue(const Message& m) const;
   void send_request(int h, std::uint64_t request, Action action, const std::string& payload_json);
-  void finish_call(Message& m);
   void maybe_complete(Message& m);
   void crashed(Message& m, const std::string& call_json, const std::string& what, const std::string& why);
   void answer_control(Message& m, bool ok, const Json& reply, const std::string& error);
   void dead_letter(Message& m, const std::string& body, const std::string& reason, int crashes);
+  // A message refused before it was decoded: to <queue>.dead with `body`
+  // (by value: it is often the message's own, which moves).
+  void refuse(Message&& m, std::string body, const std::string& reason);
+  // Noted consumer timeouts of a message with this body (hashed).
+  int timeouts_of(const std::string& body) const;
   void release_slots(std::uint64_t msg);
   void update_prefetch();
   amqp::Properties republish_props(const Message& m) const;
@@ -256,7 +278,6 @@ private:
   BrokerPort& m_broker;
   HandlerPort& m_handlers;
   CrashRecordPort* m_record;
-  std::uint64_t m_generation = 0;
   bool m_connected = false;
   bool m_draining = false;
   bool m_aborted = false;
@@ -273,7 +294,10 @@ private:
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
   std::set<std::string> m_declared;                   // runtime queues declared on this connection
   Counters m_counters;
+  std::map<std::size_t, int> m_timeouts;  // body hash -> consumer timeouts while it ran here
+#if LHPC_TEST_HOOKS
   std::function<void(const amqp::Delivery&)> m_on_ack;
+#endif
 };
 
 }  // namespace lhpc::dispatch

@@ -83,9 +83,9 @@ void take_replies(amqp::Connection& c, std::map<std::string, InFlight>& inflight
   }
 }
 
-// The lines after the pings: per rank, the silent ones, the summary; the exit code.
-int report(const Tally& t, const PingOptions& o, const PingTargets& tg, int total, double secs, double timeout_s,
-           std::ostream& out) {
+// The lines after the pings: per rank, the silent ones, the summary; how ping ends.
+Exit report(const Tally& t, const PingOptions& o, const PingTargets& tg, int total, double secs, double timeout_s,
+            std::ostream& out) {
   for (const auto& [rank, r] : t.ranks) {
     out << fmt::format("rank {} node {}: {} replies, p50 {:.2f} ms, p99 {:.2f} ms\n", rank, r.node, r.ms.size(),
                        percentile(r.ms, 50), percentile(r.ms, 99));
@@ -105,19 +105,19 @@ int report(const Tally& t, const PingOptions& o, const PingTargets& tg, int tota
   }
   int expect = o.expect_ranks >= 0 ? o.expect_ranks : tg.ranks;
   if (t.answered == 0) {
-    return static_cast<int>(Exit::failure);
+    return Exit::failure;
   }
   if (t.lost > 0) {
     out << fmt::format(
         "{} ping{} got no reply within {} s{}\n", t.lost, t.lost == 1 ? "" : "s", timeout_s,
         t.not_sent > 0 ? fmt::format(" ({} not sent: their rank had missed one already)", t.not_sent) : "");
-    return static_cast<int>(Exit::failure);
+    return Exit::failure;
   }
   if (static_cast<int>(n) < expect) {
     out << fmt::format("only {} of the {} expected ranks answered\n", n, expect);
-    return static_cast<int>(Exit::failure);
+    return Exit::failure;
   }
-  return 0;
+  return Exit::ok;
 }
 
 }  // namespace
@@ -189,7 +189,7 @@ Tally exchange(amqp::Connection& c, const PingOptions& o, const std::string& rep
 
 }  // namespace
 
-int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets& given, std::ostream& out) {
+Exit run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets& given, std::ostream& out) {
   if (o.count < 1 || o.concurrency < 1 || !(o.timeout > 0)) {
     throw Error(Exit::usage, "ping: --count and --concurrency must be at least 1, --timeout above 0",
                 "e.g. lithops-hpc ping --count 100 --concurrency 8 --timeout 10");
@@ -218,7 +218,7 @@ int run_ping(const config::Config& cfg, const PingOptions& o, const PingTargets&
     return tg.job.empty() ? std::pair{queue, -1} : std::pair{rank_queue(queue, tg.job, seq % targets), seq % targets};
   });
   double secs = std::chrono::duration<double>(Clock::now() - start).count();
-  int rc = report(t, o, tg, total, secs, o.timeout, out);
+  Exit rc = report(t, o, tg, total, secs, o.timeout, out);
   if (t.answered == 0) {
     out << fmt::format("no reply within {} s: is a deployment consuming '{}' on {}?\n", o.timeout,
                        tg.job.empty() ? queue : rank_queue(queue, tg.job, 0) + "...", c.redacted_url());

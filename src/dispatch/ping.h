@@ -12,6 +12,7 @@
 #include <string>
 
 #include "config/config.h"
+#include "util/error.h"
 
 namespace lhpc::dispatch {
 
@@ -33,10 +34,10 @@ struct PingOptions {
 };
 
 // Prints one line per rank that answered, one naming each addressed rank that
-// did not, and a summary to `out`. Returns 0 when every ping was answered (by
-// at least expect_ranks ranks), 1 when a ping went unanswered or fewer ranks
-// answered. Throws Error(Exit::broker) when the broker cannot be reached,
+// did not, and a summary to `out`. Returns Exit::ok when every ping was
+// answered (by at least expect_ranks ranks), Exit::failure when a ping went
+// unanswered or fewer ranks answered. Throws Error(Exit::broker) when the broker cannot be reached,
 // Error(Exit::usage) for bad options.
-int run_ping(const config::Config& cfg, const PingOptions& opts, const PingTargets& targets, std::ostream& out);
+Exit run_ping(const config::Config& cfg, const PingOptions& opts, const PingTargets& targets, std::ostream& out);
 
 }  // namespace lhpc::dispatch

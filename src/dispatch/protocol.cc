@@ -6,6 +6,9 @@
 #include <array>
 #include <cstdio>
 
+#include "util/json_number.h"
+#include "util/strings.h"
+
 namespace lhpc::dispatch {
 
 namespace {
@@ -187,12 +190,13 @@ std::optional<Malformed> check_calls(const Json& payload) {
                      std::to_string(ranges->size()) + ") differ in length"};
   }
   if (auto tc = payload.find("total_calls"); tc != payload.end()) {
-    if (!tc->is_number_integer()) {
-      return Malformed{"total_calls is not an integer"};
+    auto total = json_integer<long long>(*tc);
+    if (!total) {
+      return Malformed{"total_calls " + json_integer_rule<long long>()};
     }
-    if (tc->get<long long>() != static_cast<long long>(ids->size())) {
-      return Malformed{"total_calls (" + std::to_string(tc->get<long long>()) +
-                       ") differs from the number of call_ids (" + std::to_string(ids->size()) + ")"};
+    if (*total != static_cast<long long>(ids->size())) {
+      return Malformed{"total_calls (" + std::to_string(*total) + ") differs from the number of call_ids (" +
+                       std::to_string(ids->size()) + ")"};
     }
   }
   return std::nullopt;
@@ -243,7 +247,7 @@ std::variant<Task, Malformed> decode(std::string_view body, const Limits& limits
   }
   auto action = parse_action(a->get_ref<const std::string&>());
   if (!action) {
-    return Malformed{"unknown action '" + shorten(a->get<std::string>()) + "'"};
+    return Malformed{"unknown action '" + escape_controls(shorten(a->get<std::string>())) + "'"};
   }
   auto p = msg.find("payload");
   if (p == msg.end()) {
@@ -380,7 +384,7 @@ long long json_int(const Json& j, const char* key, long long fallback) {
     return fallback;
   }
   auto it = j.find(key);
-  return it != j.end() && it->is_number_integer() ? it->get<long long>() : fallback;
+  return it != j.end() ? json_integer<long long>(*it).value_or(fallback) : fallback;
 }
 
 bool json_bool(const Json& j, const char* key, bool fallback) {

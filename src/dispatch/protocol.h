@@ -2,7 +2,7 @@
 // bounding and decoding a task message (from bytes: the fuzzing harnesses call
 // the same entry points), classifying malformed ones, splitting a send_task
 // across free slots and building the one-call payloads handlers run.
-// Facts: shared/lithops-protocol.md. No I/O here: everything is unit-tested.
+// Facts: docs/lithops-protocol.md. No I/O here: everything is unit-tested.
 #pragma once
 
 #include <cstddef>
@@ -131,8 +131,9 @@ inline constexpr const char* k_hdr_redelivered = "x-lithops-hpc-redelivered";
 inline constexpr const char* k_hdr_exchange = "x-lithops-hpc-original-exchange";
 inline constexpr const char* k_hdr_routing_key = "x-lithops-hpc-original-routing-key";
 inline constexpr const char* k_hdr_time = "x-lithops-hpc-time";
-// Set by the benchmark publisher: wall-clock ns of the publish, so the
-// dispatcher can log publish->ack latency when LITHOPS_HPC_LATENCY_LOG is set.
+// Set by the benchmark publisher (bench/dispatch_bench.cc): wall-clock ns of
+// the publish, so a test build's dispatcher can log publish->ack latency when
+// LITHOPS_HPC_LATENCY_LOG is set. Read by nothing in a release build.
 inline constexpr const char* k_hdr_sent_ns = "x-lithops-hpc-sent-ns";
 
 // A stable id for logs and dead-letter headers when the message carries no

@@ -12,10 +12,6 @@ namespace lhpc::health {
 
 namespace {
 
-constexpr std::array<std::string_view, 7> k_state_names = {
-    "staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive",
-};
-
 // Largest prefix of `s` of at most `max` bytes that does not split a UTF-8 sequence.
 std::size_t utf8_cut(std::string_view s, std::size_t max) {
   if (s.size() <= max) {
@@ -83,20 +79,6 @@ bool iequals_at(std::string_view s, std::size_t pos, std::string_view word) {
 
 }  // namespace
 
-std::string_view state_name(State s) {
-  auto i = static_cast<std::size_t>(s);
-  return i < k_state_names.size() ? k_state_names[i] : std::string_view("unknown");
-}
-
-std::optional<State> parse_state(std::string_view name) {
-  for (std::size_t i = 0; i < k_state_names.size(); ++i) {
-    if (k_state_names[i] == name) {
-      return static_cast<State>(i);
-    }
-  }
-  return std::nullopt;
-}
-
 std::string redact_secrets(std::string_view text) {
   std::string out;
   out.reserve(text.size());
@@ -155,7 +137,8 @@ std::string last_error_of(const Report& r) {
 }
 
 bool valid(const Report& r) {
-  return r.version == k_report_version && r.rank >= 0 && static_cast<std::uint8_t>(r.state) <= 5;
+  auto s = static_cast<std::uint8_t>(r.state);  // unresponsive is rank 0's verdict, never sent
+  return r.version == k_report_version && r.rank >= 0 && (s <= 5 || r.state == State::reconnecting);
 }
 
 double unix_now() {

@@ -12,6 +12,8 @@
 #include <string_view>
 #include <type_traits>
 
+#include "util/names.h"
+
 namespace lhpc::health {
 
 // A rank's state as it reports it. `unresponsive` is never sent: rank 0
@@ -24,13 +26,24 @@ enum class State : std::uint8_t {
   failed = 4,
   stopped = 5,
   unresponsive = 6,
+  // Running, but consuming nothing: the broker connection is being made
+  // again, or a consumer the broker cancelled is being restored.
+  reconnecting = 7,
 };
 
 // Lower case, as in the status file and logs: "ready", "unresponsive", ...
-std::string_view state_name(State s);
-std::optional<State> parse_state(std::string_view name);
+inline constexpr Names<State, 8> k_state_names{{{
+    {State::staging, "staging"},
+    {State::starting, "starting"},
+    {State::ready, "ready"},
+    {State::draining, "draining"},
+    {State::failed, "failed"},
+    {State::stopped, "stopped"},
+    {State::unresponsive, "unresponsive"},
+    {State::reconnecting, "reconnecting"},
+}}};
 
-inline constexpr std::uint32_t k_report_version = 1;
+inline constexpr std::uint32_t k_report_version = 2;
 inline constexpr std::size_t k_node_len = 64;         // bytes, including the NUL
 inline constexpr std::size_t k_last_error_len = 160;  // bytes, including the NUL
 
@@ -44,6 +57,7 @@ struct Report {
   std::uint64_t dead_lettered = 0;  // tasks moved to the dead-letter queue
   std::uint64_t rss_kb = 0;         // VmRSS of the rank process itself
   std::uint64_t rss_tree_kb = 0;    // rss_kb + VmRSS of all its descendants (handlers)
+  std::uint64_t duplicates = 0;     // calls finished after the broker took their message back (it runs again)
   double uptime = 0;                // seconds since this rank started
   double timestamp = 0;             // sender's unix time (informative: clocks differ across nodes)
   std::uint32_t version = k_report_version;
@@ -55,14 +69,16 @@ struct Report {
   State state = State::staging;
   std::uint8_t broker_connected = 0;  // 0/1
   std::uint8_t instance_alive = 0;    // 0/1
-  std::uint8_t reserved[5] = {};      // zero; keeps sizeof a multiple of 8 with no tail padding
+  std::uint8_t consuming = 0;         // 0/1: the task queue's consumer is up
+  std::uint8_t broker_blocked = 0;    // 0/1: connection.blocked (a broker memory or disk alarm)
+  std::uint8_t reserved[3] = {};      // zero; keeps sizeof a multiple of 8 with no tail padding
   char node[k_node_len] = {};
   char last_error[k_last_error_len] = {};
 };
 
 static_assert(std::is_trivially_copyable_v<Report>);
 static_assert(std::is_standard_layout_v<Report>);
-static_assert(sizeof(Report) == 7 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len,
+static_assert(sizeof(Report) == 8 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len,
               "Report must have no padding: every byte on the wire is initialised");
 
 // Copies `node` (truncated to 63 bytes on a UTF-8 boundary).

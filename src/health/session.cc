@@ -123,7 +123,8 @@ void Session::set_state(DeploymentState s) {
     return;
   }
   if (m_table->state() != s) {
-    spdlog::info("health: deployment {} -> {}", deployment_state_name(m_table->state()), deployment_state_name(s));
+    spdlog::info("health: deployment {} -> {}", k_deployment_state_names.text(m_table->state()),
+                 k_deployment_state_names.text(s));
   }
   m_table->set_state(s);
   write_status();
@@ -179,7 +180,7 @@ Ending Session::finish(Report final_report, double timeout) {
       std::vector<std::string> names;
       for (int r : missing) {
         names.push_back(fmt::format("{} ({})", m_table->label(r),
-                                    state_name(m_table->entries()[static_cast<std::size_t>(r)].shown)));
+                                    k_state_names.text(m_table->entries()[static_cast<std::size_t>(r)].shown)));
       }
       end.clean = false;
       end.missing = missing;

@@ -8,7 +8,7 @@
 //   every interval:       h.report(my_report)     // rank 0: also writes status, checks stop
 //   rank 0 on stop:       h.set_state(draining); h.broadcast(Command::drain)
 //   at the end:           auto end = h.finish(final_report, timeout);
-//                         if (!end.clean) mpi.abort(1);   // else MpiSession finalizes
+//                         if (!end.clean) mpi.abort(Exit::failure);   // else MpiSession finalizes
 #pragma once
 
 #include <mpi.h>

@@ -13,27 +13,20 @@
 #include "health/report.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 
 namespace lhpc::health {
 
 namespace {
 
-// Only this user's files: a status file someone else planted in a shared
-// state dir must not steer `stop` or `status`.
-bool owned_by_me(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && st.st_uid == ::geteuid();
-}
+// A status file has one entry per rank: far below this for any cluster.
+constexpr std::size_t k_max_status_bytes = 64 << 20;
 
-std::optional<std::string> read_if_mine(const std::string& path) {
-  if (!owned_by_me(path)) {
-    return std::nullopt;
-  }
-  try {
-    return read_file(path);
-  } catch (const Error&) {
-    return std::nullopt;  // vanished between stat and open
-  }
+// Only this user's regular files, reached by util/fs's trust rules: a status
+// file someone else planted in a shared state dir must not steer `stop` or
+// `status`, and a FIFO must not hang them. nullopt when there is none.
+std::optional<std::string> read_status_file(const std::string& path) {
+  return read_trusted_file(path, k_max_status_bytes, FileOwner::me);
 }
 
 }  // namespace
@@ -71,10 +64,9 @@ void prepare(const Location& loc) {
   make_private_dir(loc.dir);
   clear_stop(loc);
   if (loc.status != loc.link) {
-    auto parent = dirname_of(loc.status);
-    if (!parent.empty() && !path_exists(parent)) {
-      mkdirs(parent);
-    }
+    // The configured file's directory passes the trust rules (missing ones
+    // made under checked ones), as write_status checks each time.
+    make_trusted_dir(dirname_of(std::filesystem::absolute(loc.status).string()));
     std::error_code ec;
     std::filesystem::remove(loc.link, ec);
     std::filesystem::create_symlink(std::filesystem::absolute(loc.status), loc.link, ec);
@@ -85,7 +77,13 @@ void prepare(const Location& loc) {
   }
 }
 
-void write_status(const Location& loc, const std::string& json) { write_file_atomic(loc.status, json, 0600); }
+// Through the directory opened by the trust rules, never by its path: a
+// link another user owns on the way is refused, not followed.
+void write_status(const Location& loc, const std::string& json) {
+  auto path = std::filesystem::absolute(loc.status).string();
+  auto dir = open_trusted_dir(dirname_of(path));
+  write_file_atomic_at(dir.get(), basename_of(path), json, 0600, loc.status);
+}
 
 bool stop_requested(const Location& loc) {
   struct stat st {};
@@ -126,7 +124,7 @@ Lookup find_deployment(const std::string& job) {
   if (!want.empty()) {
     auto loc = locate(want);
     out.looked = loc.link + why;
-    if (auto text = read_if_mine(loc.link)) {
+    if (auto text = read_status_file(loc.link)) {
       out.found = Found{loc, *text};
     }
     return out;
@@ -143,17 +141,19 @@ Lookup find_deployment(const std::string& job) {
     } catch (const Error&) {
       continue;  // not one of ours
     }
-    auto text = read_if_mine(loc.link);
+    std::optional<std::string> text;
+    try {
+      text = read_status_file(loc.link);
+    } catch (const Error&) {
+      continue;  // not ours to show: `status JOB` says why
+    }
     if (!text) {
       continue;
     }
     auto doc = nlohmann::json::parse(*text, nullptr, false);
-    if (doc.is_discarded() || !doc.is_object() || !doc.contains("updated") || !doc["updated"].is_number()) {
-      continue;
-    }
-    double updated = doc["updated"].get<double>();
-    if (updated > newest) {
-      newest = updated;
+    auto updated = doc.is_object() && doc.contains("updated") ? json_real(doc["updated"]) : std::nullopt;
+    if (updated && *updated > newest) {
+      newest = *updated;
       out.found = Found{loc, *text};
     }
   }

@@ -32,9 +32,12 @@ Location locate(const std::string& job, const std::string& configured = {});
 // Rank 0 at start: creates the job directory (0700; the state dir 0700 when
 // made here), removes a stop request left over from an earlier run with the
 // same job id (e.g. "local"), and points <dir>/status.json at a configured
-// status file. Throws Error naming the path.
+// status file (its missing directories made under trusted ones). Throws
+// Error naming the path.
 void prepare(const Location& loc);
-// Atomic replacement, mode 0600.
+// Atomic replacement, mode 0600, in a directory that passes util/fs's trust
+// rules (every parent root's or yours, a link on the way root's or yours);
+// throws Error naming the directory and its owner otherwise.
 void write_status(const Location& loc, const std::string& json);
 
 // Rank 0, each interval: a cheap stat().
@@ -56,7 +59,11 @@ struct Lookup {
   std::string looked;  // where we looked, for the "no deployment found" message
 };
 // `job` empty: the environment's job, else the deployment with the newest
-// "updated" among this user's <state_dir()>/jobs/*/status.json.
+// "updated" among this user's <state_dir()>/jobs/*/status.json. A status
+// file is read only as util/fs's read_trusted_file allows (a regular file of
+// yours, through directories and links only you or root control): for the
+// job asked for, anything else is an Error saying why; in the search for the
+// newest it is passed over.
 Lookup find_deployment(const std::string& job);
 
 }  // namespace lhpc::health

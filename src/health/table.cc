@@ -15,15 +15,7 @@ double round_to(double x, double unit) { return std::round(x / unit) * unit; }
 
 }  // namespace
 
-std::string_view deployment_state_name(DeploymentState s) {
-  switch (s) {
-    case DeploymentState::running: return "running";
-    case DeploymentState::draining: return "draining";
-    case DeploymentState::stopped: return "stopped";
-    case DeploymentState::failed: return "failed";
-  }
-  return "unknown";
-}
+bool ended(DeploymentState s) { return s == DeploymentState::stopped || s == DeploymentState::failed; }
 
 Clock Clock::system() {
   return Clock{
@@ -63,7 +55,7 @@ void Table::change(int rank, State to, const std::string& why) {
   State from = e.shown;
   e.shown = to;
   m_changed = true;
-  auto line = fmt::format("{}: {} -> {}{}", label(rank), state_name(from), state_name(to), why);
+  auto line = fmt::format("{}: {} -> {}{}", label(rank), k_state_names.text(from), k_state_names.text(to), why);
   bool bad = to == State::unresponsive || to == State::failed;
   m_log(bad ? Level::warn : Level::info, line);
 }
@@ -85,7 +77,7 @@ bool Table::update(const Report& r) {
   if (first) {
     e.shown = r.state;
     m_changed = true;
-    m_log(Level::info, fmt::format("{}: first report: {}", label(r.rank), state_name(r.state)));
+    m_log(Level::info, fmt::format("{}: first report: {}", label(r.rank), k_state_names.text(r.state)));
     return true;
   }
   if (from == r.state) {
@@ -146,6 +138,7 @@ Summary Table::summary() const {
       s.failed += e.report->failed;
       s.requeued += e.report->requeued;
       s.dead_lettered += e.report->dead_lettered;
+      s.duplicates += e.report->duplicates;
     }
   }
   return s;
@@ -184,8 +177,9 @@ std::string Table::to_json() const {
         {"done", s.done},
         {"failed", s.failed},
         {"requeued", s.requeued},
-        {"dead_lettered", s.dead_lettered}}},
-      {"state", deployment_state_name(m_state)},
+        {"dead_lettered", s.dead_lettered},
+        {"duplicates", s.duplicates}}},
+      {"state", k_deployment_state_names.text(m_state)},
   };
   json ranks = json::array();
   for (int i = 0; i < static_cast<int>(m_entries.size()); ++i) {
@@ -197,15 +191,18 @@ std::string Table::to_json() const {
     r["rank"] = i;
     r["node"] = node_of(p);
     r["pid"] = p.pid;
-    r["state"] = state_name(e.shown);
-    r["reported_state"] = e.report ? json(state_name(p.state)) : json(nullptr);
+    r["state"] = k_state_names.text(e.shown);
+    r["reported_state"] = e.report ? json(k_state_names.text(p.state)) : json(nullptr);
     r["slots_busy"] = p.slots_busy;
     r["slots_total"] = p.slots_total;
     r["done"] = p.done;
     r["failed"] = p.failed;
     r["requeued"] = p.requeued;
     r["dead_lettered"] = p.dead_lettered;
+    r["duplicates"] = p.duplicates;
     r["broker"] = p.broker_connected != 0;
+    r["consuming"] = p.consuming != 0;
+    r["blocked"] = p.broker_blocked != 0;
     r["instance"] = p.instance_alive != 0;
     r["restarts"] = p.restarts;
     r["rss_kb"] = p.rss_kb;

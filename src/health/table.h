@@ -18,7 +18,14 @@ namespace lhpc::health {
 
 // The deployment as a whole (the status file's top-level "state").
 enum class DeploymentState { running, draining, stopped, failed };
-std::string_view deployment_state_name(DeploymentState s);
+inline constexpr Names<DeploymentState, 4> k_deployment_state_names{{{
+    {DeploymentState::running, "running"},
+    {DeploymentState::draining, "draining"},
+    {DeploymentState::stopped, "stopped"},
+    {DeploymentState::failed, "failed"},
+}}};
+// The deployment is over: stopped or failed (it serves no more and writes no more).
+bool ended(DeploymentState s);
 
 inline constexpr int k_status_version = 1;
 inline constexpr double k_unresponsive_intervals = 3;
@@ -52,6 +59,7 @@ struct Summary {
   unsigned long long failed = 0;
   unsigned long long requeued = 0;
   unsigned long long dead_lettered = 0;
+  unsigned long long duplicates = 0;
 };
 
 class Table {

@@ -23,16 +23,6 @@ bool mpi_finalized() {
 
 }  // namespace
 
-std::string_view command_name(Command c) {
-  switch (c) {
-    case Command::none: return "none";
-    case Command::drain: return "drain";
-    case Command::stop: return "stop";
-    case Command::finalize: return "finalize";
-  }
-  return "unknown";
-}
-
 Transport::Transport(MPI_Comm comm) : m_comm(comm) {
   MPI_Comm_rank(m_comm, &m_rank);
   MPI_Comm_size(m_comm, &m_size);
@@ -193,14 +183,12 @@ void Transport::broadcast_control(Command c) {
     o.control = Control{.command = c, .seq = m_control_seq};
     int rc = MPI_Isend(&o.control, sizeof(Control), MPI_BYTE, dest, k_control_tag, m_comm, &o.request);
     if (rc != MPI_SUCCESS) {
-      spdlog::warn("health: cannot send '{}' to rank {}: {}", command_name(c), dest, mpi_error_text(rc));
+      spdlog::warn("health: cannot send '{}' to rank {}: {}", k_command_names.text(c), dest, mpi_error_text(rc));
       m_out.pop_back();
     }
   }
 }
 
 bool Transport::idle() const noexcept { return m_out.empty() && !m_kept; }
-
-std::size_t Transport::in_flight() const noexcept { return m_out.size(); }
 
 }  // namespace lhpc::health

@@ -28,7 +28,12 @@ enum class Command : std::uint32_t {
   stop = 2,      // stop now: give running tasks back to the queue
   finalize = 3,  // shutdown exchange: every rank reported stopped, call MPI_Finalize
 };
-std::string_view command_name(Command c);
+inline constexpr Names<Command, 4> k_command_names{{{
+    {Command::none, "none"},
+    {Command::drain, "drain"},
+    {Command::stop, "stop"},
+    {Command::finalize, "finalize"},
+}}};
 
 struct Control {
   std::uint32_t version = k_report_version;
@@ -74,7 +79,6 @@ public:
   void progress();
   // Nothing in flight and nothing kept (non-root: the last report left).
   bool idle() const noexcept;
-  std::size_t in_flight() const noexcept;
 
 private:
   struct Outgoing {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
+#include "util/json_number.h"
 #include "util/strings.h"
 
 namespace lhpc::health {
@@ -32,18 +33,18 @@ public:
     return v.get<std::string>();
   }
   double num(const json& obj, const std::string& key, const std::string& where = {}) const {
-    const auto& v = at(obj, key, where);
-    if (!v.is_number()) {
+    auto v = json_real(at(obj, key, where));
+    if (!v) {
       fail(where + key, "is not a number");
     }
-    return v.get<double>();
+    return *v;
   }
   unsigned long long count(const json& obj, const std::string& key, const std::string& where = {}) const {
-    const auto& v = at(obj, key, where);
-    if (!v.is_number_integer() && !v.is_number_unsigned()) {
-      fail(where + key, "is not an integer");
+    auto v = json_integer<unsigned long long>(at(obj, key, where));
+    if (!v) {
+      fail(where + key, json_integer_rule<unsigned long long>());
     }
-    return v.get<unsigned long long>();
+    return *v;
   }
   bool boolean(const json& obj, const std::string& key, const std::string& where = {}) const {
     const auto& v = at(obj, key, where);
@@ -51,6 +52,15 @@ public:
       fail(where + key, "is not true or false");
     }
     return v.get<bool>();
+  }
+  // A state, by the names the writer uses; one it does not know is refused.
+  template <typename S, std::size_t N>
+  S state(const json& obj, const std::string& key, const std::string& where, const Names<S, N>& names) const {
+    auto text = str(obj, key, where);
+    if (auto s = names.parse(text)) {
+      return *s;
+    }
+    fail(where + key, "is '" + text + "', not one of " + names.list());
   }
   [[noreturn]] void fail(const std::string& key, const std::string& what) const {
     throw Error(Exit::failure, m_source + ": '" + key + "' " + what,
@@ -78,6 +88,18 @@ std::string ago(double seconds) {
     return fmt::format("{:.0f} h", seconds / 3600);
   }
   return fmt::format("{:.0f} d", seconds / 86400);
+}
+
+// The BROKER column: yes, no, blocked (an alarm on the broker), or
+// "no consumer" (connected, but the broker cancelled it: being restored).
+std::string broker_text(const RankView& r) {
+  if (!r.broker) {
+    return "no";
+  }
+  if (r.blocked) {
+    return "blocked";
+  }
+  return r.consuming ? "yes" : "no consumer";
 }
 
 std::string interval_text(double s) { return fmt::format("{:g} s", s); }
@@ -119,7 +141,7 @@ StatusView parse_status(const std::string& text, const std::string& source) {
   const auto& r0 = rd.at(doc, "rank0", "");
   s.rank0_host = rd.str(r0, "host", "rank0.");
   s.rank0_pid = static_cast<long>(rd.count(r0, "pid", "rank0."));
-  s.state = rd.str(doc, "state");
+  s.state = rd.state(doc, "state", "", k_deployment_state_names);
   const auto& sm = rd.at(doc, "summary", "");
   auto& m = s.summary;
   m.ranks = static_cast<int>(rd.count(sm, "ranks", "summary."));
@@ -143,7 +165,7 @@ StatusView parse_status(const std::string& text, const std::string& source) {
     r.rank = static_cast<int>(rd.count(j, "rank", w));
     r.node = rd.str(j, "node", w);
     r.pid = static_cast<long>(rd.count(j, "pid", w));
-    r.state = rd.str(j, "state", w);
+    r.state = rd.state(j, "state", w, k_state_names);
     r.slots_busy = static_cast<int>(rd.count(j, "slots_busy", w));
     r.slots_total = static_cast<int>(rd.count(j, "slots_total", w));
     r.done = rd.count(j, "done", w);
@@ -151,13 +173,17 @@ StatusView parse_status(const std::string& text, const std::string& source) {
     r.requeued = rd.count(j, "requeued", w);
     r.dead_lettered = rd.count(j, "dead_lettered", w);
     r.broker = rd.boolean(j, "broker", w);
+    // Newer facts: absent in a file written by an older lithops-hpc.
+    r.consuming = j.contains("consuming") ? rd.boolean(j, "consuming", w) : r.broker;
+    r.blocked = j.contains("blocked") && rd.boolean(j, "blocked", w);
+    r.duplicates = j.contains("duplicates") ? rd.count(j, "duplicates", w) : 0;
     r.instance = rd.boolean(j, "instance", w);
     r.restarts = static_cast<unsigned>(rd.count(j, "restarts", w));
     r.rss_kb = rd.count(j, "rss_kb", w);
     r.rss_tree_kb = rd.count(j, "rss_tree_kb", w);
     const auto& ls = rd.at(j, "last_seen", w);
     if (ls.is_number()) {
-      r.last_seen = ls.get<double>();
+      r.last_seen = json_real(ls);
     } else if (!ls.is_null()) {
       rd.fail(w + "last_seen", "is neither a number nor null");
     }
@@ -171,8 +197,8 @@ Assessment assess(const StatusView& s, double now_unix) {
   Assessment a;
   a.age = now_unix - s.updated;
   const auto& m = s.summary;
-  bool ended = s.state == "stopped" || s.state == "failed";
-  a.stale = !ended && a.age > k_unresponsive_intervals * s.interval;
+  bool over = ended(s.state);
+  a.stale = !over && a.age > k_unresponsive_intervals * s.interval;
   if (a.stale) {
     a.code = Exit::failure;
     a.headline = fmt::format(
@@ -181,18 +207,19 @@ Assessment assess(const StatusView& s, double now_unix) {
         s.job, s.rank0_host, s.rank0_pid, ago(a.age), interval_text(s.interval));
     return a;
   }
-  if (ended) {
+  if (over) {
     a.code = Exit::failure;
-    a.headline = fmt::format("job {}{}: {} {} ago; {}", s.job, runtime_text(s), s.state, ago(a.age), totals(m));
+    a.headline = fmt::format("job {}{}: {} {} ago; {}", s.job, runtime_text(s), k_deployment_state_names.text(s.state),
+                             ago(a.age), totals(m));
     return a;
   }
-  bool all_ready = m.ranks > 0 && m.ready == m.ranks && s.state == "running";
+  bool all_ready = m.ranks > 0 && m.ready == m.ranks && s.state == DeploymentState::running;
   a.code = all_ready ? Exit::ok : Exit::failure;
   std::string health = all_ready ? fmt::format("{}/{} ranks ready", m.ready, m.ranks)
                                  : fmt::format("DEGRADED: {}/{} ranks ready, {} degraded, {} unresponsive", m.ready,
                                                m.ranks, m.degraded, m.unresponsive);
-  a.headline = fmt::format("job {}{}: {}, {}; {} (updated {} ago)", s.job, runtime_text(s), s.state, health, totals(m),
-                           ago(a.age));
+  a.headline = fmt::format("job {}{}: {}, {}; {} (updated {} ago)", s.job, runtime_text(s),
+                           k_deployment_state_names.text(s.state), health, totals(m), ago(a.age));
   return a;
 }
 
@@ -205,12 +232,12 @@ std::string render(const StatusView& s, const Assessment& a) {
     rows.push_back({
         std::to_string(r.rank),
         r.node.empty() ? "-" : r.node,
-        r.state,
+        std::string(k_state_names.text(r.state)),
         fmt::format("{}/{}", r.slots_busy, r.slots_total),
         std::to_string(r.done),
         std::to_string(r.failed),
         std::to_string(r.requeued),
-        yn(r.broker),
+        broker_text(r),
         yn(r.instance),
         std::to_string(r.restarts),
         r.rss_tree_kb ? human_bytes(static_cast<double>(r.rss_tree_kb) * 1024.0) : "-",

@@ -1,5 +1,7 @@
 // Reading a status file for people and scripts: parse it, judge it (the exit
-// code of `lithops-hpc status`), and draw the table.
+// code of `lithops-hpc status`), and draw the table. States are parsed into
+// the enums the writer uses (health/report.h, health/table.h): nothing past
+// parse_status compares a state as text.
 #pragma once
 
 #include <optional>
@@ -15,11 +17,14 @@ struct RankView {
   int rank = 0;
   std::string node;
   long pid = 0;
-  std::string state;
+  State state = State::starting;
   int slots_busy = 0;
   int slots_total = 0;
   unsigned long long done = 0, failed = 0, requeued = 0, dead_lettered = 0;
   bool broker = false;
+  bool consuming = true;  // absent in older status files
+  bool blocked = false;
+  unsigned long long duplicates = 0;
   bool instance = false;
   unsigned restarts = 0;
   unsigned long long rss_kb = 0, rss_tree_kb = 0;
@@ -36,13 +41,13 @@ struct StatusView {
   double interval = 0;
   std::string rank0_host;
   long rank0_pid = 0;
-  std::string state;  // running, draining, stopped, failed
+  DeploymentState state = DeploymentState::running;
   Summary summary;
   std::vector<RankView> ranks;
 };
 
-// Throws Error(failure) naming `source` and the first key that is missing or
-// of the wrong type.
+// Throws Error(failure) naming `source` and the first key that is missing, of
+// the wrong type, or a state this version does not know.
 StatusView parse_status(const std::string& text, const std::string& source);
 
 struct Assessment {

@@ -12,6 +12,7 @@
 
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 
 namespace lhpc::logs {
 
@@ -45,7 +46,7 @@ Place place_for(const std::string& setting, const std::string& job) {
   } else if (setting == "state") {
     p = {"state", state_dir(), true, {"jobs", job, "logs"}, ""};
   } else {
-    p = {"path", setting, true, {job}, ""};
+    p = {"path", setting, false, {job}, ""};
   }
   p.dir = p.root;
   for (const auto& c : p.chain) {
@@ -60,7 +61,11 @@ UniqueFd open_dir(const Place& place, bool create) {
   if (!create && !path_exists(place.root)) {
     return UniqueFd();
   }
-  UniqueFd root = place.root_private ? open_private_dir(place.root, create) : open_trusted_dir(place.root);
+  // A root lithops-hpc makes is private; one the user already has (PATH,
+  // /tmp) keeps its mode: it only has to be trusted, and what is below it
+  // (the job's directory) is private.
+  bool made_here = create && !path_exists(place.root);
+  UniqueFd root = place.root_private || made_here ? open_private_dir(place.root, create) : open_trusted_dir(place.root);
   return open_chain(root.get(), place.root, place.chain, create);
 }
 
@@ -96,7 +101,11 @@ std::optional<Record> read_record(const std::string& job) {
     r.job = j.at("job").get<std::string>();
     r.where = j.at("where").get<std::string>();
     r.dir = j.at("dir").get<std::string>();
-    r.max_bytes = j.at("max_bytes").get<std::uint64_t>();
+    auto max_bytes = json_integer<std::uint64_t>(j.at("max_bytes"));
+    if (!max_bytes) {
+      throw std::runtime_error("max_bytes " + json_integer_rule<std::uint64_t>());
+    }
+    r.max_bytes = *max_bytes;
     r.nodes = j.at("nodes").get<std::vector<std::string>>();
     return r;
   } catch (const std::exception& e) {

@@ -21,7 +21,7 @@ namespace lhpc::logs {
 struct Place {
   std::string where;               // "node", "state" or "path"
   std::string root;                // a trusted directory: /tmp, the state dir or PATH
-  bool root_private = false;       // the root itself must be ours and 0700 (state dir, PATH)
+  bool root_private = false;       // the root itself must be ours and 0700 (state dir); PATH only when made here
   std::vector<std::string> chain;  // private directories below the root, created as needed
   std::string dir;                 // root/chain...: holds the rank files
 };

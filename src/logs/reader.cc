@@ -9,6 +9,7 @@
 #include "logs/rotating_file.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/strings.h"
 
 namespace lhpc::logs {
 
@@ -49,6 +50,16 @@ std::vector<int> Reader::missing() const {
   return out;
 }
 
+void Reader::write_line(std::ostream& out, const std::string& prefix, std::string_view line) const {
+  out << prefix;
+  if (m_escape) {
+    out << escape_controls(line, "\t");
+  } else {
+    out.write(line.data(), static_cast<std::streamsize>(line.size()));
+  }
+  out << '\n';
+}
+
 void Reader::drain(Tail& t, int fd, std::ostream& out, bool at_end) {
   char buf[65536];
   const std::string prefix = "rank " + std::to_string(t.rank) + ": ";
@@ -63,13 +74,12 @@ void Reader::drain(Tail& t, int fd, std::ostream& out, bool at_end) {
     t.partial.append(buf, static_cast<std::size_t>(n));
     std::size_t pos = 0;
     for (std::size_t nl; (nl = t.partial.find('\n', pos)) != std::string::npos; pos = nl + 1) {
-      out << prefix;
-      out.write(t.partial.data() + pos, static_cast<std::streamsize>(nl + 1 - pos));
+      write_line(out, prefix, std::string_view(t.partial).substr(pos, nl - pos));
     }
     t.partial.erase(0, pos);
   }
   if (at_end && !t.partial.empty()) {
-    out << prefix << t.partial << '\n';
+    write_line(out, prefix, t.partial);
     t.partial.clear();
   }
 }

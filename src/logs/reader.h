@@ -9,6 +9,7 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "logs/place.h"
@@ -29,6 +30,9 @@ public:
   std::vector<int> missing() const;
   // "rank 2 (node n3): /tmp/lithops-hpc-1000/123/rank-2.log"
   std::string describe(int rank) const;
+  // For a terminal: control characters in the lines (a function's output
+  // may hold escape sequences) are printed as \xNN, tabs kept. Off: raw.
+  void escape_for_terminal(bool on) { m_escape = on; }
 
 private:
   struct Tail {
@@ -42,10 +46,12 @@ private:
   void start(Tail& t, std::ostream& out);
   void drain(Tail& t, int fd, std::ostream& out, bool at_end);
   void follow_rotation(Tail& t, std::ostream& out);
+  void write_line(std::ostream& out, const std::string& prefix, std::string_view line) const;
 
   Record m_rec;
   UniqueFd m_dir;
   std::vector<Tail> m_tails;
+  bool m_escape = false;
 };
 
 }  // namespace lhpc::logs

@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "lhpc_build_config.h"
+#include "lhpc_source_root.h"
 #include "util/error.h"
 #include "util/fd.h"
 #include "util/fs.h"

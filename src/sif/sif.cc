@@ -176,8 +176,10 @@ struct OpenImage {
   std::uint64_t size = 0;
 };
 
+// O_NONBLOCK until the type is known: opening a FIFO must not hang (as
+// stage's open_source).
 OpenImage open_image(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
   if (!fd) {
     const int err = errno;
     std::string hint = "check the path and the file's permissions";
@@ -197,8 +199,10 @@ OpenImage open_image(const std::string& path) {
          "a sandbox directory must be built into a SIF first: apptainer build IMAGE.sif " + path);
   }
   if (!S_ISREG(st.st_mode)) {
-    fail(path + " is not a regular file, so not a SIF image", "give the path of a .sif file");
+    fail(path + " is not a regular file" + (S_ISFIFO(st.st_mode) ? " (a FIFO)" : "") + ", so not a SIF image",
+         "give the path of a .sif file");
   }
+  ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) & ~O_NONBLOCK);
   return {std::move(fd), static_cast<std::uint64_t>(st.st_size)};
 }
 

@@ -202,7 +202,7 @@ bool probe_init_in_child() {
     ::dup2(null, 1);
     ::dup2(wr.get(), 2);
     slurm_init(nullptr);
-    ::_exit(0);
+    ::_exit(0);  // exit-codes: the forked probe's own status, read by its parent
   }
   wr.reset();
   std::string errors;

@@ -9,11 +9,9 @@ using nlohmann::json;
 
 namespace {
 
-bool is_signal_code(int code) {
-  return code == static_cast<int>(Exit::interrupted) || code == static_cast<int>(Exit::terminated);
-}
+bool is_signal(Exit code) { return code == Exit::interrupted || code == Exit::terminated; }
 
-int code_of(const Outcome& o) { return o.error ? static_cast<int>(o.error->code()) : 0; }
+Exit code_of(const Outcome& o) { return o.error ? o.error->code() : Exit::ok; }
 
 std::string failure_list(const World& w, const std::vector<Outcome>& all, const std::vector<int>& failed,
                          const std::string& what) {
@@ -52,23 +50,23 @@ World make_world(MPI_Comm comm, const std::string& node_id) {
   return w;
 }
 
-int signal_code() {
+std::optional<Exit> signal_exit() {
   int s = SignalPipe::last_terminating();
-  return s != 0 ? exit_code_for_signal(s) : 0;
+  return s != 0 ? std::optional<Exit>(exit_for_signal(s)) : std::nullopt;
 }
 
-std::string signal_name(int code) { return code == static_cast<int>(Exit::interrupted) ? "SIGINT" : "SIGTERM"; }
+std::string signal_name(Exit code) { return code == Exit::interrupted ? "SIGINT" : "SIGTERM"; }
 
 void throw_if_signalled() {
-  if (int sig = signal_code(); sig != 0) {
-    throw Error(static_cast<Exit>(sig), "interrupted by " + signal_name(sig));
+  if (auto sig = signal_exit()) {
+    throw Error(*sig, "interrupted by " + signal_name(*sig));
   }
 }
 
 Outcome ok(json data) { return Outcome{.error = std::nullopt, .data = std::move(data)}; }
 
-Outcome failed(int code, const std::string& msg, const std::string& hint) {
-  return Outcome{.error = Error(static_cast<Exit>(code), msg, hint), .data = json::object()};
+Outcome failed(Exit code, const std::string& msg, const std::string& hint) {
+  return Outcome{.error = Error(code, msg, hint), .data = json::object()};
 }
 
 Outcome attempt(const std::function<json()>& work, bool interruptible) {
@@ -80,30 +78,30 @@ Outcome attempt(const std::function<json()>& work, bool interruptible) {
   } catch (const std::exception& e) {
     out.error = Error(Exit::failure, std::string("internal error: ") + e.what());
   }
-  if (int sig = signal_code(); interruptible && sig != 0 && !out.error) {
-    out = failed(sig, "interrupted by " + signal_name(sig));
+  if (auto sig = signal_exit(); interruptible && sig && !out.error) {
+    out = failed(*sig, "interrupted by " + signal_name(*sig));
   }
   return out;
 }
 
 void throw_if_failed(const World& w, const std::vector<Outcome>& all, const std::string& what) {
-  int sig = 0;
+  std::optional<Exit> sig;  // SIGTERM (143) over SIGINT (130)
   int sig_rank = -1;
   std::vector<int> failed_ranks;
   for (int r = 0; r < w.size; ++r) {
-    int code = code_of(all[static_cast<std::size_t>(r)]);
-    if (is_signal_code(code)) {
-      if (code > sig) {
+    Exit code = code_of(all[static_cast<std::size_t>(r)]);
+    if (is_signal(code)) {
+      if (!sig || code > *sig) {
         sig = code;
         sig_rank = r;
       }
-    } else if (code != 0) {
+    } else if (code != Exit::ok) {
       failed_ranks.push_back(r);
     }
   }
-  if (sig != 0) {
-    throw Error(static_cast<Exit>(sig), what + " interrupted by " + signal_name(sig) + " on " + w.where(sig_rank) +
-                                            ": stopped on every rank, partial copies removed");
+  if (sig) {
+    throw Error(*sig, what + " interrupted by " + signal_name(*sig) + " on " + w.where(sig_rank) +
+                          ": stopped on every rank, partial copies removed");
   }
   if (failed_ranks.empty()) {
     return;

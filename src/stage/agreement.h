@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,14 +31,15 @@ struct World {
 };
 World make_world(MPI_Comm comm, const std::string& node_id);  // collective
 
-// The exit code of a SIGINT/SIGTERM received so far (130/143), else 0.
-int signal_code();
-std::string signal_name(int code);  // "SIGINT" for 130, else "SIGTERM"
+// How a SIGINT/SIGTERM received so far ends the stage (interrupted or
+// terminated); nullopt when none came.
+std::optional<Exit> signal_exit();
+std::string signal_name(Exit code);  // "SIGINT" for interrupted, else "SIGTERM"
 // For long local loops (hashing): throws the interrupted Error once signalled.
 void throw_if_signalled();
 
 Outcome ok(nlohmann::json data = nlohmann::json::object());
-Outcome failed(int code, const std::string& msg, const std::string& hint = {});
+Outcome failed(Exit code, const std::string& msg, const std::string& hint = {});
 
 // Runs local work; whatever it throws becomes this rank's failure. A signal
 // that arrived meanwhile wins: it is what the user asked for.

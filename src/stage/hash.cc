@@ -25,8 +25,6 @@ std::string to_hex(const XXH128_hash_t& h) {
   return out;
 }
 
-bool equal(const XXH128_hash_t& a, const XXH128_hash_t& b) { return XXH128_isEqual(a, b) != 0; }
-
 Hasher::Hasher() : m_state(XXH3_createState()) {
   if (m_state == nullptr) {
     throw std::bad_alloc();

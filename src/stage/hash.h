@@ -16,7 +16,6 @@ namespace lhpc::stage {
 // 32 lowercase hex digits, XXH128's canonical (big-endian) form: the same
 // text `xxh128sum` prints.
 std::string to_hex(const XXH128_hash_t& h);
-bool equal(const XXH128_hash_t& a, const XXH128_hash_t& b);
 
 // Streaming XXH3-128; one per file being written or read.
 class Hasher {

@@ -213,10 +213,8 @@ void Chain::wait(MPI_Request& r, Whom whom) {
 }
 
 void Chain::note(const Error& e) {
-  if (m_t.code == 0) {
-    m_t.code = static_cast<int>(e.code());
-    m_t.msg = e.what();
-    m_t.hint = e.hint();
+  if (m_t.going()) {
+    m_t.error = e;
   }
 }
 
@@ -270,9 +268,8 @@ void Chain::write_chunk(std::uint64_t i, const char* buf) {
 // After chunk i: a signal becomes this rank's state, the freed slot gets the
 // next receive, and the state goes into chunk i's agreement.
 void Chain::finish_chunk(std::uint64_t i) {
-  if (int sig = signal_code(); sig != 0 && m_t.code == 0) {
-    m_t.code = sig;
-    m_t.msg = "interrupted by " + signal_name(sig);
+  if (auto sig = signal_exit(); sig && m_t.going()) {
+    m_t.error = Error(*sig, "interrupted by " + signal_name(*sig));
   }
   if (!m_root && i + k_slots - 1 < m_n) {
     const auto j = i + k_slots - 1;  // into the slot chunk i-1 used
@@ -280,7 +277,7 @@ void Chain::finish_chunk(std::uint64_t i) {
     post_recv(j);
   }
   const auto a = i % m_window;
-  m_mine[a] = std::max(m_t.code, 0);
+  m_mine[a] = m_t.error ? 1 : 0;
   MPI_Iallreduce(&m_mine[a], &m_any[a], 1, MPI_INT, MPI_MAX, m_x, &m_agree[a]);
 }
 
@@ -321,19 +318,19 @@ Transfer Chain::run(Progress* progress) {
     char* buf = m_slot[s].get();
     if (m_root) {
       wait(m_send[s], Whom::next);  // chunk i-4 has left: the slot is free
-      if (m_t.code == 0) {
+      if (m_t.going()) {
         read_chunk(i, buf);
       }
     } else {
       wait(m_recv[s], Whom::prev);
       if (i == 0 && dies_in_stage(m_rank)) {
-        std::_Exit(1);
+        std::_Exit(1);  // exit-codes: a test hook's simulated crash
       }
     }
     if (m_next >= 0) {
       MPI_Isend(buf, len(i), MPI_BYTE, m_next, 0, m_x, &m_send[s]);
     }
-    if (m_t.code == 0 && (m_ends.out_fd >= 0 || !m_root)) {
+    if (m_t.going() && (m_ends.out_fd >= 0 || !m_root)) {
       write_chunk(i, buf);
     }
     finish_chunk(i);
@@ -350,9 +347,7 @@ Transfer Chain::run(Progress* progress) {
     if (m_root) {
       spdlog::debug("stage: every rank stopped before chunk {} of {}", stop_at, m_n);
     }
-    if (m_t.code == 0) {
-      m_t.code = -1;  // stopped because another rank failed; that rank names the reason
-    }
+    m_t.stopped = m_t.going();  // another rank failed; that rank names the reason
   }
   m_t.hash = m_hasher.hex();
   return m_t;
@@ -381,7 +376,7 @@ void abandon_stalled(const std::string& partial, const std::string& what, double
   spdlog::error("hint: a slow file system or network needs a longer deploy.start_timeout");
   spdlog::default_logger()->flush();
   std::this_thread::sleep_for(std::chrono::duration<double>(std::min(10.0, seconds)));
-  MpiSession::abort(static_cast<int>(Exit::stage));
+  MpiSession::abort(Exit::stage);
 }
 
 }  // namespace lhpc::stage

@@ -13,9 +13,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "stage/progress.h"
+#include "util/error.h"
 
 namespace lhpc::stage {
 
@@ -33,15 +35,15 @@ struct ChainEnds {
 };
 
 struct Transfer {
-  int code = 0;  // 0; a failure's exit code; -1: stopped because another rank failed
-  std::string msg;
-  std::string hint;
-  std::string hash;  // XXH3-128 of the bytes this rank read (root) or wrote
+  std::optional<Error> error;  // this rank's failure (a signal is one too)
+  bool stopped = false;        // stopped because another rank failed; that rank names the reason
+  std::string hash;            // XXH3-128 of the bytes this rank read (root) or wrote
+  bool going() const { return !error && !stopped; }
 };
 
 // Collective over `x` (the ranks of the transfer, rank 0 the reader).
 // Stopping together: after each chunk every rank posts a non-blocking
-// allreduce of its state (0, a failure code, 128+signal); before chunk i a
+// allreduce of its state (1 once it failed or was signalled); before chunk i a
 // rank waits for the one of chunk i-W. W covers the chain's depth, so the
 // agreement never throttles the pipeline, and every rank that sees "stop"
 // stops before the same chunk, so no message is left unmatched. A wait

@@ -8,6 +8,7 @@
 
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 
 namespace lhpc::stage {
 
@@ -35,25 +36,18 @@ namespace {
 json stamp_json(const FileStamp& s) {
   return {{"dev", s.dev}, {"ino", s.ino}, {"size", s.size}, {"mtime_ns", s.mtime_ns}, {"ctime_ns", s.ctime_ns}};
 }
-// Numbers are read only when JSON holds them as integers of the right sign:
-// get<> of a float out of range (1e20) is undefined behaviour.
-std::uint64_t unsigned_at(const json& j, const char* key) {
+// Numbers by util/json_number's one rule (get<> of 1e20 would be undefined).
+template <class T>
+T integer_at(const json& j, const char* key) {
   const auto& v = j.at(key);
-  if (!v.is_number_unsigned()) {
-    throw json::type_error::create(302, std::string(key) + " is not a non-negative integer", &v);
+  auto n = json_integer<T>(v);
+  if (!n) {
+    throw json::type_error::create(302, std::string(key) + " " + json_integer_rule<T>(), &v);
   }
-  return v.get<std::uint64_t>();
+  return *n;
 }
-std::int64_t signed_at(const json& j, const char* key) {
-  const auto& v = j.at(key);
-  if (!v.is_number_integer()) {
-    throw json::type_error::create(302, std::string(key) + " is not an integer", &v);
-  }
-  if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX)) {
-    throw json::type_error::create(302, std::string(key) + " is out of range", &v);
-  }
-  return v.get<std::int64_t>();
-}
+std::uint64_t unsigned_at(const json& j, const char* key) { return integer_at<std::uint64_t>(j, key); }
+std::int64_t signed_at(const json& j, const char* key) { return integer_at<std::int64_t>(j, key); }
 FileStamp stamp_from(const json& j) {
   FileStamp s;
   s.dev = unsigned_at(j, "dev");

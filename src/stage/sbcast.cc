@@ -64,9 +64,9 @@ Outcome run_sbcast(const Options& o, const std::string& dest) {
   spdlog::info("running {}", join_argv(argv));
   auto child = spawn({.argv = argv, .env = sbcast_env(Env::current()), .stdout_fd = out.get(), .stderr_fd = out.get()});
   while (!child.try_wait()) {
-    if (int sig = signal_code(); sig != 0) {
+    if (auto sig = signal_exit()) {
       child.terminate(std::chrono::seconds(2));
-      return failed(sig, "interrupted by " + signal_name(sig) + " while sbcast ran");
+      return failed(*sig, "interrupted by " + signal_name(*sig) + " while sbcast ran");
     }
     if (o.tick) {
       o.tick();
@@ -77,8 +77,7 @@ Outcome run_sbcast(const Options& o, const std::string& dest) {
     std::string text(4096, '\0');
     ssize_t n = ::pread(out.get(), text.data(), text.size(), 0);
     text.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
-    return failed(static_cast<int>(Exit::stage),
-                  join_argv(argv) + " " + describe_status(*child.status()) + ": " + trim(text),
+    return failed(Exit::stage, join_argv(argv) + " " + describe_status(*child.status()) + ": " + trim(text),
                   "check that the job's nodes can reach the file and that the directory exists on every node");
   }
   return ok();

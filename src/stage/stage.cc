@@ -136,7 +136,7 @@ std::string summary_line(const Source& s, const Result& r, config::Transfer how,
   if (r.nodes_copied < r.nodes) {
     line += ", " + std::to_string(r.nodes - r.nodes_copied) + " already had it";
   }
-  return line + " [" + config::to_string(how) + ", xxh3-128 " + r.hash_hex + "]";
+  return line + " [" + std::string(config::k_transfer_names.text(how)) + ", xxh3-128 " + r.hash_hex + "]";
 }
 
 // -- A: rank 0 checks the options and the source before anything moves.
@@ -383,9 +383,9 @@ void move_by_mpi(Run& run) {
     prog->finish();
   }
   MPI_Comm_free(&x);
-  if (t.code > 0) {
-    run.moved = failed(t.code, t.msg, t.hint);
-  } else if (t.code < 0) {
+  if (t.error) {
+    run.moved = Outcome{.error = t.error, .data = json::object()};
+  } else if (t.stopped) {
     run.moved = ok({{"stopped", true}});
   } else {
     run.moved = ok({{"hash", t.hash}});
@@ -440,8 +440,8 @@ std::string agree_on_transfer(Run& run) {
     }
   });
   run.phase("every rank done moving");
-  if (int sig = signal_code(); sig != 0 && !run.moved.error) {
-    run.moved = failed(sig, "interrupted by " + signal_name(sig));
+  if (auto sig = signal_exit(); sig && !run.moved.error) {
+    run.moved = failed(*sig, "interrupted by " + signal_name(*sig));
   }
   auto all = agree(run.w, run.moved, "staging " + run.src.name);
   std::string reference = run.src.known_hash;

@@ -1,6 +1,8 @@
-// The project's error type and exit codes: one place turns failures into
-// messages and exit codes (main.cc). Fatal errors throw lhpc::Error; absence
-// that is normal is std::optional, never an exception.
+// The project's error type and exit codes: a command returns an Exit or
+// throws an Error, and one place turns either into a message and a number
+// (main.cc; MpiSession::abort for a job that cannot return to main).
+// tools/exit-codes.sh (the lint/exit-codes test) keeps it so. Fatal errors
+// throw lhpc::Error; absence that is normal is std::optional, never an exception.
 #pragma once
 
 #include <stdexcept>
@@ -19,6 +21,7 @@ enum class Exit : int {
   engine = 6,         // container engine missing or an instance failed
   stage = 7,          // image transfer failed on some node
   no_deployment = 8,  // `status`, `stop`: no status file where one was looked for
+  hangup = 129,       // SIGHUP (`runtime build`)
   interrupted = 130,  // SIGINT
   terminated = 143,   // SIGTERM
 };

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -193,36 +194,44 @@ void write_file_atomic(const std::string& path, const std::string& data, mode_t 
   write_file_atomic_at(d.get(), basename_of(path), data, mode, path);
 }
 
-void mkdirs(const std::string& path, mode_t mode) {
-  if (path.empty()) {
+namespace {
+
+std::string absolute(const std::string& path) {
+  if (!path.empty() && path.front() == '/') {
+    return path;
+  }
+  std::string cwd(PATH_MAX, '\0');
+  if (::getcwd(cwd.data(), cwd.size()) == nullptr) {
+    throw Error(Exit::failure, "cannot resolve " + path + ": the current directory: " + errno_text(errno));
+  }
+  cwd.resize(std::strlen(cwd.c_str()));
+  return cwd == "/" ? "/" + path : cwd + "/" + path;
+}
+
+// Only a missing name is created: mkdirat on one that exists could answer
+// EROFS or EACCES rather than EEXIST on some file systems.
+void make_missing(int parent_fd, const std::string& name, const std::string& shown, mode_t mode) {
+  struct stat st {};
+  if (::fstatat(parent_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT) {
     return;
   }
-  std::string sofar = path.front() == '/' ? "" : ".";
-  for (const auto& c : components(path)) {
-    sofar += "/" + c;
-    if (::mkdir(sofar.c_str(), mode) != 0 && errno != EEXIST) {
-      throw Error(Exit::failure, "cannot create directory " + sofar + ": " + errno_text(errno));
-    }
-  }
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-    throw Error(Exit::failure, "cannot create directory " + path + ": it exists and is not a directory");
+  if (::mkdirat(parent_fd, name.c_str(), mode) != 0 && errno != EEXIST) {
+    throw Error(Exit::failure, "cannot create directory " + shown + ": " + errno_text(errno),
+                "check that its parent is writable by you");
   }
 }
 
-UniqueFd open_trusted_dir(const std::string& path) {
-  if (path.empty() || path.front() != '/') {
-    throw Error(Exit::failure, "'" + path + "' is not an absolute path", "give a path starting with /");
-  }
-  auto given = components(path);
-  if (std::find(given.begin(), given.end(), "..") != given.end()) {
-    throw Error(Exit::failure, path + " has a '..' component", "give the path without '..'");
-  }
-  // The directories walked so far, each checked before going below it; a
-  // link's target may climb back with "..".
+// The walk behind open_trusted_dir: `todo` from /, each directory checked
+// before going below it; a link's target (whose "..", unlike the given
+// path's, climbs back the directories walked). With `create`, a missing
+// directory is made by mkdirat under the one just checked, never by a path
+// that a link someone else owns could redirect.
+// With `missing`, a directory that does not exist ends the walk with no fd
+// and *missing set, instead of an error.
+UniqueFd walk_trusted(std::deque<std::string> todo, const std::string& path, const mode_t* create,
+                      bool* missing = nullptr) {
   std::vector<std::pair<UniqueFd, std::string>> walked;
   walked.emplace_back(UniqueFd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)), "");
-  std::deque<std::string> todo(given.begin(), given.end());
   int links = 0;
   for (;;) {
     const auto& [fd, shown] = walked.back();
@@ -251,10 +260,167 @@ UniqueFd open_trusted_dir(const std::string& path) {
       }
       continue;
     }
+    if (create != nullptr) {
+      make_missing(fd.get(), c, here, *create);
+    }
+    struct stat st {};
+    if (missing != nullptr && ::fstatat(fd.get(), c.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+      *missing = true;
+      return {};
+    }
     auto next = open_below(fd.get(), c, here);
     walked.emplace_back(std::move(next), here);
   }
   return std::move(walked.back().first);
+}
+
+std::deque<std::string> given_components(const std::string& path) {
+  auto given = components(path);
+  if (std::find(given.begin(), given.end(), "..") != given.end()) {
+    throw Error(Exit::failure, path + " has a '..' component", "give the path without '..'");
+  }
+  return {given.begin(), given.end()};
+}
+
+}  // namespace
+
+UniqueFd open_trusted_dir(const std::string& path) {
+  if (path.empty() || path.front() != '/') {
+    throw Error(Exit::failure, "'" + path + "' is not an absolute path", "give a path starting with /");
+  }
+  return walk_trusted(given_components(path), path, nullptr);
+}
+
+UniqueFd make_trusted_dir(const std::string& path, mode_t mode) {
+  auto abs = absolute(path);
+  return walk_trusted(given_components(abs), abs, &mode);
+}
+
+void mkdirs(const std::string& path, mode_t mode) {
+  if (!path.empty()) {
+    make_trusted_dir(path, mode);
+  }
+}
+
+namespace {
+
+// Why a file may not steer lithops-hpc, as an Error; none when it may.
+std::optional<Error> untrusted_file(const struct stat& st, const std::string& shown, FileOwner who, std::size_t max) {
+  if (S_ISDIR(st.st_mode)) {
+    return Error(Exit::failure, shown + " is a directory", "give the path of the file itself");
+  }
+  if (S_ISLNK(st.st_mode)) {
+    return Error(Exit::failure, shown + " is a symbolic link where lithops-hpc keeps a regular file",
+                 "check where it leads, then remove it");
+  }
+  if (!S_ISREG(st.st_mode)) {
+    return Error(Exit::failure, shown + " is not a regular file (a FIFO, socket or device)",
+                 "give the path of a regular file, or remove what is there");
+  }
+  bool root_ok = who == FileOwner::me_or_root && st.st_uid == 0;
+  if (st.st_uid != ::geteuid() && !root_ok) {
+    return Error(Exit::failure,
+                 shown + " belongs to " + owner_name(st.st_uid) +
+                     (who == FileOwner::me ? ", not to you" : ", neither to you nor to root") +
+                     ": they choose what it says, so lithops-hpc does not read it",
+                 "have its owner (or root) remove it, or use a file of your own");
+  }
+  if ((st.st_mode & 0022) != 0) {
+    return Error(Exit::failure,
+                 shown + " is writable by other users (mode " + fmt_mode(st.st_mode) +
+                     "): they could change what it says, so lithops-hpc does not read it",
+                 "check what is in it, then chmod go-w " + shown);
+  }
+  if (static_cast<std::uint64_t>(st.st_size) > max) {
+    return Error(Exit::failure,
+                 shown + " holds " + std::to_string(st.st_size) + " bytes, more than " + std::to_string(max),
+                 "check that it is the right file");
+  }
+  return std::nullopt;
+}
+
+std::string read_checked(int fd, const std::string& shown, std::size_t max) {
+  std::string text;
+  char buf[65536];
+  for (;;) {
+    auto n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      throw Error(Exit::failure, "cannot read " + shown + ": " + errno_text(errno));
+    }
+    if (n == 0) {
+      return text;
+    }
+    if (text.size() + static_cast<std::size_t>(n) > max) {
+      throw Error(Exit::failure, shown + " grew past " + std::to_string(max) + " bytes while it was read",
+                  "check that it is the right file");
+    }
+    text.append(buf, static_cast<std::size_t>(n));
+  }
+}
+
+// `name` in the trusted directory `dir_fd`: checked before it is opened (so
+// neither a FIFO nor a device is ever opened) and again once open.
+std::string read_file_at(int dir_fd, const std::string& name, const std::string& shown, FileOwner who,
+                         std::size_t max) {
+  struct stat st {};
+  if (::fstatat(dir_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    if (auto e = untrusted_file(st, shown, who, max)) {
+      throw *e;
+    }
+  }
+  UniqueFd fd(::openat(dir_fd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+  if (!fd || ::fstat(fd.get(), &st) != 0) {
+    throw Error(Exit::failure, "cannot open " + shown + ": " + errno_text(errno), "check the file's permissions");
+  }
+  if (auto e = untrusted_file(st, shown, who, max)) {
+    throw *e;
+  }
+  return read_checked(fd.get(), shown, max);
+}
+
+}  // namespace
+
+std::optional<std::string> read_trusted_file(const std::string& path, std::size_t max, FileOwner who) {
+  auto abs = absolute(path);
+  auto shown = abs;
+  std::deque<std::string> parts;
+  for (auto& c : components(abs)) {
+    parts.push_back(std::move(c));
+  }
+  for (int links = 0;;) {
+    if (parts.empty() || parts.back() == "." || parts.back() == "..") {
+      throw Error(Exit::failure, shown + " is a directory", "give the path of the file itself");
+    }
+    auto name = parts.back();
+    parts.pop_back();
+    bool missing = false;
+    auto dir = walk_trusted(parts, shown, nullptr, &missing);
+    if (missing) {
+      return std::nullopt;
+    }
+    if (auto target = trusted_link_target(dir.get(), name, shown)) {
+      if (++links > 40) {
+        throw Error(Exit::failure, path + " goes through more than 40 symbolic links",
+                    "give the real path (realpath " + path + ")");
+      }
+      if (target->front() == '/') {
+        parts.clear();
+      }
+      for (auto& c : components(*target)) {
+        parts.push_back(std::move(c));
+      }
+      shown = abs + " (a link to " + *target + ")";
+      continue;
+    }
+    struct stat st {};
+    if (::fstatat(dir.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+      return std::nullopt;
+    }
+    return read_file_at(dir.get(), name, shown, who, max);
+  }
 }
 
 UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::string& shown, bool create,
@@ -291,10 +457,8 @@ UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::
 
 UniqueFd open_private_dir(const std::string& path, bool create, bool* created) {
   auto parent = dirname_of(path);
-  if (create && !parent.empty() && !path_exists(parent)) {
-    mkdirs(parent, 0755);
-  }
-  auto pfd = open_trusted_dir(parent.empty() ? "/" : parent);
+  auto pfd =
+      create ? make_trusted_dir(parent.empty() ? "/" : parent, 0755) : open_trusted_dir(parent.empty() ? "/" : parent);
   return open_private_dir_at(pfd.get(), basename_of(path), path, create, created);
 }
 
@@ -305,26 +469,11 @@ std::optional<std::string> read_private_file(const std::string& path, std::size_
     return std::nullopt;
   }
   auto dir = open_private_dir(dirname_of(path), false);
-  UniqueFd fd(::openat(dir.get(), basename_of(path).c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
-  if (!fd) {
-    if (errno == ENOENT) {
-      return std::nullopt;
-    }
-    throw Error(Exit::failure, "cannot read " + path + ": " + errno_text(errno));
-  }
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid() ||
-      static_cast<std::uint64_t>(st.st_size) > max) {
-    throw Error(Exit::failure, path + " is not a regular file of yours of at most " + std::to_string(max) + " bytes",
-                "remove it");
+  if (::fstatat(dir.get(), basename_of(path).c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+    return std::nullopt;
   }
-  std::string text(static_cast<std::size_t>(st.st_size), '\0');
-  ssize_t n = ::pread(fd.get(), text.data(), text.size(), 0);
-  if (n < 0) {
-    throw Error(Exit::failure, "cannot read " + path + ": " + errno_text(errno));
-  }
-  text.resize(static_cast<std::size_t>(n));
-  return text;
+  return read_file_at(dir.get(), basename_of(path), path, FileOwner::me, max);
 }
 
 void check_path_component(const std::string& what, const std::string& value) {

@@ -33,6 +33,10 @@ void write_file_atomic_at(int dir_fd, const std::string& name, const std::string
 // and checks each parent; throws Error naming the component, its owner and
 // what to do.
 UniqueFd open_trusted_dir(const std::string& path);
+// The same, creating each missing directory (`mode`, before umask) with
+// mkdirat under the one just checked: nothing is created through a link
+// another user owns. A relative `path` starts at the current directory.
+UniqueFd make_trusted_dir(const std::string& path, mode_t mode = 0755);
 // `name` inside the trusted directory `parent_fd` (shown as `shown_as`),
 // created 0700 when missing and `create`; ours and private, else Error
 // naming the owner. A directory of ours that only others can read is
@@ -43,13 +47,26 @@ UniqueFd open_private_dir_at(int parent_fd, const std::string& name, const std::
 // Both: `path`'s parents trusted, `path` itself private (created with any
 // missing parents, those 0755). Returns its fd for later work.
 UniqueFd open_private_dir(const std::string& path, bool create = true, bool* created = nullptr);
+// Who may own a file whose content steers lithops-hpc: what it wrote itself
+// (status, state) is yours; configuration may also be root's (/etc).
+enum class FileOwner { me, me_or_root };
+// The content of a file that steers lithops-hpc (configuration, status
+// files): every directory on the way passes the parent rules above (a link,
+// the file's own name included, is followed only when root or we own it,
+// its target checked the same way), and the file is a regular file (never
+// opened otherwise: a FIFO does not hang the reader), owned as `who` says,
+// not writable by group or others, at most `max` bytes. A relative `path`
+// starts at the current directory. nullopt when it (or a directory on the
+// way) does not exist; Error naming the file and why otherwise.
+std::optional<std::string> read_trusted_file(const std::string& path, std::size_t max, FileOwner who = FileOwner::me);
 // The content of `path` when its directory passes open_private_dir (not
 // created) and it is a regular file of ours, not a symlink, at most `max`
-// bytes; nullopt when missing. Throws Error when the directory is not trusted.
+// bytes; nullopt when missing. Throws Error naming what is wrong (directory
+// not trusted, type, owner, mode, size).
 std::optional<std::string> read_private_file(const std::string& path, std::size_t max);
 // open_private_dir, for callers that go on by path (status files).
 void make_private_dir(const std::string& path);
-// Creates `path` and missing parents with `mode` (before umask).
+// make_trusted_dir for callers that go on by path.
 void mkdirs(const std::string& path, mode_t mode = 0755);
 // A path component a job id becomes: not empty, at most 128 characters of
 // [A-Za-z0-9._-], not "." or "..". Throws Error(usage) naming `what`.

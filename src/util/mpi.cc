@@ -30,9 +30,9 @@ MpiSession::~MpiSession() {
   }
 }
 
-void MpiSession::abort(int code) {
-  MPI_Abort(MPI_COMM_WORLD, code);
-  std::_Exit(code);
+void MpiSession::abort(Exit code) {
+  MPI_Abort(MPI_COMM_WORLD, static_cast<int>(code));
+  std::_Exit(static_cast<int>(code));
 }
 
 void log_collective_error(int rank, const Error& e) {

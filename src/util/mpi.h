@@ -26,9 +26,10 @@ public:
   int rank() const noexcept { return m_rank; }
   int size() const noexcept { return m_size; }
   MPI_Comm world() const noexcept { return MPI_COMM_WORLD; }
-  // Ends every rank with `code` (a rank that cannot go on while others wait in a collective).
+  // Ends every rank with `code` (a rank that cannot go on while others wait in
+  // a collective): the one way besides main.cc an Exit becomes the process's status.
   // Static: code that holds no session (stage) calls it too.
-  [[noreturn]] static void abort(int code);
+  [[noreturn]] static void abort(Exit code);
 
 private:
   int m_rank = 0;

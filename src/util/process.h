@@ -1,5 +1,5 @@
 // Child processes: spawn with pipes and an explicit environment, signal,
-// reap. Secrets travel in the environment, never in argv (see design.md).
+// reap. Secrets travel in the environment, never in argv (see docs/design.md, "Security").
 #pragma once
 
 #include <sys/types.h>

@@ -64,6 +64,13 @@ std::vector<int> SignalPipe::drain() {
 
 int SignalPipe::last_terminating() { return g_last_term; }
 
-int exit_code_for_signal(int sig) { return 128 + sig; }
+Exit exit_for_signal(int sig) {
+  switch (sig) {
+    case SIGHUP: return Exit::hangup;
+    case SIGINT: return Exit::interrupted;
+    case SIGTERM: return Exit::terminated;
+    default: return Exit::failure;
+  }
+}
 
 }  // namespace lhpc

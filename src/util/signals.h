@@ -6,6 +6,8 @@
 #include <initializer_list>
 #include <vector>
 
+#include "util/error.h"
+
 namespace lhpc {
 
 class SignalPipe {
@@ -24,7 +26,8 @@ private:
   std::vector<int> m_signals;
 };
 
-// Exit code for a run ended by `sig` (130 for SIGINT, 143 for SIGTERM).
-int exit_code_for_signal(int sig);
+// How a run ended by `sig` exits: interrupted (SIGINT), terminated (SIGTERM),
+// hangup (SIGHUP); no other signal is caught, and any other is a failure.
+Exit exit_for_signal(int sig);
 
 }  // namespace lhpc

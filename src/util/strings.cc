@@ -42,6 +42,66 @@ std::string trim(std::string_view s) {
 
 bool starts_with(std::string_view s, std::string_view prefix) { return s.substr(0, prefix.size()) == prefix; }
 
+namespace {
+
+// The length of the UTF-8 sequence at s[i] (2 to 4), 0 when it is not one:
+// overlong forms, surrogates and code points past U+10FFFF are not.
+std::size_t utf8_length(std::string_view s, std::size_t i) {
+  auto at = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0U; };
+  unsigned c = at(0);
+  std::size_t n = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+  unsigned lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80;
+  unsigned hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+  if (n == 0 || at(1) < lo || at(1) > hi) {
+    return 0;
+  }
+  for (std::size_t k = 2; k < n; ++k) {
+    if (at(k) < 0x80 || at(k) > 0xbf) {
+      return 0;
+    }
+  }
+  return n;
+}
+
+void append_hex(std::string& out, unsigned char c) {
+  char buf[5];
+  std::snprintf(buf, sizeof buf, "\\x%02x", c);
+  out += buf;
+}
+
+}  // namespace
+
+std::string escape_controls(std::string_view s, std::string_view keep) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      bool control = c < 0x20 || c == 0x7f;
+      if (control && keep.find(static_cast<char>(c)) == std::string_view::npos) {
+        append_hex(out, c);
+      } else {
+        out += static_cast<char>(c);
+      }
+      ++i;
+      continue;
+    }
+    auto n = utf8_length(s, i);
+    // U+0080..U+009F are 0xC2 0x80..0x9F.
+    bool c1 = n == 2 && c == 0xc2 && static_cast<unsigned char>(s[i + 1]) <= 0x9f;
+    if (n == 0 || c1) {
+      for (std::size_t k = 0; k < std::max<std::size_t>(n, 1); ++k) {
+        append_hex(out, static_cast<unsigned char>(s[i + k]));
+      }
+      i += std::max<std::size_t>(n, 1);
+      continue;
+    }
+    out.append(s.substr(i, n));
+    i += n;
+  }
+  return out;
+}
+
 std::string shell_quote(std::string_view s) {
   if (!s.empty() && s.find_first_of(" \t\n'\"\\$`*?[]{}()<>|&;#~!") == std::string_view::npos) {
     return std::string(s);

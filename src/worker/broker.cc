@@ -17,7 +17,19 @@ public:
   void pump(bool readable) override { m_c->pump(readable); }
   bool next_delivery(amqp::Delivery& out) override { return m_c->next_delivery(out); }
   std::vector<amqp::Confirm> take_confirms() override { return m_c->take_confirms(); }
-  bool consumer_cancelled() const override { return m_c->consumer_cancelled(); }
+  std::vector<amqp::CancelledConsumer> take_cancelled() override { return m_c->take_cancelled(); }
+  bool blocked() const override { return m_c->blocked(); }
+  std::optional<amqp::BrokerClose> closed() const override { return m_c->closed(); }
+  void set_max_body(std::uint64_t bytes) override { m_c->set_max_body(bytes); }
+  void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) override {
+    m_c->declare_queue_async(queue, durable, auto_delete);
+  }
+  void declare_exchange_async(const std::string& exchange, const std::string& type) override {
+    m_c->declare_exchange_async(exchange, type);
+  }
+  void bind_queue_async(const std::string& queue, const std::string& exchange) override {
+    m_c->bind_queue_async(queue, exchange);
+  }
   void ack(std::uint64_t tag) override { m_c->ack(tag); }
   void reject(std::uint64_t tag, bool requeue) override { m_c->reject(tag, requeue); }
   std::uint64_t publish(const std::string& rk, std::string_view body, const amqp::Properties& p) override {
@@ -27,7 +39,6 @@ public:
                                     const amqp::Properties& p) override {
     return m_c->publish(exchange, "", body, p);
   }
-  void declare_queue_async(const std::string& name) override { m_c->declare_queue_async(name); }
   void qos_async(std::uint16_t prefetch) override { m_c->qos_async(prefetch, true); }
   std::string consume(const std::string& queue, const amqp::ConsumeArgs& args) override {
     return m_c->consume(queue, args);
@@ -79,6 +90,7 @@ std::string subscribe(amqp::Connection& c, const Subscription& s) {
   c.open_channel(s.rank_channel);
   amqp::ConsumeArgs r;
   r.channel = s.rank_channel;
+  r.tag = s.rank_tag;
   r.no_ack = true;
   c.consume(s.rank_queue, r);
   return tag;

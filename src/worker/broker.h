@@ -29,7 +29,20 @@ public:
   virtual void pump(bool readable) = 0;
   virtual bool next_delivery(amqp::Delivery& out) = 0;
   virtual std::vector<amqp::Confirm> take_confirms() = 0;
-  virtual bool consumer_cancelled() const = 0;
+  // Consumers the broker cancelled since the last call (queue deleted, ...).
+  virtual std::vector<amqp::CancelledConsumer> take_cancelled() = 0;
+  // connection.blocked (a broker memory or disk alarm) until unblocked.
+  virtual bool blocked() const = 0;
+  // Why the broker closed a channel or the connection, once it did.
+  virtual std::optional<amqp::BrokerClose> closed() const = 0;
+  // Bodies over this many bytes are dropped as they arrive (Delivery::oversized).
+  virtual void set_max_body(std::uint64_t bytes) = 0;
+  // queue.declare without waiting for the reply (a refusal closes the channel).
+  // A publish after it on channel 1 reaches the queue.
+  virtual void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) = 0;
+  // exchange.declare (durable) and queue.bind (routing key ""), nowait.
+  virtual void declare_exchange_async(const std::string& exchange, const std::string& type) = 0;
+  virtual void bind_queue_async(const std::string& queue, const std::string& exchange) = 0;
   virtual void ack(std::uint64_t tag) = 0;
   virtual void reject(std::uint64_t tag, bool requeue) = 0;
   // To the default exchange; returns the publisher-confirm sequence number.
@@ -38,8 +51,6 @@ public:
   // Through a named exchange (the runtimes' fanout), routing key "".
   virtual std::uint64_t publish_to_exchange(const std::string& exchange, std::string_view body,
                                             const amqp::Properties& props) = 0;
-  // A durable queue, nowait: a publish after it on channel 1 reaches it.
-  virtual void declare_queue_async(const std::string& name) = 0;
   virtual void qos_async(std::uint16_t prefetch) = 0;  // channel 1, global
   virtual std::string consume(const std::string& queue, const amqp::ConsumeArgs& args) = 0;
   virtual void cancel_async(const std::string& consumer_tag) = 0;
@@ -55,6 +66,7 @@ struct Subscription {
   int slot_priority = 10;
   std::string slot_tag;     // the slot consumer's tag
   std::string reserve_tag;  // the reserve consumer's tag
+  std::string rank_tag;     // the rank queue consumer's tag
   // The runtime's queue (dispatch/runtime.h), consumed on channel 1 beside
   // the task queue by the same two kinds of consumer; empty: none. Bound to
   // runtimes_exchange, which is declared in any case (get_metadata of

@@ -35,6 +35,7 @@ milliseconds until(Clock::time_point t, Clock::time_point now) {
 
 }  // namespace
 
+#if LHPC_TEST_HOOKS
 // Benchmarks only (LITHOPS_HPC_LATENCY_LOG, test builds): "sent_ns ack_ns"
 // per acked message, written in batches (every 200 ms at most) so a benchmark
 // can watch the file grow without the worker paying a write per message.
@@ -70,6 +71,7 @@ private:
   std::vector<std::pair<std::int64_t, std::int64_t>> m_rows;
   Clock::time_point m_last_write{};
 };
+#endif
 
 std::string DispatchMode::find_handler(bool host_engine) {
   std::string path;
@@ -130,11 +132,6 @@ dispatch::HandlerCommand DispatchMode::handler_command(int h) const {
 }
 
 void DispatchMode::start() {
-#if LHPC_TEST_HOOKS
-  if (const char* p = std::getenv("LITHOPS_HPC_LATENCY_LOG"); p && *p) {
-    m_latency = std::make_unique<LatencyLog>(p);
-  }
-#endif
   dispatch::DispatcherOptions dopts;
   dopts.slots = m_ctx.slots;
   dopts.queue = m_ctx.cfg.rabbitmq.queue;
@@ -157,9 +154,12 @@ void DispatchMode::start() {
       m_ctx.slots + 1, [this](int h) { return handler_command(h); }, popts, *this);
   // The dispatcher sends through the pool.
   m_dispatcher = std::make_unique<dispatch::Dispatcher>(dopts, *this, *m_pool, m_inflight.get());
-  if (m_latency) {
+#if LHPC_TEST_HOOKS
+  if (const char* p = std::getenv("LITHOPS_HPC_LATENCY_LOG"); p && *p) {
+    m_latency = std::make_unique<LatencyLog>(p);
     m_dispatcher->set_on_ack([this](const amqp::Delivery& d) { m_latency->on_ack(d); });
   }
+#endif
   m_pool->start();
 }
 
@@ -193,7 +193,7 @@ std::uint64_t DispatchMode::publish_to_exchange(const std::string& exchange, con
   return guarded([&] { return m_conn->publish_to_exchange(exchange, body, p); });
 }
 void DispatchMode::declare_queue(const std::string& name) {
-  guarded([&] { m_conn->declare_queue_async(name); });
+  guarded([&] { m_conn->declare_queue_async(name, true, false); });
 }
 void DispatchMode::set_prefetch(int n) {
   guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n)); });
@@ -222,21 +222,36 @@ void DispatchMode::set_slot_consumer(bool active) {
   });
 }
 
+bool DispatchMode::task_slot_consumer_missing() const {
+  return m_slot_wanted && m_slot_tag.empty() && !task_queue_cancelled();
+}
+
+bool DispatchMode::runtime_slot_consumer_missing() const {
+  return m_slot_wanted && !m_runtime_queue.empty() && m_runtime_slot_tag.empty() && !runtime_queue_cancelled();
+}
+
 void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
-  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || m_ctx.state() != State::running) {
+  // Each queue's on its own: one whose consumers the broker cancelled gets
+  // its slot consumer once restore_consumers_when_due declared it again.
+  bool task = task_slot_consumer_missing();
+  bool runtime = runtime_slot_consumer_missing();
+  if ((!task && !runtime) || now < m_slot_due || !m_conn || m_ctx.state() != State::running) {
     return;
   }
   guarded([&] {
     amqp::ConsumeArgs a;
-    a.tag = "lhpc-slots-" + std::to_string(++m_slot_consumers);
     a.priority = k_slot_priority;
     a.nowait = true;
-    m_slot_tag = m_conn->consume(m_ctx.cfg.rabbitmq.queue, a);
-    if (!m_runtime_queue.empty()) {
-      a.tag = "lhpc-runtime-slots-" + std::to_string(m_slot_consumers);
+    auto n = std::to_string(++m_slot_consumers);
+    if (task) {
+      a.tag = "lhpc-slots-" + n;
+      m_slot_tag = m_conn->consume(m_ctx.cfg.rabbitmq.queue, a);
+      spdlog::debug("slot consumer {} started: a slot is free", m_slot_tag);
+    }
+    if (runtime) {
+      a.tag = "lhpc-runtime-slots-" + n;
       m_runtime_slot_tag = m_conn->consume(m_runtime_queue, a);
     }
-    spdlog::debug("slot consumer {} started: a slot is free", m_slot_tag);
   });
 }
 void DispatchMode::stop_consuming() {
@@ -303,6 +318,7 @@ void DispatchMode::connect_when_due(Clock::time_point now) {
   sub.slot_priority = k_slot_priority;
   sub.slot_tag = "lhpc-slots-1";
   sub.reserve_tag = k_reserve_tag;
+  sub.rank_tag = k_rank_tag;
   sub.runtimes_exchange = dispatch::runtimes_exchange(sub.queue);
   sub.runtime_queue = m_runtime_queue;
   sub.runtime_slot_tag = "lhpc-runtime-slots-1";
@@ -326,6 +342,9 @@ void DispatchMode::take_connection() {
     return;  // draining or failed meanwhile: close it again (nothing was delivered to us yet)
   }
   m_conn = std::move(r->link);
+  m_conn->set_max_body(static_cast<std::uint64_t>(m_ctx.cfg.rabbitmq.max_message_bytes));
+  m_reserve_cancelled = m_slot_cancelled = m_rank_cancelled = false;
+  m_runtime_reserve_cancelled = m_runtime_slot_cancelled = false;
   m_slot_tag = std::move(r->slot_tag);
   m_runtime_slot_tag = m_slot_tag.empty() || m_runtime_queue.empty() ? "" : "lhpc-runtime-slots-1";
   m_slot_consumers = m_slot_tag.empty() ? 0 : 1;
@@ -341,7 +360,10 @@ void DispatchMode::take_connection() {
 }
 
 void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_error, cleared here
-  m_conn.reset();                           // broken: no polite close; the broker requeues what we held
+  if (auto t = note_close(); !t.empty()) {
+    why = std::move(t);
+  }
+  m_conn.reset();  // broken: no polite close; the broker requeues what we held
   m_slot_tag.clear();
   m_runtime_slot_tag.clear();
   m_slot_wanted = false;
@@ -375,8 +397,8 @@ void DispatchMode::pump(bool readable) {
         m_dispatcher->on_confirm(c);
       }
     }
-    if (m_conn && m_conn->consumer_cancelled() && m_ctx.state() == State::running) {
-      throw Error(Exit::broker, "the broker cancelled our consumer (was " + m_ctx.cfg.rabbitmq.queue + " deleted?)");
+    if (m_conn) {
+      on_cancelled(m_conn->take_cancelled(), m_last_pump);
     }
   } catch (const Error& e) {
     m_broker_error = e.what();
@@ -393,8 +415,11 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
       timeout = milliseconds(0);
     }
     sooner(m_last_pump + pump_every());
-    if (m_slot_wanted && m_slot_tag.empty()) {
+    if (task_slot_consumer_missing() || runtime_slot_consumer_missing()) {
       sooner(m_slot_due);
+    }
+    if (restore_pending()) {
+      sooner(m_restore_due);
     }
   } else if (m_reconnect->connecting()) {
     sooner(now + milliseconds(20));  // the helper thread's result
@@ -441,6 +466,7 @@ std::optional<Done> DispatchMode::after_poll(bool broker_readable, Clock::time_p
     pump(broker_readable);
   }
   m_pool->tick(now);
+  restore_consumers_when_due(now);
   start_slot_consumer_when_due(now);
   if (!m_broker_error.empty()) {
     lost(m_broker_error);
@@ -457,9 +483,11 @@ std::optional<Done> DispatchMode::after_poll(bool broker_readable, Clock::time_p
   // Handlers spawned into an instance that is down would only die: wait for it.
   m_pool->hold_restarts(m_ctx.instance.restarting());
   connect_when_due(now);
+#if LHPC_TEST_HOOKS
   if (m_latency) {
     m_latency->maybe_write(now);
   }
+#endif
   if (m_ctx.state() == State::draining) {
     return check_drained(now);
   }
@@ -503,9 +531,12 @@ void DispatchMode::abort() {
 }
 
 void DispatchMode::finish(milliseconds handler_grace) {
+#if LHPC_TEST_HOOKS
   if (m_latency) {
     m_latency->write();
   }
+#endif
+  log_totals();
   m_conn.reset();  // polite close: anything still unacked goes back to the queue
   // Idle handlers exit at once on EOF; busy ones only after an abort.
   if (m_pool) {
@@ -531,6 +562,10 @@ void DispatchMode::fill(WorkerStats& s) const {
   s.tasks_requeued = c.tasks_requeued;
   s.dead_lettered = c.dead_lettered;
   s.broker_connected = m_conn != nullptr;
+  s.consuming = consuming();
+  s.broker_blocked = m_conn && m_conn->blocked();
+  s.duplicates = c.duplicates;
+  s.consumer_timeouts = c.consumer_timeouts;
   if (s.state == State::running && m_pool->ready_count() == 0) {
     s.state = State::starting;
   }

@@ -14,13 +14,17 @@
 #include "dispatch/dispatcher.h"
 #include "dispatch/handler_pool.h"
 #include "dispatch/inflight.h"
+#include "lhpc_build_config.h"
+#include "util/backoff.h"
 #include "worker/broker.h"
 #include "worker/mode.h"
 #include "worker/worker.h"
 
 namespace lhpc::worker {
 
+#if LHPC_TEST_HOOKS
 class LatencyLog;
+#endif
 
 class DispatchMode final : public Mode, public dispatch::BrokerPort, public dispatch::HandlerPool::Listener {
 public:
@@ -33,6 +37,7 @@ public:
   // The slot consumer's x-priority; the reserve consumer has the default, 0.
   static constexpr int k_slot_priority = 10;
   static constexpr const char* k_reserve_tag = "lhpc-reserve";
+  static constexpr const char* k_rank_tag = "lhpc-rank";
   // The same two consumers on the runtime's queue (dispatch/runtime.h), on
   // channel 1 as well: the channel's prefetch limit counts both queues.
   static constexpr const char* k_runtime_reserve_tag = "lhpc-runtime-reserve";
@@ -90,6 +95,27 @@ private:
   std::optional<Done> check_drained(Clock::time_point now);
   void start_slot_consumer_when_due(Clock::time_point now);
   std::chrono::milliseconds pump_every() const;
+  // Broker faults on a live connection (consumers cancelled, consumer
+  // timeout, blocked): dispatch_faults.cc.
+  void on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock::time_point now);
+  void restore_consumers_when_due(Clock::time_point now);
+  // Before the connection is dropped: a close for the broker's
+  // consumer_timeout is noted and described (empty for any other loss).
+  std::string note_close();
+  bool consuming() const;
+  bool restore_pending() const {
+    return m_reserve_cancelled || m_slot_cancelled || m_rank_cancelled || m_runtime_reserve_cancelled ||
+           m_runtime_slot_cancelled;
+  }
+  bool task_queue_cancelled() const { return m_reserve_cancelled || m_slot_cancelled; }
+  bool runtime_queue_cancelled() const { return m_runtime_reserve_cancelled || m_runtime_slot_cancelled; }
+  // The queues whose consumers the broker cancelled, for the log ("a and b").
+  std::string cancelled_queues() const;
+  void restore_runtime_queue();
+  // A slot consumer is wanted, due and not there on a queue not cancelled.
+  bool task_slot_consumer_missing() const;
+  bool runtime_slot_consumer_missing() const;
+  void log_totals() const;
 
   const ModeContext& m_ctx;
   std::string m_handler_path;  // where the handler runs it from (inside the instance or on the host)
@@ -111,7 +137,19 @@ private:
   std::string m_rank_queue;                              // ping reaches this rank through it
   std::unique_ptr<dispatch::Dispatcher> m_dispatcher;
   std::unique_ptr<dispatch::HandlerPool> m_pool;
-  std::unique_ptr<LatencyLog> m_latency;  // test builds only
+#if LHPC_TEST_HOOKS
+  std::unique_ptr<LatencyLog> m_latency;  // bench/dispatch.sh: LITHOPS_HPC_LATENCY_LOG
+#endif
+  // Consumers the broker cancelled on this connection, restored (declare,
+  // consume) at m_restore_due; the backoff resets once one stays up.
+  bool m_reserve_cancelled = false;
+  bool m_slot_cancelled = false;
+  bool m_rank_cancelled = false;
+  bool m_runtime_reserve_cancelled = false;  // the runtime queue's (deleted, with its fanout binding)
+  bool m_runtime_slot_cancelled = false;
+  Backoff m_restore_backoff{std::chrono::milliseconds(250), std::chrono::milliseconds(30000)};
+  Clock::time_point m_restore_due{};
+  Clock::time_point m_restored_at{};
 };
 
 }  // namespace lhpc::worker

@@ -85,6 +85,7 @@ void RunscriptMode::fill(WorkerStats& s) const {
   }
   s.restarts += m_runscript->restarts();
   s.broker_connected = m_runscript->alive();
+  s.consuming = s.broker_connected;
   s.slots_busy = 0;
 }
 

@@ -118,17 +118,29 @@ void Worker::start(const std::string& image) {
     throw Error(Exit::failure, "worker started twice");
   }
   m_state = State::starting;
+  try {
+    start_parts(image);
+  } catch (const std::exception& e) {
+    // Never stepped half-started; stop() ends what did start. The error
+    // itself goes to the caller unchanged.
+    m_last_error = e.what();
+    m_state = State::failed;
+    throw;
+  }
+  m_state = State::running;
+}
+
+void Worker::start_parts(const std::string& image) {
   config::require_amqp_url(m_cfg);
   bool host = m_engine->kind() == config::Engine::host;
   auto spec = instance_spec(image);
   m_mode->prepare(spec);
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
-               config::to_string(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
+               config::k_mode_names.text(m_cfg.deploy.mode), m_slots, host ? "" : " from " + image);
   m_supervisor->start(spec);
   open_handler_log();
   m_context->log = m_log.get();
   m_mode->start();
-  m_state = State::running;
 }
 
 // Handler output to the rank's log file. A directory that is not ours (a

@@ -62,11 +62,15 @@ struct WorkerStats {
   State state = State::created;
   int slots_busy = 0;
   int slots_total = 0;
-  std::uint64_t tasks_done = 0;      // calls run (function errors included)
-  std::uint64_t tasks_failed = 0;    // calls a handler could not run
-  std::uint64_t tasks_requeued = 0;  // given back to the queue (crash, drain)
-  std::uint64_t dead_lettered = 0;   // moved to <queue>.dead
-  bool broker_connected = false;     // runscript mode: the runscript is up
+  std::uint64_t tasks_done = 0;         // calls run (function errors included)
+  std::uint64_t tasks_failed = 0;       // calls a handler could not run
+  std::uint64_t tasks_requeued = 0;     // given back to the queue (crash, drain)
+  std::uint64_t dead_lettered = 0;      // moved to <queue>.dead
+  bool broker_connected = false;        // runscript mode: the runscript is up
+  bool consuming = false;               // the task queue's consumer is up (runscript mode: as broker_connected)
+  bool broker_blocked = false;          // connection.blocked: a memory or disk alarm on the broker
+  std::uint64_t duplicates = 0;         // calls that finished after the broker took their message back
+  std::uint64_t consumer_timeouts = 0;  // channels the broker closed for its consumer_timeout
   bool instance_alive = false;
   int restarts = 0;  // handler, runscript and instance restarts
   std::string last_error;
@@ -104,7 +108,9 @@ public:
 
   // Starts the instance from `image` (ignored by the host engine), then the
   // handlers and the broker connection (dispatch) or the runscript.
-  // Throws Error(Exit::engine) when the instance does not start.
+  // Throws Error(Exit::engine) when the instance does not start, and what
+  // else stopped it (the in-flight record, the handler script); the worker
+  // is failed then, and stop() ends what did start.
   void start(const std::string& image);
   // One poll() round over the broker socket, handler pipes, the signal pipe
   // and timers; never blocks longer than `max_wait`.
@@ -127,6 +133,7 @@ private:
   // One poll() over the signal pipe, the watched fds and the mode's own
   // `fds` (whose revents it fills); handles signals and watched fds itself.
   void poll_round(std::vector<pollfd>& fds, std::chrono::milliseconds timeout);
+  void start_parts(const std::string& image);
   container::InstanceSpec instance_spec(const std::string& image) const;
   void open_handler_log();
   std::unique_ptr<Mode> make_mode(std::unique_ptr<BrokerConnector> broker);

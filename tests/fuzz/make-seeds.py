@@ -197,8 +197,38 @@ def status_seeds():
     write("status", "deep", '{"version":1,"job":' + deep_array(100000) + "}")
 
 
+def autoalloc_state_seeds():
+    job = {"id": "1001", "nodes": 2, "phase": "serving", "submitted": 1700000000.0, "out": "/tmp/aa/1001.out",
+           "renews": "", "ever_serving": True, "renewed": False, "stop_requested": False, "cancelled": False,
+           "ready_ranks": 2, "slots_total": 8, "slots_busy": 3, "idle_since": 1700000100.0, "done": 42,
+           "seconds_left": 3000}
+    state = {"version": 1, "controller": "running", "job_name": "lithops-aa-0000abcd", "pid": 4242, "host": "login1",
+             "started": 1700000000.0, "updated": 1700000200.0,
+             "demand": {"ready": 5, "consumers": 1, "seen": 1700000190.0},
+             "supply": {"held_nodes": 3, "pending_jobs": 1, "serving_nodes": 2, "free_slots": 5, "busy_slots": 3},
+             "next": "wait: 5 ready, 5 free slots", "error": "", "last_refusal": "", "refused_in_row": 0,
+             "backoff_until": 0, "start_failures_in_row": 0, "failed_outputs": [], "halted": False,
+             "halted_at": 0, "slots_per_node": 4,
+             "limits": {"max_nodes": 4, "nodes_per_job": 1, "max_pending": 1, "min_nodes": 0, "idle_timeout": 300,
+                        "renew_before": 300, "max_start_failures": 3},
+             "counters": {"sbatch_calls": 2, "broker_queries": 20, "scheduler_queries": 20},
+             "jobs": [job, dict(job, id="1002", nodes=1, phase="pending", ever_serving=False, done=0,
+                                seconds_left=None)]}
+    write("autoalloc_state", "two-jobs", json.dumps(state, indent=2))
+    # Issue 20 finding 7: floats out of the integer fields' range, negative counts.
+    write("autoalloc_state", "nodes-1e20", json.dumps(dict(state, jobs=[dict(job, nodes=1e20)])))
+    write("autoalloc_state", "done-1e20", json.dumps(dict(state, jobs=[dict(job, done=1e20)])))
+    write("autoalloc_state", "ready-1e20", json.dumps(dict(state, demand=dict(state["demand"], ready=1e20))))
+    write("autoalloc_state", "negative-ready", json.dumps(dict(state, demand=dict(state["demand"], ready=-1))))
+    write("autoalloc_state", "huge-nodes", json.dumps(dict(state, jobs=[dict(job, nodes=2**31 - 1)] * 3)))
+    write("autoalloc_state", "halted", json.dumps(dict(state, halted=True, halted_at=1700000300.5,
+                                                      failed_outputs=["/tmp/aa/1003.out"], jobs=[])))
+    write("autoalloc_state", "deep", '{"jobs":[],"demand":{},"next":' + deep_array(100000) + "}")
+
+
 dispatch_seeds()
 config_seeds()
 url_seeds()
 record_seeds()
 status_seeds()
+autoalloc_state_seeds()

@@ -22,8 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import unittest
 from pathlib import Path
 
@@ -94,7 +92,11 @@ class Controller:
             return None
 
     def job_name(self):
-        return lt.wait_until(lambda: (self.state_json() or {}).get("job_name"), 20, "the controller's state file")
+        """The name every job of this controller carries (kept: a test may remove the state file)."""
+        if not getattr(self, "_job_name", None):
+            self._job_name = lt.wait_until(lambda: (self.state_json() or {}).get("job_name"), 20,
+                                           "the controller's state file")
+        return self._job_name
 
     def slurm_jobs(self):
         """{id: (state, nodes)} of this controller's jobs, straight from squeue."""
@@ -195,15 +197,32 @@ class Autoalloc(unittest.TestCase):
     # ---------------------------------------------------------------- tests
 
     def test_1_scale_from_zero_and_back(self):
-        """Tasks published with no job are served by a job the controller submits; after the
-        idle timeout the job is gone and so is its image."""
-        self.ctl = Controller(self, "zero", ["--max-nodes", "2", "--idle-timeout", "4"])
+        """Tasks published with no job are served by a job the controller submits through a
+        site's sbatch wrapper that prints a banner before and after sbatch's reply (the job id is
+        still read), with its output where Slurm writes it and its time left from Slurm; after
+        the idle timeout the job is gone and so is its image."""
+        wrap = self.work / "sbatch-banner"
+        wrap.mkdir(exist_ok=True)
+        (wrap / "sbatch").write_text(f'#!/bin/sh\necho "Welcome to the rig. Quota: 12 hours"\n'
+                                     f'{shutil.which("sbatch")} "$@" || exit\necho "-- accounted to project demo --"\n')
+        (wrap / "sbatch").chmod(0o755)
+        self.ctl = Controller(self, "zero", ["--max-nodes", "2", "--idle-timeout", "4", "--time-limit", "10"],
+                              path_prefix=str(wrap))
         ctl = self.ctl
         lt.wait_until(lambda: ctl.state_json(), 20, "the controller's first look")
         self.assertEqual(ctl.slurm_jobs(), {}, "nothing submitted with an empty queue")
         keys = ctl.publish(6, 0.3, "zero")
+
+        def running():
+            jobs = (ctl.state_json() or {}).get("jobs", [])
+            return jobs and jobs[0]["seconds_left"] is not None and jobs[0]
+        job = lt.wait_until(running, 60, "a running job with its time left")
+        self.assertLessEqual(job["seconds_left"], 600)
+        lt.wait_until(lambda: Path(job["out"]).is_file(), 30, f"{job['out']}: the output file Slurm writes")
         lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 6 tasks done")
         ids = self.submitted_ids()
+        self.assertEqual(ids[0], job["id"], "its id read through the banner")
+        self.assertNotIn("refused", ctl.log())
         # status without a job id: one line per deployment and the controller's line.
         st = run([BIN, "status"], ctl.env, check=False)
         self.assertRegex(st.stdout, rf"(?m)^job {ids[0]}: ", st.stdout + st.stderr)
@@ -211,11 +230,12 @@ class Autoalloc(unittest.TestCase):
         doc = json.loads(run([BIN, "status", "--json"], ctl.env, check=False).stdout)
         self.assertIn(ids[0], [d["job"] for d in doc["deployments"]])
         self.assertEqual(doc["autoalloc"]["controller"], "running")
-        self.assertGreaterEqual(len(ids), 1)
         lt.wait_until(lambda: not ctl.slurm_jobs(), 90, "the idle job to end")
         self.assertRegex(ctl.log(), r"retiring job \d+: job \d+ idle")
         st = lt.wait_until(lambda: (s := ctl.state_json()) and not s["jobs"] and s, 10, "no job in the state")
         self.assertEqual(st["supply"]["held_nodes"], 0)
+        self.assertEqual(st["start_failures_in_row"], 0, "a job that served and ended is no start failure")
+        self.assertEqual(st["refused_in_row"], 0, st)
         for node in NODES:
             left = [f for f in self.staged_on(node) if any(f.endswith(f"-{i}") or f"-{i}/" in f for i in ids)]
             self.assertEqual(left, [], f"images left on {node}")
@@ -223,64 +243,46 @@ class Autoalloc(unittest.TestCase):
         self.assertEqual(ctl.signal(signal.SIGTERM), 143)
         self.assertEqual(ctl.state_json()["controller"], "stopped")
 
-    def test_2_max_nodes_held_under_a_backlog_and_a_restarted_controller_adopts(self):
-        """120 tasks; --max-nodes 2 with 1-node jobs and 3 pending allowed: squeue, sampled
-        throughout, never shows more than 2 nodes held, and it does reach 2. The controller is
-        SIGKILLed while both jobs serve and started again: it adopts them and submits no
-        duplicate (one that lost track would: the backlog still wants nodes). SIGTERM then
-        leaves them serving, and `stop --all` ends both."""
-        self.ctl = Controller(self, "limit", ["--max-nodes", "2", "--max-pending", "3", "--idle-timeout", "60"])
+    def test_2_a_restarted_controller_adopts_its_job_by_name(self):
+        """The controller is SIGKILLed while its job serves a backlog and its state file is lost
+        (a kill between sbatch and saving it): started again, it finds the job by name in the real
+        squeue and submits no duplicate (one that lost track would: the backlog still wants
+        nodes). SIGTERM then leaves the job serving, and `stop --all` ends it."""
+        self.ctl = Controller(self, "adopt", ["--max-nodes", "1", "--idle-timeout", "60"])
         ctl = self.ctl
-        samples, stop = [], threading.Event()
+        keys = ctl.publish(40, 0.5, "adopt")
 
-        def sample():
-            while not stop.is_set():
-                try:
-                    jobs = ctl.slurm_jobs()
-                except (subprocess.SubprocessError, OSError):
-                    continue  # one squeue that failed or hung under load: the next sample counts
-                samples.append((sum(n for _, n in jobs.values()), jobs))
-                stop.wait(0.2)
-        sampler = threading.Thread(target=sample, daemon=True)
-        ctl.job_name()  # the state file exists: the sampler can name the jobs
-        sampler.start()
-        self.addCleanup(stop.set)
-        keys = ctl.publish(120, 0.5, "limit")
-
-        def two_serving():
+        def serving():
             jobs = (ctl.state_json() or {}).get("jobs", [])
-            return len([j for j in jobs if j["phase"] == "serving"]) == 2 and jobs
-        first = lt.wait_until(two_serving, 90, "two serving jobs")
+            return [j["id"] for j in jobs if j["phase"] == "serving"]
+        first = lt.wait_until(serving, 90, "a serving job")
+        ctl.job_name()  # kept: the state file goes
         ctl.proc.kill()
         ctl.proc.wait(10)
-        before = set(ctl.slurm_jobs())
-        self.assertEqual(before, {j["id"] for j in first})
+        (ctl.state / "autoalloc" / "state.json").unlink()
+        self.assertEqual(set(ctl.slurm_jobs()), set(first))
         ctl.start()
-        lt.wait_until(lambda: "adopted 2 job(s)" in ctl.logs[-1].read_text(), 20, "the restarted controller to adopt")
+        lt.wait_until(lambda: f"adopting job {first[0]}" in ctl.logs[-1].read_text(), 20,
+                      "the restarted controller to adopt by name")
         self.assertGreater(lt.queue_depth(ctl.url), 0, "the backlog still wants nodes after the restart")
         ctl.wait_polls(6, "a duplicate submission would show")
         self.assertNotIn("submitted job", ctl.logs[-1].read_text(), ctl.log())
-        self.assertEqual({j["id"] for j in ctl.state_json()["jobs"]}, before)
-        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 120 tasks done")
-        # SIGTERM leaves the jobs serving; stop --all then ends them.
+        self.assertEqual([j["id"] for j in ctl.state_json()["jobs"]], first)
+        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 120, "all 40 tasks done")
+        # SIGTERM leaves the job serving; stop --all then ends it.
         self.assertEqual(ctl.signal(signal.SIGTERM), 143)
-        self.assertEqual(set(ctl.slurm_jobs()), before, "SIGTERM left the jobs serving")
+        self.assertEqual(set(ctl.slurm_jobs()), set(first), "SIGTERM left the job serving")
         sp = run([BIN, "stop", "--all", "--timeout", "60"], ctl.env, check=False, timeout=90)
         self.assertEqual(sp.returncode, 0, sp.stdout + sp.stderr)
-        for jid in before:
-            self.assertRegex(sp.stdout + sp.stderr, rf"job {jid}\b")
-        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "stop --all to end the jobs")
-        stop.set()
-        sampler.join(10)
-        peak = max(held for held, _ in samples)
-        over = [jobs for held, jobs in samples if held > 2]
-        self.assertEqual(over, [], f"squeue showed more than --max-nodes 2\n{ctl.log()}")
-        self.assertEqual(peak, 2, "it scaled up to the limit")
-        self.assertEqual(len(self.submitted_ids()), 2, "no job beyond the limit was ever submitted")
+        self.assertRegex(sp.stdout + sp.stderr, rf"job {first[0]}\b")
+        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "stop --all to end the job")
+        self.assertEqual(len(self.submitted_ids()), 1, "one job in all")
 
-    def test_3_refused_submission_backs_off(self):
-        """A nonexistent partition: sbatch's own message in the state and log, and the number of
-        sbatch calls bounded by the backoff (10 s, 20 s ...), counted by a wrapper in PATH."""
+    def test_3_a_refused_submission_shows_sbatch_and_backs_off(self):
+        """A nonexistent partition: the real sbatch's own message in the state, the log and
+        `status`; no broker URL on sbatch's command line (a wrapper in PATH records it); polls
+        within the first backoff call sbatch no more. (The backoff's growth, and the controller's
+        other decisions, are unit tests against fake ports: tests/unit/test_autoalloc.cpp.)"""
         wrap = self.work / "sbatch-wrap"
         wrap.mkdir(exist_ok=True)
         calls = wrap / "calls"
@@ -291,73 +293,18 @@ class Autoalloc(unittest.TestCase):
         ctl = self.ctl
         ctl.publish(3, 0.1, "refused")
         st = lt.wait_until(lambda: (s := ctl.state_json()) and s["error"] and s, 30, "the refusal in the state")
-        t0 = time.monotonic()
         self.assertIn("invalid partition", st["error"].lower())
         self.assertIn("sbatch", st["last_refusal"])
-        self.assertRegex(ctl.log(), r"(?i)sbatch refused the submission.*invalid partition")
+        self.assertRegex(ctl.log(), r"(?i)refused the submission.*invalid partition")
         st = run([BIN, "status"], ctl.env, check=False)
         self.assertEqual(st.returncode, 1, "a controller error makes status report trouble")
-        self.assertRegex(st.stdout, r"(?i)error: sbatch refused the submission.*invalid partition")
-        # The first try, one retry after 10 s, then 20 s of quiet: polls every 0.5 s see no more.
-        lt.wait_until(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 2, 25, "the retry")
-        self.assertGreater(time.monotonic() - t0, 5, "the retry waited for the backoff")
+        self.assertRegex(st.stdout, r"(?i)error: .*refused the submission.*invalid partition")
         ctl.wait_polls(6, "a submission storm would show")
-        n = len(calls.read_text().splitlines())
-        self.assertEqual(n, 2, calls.read_text())
-        self.assertEqual(ctl.state_json()["refused_in_row"], 2)
+        self.assertEqual(len(calls.read_text().splitlines()), 1, calls.read_text())
+        self.assertEqual(ctl.state_json()["refused_in_row"], 1)
         for line in calls.read_text().splitlines():
             self.assertNotIn("amqp", line, "no broker URL on sbatch's command line")
         self.assertEqual(ctl.slurm_jobs(), {})
-
-    def test_4_renewal_across_time_limits(self):
-        """--time-limit 1 (minute, Slurm's least), --renew-before 40, deploy.drain_before_end 20:
-        a stream of tasks lasting longer than one job's limit is served by successor jobs
-        submitted before their predecessors drain; every task done, none lost. The stream
-        (one 1-s task a second, 2 slots) never backs up, so only renewal, not the backlog rule,
-        brings the successors."""
-        self.ctl = Controller(self, "renew", ["--max-nodes", "3", "--time-limit", "1", "--renew-before", "40",
-                                              "--idle-timeout", "3"])
-        ctl = self.ctl
-        keys = []
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-        seconds = 62
-
-        def stream():
-            for i in range(seconds):
-                if stop.is_set():
-                    return
-                keys.extend(ctl.publish(1, 1.0, f"renew{i:03d}"))
-                stop.wait(1.0)
-        t = threading.Thread(target=stream, daemon=True)
-        t.start()
-        t.join(seconds + 60)
-        self.assertEqual(len(keys), seconds)
-        lt.wait_until(lambda: ctl.done_keys() >= set(keys), 60, f"all {seconds} tasks done")
-        self.assertRegex(ctl.log(), r"submitted job \d+ .*: renew job \d+: \d+ s to its time limit with work left")
-        self.assertGreaterEqual(len(self.submitted_ids()), 2)
-        self.assertEqual(lt.queue_depth(ctl.url), 0)
-        lt.wait_until(lambda: not ctl.slurm_jobs(), 60, "the last job to retire")
-
-    def test_5_jobs_failing_at_start_stop_submissions(self):
-        """An image the nodes cannot read: each job ends before serving; after
-        --max-start-failures 2 no more sbatch, and the error names both output files."""
-        self.ctl = Controller(self, "startfail", ["--max-start-failures", "2"], sif="/nonexistent/rt.sif")
-        ctl = self.ctl
-        ctl.publish(3, 0.1, "startfail")
-        st = lt.wait_until(lambda: (s := ctl.state_json()) and s["halted"] and s, 90, "the controller to halt")
-        outs = st["failed_outputs"]
-        self.assertGreaterEqual(len(outs), 2, st)
-        for out in outs[:2]:
-            self.assertIn(out, st["error"])
-            self.assertIn("is not a readable file", Path(out).read_text())
-        n = len(self.submitted_ids())
-        ctl.wait_polls(6, "a halted controller submits nothing")
-        self.assertEqual(len(self.submitted_ids()), n)
-        self.assertLessEqual(n, 3, "at most one job beyond the two failures was in flight")
-        st = run([BIN, "status"], ctl.env, check=False)
-        self.assertIn("in a row ended before serving", st.stdout)
-
 
 if __name__ == "__main__":
     lt.main()

@@ -2,7 +2,10 @@
 (what and where) and a `hint` line (what to do), reported by main, with the
 exit status lithops-hpc(1) documents; a bad value of an enum reads the same
 from a flag and from the configuration file."""
+import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import tempfile
@@ -86,7 +89,107 @@ class CliErrorsTest(unittest.TestCase):
 NOBODY = 65534
 
 
+def on_a_terminal(args, env, timeout=30):
+    """Runs lithops-hpc with its stdout on a pseudo-terminal: (exit status, bytes shown)."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([BIN, *args], stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([master], [], [], 0.5)[0]:
+            if p.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every writer of the terminal has gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    p.wait(timeout=timeout)
+    p.stderr.close()
+    return p.returncode, out
+
+
 @unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+class TerminalEscapesTest(unittest.TestCase):
+    """Issue 20 finding 3: a handler's output (what a task's sender chose) shows no escape sequence on a terminal."""
+
+    def test_logs_escapes_control_characters_on_a_terminal_and_raw_keeps_them(self):
+        tmp = tempfile.mkdtemp(prefix="lhpc-cli-logs-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        state = os.path.join(tmp, "state")
+        logs = os.path.join(state, "jobs", "j1", "logs")
+        os.makedirs(logs, mode=0o700)
+        line = b"\x1b]0;owned\x07 \x1b[31mred\tend\xc2\x9b"
+        with open(os.path.join(logs, "rank-0.log"), "wb") as f:
+            f.write(line + b"\n")
+        os.chmod(os.path.join(logs, "rank-0.log"), 0o600)
+        record = {"version": 1, "job": "j1", "where": "state", "dir": logs, "max_bytes": 1 << 20, "nodes": ["n1"]}
+        with open(os.path.join(state, "jobs", "j1", "logs.json"), "w") as f:
+            json.dump(record, f)
+        env = dict(os.environ, LITHOPS_HPC_STATE_DIR=state)
+        env.pop("SLURM_JOB_ID", None)
+        code, shown = on_a_terminal(["logs", "j1"], env)
+        self.assertEqual(code, 0, shown)
+        self.assertIn(b"rank 0: \\x1b]0;owned\\x07 \\x1b[31mred\tend\\xc2\\x9b", shown)
+        self.assertNotIn(b"\x1b", shown)
+        code, shown = on_a_terminal(["logs", "j1", "--raw"], env)
+        self.assertEqual(code, 0, shown)
+        self.assertIn(b"rank 0: " + line, shown)
+        piped = subprocess.run([BIN, "logs", "j1"], capture_output=True, env=env, timeout=30)
+        self.assertEqual(piped.stdout, b"rank 0: " + line + b"\n")
+
+
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+class ForeignFilesTest(unittest.TestCase):
+    """Issue 20 findings 7 and 10: what another user (nobody) or a FIFO puts where lithops-hpc reads."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="lhpc-cli-foreign-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        os.chmod(self.tmp, 0o755)
+        self.shared = os.path.join(self.tmp, "shared")  # like /tmp: anyone may write, sticky
+        os.mkdir(self.shared)
+        os.chmod(self.shared, 0o1777)
+
+    def as_nobody(self, script):
+        subprocess.run(["setpriv", f"--reuid={NOBODY}", "--regid=nogroup", "--clear-groups", "sh", "-c", script],
+                       check=True, timeout=30)
+
+    def test_status_refuses_a_fifo_or_another_users_state_at_once(self):
+        state = os.path.join(self.tmp, "state")
+        os.makedirs(os.path.join(state, "autoalloc"), mode=0o700)
+        os.makedirs(os.path.join(state, "jobs", "77"), mode=0o700)
+        os.mkfifo(os.path.join(state, "jobs", "77", "status.json"))
+        r = run("status", "77", env={"LITHOPS_HPC_STATE_DIR": state})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("status.json is not a regular file (a FIFO", r.stderr)
+        os.mkfifo(os.path.join(state, "autoalloc", "state.json"))
+        r = run("status", env={"LITHOPS_HPC_STATE_DIR": state})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("state.json is not a regular file (a FIFO", r.stderr)
+        # A state directory they made first (a predictable shared path), with a controller line of theirs.
+        theirs = os.path.join(self.shared, "state")
+        line = '{"controller": "running", "pid": 666, "host": "evil", "next": "trust me", "jobs": [], "demand": {}}'
+        self.as_nobody(f"mkdir -p {theirs}/autoalloc && echo '{line}' > {theirs}/autoalloc/state.json")
+        r = run("status", env={"LITHOPS_HPC_STATE_DIR": theirs})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn(f"{theirs} belongs to nobody (uid {NOBODY})", r.stderr)
+        self.assertNotIn("trust me", r.stdout)
+
+    def test_sif_inspect_refuses_a_fifo_at_once(self):
+        fifo = os.path.join(self.tmp, "image.sif")
+        os.mkfifo(fifo)
+        r = subprocess.run([BIN, "sif", "inspect", fifo], capture_output=True, text=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+        self.assertEqual(r.returncode, 4, r.stderr)
+        self.assertIn(f"{fifo} is not a regular file (a FIFO), so not a SIF image", r.stderr)
+
+
 class ProcessHardeningTest(unittest.TestCase):
     """Issue 12 item 9: never run set-uid; no core dump or ptrace holds the URL."""
 

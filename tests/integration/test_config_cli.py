@@ -134,6 +134,25 @@ class ConfigCli(unittest.TestCase):
         r = self.lhpc("--config", self.tmp, "config", "check", timeout=20)
         self.assert_exit(r, EXIT_CONFIG, "is a directory")
 
+    @unittest.skipUnless(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+    def test_another_users_lithops_config_in_the_working_directory_is_refused(self):
+        # Issue 20 finding 1: a job started in a shared, sticky directory where nobody left a config
+        # naming their broker.
+        self.tmp.chmod(0o755)
+        shared = self.tmp / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        theirs = shared / ".lithops_config"
+        attacker = "amqp://u:p@127.0.0.1:%d/theirs" % closed_port()
+        subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sh", "-c",
+                        "printf 'rabbitmq:\\n  amqp_url: %s\\n' > %s" % (attacker, theirs)], check=True, timeout=30)
+        del self.env["LITHOPS_CONFIG_FILE"]
+        r = subprocess.run([LHPC_BIN, "config", "check"], env=self.env, text=True, cwd=shared,
+                           capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+        self.assert_exit(r, EXIT_CONFIG, "Lithops config .lithops_config not read: %s belongs to nobody" % theirs,
+                         "hint: have its owner (or root) remove it")
+        self.assertNotIn("theirs", r.stdout)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -1,6 +1,7 @@
 """The man pages say what --help says: every command and flag of every
 subcommand's --help is in lithops-hpc(1), every config key that `config
-check` prints is in lithops-hpc.toml(5), and both pages render."""
+check` prints (the reader's own key table) is in lithops-hpc.toml(5) with
+the default it prints, and both pages render."""
 import os
 import re
 import subprocess
@@ -46,18 +47,28 @@ class DocsTest(unittest.TestCase):
                              text=True, env=env).stdout
         man = page("lithops-hpc.toml.5")
         section = None
-        keys = 0
+        keys = defaults = 0
         for line in out.splitlines():
             m = re.match(r"^\[(\w+)\]$", line)
             if m:
                 section = m.group(1)
                 self.assertIn(f"# [{section}]", man)
+                # The section's text: from its heading to the next heading.
+                text = man.split(f"# [{section}]", 1)[1].split("\n# ", 1)[0]
                 continue
-            m = re.match(r"^(\w+) = ", line)
+            m = re.match(r"^(\w+) = (.*?)  # from (.*)$", line)
             if m and section:
+                key, value, origin = m.groups()
                 keys += 1
-                self.assertIn(f"*{m.group(1)}* =", man, f"{section}.{m.group(1)} is documented")
+                self.assertIn(f"*{key}* =", text, f"{section}.{key} is documented under [{section}]")
+                if origin == "default":
+                    defaults += 1
+                    if len(value) >= 2 and value[0] == value[-1] == "'":
+                        value = '"' + value[1:-1] + '"'  # a TOML literal string: the page writes "..."
+                    self.assertRegex(text, r"\*%s\* = [^\n]*\(default %s[,;)]" % (key, re.escape(value)),
+                                     f"{section}.{key}'s documented default is the one config check prints")
         self.assertGreater(keys, 20)
+        self.assertGreater(defaults, 20)
 
     def test_the_pages_render(self):
         for name in ("lithops-hpc.1", "lithops-hpc.toml.5"):

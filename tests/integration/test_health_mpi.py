@@ -34,11 +34,11 @@ SLACK = 1.5
 
 TOP_KEYS = {"job", "version", "updated", "started", "interval", "rank0", "summary", "state", "ranks"}
 SUMMARY_KEYS = {"ranks", "ready", "degraded", "unresponsive", "slots_busy", "slots_total", "done", "failed",
-                "requeued", "dead_lettered"}
+                "requeued", "dead_lettered", "duplicates"}
 RANK_KEYS = {"rank", "node", "pid", "state", "reported_state", "slots_busy", "slots_total", "done", "failed",
-             "requeued", "dead_lettered", "broker", "instance", "restarts", "rss_kb", "rss_tree_kb", "uptime",
+             "requeued", "dead_lettered", "duplicates", "broker", "consuming", "blocked", "instance", "restarts", "rss_kb", "rss_tree_kb", "uptime",
              "seq", "last_seen", "last_error"}
-STATES = {"staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive"}
+STATES = {"staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive", "reconnecting"}
 
 
 def gone(pid):

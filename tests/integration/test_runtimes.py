@@ -15,6 +15,8 @@ import signal
 import tempfile
 import unittest
 
+import pika
+
 import lhpc_test as lt
 from worker_util import Worker, records, wait_records
 
@@ -135,6 +137,37 @@ class RuntimesTest(unittest.TestCase):
         self.assertEqual({r["marker"] for r in recs}, {"B2"})
         self.assertEqual(lt.queue_depth(self.url, DEAD), 0)
         self.assertTrue(a.alive())
+
+    def test_a_runtime_queue_the_broker_deleted_is_declared_bound_and_consumed_again(self):
+        # As `lithops clean` or an operator deleting it: the broker cancels
+        # the worker's consumers of that queue, nothing else.
+        b = self.worker("rt-b", "B", slots=1)
+        conn = lt._connect(self.url)
+        try:
+            conn.channel().queue_delete(runtime_queue("rt-b"))
+        finally:
+            conn.close()
+        b.wait_log(f"restored: consuming {runtime_queue('rt-b')} again", timeout=15)
+        lt.wait_until(lambda: lt.queue_exists(self.url, runtime_queue("rt-b")), 5, "rt-b's queue declared again")
+        # Published to the queue itself, as another runtime's worker moves
+        # tasks; and get_metadata through the fanout: the binding is back.
+        lt.publish_lithops_many(self.url, "send_task", [task("rt-b", f"back-{i}", 1, self.rec) for i in range(3)],
+                                queue=runtime_queue("rt-b"))
+        wait_records(self.rec, 3, 30)
+        body = lt.lithops_body("get_metadata", {
+            "backend": "fake", "fake": {"storage_bucket": "b", "storage_dir": self.storage},
+            "runtime_name": metadata_name("rt-b"), "log_level": 20})
+        conn = lt._connect(self.url)
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()  # mandatory: unroutable (no binding) raises
+            ch.basic_publish(exchange="task_queue.runtimes", routing_key="", body=body,
+                             properties=pika.BasicProperties(delivery_mode=2), mandatory=True)
+        finally:
+            conn.close()
+        lt.wait_until(lambda: os.path.exists(self.meta_path("rt-b")), 30, "rt-b's metadata through the fanout")
+        self.assertIn("the broker cancelled our consumer of task_queue.runtime.rt-b", b.log())
+        self.assertEqual(b.stop(), 0)
 
 
 if __name__ == "__main__":

@@ -382,6 +382,26 @@ class WorkerTest(unittest.TestCase):
 
     # --- ping --------------------------------------------------------------
 
+    # --- refused before the loop: an error, never a crash ----------------------
+
+    def exit_of(self, **kw):
+        w = Worker(self.url, **kw)
+        self.workers.append(w)
+        return w.proc.wait(60), w.output()
+
+    def test_a_state_directory_that_cannot_hold_the_inflight_record_is_an_error_not_a_crash(self):
+        blocker = os.path.join(self.rec, "a-file")  # <state dir>/inflight/<node> cannot be made under a file
+        open(blocker, "w").close()
+        rc, out = self.exit_of(extra_env={"LITHOPS_HPC_STATE_DIR": blocker})
+        self.assertGreater(rc, 0, out)  # negative: killed by a signal (it was SIGSEGV)
+        self.assertRegex(out, r"\[error\] .*" + re.escape(blocker) + ": Not a directory")  # main's report of the Error
+
+    def test_a_job_id_that_is_not_one_is_refused_before_anything_starts(self):
+        rc, out = self.exit_of(extra_env={"LITHOPS_HPC_JOB_ID": "j" * 50000})
+        self.assertEqual(rc, 2, out[-3000:])
+        self.assertIn("is not a job id", out)
+        self.assertNotIn("starting", out)
+
     def test_ping_reports_each_rank_and_the_throughput(self):
         w = self.worker(slots=1)
         gate = os.path.join(self.rec, "gate")

@@ -2,7 +2,7 @@
 # A real N-node Slurm cluster on this machine (see tests/rig/README.md).
 #   slurm-cluster.sh up N|ensure N|down|status|env|kill-node nX|start-node nX
 # State lives in ${LHPC_RIG_DIR:-$PWD/rig}/slurm. Facts behind the choices:
-# shared/test-rig.md ("Slurm: a real cluster of several nodes on one machine").
+# docs/test-rig.md ("Slurm: several nodes on one machine").
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)

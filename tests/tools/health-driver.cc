@@ -125,7 +125,7 @@ int main(int argc, char** argv) {
         }
       }
       for (auto c : h.poll()) {
-        begin_drain(health::command_name(c).data());
+        begin_drain(health::k_command_names.text(c).data());
       }
       if (h.is_root() && h.stop_requested()) {
         begin_drain("lithops-hpc stop");
@@ -167,7 +167,7 @@ int main(int argc, char** argv) {
     r.slots_busy = 0;
     auto end = h.finish(r, args.finish_timeout);
     if (!end.clean) {
-      mpi.abort(static_cast<int>(Exit::failure));
+      mpi.abort(Exit::failure);
     }
     spdlog::info("stopped cleanly");
     return 0;

@@ -1,16 +1,25 @@
 // The autoalloc controller's decisions as data: a demand/supply snapshot in,
-// actions out (policy.h), plus the sbatch argv, Slurm time parsing and the
-// state file's round trip. The controller's I/O is covered by
-// tests/integration/test_autoalloc.py on the Slurm rig.
+// actions out (policy.h); the controller's loop against fake ports (ports.h)
+// and a stepped clock; the sbatch argv and reply, Slurm time parsing and the
+// state file's round trip. What needs real Slurm and a real broker is in
+// tests/integration/test_autoalloc.py on the rig.
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "autoalloc/controller.h"
 #include "autoalloc/policy.h"
-#include "autoalloc/scheduler.h"
+#include "autoalloc/ports.h"
+#include "autoalloc/sbatch_reply.h"
+#include "autoalloc/slurm_scheduler.h"
+#include "test_support.h"
 #include "util/error.h"
 
 using namespace lhpc::autoalloc;
@@ -306,14 +315,15 @@ TEST_CASE("Slurm time formats") {
 }
 
 TEST_CASE("sbatch runs with an explicit argv: limits, passthrough, template, image, cleanup; no URL") {
-  SubmitRequest r{"/s/lithops-deploy.sh",       "/img/rt.sif", 2, "0:30:00", "lithops-aa-1", "/st/out/w-%j.out",
-                  {"--partition=p", "--qos=q"}, "/cfg.toml"};
+  SlurmOptions o{"/s/lithops-deploy.sh", "0:30:00", {"--partition=p", "--qos=q"}};
+  Submission r{"/img/rt.sif", 2, "lithops-aa-1", "/st/out", "/cfg.toml"};
   std::vector<std::string> want = {"sbatch",        "--parsable",     "--job-name=lithops-aa-1",
-                                   "--nodes=2",     "--time=0:30:00", "--output=/st/out/w-%j.out",
+                                   "--nodes=2",     "--time=0:30:00", "--output=/st/out/lithops-workers-%j.out",
                                    "--partition=p", "--qos=q",        "/s/lithops-deploy.sh",
                                    "/img/rt.sif",   "--cleanup"};
-  CHECK(sbatch_argv(r) == want);
-  for (const auto& a : sbatch_argv(r)) {
+  CHECK(sbatch_argv(o, r) == want);
+  CHECK(slurm_output("/st/out", "42") == "/st/out/lithops-workers-42.out");
+  for (const auto& a : sbatch_argv(o, r)) {
     CHECK(a.find("amqp") == std::string::npos);
   }
 }
@@ -344,4 +354,518 @@ TEST_CASE("the state file round-trips the jobs a restarted controller adopts") {
   CHECK(back.last_refusal == s.last_refusal);
   CHECK(back.ready == 7);
   CHECK_THROWS_AS(state_from_json("{}", "bad.json"), lhpc::Error);
+}
+
+// ---------------------------------------------------------------- sbatch's reply
+
+TEST_CASE("sbatch's reply: the job id of --parsable, with or without a cluster") {
+  auto r = parse_sbatch_reply(0, "4242\n", "");
+  CHECK(r.job == "4242");
+  CHECK(r.cluster.empty());
+  r = parse_sbatch_reply(0, "4242;west\n", "");
+  CHECK(r.job == "4242");
+  CHECK(r.cluster == "west");
+  CHECK(parse_sbatch_reply(0, "  17 \r\n\n", "").job == "17");
+  CHECK(parse_sbatch_reply(0, "4294967295", "").job == "4294967295");
+}
+
+TEST_CASE("sbatch's reply: a site wrapper's banner before or after the id is not the id") {
+  auto r = parse_sbatch_reply(0, "Welcome to the cluster!\nYour project has 12 hours left.\n4242\n", "");
+  CHECK(r.job == "4242");
+  r = parse_sbatch_reply(0, "4242\n-- job accounted to project abc --\n", "");
+  CHECK(r.job == "4242");
+  CHECK(r.refusal.empty());
+}
+
+TEST_CASE("sbatch's reply: anything else is a refusal that shows sbatch's words, bounded and clean") {
+  auto r = parse_sbatch_reply(0, "Submitted batch job 4242\n", "");
+  CHECK_FALSE(r.job);
+  CHECK(r.unreadable_success);
+  CHECK(r.refusal == "sbatch printed no job id: Submitted batch job 4242");
+  for (const char* bad : {"0", "042", "4294967296", "12345678901", "42;", "42;a b", "42;x;y", "-1", "4 2", "42abc"}) {
+    CAPTURE(bad);
+    CHECK_FALSE(parse_sbatch_reply(0, bad, "").job);
+  }
+  CHECK_FALSE(parse_sbatch_reply(0, "42;" + std::string(65, 'c'), "").job);
+  r = parse_sbatch_reply(1, "", "sbatch: error: invalid partition specified: nonexistent\n");
+  CHECK_FALSE(r.job);
+  CHECK_FALSE(r.unreadable_success);
+  CHECK(r.refusal == "sbatch: error: invalid partition specified: nonexistent");
+  CHECK(parse_sbatch_reply(1, "4242\n", "").refusal == "sbatch exited with code 1: 4242");
+  CHECK(parse_sbatch_reply(0, "", "").refusal == "sbatch exited with code 0 and printed nothing");
+  // A wrapper that echoes the environment: no password, no terminal escape, one bounded line.
+  r = parse_sbatch_reply(0, "\x1b]0;pwned\x07 AMQP_URL=amqp://u:hunter2@h/v\n" + std::string(5000, 'x'), "");
+  CHECK(r.refusal.find("hunter2") == std::string::npos);
+  CHECK(r.refusal.find('\x1b') == std::string::npos);
+  CHECK(r.refusal.find('\n') == std::string::npos);
+  CHECK(r.refusal.size() <= k_reply_shown);
+}
+
+// ---------------------------------------------------------------- the controller's loop
+
+namespace {
+
+// The world the fake ports show: jobs in a scheduler, a queue, what each
+// deployment reports. It outlives a controller, so a restart sees it again.
+struct World {
+  struct Job {
+    SeenJob seen;
+    std::string name;
+  };
+  std::map<std::string, Job> jobs;
+  int next_id = 100;
+  std::vector<Submission> submissions;  // every call, refused ones too
+  std::optional<std::string> refuse;    // the refusal of the next submissions
+  bool made_anyway = false;             // a refusal that still made the job (an unreadable reply)
+  bool scheduler_down = false;
+  std::vector<std::string> cancelled, stops;
+  std::optional<QueueLook> queue = QueueLook{};
+  std::map<std::string, DeploymentLook> reports;
+  double t = 1000;
+
+  std::vector<std::string> held() const {
+    std::vector<std::string> ids;
+    for (const auto& [id, j] : jobs) {
+      if (!j.seen.ended) {
+        ids.push_back(id);
+      }
+    }
+    return ids;
+  }
+  int held_nodes() const {
+    int n = 0;
+    for (const auto& id : held()) {
+      n += jobs.at(id).seen.nodes;
+    }
+    return n;
+  }
+  int pending() const {
+    int n = 0;
+    for (const auto& id : held()) {
+      n += jobs.at(id).seen.pending ? 1 : 0;
+    }
+    return n;
+  }
+  // Slurm starts the job; its deployment reports `ready` ranks of 2 slots.
+  void serve(const std::string& id, int busy = 0, unsigned long long done = 0) {
+    jobs.at(id).seen.pending = false;
+    auto& d = reports[id];
+    d.seen = DeploymentLook::Seen::report;
+    d.ready_ranks = jobs.at(id).seen.nodes;
+    d.slots_total = 2 * d.ready_ranks;
+    d.slots_busy = busy;
+    d.done = done;
+  }
+  void end(const std::string& id) {
+    jobs.at(id).seen.ended = true;
+    reports.erase(id);
+  }
+  void ready(std::uint64_t n) { queue = QueueLook{n, 0}; }
+};
+
+struct FakeScheduler final : Scheduler {
+  World& w;
+  unsigned long long calls = 0;  // this instance's, as a real one counts
+  explicit FakeScheduler(World& world) : w(world) {}
+  std::optional<std::map<std::string, SeenJob>> query(const std::vector<std::string>& ids) override {
+    if (w.scheduler_down) {
+      return std::nullopt;
+    }
+    std::map<std::string, SeenJob> out;
+    for (const auto& id : ids) {
+      auto it = w.jobs.find(id);
+      out[id] = it == w.jobs.end() ? SeenJob{.ended = true} : it->second.seen;
+    }
+    return out;
+  }
+  std::vector<std::string> jobs_named(const std::string& name) override {
+    std::vector<std::string> ids;
+    for (const auto& id : w.held()) {
+      if (w.jobs.at(id).name == name) {
+        ids.push_back(id);
+      }
+    }
+    return ids;
+  }
+  Submitted submit(const Submission& s) override {
+    ++calls;
+    w.submissions.push_back(s);
+    std::string id = std::to_string(w.next_id++);
+    if (!w.refuse || w.made_anyway) {
+      w.jobs[id] = {SeenJob{.pending = true, .nodes = s.nodes}, s.job_name};
+    }
+    if (w.refuse) {
+      return {std::nullopt, "", *w.refuse, w.made_anyway};
+    }
+    return {id, s.output_dir + "/w-" + id + ".out", ""};
+  }
+  void cancel(const std::string& id) override {
+    w.cancelled.push_back(id);
+    w.end(id);
+  }
+  SchedulerCounters counters() const override { return {calls, 0}; }
+};
+
+struct FakeQueue final : QueueProbe {
+  World& w;
+  unsigned long long n = 0;
+  explicit FakeQueue(World& world) : w(world) {}
+  std::optional<QueueLook> look() override {
+    ++n;
+    return w.queue;
+  }
+  unsigned long long queries() const override { return n; }
+};
+
+struct FakeDeployments final : DeploymentProbe {
+  World& w;
+  explicit FakeDeployments(World& world) : w(world) {}
+  DeploymentLook look(const std::string& job) override {
+    auto it = w.reports.find(job);
+    return it == w.reports.end() ? DeploymentLook{} : it->second;
+  }
+  void request_stop(const std::string& job) override {
+    w.stops.push_back(job);
+    if (auto it = w.reports.find(job); it != w.reports.end()) {
+      it->second.winding_down = true;
+    }
+  }
+};
+
+// One controller on the fake world, in a state directory of its own.
+struct Loop {
+  lhpc::test::TempDir dir{"autoalloc"};
+  lhpc::test::EnvGuard state{"LITHOPS_HPC_STATE_DIR", dir.path};
+  World w;
+  Settings s;
+  std::unique_ptr<Controller> ctl;
+
+  explicit Loop(Limits l = limits()) {
+    s.limits = l;
+    s.sif = "/img/rt.sif";
+    s.default_slots = 2;
+    start();
+  }
+  void start() {
+    ctl.reset();  // the lock goes with the old one
+    Ports p{std::make_unique<FakeScheduler>(w), std::make_unique<FakeQueue>(w), std::make_unique<FakeDeployments>(w),
+            [this] { return w.t; }};
+    ctl = std::make_unique<Controller>(s, std::move(p));
+    ctl->adopt();
+  }
+  // One poll, `dt` seconds after the last.
+  const State& poll(double dt = 1) {
+    w.t += dt;
+    ctl->poll();
+    return ctl->state();
+  }
+  int submitted() const { return static_cast<int>(w.submissions.size()); }
+  std::string last_job() const { return std::to_string(w.next_id - 1); }
+};
+
+}  // namespace
+
+TEST_CASE("controller: tasks with no deployment bring one job; idle, it is retired and nothing is held") {
+  Loop l;
+  l.poll();
+  CHECK(l.submitted() == 0);  // an empty queue with nothing held: nothing to do
+  l.w.ready(6);
+  l.poll();
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.submissions[0].nodes == 1);
+  CHECK(l.w.submissions[0].sif == "/img/rt.sif");
+  CHECK(l.w.submissions[0].job_name == job_name());
+  auto id = l.last_job();
+  l.poll();
+  CHECK(l.submitted() == 1);  // --max-pending 1
+  l.w.serve(id, 2);
+  l.w.ready(0);
+  CHECK(l.poll().jobs.at(0).phase == Phase::serving);
+  l.w.serve(id, 0, 6);  // the tasks are done
+  l.poll();
+  l.poll(59);
+  CHECK(l.w.stops.empty());  // not idle long enough (--idle-timeout 60)
+  l.poll(2);
+  CHECK(l.w.stops == std::vector<std::string>{id});
+  CHECK(l.poll().jobs.at(0).phase == Phase::draining);
+  l.w.end(id);
+  auto& st = l.poll();
+  CHECK(st.jobs.empty());
+  CHECK(st.start_failures.in_row == 0);
+  for (int i = 0; i < 5; ++i) {
+    l.poll(100);
+  }
+  CHECK(l.submitted() == 1);
+  CHECK(l.w.held().empty());
+  CHECK(l.ctl->state().next.find("scaled to zero") != std::string::npos);
+}
+
+TEST_CASE("controller: under a backlog --max-pending and --max-nodes hold at every poll, and the limit is reached") {
+  auto lim = limits();
+  lim.max_nodes = 8;
+  lim.nodes_per_job = 2;
+  lim.max_pending = 2;
+  Loop l(lim);
+  l.w.ready(1000);
+  int peak = 0;
+  for (int i = 0; i < 20; ++i) {
+    int before = l.submitted();
+    l.poll();
+    CHECK(l.submitted() - before <= 1);  // at most one submission per poll
+    CHECK(l.w.held_nodes() <= 8);
+    CHECK(l.w.pending() <= 2);
+    peak = std::max(peak, l.w.held_nodes());
+    if (i == 3) {
+      CHECK(l.submitted() == 2);  // two pending: Slurm's queue is full for us
+      CHECK(l.ctl->state().next.find("--max-pending 2") != std::string::npos);
+    }
+    if (i >= 5) {
+      for (const auto& id : l.w.held()) {
+        l.w.serve(id, 4);  // Slurm starts them, every slot busy
+      }
+    }
+  }
+  CHECK(peak == 8);
+  CHECK(l.submitted() == 4);
+  CHECK(l.ctl->state().next.find("--max-nodes 8") != std::string::npos);
+}
+
+TEST_CASE("controller: a serving job near its time limit with work left gets one successor before it ends") {
+  Loop l;
+  l.w.ready(3);
+  l.poll();
+  auto first = l.last_job();
+  l.w.serve(first, 2);
+  l.w.jobs.at(first).seen.seconds_left = 1000;
+  l.w.ready(0);
+  l.poll();
+  CHECK(l.submitted() == 1);
+  l.w.jobs.at(first).seen.seconds_left = 100;  // below --renew-before 120
+  l.poll();
+  REQUIRE(l.submitted() == 2);
+  const auto& st = l.ctl->state();
+  REQUIRE(st.jobs.size() == 2);
+  CHECK(st.jobs[0].renewed);
+  CHECK(st.jobs[1].renews == first);
+  l.poll();
+  l.poll();
+  CHECK(l.submitted() == 2);  // renewed once only
+}
+
+TEST_CASE("controller: a refused submission shows the scheduler's words and is retried only after the backoff") {
+  Loop l;
+  l.w.refuse = "sbatch: error: invalid partition specified: nonexistent";
+  l.w.ready(5);
+  auto& st = l.poll();
+  CHECK(l.submitted() == 1);
+  CHECK(st.refused_in_row == 1);
+  CHECK(st.last_refusal == *l.w.refuse);
+  CHECK(st.error.find("invalid partition specified") != std::string::npos);
+  CHECK(st.error.find("next try in 10 s") != std::string::npos);
+  for (int i = 0; i < 9; ++i) {
+    l.poll();  // 9 s: still within the first 10 s
+  }
+  CHECK(l.submitted() == 1);
+  l.poll(2);
+  CHECK(l.submitted() == 2);
+  CHECK(l.ctl->state().error.find("next try in 20 s") != std::string::npos);
+  l.poll(19);
+  CHECK(l.submitted() == 2);
+  l.w.refuse.reset();  // the partition is back
+  l.poll(2);
+  CHECK(l.submitted() == 3);
+  CHECK(l.ctl->state().refused_in_row == 0);
+  CHECK(l.ctl->state().error.empty());
+  CHECK(l.ctl->state().jobs.size() == 1);
+}
+
+TEST_CASE("controller: a job made despite an unreadable reply is found by name, not submitted again") {
+  Loop l;
+  l.w.refuse = "sbatch printed no job id: Welcome!";
+  l.w.made_anyway = true;
+  l.w.ready(1);
+  l.poll();
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.ctl->state().jobs.size() == 1);  // adopted by name at once
+  l.w.refuse.reset();
+  for (int i = 0; i < 30; ++i) {
+    l.poll();
+  }
+  CHECK(l.submitted() == 1);
+  CHECK(l.w.held().size() == 1);
+}
+
+TEST_CASE("controller: jobs ending before serving halt submissions; a job that serves lifts the halt") {
+  auto lim = limits();
+  lim.max_start_failures = 2;
+  lim.max_pending = 2;
+  lim.nodes_per_job = 1;
+  Loop l(lim);
+  l.w.ready(100);
+  l.poll();
+  l.poll();
+  REQUIRE(l.submitted() == 2);
+  auto a = std::to_string(l.w.next_id - 2), b = l.last_job();
+  l.w.end(a);  // ended without a report: its image did not start
+  l.poll();
+  CHECK_FALSE(l.ctl->state().start_failures.halted);
+  CHECK(l.ctl->state().start_failures.in_row == 1);
+  l.w.end(b);
+  auto st = l.poll();
+  REQUIRE(st.start_failures.halted);
+  CHECK(st.error.find("2 jobs in a row ended before serving") != std::string::npos);
+  CHECK(st.error.find("/w-" + a + ".out") != std::string::npos);
+  CHECK(st.error.find("/w-" + b + ".out") != std::string::npos);
+  int n = l.submitted();
+  for (int i = 0; i < 20; ++i) {
+    l.poll();
+  }
+  CHECK(l.submitted() == n);  // halted: nothing more
+  CHECK(l.ctl->state().next.find("halted") == 0);
+  // One still in flight serves: the halt lifts and submissions resume.
+  auto live = l.w.held();
+  REQUIRE_FALSE(live.empty());
+  l.w.serve(live[0], 2);
+  l.poll();
+  CHECK_FALSE(l.ctl->state().start_failures.halted);
+  CHECK(l.ctl->state().error.empty());
+  l.poll();
+  CHECK(l.submitted() > n);
+}
+
+TEST_CASE("controller: a halt lifts after its cool-off for one probe job, and a failing probe halts again at once") {
+  auto lim = limits();
+  lim.max_start_failures = 2;
+  lim.halt_cooloff = 600;
+  Loop l(lim);
+  l.w.ready(100);
+  while (!l.ctl->state().start_failures.halted) {
+    REQUIRE(l.submitted() < 10);
+    l.poll();
+    for (const auto& id : l.w.held()) {
+      l.w.end(id);
+    }
+  }
+  l.poll();  // the last one's end is seen
+  int n = l.submitted();
+  l.poll(598);
+  CHECK(l.submitted() == n);
+  l.poll(10);                     // past the cool-off
+  CHECK(l.submitted() == n + 1);  // the probe
+  l.w.end(l.last_job());
+  l.poll();
+  CHECK(l.ctl->state().start_failures.halted);
+  l.poll(100);
+  CHECK(l.submitted() == n + 1);
+}
+
+TEST_CASE("controller: restarted, it adopts its jobs from its state and by name, and submits no duplicate") {
+  auto lim = limits();
+  lim.max_nodes = 2;
+  lim.max_pending = 2;
+  Loop l(lim);
+  l.w.ready(1);
+  l.poll();
+  auto saved = l.last_job();
+  l.w.serve(saved, 2);
+  l.w.ready(0);
+  l.poll();
+  // A second job was submitted and the controller killed before it saved its state.
+  l.w.jobs["777"] = {SeenJob{.pending = true, .nodes = 1}, job_name()};
+  l.w.jobs["778"] = {SeenJob{.pending = true, .nodes = 1}, "somebody-else"};
+  int n = l.submitted();
+  l.start();
+  auto& st = l.ctl->state();
+  REQUIRE(st.jobs.size() == 2);
+  CHECK(st.jobs[0].id == saved);
+  CHECK(st.jobs[1].id == "777");
+  l.w.ready(1000);
+  for (int i = 0; i < 10; ++i) {
+    l.poll();
+  }
+  CHECK(l.submitted() == n);  // the backlog wants nodes, but both are held
+  CHECK(l.ctl->state().jobs.size() == 2);
+  CHECK(l.ctl->state().sbatch_calls == static_cast<unsigned long long>(n));  // counters carry across the restart
+}
+
+TEST_CASE("controller: a second controller on the same state directory is refused") {
+  Loop l;
+  Ports p{std::make_unique<FakeScheduler>(l.w), std::make_unique<FakeQueue>(l.w),
+          std::make_unique<FakeDeployments>(l.w), nullptr};
+  CHECK_THROWS_AS(Controller(l.s, std::move(p)), lhpc::Error);
+}
+
+TEST_CASE("controller: a scheduler that does not answer ends nothing; the broker not answering retires nothing") {
+  Loop l;
+  l.w.ready(1);
+  l.poll();
+  auto id = l.last_job();
+  l.w.serve(id, 0, 1);
+  l.w.ready(0);
+  l.poll();
+  l.w.scheduler_down = true;
+  l.w.queue.reset();
+  for (int i = 0; i < 5; ++i) {
+    l.poll(100);
+  }
+  CHECK(l.ctl->state().jobs.size() == 1);
+  CHECK(l.ctl->state().start_failures.in_row == 0);
+  CHECK(l.w.stops.empty());
+  CHECK(l.submitted() == 1);
+}
+
+TEST_CASE("controller: ending with --drain-on-exit asks serving deployments to stop and cancels the others") {
+  auto lim = limits();
+  lim.max_pending = 2;
+  Loop l(lim);
+  l.w.ready(100);
+  l.poll();
+  auto serving = l.last_job();
+  l.w.serve(serving, 2);
+  l.poll();
+  auto pending = l.last_job();
+  REQUIRE(pending != serving);
+  l.ctl->finish(true);
+  CHECK(l.w.stops == std::vector<std::string>{serving});
+  CHECK(l.w.cancelled == std::vector<std::string>{pending});
+  CHECK(l.ctl->state().controller == "stopped");
+}
+
+TEST_CASE("a state file's number outside its field's range is refused, never converted") {
+  State s;
+  JobRecord r;
+  r.id = "42";
+  r.nodes = 2;
+  s.jobs.push_back(r);
+  s.ready = 3;
+  const auto good = nlohmann::json::parse(to_json(s));
+  auto refusal = [&](const std::function<void(nlohmann::json&)>& change) {
+    auto j = good;
+    change(j);
+    try {
+      state_from_json(j.dump(), "state.json");
+    } catch (const lhpc::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("read: ") + j.dump();
+  };
+  using J = nlohmann::json;
+  CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = 1e20; }) ==
+        "state.json: 'jobs[0].nodes' is not an integer from -2147483648 to 2147483647");
+  CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = 100001; }) ==
+        "state.json: 'jobs[0].nodes' is not an integer from 0 to 100000");
+  CHECK(refusal([](J& j) { j["jobs"][0]["nodes"] = -1; }).find("'jobs[0].nodes'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["jobs"][0]["done"] = 1e20; }) ==
+        "state.json: 'jobs[0].done' is not an integer from 0 to 18446744073709551615");
+  CHECK(refusal([](J& j) { j["demand"]["ready"] = 1e20; }).find("'demand.ready'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["demand"]["ready"] = -1; }).find("'demand.ready'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["pid"] = 1e20; }).find("'pid'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["refused_in_row"] = 2.5; }).find("'refused_in_row'") != std::string::npos);
+  CHECK(refusal([](J& j) { j["demand"]["consumers"] = 4294967296.0; }).find("'demand.consumers'") != std::string::npos);
+  auto ok = good;
+  ok["jobs"][0]["done"] = 18446744073709551615ULL;
+  ok["demand"]["ready"] = nullptr;
+  auto back = state_from_json(ok.dump(), "state.json");
+  CHECK(back.jobs[0].idle.done == 18446744073709551615ULL);
+  CHECK_FALSE(back.ready);
 }

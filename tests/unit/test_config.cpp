@@ -1,9 +1,10 @@
 // Configuration: every error class names file:line:col and the key; defaults,
 // placeholders, the AMQP_URL override and redaction; the user's Lithops YAML,
 // precedence and origins; the client-side checks; inputs toml++ 3.3.0 cannot
-// take; files that are not regular files.
+// take; files that are not regular files; files another user controls.
 #include <doctest/doctest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -17,7 +18,10 @@
 #include "test_support.h"
 #include "util/error.h"
 
+using lhpc::test::as_nobody;
+using lhpc::test::CwdGuard;
 using lhpc::test::EnvGuard;
+using lhpc::test::SharedDir;
 using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::config;
@@ -113,6 +117,59 @@ TEST_CASE("enumerations list their choices") {
   auto msg = error_of("[singularity]\nengine = \"docker\"\n");
   CHECK(msg.find("site.toml:2:10") != std::string::npos);
   CHECK(msg.find("singularity, apptainer, host") != std::string::npos);
+}
+
+TEST_CASE("an unknown section lists every section there is") {
+  auto msg = error_of("[nosuch]\nx = 1\n");
+  CHECK(msg.find("sections are [singularity], [rabbitmq], [deploy], [health], [logs], [autoalloc]") !=
+        std::string::npos);
+}
+
+TEST_CASE("enum names: one table each gives the text, reads it back, and refuses in one set of words") {
+  CHECK(k_engine_names.text(Engine::apptainer) == "apptainer");
+  CHECK(k_engine_names.parse("host") == Engine::host);
+  CHECK(!k_engine_names.parse("Host"));
+  CHECK(k_engine_names.error("host").empty());
+  CHECK(k_engine_names.error("docker") == "'docker' is not one of singularity, apptainer, host");
+  CHECK(k_transfer_names.error("scp") == "'scp' is not one of mpi, sbcast, none");
+  CHECK(k_mode_names.error("batch") == "'batch' is not one of dispatch, runscript");
+  CHECK(k_mode_names.text(static_cast<Mode>(7)) == "unknown");
+  // The TOML key refuses in the same words as the flag's check.
+  CHECK(error_of("[deploy]\ntransfer = \"scp\"\n").find("deploy.transfer: 'scp' is not one of mpi, sbcast, none") !=
+        std::string::npos);
+}
+
+TEST_CASE("every key the listing shows is one the reader takes back, with the same value") {
+  auto c = parse(R"([singularity]
+engine = "apptainer"
+binds = ["/a", "/b:/c"]
+worker_processes = 3
+[rabbitmq]
+amqp_url = "amqp://h.example:5673/v"
+heartbeat = 0
+[deploy]
+transfer = "sbcast"
+mode = "runscript"
+drain_timeout = 1.5
+[logs]
+dir = "state"
+[autoalloc]
+sbatch_args = ["--qos=low"]
+drain_on_exit = true
+)",
+                 "site.toml");
+  auto listed = to_toml(c);
+  auto again = parse(listed, "listed.toml");
+  CHECK(to_toml(again) == listed);
+  CHECK(again.singularity.engine == Engine::apptainer);
+  CHECK(again.deploy.drain_timeout == 1.5);
+  CHECK(again.autoalloc.sbatch_args == std::vector<std::string>{"--qos=low"});
+  // Every key of every section is listed, once.
+  std::size_t keys = 0;
+  for (std::size_t at = listed.find(" = "); at != std::string::npos; at = listed.find(" = ", at + 1)) {
+    ++keys;
+  }
+  CHECK(keys == 45);
 }
 
 TEST_CASE("out of range numbers say the range") {
@@ -323,6 +380,52 @@ TEST_CASE("a FIFO or a directory given as config is refused at once") {
   }
 }
 
+// ---- issue 20: configuration another user controls ------------------------------
+
+namespace {
+std::string refusal_of(const std::string& explicit_path) {
+  try {
+    load(explicit_path);
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::config);
+    return std::string(e.what()) + " | " + e.hint();
+  }
+  FAIL("another user's configuration was read");
+  return {};
+}
+}  // namespace
+
+TEST_CASE("another user's ./.lithops_config, --config file or link to one is refused, naming file and owner") {
+  SharedDir shared{"config"};  // like a shared or sticky directory sbatch jobs start in
+  TempDir home{"config"};
+  NoLithopsConfig no_lithops{home};
+  EnvGuard amqp("AMQP_URL", nullptr);
+  EnvGuard hpc("LITHOPS_HPC_CONFIG", nullptr);
+  EnvGuard xdg("XDG_CONFIG_HOME", home.file("xdg").c_str());
+  auto theirs = shared.file(".lithops_config");
+  REQUIRE(as_nobody({"sh", "-c", "printf 'rabbitmq:\n  amqp_url: amqp://u:p@attacker/\n' >" + theirs}));
+  {
+    CwdGuard cwd(shared.str());
+    auto msg = refusal_of("");
+    CHECK(msg.find(theirs + " belongs to nobody (uid 65534), neither to you nor to root") != std::string::npos);
+  }
+  auto toml = shared.file("site.toml");
+  REQUIRE(as_nobody({"sh", "-c", "printf '[rabbitmq]\\nqueue = \"theirs\"\\n' >" + toml}));
+  CHECK(refusal_of(toml).find(toml + " belongs to nobody") != std::string::npos);
+  // A link they planted, even to a file of ours: they chose where it leads.
+  auto mine = home.write("mine.toml", "[rabbitmq]\nqueue = \"mine\"\n", 0644);
+  REQUIRE(as_nobody({"ln", "-s", mine, shared.file("link.toml")}));
+  CHECK(refusal_of(shared.file("link.toml")).find("symbolic link of nobody") != std::string::npos);
+  // Ours, but writable by others: refused with the chmod that fixes it.
+  auto open_to_all = home.write("open.toml", "[rabbitmq]\nqueue = \"open\"\n", 0666);
+  CHECK(refusal_of(open_to_all).find("is writable by other users (mode 0666)") != std::string::npos);
+  // Ours in the same shared sticky directory, and a link of ours: read.
+  auto ok = shared.write("ours.toml", "[rabbitmq]\nqueue = \"ours\"\n", 0644);
+  CHECK(load(ok).rabbitmq.queue == "ours");
+  REQUIRE(::symlink(mine.c_str(), shared.file("our-link.toml").c_str()) == 0);
+  CHECK(load(shared.file("our-link.toml")).rabbitmq.queue == "mine");
+}
+
 TEST_CASE("a 50,000-character instance name is refused without a regex") {
   auto msg = error_of("[singularity]\ninstance_name = \"" + std::string(50000, 'a') + "\"\n");
   CHECK(msg.find("site.toml:2:17") != std::string::npos);
@@ -346,6 +449,15 @@ TEST_CASE("inputs toml++ 3.3.0 mishandles are refused before it sees them") {
   CHECK(error_of("[rabbitmq]\namqp_url = 0\"a\xc3\x8c\"\n")
             .find("site.toml:2:15: non-ASCII character outside a string") != std::string::npos);
   CHECK_NOTHROW(lhpc::config::check_toml_text("[singularity]\npython = \"/opt/\xc3\x8c/python3\"\n", "site.toml"));
+  // toml++ reads a bare value to its end (blank , ] } # or line end) before judging it: a quote or
+  // a brace inside that run opens nothing, so non-ASCII after it is outside a string (fuzz, CI).
+  CHECK(error_of("[rabbitmq]\namqp_url =0\"a={b='\xc3\x8c'}\n")
+            .find("site.toml:2:19: non-ASCII character outside a string") != std::string::npos);
+  CHECK(error_of("[rabbitmq]\namqp_url =0)\"\xc3\x8c\"\n").find("non-ASCII character outside a string") !=
+        std::string::npos);
+  auto dated =
+      parse("[deploy]\nchunk_mib = 8 # caf\xc3\xa9 '\xc3\xa9'\n[singularity]\nbinds = [\"/\xc3\xa9\"]\n", "ok.toml");
+  CHECK(dated.deploy.chunk_mib == 8);
   // toml++ asserts (when built with assertions) on '[' then a line end.
   CHECK(error_of("[\n").find("site.toml:1:2: a table header needs a name") != std::string::npos);
   CHECK(error_of("[[ \n").find("site.toml:1:4") != std::string::npos);
@@ -543,6 +655,23 @@ TEST_CASE("a sound client config raises no warning") {
   REQUIRE(all.size() == 1);  // the note on worker_processes
   CHECK(all[0].text.find("l.yaml:9: singularity.worker_processes = 8 is, for the Lithops client, calls per message") !=
         std::string::npos);
+}
+
+TEST_CASE("config check warns when a call may outlive the broker's consumer_timeout, when it knows that") {
+  ClientFacts same{.image = "/x/my-rt.sif", .client_python = "3.11", .image_python = "3.11"};
+  auto c = parse_lithops_yaml(k_lithops_yaml, "l.yaml");
+  CHECK(!any_has(warnings_of(c, same), "consumer_timeout"));  // the broker's value unknown: no guess
+  c.rabbitmq.consumer_timeout = 1800;
+  CHECK(any_has(warnings_of(c, same),
+                "lithops.execution_timeout is not set (Lithops' default: 1800 s) but the "
+                "broker's consumer_timeout is 1800 s"));
+  c.rabbitmq.consumer_timeout = 86400;
+  CHECK(!any_has(warnings_of(c, same), "consumer_timeout"));
+  auto long_calls = parse_lithops_yaml("lithops:\n  backend: singularity\n  execution_timeout: 7200\n", "m.yaml");
+  long_calls.rabbitmq.consumer_timeout = 3600;
+  CHECK(any_has(warnings_of(long_calls, same),
+                "m.yaml:3: lithops.execution_timeout is 7200 s but the broker's "
+                "consumer_timeout is 3600 s"));
 }
 
 TEST_CASE("client checks: default runtime, localhost storage, log level, backend") {

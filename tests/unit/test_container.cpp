@@ -18,6 +18,7 @@
 #include "container/engine.h"
 #include "container/runscript.h"
 #include "lhpc_build_config.h"
+#include "lhpc_source_root.h"
 #include "test_support.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -245,6 +246,15 @@ TEST_CASE("an instance name the engine could misread is refused before anything 
   }
   // An image path that looks like a flag stays a path.
   CHECK(e->instance_start_argv({.image = "-odd.sif", .name = "w"})[3] == "./-odd.sif");
+}
+
+TEST_CASE("a very long instance name is checked without running out of stack") {
+  // std::regex_match recursed once per character: 50,000 overflowed the stack.
+  auto e = make_engine(config::Engine::singularity);
+  std::string name(200000, 'a');
+  CHECK(e->instance_start_argv({.image = "/i.sif", .name = name}).back() == name);
+  auto err = error_of([&] { e->instance_start_argv({.image = "/i.sif", .name = name + " "}); });
+  CHECK(err.code() == Exit::config);
 }
 
 // ---------------------------------------------------------------- environment

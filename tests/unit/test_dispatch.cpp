@@ -24,6 +24,11 @@
 #include "dispatch/protocol.h"
 #include "dispatch/runtime.h"
 
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <sstream>
+
 using namespace lhpc;
 using namespace lhpc::dispatch;
 
@@ -571,6 +576,35 @@ TEST_CASE("malformed messages are dead-lettered with the reason, then acked") {
   CHECK(r.handlers.sent.empty());
 }
 
+namespace {
+// What the dispatcher logs, for the scope.
+struct LogCapture {
+  std::ostringstream out;
+  std::shared_ptr<spdlog::logger> old = spdlog::default_logger();
+  LogCapture() {
+    auto logger = std::make_shared<spdlog::logger>("capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(out));
+    logger->set_level(spdlog::level::debug);
+    spdlog::set_default_logger(logger);
+  }
+  ~LogCapture() { spdlog::set_default_logger(old); }
+};
+}  // namespace
+
+TEST_CASE("a publisher's message id and action reach the log with their control characters escaped") {
+  LogCapture logs;
+  Rig r(1);
+  amqp::Properties props;
+  props.message_id =
+      "id\x1b]0;owned\x07\xc2\x9b"
+      "2J";
+  r.deliver(R"({"action": "\u001b[2Jrm", "payload": ""})", props);
+  auto text = logs.out.str();
+  CHECK(text.find('\x1b') == std::string::npos);
+  CHECK(text.find('\x07') == std::string::npos);
+  CHECK(text.find("message id\\x1b]0;owned\\x07\\xc2\\x9b2J is malformed") != std::string::npos);
+  CHECK(text.find("unknown action '\\x1b[2Jrm'") != std::string::npos);
+}
+
 TEST_CASE("a call the handler could not run is counted failed and frees its slot") {
   Rig r(1);
   auto tag = r.deliver(encode(Action::send_task, job(1)));
@@ -618,6 +652,80 @@ TEST_CASE("after a lost connection running calls finish but are not acked") {
   auto tag = r.deliver(encode(Action::send_task, job(1)));
   r.reply(0);
   CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
+}
+
+TEST_CASE("a call that finishes after its connection was lost is counted as a duplicate") {
+  Rig r(2);
+  r.deliver(encode(Action::send_task, job(1, "D")));
+  r.d.on_disconnected();
+  r.reply(0);
+  CHECK(r.d.counters().duplicates == 1);
+  CHECK(r.d.counters().tasks_done == 1);
+}
+
+TEST_CASE("an oversized message is dead-lettered with its headers only, then acked") {
+  Rig r(1);
+  amqp::Delivery del;
+  del.tag = 41;
+  del.routing_key = "task_queue";
+  del.oversized = true;
+  del.body_size = 300u << 20;
+  del.props.message_id = "big";
+  del.props.headers["x-mine"] = std::string("kept");
+  r.d.on_delivery(std::move(del));
+  CHECK(r.handlers.sent.empty());
+  REQUIRE(r.broker.published.size() == 1);
+  const auto& p = r.broker.published[0];
+  CHECK(p.routing_key == "task_queue.dead");
+  CHECK(p.body.empty());
+  CHECK(amqp::table_string(p.props.headers, "x-mine") == "kept");
+  CHECK(amqp::table_string(p.props.headers, k_hdr_reason).find("over rabbitmq.max_message_bytes: 314572800 bytes") ==
+        0);
+  r.confirm_all();
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{41});
+}
+
+TEST_CASE("a message that outlived the broker's consumer_timeout twice is dead-lettered on its next delivery") {
+  Rig r(2);
+  auto body = encode(Action::send_task, job(1, "LONG"));
+  r.deliver(body);
+  auto what = r.d.on_consumer_timeout(std::chrono::milliseconds(0));
+  CHECK(what.find("job LONG") == 0);
+  CHECK(what.find("1 of 2") != std::string::npos);
+  r.d.on_disconnected();
+  r.d.on_connected(r.d.desired_prefetch(), r.d.desired_slot_consumer());
+  // Once: it runs again (the first copy still runs in the other slot).
+  r.deliver(body, {}, /*redelivered=*/true);
+  CHECK(r.handlers.sent.size() == 2);
+  CHECK(r.d.on_consumer_timeout(std::chrono::milliseconds(0)).find("2 of 2") != std::string::npos);
+  r.d.on_disconnected();
+  r.d.on_connected(r.d.desired_prefetch(), r.d.desired_slot_consumer());
+  auto tag = r.deliver(body, {}, true);
+  CHECK(r.handlers.sent.size() == 2);  // never a third start
+  REQUIRE(r.broker.published.size() == 1);
+  CHECK(r.broker.published[0].routing_key == "task_queue.dead");
+  CHECK(amqp::table_string(r.broker.published[0].props.headers, k_hdr_reason).find("consumer_timeout 2 times") !=
+        std::string::npos);
+  r.confirm_all();
+  CHECK(r.broker.acked.back() == tag);
+  CHECK(r.d.counters().consumer_timeouts == 2);
+  // Another message is untouched by it.
+  r.reply(0);
+  r.reply(1);
+  CHECK(r.d.counters().duplicates == 2);
+}
+
+TEST_CASE("a channel closed for the broker's consumer_timeout is told apart from other closes") {
+  amqp::BrokerClose c{true, 406,
+                      "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value used: "
+                      "5000 ms. This timeout value can be configured, see consumers doc guide to learn more"};
+  CHECK(amqp::consumer_timeout_of(c) == 5000);
+  c.text = "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out";
+  CHECK(amqp::consumer_timeout_of(c) == 0);
+  c.text = "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'task_queue'";
+  CHECK(!amqp::consumer_timeout_of(c));
+  c = {false, 320, "CONNECTION_FORCED - broker forced connection closure"};
+  CHECK(!amqp::consumer_timeout_of(c));
 }
 
 TEST_CASE("tasks wait for handlers that are not ready yet") {

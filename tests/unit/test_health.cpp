@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "autoalloc/overview.h"
 #include "config/config.h"
 #include "health/memory.h"
 #include "health/report.h"
@@ -22,7 +23,9 @@
 #include "util/fs.h"
 #include "util/process.h"
 
+using lhpc::test::as_nobody;
 using lhpc::test::EnvGuard;
+using lhpc::test::SharedDir;
 using lhpc::test::TempDir;
 using namespace lhpc;
 using namespace lhpc::health;
@@ -64,6 +67,7 @@ Report report_of(int rank, State s, std::uint64_t seq, const std::string& node) 
   r.requeued = 2;
   r.dead_lettered = 3;
   r.broker_connected = 1;
+  r.consuming = 1;
   r.instance_alive = 1;
   r.rss_kb = 2048;
   r.rss_tree_kb = 4096;
@@ -109,7 +113,7 @@ std::set<std::string> keys_of(const json& j) {
 
 TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
   CHECK(std::is_trivially_copyable_v<Report>);
-  CHECK(sizeof(Report) == 328);
+  CHECK(sizeof(Report) == 336);
   Report a = report_of(3, State::draining, 7, "node-7");
   set_last_error(a, "boom");
   unsigned char wire[sizeof(Report)];
@@ -126,15 +130,15 @@ TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
 
 TEST_CASE("state names are lower case and parse back") {
   for (auto s : {State::staging, State::starting, State::ready, State::draining, State::failed, State::stopped,
-                 State::unresponsive}) {
-    auto name = std::string(state_name(s));
+                 State::unresponsive, State::reconnecting}) {
+    auto name = std::string(k_state_names.text(s));
     for (char c : name) {
       CHECK(!(c >= 'A' && c <= 'Z'));
     }
-    CHECK(parse_state(name) == s);
+    CHECK(k_state_names.parse(name) == s);
   }
-  CHECK(state_name(State::unresponsive) == "unresponsive");
-  CHECK(!parse_state("Ready"));
+  CHECK(k_state_names.text(State::unresponsive) == "unresponsive");
+  CHECK(!k_state_names.parse("Ready"));
 }
 
 TEST_CASE("a report with a wrong version, a negative rank or an unknown state is invalid") {
@@ -147,6 +151,8 @@ TEST_CASE("a report with a wrong version, a negative rank or an unknown state is
   CHECK(!valid(r));
   r.state = static_cast<State>(200);
   CHECK(!valid(r));
+  r.state = State::reconnecting;  // running, consuming nothing: sent
+  CHECK(valid(r));
   r = report_of(-1, State::ready, 1, "n");
   CHECK(!valid(r));
 }
@@ -329,7 +335,8 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   CHECK(doc["rank0"] == json{{"host", "n1"}, {"pid", 4242}});
   CHECK(doc["state"] == "draining");
   CHECK(keys_of(doc["summary"]) == std::set<std::string>{"ranks", "ready", "degraded", "unresponsive", "slots_busy",
-                                                         "slots_total", "done", "failed", "requeued", "dead_lettered"});
+                                                         "slots_total", "done", "failed", "requeued", "dead_lettered",
+                                                         "duplicates"});
   CHECK(doc["summary"]["ranks"] == 2);
   CHECK(doc["summary"]["ready"] == 1);
   CHECK(doc["summary"]["degraded"] == 1);
@@ -340,10 +347,11 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   CHECK(doc["summary"]["dead_lettered"] == 6);
   REQUIRE(doc["ranks"].size() == 2);
   const auto& r = doc["ranks"][1];
-  CHECK(keys_of(r) == std::set<std::string>{"rank",          "node",        "pid",      "state",     "reported_state",
-                                            "slots_busy",    "slots_total", "done",     "failed",    "requeued",
-                                            "dead_lettered", "broker",      "instance", "restarts",  "rss_kb",
-                                            "rss_tree_kb",   "uptime",      "seq",      "last_seen", "last_error"});
+  CHECK(keys_of(r) ==
+        std::set<std::string>{"rank",        "node",      "pid",     "state",     "reported_state", "slots_busy",
+                              "slots_total", "done",      "failed",  "requeued",  "dead_lettered",  "duplicates",
+                              "broker",      "consuming", "blocked", "instance",  "restarts",       "rss_kb",
+                              "rss_tree_kb", "uptime",    "seq",     "last_seen", "last_error"});
   CHECK(r["rank"] == 1);
   CHECK(r["node"] == "n2");
   CHECK(r["pid"] == 101);
@@ -448,6 +456,25 @@ TEST_CASE("the table a person reads") {
         std::string::npos);
 }
 
+TEST_CASE("a rank that consumes nothing or is blocked by the broker says so, and is not ready") {
+  FakeClock fc;
+  Table t = ready_table(fc, 2, 5);
+  auto deaf = report_of(0, State::reconnecting, 2, "n1");
+  deaf.consuming = 0;
+  t.update(deaf);
+  auto blocked = report_of(1, State::ready, 2, "n2");
+  blocked.broker_blocked = 1;
+  t.update(blocked);
+  auto v = parse_status(t.to_json(), "s");
+  CHECK(v.ranks[0].state == State::reconnecting);
+  CHECK(!v.ranks[0].consuming);
+  CHECK(v.ranks[1].blocked);
+  auto text = render(v, assess(v, fc.wall + 1));
+  CHECK(text.find("n1    reconnecting  1/4    10    1       2         no consumer") != std::string::npos);
+  CHECK(text.find("n2    ready         1/4    10    1       2         blocked") != std::string::npos);
+  CHECK(text.find("DEGRADED: 1/2 ranks ready, 1 degraded") != std::string::npos);
+}
+
 TEST_CASE("a broken status file is an error naming the key") {
   CHECK_THROWS_WITH_AS(parse_status("not json", "/x/status.json"), "/x/status.json is not a JSON object", Error);
   FakeClock fc;
@@ -458,6 +485,39 @@ TEST_CASE("a broken status file is an error naming the key") {
   doc = json::parse(t.to_json());
   doc["version"] = 2;
   CHECK_THROWS_AS(parse_status(doc.dump(), "s"), Error);
+}
+
+TEST_CASE("the view reads states as the enums the writer uses") {
+  FakeClock fc;
+  Table t = ready_table(fc, 2);
+  t.update(report_of(1, State::draining, 2, "n2"));
+  t.set_state(DeploymentState::draining);
+  auto v = parse_status(t.to_json(), "s");
+  CHECK(v.state == DeploymentState::draining);
+  CHECK(v.ranks[0].state == State::ready);
+  CHECK(v.ranks[1].state == State::draining);
+  CHECK(!ended(v.state));
+  for (auto s :
+       {DeploymentState::running, DeploymentState::draining, DeploymentState::stopped, DeploymentState::failed}) {
+    CHECK(k_deployment_state_names.parse(k_deployment_state_names.text(s)) == s);
+  }
+  CHECK(ended(DeploymentState::stopped));
+  CHECK(ended(DeploymentState::failed));
+}
+
+TEST_CASE("a state this version does not know is an error naming the key and the states it knows") {
+  FakeClock fc;
+  Table t = ready_table(fc, 1);
+  auto doc = json::parse(t.to_json());
+  doc["state"] = "sleeping";
+  CHECK_THROWS_WITH_AS(parse_status(doc.dump(), "s"),
+                       "s: 'state' is 'sleeping', not one of running, draining, stopped, failed", Error);
+  doc = json::parse(t.to_json());
+  doc["ranks"][0]["state"] = "Ready";
+  CHECK_THROWS_WITH_AS(parse_status(doc.dump(), "s"),
+                       "s: 'ranks[0].state' is 'Ready', not one of staging, starting, ready, draining, failed, "
+                       "stopped, unresponsive, reconnecting",
+                       Error);
 }
 
 TEST_CASE("the status file lives in the job directory, private") {
@@ -495,6 +555,22 @@ TEST_CASE("a configured status file is found through a link in the job directory
   REQUIRE(look.found);
   CHECK(look.found->text == t.to_json());
   CHECK(std::filesystem::is_symlink(loc.link));
+}
+
+TEST_CASE("a configured status file is never written through another user's link") {
+  StateDir sd;
+  SharedDir shared{"health"};
+  TempDir victim;
+  REQUIRE(as_nobody({"ln", "-s", victim.str(), shared.file("status")}));
+  auto loc = locate("78", shared.file("status/status-78.json"));
+  try {
+    prepare(loc);
+    FAIL("a status file behind another user's link was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find(shared.file("status") + " is a symbolic link of nobody") != std::string::npos);
+  }
+  CHECK_THROWS_AS(write_status(loc, "{}"), Error);
+  CHECK_FALSE(path_exists(victim.file("status-78.json")));
 }
 
 TEST_CASE("a stop request round trip") {
@@ -561,4 +637,31 @@ TEST_CASE("finding a deployment: the job's, the environment's, else the newest")
     EnvGuard local("LITHOPS_HPC_JOB_ID", "100");
     CHECK(find_deployment("").found->loc.job == "100");
   }
+}
+
+TEST_CASE("every deployment at a glance: ok when the live ones are ready, failure when one is not, none found") {
+  StateDir sd;
+  CHECK(autoalloc::overview_text(unix_now()).code == Exit::no_deployment);
+  auto put = [&](const std::string& job, DeploymentState state, State rank_state) {
+    FakeClock fc;
+    fc.wall = unix_now();
+    Table t = ready_table(fc, 1);
+    t.update(report_of(0, rank_state, 9, "n1"));
+    t.set_state(state);
+    auto doc = json::parse(t.to_json());
+    doc["job"] = job;
+    auto loc = locate(job);
+    prepare(loc);
+    write_status(loc, doc.dump());
+  };
+  put("10", DeploymentState::running, State::ready);
+  put("11", DeploymentState::failed, State::failed);  // ended: not live, not counted
+  auto o = autoalloc::overview_text(unix_now());
+  CHECK(o.code == Exit::ok);
+  CHECK(o.text.find("job 10 (runtime rt-a): running, 1/1 ranks ready") != std::string::npos);
+  CHECK(o.text.find("job 11 (runtime rt-a): failed") != std::string::npos);
+  CHECK(autoalloc::live_deployments(unix_now()).size() == 1);
+  put("12", DeploymentState::running, State::starting);
+  CHECK(autoalloc::overview_text(unix_now()).code == Exit::failure);
+  CHECK(autoalloc::overview_json(unix_now()).code == Exit::failure);
 }

@@ -125,10 +125,33 @@ TEST_CASE("where logs live: node-local, the job's state directory, or a path") {
   CHECK_THROWS_AS(place_for("node", "../x"), Error);
 }
 
-TEST_CASE("a planted symlink on the way to the log directory is not followed") {
+TEST_CASE("an existing logs.dir PATH keeps its mode; what lithops-hpc makes is 0700") {
   TempDir t("logs");
+  auto mode_of = [](const std::string& p) {
+    struct stat st {};
+    REQUIRE(::stat(p.c_str(), &st) == 0);
+    return st.st_mode & 07777;
+  };
+  auto group_share = t.file("project-logs");
+  REQUIRE(::mkdir(group_share.c_str(), 0750) == 0);
+  ::chmod(group_share.c_str(), 02750);
+  REQUIRE(open_dir(place_for(group_share, "5"), true));
+  CHECK(mode_of(group_share) == 02750);
+  CHECK((mode_of(group_share + "/5") & 0777) == 0700);  // setgid, as the directory passes it on
+  auto fresh = t.file("fresh");
+  REQUIRE(open_dir(place_for(fresh, "5"), true));
+  CHECK(mode_of(fresh) == 0700);
+  auto open_to_all = t.file("open");
+  REQUIRE(::mkdir(open_to_all.c_str(), 0700) == 0);
+  ::chmod(open_to_all.c_str(), 0777);
+  CHECK_THROWS_WITH_AS(open_dir(place_for(open_to_all, "5"), true), doctest::Contains("writable by other users"),
+                       Error);
+}
+
+TEST_CASE("a planted symlink on the way to the log directory is not followed") {
+  lhpc::test::SharedDir t("logs");
   REQUIRE(::mkdir(t.file("real").c_str(), 0700) == 0);
-  REQUIRE(::symlink(t.file("real").c_str(), t.file("base").c_str()) == 0);
+  REQUIRE(lhpc::test::as_nobody({"ln", "-s", t.file("real"), t.file("base")}));
   CHECK_THROWS_WITH_AS(open_dir(place_for(t.file("base"), "9"), true), doctest::Contains("symbolic link"), Error);
   CHECK_FALSE(path_exists(t.file("real") + "/9"));
 }

@@ -1,11 +1,15 @@
 #include "test_support.h"
 
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
+
+#include "util/process.h"
 
 namespace lhpc::test {
 
@@ -50,6 +54,29 @@ EnvGuard::~EnvGuard() {
   } else {
     ::unsetenv(m_name.c_str());
   }
+}
+
+bool as_nobody(const std::vector<std::string>& argv) {
+  std::vector<std::string> full = {"setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"};
+  full.insert(full.end(), argv.begin(), argv.end());
+  auto child = spawn({.argv = full});
+  int status = child.wait();
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+SharedDir::SharedDir(const std::string& tag) : TempDir(tag) {
+  if (::chmod(path.c_str(), 01777) != 0) {
+    throw std::runtime_error("chmod 1777 " + path + " failed");
+  }
+}
+
+CwdGuard::CwdGuard(const std::string& dir) : m_old(std::filesystem::current_path().string()) {
+  std::filesystem::current_path(dir);
+}
+
+CwdGuard::~CwdGuard() {
+  std::error_code ec;
+  std::filesystem::current_path(m_old, ec);
 }
 
 }  // namespace lhpc::test

@@ -4,17 +4,26 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <climits>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
+#include "test_support.h"
 #include "util/backoff.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_number.h"
 #include "util/memory_limit.h"
 #include "util/process.h"
+#include "util/signals.h"
 #include "util/strings.h"
 
 using namespace lhpc;
+using lhpc::test::as_nobody;
+using lhpc::test::SharedDir;
+using lhpc::test::TempDir;
 
 TEST_CASE("a child gets exactly the environment we give it") {
   Env env = Env::empty();
@@ -190,6 +199,59 @@ TEST_CASE("mkdirs creates every missing directory with the mode asked for") {
   std::filesystem::remove_all(d);
 }
 
+TEST_CASE("missing parents are never created through another user's symlink") {
+  SharedDir shared{"util"};
+  TempDir ours{"util"};
+  // They point a name we are about to create under at a directory of ours.
+  REQUIRE(as_nobody({"ln", "-s", ours.str(), shared.file("state")}));
+  try {
+    make_private_dir(shared.file("state/jobs/private"));
+    FAIL("a path through another user's symlink was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("symbolic link of nobody") != std::string::npos);
+  }
+  CHECK_FALSE(path_exists(ours.file("jobs")));
+  CHECK_THROWS_AS(mkdirs(shared.file("state/a/b")), Error);
+  CHECK_FALSE(path_exists(ours.file("a")));
+  // Missing parents of ours, relative ones too, are still made.
+  make_private_dir(shared.file("mine/jobs/private"));
+  CHECK(path_exists(shared.file("mine/jobs/private")));
+  lhpc::test::CwdGuard cwd(shared.str());
+  mkdirs("rel/a", 0755);
+  CHECK(path_exists(shared.file("rel/a")));
+}
+
+TEST_CASE("control characters are escaped for logs and terminals, printable UTF-8 is kept") {
+  CHECK(escape_controls("plain id-7") == "plain id-7");
+  CHECK(escape_controls("a\x1b[2Jb\x07\x7f\n") == "a\\x1b[2Jb\\x07\\x7f\\x0a");
+  CHECK(escape_controls("tab\there\n", "\t") == "tab\there\\x0a");
+  CHECK(escape_controls("\xc2\x9b"
+                        "31m") == "\\xc2\\x9b31m");  // C1 CSI as UTF-8
+  CHECK(escape_controls("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82") == "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82");
+  CHECK(escape_controls("\x9b\xff\xc0\xaf\xed\xa0\x80") == "\\x9b\\xff\\xc0\\xaf\\xed\\xa0\\x80");
+  CHECK(escape_controls(std::string("a\0b", 3)) == "a\\x00b");
+  CHECK(escape_controls("\xe2\x82") == "\\xe2\\x82");  // cut short
+}
+
+TEST_CASE("a JSON integer field takes only an integer inside its type's range; a real field any number") {
+  using J = nlohmann::json;
+  CHECK(json_integer<int>(J(5)) == 5);
+  CHECK_FALSE(json_integer<int>(J(1e20)));  // get<int>() of it is undefined behaviour
+  CHECK_FALSE(json_integer<int>(J(5.0)));
+  CHECK_FALSE(json_integer<unsigned>(J(-1)));  // get<unsigned>() wraps it
+  CHECK_FALSE(json_integer<int>(J(2147483648LL)));
+  CHECK(json_integer<int>(J(-2147483648LL)) == INT_MIN);
+  CHECK(json_integer<std::uint64_t>(J::parse("18446744073709551615")) == UINT64_MAX);
+  CHECK_FALSE(json_integer<std::int64_t>(J::parse("18446744073709551615")));
+  CHECK_FALSE(json_integer<int>(J("5")));
+  CHECK_FALSE(json_integer<int>(J(nullptr)));
+  CHECK(json_real(J(5)) == 5.0);
+  CHECK(json_real(J::parse("1e20")) == 1e20);
+  CHECK_FALSE(json_real(J("1")));
+  CHECK(J::parse("[1e400]", nullptr, false).is_discarded());  // no infinity gets in
+  CHECK(json_integer_rule<std::uint8_t>() == "is not an integer from 0 to 255");
+}
+
 TEST_CASE("a job id that would leave its directory is refused") {
   for (const char* bad : {"", ".", "..", "../..", "a/b", "x\ny"}) {
     CHECK_THROWS_AS(check_path_component("job id", bad), Error);
@@ -265,4 +327,13 @@ TEST_CASE("the job's memory: cgroup limits, Slurm's allocation and MemTotal are 
   CHECK(meminfo_total_mb("MemTotal:       16318480 kB\nMemFree: 1 kB\n") == std::optional<std::uint64_t>(15936));
   CHECK(meminfo_total_mb("nothing") == std::nullopt);
   CHECK(job_memory_mb() > 0);  // this machine has some
+}
+
+TEST_CASE("a run ended by a signal exits as the shell reports it: 129 SIGHUP, 130 SIGINT, 143 SIGTERM") {
+  CHECK(exit_for_signal(SIGHUP) == Exit::hangup);
+  CHECK(exit_for_signal(SIGINT) == Exit::interrupted);
+  CHECK(exit_for_signal(SIGTERM) == Exit::terminated);
+  CHECK(static_cast<int>(Exit::hangup) == 128 + SIGHUP);
+  CHECK(static_cast<int>(Exit::interrupted) == 128 + SIGINT);
+  CHECK(static_cast<int>(Exit::terminated) == 128 + SIGTERM);
 }

@@ -1,4 +1,4 @@
-#include "autoalloc/scheduler.h"
+#include "autoalloc/slurm_scheduler.h"
 
 #include <unistd.h>
 
@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "autoalloc/policy.h"
+#include "autoalloc/sbatch_reply.h"
 #include "slurm/job.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -55,8 +56,12 @@ Ran run_program(const std::vector<std::string>& argv, std::optional<Env> env = s
   return r;
 }
 
-std::optional<std::map<std::string, SeenJob>> squeue_jobs(unsigned long long& queries) {
-  ++queries;
+bool final_state(const slurm::JobInfo& info) { return !info.active(); }
+
+}  // namespace
+
+std::optional<std::map<std::string, SeenJob>> SlurmScheduler::squeue_jobs() {
+  ++m_counters.queries;
   auto r = run_program({"squeue", "-h", "-u", user_name(), "-o", "%i|%T|%D|%L"});
   if (r.code != 0) {
     spdlog::warn("squeue failed ({}): {}", r.code, r.err);
@@ -81,19 +86,14 @@ std::optional<std::map<std::string, SeenJob>> squeue_jobs(unsigned long long& qu
   return out;
 }
 
-bool final_state(const slurm::JobInfo& info) { return !info.active(); }
-
-}  // namespace
-
-std::optional<std::map<std::string, SeenJob>> query_jobs(const std::vector<std::string>& ids,
-                                                         unsigned long long& queries) {
+std::optional<std::map<std::string, SeenJob>> SlurmScheduler::query(const std::vector<std::string>& ids) {
   std::map<std::string, SeenJob> out;
   bool unsure = !slurm::libslurm_available();
   for (const auto& id : ids) {
     if (unsure) {
       break;
     }
-    ++queries;
+    ++m_counters.queries;
     auto info = slurm::job_info(id);
     if (!info) {
       unsure = true;  // forgotten, or the controller did not answer: squeue tells which
@@ -111,7 +111,7 @@ std::optional<std::map<std::string, SeenJob>> query_jobs(const std::vector<std::
   if (!unsure) {
     return out;
   }
-  auto listed = squeue_jobs(queries);
+  auto listed = squeue_jobs();
   if (!listed) {
     return std::nullopt;
   }
@@ -122,7 +122,8 @@ std::optional<std::map<std::string, SeenJob>> query_jobs(const std::vector<std::
   return out;
 }
 
-std::vector<std::string> jobs_named(const std::string& name) {
+std::vector<std::string> SlurmScheduler::jobs_named(const std::string& name) {
+  ++m_counters.queries;
   auto r = run_program({"squeue", "-h", "-u", user_name(), "-n", name, "-o", "%i"});
   if (r.code != 0) {
     spdlog::warn("squeue failed ({}): {}; jobs submitted but not saved before a crash are not adopted", r.code, r.err);
@@ -139,17 +140,21 @@ std::vector<std::string> jobs_named(const std::string& name) {
   return ids;
 }
 
-std::vector<std::string> sbatch_argv(const SubmitRequest& r) {
+std::string slurm_output(const std::string& dir, const std::string& id) {
+  return dir + "/lithops-workers-" + id + ".out";
+}
+
+std::vector<std::string> sbatch_argv(const SlurmOptions& o, const Submission& s) {
   std::vector<std::string> argv = {"sbatch",
                                    "--parsable",
-                                   "--job-name=" + r.job_name,
-                                   "--nodes=" + std::to_string(r.nodes),
-                                   "--time=" + r.time_limit,
-                                   "--output=" + r.output};
-  argv.insert(argv.end(), r.sbatch_args.begin(), r.sbatch_args.end());
-  argv.push_back(r.script);
-  if (!r.sif.empty()) {
-    argv.push_back(r.sif);
+                                   "--job-name=" + s.job_name,
+                                   "--nodes=" + std::to_string(s.nodes),
+                                   "--time=" + o.time_limit,
+                                   "--output=" + slurm_output(s.output_dir, "%j")};
+  argv.insert(argv.end(), o.sbatch_args.begin(), o.sbatch_args.end());
+  argv.push_back(o.script);
+  if (!s.sif.empty()) {
+    argv.push_back(s.sif);
   }
   // Images are removed when the deployment ends, as `cleanup` does: a
   // retired deployment leaves nothing on its nodes.
@@ -157,24 +162,27 @@ std::vector<std::string> sbatch_argv(const SubmitRequest& r) {
   return argv;
 }
 
-SubmitResult sbatch(const SubmitRequest& r) {
+Submitted SlurmScheduler::submit(const Submission& s) {
+  ++m_counters.submissions;
   auto env = Env::current();
-  if (!r.config_path.empty()) {
-    env.set("LITHOPS_HPC_CONFIG", r.config_path);
+  if (!s.config_path.empty()) {
+    env.set("LITHOPS_HPC_CONFIG", s.config_path);
   }
-  auto ran = run_program(sbatch_argv(r), env);
-  SubmitResult res;
-  auto out = trim(ran.out);
-  if (ran.code == 0 && !out.empty()) {
-    res.job = out.substr(0, out.find(';'));  // --parsable: "id" or "id;cluster"
-    res.message = out;
+  auto ran = run_program(sbatch_argv(m_o, s), env);
+  auto reply = parse_sbatch_reply(ran.code, ran.out, ran.err);
+  Submitted res;
+  if (reply.job) {
+    res.job = reply.job;
+    res.output = slurm_output(s.output_dir, *reply.job);
     return res;
   }
-  res.message = ran.err.empty() ? "sbatch exited with code " + std::to_string(ran.code) : ran.err;
+  res.message = reply.refusal;
+  res.maybe_submitted = reply.unreadable_success;
   return res;
 }
 
-void cancel_job(const std::string& id) {
+void SlurmScheduler::cancel(const std::string& id) {
+  ++m_counters.queries;
   auto r = run_program({"scancel", id});
   if (r.code != 0) {
     spdlog::warn("scancel {} failed ({}): {}", id, r.code, r.err);

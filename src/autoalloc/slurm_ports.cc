@@ -1,0 +1,17 @@
+#include "autoalloc/slurm_ports.h"
+
+#include "autoalloc/broker_probe.h"
+#include "autoalloc/slurm_scheduler.h"
+#include "autoalloc/status_probe.h"
+
+namespace lhpc::autoalloc {
+
+Ports slurm_ports(const Settings& s) {
+  Ports p;
+  p.scheduler = std::make_unique<SlurmScheduler>(SlurmOptions{s.script, s.time_limit, s.sbatch_args});
+  p.queue = std::make_unique<BrokerProbe>(s.broker, s.queue);
+  p.deployments = std::make_unique<StatusProbe>();
+  return p;
+}
+
+}  // namespace lhpc::autoalloc
