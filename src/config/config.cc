@@ -158,12 +158,15 @@ Key string_key(std::string_view name, T Config::*section, std::string T::*field,
           [=](const Config& c) { return toml_quote((c.*section).*field); }};
 }
 template <typename T>
-Key strings_key(std::string_view name, T Config::*section, std::vector<std::string> T::*field) {
+Key strings_key(std::string_view name, T Config::*section, std::vector<std::string> T::*field, Check check = {}) {
   return {name, Kind::string_array,
-          [=](Config& c, const toml::node& n, const std::string&, const std::string&) {
+          [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
             auto& to = (c.*section).*field;
             to.clear();
             for (const auto& e : *n.as_array()) {
+              if (check) {
+                check(str(e), e, full, src);
+              }
               to.push_back(str(e));
             }
           },
@@ -318,6 +321,7 @@ Section autoalloc_keys() {
               int_key("max_start_failures", sec, &A::max_start_failures, 1, 1000),
               bool_key("drain_on_exit", sec, &A::drain_on_exit),
               strings_key("sbatch_args", sec, &A::sbatch_args),
+              strings_key("runtimes", sec, &A::runtimes, check_runtime),
           }};
 }
 

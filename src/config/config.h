@@ -98,6 +98,8 @@ struct Autoalloc {
   int max_start_failures = 3;
   bool drain_on_exit = false;
   std::vector<std::string> sbatch_args;  // e.g. ["--partition=compute", "--account=P"]
+  // Runtimes served besides singularity.runtime, each by <sif_path>/<name>.sif.
+  std::vector<std::string> runtimes;
 };
 
 // Where an effective value came from (`config check` prints it). Precedence,
