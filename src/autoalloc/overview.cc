@@ -1,5 +1,7 @@
 #include "autoalloc/overview.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -36,6 +38,16 @@ std::vector<Deployment> deployments(double now) {
 
 namespace {
 bool live(const Deployment& d) { return !health::ended(d.view.state) && !d.assessment.stale; }
+
+// What `status` lists: every live deployment and those that ended recently.
+std::vector<Deployment> shown(std::vector<Deployment> all, double now, bool everything, std::size_t& hidden) {
+  auto before = all.size();
+  if (!everything) {
+    std::erase_if(all, [now](const Deployment& d) { return !live(d) && now - d.view.updated > k_recent_seconds; });
+  }
+  hidden = before - all.size();
+  return all;
+}
 }  // namespace
 
 std::vector<Deployment> live_deployments(double now) {
@@ -44,8 +56,9 @@ std::vector<Deployment> live_deployments(double now) {
   return all;
 }
 
-Overview overview_text(double now) {
-  auto all = deployments(now);
+Overview overview_text(double now, bool everything) {
+  std::size_t hidden = 0;
+  auto all = shown(deployments(now), now, everything, hidden);
   auto state = load_state();
   Overview o;
   for (const auto& d : all) {
@@ -60,19 +73,25 @@ Overview overview_text(double now) {
       o.code = Exit::failure;
     }
   }
+  if (hidden > 0) {
+    o.text += fmt::format("{} deployment{} that ended over an hour ago not shown (status --all)\n", hidden,
+                          hidden == 1 ? "" : "s");
+  }
   if (all.empty() && !state) {
     o.code = Exit::no_deployment;
   }
   return o;
 }
 
-Overview overview_json(double now) {
-  Overview o{.text = {}, .code = overview_text(now).code};
+Overview overview_json(double now, bool everything) {
+  Overview o{.text = {}, .code = overview_text(now, everything).code};
   nlohmann::ordered_json j;
   j["deployments"] = nlohmann::ordered_json::array();
-  for (const auto& d : deployments(now)) {
+  std::size_t hidden = 0;
+  for (const auto& d : shown(deployments(now), now, everything, hidden)) {
     j["deployments"].push_back(nlohmann::ordered_json::parse(d.found.text));
   }
+  j["hidden"] = hidden;
   auto text = read_state_text();
   j["autoalloc"] = text ? nlohmann::ordered_json::parse(*text, nullptr, false) : nlohmann::ordered_json(nullptr);
   o.text = j.dump() + "\n";

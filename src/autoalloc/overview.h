@@ -29,10 +29,13 @@ struct Overview {
   std::string text;
   Exit code = Exit::ok;
 };
-// One line per deployment (its headline) and the controller's line.
-Overview overview_text(double now);
-// {"deployments": [status documents], "autoalloc": state or null}.
-Overview overview_json(double now);
+// Ended deployments are shown for this long after their last update, or
+// always with `status --all` (`all`); older ones are counted in a last line.
+constexpr double k_recent_seconds = 3600;
+// One line per deployment shown (its headline) and the controller's line.
+Overview overview_text(double now, bool all = false);
+// {"deployments": [status documents shown], "hidden": N, "autoalloc": state or null}.
+Overview overview_json(double now, bool all = false);
 
 // Deployments still running (not stopped, failed or stale): `stop --all`.
 std::vector<Deployment> live_deployments(double now);

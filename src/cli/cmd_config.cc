@@ -3,6 +3,7 @@
 // the engine, reach the broker. Exit 0, or the code of the first problem
 // (3 config, 6 engine, 5 broker), after reporting every check.
 #include <iostream>
+#include <memory>
 
 #include "amqp/connection.h"
 #include "cli/cli.h"
@@ -37,14 +38,21 @@ void check_client(const config::Config& c, const config::Config& loaded) {
   }
 }
 
-Exit check(const Globals& g) {
+Exit check(const Globals& g, bool all) {
   // config::load, not load_config: the warnings are printed below, not logged twice.
   auto loaded = config::load(g.config_path);
   auto c = config::expanded(loaded, config::current_placeholders());
+  int at_default = 0;
+  auto listing = config::to_toml(c, true, !all, &at_default);
   std::cout << "# config: " << (c.source.empty() ? "(no lithops-hpc TOML found)" : c.source) << "\n"
             << "# Lithops config: " << (c.lithops.source.empty() ? "(none found)" : c.lithops.source) << "\n"
             << "# precedence: flag > environment (AMQP_URL) > lithops-hpc TOML > Lithops config > default\n"
-            << config::to_toml(c, true) << "\n";
+            << listing;
+  if (at_default > 0) {
+    std::cout << "# " << at_default << " more key" << (at_default == 1 ? "" : "s")
+              << " at the default (config check --all lists every key)\n";
+  }
+  std::cout << "\n";
   for (const auto& w : c.warnings) {
     std::cout << "warning: " << w << "\n";
   }
@@ -104,7 +112,9 @@ void register_config(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   auto* cfg = parent.add_subcommand("config", "configuration");
   cfg->require_subcommand(1);
   auto* chk = cfg->add_subcommand("check", "validate the config, find the engine, reach the broker");
-  actions.push_back({chk, [&g] { return check(g); }});
+  auto all = std::make_shared<bool>(false);
+  chk->add_flag("--all", *all, "list every key with its value and origin, the defaults too");
+  actions.push_back({chk, [&g, all] { return check(g, *all); }});
 }
 
 }  // namespace lhpc::cli

@@ -31,6 +31,7 @@ namespace {
 struct StatusOpts {
   std::string job;
   bool json = false;
+  bool all = false;   // ended deployments of every age
   std::string watch;  // seconds; empty with --watch given: the default
 };
 
@@ -39,7 +40,7 @@ constexpr double k_default_watch = 2;
 // Every deployment and the controller; the same exit codes as one deployment.
 Exit show_overview(const StatusOpts& o) {
   auto now = health::unix_now();
-  auto seen = o.json ? autoalloc::overview_json(now) : autoalloc::overview_text(now);
+  auto seen = o.json ? autoalloc::overview_json(now, o.all) : autoalloc::overview_text(now, o.all);
   if (seen.code == Exit::no_deployment) {
     require_deployment(o.job);  // throws the usual "no deployment found", naming where it looked
   }
@@ -55,7 +56,7 @@ bool overview_wanted(const StatusOpts& o) {
   if (!o.job.empty() || health::job_from_environment()) {
     return false;
   }
-  return autoalloc::load_state().has_value() || autoalloc::deployments(health::unix_now()).size() > 1;
+  return o.all || autoalloc::load_state().has_value() || autoalloc::deployments(health::unix_now()).size() > 1;
 }
 
 // One look at the deployment; returns the exit code this look deserves.
@@ -153,6 +154,8 @@ void register_status(CLI::App& parent, Globals&, std::vector<Action>& actions) {
                  "deployment to show (default: $SLURM_JOB_ID's; else your one deployment, or one line per deployment "
                  "of yours and the autoalloc controller's)");
   st->add_flag("--json", o->json, "print the status file's JSON (see STATUS FILE in lithops-hpc(1))");
+  st->add_flag("--all", o->all,
+               "without JOBID: also the deployments that ended over an hour ago (health.keep_ended prunes them)");
   auto* watch = st->add_option("--watch", o->watch, "redraw every SECONDS (default 2) until Ctrl-C")
                     ->expected(0, 1)
                     ->type_name("[SECONDS]");

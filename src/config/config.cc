@@ -335,6 +335,7 @@ const std::vector<Section>& schema() {
        {
            seconds_key("interval", &Config::health, &Health::interval, 0.1),
            string_key("status_file", &Config::health, &Health::status_file),
+           seconds_key("keep_ended", &Config::health, &Health::keep_ended, 0),
        }},
       {"logs",
        {
@@ -850,13 +851,25 @@ private:
 
 }  // namespace
 
-std::string to_toml(const Config& c, bool with_origins) {
+std::string to_toml(const Config& c, bool with_origins, bool changed_only, int* hidden) {
   TomlOut o(c, with_origins);
+  int left_out = 0;
   for (const auto& sec : schema()) {
-    o.section(std::string(sec.name));
+    bool opened = false;
     for (const auto& key : sec.keys) {
+      if (changed_only && c.origin(std::string(sec.name) + "." + std::string(key.name)).from == From::default_value) {
+        ++left_out;
+        continue;
+      }
+      if (!opened) {
+        o.section(std::string(sec.name));
+        opened = true;
+      }
       o.kv(std::string(key.name), key.show(c));
     }
+  }
+  if (hidden) {
+    *hidden = left_out;
   }
   return o.str();
 }

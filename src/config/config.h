@@ -72,6 +72,9 @@ struct Deploy {
 struct Health {
   double interval = 5;      // seconds between reports to rank 0
   std::string status_file;  // empty: <state dir>/jobs/<jobid>/status.json
+  // Seconds an ended deployment's directory under <state dir>/jobs (status,
+  // stop request, logs kept there) stays after its last update; 0: forever.
+  double keep_ended = 7 * 86400;
 };
 
 // Where handler output (Lithops' logging, what functions print) goes, and
@@ -234,8 +237,10 @@ bool url_has_password(const std::string& url);
 void require_amqp_url(const Config& cfg);
 
 // The effective configuration as TOML, secrets redacted; with_origins: each
-// value followed by "# from <origin>" (config check).
-std::string to_toml(const Config& cfg, bool with_origins = false);
+// value followed by "# from <origin>" (config check). changed_only: only the
+// keys set somewhere (not at their defaults), and only the sections holding
+// one; `*hidden` (when given) counts the keys left out.
+std::string to_toml(const Config& cfg, bool with_origins = false, bool changed_only = false, int* hidden = nullptr);
 
 // The short hostname (up to the first dot).
 std::string short_hostname();

@@ -316,7 +316,8 @@ void RankRun::configure(const config::Config& cfg_in) {
                                                                               .interval = m_cfg.health.interval,
                                                                               .status_file = m_cfg.health.status_file,
                                                                               .node = m_ph.node,
-                                                                              .runtime = m_cfg.singularity.runtime});
+                                                                              .runtime = m_cfg.singularity.runtime,
+                                                                              .keep_ended = m_cfg.health.keep_ended});
   if (m_rank == 0) {
     spdlog::info("deploying job {} on {} rank(s), {} node(s), runtime {}; status: {}", m_ph.jobid, m_size,
                  std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(),

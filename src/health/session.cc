@@ -29,6 +29,9 @@ Session::Session(MPI_Comm comm, SessionOptions opts)
                                                  .rank0_pid = static_cast<long>(::getpid())},
                                     m_opts.clock);
   prepare(m_loc);
+  if (m_opts.keep_ended > 0) {
+    prune_ended(unix_now(), m_opts.keep_ended, m_opts.job);
+  }
   write_status();
   spdlog::info("health: status file {} (every {:g} s); stop with `lithops-hpc stop {}`", m_loc.status, m_opts.interval,
                m_opts.job);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <cerrno>
 #include <cstdlib>
 #include <filesystem>
@@ -11,6 +12,7 @@
 
 #include "config/config.h"
 #include "health/report.h"
+#include "health/view.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/json_number.h"
@@ -158,6 +160,49 @@ Lookup find_deployment(const std::string& job) {
     }
   }
   return out;
+}
+
+namespace {
+// An ended (or stale) deployment whose last update is older than the limit.
+bool prunable(const std::string& link, double now, double keep_seconds) {
+  try {
+    auto text = read_status_file(link);
+    if (!text) {
+      return false;
+    }
+    auto view = parse_status(*text, link);
+    bool over = ended(view.state) || assess(view, now).stale;
+    return over && now - view.updated > keep_seconds;
+  } catch (const Error&) {
+    return false;  // not one we can read: `status JOB` says why; never removed blind
+  }
+}
+}  // namespace
+
+int prune_ended(double now, double keep_seconds, const std::string& keep_job) {
+  int removed = 0;
+  std::error_code ec;
+  for (const auto& d : std::filesystem::directory_iterator(state_dir() + "/jobs", ec)) {
+    auto name = d.path().filename().string();
+    Location loc;
+    try {
+      loc = locate(name);
+    } catch (const Error&) {
+      continue;  // not one of ours
+    }
+    if (name == keep_job || !d.is_directory(ec) || d.is_symlink(ec) || !prunable(loc.link, now, keep_seconds)) {
+      continue;
+    }
+    std::error_code rm;
+    std::filesystem::remove_all(loc.dir, rm);  // links inside are removed, never followed
+    if (rm) {
+      spdlog::warn("cannot remove the ended deployment {}: {}", loc.dir, rm.message());
+      continue;
+    }
+    spdlog::info("removed the state of deployment {}, ended over {:g} s ago (health.keep_ended)", name, keep_seconds);
+    ++removed;
+  }
+  return removed;
 }
 
 }  // namespace lhpc::health

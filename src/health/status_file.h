@@ -66,4 +66,12 @@ struct Lookup {
 // newest it is passed over.
 Lookup find_deployment(const std::string& job);
 
+// Removes the directory under <state_dir()>/jobs of every deployment that
+// ended (stopped, failed, or stale: no update for long) more than
+// `keep_seconds` before `now` (its status file's "updated"), except `keep_job`'s:
+// its status, stop request and the logs kept there. A status file kept
+// elsewhere (health.status_file) is left; so is a directory without a
+// readable status. Returns how many were removed (each logged).
+int prune_ended(double now, double keep_seconds, const std::string& keep_job);
+
 }  // namespace lhpc::health

@@ -85,13 +85,18 @@ class ConfigCli(unittest.TestCase):
                          "runtime = 'my-rt'  # from %s:6" % self.yaml,
                          "sif_path = '%s'  # from %s:5" % (self.sifs, self.yaml),
                          "engine = 'apptainer'  # from %s:2" % toml,
-                         "transfer = 'mpi'  # from default",
+                         "keys at the default (config check --all lists every key)",
                          "amqp://alice:***@127.0.0.1:",
                          "lithops.storage is 'localhost' with backend singularity: Lithops refuses it",
                          "lithops.log_level is not set",
                          "singularity.worker_processes = 4 is, for the Lithops client, calls per message",
                          "runtime: my-rt, image %s/my-rt.sif" % self.sifs,
                          "image: %s/my-rt.sif (not found on this machine)" % self.sifs)
+        self.assertNotIn("# from default", r.stdout)
+        self.assertNotIn("[health]", r.stdout)  # nothing set there: no empty section
+        r = self.lhpc("--config", toml, "config", "check", "--all")
+        self.assert_exit(r, EXIT_BROKER, "transfer = 'mpi'  # from default", "[health]")
+        self.assertNotIn("at the default (config check --all", r.stdout)
         env_url = "amqp://bob:%s@127.0.0.1:%d/other" % (SECRET, closed_port())
         self.env["AMQP_URL"] = env_url
         r = self.lhpc("--config", toml, "config", "check")

@@ -43,7 +43,7 @@ class DocsTest(unittest.TestCase):
     def test_every_config_key_is_in_the_config_man_page(self):
         env = dict(os.environ, AMQP_URL="amqp://u:p@127.0.0.1:1/")
         env.pop("LITHOPS_HPC_CONFIG", None)
-        out = subprocess.run([BIN, "--config", "/dev/null", "config", "check"], capture_output=True,
+        out = subprocess.run([BIN, "--config", "/dev/null", "config", "check", "--all"], capture_output=True,
                              text=True, env=env).stdout
         man = page("lithops-hpc.toml.5")
         section = None

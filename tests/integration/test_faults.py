@@ -9,10 +9,13 @@ suite runs alone (is_parallel: false) and puts each setting back.
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
+import urllib.parse
 
 import lhpc_test as lt
 from worker_util import Worker, records
@@ -38,6 +41,97 @@ def publish_tasks(url, rec, prefix, n, **extra):
     jobs = [f"{prefix}{i:02d}" for i in range(n)]
     lt.publish_lithops_many(url, "send_task", [lt.make_send_task(1, j, {"lhpc_test": test}) for j in jobs])
     return set(jobs)
+
+
+class Relay:
+    """A TCP relay from an address of the host's side of a veth pair to the
+    rig broker, which listens on loopback only: a node in its own network
+    namespace reaches the broker through it, and cutting the veth link cuts
+    the node off, the relay staying up on the broker's side as a router
+    would. The broker sees only missing heartbeats, the worker too."""
+
+    def __init__(self, host, target):
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.target = target
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                node, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                broker = socket.create_connection(self.target, 5)
+            except OSError:
+                node.close()
+                continue
+            for src, dst in ((node, broker), (broker, node)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+class NetNode:
+    """A network namespace joined to the host by a veth pair on a /30 of
+    198.18.0.0/15 (the benchmarking range: never routed), unique per test
+    process and index. `cut()` and `mend()` take the host's end down and up."""
+
+    def __init__(self, index=0):
+        # index: several nodes of one process (0-3).
+        pid = os.getpid()
+        self.ns = f"lhpc-cut-{pid}-{index}"
+        self.veth = f"lhc{pid % 10**7}{index}"
+        block = ((pid % 2**12) * 4 + index) * 4  # /30 blocks in 198.18.0.0/16
+        self.host_ip = f"198.18.{block // 256}.{block % 256 + 1}"
+        self.node_ip = f"198.18.{block // 256}.{block % 256 + 2}"
+        peer = self.veth + "n"
+        for cmd in (["ip", "netns", "add", self.ns],
+                    ["ip", "link", "add", self.veth, "type", "veth", "peer", "name", peer],
+                    ["ip", "link", "set", peer, "netns", self.ns],
+                    ["ip", "addr", "add", self.host_ip + "/30", "dev", self.veth],
+                    ["ip", "link", "set", self.veth, "up"],
+                    self.enter() + ["ip", "addr", "add", self.node_ip + "/30", "dev", peer],
+                    self.enter() + ["ip", "link", "set", peer, "up"],
+                    self.enter() + ["ip", "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+
+    def enter(self):
+        # nsenter, not `ip netns exec` (docs/test-rig.md): it execs the
+        # program in place, so the worker keeps the pid the test knows.
+        return ["nsenter", f"--net=/run/netns/{self.ns}", "--"]
+
+    def cut(self):
+        subprocess.run(["ip", "link", "set", self.veth, "down"], check=True)
+
+    def mend(self):
+        subprocess.run(["ip", "link", "set", self.veth, "up"], check=True)
+
+    def remove(self):
+        subprocess.run(["ip", "link", "del", self.veth], stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "netns", "del", self.ns], stderr=subprocess.DEVNULL)
+
+
+def via(url, host, port):
+    """The same AMQP URL with another host and port."""
+    u = urllib.parse.urlsplit(url)
+    netloc = u.netloc.rsplit("@", 1)[0] + f"@{host}:{port}"
+    return urllib.parse.urlunsplit(u._replace(netloc=netloc))
 
 
 class FaultTest(unittest.TestCase):
@@ -200,6 +294,40 @@ class FaultTest(unittest.TestCase):
         lt.wait_until(lambda: len(records(rec)) >= 4, SERVE_AGAIN, "both copies of both calls")
         self.assertEqual(w.stop(), 0)
         self.assertRegex(w.output(), r"stopped: 4 calls done, .*, 2 duplicates")
+
+    @unittest.skipUnless(os.geteuid() == 0, "network namespaces need root")
+    def test_g_a_node_cut_off_from_the_broker_reconnects_and_counts_duplicates(self):
+        url = lt.fresh_vhost("fc")
+        rec = tempfile.mkdtemp(prefix="lhpc-rec-")
+        node = NetNode()
+        self.addCleanup(node.remove)
+        target = urllib.parse.urlsplit(url)
+        relay = Relay(node.host_ip, (target.hostname, target.port))
+        self.addCleanup(relay.close)
+        w = self.start_worker(via(url, node.host_ip, relay.port), slots=2, heartbeat=2, wrap=node.enter())
+        self.dump_on_failure(w)
+        gate = os.path.join(rec, "gate")
+        jobs = publish_tasks(url, rec, "cut-", 2, wait_for=gate)
+        lt.wait_until(lambda: w.log().count("Tasks received") >= 2, 20, "both calls running")
+        node.cut()
+        try:
+            # Both sides notice only missing heartbeats (2 s): the broker
+            # takes both messages back, the worker gives the connection up
+            # and keeps trying while the calls run on.
+            lt.wait_until(lambda: lt.queue_depth(url) >= 2, 20, "the broker to take both messages back")
+            w.wait_log("heartbeat timeout", timeout=20)
+            self.assertTrue(w.alive())
+        finally:
+            node.mend()
+        w.wait_log("reconnected", timeout=SERVE_AGAIN + 10)
+        open(gate, "w").close()
+        lt.wait_until(lambda: job_keys(rec) >= jobs, SERVE_AGAIN, "every task")
+        lt.wait_until(lambda: len(records(rec)) >= 4, SERVE_AGAIN, "both copies of both calls")
+        lt.wait_until(lambda: lt.queue_depth(url) == 0, SERVE_AGAIN, "an empty queue")
+        more = publish_tasks(url, rec, "mended-", 2)
+        lt.wait_until(lambda: job_keys(rec) >= jobs | more, SERVE_AGAIN, "tasks after the cut")
+        self.assertEqual(w.stop(), 0)
+        self.assertRegex(w.output(), r"stopped: 6 calls done, .*, 2 duplicates")
 
 
 if __name__ == "__main__":

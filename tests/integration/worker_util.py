@@ -33,7 +33,7 @@ class Worker:
 
     def __init__(self, url, slots=2, engine="host", mode=None, sif=None, extra_env=None,
                  config_extra="", rabbitmq_extra="", drain_timeout=30, heartbeat=5, args=(), python=PYTHON,
-                 logs_extra="", logs_dir=None):
+                 logs_extra="", logs_dir=None, wrap=()):
         self.dir = tempfile.mkdtemp(prefix="lhpc-worker-test-")
         self.url = url
         # Handler output (what functions print, Lithops' logging) goes to
@@ -78,7 +78,9 @@ dir = "{self.logs_dir}"
         argv += list(args)
         self.argv = argv
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        # wrap: a prefix that runs the worker elsewhere (nsenter into a
+        # network namespace); it must exec the worker, so pid stays its pid.
+        self.proc = subprocess.Popen(list(wrap) + argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
 
     @property

@@ -169,7 +169,7 @@ drain_on_exit = true
   for (std::size_t at = listed.find(" = "); at != std::string::npos; at = listed.find(" = ", at + 1)) {
     ++keys;
   }
-  CHECK(keys == 46);
+  CHECK(keys == 47);
 }
 
 TEST_CASE("out of range numbers say the range") {
@@ -591,6 +591,17 @@ TEST_CASE("precedence: flag > AMQP_URL > lithops-hpc TOML > Lithops YAML > defau
   CHECK(shown.find("sif_path = '/flag'  # from flag --sif-path") != std::string::npos);
   CHECK(shown.find("runtime = 'my-rt'  # from " + yaml + ":8") != std::string::npos);
   CHECK(shown.find("pw@") == std::string::npos);
+  int hidden = -1;
+  auto changed = to_toml(c, true, true, &hidden);
+  CHECK(changed.find("sif_path = '/flag'  # from flag --sif-path") != std::string::npos);
+  CHECK(changed.find("# from default") == std::string::npos);
+  CHECK(changed.find("[health]") == std::string::npos);  // nothing set there
+  CHECK(shown.find("[health]") != std::string::npos);
+  const auto count = [](const std::string& s) { return std::count(s.begin(), s.end(), '\n'); };
+  // Every key is either listed or counted; the section lines differ.
+  CHECK(hidden > 20);
+  CHECK(shown.find("# from default") != std::string::npos);
+  CHECK(count(changed) < count(shown));
 }
 
 TEST_CASE("the Lithops config is looked up as Lithops does") {

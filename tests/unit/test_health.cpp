@@ -665,3 +665,62 @@ TEST_CASE("every deployment at a glance: ok when the live ones are ready, failur
   CHECK(autoalloc::overview_text(unix_now()).code == Exit::failure);
   CHECK(autoalloc::overview_json(unix_now()).code == Exit::failure);
 }
+
+namespace {
+// A one-rank deployment `job` in `state`, its status last updated at `updated`.
+void put_deployment(const std::string& job, DeploymentState state, double updated) {
+  FakeClock fc;
+  fc.wall = updated;
+  Table t = ready_table(fc, 1);
+  t.set_state(state);
+  auto doc = json::parse(t.to_json());
+  doc["job"] = job;
+  auto loc = locate(job);
+  prepare(loc);
+  write_status(loc, doc.dump());
+}
+}  // namespace
+
+TEST_CASE("status lists live and recently ended deployments; --all the older ones too") {
+  StateDir sd;
+  double now = unix_now();
+  put_deployment("20", DeploymentState::running, now);
+  put_deployment("21", DeploymentState::stopped, now - 600);                              // recent
+  put_deployment("22", DeploymentState::stopped, now - autoalloc::k_recent_seconds - 5);  // old
+  auto o = autoalloc::overview_text(now);
+  CHECK(o.text.find("job 21 (") != std::string::npos);
+  CHECK(o.text.find("job 22 (") == std::string::npos);
+  CHECK(o.text.find("1 deployment that ended over an hour ago not shown (status --all)") != std::string::npos);
+  auto everything = autoalloc::overview_text(now, true);
+  CHECK(everything.text.find("job 22 (") != std::string::npos);
+  CHECK(everything.text.find("not shown") == std::string::npos);
+  auto j = json::parse(autoalloc::overview_json(now).text);
+  CHECK(j["deployments"].size() == 2);
+  CHECK(j["hidden"] == 1);
+  CHECK(json::parse(autoalloc::overview_json(now, true).text)["deployments"].size() == 3);
+}
+
+TEST_CASE("ended deployments older than keep_ended are pruned; live, recent, unreadable and the new one are kept") {
+  StateDir sd;
+  double now = unix_now();
+  const double week = 7 * 86400;
+  put_deployment("30", DeploymentState::stopped, now - week - 60);  // old, ended: removed
+  put_deployment("31", DeploymentState::failed, now - 60);          // ended recently: kept
+  put_deployment("32", DeploymentState::running, now);              // live: kept
+  put_deployment("33", DeploymentState::running, now - week - 60);  // stale for a week: removed
+  put_deployment("34", DeploymentState::stopped, now - week - 60);  // the one starting now: kept
+  {
+    auto junk = locate("35");
+    prepare(junk);
+    write_status(junk, "{ half a fil");  // unreadable: never removed blind
+  }
+  std::filesystem::create_directories(sd.dir.str() + "/jobs/36");  // no status at all: kept
+  CHECK(prune_ended(now, week, "34") == 2);
+  auto exists = [&](const std::string& job) { return std::filesystem::exists(sd.dir.str() + "/jobs/" + job); };
+  CHECK(!exists("30"));
+  CHECK(!exists("33"));
+  for (const char* kept : {"31", "32", "34", "35", "36"}) {
+    CHECK_MESSAGE(exists(kept), kept);
+  }
+  CHECK(prune_ended(now, week, "34") == 0);
+}
