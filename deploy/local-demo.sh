@@ -2,7 +2,10 @@
 # The main job end to end on one machine (Debian 12, root): install, build,
 # start a private RabbitMQ broker on loopback, deploy two MPI ranks (each its
 # own "node") with the host engine, publish Lithops-format tasks, ping every
-# rank, show the status, stop cleanly.
+# rank, show the status, stop cleanly. Then the serverless loop, with nothing
+# deployed by hand: `lithops-hpc up --local` (broker, store, controller; no
+# Slurm), tasks published with no worker, a deployment appears (mpirun on
+# this machine), serves them, idles out; `down`.
 #
 # Lithops is not a Debian package, so the handler runs the
 # stand-in function handler of tests/fake-lithops: the messages, the queue,
@@ -30,6 +33,7 @@ broker=(deploy/rabbitmq-user-broker.sh)
 cleanup() {
   [ -n "${deploy_pid:-}" ] && kill -0 "$deploy_pid" 2>/dev/null && "$bin" stop --timeout 60 >/dev/null 2>&1 || true
   "${broker[@]}" stop --dir "$demo/broker" >/dev/null 2>&1 || true
+  [ -n "${services_up:-}" ] && "$bin" down >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -110,4 +114,84 @@ step "lithops-hpc stop"
 wait "$deploy_pid"
 deploy_pid=
 grep -E "removed|stopped:" "$demo/deploy.log" | sed 's/^\[[^]]*\] //' || true
-step "done: the deployment drained and stopped; the broker is stopped on exit"
+step "done: the deployment drained and stopped"
+
+step "the serverless loop: lithops-hpc up --local --sif $demo/lithops-rt.sif   (no Slurm, no worker)"
+"${broker[@]}" stop --dir "$demo/broker" >/dev/null  # up starts its own broker, and a Redis
+unset AMQP_URL
+# A Lithops config of the demo's own: up writes the broker's and the store's settings there.
+export LITHOPS_CONFIG_FILE=$demo/lithops-config LITHOPS_HPC_CONFIG=$demo/local.toml
+(umask 077 && cat >"$demo/local.toml" <<TOML
+[singularity]
+engine = "host"
+worker_processes = 4
+python = "/usr/bin/python3"
+[health]
+interval = 1
+[autoalloc]
+idle_timeout = 5
+poll = 5
+TOML
+)
+services_up=1
+PYTHONPATH=$root/tests/fake-lithops "$bin" up --local --sif "$demo/lithops-rt.sif" --max-nodes 1 |
+  grep -Ev "^(Try:|  python3 -c|Stop them all)"
+controller_state=$LITHOPS_HPC_STATE_DIR/autoalloc/state.json
+deadline=$((SECONDS + 30))
+until grep -q "scaled to zero" "$controller_state" 2>/dev/null; do
+  ((SECONDS < deadline)) || { echo "the controller did not start" >&2; exit 1; }
+  sleep 0.2
+done
+grep -o '"next": "[^"]*"' "$controller_state"
+
+step "publishing 20 send_task messages of 5 calls each; nothing serves the queue yet"
+mkdir -p "$demo/records-local"
+/usr/bin/python3 - "$demo/records-local" "$controller_state" <<'PY'
+import base64, glob, json, os, sys, time
+import pika, yaml
+records, state = sys.argv[1], sys.argv[2]
+with open(os.environ["LITHOPS_CONFIG_FILE"]) as f:
+    url = yaml.safe_load(f)["rabbitmq"]["amqp_url"]  # what up wrote for the Lithops client
+conn = pika.BlockingConnection(pika.URLParameters(url))
+ch = conn.channel()
+ch.queue_declare(queue="task_queue", durable=True)
+t0 = time.time()
+for j in range(20):
+    calls = [f"{i:05d}" for i in range(5)]
+    payload = {"job_key": f"loop-job{j:02d}", "call_ids": calls, "data_byte_ranges": [[0, 0]] * 5,
+               "total_calls": 5, "worker_processes": 5, "log_level": "INFO", "execution_timeout": 60,
+               "config": {"lithops": {"backend": "singularity"}},
+               "lhpc_test": {"sleep": 0.05, "record_dir": records}}
+    body = json.dumps({"action": "send_task",
+                       "payload": base64.b64encode(json.dumps(payload).encode()).decode()})
+    ch.basic_publish("", "task_queue", body, pika.BasicProperties(delivery_mode=2))
+conn.close()
+first, deadline = None, time.time() + 120
+while len(glob.glob(records + "/*.json")) < 100 and time.time() < deadline:
+    if first is None and glob.glob(records + "/*.json"):
+        first = time.time() - t0
+    time.sleep(0.05)
+n = len(glob.glob(records + "/*.json"))
+with open(state) as f:
+    jobs = [j["id"] for j in json.load(f)["jobs"]]
+print(f"the controller started deployment {', '.join(jobs) or '?'} (mpirun on this machine)")
+print(f"{n} of 100 calls ran from zero: the first {first or 0:.2f} s after publishing, all in {time.time() - t0:.2f} s")
+sys.exit(0 if n == 100 else 1)
+PY
+
+step "lithops-hpc status"
+"$bin" status | tail -n 3
+
+step "no more tasks: the deployment idles out (autoalloc.idle_timeout = 5 s)"
+t0=$SECONDS
+deadline=$((SECONDS + 90))
+until grep -q '"jobs": \[\]' "$controller_state"; do
+  ((SECONDS < deadline)) || { echo "the deployment did not idle out in 90 s" >&2; exit 1; }
+  sleep 0.5
+done
+echo "scaled back to zero after $((SECONDS - t0)) s; the controller waits for the next task"
+
+step "lithops-hpc down"
+"$bin" down
+services_up=
+step "done: the deployment came with the tasks and went with them; nothing of the demo runs"

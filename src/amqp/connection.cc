@@ -378,7 +378,10 @@ std::optional<Connection::QueueInfo> Connection::queue_info(const std::string& n
       static_cast<amqp_channel_close_t*>(reply.reply.decoded)->reply_code == AMQP_NOT_FOUND) {
     amqp_channel_close_ok_t close_ok{};
     amqp_send_method(m_s->conn, k_channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &close_ok);
-    m_broken = true;  // channel 1 is gone: the owner reconnects
+    // The same channel again, so a caller that asks often (the autoalloc
+    // controller at zero, before anything was published) keeps one connection.
+    amqp_channel_open(m_s->conn, k_channel);
+    check_rpc("reopening the channel after a passive declare");
     return std::nullopt;
   }
   check_rpc(("inspecting queue '" + name + "'").c_str());

@@ -128,8 +128,8 @@ public:
   // Returns the message count of the queue (passive declare).
   std::uint32_t queue_depth(const std::string& name);
   // Ready messages and consumers of the queue (passive declare); nullopt
-  // when it does not exist (the broker then closes the channel: the
-  // connection is unusable afterwards, make a new one).
+  // when it does not exist (the broker then closes the channel; it is
+  // opened again, so the connection stays usable).
   struct QueueInfo {
     std::uint32_t messages = 0;
     std::uint32_t consumers = 0;

@@ -35,8 +35,7 @@ std::optional<QueueLook> BrokerProbe::look_at(const std::string& queue, bool run
     }
     auto info = m_conn->queue_info(queue);
     if (!info) {
-      m_conn.reset();      // the channel is closed; a new connection next poll
-      return QueueLook{};  // no queue yet: nothing published
+      return QueueLook{};  // no queue yet: nothing published (the connection stays)
     }
     return QueueLook{info->messages, static_cast<int>(info->consumers)};
   } catch (const Error& e) {

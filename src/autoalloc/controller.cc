@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <functional>
@@ -468,6 +469,9 @@ std::string Controller::decide_per_runtime(double now) {
 
 void Controller::submit(const Action& a, double now, const RuntimeDemand& rt) {
   Submission req{rt.sif, a.nodes, job_name(), m_dir + "/out", m_s.config_path, rt.runtime};
+  req.gpus_per_slot = m_s.gpus_per_slot;
+  req.gpu_slots = m_s.default_slots;
+  req.gpu_vendor = m_s.gpu_vendor;
   auto res = m_p.scheduler->submit(req);
   if (!res.job) {
     ++m_state.refused_in_row;
@@ -549,6 +553,27 @@ void Controller::poll() {
   save();
 }
 
+bool Controller::at_zero() const { return m_state.jobs.empty() && !m_state.start_failures.halted; }
+
+// A quick look between polls: tasks ready where the last poll saw none. A
+// backlog the last poll saw already (served by someone else's workers, or
+// waiting out a backoff) waits for the next poll as before.
+bool Controller::first_tasks() {
+  auto look = m_p.queue->look();
+  return look && look->ready > 0 && m_state.ready.value_or(0) == 0;
+}
+
+double Controller::tick() {
+  double t = now();
+  if (t >= m_next_poll || (at_zero() && first_tasks())) {
+    poll();
+    t = now();
+    m_next_poll = t + m_s.poll;
+  }
+  double wait = std::max(0.0, m_next_poll - t);
+  return at_zero() ? std::min(wait, k_zero_look) : wait;
+}
+
 void Controller::finish(bool drain) {
   m_state.controller = "stopped";
   m_state.next = drain ? "ended (SIGTERM): deployments asked to stop (--drain-on-exit)"
@@ -578,9 +603,10 @@ Exit Controller::run() {
                m_s.limits.nodes_per_job, m_s.limits.max_pending, m_dir);
   int sig = 0;
   while (sig == 0) {
-    poll();
+    double wait = tick();
     pollfd p{.fd = signals.fd(), .events = POLLIN};
-    if (::poll(&p, 1, static_cast<int>(m_s.poll * 1000)) > 0) {
+    // Rounded up: waking a millisecond early would cost a look at the queue before the due poll.
+    if (::poll(&p, 1, static_cast<int>(std::ceil(wait * 1000))) > 0) {
       for (int s : signals.drain()) {
         sig = s;
       }

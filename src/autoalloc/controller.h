@@ -42,7 +42,9 @@ struct Settings {
   std::string config_path;               // handed to the jobs as LITHOPS_HPC_CONFIG; empty: their lookup
   std::string queue = "task_queue";
   amqp::Options broker;
-  int default_slots = 1;  // slots per node assumed before a deployment reports
+  int default_slots = 1;  // slots per node assumed before a deployment reports (a GPU runtime: GPU slots)
+  int gpus_per_slot = 0;  // > 0: a GPU runtime, each node asked for default_slots x this many GPUs
+  config::GpuVendor gpu_vendor = config::GpuVendor::nvidia;
 };
 
 // One job this controller submitted (or adopted), as kept across restarts.
@@ -123,6 +125,11 @@ struct Ports {
   std::function<bool(const std::string&)> image_exists;  // empty: the file exists (util/fs)
 };
 
+// While nothing is held nor pending, the queue is looked at this often
+// (seconds), whatever --poll says: the first task of a scaled-to-zero
+// controller is noticed at once, not at its next poll.
+inline constexpr double k_zero_look = 0.5;
+
 class Controller {
 public:
   // Takes the lock of <state dir>/autoalloc and loads its state.json.
@@ -139,6 +146,11 @@ public:
   void adopt();
   // One look at the world and the actions it calls for; saves the state.
   void poll();
+  // What the loop does each time it wakes: a poll when one is due, or, at
+  // zero (no job held nor pending), when the queue has just got tasks (one
+  // look at the queue only). Returns the seconds to sleep before the next
+  // tick: until the next poll, at most k_zero_look at zero.
+  double tick();
   // The end (SIGTERM): no more submissions; with `drain` the deployments are
   // asked to stop and jobs not serving yet are cancelled.
   void finish(bool drain);
@@ -146,6 +158,8 @@ public:
 
 private:
   double now() const;
+  bool at_zero() const;
+  bool first_tasks();
   void observe_jobs();
   void observe_deployments(double now);
   void observe_queue(double now);
@@ -173,6 +187,7 @@ private:
   } m_earlier;
   std::string m_dir;
   UniqueFd m_lock;
+  double m_next_poll = 0;  // clock time the next poll is due
 };
 
 }  // namespace lhpc::autoalloc

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "config/config.h"
+
 namespace lhpc::autoalloc {
 
 // One job as the scheduler sees it.
@@ -42,6 +44,12 @@ struct Submission {
   std::string output_dir;   // where the deployment's output file goes
   std::string config_path;  // LITHOPS_HPC_CONFIG of the deployment; empty: its own lookup
   std::string runtime;      // the Lithops runtime it serves (deploy --runtime); empty: the image's
+  // A GPU runtime (gpus_per_slot > 0): each node is asked for gpu_slots
+  // slots of gpus_per_slot GPUs (gpu::sbatch_request), and the deployment is
+  // told it serves a GPU runtime.
+  int gpus_per_slot = 0;
+  int gpu_slots = 1;
+  config::GpuVendor gpu_vendor = config::GpuVendor::nvidia;
 };
 
 struct Submitted {

@@ -9,6 +9,7 @@
 
 #include "autoalloc/policy.h"
 #include "autoalloc/sbatch_reply.h"
+#include "gpu/slots.h"
 #include "slurm/job.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -151,10 +152,18 @@ std::vector<std::string> sbatch_argv(const SlurmOptions& o, const Submission& s)
                                    "--nodes=" + std::to_string(s.nodes),
                                    "--time=" + o.time_limit,
                                    "--output=" + slurm_output(s.output_dir, "%j")};
+  // Before the passthrough: a site's own --gres there comes later and wins.
+  if (s.gpus_per_slot > 0) {
+    argv.push_back(gpu::sbatch_request(s.gpu_slots, s.gpus_per_slot));
+  }
   argv.insert(argv.end(), o.sbatch_args.begin(), o.sbatch_args.end());
   argv.push_back(o.script);
   if (!s.sif.empty()) {
     argv.push_back(s.sif);
+  }
+  if (s.gpus_per_slot > 0) {
+    argv.insert(argv.end(), {"--gpus-per-slot", std::to_string(s.gpus_per_slot), "--gpu-vendor",
+                             std::string(config::k_gpu_vendor_names.text(s.gpu_vendor))});
   }
   // Images are removed when the deployment ends, as `cleanup` does: a
   // retired deployment leaves nothing on its nodes.

@@ -1,6 +1,9 @@
 #include "cli/cli.h"
 
+#include <unistd.h>
+
 #include <spdlog/spdlog.h>
+#include <climits>
 
 #include "lhpc_build_config.h"
 #include "util/error.h"
@@ -40,6 +43,28 @@ config::Config load_config(const Globals& g) {
 CLI::Validator choice(std::string (*error)(const std::string&)) {
   // No description: the option's help already lists the choices.
   return CLI::Validator([error](std::string& text) { return error(text); }, "");
+}
+
+void add_gpu_flags(CLI::App* app, GpuFlags& flags) {
+  app->add_option("--gpus-per-slot", flags.gpus_per_slot,
+                  "GPUs each slot owns; slots are whole groups of the node's GPUs; 0: a CPU runtime "
+                  "(singularity.gpus_per_slot)")
+      ->check(CLI::Range(0, 64))
+      ->type_name("N");
+  app->add_option("--gpu-vendor", flags.vendor, "nvidia (default) or amd (singularity.gpu_vendor)")
+      ->check(choice(config::k_gpu_vendor_names))
+      ->type_name("VENDOR");
+}
+
+void apply_gpu_flags(const GpuFlags& flags, config::Config& cfg) {
+  if (flags.gpus_per_slot >= 0) {
+    cfg.singularity.gpus_per_slot = flags.gpus_per_slot;
+    cfg.set_by_flag("singularity.gpus_per_slot", "--gpus-per-slot");
+  }
+  if (!flags.vendor.empty()) {  // the flag's check (cli::choice) already refused a bad value
+    cfg.singularity.gpu_vendor = config::k_gpu_vendor_names.parse(flags.vendor).value();
+    cfg.set_by_flag("singularity.gpu_vendor", "--gpu-vendor");
+  }
 }
 
 namespace {
@@ -90,6 +115,15 @@ health::Found require_deployment(const std::string& job) {
                 "LITHOPS_HPC_STATE_DIR must be the same as the deployment's");
   }
   return std::move(*look.found);
+}
+
+std::string self_exe() {
+  char buf[PATH_MAX];
+  auto n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) {
+    throw Error(Exit::failure, "cannot find this executable (/proc/self/exe)");
+  }
+  return std::string(buf, static_cast<std::size_t>(n));
 }
 
 Exit run(int argc, char** argv) {

@@ -40,6 +40,15 @@ CLI::Validator choice(const Names<E, N>& names) {
   return CLI::Validator([&names](std::string& text) { return names.error(text); }, "");
 }
 
+// --gpus-per-slot N and --gpu-vendor VENDOR, the same on worker, deploy and
+// autoalloc: they override singularity.gpus_per_slot and gpu_vendor.
+struct GpuFlags {
+  int gpus_per_slot = -1;  // -1: not given
+  std::string vendor;      // empty: not given
+};
+void add_gpu_flags(CLI::App* app, GpuFlags& flags);
+void apply_gpu_flags(const GpuFlags& flags, config::Config& cfg);
+
 // Loads the configuration the globals point at and logs its warnings.
 config::Config load_config(const Globals& g);
 
@@ -51,6 +60,10 @@ health::Found require_deployment(const std::string& job);
 // `timeout` seconds (cmd_stop.cc; `down` uses it too); throws Error(failure)
 // naming those that did not stop, Error(no_deployment) when there is none.
 Exit stop_all_deployments(double timeout);
+
+// This executable (/proc/self/exe): what `up` starts as the controller and
+// what the local scheduler runs `deploy` with.
+std::string self_exe();
 
 Exit run(int argc, char** argv);
 

@@ -1,10 +1,13 @@
 // `lithops-hpc autoalloc [options] [-- SBATCH_ARGS...]`: the foreground
 // controller that submits, renews and retires Slurm deployments as the queue
-// needs them (autoalloc/). Flags override the [autoalloc] config section.
+// needs them (autoalloc/); with --local the same controller starts them on
+// this machine with mpirun (local_ports.h). Flags override the [autoalloc]
+// config section.
 #include <filesystem>
 #include <memory>
 
 #include "autoalloc/controller.h"
+#include "autoalloc/local_ports.h"
 #include "autoalloc/slurm_ports.h"
 #include "cli/cli.h"
 #include "lhpc_build_config.h"
@@ -21,8 +24,10 @@ struct AutoallocArgs {
   int max_nodes = -1, nodes_per_job = -1, max_pending = -1, min_nodes = -1, max_start_failures = -1;
   double idle_timeout = -1, renew_before = -1, poll = -1;
   bool drain_on_exit = false;
+  bool local = false;
   std::vector<std::string> sbatch_args;
   std::vector<std::string> runtimes;  // --runtime, repeatable
+  GpuFlags gpu;
 };
 
 template <typename T>
@@ -44,7 +49,7 @@ std::string default_script() {
 
 std::string absolute(const std::string& p) { return std::filesystem::absolute(p).lexically_normal().string(); }
 
-void check(const autoalloc::Settings& s) {
+void check(const autoalloc::Settings& s, bool local) {
   const auto& l = s.limits;
   if (l.nodes_per_job > l.max_nodes) {
     throw Error(
@@ -54,6 +59,14 @@ void check(const autoalloc::Settings& s) {
   }
   if (l.min_nodes > l.max_nodes) {
     throw Error(Exit::usage, "--min-nodes is above --max-nodes", "--min-nodes must fit within --max-nodes");
+  }
+  if (s.runtimes.empty() && s.sif.empty()) {
+    throw Error(Exit::usage, "no image for the deployments",
+                "give --sif PATH, autoalloc.sif in the configuration, set LITHOPS_SIF, or name the runtime "
+                "(singularity.runtime in the Lithops config, or --runtime) so the image is <sif_path>/<runtime>.sif");
+  }
+  if (local) {
+    return;  // no template, no time limit: a local deployment runs until it is stopped
   }
   auto limit = autoalloc::parse_slurm_time(s.time_limit);
   if (!limit || *limit <= 0) {
@@ -68,11 +81,6 @@ void check(const autoalloc::Settings& s) {
   }
   if (!path_exists(s.script)) {
     throw Error(Exit::usage, "sbatch template " + s.script + " not found", "give it with --script PATH");
-  }
-  if (s.runtimes.empty() && s.sif.empty()) {
-    throw Error(Exit::usage, "no image for the deployments",
-                "give --sif PATH, autoalloc.sif in the configuration, set LITHOPS_SIF, or name the runtime "
-                "(singularity.runtime in the Lithops config, or --runtime) so the image is <sif_path>/<runtime>.sif");
   }
 }
 
@@ -146,15 +154,18 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   s.broker = amqp::options_from(cfg.rabbitmq);
   s.broker.connection_name = "lithops-hpc autoalloc";
   s.default_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : 1;
+  s.gpus_per_slot = cfg.singularity.gpus_per_slot;
+  s.gpu_vendor = cfg.singularity.gpu_vendor;
   return s;
 }
 
 Exit run_autoalloc(const Globals& g, const AutoallocArgs& a) {
   auto cfg = load_config(g);
+  apply_gpu_flags(a.gpu, cfg);
   config::require_amqp_url(cfg);
   auto s = settings_from(g, cfg, a);
-  check(s);
-  auto ports = autoalloc::slurm_ports(s);
+  check(s, a.local);
+  auto ports = a.local ? autoalloc::local_ports(s, self_exe()) : autoalloc::slurm_ports(s);
   autoalloc::Controller c(std::move(s), std::move(ports));
   return c.run();
 }
@@ -193,9 +204,15 @@ void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actio
   c->add_option("--renew-before", a->renew_before,
                 "seconds before a job's time limit its successor is submitted while work remains (default 300)")
       ->type_name("S");
-  c->add_option("--poll", a->poll, "seconds between looks at the queue and the jobs (default 10)")->type_name("S");
+  c->add_option("--poll", a->poll,
+                "seconds between looks at the queue and the jobs (default 10; at zero the queue every 0.5 s too)")
+      ->type_name("S");
   c->add_flag("--drain-on-exit", a->drain_on_exit, "on SIGTERM or SIGINT stop the deployments too");
-  c->add_option("SBATCH_ARGS", a->sbatch_args, "after --: passed to sbatch (partition, account, qos ...)");
+  c->add_flag("--local", a->local,
+              "start the deployments on this machine with mpirun instead of Slurm (no template, no time limit)");
+  add_gpu_flags(c, a->gpu);
+  c->add_option("SBATCH_ARGS", a->sbatch_args,
+                "after --: passed to sbatch (partition, account, qos ...); with --local to mpirun");
   actions.push_back({c, [&g, a] { return run_autoalloc(g, *a); }});
 }
 

@@ -13,6 +13,7 @@ struct DeployArgs {
   int slots = -1;
   double interval = -1;
   bool cleanup = false;
+  GpuFlags gpu;
 };
 
 // The flags' checks (cli::choice) already refused a bad value.
@@ -47,6 +48,7 @@ Exit run_deploy(const Globals& g, const DeployArgs& a) {
   if (!a.runtime.empty()) {
     cfg.singularity.runtime = a.runtime;  // also names the image when no --sif is given
   }
+  apply_gpu_flags(a.gpu, cfg);
   if (o.sif.empty() && o.engine.value_or(cfg.singularity.engine) != config::Engine::host) {
     auto named = cfg;
     if (!a.sif_path.empty()) {
@@ -97,6 +99,7 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
       ->check(choice(config::logs_dir_error))
       ->type_name("WHERE");
   d->add_flag("--cleanup", a->cleanup, "remove the staged images when the deployment ends (deploy.cleanup)");
+  add_gpu_flags(d, a->gpu);
   actions.push_back({d, [&g, a] { return run_deploy(g, *a); }});
 }
 

@@ -4,7 +4,6 @@
 // stopped (down).
 #include <unistd.h>
 
-#include <climits>
 #include <iostream>
 #include <memory>
 
@@ -24,15 +23,6 @@ struct UpArgs {
   std::string runtime;
   long storage_memory_mib = 0;
 };
-
-std::string self_exe() {
-  char buf[PATH_MAX];
-  auto n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) {
-    throw Error(Exit::failure, "cannot find this executable (/proc/self/exe)");
-  }
-  return std::string(buf, static_cast<std::size_t>(n));
-}
 
 Exit run_up(const Globals& g, UpArgs a) {
   if (!a.o.sif.empty() && !a.runtime.empty()) {
@@ -87,8 +77,11 @@ void register_up(CLI::App& parent, Globals& g, std::vector<Action>& actions) {
       ->type_name("FILE");
   c->add_option("--tls-key", a->o.tls_key, "the broker's TLS key (PEM)")->type_name("FILE");
   c->add_option("--tls-ca", a->o.tls_ca, "the CA of --tls-cert (PEM)")->type_name("FILE");
+  c->add_flag("--local", a->o.local,
+              "the controller starts deployments on this machine with mpirun, no Slurm (autoalloc --local)");
   c->add_flag("--takeover", a->o.takeover, "start here although the record says they run on another host (it is gone)");
-  c->add_option("SBATCH_ARGS", a->o.sbatch_args, "after --: the controller's sbatch arguments");
+  c->add_option("SBATCH_ARGS", a->o.sbatch_args,
+                "after --: the controller's sbatch arguments (with --local: mpirun's)");
   actions.push_back({c, [&g, a] { return run_up(g, *a); }});
 
   auto keep = std::make_shared<bool>(false);

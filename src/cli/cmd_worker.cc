@@ -26,6 +26,7 @@ struct WorkerOpts {
   std::string engine;
   std::string runtime;
   int slots = 0;
+  GpuFlags gpu;
 };
 
 // One rank (0) on this node: where its handler log is, for `lithops-hpc logs`.
@@ -54,6 +55,7 @@ Exit run_worker(const Globals& g, const WorkerOpts& o) {
   if (!o.engine.empty()) {
     cfg.singularity.engine = config::k_engine_names.parse(o.engine).value();
   }
+  apply_gpu_flags(o.gpu, cfg);
   if (o.slots < 0) {
     throw Error(Exit::usage, "--slots must be 1 or more (0: worker_processes, else the node's cores)");
   }
@@ -99,11 +101,14 @@ void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions)
                 "(singularity.runtime; default: the image's name without .sif)")
       ->check(choice(config::runtime_name_error))
       ->type_name("NAME");
-  w->add_option("--slots", o->slots, "tasks at once (default: singularity.worker_processes, else the cores)")
+  w->add_option("--slots", o->slots,
+                "tasks at once (default: singularity.worker_processes, else the cores; a GPU runtime: its GPU slots, "
+                "which this may lower)")
       ->type_name("N");
   w->add_option("--engine", o->engine, "singularity, apptainer or host (singularity.engine)")
       ->check(choice(config::k_engine_names))
       ->type_name("ENGINE");
+  add_gpu_flags(w, o->gpu);
   actions.push_back({w, [&g, o] { return run_worker(g, *o); }});
 }
 

@@ -263,6 +263,8 @@ Section singularity_keys() {
               string_key("instance_name", sec, &S::instance_name, check_instance_name),
               strings_key("binds", sec, &S::binds),
               int_key("worker_processes", sec, &S::worker_processes, 0, 4096),
+              int_key("gpus_per_slot", sec, &S::gpus_per_slot, 0, 64),
+              enum_key("gpu_vendor", sec, &S::gpu_vendor, k_gpu_vendor_names),
               string_key("python", sec, &S::python),
           }};
 }

@@ -17,6 +17,7 @@ namespace lhpc::config {
 enum class Engine { singularity, apptainer, host };
 enum class Transfer { mpi, sbcast, none };
 enum class Mode { dispatch, runscript };
+enum class GpuVendor { nvidia, amd };
 
 // Each enum's names, once: .text(value), .parse(text), and .error(text), the
 // refusal every reader uses ("'x' is not one of mpi, sbcast, none"; empty
@@ -27,6 +28,7 @@ inline constexpr Names<Engine, 3> k_engine_names{
 inline constexpr Names<Transfer, 3> k_transfer_names{
     {{{Transfer::mpi, "mpi"}, {Transfer::sbcast, "sbcast"}, {Transfer::none, "none"}}}};
 inline constexpr Names<Mode, 2> k_mode_names{{{{Mode::dispatch, "dispatch"}, {Mode::runscript, "runscript"}}}};
+inline constexpr Names<GpuVendor, 2> k_gpu_vendor_names{{{{GpuVendor::nvidia, "nvidia"}, {GpuVendor::amd, "amd"}}}};
 // logs.dir and --logs-dir: "node", "state" or an absolute path; empty when valid.
 std::string logs_dir_error(const std::string& text);
 
@@ -39,6 +41,10 @@ struct Singularity {
   std::string instance_name = "lithops-worker";
   std::vector<std::string> binds;  // "SRC[:DST[:OPTS]]"
   int worker_processes = 0;        // slots per node; 0 = the node's cores
+  // GPUs each slot owns (gpu/slots.h); 0: a CPU runtime. A GPU runtime takes
+  // as many slots as whole groups of its GPUs fit (worker_processes may lower it).
+  int gpus_per_slot = 0;
+  GpuVendor gpu_vendor = GpuVendor::nvidia;
   std::string python = "python3";  // interpreter that runs the handler
 };
 

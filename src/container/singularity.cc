@@ -205,8 +205,8 @@ public:
     if (spec.fakeroot) {
       argv.push_back("--fakeroot");
     }
-    if (spec.nv) {
-      argv.push_back("--nv");
+    if (!spec.gpu.empty()) {
+      argv.push_back(spec.gpu);
     }
     for (const auto& b : spec.binds) {
       check_bind_spec(b);

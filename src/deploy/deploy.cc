@@ -149,6 +149,7 @@ health::Report make_report(health::State state, const WorkerStats& s, const std:
   r.state = state == health::State::ready && !s.consuming ? health::State::reconnecting : state;
   r.slots_busy = s.slots_busy;
   r.slots_total = s.slots_total;
+  health::set_gpus(r, s.gpus);
   r.done = s.tasks_done;
   r.failed = s.tasks_failed;
   r.requeued = s.tasks_requeued;
@@ -308,9 +309,12 @@ void RankRun::configure(const config::Config& cfg_in) {
                     std::string(config::k_engine_names.text(m_cfg.singularity.engine)) + " engine",
                 "give the runtime image: lithops-hpc deploy --sif /scratch/rt.sif");
   }
-  const int node_slots =
-      m_cfg.singularity.worker_processes > 0 ? m_cfg.singularity.worker_processes : worker::node_cores();
+  const auto& sing = m_cfg.singularity;
+  const int node_slots = sing.worker_processes > 0 ? sing.worker_processes : worker::node_cores();
   m_slots = slots_for_rank(node_slots, m_on_node, m_index_on_node);
+  if (sing.gpus_per_slot > 0 && sing.worker_processes == 0) {
+    m_slots = 0;  // a GPU runtime: the worker takes this rank's share of the node's GPU slots
+  }
   m_required = m_cfg.deploy.min_ranks > 0 ? std::min(m_cfg.deploy.min_ranks, m_size) : m_size;
   m_health = std::make_unique<health::Session>(m_comm, health::SessionOptions{.job = m_ph.jobid,
                                                                               .interval = m_cfg.health.interval,
@@ -386,9 +390,12 @@ void RankRun::record_logs() const {
 // Start: each rank its instance and worker, then one agreement.
 void RankRun::start() {
   record_logs();
-  m_worker = std::make_unique<Worker>(
-      m_cfg, worker::WorkerIdentity{
-                 .rank = m_rank, .node = m_ph.node, .jobid = m_ph.jobid, .slots = m_slots, .ranks_on_node = m_on_node});
+  m_worker = std::make_unique<Worker>(m_cfg, worker::WorkerIdentity{.rank = m_rank,
+                                                                    .node = m_ph.node,
+                                                                    .jobid = m_ph.jobid,
+                                                                    .slots = m_slots,
+                                                                    .ranks_on_node = m_on_node,
+                                                                    .index_on_node = m_index_on_node});
   m_worker->set_signal_pipe(&m_signals);
   report(health::State::starting, "");
   m_start_error = start_worker();

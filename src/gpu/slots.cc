@@ -117,6 +117,25 @@ std::vector<std::vector<std::string>> split_slots(const Devices& devices, int pe
   return groups;
 }
 
+std::vector<std::vector<std::string>> share_of(const std::vector<std::vector<std::string>>& groups, int ranks,
+                                               int index) {
+  const std::size_t n = groups.size();
+  const std::size_t r = static_cast<std::size_t>(std::max(ranks, 1));
+  const std::size_t i = static_cast<std::size_t>(std::clamp(index, 0, static_cast<int>(r) - 1));
+  const std::size_t base = n / r;
+  const std::size_t extra = n % r;
+  const std::size_t first = i * base + std::min(i, extra);
+  const std::size_t count = base + (i < extra ? 1 : 0);
+  if (count == 0) {
+    throw Error(Exit::engine,
+                std::to_string(n) + " GPU slot(s) on this node for " + std::to_string(r) + " ranks: rank " +
+                    std::to_string(i) + " of the node has none",
+                "run one rank per node (--ntasks-per-node=1) or ask for more GPUs");
+  }
+  auto from = groups.begin() + static_cast<std::ptrdiff_t>(first);
+  return {from, from + static_cast<std::ptrdiff_t>(count)};
+}
+
 std::map<std::string, std::string> slot_env(Vendor vendor, const std::vector<std::string>& group) {
   std::string list = join(group, ",");
   if (vendor == Vendor::nvidia) {
@@ -137,16 +156,6 @@ std::string sbatch_request(int slots, int per_slot, bool gres) {
   return gres ? "--gres=gpu:" + count : "--gpus-per-node=" + count;
 }
 
-std::string to_text(Vendor vendor) { return vendor == Vendor::nvidia ? "nvidia" : "amd"; }
-
-Vendor vendor_from_text(const std::string& text, const std::string& where) {
-  if (text == "nvidia") {
-    return Vendor::nvidia;
-  }
-  if (text == "amd") {
-    return Vendor::amd;
-  }
-  throw Error(Exit::config, where + ": unknown GPU vendor '" + text + "'", "choose one of: nvidia, amd");
-}
+std::string to_text(Vendor vendor) { return std::string(config::k_gpu_vendor_names.text(vendor)); }
 
 }  // namespace lhpc::gpu

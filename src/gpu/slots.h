@@ -9,11 +9,14 @@
 #include <string>
 #include <vector>
 
+#include "config/config.h"
 #include "util/process.h"
 
 namespace lhpc::gpu {
 
-enum class Vendor { nvidia, amd };
+// The vendor is a configuration value (singularity.gpu_vendor); its names
+// are config::k_gpu_vendor_names.
+using Vendor = config::GpuVendor;
 
 // The GPUs one node's job may use, in the order the vendor's runtime
 // numbers them, and where that list came from (for status and messages).
@@ -46,6 +49,12 @@ Devices discover(const Env& env, Vendor vendor, const std::string& root = "/");
 // needs are there, naming how many were found and where.
 std::vector<std::vector<std::string>> split_slots(const Devices& devices, int per_slot, Vendor vendor);
 
+// The groups of one of `ranks` ranks sharing a node (`index` 0-based):
+// contiguous, the first `groups % ranks` ranks taking one more. Throws
+// Error(Exit::engine) when this rank's share is empty (more ranks than slots).
+std::vector<std::vector<std::string>> share_of(const std::vector<std::vector<std::string>>& groups, int ranks,
+                                               int index);
+
 // The variables slot `group`'s handler alone gets: CUDA_VISIBLE_DEVICES and
 // CUDA_DEVICE_ORDER=PCI_BUS_ID (NVIDIA), ROCR_VISIBLE_DEVICES (AMD).
 std::map<std::string, std::string> slot_env(Vendor vendor, const std::vector<std::string>& group);
@@ -58,9 +67,7 @@ std::string engine_flag(Vendor vendor, bool nvccli = false);
 // `per_slot` GPUs, or --gres=gpu:N where the site wants gres.
 std::string sbatch_request(int slots, int per_slot, bool gres = false);
 
-// The vendor's name in configuration and status ("nvidia", "amd"), and back;
-// throws Error(Exit::config) listing the choices, naming `where`.
+// The vendor's name in configuration, messages and status ("nvidia", "amd").
 std::string to_text(Vendor vendor);
-Vendor vendor_from_text(const std::string& text, const std::string& where);
 
 }  // namespace lhpc::gpu

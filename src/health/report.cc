@@ -7,6 +7,7 @@
 
 #include "config/config.h"
 #include "util/error.h"
+#include "util/strings.h"
 
 namespace lhpc::health {
 
@@ -134,6 +135,31 @@ std::string node_of(const Report& r) { return std::string(r.node, ::strnlen(r.no
 
 std::string last_error_of(const Report& r) {
   return std::string(r.last_error, ::strnlen(r.last_error, sizeof r.last_error));
+}
+
+void set_gpus(Report& r, const std::vector<std::vector<std::string>>& slots) {
+  std::string text;
+  for (const auto& slot : slots) {
+    std::string one = (text.empty() ? "" : ";") + join(slot, ",");
+    if (text.size() + one.size() > sizeof r.gpus - 1) {
+      break;
+    }
+    text += one;
+  }
+  std::memset(r.gpus, 0, sizeof r.gpus);
+  std::memcpy(r.gpus, text.data(), text.size());
+}
+
+std::vector<std::vector<std::string>> gpus_of(const Report& r) {
+  std::vector<std::vector<std::string>> slots;
+  std::string text(r.gpus, ::strnlen(r.gpus, sizeof r.gpus));
+  if (text.empty()) {
+    return slots;
+  }
+  for (const auto& slot : split(text, ';')) {
+    slots.push_back(split(slot, ','));
+  }
+  return slots;
 }
 
 bool valid(const Report& r) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "util/names.h"
 
@@ -43,9 +44,10 @@ inline constexpr Names<State, 8> k_state_names{{{
     {State::reconnecting, "reconnecting"},
 }}};
 
-inline constexpr std::uint32_t k_report_version = 2;
+inline constexpr std::uint32_t k_report_version = 3;
 inline constexpr std::size_t k_node_len = 64;         // bytes, including the NUL
 inline constexpr std::size_t k_last_error_len = 160;  // bytes, including the NUL
+inline constexpr std::size_t k_gpus_len = 256;        // bytes, including the NUL
 
 // 8-byte fields first, then 4, then 1, then the strings: no implicit padding,
 // so no uninitialised bytes go on the wire.
@@ -74,11 +76,14 @@ struct Report {
   std::uint8_t reserved[3] = {};      // zero; keeps sizeof a multiple of 8 with no tail padding
   char node[k_node_len] = {};
   char last_error[k_last_error_len] = {};
+  // A GPU runtime's slots and their devices: "0,1;2,3" (slot k's devices
+  // are the k-th ';'-separated group); empty: a CPU runtime.
+  char gpus[k_gpus_len] = {};
 };
 
 static_assert(std::is_trivially_copyable_v<Report>);
 static_assert(std::is_standard_layout_v<Report>);
-static_assert(sizeof(Report) == 8 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len,
+static_assert(sizeof(Report) == 8 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len + k_gpus_len,
               "Report must have no padding: every byte on the wire is initialised");
 
 // Copies `node` (truncated to 63 bytes on a UTF-8 boundary).
@@ -86,6 +91,10 @@ void set_node(Report& r, std::string_view node);
 // Redacts every AMQP URL's password, flattens newlines and control characters
 // to spaces, then truncates to 159 bytes on a UTF-8 boundary ("..." marks a cut).
 void set_last_error(Report& r, std::string_view text);
+// Slot k's devices as "a,b;c,d"; slots that do not fit in 255 bytes are
+// left out whole (a status shows fewer, never a cut device id).
+void set_gpus(Report& r, const std::vector<std::vector<std::string>>& slots);
+std::vector<std::vector<std::string>> gpus_of(const Report& r);
 // Read back, stopping at the first NUL or the array's end (never past it).
 std::string node_of(const Report& r);
 std::string last_error_of(const Report& r);

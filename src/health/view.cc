@@ -71,6 +71,37 @@ private:
   std::string m_source;
 };
 
+// "gpus": an array of slots, each an array of device ids (strings).
+std::vector<std::vector<std::string>> read_gpus(const Reader& rd, const json& v, const std::string& key) {
+  std::vector<std::vector<std::string>> slots;
+  if (!v.is_array()) {
+    rd.fail(key, "is not an array of slots");
+  }
+  for (const auto& slot : v) {
+    if (!slot.is_array()) {
+      rd.fail(key, "holds a slot that is not an array of device ids");
+    }
+    std::vector<std::string> ids;
+    for (const auto& id : slot) {
+      if (!id.is_string()) {
+        rd.fail(key, "holds a device id that is not a string");
+      }
+      ids.push_back(id.get<std::string>());
+    }
+    slots.push_back(std::move(ids));
+  }
+  return slots;
+}
+
+// "slot 0: 0, slot 1: 1" (a slot of several GPUs: "slot 0: 0+1").
+std::string gpus_text(const std::vector<std::vector<std::string>>& slots) {
+  std::vector<std::string> parts;
+  for (std::size_t k = 0; k < slots.size(); ++k) {
+    parts.push_back(fmt::format("slot {}: {}", k, join(slots[k], "+")));
+  }
+  return join(parts, ", ");
+}
+
 std::string ago(double seconds) {
   if (seconds < 0) {
     seconds = 0;
@@ -188,6 +219,9 @@ StatusView parse_status(const std::string& text, const std::string& source) {
       rd.fail(w + "last_seen", "is neither a number nor null");
     }
     r.last_error = rd.str(j, "last_error", w);
+    if (j.contains("gpus")) {  // absent in a file written by an older lithops-hpc
+      r.gpus = read_gpus(rd, rd.at(j, "gpus", w), w + "gpus");
+    }
     s.ranks.push_back(std::move(r));
   }
   return s;
@@ -261,6 +295,11 @@ std::string render(const StatusView& s, const Assessment& a) {
       }
     }
     out += trim(line) + "\n";
+  }
+  for (const auto& r : s.ranks) {
+    if (!r.gpus.empty()) {
+      out += fmt::format("rank {} {}: GPUs: {}\n", r.rank, r.node, gpus_text(r.gpus));
+    }
   }
   for (const auto& r : s.ranks) {
     if (!r.last_error.empty()) {

@@ -30,6 +30,7 @@ struct RankView {
   unsigned long long rss_kb = 0, rss_tree_kb = 0;
   std::optional<double> last_seen;
   std::string last_error;
+  std::vector<std::vector<std::string>> gpus;  // a GPU runtime: slot k's devices
 };
 
 struct StatusView {

@@ -346,6 +346,9 @@ void start_controller(const UpOptions& o, Record& r, Started& s) {
     so.argv.insert(so.argv.end(), {"--config", o.config_path});
   }
   so.argv.insert(so.argv.end(), {"autoalloc", "--sif", o.sif});
+  if (o.local) {
+    so.argv.push_back("--local");
+  }
   if (o.max_nodes > 0) {
     so.argv.insert(so.argv.end(), {"--max-nodes", std::to_string(o.max_nodes)});
   }

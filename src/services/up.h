@@ -5,7 +5,8 @@
 // runs is left alone, what died is started again with the same ports and
 // passwords, so the written config stays valid. One `up` per user: a second
 // one on another host is refused, naming where the first one runs.
-// Not here: a local scheduler for `--local` (the controller's own ports).
+// Not here: the local scheduler of `--local` (the controller's own ports:
+// up only starts `autoalloc --local`).
 #pragma once
 
 #include <cstdint>
@@ -29,7 +30,8 @@ struct UpOptions {
   std::string config_path;  // --config given to up, handed on
   std::string sif;
   int max_nodes = -1;
-  std::vector<std::string> sbatch_args;
+  bool local = false;                    // --local: `autoalloc --local`, deployments on this machine
+  std::vector<std::string> sbatch_args;  // with `local`: mpirun's
 };
 
 // Starts what is missing; returns what to print (what runs, logs, the line

@@ -125,8 +125,13 @@ dispatch::HandlerCommand DispatchMode::handler_command(int h) const {
   for (const char* k : {"AMQP_URL", "SINGULARITYENV_AMQP_URL", "APPTAINERENV_AMQP_URL"}) {
     base.unset(k);
   }
-  c.env = m_ctx.engine.child_env(base, {{"LITHOPS_HPC_RANK", std::to_string(m_ctx.id.rank)},
-                                        {"LITHOPS_HPC_HANDLER", h == m_ctx.slots ? "control" : std::to_string(h)}});
+  std::map<std::string, std::string> vars{{"LITHOPS_HPC_RANK", std::to_string(m_ctx.id.rank)},
+                                          {"LITHOPS_HPC_HANDLER", h == m_ctx.slots ? "control" : std::to_string(h)}};
+  // A GPU runtime: slot h alone sees its devices; the control handler runs no call and gets none.
+  if (h >= 0 && static_cast<std::size_t>(h) < m_ctx.slot_env.size()) {
+    vars.insert(m_ctx.slot_env[static_cast<std::size_t>(h)].begin(), m_ctx.slot_env[static_cast<std::size_t>(h)].end());
+  }
+  c.env = m_ctx.engine.child_env(base, vars);
   c.stderr_fd = m_ctx.log ? m_ctx.log->write_fd() : -1;
   return c;
 }

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,6 +33,9 @@ struct ModeContext {
   const config::Config& cfg;  // expanded
   const WorkerIdentity& id;   // node and jobid filled in
   int slots = 1;
+  // A GPU runtime: slot k's own variables (gpu::slot_env), for its handler
+  // alone, the same after every restart; empty: a CPU runtime.
+  std::vector<std::map<std::string, std::string>> slot_env;
   container::Engine& engine;
   const std::string& instance_name;
   InstanceSupervisor& instance;  // the one instance: the mode tells it when to look, and waits for its restarts

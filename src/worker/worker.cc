@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <thread>
 
+#include "gpu/slots.h"
 #include "logs/capture.h"
 #include "logs/place.h"
 #include "util/error.h"
@@ -48,7 +49,11 @@ std::string sanitize_name(std::string s) {
 }
 
 Worker::Worker(const config::Config& cfg, WorkerIdentity id, WorkerPorts ports)
-    : m_cfg(cfg), m_id(std::move(id)), m_engine(std::move(ports.engine)) {
+    : m_cfg(cfg),
+      m_id(std::move(id)),
+      m_engine(std::move(ports.engine)),
+      m_gpu_env(std::move(ports.gpu_env)),
+      m_gpu_root(std::move(ports.gpu_root)) {
   auto ph = config::current_placeholders();
   if (m_id.node.empty()) {
     m_id.node = ph.node;
@@ -108,7 +113,11 @@ container::InstanceSpec Worker::instance_spec(const std::string& image) const {
   spec.image = image;
   spec.name = m_instance;
   spec.fakeroot = m_cfg.singularity.fakeroot;
-  spec.nv = m_cfg.singularity.nv;
+  if (m_cfg.singularity.gpus_per_slot > 0) {
+    spec.gpu = gpu::engine_flag(m_cfg.singularity.gpu_vendor);
+  } else if (m_cfg.singularity.nv) {
+    spec.gpu = "--nv";
+  }
   spec.binds = m_cfg.singularity.binds;
   return spec;
 }
@@ -133,6 +142,7 @@ void Worker::start(const std::string& image) {
 void Worker::start_parts(const std::string& image) {
   config::require_amqp_url(m_cfg);
   bool host = m_engine->kind() == config::Engine::host;
+  plan_gpu_slots();
   auto spec = instance_spec(image);
   m_mode->prepare(spec);
   spdlog::info("starting {} instance {} ({} mode, {} slots){}", m_engine->name(), m_instance,
@@ -141,6 +151,32 @@ void Worker::start_parts(const std::string& image) {
   open_handler_log();
   m_context->log = m_log.get();
   m_mode->start();
+}
+
+// A GPU runtime's slots are the whole groups of GPUs this rank's share of
+// the node holds, not its cores; an explicit slot count may lower it. Too few
+// GPUs fail the start here, not the first call.
+void Worker::plan_gpu_slots() {
+  const auto& s = m_cfg.singularity;
+  if (s.gpus_per_slot <= 0) {
+    return;
+  }
+  auto devices = gpu::discover(m_gpu_env ? *m_gpu_env : Env::current(), s.gpu_vendor, m_gpu_root);
+  auto groups =
+      gpu::share_of(gpu::split_slots(devices, s.gpus_per_slot, s.gpu_vendor), m_id.ranks_on_node, m_id.index_on_node);
+  const int limit = m_id.slots > 0 ? m_id.slots : s.worker_processes;
+  if (limit > 0 && static_cast<std::size_t>(limit) < groups.size()) {
+    groups.resize(static_cast<std::size_t>(limit));
+  }
+  m_gpus = groups;
+  m_slots = static_cast<int>(groups.size());
+  m_context->slots = m_slots;
+  m_context->slot_env.clear();
+  for (const auto& g : groups) {
+    m_context->slot_env.push_back(gpu::slot_env(s.gpu_vendor, g));
+  }
+  spdlog::info("GPU runtime: {} {} GPU(s) from {}, {} slot(s) of {}", devices.ids.size(), gpu::to_text(s.gpu_vendor),
+               devices.source, m_slots, s.gpus_per_slot);
 }
 
 // Handler output to the rank's log file. A directory that is not ours (a
@@ -275,6 +311,7 @@ WorkerStats Worker::stats() const {
   s.instance_alive = m_supervisor->alive();
   s.restarts = m_supervisor->restarts();
   s.last_error = m_last_error;
+  s.gpus = m_gpus;
   m_mode->fill(s);
   return s;
 }

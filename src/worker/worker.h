@@ -52,10 +52,13 @@ enum class State : std::uint8_t { created, starting, running, draining, stopped,
 
 struct WorkerIdentity {
   int rank = 0;
-  std::string node;       // empty: config::current_placeholders().node
-  std::string jobid;      // empty: config::current_placeholders().jobid
-  int slots = 0;          // 0: singularity.worker_processes, and 0 there: the node's cores
+  std::string node;   // empty: config::current_placeholders().node
+  std::string jobid;  // empty: config::current_placeholders().jobid
+  int slots = 0;      // 0: singularity.worker_processes, and 0 there: the node's cores (a GPU runtime: its GPU slots)
+  // Ranks on this node and this one's index among them: they split a GPU
+  // runtime's slots (gpu::share_of).
   int ranks_on_node = 1;  // the node's memory is shared among them (runtime_memory caps)
+  int index_on_node = 0;
 };
 
 struct WorkerStats {
@@ -74,6 +77,7 @@ struct WorkerStats {
   bool instance_alive = false;
   int restarts = 0;  // handler, runscript and instance restarts
   std::string last_error;
+  std::vector<std::vector<std::string>> gpus;  // a GPU runtime: slot k's devices; empty: a CPU runtime
 };
 
 // The node's usable cores (sched_getaffinity), at least 1.
@@ -88,6 +92,8 @@ struct WorkerPorts {
   std::unique_ptr<container::Engine> engine;  // null: made from singularity.engine
   std::unique_ptr<BrokerConnector> broker;    // null: from rabbitmq.* (dispatch mode's only)
   std::optional<Backoff> instance_backoff;    // restarts of a dead instance; null: 1 s doubling to 30 s
+  std::optional<Env> gpu_env;                 // where a GPU runtime finds Slurm's GPUs; null: ours
+  std::string gpu_root = "/";                 // where it finds the node's GPUs (/proc, /sys)
 };
 
 class Worker {
@@ -107,10 +113,12 @@ public:
   void watch_fd(int fd, std::function<void()> on_ready);
 
   // Starts the instance from `image` (ignored by the host engine), then the
-  // handlers and the broker connection (dispatch) or the runscript.
-  // Throws Error(Exit::engine) when the instance does not start, and what
-  // else stopped it (the in-flight record, the handler script); the worker
-  // is failed then, and stop() ends what did start.
+  // handlers and the broker connection (dispatch) or the runscript. A GPU
+  // runtime first finds its GPUs and splits them into its slots (gpu/).
+  // Throws Error(Exit::engine) when the instance does not start or a GPU
+  // runtime has too few GPUs, and what else stopped it (the in-flight
+  // record, the handler script); the worker is failed then, and stop() ends
+  // what did start.
   void start(const std::string& image);
   // One poll() round over the broker socket, handler pipes, the signal pipe
   // and timers; never blocks longer than `max_wait`.
@@ -134,6 +142,7 @@ private:
   // `fds` (whose revents it fills); handles signals and watched fds itself.
   void poll_round(std::vector<pollfd>& fds, std::chrono::milliseconds timeout);
   void start_parts(const std::string& image);
+  void plan_gpu_slots();
   container::InstanceSpec instance_spec(const std::string& image) const;
   void open_handler_log();
   std::unique_ptr<Mode> make_mode(std::unique_ptr<BrokerConnector> broker);
@@ -143,6 +152,9 @@ private:
   std::unique_ptr<container::Engine> m_engine;
   std::string m_instance;
   int m_slots = 1;
+  std::optional<Env> m_gpu_env;
+  std::string m_gpu_root;
+  std::vector<std::vector<std::string>> m_gpus;  // a GPU runtime: slot k's devices
   State m_state = State::created;
   Clock::time_point m_drain_deadline{};
   std::string m_last_error;

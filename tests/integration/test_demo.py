@@ -1,8 +1,9 @@
 """README's main command, `deploy/local-demo.sh`, end to end as a user runs it:
 its own broker from deploy/rabbitmq-user-broker.sh (not the rig's), two MPI
-ranks, Lithops-format tasks, ping, status, stop. It checks what the demo
-prints, that the broker's password never shows, and that nothing it started
-is left running."""
+ranks, Lithops-format tasks, ping, status, stop; then the serverless loop:
+`up --local`, tasks published with no worker, the deployment the controller
+starts serves them and idles out, `down`. It checks what the demo prints,
+that no password shows, and that nothing it started is left running."""
 import os
 import subprocess
 import unittest
@@ -44,6 +45,16 @@ class LocalDemo(unittest.TestCase):
         self.assertNotIn(password, out)
         with open(os.path.join(DEMO, "deploy.log")) as f:
             self.assertNotIn(password, f.read())
+        # The serverless loop.
+        self.assertRegex(out, r"the controller started deployment local-\d+-\d+-\d+ \(mpirun on this machine\)")
+        self.assertIn("100 of 100 calls ran from zero", out)
+        self.assertIn("scaled back to zero after", out)
+        self.assertIn("nothing of lithops-hpc up is running now", out)
+        import yaml
+        with open(os.path.join(DEMO, "lithops-config")) as f:
+            written = yaml.safe_load(f)
+        self.assertNotIn(written["redis"]["password"], out)
+        self.assertNotIn(written["rabbitmq"]["amqp_url"].split("@")[0].split(":")[-1], out)
         self.assertEqual(processes_mentioning(DEMO + "/"), [], "demo processes left running")
 
 

@@ -154,6 +154,16 @@ class StandInTests(unittest.TestCase):
         self.assertEqual(r.returncode, 255)
         self.assertIn("handler.py", r.stderr)
 
+    def test_instance_start_takes_the_gpu_switches_the_real_clis_take_and_refuses_others(self):
+        # --nv, --nvccli, --rocm are instance start options of Apptainer 1.x and
+        # SingularityCE 3.9+ (their `instance start --help`); --gpu is no flag.
+        self.build_default()
+        for i, flag in enumerate(("--nv", "--nvccli", "--rocm")):
+            self.assertEqual(self.sing("instance", "start", flag, self.sif, f"g{i}").returncode, 0, flag)
+        r = self.sing("instance", "start", "--gpu", self.sif, "g9")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("unknown flag: --gpu", r.stderr)
+
     def test_flags_after_positional_arguments_are_arguments(self):
         self.build_default()
         # exec: the flag is the command, which does not exist (FATAL, 255)

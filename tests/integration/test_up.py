@@ -4,7 +4,11 @@ Lithops config of their own. up starts the broker (deploy/rabbitmq-user-broker.s
 and a Redis, writes their settings into the Lithops config, and a real client
 (pika, python3-redis) connects with exactly what was written; up again leaves
 them alone; a broker killed with SIGKILL comes back on the same URL; down
-leaves no process and no listening port. Needs root (to become the user)."""
+leaves no process and no listening port; with --local, tasks published with
+nothing serving bring a deployment (mpirun on this machine) that serves them
+and idles out. Needs root (to become the user)."""
+import glob
+import json
 import os
 import shutil
 import socket
@@ -20,6 +24,7 @@ import lhpc_test
 
 BIN = os.environ["LHPC_BIN"]
 BUILD_ROOT = os.environ["LHPC_BUILD_ROOT"]
+SOURCE_ROOT = os.environ["LHPC_SOURCE_ROOT"]
 UID = 47000 + os.getpid() % 1000
 
 
@@ -192,6 +197,52 @@ class Up(unittest.TestCase):
         self.assertEqual(self.written()["aws"], {"region": "eu-west-1"})
         r = self.run_as("status", check=False)
         self.assertIn("services: down", r.stdout)
+
+    def test_local_serverless_loop_tasks_with_no_worker_bring_a_deployment_that_idles_out_and_down_leaves_nothing(self):
+        """up --local: no Slurm; tasks published with nothing serving start a deployment (mpirun on this
+        machine); it serves them, idles out, and down leaves no process."""
+        sif = os.path.join(self.home, "rt.sif")
+        subprocess.run([os.path.join(BUILD_ROOT, "tests", "tools", "make-sif"), sif, "1M"], check=True)
+        records = os.path.join(self.home, "records")
+        os.mkdir(records)
+        conf = os.path.join(self.home, "lithops-hpc.toml")
+        with open(conf, "w") as f:
+            f.write('[singularity]\nengine = "host"\nworker_processes = 2\npython = "/usr/bin/python3"\n'
+                    '[deploy]\ndrain_timeout = 3\n[health]\ninterval = 1\n'
+                    '[autoalloc]\nidle_timeout = 2\npoll = 3\n')
+        for p in (sif, records, conf):
+            os.chown(p, UID, UID)
+        env = {"LITHOPS_HPC_CONFIG": conf, "PYTHONPATH": os.path.join(SOURCE_ROOT, "tests", "fake-lithops")}
+        r = self.run_as("up", "--local", "--sif", sif, "--max-nodes", "1", env=env)
+        self.assertRegex(r.stdout, r"controller +started +pid \d+")
+        state = os.path.join(self.home, ".lithops-hpc", "autoalloc", "state.json")
+
+        def controller():
+            try:
+                with open(state) as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return None
+
+        lhpc_test.wait_until(lambda: (controller() or {}).get("next", "").find("scaled to zero") >= 0, 30,
+                             "the controller at zero")
+        url = self.written()["rabbitmq"]["amqp_url"]
+        lhpc_test.publish_lithops_many(url, "send_task", [
+            lhpc_test.make_send_task(3, f"loc-job{j}", {"lhpc_test": {"record_dir": records}}) for j in range(2)])
+        lhpc_test.wait_until(lambda: len(glob.glob(records + "/*.json")) >= 6, 90,
+                             "the 6 calls to run on a deployment the controller started")
+        jobs = os.listdir(os.path.join(self.home, ".lithops-hpc", "jobs"))
+        self.assertEqual(len(jobs), 1, jobs)  # the deployment's status directory, named by its made-up id
+        self.assertRegex(jobs[0], r"^local-\d+-\d+-\d+$")
+        # Idle for 2 s: stopped through its stop request, drained, gone; the controller back at zero.
+        lhpc_test.wait_until(lambda: controller() and not controller()["jobs"], 60,
+                             "the deployment to idle out:\n" + str(controller()))
+        lhpc_test.wait_until(lambda: not [c for _, c in processes_of(UID) if " deploy " in c], 30,
+                             "the deployment's processes to end")
+        self.assertEqual(len(glob.glob(records + "/*.json")), 6)
+        r = self.run_as("down")
+        self.assertIn("nothing of lithops-hpc up is running now", r.stdout)
+        self.assertEqual(processes_of(UID), [])
 
 
 if __name__ == "__main__":

@@ -402,6 +402,12 @@ class WorkerTest(unittest.TestCase):
         self.assertIn("is not a job id", out)
         self.assertNotIn("starting", out)
 
+    def test_a_gpu_runtime_on_a_node_without_gpus_fails_at_start_saying_so(self):
+        rc, out = self.exit_of(slots=0, config_extra="gpus_per_slot = 1", extra_env={"CUDA_VISIBLE_DEVICES": ""})
+        self.assertEqual(rc, 6, out[-3000:])
+        self.assertIn("a GPU runtime needs 1 nvidia GPU(s) per slot, but 0 were found (CUDA_VISIBLE_DEVICES)", out)
+        self.assertNotIn("consuming", out)
+
     def test_ping_reports_each_rank_and_the_throughput(self):
         w = self.worker(slots=1)
         gate = os.path.join(self.rec, "gate")

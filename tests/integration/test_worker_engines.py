@@ -68,7 +68,8 @@ class EngineTest(unittest.TestCase):
     def start(self, engine, sif, url=None, extra=None, **kw):
         env = self.standin_env()
         env.pop("STANDIN_LOG")  # the build above logged already; keep only the worker's calls
-        w = Worker(url or self.url, slots=1, engine=engine, sif=sif,
+        kw.setdefault("slots", 1)
+        w = Worker(url or self.url, engine=engine, sif=sif,
                    extra_env=dict({"PATH": env["PATH"], "STANDIN_LOG": self.log, "STANDIN_STATE": self.state},
                                   **(extra or {})), **kw)
         self.workers.append(w)
@@ -111,6 +112,36 @@ class EngineTest(unittest.TestCase):
 
     def test_apptainer_command_lines(self):
         self.check_dispatch_through("apptainer", "APPTAINERENV_")
+
+    def test_a_gpu_runtime_on_a_4_gpu_node_gives_each_of_4_concurrent_calls_its_own_gpu(self):
+        # The "4-GPU node" is what Slurm tells the job: CUDA_VISIBLE_DEVICES in
+        # the worker's environment (the engine passes it into the container too:
+        # each slot's own value must win there).
+        sif = self.build_sif("singularity")
+        open(self.log, "w").close()
+        w = self.start("singularity", sif, slots=0, config_extra="gpus_per_slot = 1",
+                       extra={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+        w.wait_consuming()
+        gate = os.path.join(self.tmp, "gate")
+        try:
+            for i in range(4):
+                lt.publish_lithops(self.url, "send_task", lt.make_send_task(1, f"ex-gpu{i}", {"lhpc_test": {
+                    "record_dir": self.rec, "wait_for": gate, "probe_env": "CUDA_VISIBLE_DEVICES",
+                    "print": f"lhpc-gpu-call-{i}-running"}}))
+            # All four run at once (each waits at the gate): they are concurrent.
+            for i in range(4):
+                w.wait_log(f"lhpc-gpu-call-{i}-running", 60)
+        finally:
+            open(gate, "w").close()
+        recs = wait_records(self.rec, 4, 60)
+        self.assertEqual(sorted(r["probe"] for r in recs), ["0", "1", "2", "3"], "one GPU per call, none shared")
+        self.assertEqual(sorted(r["probe_c"].strip() for r in recs), ["0", "1", "2", "3"])
+        self.assertEqual(w.stop(), 0, w.log())
+        argvs = [c["argv"] for c in standin_log(self.log)]
+        self.assertEqual(argvs[0][:3], ["instance", "start", "--nv"])
+        execs = [c for c in standin_log(self.log) if c["argv"][0] == "exec"]
+        with_gpu = [c for c in execs if "SINGULARITYENV_CUDA_VISIBLE_DEVICES" in c["env"]]
+        self.assertEqual((len(execs), len(with_gpu)), (5, 4), "4 slot handlers with a GPU, the control one without")
 
     def test_an_instance_that_dies_takes_its_handlers_and_the_running_task_is_requeued(self):
         sif = self.build_sif("singularity")

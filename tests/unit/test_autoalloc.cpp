@@ -5,7 +5,10 @@
 // tests/integration/test_autoalloc.py on the rig.
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -13,15 +16,18 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "autoalloc/controller.h"
+#include "autoalloc/local_scheduler.h"
 #include "autoalloc/policy.h"
 #include "autoalloc/ports.h"
 #include "autoalloc/sbatch_reply.h"
 #include "autoalloc/slurm_scheduler.h"
 #include "test_support.h"
 #include "util/error.h"
+#include "util/fs.h"
 
 using namespace lhpc::autoalloc;
 
@@ -332,6 +338,30 @@ TEST_CASE("sbatch runs with an explicit argv: limits, passthrough, template, ima
   }
 }
 
+TEST_CASE("a GPU runtime's sbatch line asks for its GPU slots per node and tells deploy it is one") {
+  SlurmOptions o{"/s/lithops-deploy.sh", "0:30:00", {"--partition=gpu"}};
+  Submission r{"/img/rt.sif", 2, "lithops-aa-1", "/st/out", ""};
+  r.gpus_per_slot = 2;
+  r.gpu_slots = 4;
+  r.gpu_vendor = lhpc::config::GpuVendor::amd;
+  std::vector<std::string> want = {"sbatch",
+                                   "--parsable",
+                                   "--job-name=lithops-aa-1",
+                                   "--nodes=2",
+                                   "--time=0:30:00",
+                                   "--output=/st/out/lithops-workers-%j.out",
+                                   "--gpus-per-node=8",
+                                   "--partition=gpu",
+                                   "/s/lithops-deploy.sh",
+                                   "/img/rt.sif",
+                                   "--gpus-per-slot",
+                                   "2",
+                                   "--gpu-vendor",
+                                   "amd",
+                                   "--cleanup"};
+  CHECK(sbatch_argv(o, r) == want);
+}
+
 TEST_CASE("the state file round-trips the jobs a restarted controller adopts") {
   State s;
   JobRecord r;
@@ -590,6 +620,7 @@ TEST_CASE("controller: tasks with no deployment bring one job; idle, it is retir
   CHECK(l.w.submissions[0].nodes == 1);
   CHECK(l.w.submissions[0].sif == "/img/rt.sif");
   CHECK(l.w.submissions[0].job_name == job_name());
+  CHECK(l.w.submissions[0].gpus_per_slot == 0);  // a CPU runtime asks for no GPU
   auto id = l.last_job();
   l.poll();
   CHECK(l.submitted() == 1);  // --max-pending 1
@@ -708,6 +739,26 @@ TEST_CASE("controller: a job made despite an unreadable reply is found by name, 
   }
   CHECK(l.submitted() == 1);
   CHECK(l.w.held().size() == 1);
+}
+
+TEST_CASE("controller: a GPU runtime's submissions ask for its GPU slots, and supply is counted in them") {
+  auto lim = limits();
+  lim.max_pending = 2;
+  Loop l(lim);
+  l.s.gpus_per_slot = 1;
+  l.s.default_slots = 4;
+  l.start();
+  l.w.ready(4);
+  l.poll();
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.submissions[0].gpus_per_slot == 1);
+  CHECK(l.w.submissions[0].gpu_slots == 4);
+  CHECK(sbatch_argv(SlurmOptions{"/t.sh"}, l.w.submissions[0])[6] == "--gpus-per-node=4");
+  l.poll();
+  CHECK(l.submitted() == 1);  // 4 tasks: the pending node's 4 GPU slots cover them
+  l.w.ready(8);
+  l.poll();
+  CHECK(l.submitted() == 2);  // 8: they do not
 }
 
 TEST_CASE("controller: jobs ending before serving halt submissions; a job that serves lifts the halt") {
@@ -930,4 +981,155 @@ TEST_CASE("controller: a runtime whose image is missing is not submitted and is 
   REQUIRE(l.submitted() == 1);
   CHECK(l.w.submissions[0].runtime == "rt-b");
   CHECK(l.w.submissions[0].sif == "/img/rt-b.sif");
+}
+
+// ------------------------------------------------------- the local scheduler
+
+TEST_CASE("local: /proc/<pid>/stat is read after the last ')', whatever the command name holds") {
+  auto st = parse_proc_stat(
+      "4242 (a) b (c)) S 1 4240 4240 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 184467 1 1 0\n");
+  REQUIRE(st);
+  CHECK(st->state == 'S');
+  CHECK(st->pgrp == 4240);
+  CHECK(st->start_ticks == 987654);
+  CHECK_FALSE(parse_proc_stat("4242 (cut"));
+  CHECK_FALSE(parse_proc_stat("4242 (x) S 1 2 3"));
+  CHECK_FALSE(parse_proc_stat("4242 (x) S 1 4x 0 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000"));
+}
+
+TEST_CASE("local: a job lives while its group does; a group number reused by another process is not ours") {
+  LocalRecord r{"local-1-2-1", "lithops-aa-1", 4240, 987654, 1, "/o"};
+  CHECK_FALSE(group_alive(r, false, std::nullopt));                // no process left, or none of ours
+  CHECK(group_alive(r, true, ProcStat{'S', 4240, 987654}));        // mpirun runs
+  CHECK(group_alive(r, true, std::nullopt));                       // mpirun gone, others of its group still run
+  CHECK_FALSE(group_alive(r, true, ProcStat{'S', 4240, 123}));     // another process got the number
+  CHECK_FALSE(group_alive(r, true, ProcStat{'Z', 4240, 987654}));  // ended, not reaped yet
+}
+
+TEST_CASE("local: job ids are plain names; the deployment runs mpirun with an explicit argv, no copy of the image") {
+  auto id = local_job_id(1765000000, 321, 7);
+  CHECK(id == "local-1765000000-321-7");
+  CHECK_NOTHROW(lhpc::check_path_component("id", id));
+  LocalOptions o{"/opt/lithops-hpc", "/s/records", "mpirun", {"--oversubscribe"}};
+  Submission s{"/img/rt.sif", 2, "lithops-aa-1", "/s/out", "/c.toml"};
+  CHECK(local_argv(o, s) == std::vector<std::string>{"mpirun", "-n", "2", "--oversubscribe", "/opt/lithops-hpc",
+                                                     "deploy", "--sif", "/img/rt.sif", "--transfer", "none"});
+  CHECK(local_output("/s/out", id) == "/s/out/lithops-workers-" + id + ".out");
+}
+
+TEST_CASE("local: a record round-trips; a broken one is skipped, not fatal") {
+  LocalRecord r{"local-1-2-3", "lithops-aa-9", 77, 55, 2, "/o/x.out"};
+  auto back = local_record_from_json(to_json(r), "r.json");
+  REQUIRE(back);
+  CHECK(back->id == r.id);
+  CHECK(back->name == r.name);
+  CHECK(back->pgid == 77);
+  CHECK(back->start_ticks == 55);
+  CHECK(back->nodes == 2);
+  CHECK(back->output == r.output);
+  CHECK_FALSE(local_record_from_json("{", "r.json"));
+  CHECK_FALSE(
+      local_record_from_json(R"({"id":"../x","name":"n","pgid":7,"start_ticks":1,"nodes":1,"output":"o"})", "r.json"));
+  CHECK_FALSE(local_record_from_json(R"({"id":"a","name":"n","pgid":1,"start_ticks":1,"nodes":1,"output":"o"})",
+                                     "r.json"));  // never signal init's group
+  CHECK_FALSE(
+      local_record_from_json(R"({"id":"a","name":"n","pgid":7.5,"start_ticks":1,"nodes":1,"output":"o"})", "r.json"));
+}
+
+namespace {
+
+bool eventually(const std::function<bool()>& cond) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!cond()) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      return false;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("local: a started job is alive, found by name by a restarted controller, and ends on cancel") {
+  lhpc::test::TempDir dir{"local"};
+  // The launcher stands in for mpirun: it stays until SIGTERM and leaves its argv in the output.
+  auto launcher =
+      dir.write("mpirun", "#!/bin/sh\nprintf '%s\\n' \"$*\"; echo job=$LITHOPS_HPC_JOB_ID\nexec sleep 60\n", 0700);
+  LocalOptions o{"/bin/lithops-hpc", dir.file("records"), launcher, {}};
+  Submission s{"/img/rt.sif", 1, "lithops-aa-test", dir.file("out"), ""};
+  std::string id, output;
+  {
+    LocalScheduler first(o);
+    auto res = first.submit(s);
+    REQUIRE(res.job);
+    id = *res.job;
+    output = res.output;
+    auto seen = first.query({id, "local-0-0-0"});
+    REQUIRE(seen);
+    CHECK_FALSE(seen->at(id).ended);
+    CHECK_FALSE(seen->at(id).pending);
+    CHECK(seen->at(id).nodes == 1);
+    CHECK(seen->at("local-0-0-0").ended);  // a job it does not know
+    CHECK(first.counters().submissions == 1);
+  }  // the controller ends: the deployment keeps running
+  LocalScheduler second(o);
+  CHECK(second.jobs_named("lithops-aa-test") == std::vector<std::string>{id});
+  CHECK(second.jobs_named("lithops-aa-other").empty());
+  CHECK(eventually([&] { return lhpc::read_file(output).find("job=" + id) != std::string::npos; }));
+  CHECK(lhpc::read_file(output).find("-n 1 /bin/lithops-hpc deploy --sif /img/rt.sif") != std::string::npos);
+  second.cancel(id);
+  CHECK(eventually([&] { return second.query({id})->at(id).ended; }));
+  CHECK(second.jobs_named("lithops-aa-test").empty());
+  CHECK_FALSE(lhpc::path_exists(o.records + "/" + id + ".json"));  // an ended job's record goes
+}
+
+TEST_CASE("local: a record whose process group number now belongs to another process is an ended job") {
+  lhpc::test::TempDir dir{"local"};
+  LocalOptions o{"/bin/lithops-hpc", dir.file("records"), "mpirun", {}};
+  LocalScheduler sched(o);
+  // Our own group: alive and ours, but its leader started at another time than recorded.
+  LocalRecord r{"local-1-1-1", "lithops-aa-test", static_cast<long>(::getpgrp()), 1, 1, "/o"};
+  lhpc::write_file_atomic(o.records + "/local-1-1-1.json", to_json(r), 0600);
+  CHECK(sched.jobs_named("lithops-aa-test").empty());
+  CHECK(sched.query({"local-1-1-1"})->at("local-1-1-1").ended);
+  sched.cancel("local-1-1-1");  // never signals that group (the test would end)
+}
+
+TEST_CASE("controller: from zero the first task brings a submission within the short look, even with --poll 60") {
+  Loop l;
+  l.s.poll = 60;
+  l.start();
+  // The loop as run() drives it: each tick says how long to sleep; a task is
+  // published 17.2 s after the last poll, in the middle of a sleep.
+  double published = l.w.t + 17.2;
+  for (int i = 0; i < 1000 && l.submitted() == 0; ++i) {
+    double wait = l.ctl->tick();
+    if (l.submitted() == 0) {
+      l.w.t += wait;
+      if (l.w.t >= published) {
+        l.w.ready(1);
+      }
+    }
+  }
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.t - published <= k_zero_look);
+  // Something is held: the controller looks again at --poll, not at the short cadence.
+  CHECK(l.ctl->tick() == doctest::Approx(60).epsilon(0.01));
+}
+
+TEST_CASE("controller: at zero, a backlog the last poll saw already waits for the next poll, not every look") {
+  Loop l;
+  l.s.poll = 60;
+  l.start();
+  l.w.refuse = "QOSMaxSubmitJobPerUserLimit";  // the submission is refused: backoff, still at zero
+  l.w.ready(5);
+  l.ctl->tick();
+  REQUIRE(l.submitted() == 1);
+  auto updated = l.ctl->state().updated;
+  for (int i = 0; i < 20; ++i) {
+    l.w.t += l.ctl->tick();  // short looks at the queue only
+  }
+  CHECK(l.ctl->state().updated == updated);  // no poll since
+  CHECK(l.submitted() == 1);
 }

@@ -134,6 +134,9 @@ TEST_CASE("enum names: one table each gives the text, reads it back, and refuses
   CHECK(k_transfer_names.error("scp") == "'scp' is not one of mpi, sbcast, none");
   CHECK(k_mode_names.error("batch") == "'batch' is not one of dispatch, runscript");
   CHECK(k_mode_names.text(static_cast<Mode>(7)) == "unknown");
+  CHECK(error_of("[singularity]\ngpu_vendor = \"intel\"\n")
+            .find("singularity.gpu_vendor: 'intel' is not one of nvidia, amd") != std::string::npos);
+  CHECK(error_of("[singularity]\ngpus_per_slot = -1\n").find("out of range") != std::string::npos);
   // The TOML key refuses in the same words as the flag's check.
   CHECK(error_of("[deploy]\ntransfer = \"scp\"\n").find("deploy.transfer: 'scp' is not one of mpi, sbcast, none") !=
         std::string::npos);
@@ -144,6 +147,8 @@ TEST_CASE("every key the listing shows is one the reader takes back, with the sa
 engine = "apptainer"
 binds = ["/a", "/b:/c"]
 worker_processes = 3
+gpus_per_slot = 2
+gpu_vendor = "amd"
 [rabbitmq]
 amqp_url = "amqp://h.example:5673/v"
 heartbeat = 0
@@ -164,12 +169,14 @@ drain_on_exit = true
   CHECK(again.singularity.engine == Engine::apptainer);
   CHECK(again.deploy.drain_timeout == 1.5);
   CHECK(again.autoalloc.sbatch_args == std::vector<std::string>{"--qos=low"});
+  CHECK(again.singularity.gpus_per_slot == 2);
+  CHECK(again.singularity.gpu_vendor == GpuVendor::amd);
   // Every key of every section is listed, once.
   std::size_t keys = 0;
   for (std::size_t at = listed.find(" = "); at != std::string::npos; at = listed.find(" = ", at + 1)) {
     ++keys;
   }
-  CHECK(keys == 47);
+  CHECK(keys == 49);
 }
 
 TEST_CASE("out of range numbers say the range") {

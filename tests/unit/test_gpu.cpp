@@ -127,8 +127,14 @@ TEST_CASE("the engine flag and the sbatch request follow the vendor and the slot
 }
 
 TEST_CASE("a vendor name is checked with the choices listed") {
-  CHECK(gpu::vendor_from_text("amd", "x") == Vendor::amd);
-  CHECK(gpu::to_text(gpu::vendor_from_text("nvidia", "x")) == "nvidia");
-  CHECK_THROWS_WITH_AS(gpu::vendor_from_text("intel", "singularity.gpu_vendor"),
-                       "singularity.gpu_vendor: unknown GPU vendor 'intel'", Error);
+  CHECK(config::k_gpu_vendor_names.parse("amd") == Vendor::amd);
+  CHECK(gpu::to_text(Vendor::nvidia) == "nvidia");
+  CHECK(config::k_gpu_vendor_names.error("intel") == "'intel' is not one of nvidia, amd");
+}
+
+TEST_CASE("ranks sharing a node split its GPU slots") {
+  auto groups = std::vector<std::vector<std::string>>{{"0"}, {"1"}, {"2"}};
+  CHECK(gpu::share_of(groups, 2, 0) == std::vector<std::vector<std::string>>{{"0"}, {"1"}});
+  CHECK(gpu::share_of(groups, 2, 1) == std::vector<std::vector<std::string>>{{"2"}});
+  CHECK_THROWS_AS(gpu::share_of(groups, 4, 3), Error);
 }

@@ -113,7 +113,7 @@ std::set<std::string> keys_of(const json& j) {
 
 TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
   CHECK(std::is_trivially_copyable_v<Report>);
-  CHECK(sizeof(Report) == 336);
+  CHECK(sizeof(Report) == 592);
   Report a = report_of(3, State::draining, 7, "node-7");
   set_last_error(a, "boom");
   unsigned char wire[sizeof(Report)];
@@ -351,7 +351,7 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
         std::set<std::string>{"rank",        "node",      "pid",     "state",     "reported_state", "slots_busy",
                               "slots_total", "done",      "failed",  "requeued",  "dead_lettered",  "duplicates",
                               "broker",      "consuming", "blocked", "instance",  "restarts",       "rss_kb",
-                              "rss_tree_kb", "uptime",    "seq",     "last_seen", "last_error"});
+                              "rss_tree_kb", "uptime",    "seq",     "last_seen", "last_error",     "gpus"});
   CHECK(r["rank"] == 1);
   CHECK(r["node"] == "n2");
   CHECK(r["pid"] == 101);
@@ -454,6 +454,32 @@ TEST_CASE("the table a person reads") {
   CHECK(text.find("rank 1 n2: last error: engine missing") != std::string::npos);
   CHECK(text.find("job 42 (runtime rt-a): running, DEGRADED: 1/2 ranks ready, 1 degraded, 0 unresponsive") !=
         std::string::npos);
+}
+
+TEST_CASE("status shows a GPU runtime's GPUs per rank and which slot holds which") {
+  FakeClock fc;
+  Table t = ready_table(fc, 2, 5);
+  auto r = report_of(1, State::ready, 2, "n2");
+  set_gpus(r, {{"0", "1"}, {"GPU-5e1f"}});
+  t.update(r);
+  auto doc = json::parse(t.to_json());
+  CHECK(doc["ranks"][0]["gpus"] == json::array());  // a CPU runtime
+  CHECK(doc["ranks"][1]["gpus"] == json{{"0", "1"}, {"GPU-5e1f"}});
+  auto v = parse_status(doc.dump(), "s");
+  CHECK(v.ranks[1].gpus == std::vector<std::vector<std::string>>{{"0", "1"}, {"GPU-5e1f"}});
+  auto text = render(v, assess(v, fc.wall + 1));
+  CHECK(text.find("rank 1 n2: GPUs: slot 0: 0+1, slot 1: GPU-5e1f") != std::string::npos);
+  CHECK(text.find("rank 0 n1: GPUs") == std::string::npos);
+  // Slots that do not fit are left out whole.
+  std::vector<std::vector<std::string>> many(40, std::vector<std::string>{"GPU-0123456789"});
+  Report big;
+  set_gpus(big, many);
+  auto kept = gpus_of(big);
+  CHECK(kept.size() == 17);  // 17 x 14 + 16 separators = 254 bytes
+  CHECK(kept.back() == std::vector<std::string>{"GPU-0123456789"});
+  // An older file without the key reads as a CPU runtime.
+  doc["ranks"][1].erase("gpus");
+  CHECK(parse_status(doc.dump(), "s").ranks[1].gpus.empty());
 }
 
 TEST_CASE("a rank that consumes nothing or is blocked by the broker says so, and is not ready") {

@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <fstream>
@@ -39,8 +40,9 @@ struct InstanceSide {
   int stops = 0;
   std::vector<std::string> started_names;
   std::vector<std::string> binds;
-  int execs = 0;  // handler command lines asked for
-  int runs = 0;   // runscript command lines asked for
+  std::string gpu;  // the GPU switch of the last instance start
+  int execs = 0;    // handler command lines asked for
+  int runs = 0;     // runscript command lines asked for
 };
 
 class FakeEngine final : public container::Engine {
@@ -76,6 +78,7 @@ public:
     ++m_side->starts;
     m_side->started_names.push_back(spec.name);
     m_side->binds = spec.binds;
+    m_side->gpu = spec.gpu;
   }
   bool instance_alive(const std::string&) override { return m_side->alive; }
   void stop_instance(const std::string&, milliseconds) override {
@@ -203,6 +206,9 @@ private:
 std::string handler_script(const test::TempDir& dir) {
   return "echo \"$LITHOPS_HPC_HANDLER $$\" >> '" + dir.file("pids") +
          "'; "
+         "echo \"$LITHOPS_HPC_HANDLER ${CUDA_VISIBLE_DEVICES-none} ${CUDA_DEVICE_ORDER-none}\" >> '" +
+         dir.file("gpus") +
+         "'; "
          R"(echo '{"event":"ready","pid":'$$',"python":"sh","lithops":"none"}'; )"
          R"(while read -r line; do id=${line#*\"id\":}; id=${id%%[,\}]*}; )"
          "echo \"$LITHOPS_HPC_HANDLER\" >> '" +
@@ -234,7 +240,8 @@ struct Rig {
   config::Config cfg;
   std::unique_ptr<Worker> w;
 
-  explicit Rig(config::Mode mode, std::function<void(config::Config&)> tune = {}, int slots = 1) {
+  explicit Rig(config::Mode mode, std::function<void(config::Config&)> tune = {}, int slots = 1,
+               std::optional<Env> gpu_env = std::nullopt) {
     cfg.deploy.mode = mode;
     cfg.rabbitmq.amqp_url = "amqp://guest:guest@localhost:5672/";
     cfg.logs.dir = dir.path + "/logs";
@@ -246,6 +253,8 @@ struct Rig {
     ports.engine = std::make_unique<FakeEngine>(instance, handler_script(dir), "echo runscript up; exec sleep 30");
     ports.broker = std::make_unique<FakeConnector>(broker);
     ports.instance_backoff = Backoff(milliseconds(1), milliseconds(2));
+    ports.gpu_env = std::move(gpu_env);
+    ports.gpu_root = dir.path + "/no-gpus";  // the node shows none: only gpu_env's GPUs count
     w = std::make_unique<Worker>(cfg, WorkerIdentity{.rank = 0, .node = "n1", .jobid = "J1", .slots = slots},
                                  std::move(ports));
   }
@@ -285,6 +294,15 @@ struct Rig {
       last = r;
     }
     return last;
+  }
+  // Each handler start's "<role> <CUDA_VISIBLE_DEVICES> <CUDA_DEVICE_ORDER>", in order.
+  std::vector<std::string> gpu_lines() {
+    std::ifstream in(dir.file("gpus"));
+    std::vector<std::string> lines;
+    for (std::string line; std::getline(in, line);) {
+      lines.push_back(line);
+    }
+    return lines;
   }
   // The newest process of a handler role ("0", "control").
   pid_t handler_pid(const std::string& role) {
@@ -450,4 +468,99 @@ TEST_CASE("a runtime queue the broker deleted is declared, bound to the runtimes
   auto tag = r.broker->deliver(dispatch::encode(dispatch::Action::send_task, job(1)));
   REQUIRE(r.step_until([&] { return r.broker->acked.size() == 1; }));
   CHECK(r.broker->acked[0] == tag);
+}
+
+namespace {
+
+Env gpu_env(const std::string& visible) {
+  Env env = Env::empty();
+  env.set("CUDA_VISIBLE_DEVICES", visible);
+  return env;
+}
+
+void gpu_runtime(config::Config& c, int per_slot) {
+  c.singularity.gpus_per_slot = per_slot;
+  c.singularity.worker_processes = 0;
+}
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+}  // namespace
+
+TEST_CASE("a GPU runtime on a 4-GPU node has 4 slots, each handler seeing only its own GPU, under --nv") {
+  Rig r(
+      config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 1); }, 0, gpu_env("0,1,2,3"));
+  r.w->start("/images/runtime.sif");
+  REQUIRE(r.consuming());
+  CHECK(r.w->slots() == 4);
+  CHECK(r.w->stats().slots_total == 4);
+  CHECK(r.instance->gpu == "--nv");
+  REQUIRE(r.step_until([&] { return r.gpu_lines().size() == 5; }));
+  auto lines = r.gpu_lines();
+  for (const char* want :
+       {"0 0 PCI_BUS_ID", "1 1 PCI_BUS_ID", "2 2 PCI_BUS_ID", "3 3 PCI_BUS_ID", "control none none"}) {
+    CHECK_MESSAGE(contains(lines, want), want);
+  }
+  CHECK(r.w->stats().gpus == std::vector<std::vector<std::string>>{{"0"}, {"1"}, {"2"}, {"3"}});
+}
+
+TEST_CASE("two GPUs per slot on a 4-GPU node make 2 slots; AMD gets --rocm") {
+  Rig r(
+      config::Mode::dispatch,
+      [](config::Config& c) {
+        gpu_runtime(c, 2);
+        c.singularity.gpu_vendor = config::GpuVendor::amd;
+      },
+      0,
+      [] {
+        Env env = Env::empty();
+        env.set("ROCR_VISIBLE_DEVICES", "0,1,2,3");
+        return env;
+      }());
+  r.w->start("/images/runtime.sif");
+  REQUIRE(r.consuming());
+  CHECK(r.w->slots() == 2);
+  CHECK(r.instance->gpu == "--rocm");
+  CHECK(r.w->stats().gpus == std::vector<std::vector<std::string>>{{"0", "1"}, {"2", "3"}});
+}
+
+TEST_CASE("an explicit smaller slot count lowers a GPU runtime's slots, never raises them") {
+  Rig lower(
+      config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 1); }, 3, gpu_env("0,1,2,3"));
+  lower.w->start("/images/runtime.sif");
+  CHECK(lower.w->slots() == 3);
+  Rig more(
+      config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 1); }, 8, gpu_env("4,5"));
+  more.w->start("/images/runtime.sif");
+  CHECK(more.w->slots() == 2);
+  CHECK(more.w->stats().gpus == std::vector<std::vector<std::string>>{{"4"}, {"5"}});
+}
+
+TEST_CASE("a GPU runtime on a node without GPUs fails at start, saying so, before its instance starts") {
+  Rig r(
+      config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 1); }, 0, Env::empty());
+  try {
+    r.w->start("/images/runtime.sif");
+    FAIL("started without GPUs");
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::engine);
+    CHECK(std::string(e.what()).find("0 were found (/proc/driver/nvidia/gpus)") != std::string::npos);
+  }
+  CHECK(r.w->failed());
+  CHECK(r.instance->starts == 0);
+}
+
+TEST_CASE("a restarted GPU slot handler keeps its slot's devices") {
+  Rig r(
+      config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 1); }, 0, gpu_env("0,1,2,3"));
+  r.w->start("/images/runtime.sif");
+  REQUIRE(r.consuming());
+  REQUIRE(r.step_until([&] { return r.gpu_lines().size() == 5; }));
+  pid_t before = r.handler_pid("2");
+  REQUIRE(::kill(before, SIGKILL) == 0);
+  REQUIRE(r.step_until([&] { return r.handler_pid("2") != before && r.gpu_lines().size() == 6; }));
+  CHECK(r.gpu_lines().back() == "2 2 PCI_BUS_ID");
+  CHECK_FALSE(r.w->finished());
 }
