@@ -80,6 +80,13 @@ int publish(int argc, char** argv) {
   double rate = std::stod(arg(argc, argv, "--rate", "0"));
   std::string queue = arg(argc, argv, "--queue", "task_queue");
   double sleep_s = std::stod(arg(argc, argv, "--sleep", "0"));
+  // "a,b": message i names runtime i % 2 (interleaved); empty: no runtime_name.
+  std::vector<std::string> runtimes;
+  for (std::string rest = arg(argc, argv, "--runtimes", ""); !rest.empty();) {
+    auto comma = rest.find(',');
+    runtimes.push_back(rest.substr(0, comma));
+    rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+  }
   amqp::Options o;
   o.url = url();
   o.connection_name = "dispatch-bench publisher";
@@ -92,6 +99,9 @@ int publish(int argc, char** argv) {
   bodies.reserve(static_cast<std::size_t>(count));
   for (int i = 0; i < count; ++i) {
     auto payload = noop_payload(i);
+    if (!runtimes.empty()) {
+      payload["runtime_name"] = runtimes[static_cast<std::size_t>(i) % runtimes.size()];
+    }
     if (sleep_s > 0) {
       payload["lhpc_test"]["sleep"] = sleep_s;
       payload["lhpc_test"]["print"] = "LHPC-BUSY-START";

@@ -439,6 +439,44 @@ void Connection::confirm_select() {
   m_confirms = true;
 }
 
+void Connection::declare_exchange(const std::string& name, const std::string& type) {
+  amqp_exchange_declare(m_s->conn, k_channel, amqp_cstring_bytes(name.c_str()), amqp_cstring_bytes(type.c_str()), 0,
+                        /*durable=*/1, /*auto_delete=*/0, /*internal=*/0, amqp_empty_table);
+  check_rpc(("declaring exchange '" + name + "'").c_str());
+}
+
+void Connection::bind_queue(const std::string& queue, const std::string& exchange, const std::string& routing_key) {
+  amqp_queue_bind(m_s->conn, k_channel, amqp_cstring_bytes(queue.c_str()), amqp_cstring_bytes(exchange.c_str()),
+                  amqp_cstring_bytes(routing_key.c_str()), amqp_empty_table);
+  check_rpc(("binding queue '" + queue + "' to '" + exchange + "'").c_str());
+}
+
+void Connection::declare_exchange_async(const std::string& name, const std::string& type) {
+  amqp_exchange_declare_t req{};
+  req.exchange = str_bytes(name);
+  req.type = str_bytes(type);
+  req.durable = 1;
+  req.nowait = 1;
+  req.arguments = amqp_empty_table;
+  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_EXCHANGE_DECLARE_METHOD, &req);
+  if (rc != AMQP_STATUS_OK) {
+    fail("declaring exchange '" + name + "': " + amqp_error_string2(rc));
+  }
+}
+
+void Connection::bind_queue_async(const std::string& queue, const std::string& exchange) {
+  amqp_queue_bind_t req{};
+  req.queue = str_bytes(queue);
+  req.exchange = str_bytes(exchange);
+  req.routing_key = amqp_empty_bytes;
+  req.nowait = 1;
+  req.arguments = amqp_empty_table;
+  int rc = amqp_send_method(m_s->conn, k_channel, AMQP_QUEUE_BIND_METHOD, &req);
+  if (rc != AMQP_STATUS_OK) {
+    fail("binding queue '" + queue + "' to '" + exchange + "': " + amqp_error_string2(rc));
+  }
+}
+
 void Connection::qos_async(std::uint16_t prefetch, bool global, std::uint16_t channel) {
   amqp_basic_qos_t req{};
   req.prefetch_size = 0;

@@ -135,6 +135,9 @@ public:
     std::uint32_t consumers = 0;
   };
   std::optional<QueueInfo> queue_info(const std::string& name);
+  // A durable exchange of `type` ("fanout", "direct", ...), no arguments.
+  void declare_exchange(const std::string& name, const std::string& type);
+  void bind_queue(const std::string& queue, const std::string& exchange, const std::string& routing_key = "");
   // Another channel on this connection (2, 3, ...): its own prefetch limit.
   void open_channel(std::uint16_t channel);
   void qos(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
@@ -172,6 +175,10 @@ public:
   void set_max_body(std::uint64_t bytes) { m_max_body = bytes; }
   // queue.declare with nowait: no reply; a refusal closes the channel later.
   void declare_queue_async(const std::string& name, bool durable, bool auto_delete = false);
+  // exchange.declare (durable, no arguments) and queue.bind (routing key "")
+  // with nowait, likewise: restoring a runtime queue the broker deleted.
+  void declare_exchange_async(const std::string& name, const std::string& type);
+  void bind_queue_async(const std::string& queue, const std::string& exchange);
 
   // For simple clients (ping, bench): pumps until `deadline`, returning early
   // once something was queued. Never blocks past the deadline.

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "dispatch/runtime.h"
 #include "util/error.h"
 
 namespace lhpc::autoalloc {
@@ -11,20 +12,35 @@ BrokerProbe::BrokerProbe(amqp::Options broker, std::string queue)
 
 BrokerProbe::~BrokerProbe() = default;
 
-std::optional<QueueLook> BrokerProbe::look() {
+std::optional<QueueLook> BrokerProbe::look() { return look_at(m_queue, false); }
+
+std::optional<QueueLook> BrokerProbe::look_runtime(const std::string& runtime) {
+  return look_at(dispatch::runtime_queue(m_queue, runtime), true);
+}
+
+std::optional<QueueLook> BrokerProbe::look_at(const std::string& queue, bool runtime) {
   try {
     if (!m_conn) {
       m_conn = std::make_unique<amqp::Connection>(m_broker);
+      m_declared.clear();
     }
     ++m_queries;
-    auto info = m_conn->queue_info(m_queue);
+    if (runtime && !m_declared.contains(queue)) {
+      // As a deployment of that runtime declares them (worker/broker.cc).
+      auto exchange = dispatch::runtimes_exchange(m_queue);
+      m_conn->declare_exchange(exchange, "fanout");
+      m_conn->declare_queue(queue, true);
+      m_conn->bind_queue(queue, exchange);
+      m_declared.insert(queue);
+    }
+    auto info = m_conn->queue_info(queue);
     if (!info) {
       return QueueLook{};  // no queue yet: nothing published (the connection stays)
     }
     return QueueLook{info->messages, static_cast<int>(info->consumers)};
   } catch (const Error& e) {
     m_conn.reset();
-    spdlog::warn("cannot ask the broker for queue '{}': {}", m_queue, e.what());
+    spdlog::warn("cannot ask the broker for queue '{}': {}", queue, e.what());
     return std::nullopt;
   }
 }

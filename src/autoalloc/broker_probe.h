@@ -1,8 +1,10 @@
 // The QueueProbe port (ports.h) on the broker: a passive declare of the task
-// queue on one long-lived connection, made again after any failure.
+// queue and of runtime queues on one long-lived connection, made again after
+// any failure; a runtime queue is declared and bound once per connection.
 #pragma once
 
 #include <memory>
+#include <set>
 #include <string>
 
 #include "amqp/connection.h"
@@ -15,12 +17,15 @@ public:
   BrokerProbe(amqp::Options broker, std::string queue);
   ~BrokerProbe() override;
   std::optional<QueueLook> look() override;
+  std::optional<QueueLook> look_runtime(const std::string& runtime) override;
   unsigned long long queries() const override { return m_queries; }
 
 private:
   amqp::Options m_broker;
   std::string m_queue;
+  std::optional<QueueLook> look_at(const std::string& queue, bool runtime);
   std::unique_ptr<amqp::Connection> m_conn;
+  std::set<std::string> m_declared;  // runtime queues declared and bound on m_conn
   unsigned long long m_queries = 0;
 };
 

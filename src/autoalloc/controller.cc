@@ -15,6 +15,7 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "config/config.h"
 #include "health/report.h"
@@ -31,6 +32,7 @@ using json = nlohmann::ordered_json;
 
 json job_to_json(const JobRecord& r) {
   json j = {{"id", r.id},
+            {"runtime", r.runtime},
             {"nodes", r.nodes},
             {"phase", k_phase_names.text(r.phase)},
             {"submitted", r.submitted},
@@ -47,6 +49,18 @@ json job_to_json(const JobRecord& r) {
             {"done", r.idle.done}};
   j["seconds_left"] = r.seconds_left ? json(*r.seconds_left) : json(nullptr);
   return j;
+}
+
+json runtimes_json(const std::vector<RuntimeDemand>& rts) {
+  json out = json::array();
+  for (const auto& r : rts) {
+    out.push_back({{"runtime", r.runtime},
+                   {"sif", r.sif},
+                   {"image", r.image},
+                   {"ready", r.ready ? json(*r.ready) : json(nullptr)},
+                   {"seen", r.seen}});
+  }
+  return out;
 }
 
 json limits_json(const Limits& l) {
@@ -89,6 +103,7 @@ std::string to_json(const State& s) {
         {"serving_nodes", sp.serving_nodes},
         {"free_slots", sp.free_slots},
         {"busy_slots", sp.busy_slots}}},
+      {"runtimes", runtimes_json(s.runtimes)},
       {"next", s.next},
       {"error", s.error},
       {"last_refusal", s.last_refusal},
@@ -129,6 +144,12 @@ std::string status_line(const State& s, double now) {
       "{} node(s) held, {} serving, {} pending; next: {}",
       who, s.pid, s.host, s.ready ? std::to_string(*s.ready) : "?", s.consumers ? std::to_string(*s.consumers) : "?",
       s.jobs.size(), held, serving, pending, s.next);
+  for (const auto& r : s.runtimes) {
+    if (!r.image) {
+      line += fmt::format("\n  runtime {}: no image at {} ({} task(s) ready): not submitted", r.runtime, r.sif,
+                          r.ready ? std::to_string(*r.ready) : "?");
+    }
+  }
   if (!s.error.empty()) {
     line += "\n  error: " + s.error;
   }
@@ -170,6 +191,22 @@ Controller::Controller(Settings s, Ports p) : m_s(std::move(s)), m_p(std::move(p
   m_state.host = config::short_hostname();
   m_state.started = now();
   m_state.limits = m_s.limits;
+  take_runtimes();
+}
+
+void Controller::take_runtimes() {
+  auto rts = m_s.runtimes.empty() ? std::vector<RuntimeImage>{{"", m_s.sif}} : m_s.runtimes;
+  m_state.runtimes.clear();
+  for (const auto& r : rts) {
+    m_state.runtimes.push_back({r.runtime, r.sif});
+  }
+  // Jobs of a runtime no longer served (another configuration before a
+  // restart) are the first runtime's: retired when idle like any other.
+  for (auto& j : m_state.jobs) {
+    if (std::none_of(rts.begin(), rts.end(), [&](const RuntimeImage& r) { return r.runtime == j.runtime; })) {
+      j.runtime = rts.front().runtime;
+    }
+  }
 }
 
 Controller::~Controller() = default;
@@ -196,6 +233,7 @@ void Controller::adopt() {
       spdlog::warn("adopting job {}: it carries this controller's name ({}) but was not in its state", id, job_name());
       JobRecord r;
       r.id = id;
+      r.runtime = m_state.runtimes.front().runtime;  // the name does not say which
       r.nodes = m_s.limits.nodes_per_job;
       r.submitted = now();
       m_state.jobs.push_back(r);
@@ -281,6 +319,38 @@ void Controller::observe_queue(double now) {
     m_state.demand_seen = now;
   }
 }
+void Controller::observe_runtimes(double now) {
+  for (std::size_t i = 0; i < m_state.runtimes.size(); ++i) {
+    auto& rt = m_state.runtimes[i];
+    // A named runtime's image is looked for; one image given alone (no
+    // runtime) is the template's to check, as before runtimes.
+    rt.image = rt.runtime.empty() || (m_p.image_exists ? m_p.image_exists(rt.sif) : path_exists(rt.sif));
+    std::optional<std::uint64_t> task_queue = i == 0 ? m_state.ready : std::optional<std::uint64_t>(0);
+    if (rt.runtime.empty()) {
+      rt.ready = task_queue;  // one runtime, the image's: the task queue is all of its demand
+    } else {
+      auto look = m_p.queue->look_runtime(rt.runtime);
+      rt.ready = look && task_queue ? std::optional<std::uint64_t>(look->ready + *task_queue) : std::nullopt;
+    }
+    if (rt.ready && *rt.ready > 0) {
+      rt.seen = now;
+      if (!rt.image) {
+        spdlog::warn("runtime {}: {} task(s) ready but no image at {}: not submitted", rt.runtime, *rt.ready, rt.sif);
+      }
+    }
+  }
+  // Tasks running count as demand too: a stream that the prefetch empties at
+  // once leaves no ready message, and a pending successor is still needed.
+  for (const auto& r : m_state.jobs) {
+    if (r.slots_busy > 0) {
+      m_state.demand_seen = now;
+      for (auto& rt : m_state.runtimes) {
+        rt.seen = rt.runtime == r.runtime ? now : rt.seen;
+      }
+    }
+  }
+}
+
 void Controller::account_ended(JobRecord& r) {
   if (r.ever_serving) {
     spdlog::info("job {} ended", r.id);
@@ -325,17 +395,21 @@ void Controller::lift_halt_after_cooloff(double now) {
   }
 }
 
-Snapshot Controller::snapshot(double now) const {
+Snapshot Controller::snapshot(double now, const RuntimeDemand* rt) const {
   Snapshot s;
   s.now = now;
-  s.ready = m_state.ready;
+  s.ready = rt ? rt->ready : m_state.ready;
   s.consumers = m_state.consumers;
-  s.demand_idle_for = m_state.demand_seen > 0 ? now - m_state.demand_seen : now - m_state.started;
+  double seen = rt ? rt->seen : m_state.demand_seen;
+  s.demand_idle_for = seen > 0 ? now - seen : now - m_state.started;
   s.default_slots_per_node = m_s.default_slots;
   s.backoff_until = m_state.backoff_until;
   s.halted = m_state.start_failures.halted;
   s.learned_slots_per_node = m_state.slots_per_node;
   for (const auto& r : m_state.jobs) {
+    if (rt && r.runtime != rt->runtime) {
+      continue;
+    }
     JobSnapshot j{r.id, r.phase, r.nodes, r.ready_ranks, r.slots_total, r.slots_busy, r.seconds_left};
     j.idle_for = r.idle.started ? now - r.idle.since : 0;
     j.stop_requested = r.stop_requested;
@@ -345,8 +419,56 @@ Snapshot Controller::snapshot(double now) const {
   return s;
 }
 
-void Controller::submit(const Action& a, double now) {
-  Submission req{m_s.sif, a.nodes, job_name(), m_dir + "/out", m_s.config_path};
+Limits Controller::limits_left_for(const std::string& runtime, bool first) const {
+  Limits l = m_s.limits;
+  for (const auto& r : m_state.jobs) {
+    if (r.runtime == runtime || r.phase == Phase::ended) {
+      continue;
+    }
+    l.max_nodes -= r.nodes;
+    l.max_pending -= r.phase == Phase::pending ? 1 : 0;
+  }
+  if (!first) {
+    l.min_nodes = 0;  // kept warm for the first runtime only
+  }
+  return l;
+}
+
+std::string Controller::decide_per_runtime(double now) {
+  auto held = [&](const std::string& runtime) {
+    int n = 0;
+    for (const auto& r : m_state.jobs) {
+      n += r.runtime == runtime && r.phase != Phase::ended ? r.nodes : 0;
+    }
+    return n;
+  };
+  std::vector<std::size_t> order(m_state.runtimes.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return held(m_state.runtimes[a].runtime) < held(m_state.runtimes[b].runtime);
+  });
+  std::string next;
+  for (auto i : order) {
+    const RuntimeDemand rt = m_state.runtimes[i];  // a copy: submit() adds jobs
+    auto d = decide(snapshot(now, &rt), limits_left_for(rt.runtime, i == 0));
+    std::string says = d.next;
+    for (const auto& a : d.actions) {
+      if (a.kind == ActionKind::submit && !rt.image) {
+        says = fmt::format("not submitting: no image at {} (wanted: {})", rt.sif, a.why);
+        continue;
+      }
+      carry_out(a, now, rt);
+    }
+    if (m_state.runtimes.size() > 1) {
+      says = "runtime " + rt.runtime + ": " + says;
+    }
+    next += (next.empty() ? "" : "; ") + says;
+  }
+  return next;
+}
+
+void Controller::submit(const Action& a, double now, const RuntimeDemand& rt) {
+  Submission req{rt.sif, a.nodes, job_name(), m_dir + "/out", m_s.config_path, rt.runtime};
   req.gpus_per_slot = m_s.gpus_per_slot;
   req.gpu_slots = m_s.default_slots;
   req.gpu_vendor = m_s.gpu_vendor;
@@ -371,6 +493,7 @@ void Controller::submit(const Action& a, double now) {
   }
   JobRecord r;
   r.id = *res.job;
+  r.runtime = rt.runtime;
   r.nodes = a.nodes;
   r.submitted = now;
   r.out = res.output;
@@ -381,13 +504,14 @@ void Controller::submit(const Action& a, double now) {
       old.renewed = true;
     }
   }
-  spdlog::info("submitted job {} (-N {} --time={}): {}", r.id, a.nodes, m_s.time_limit, a.why);
+  spdlog::info("submitted job {} (-N {} --time={}{}): {}", r.id, a.nodes, m_s.time_limit,
+               rt.runtime.empty() ? "" : ", runtime " + rt.runtime, a.why);
 }
 
-void Controller::carry_out(const Action& a, double now) {
+void Controller::carry_out(const Action& a, double now, const RuntimeDemand& rt) {
   if (a.kind == ActionKind::submit) {
     save();  // counters first: a kill during sbatch is found by name, not by the state
-    submit(a, now);
+    submit(a, now, rt);
     return;
   }
   for (auto& r : m_state.jobs) {
@@ -418,23 +542,14 @@ void Controller::poll() {
   }
   std::erase_if(m_state.jobs, [](const JobRecord& r) { return r.phase == Phase::ended; });
   observe_queue(now);
-  // Tasks running count as demand too: a stream that the prefetch empties at
-  // once leaves no ready message, and a pending successor is still needed.
-  for (const auto& r : m_state.jobs) {
-    if (r.slots_busy > 0) {
-      m_state.demand_seen = now;
-    }
-  }
+  observe_runtimes(now);
   lift_halt_after_cooloff(now);
-  auto snap = snapshot(now);
+  auto snap = snapshot(now, nullptr);
   if (std::any_of(snap.jobs.begin(), snap.jobs.end(), [](const JobSnapshot& j) { return j.phase == Phase::serving; })) {
     m_state.slots_per_node = supply_of(snap).slots_per_node;  // remembered across scale to zero and restarts
   }
-  auto d = decide(snap, m_s.limits);
-  for (const auto& a : d.actions) {
-    carry_out(a, now);
-  }
-  m_state.next = m_state.start_failures.halted ? "halted: " + m_state.error : d.next;
+  auto next = decide_per_runtime(now);
+  m_state.next = m_state.start_failures.halted ? "halted: " + m_state.error : next;
   save();
 }
 

@@ -9,6 +9,7 @@
 // shows as the controller's line. Nothing here talks to Slurm or the broker.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -23,9 +24,16 @@
 
 namespace lhpc::autoalloc {
 
+// A Lithops runtime the controller serves and the image its deployments run.
+struct RuntimeImage {
+  std::string runtime;  // empty: the image's own (one runtime, --sif)
+  std::string sif;      // <sif_path>/<runtime>.sif, or --sif
+};
+
 struct Settings {
-  Limits limits;
-  std::string sif;                     // first argument of the template
+  Limits limits;                       // --max-nodes and --max-pending shared by every runtime
+  std::string sif;                     // the image when `runtimes` is empty: one runtime, the image's
+  std::vector<RuntimeImage> runtimes;  // the first's demand includes the task queue's ready messages
   std::string script;                  // the sbatch template
   std::string time_limit = "1:00:00";  // sbatch --time
   double poll = 10;                    // seconds between looks
@@ -42,6 +50,7 @@ struct Settings {
 // One job this controller submitted (or adopted), as kept across restarts.
 struct JobRecord {
   std::string id;
+  std::string runtime;  // the runtime it serves (Settings::runtimes); adopted by name: the first
   int nodes = 0;
   double submitted = 0;
   std::string out;     // the batch output file
@@ -56,8 +65,20 @@ struct JobRecord {
   IdleClock idle;
 };
 
+// One runtime's demand as last seen: its queue plus, for the first runtime,
+// what waits in the task queue; a runtime whose image is missing is never
+// submitted, only reported (status line, state.json).
+struct RuntimeDemand {
+  std::string runtime;
+  std::string sif;
+  bool image = true;  // its file exists
+  std::optional<std::uint64_t> ready;
+  double seen = 0;  // last time it had ready messages
+};
+
 struct State {
   std::vector<JobRecord> jobs;
+  std::vector<RuntimeDemand> runtimes;
   int refused_in_row = 0;
   double backoff_until = 0;
   std::string last_refusal;      // sbatch's own message
@@ -101,6 +122,7 @@ struct Ports {
   std::unique_ptr<QueueProbe> queue;
   std::unique_ptr<DeploymentProbe> deployments;
   std::function<double()> clock;
+  std::function<bool(const std::string&)> image_exists;  // empty: the file exists (util/fs)
 };
 
 // While nothing is held nor pending, the queue is looked at this often
@@ -144,9 +166,16 @@ private:
   void account_ended(JobRecord& r);
   void account_served(JobRecord& r);
   void lift_halt_after_cooloff(double now);
-  Snapshot snapshot(double now) const;
-  void carry_out(const Action& a, double now);
-  void submit(const Action& a, double now);
+  void observe_runtimes(double now);
+  // rt: that runtime's demand and jobs; null: every job, the task queue.
+  Snapshot snapshot(double now, const RuntimeDemand* rt) const;
+  void take_runtimes();
+  // decide() for each runtime in turn, fewest nodes held first, with the
+  // limits left by the others; returns the status line's next action.
+  std::string decide_per_runtime(double now);
+  Limits limits_left_for(const std::string& runtime, bool first) const;
+  void carry_out(const Action& a, double now, const RuntimeDemand& rt);
+  void submit(const Action& a, double now, const RuntimeDemand& rt);
   void save();
 
   Settings m_s;

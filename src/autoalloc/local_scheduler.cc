@@ -138,6 +138,9 @@ std::vector<std::string> local_argv(const LocalOptions& o, const Submission& s) 
   if (!s.sif.empty()) {
     argv.insert(argv.end(), {"--sif", s.sif});
   }
+  if (!s.runtime.empty()) {
+    argv.insert(argv.end(), {"--runtime", s.runtime});
+  }
   // The image is a file of this machine already: nothing to copy, nothing to clean up.
   argv.insert(argv.end(), {"--transfer", "none"});
   return argv;

@@ -6,7 +6,8 @@
 //    on this machine) can implement the same calls: a job id it makes up, a
 //    process group it signals, an output file in the directory it is given.
 //  - QueueProbe: the demand (ready messages, consumers) of the task queue
-//    (broker_probe.*: a passive declare).
+//    and of each runtime's queue (broker_probe.*: a passive declare; a
+//    runtime queue is declared and bound first, as deployments do).
 //  - DeploymentProbe: what a deployment reports about itself and how it is
 //    asked to drain (status_probe.*: its status file and stop request under
 //    the state directory, the same whichever scheduler started it).
@@ -42,6 +43,7 @@ struct Submission {
   std::string job_name;
   std::string output_dir;   // where the deployment's output file goes
   std::string config_path;  // LITHOPS_HPC_CONFIG of the deployment; empty: its own lookup
+  std::string runtime;      // the Lithops runtime it serves (deploy --runtime); empty: the image's
   // A GPU runtime (gpus_per_slot > 0): each node is asked for gpu_slots
   // slots of gpus_per_slot GPUs (gpu::sbatch_request), and the deployment is
   // told it serves a GPU runtime.
@@ -89,6 +91,11 @@ public:
   // nullopt: the broker could not be asked (logged). A queue that does not
   // exist yet is {0, 0}: nothing was published.
   virtual std::optional<QueueLook> look() = 0;
+  // A runtime's queue (dispatch/runtime.h). It is declared (durable) and
+  // bound to the runtimes' fanout exchange first, as its deployments do:
+  // what other runtimes' deployments move there, get_metadata included,
+  // waits in it before that runtime has a deployment. nullopt: not asked.
+  virtual std::optional<QueueLook> look_runtime(const std::string& runtime) = 0;
   virtual unsigned long long queries() const = 0;
 };
 

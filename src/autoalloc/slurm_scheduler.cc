@@ -168,6 +168,9 @@ std::vector<std::string> sbatch_argv(const SlurmOptions& o, const Submission& s)
   // Images are removed when the deployment ends, as `cleanup` does: a
   // retired deployment leaves nothing on its nodes.
   argv.push_back("--cleanup");
+  if (!s.runtime.empty()) {
+    argv.insert(argv.end(), {"--runtime", s.runtime});
+  }
   return argv;
 }
 

@@ -101,6 +101,7 @@ JobRecord job_from_json(const json& j, const std::string& where, const std::stri
   r.phase = k_phase_names.parse(f.text("phase", "pending")).value_or(Phase::pending);
   r.submitted = f.real("submitted", 0.0);
   r.out = f.text("out", "");
+  r.runtime = f.text("runtime", "");
   r.renews = f.text("renews", "");
   r.ever_serving = f.flag("ever_serving", false);
   r.renewed = f.flag("renewed", false);

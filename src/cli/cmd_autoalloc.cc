@@ -26,6 +26,7 @@ struct AutoallocArgs {
   bool drain_on_exit = false;
   bool local = false;
   std::vector<std::string> sbatch_args;
+  std::vector<std::string> runtimes;  // --runtime, repeatable
   GpuFlags gpu;
 };
 
@@ -59,9 +60,10 @@ void check(const autoalloc::Settings& s, bool local) {
   if (l.min_nodes > l.max_nodes) {
     throw Error(Exit::usage, "--min-nodes is above --max-nodes", "--min-nodes must fit within --max-nodes");
   }
-  if (s.sif.empty() && !std::getenv("LITHOPS_SIF")) {
+  if (s.runtimes.empty() && s.sif.empty()) {
     throw Error(Exit::usage, "no image for the deployments",
-                "give --sif PATH, autoalloc.sif in the configuration, or set LITHOPS_SIF");
+                "give --sif PATH, autoalloc.sif in the configuration, set LITHOPS_SIF, or name the runtime "
+                "(singularity.runtime in the Lithops config, or --runtime) so the image is <sif_path>/<runtime>.sif");
   }
   if (local) {
     return;  // no template, no time limit: a local deployment runs until it is stopped
@@ -82,6 +84,41 @@ void check(const autoalloc::Settings& s, bool local) {
   }
 }
 
+// The runtimes served and their images: the first is the one an explicit
+// image serves (--sif, autoalloc.sif, $LITHOPS_SIF) or singularity.runtime
+// (as deploy finds it); then autoalloc.runtimes and --runtime, each
+// <sif_path>/<runtime>.sif. Whether each image exists is the controller's
+// question at every poll: one that appears later is served from then on.
+std::vector<autoalloc::RuntimeImage> runtimes_from(const config::Config& cfg, const std::string& sif,
+                                                   const std::vector<std::string>& more) {
+  std::vector<autoalloc::RuntimeImage> out;
+  auto add = [&](const std::string& runtime, const std::string& image) {
+    for (const auto& r : out) {
+      if (r.runtime == runtime) {
+        return;
+      }
+    }
+    out.push_back({runtime, image});
+  };
+  auto image_of = [&](const std::string& runtime) {
+    auto c = cfg;
+    c.singularity.runtime = runtime;
+    return config::image_path(c);
+  };
+  if (!sif.empty()) {
+    add(config::served_runtime(cfg, sif), sif);
+  } else if (!cfg.singularity.runtime.empty()) {
+    add(cfg.singularity.runtime, image_of(cfg.singularity.runtime));
+  }
+  for (const auto& r : more) {
+    add(r, image_of(r));
+  }
+  if (out.size() == 1 && out[0].runtime.empty()) {
+    out.clear();  // one image that names no runtime: Settings::sif alone, as before runtimes
+  }
+  return out;
+}
+
 autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, const AutoallocArgs& a) {
   auto c = cfg.autoalloc;
   take(c.sif, a.sif, std::string());
@@ -95,10 +132,15 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   take(c.idle_timeout, a.idle_timeout, -1.0);
   take(c.renew_before, a.renew_before, -1.0);
   take(c.poll, a.poll, -1.0);
+  c.runtimes.insert(c.runtimes.end(), a.runtimes.begin(), a.runtimes.end());
+  if (c.sif.empty() && std::getenv("LITHOPS_SIF")) {
+    c.sif = std::getenv("LITHOPS_SIF");
+  }
   autoalloc::Settings s;
   s.limits = {c.max_nodes,    c.nodes_per_job, c.max_pending,       c.min_nodes,
               c.idle_timeout, c.renew_before,  c.max_start_failures};
   s.sif = c.sif.empty() ? c.sif : absolute(c.sif);
+  s.runtimes = runtimes_from(cfg, s.sif, c.runtimes);
   s.script = c.script.empty() ? default_script() : absolute(c.script);
   s.time_limit = c.time_limit;
   s.poll = c.poll;
@@ -148,7 +190,14 @@ void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actio
   auto a = std::make_shared<AutoallocArgs>();
   auto* c = parent.add_subcommand(
       "autoalloc", "submit, renew and retire Slurm deployments as the queue needs them (runs in the foreground)");
-  c->add_option("--sif", a->sif, "image every deployment serves (autoalloc.sif, else $LITHOPS_SIF)")->type_name("PATH");
+  c->add_option("--sif", a->sif,
+                "image of the first runtime's deployments (autoalloc.sif, else $LITHOPS_SIF, else "
+                "<sif_path>/<runtime>.sif of singularity.runtime)")
+      ->type_name("PATH");
+  c->add_option("--runtime", a->runtimes,
+                "another runtime to serve, by <sif_path>/NAME.sif; repeatable (autoalloc.runtimes)")
+      ->check(choice(config::runtime_name_error))
+      ->type_name("NAME");
   c->add_option("--script", a->script, "sbatch template (default: the installed lithops-deploy.sh)")->type_name("PATH");
   add_limits(c, *a);
   c->add_option("--time-limit", a->time_limit, "sbatch --time of each job (default 1:00:00)")->type_name("SLURM_TIME");

@@ -65,8 +65,15 @@ Exit check(const Globals& g, bool all) {
     }
   };
 
-  if (!c.singularity.runtime.empty() && c.singularity.engine != config::Engine::host) {
+  // The runtime a deployment with this configuration serves (RUNTIMES in lithops-hpc(1)).
+  if (c.singularity.runtime.empty()) {
+    std::cout << "runtime: not set: a deployment serves the runtime its --sif image is named after "
+                 "(the host engine without an image: every runtime)\n";
+  } else if (c.singularity.engine == config::Engine::host) {
+    std::cout << "runtime: " << c.singularity.runtime << " (host engine: no image)\n";
+  } else {
     auto image = config::image_path(loaded);
+    std::cout << "runtime: " << c.singularity.runtime << ", image " << image << "\n";
     std::cout << "image: " << image << (path_exists(image) ? "" : " (not found on this machine)") << "\n";
   }
   std::cout << "engine: " << config::k_engine_names.text(c.singularity.engine) << ": ";

@@ -9,7 +9,7 @@ namespace lhpc::cli {
 namespace {
 
 struct DeployArgs {
-  std::string sif, transfer, mode, engine, sif_path, status_file, logs_dir;
+  std::string sif, transfer, mode, engine, sif_path, status_file, logs_dir, runtime;
   int slots = -1;
   double interval = -1;
   bool cleanup = false;
@@ -45,6 +45,9 @@ Exit run_deploy(const Globals& g, const DeployArgs& a) {
   }
   o.cleanup = a.cleanup;
   auto cfg = load_config(g);
+  if (!a.runtime.empty()) {
+    cfg.singularity.runtime = a.runtime;  // also names the image when no --sif is given
+  }
   apply_gpu_flags(a.gpu, cfg);
   if (o.sif.empty() && o.engine.value_or(cfg.singularity.engine) != config::Engine::host) {
     auto named = cfg;
@@ -53,6 +56,8 @@ Exit run_deploy(const Globals& g, const DeployArgs& a) {
     }
     o.sif = config::image_path(named);  // <sif_path>/<runtime>.sif, as Lithops names it
   }
+  // Every rank resolves it alike, from the same flags, files and image path.
+  cfg.singularity.runtime = config::served_runtime(cfg, o.sif);
   return deploy::run(cfg, o);
 }
 
@@ -66,6 +71,11 @@ void register_deploy(CLI::App& parent, Globals& g, std::vector<Action>& actions)
        "--sif", a->sif,
        "the runtime image, as rank 0 sees it (default: <sif_path>/<runtime>.sif; not needed with the host engine)")
       ->type_name("PATH");
+  d->add_option("--runtime", a->runtime,
+                "the Lithops runtime this deployment serves, and the image <sif_path>/NAME.sif when no --sif is "
+                "given (singularity.runtime; default: the image's name without .sif)")
+      ->check(choice(config::runtime_name_error))
+      ->type_name("NAME");
   d->add_option("--transfer", a->transfer, "how the image reaches the nodes: mpi, sbcast or none (deploy.transfer)")
       ->check(choice(config::k_transfer_names))
       ->type_name("HOW");

@@ -24,6 +24,7 @@ struct WorkerOpts {
   std::string sif;
   std::string mode;
   std::string engine;
+  std::string runtime;
   int slots = 0;
   GpuFlags gpu;
 };
@@ -43,6 +44,9 @@ Exit run_worker(const Globals& g, const WorkerOpts& o) {
   // Signals first: one arriving while the instance starts is kept for the loop.
   SignalPipe signals{SIGINT, SIGTERM};
   auto loaded = load_config(g);  // image_path expands placeholders itself
+  if (!o.runtime.empty()) {
+    loaded.singularity.runtime = o.runtime;  // also names the image when no --sif is given
+  }
   auto cfg = config::expanded(loaded, config::current_placeholders());
   // The flags' checks (cli::choice) already refused a bad value.
   if (!o.mode.empty()) {
@@ -65,6 +69,7 @@ Exit run_worker(const Globals& g, const WorkerOpts& o) {
     }
   }
   config::require_amqp_url(cfg);
+  cfg.singularity.runtime = config::served_runtime(cfg, sif);
   // It names the instance, the handler log's place and the in-flight record:
   // checked as deploy checks it, before any of them is made.
   health::check_job_id(config::current_placeholders().jobid);
@@ -91,6 +96,11 @@ void register_worker(CLI::App& parent, Globals& g, std::vector<Action>& actions)
   w->add_option("--mode", o->mode, "dispatch (default) or runscript (deploy.mode)")
       ->check(choice(config::k_mode_names))
       ->type_name("MODE");
+  w->add_option("--runtime", o->runtime,
+                "the Lithops runtime this worker serves, and the image <sif_path>/NAME.sif when no --sif is given "
+                "(singularity.runtime; default: the image's name without .sif)")
+      ->check(choice(config::runtime_name_error))
+      ->type_name("NAME");
   w->add_option("--slots", o->slots,
                 "tasks at once (default: singularity.worker_processes, else the cores; a GPU runtime: its GPU slots, "
                 "which this may lower)")

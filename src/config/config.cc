@@ -156,12 +156,15 @@ Key string_key(std::string_view name, T Config::*section, std::string T::*field,
           [=](const Config& c) { return toml_quote((c.*section).*field); }};
 }
 template <typename T>
-Key strings_key(std::string_view name, T Config::*section, std::vector<std::string> T::*field) {
+Key strings_key(std::string_view name, T Config::*section, std::vector<std::string> T::*field, Check check = {}) {
   return {name, Kind::string_array,
-          [=](Config& c, const toml::node& n, const std::string&, const std::string&) {
+          [=](Config& c, const toml::node& n, const std::string& full, const std::string& src) {
             auto& to = (c.*section).*field;
             to.clear();
             for (const auto& e : *n.as_array()) {
+              if (check) {
+                check(str(e), e, full, src);
+              }
               to.push_back(str(e));
             }
           },
@@ -318,6 +321,7 @@ Section autoalloc_keys() {
               int_key("max_start_failures", sec, &A::max_start_failures, 1, 1000),
               bool_key("drain_on_exit", sec, &A::drain_on_exit),
               strings_key("sbatch_args", sec, &A::sbatch_args),
+              strings_key("runtimes", sec, &A::runtimes, check_runtime),
           }};
 }
 
@@ -757,6 +761,8 @@ std::optional<std::string> runtime_name_problem(const std::string& name) {
   return std::nullopt;
 }
 
+std::string runtime_name_error(const std::string& name) { return runtime_name_problem(name).value_or(""); }
+
 std::string image_path(const Config& cfg, const Placeholders& ph) {
   const auto& rt = cfg.singularity.runtime;
   if (rt.empty()) {
@@ -772,6 +778,19 @@ std::string image_path(const Config& cfg, const Placeholders& ph) {
 }
 
 std::string image_path(const Config& cfg) { return image_path(cfg, current_placeholders()); }
+
+std::string served_runtime(const Config& cfg, const std::string& image) {
+  if (!cfg.singularity.runtime.empty()) {
+    return cfg.singularity.runtime;
+  }
+  auto slash = image.rfind('/');
+  std::string name = slash == std::string::npos ? image : image.substr(slash + 1);
+  if (!name.ends_with(".sif")) {
+    return {};
+  }
+  name.resize(name.size() - 4);
+  return runtime_name_problem(name) ? std::string() : name;
+}
 
 namespace {
 bool is_loopback(const std::string& host) {

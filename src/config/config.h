@@ -107,6 +107,8 @@ struct Autoalloc {
   int max_start_failures = 3;
   bool drain_on_exit = false;
   std::vector<std::string> sbatch_args;  // e.g. ["--partition=compute", "--account=P"]
+  // Runtimes served besides singularity.runtime, each by <sif_path>/<name>.sif.
+  std::vector<std::string> runtimes;
 };
 
 // Where an effective value came from (`config check` prints it). Precedence,
@@ -205,9 +207,18 @@ Config expanded(const Config& cfg, const Placeholders& ph);
 std::string image_path(const Config& cfg, const Placeholders& ph);
 std::string image_path(const Config& cfg);  // with current_placeholders()
 
+// The Lithops runtime a deployment of `image` serves (its tasks and
+// get_metadata, never another's): singularity.runtime when set (--runtime,
+// TOML, then the Lithops config), else the image's file name without .sif
+// when that is a valid runtime name; empty (every runtime) otherwise, which
+// only the host engine without a runtime gives.
+std::string served_runtime(const Config& cfg, const std::string& image);
+
 // Runtime names are file names: 1 to 200 of [A-Za-z0-9._+-], starting with a
 // letter or digit, without .sif. Empty optional when fine, else what is wrong.
 std::optional<std::string> runtime_name_problem(const std::string& name);
+// The same for a flag's check (cli::choice): empty when valid.
+std::string runtime_name_error(const std::string& name);
 
 struct AmqpUrl {
   bool tls = false;

@@ -320,10 +320,13 @@ void RankRun::configure(const config::Config& cfg_in) {
                                                                               .interval = m_cfg.health.interval,
                                                                               .status_file = m_cfg.health.status_file,
                                                                               .node = m_ph.node,
+                                                                              .runtime = m_cfg.singularity.runtime,
                                                                               .keep_ended = m_cfg.health.keep_ended});
   if (m_rank == 0) {
-    spdlog::info("deploying job {} on {} rank(s), {} node(s); status: {}", m_ph.jobid, m_size,
-                 std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(), m_health->location().status);
+    spdlog::info("deploying job {} on {} rank(s), {} node(s), runtime {}; status: {}", m_ph.jobid, m_size,
+                 std::set<std::string>(m_nodes.begin(), m_nodes.end()).size(),
+                 m_cfg.singularity.runtime.empty() ? "any (none set)" : m_cfg.singularity.runtime,
+                 m_health->location().status);
   }
   report(health::State::staging, "");
 }
@@ -529,7 +532,7 @@ bool RankRun::serve() {
   }
   m_next_report = Clock::now();  // "ready" (or "failed") at once
   auto mono = [] { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); };
-  health::Progress progress(m_rank == 0 ? m_cfg.logs.progress_interval : 0, mono());
+  health::Progress progress(m_rank == 0 ? m_cfg.logs.progress_interval : 0, mono(), m_cfg.singularity.runtime);
   while (true) {
     if (started && !worker.finished()) {
       worker.step(std::chrono::milliseconds(100));

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <ctime>
 
+#include "config/config.h"
+#include "dispatch/runtime.h"
 #include "util/json_number.h"
 #include "util/strings.h"
 
@@ -17,6 +19,7 @@ Dispatcher::Dispatcher(DispatcherOptions opts, BrokerPort& broker, HandlerPort& 
       m_record(record),
       m_slots(static_cast<std::size_t>(std::max(1, m_opts.slots)) + 1) {
   m_opts.slots = std::max(1, m_opts.slots);
+  m_slot_cap = m_opts.slots;
 }
 
 Dispatcher::Message* Dispatcher::find(std::uint64_t id) {
@@ -26,12 +29,15 @@ Dispatcher::Message* Dispatcher::find(std::uint64_t id) {
 
 int Dispatcher::free_slots() const {
   int n = 0;
+  int taken = 0;
   for (int i = 0; i < m_opts.slots; ++i) {
-    if (m_slots[i].ready && m_slots[i].reserved_for == 0) {
+    if (m_slots[i].reserved_for != 0) {
+      ++taken;
+    } else if (m_slots[i].ready) {
       ++n;
     }
   }
-  return n;
+  return std::max(0, std::min(n, m_slot_cap - taken));
 }
 
 int Dispatcher::busy_slots() const {
@@ -52,7 +58,7 @@ int Dispatcher::desired_prefetch() const {
   // comes after it until a slot frees.
   int held = 0;
   for (const auto& [id, m] : m_msgs) {
-    bool holds = m.kind != Kind::task || m.holds_slots;  // control, and malformed until dead-lettered
+    bool holds = m.kind != Kind::task || m.holds_slots;  // control, moved, malformed until confirmed
     held += (holds && !m.orphan && !m.no_ack) ? 1 : 0;
   }
   return prefetch_for(free_slots(), held);
@@ -97,6 +103,7 @@ void Dispatcher::on_disconnected() {
   m_connected = false;
   m_prefetch = 0;
   m_pending.clear();  // sequence numbers of a dead channel mean nothing now
+  m_declared.clear();
   m_waiting.clear();
   std::vector<std::uint64_t> gone(m_control_todo.begin(), m_control_todo.end());  // never sent
   m_control_todo.clear();
@@ -228,6 +235,10 @@ void Dispatcher::accept(Message&& m) {
   }
   auto& task = std::get<Task>(decoded);
   m.action = task.action;
+  if (auto away = elsewhere(m, task)) {
+    move_away(std::move(m), *away);
+    return;
+  }
   auto id = m.id;
   if (m.action != Action::send_task) {
     m.payload = std::move(task.payload);
@@ -241,6 +252,9 @@ void Dispatcher::accept(Message&& m) {
     update_prefetch();  // held now: the reserve is free again, and no free slot's place is taken
     return;
   }
+  if (!fits_memory(m, task.payload)) {
+    return;
+  }
   m.calls = Calls(std::move(task.payload));
   m.kind = Kind::task;
   m.phase = Phase::waiting;
@@ -248,6 +262,101 @@ void Dispatcher::accept(Message&& m) {
   m_msgs.emplace(id, std::move(m));
   m_waiting.push_back(id);
   schedule();
+}
+
+std::optional<Dispatcher::Away> Dispatcher::elsewhere(const Message& m, const Task& t) const {
+  if (m_opts.runtime.empty() || t.action == Action::ping) {
+    return std::nullopt;
+  }
+  std::string name = json_string(t.payload, "runtime_name");
+  if (name.empty()) {
+    return std::nullopt;  // names no runtime: runs anywhere
+  }
+  if (t.action == Action::get_metadata) {
+    if (metadata_name_is(name, m_opts.runtime)) {
+      return std::nullopt;
+    }
+    // A copy for every runtime already: this one is not ours.
+    if (m.d.exchange == runtimes_exchange(m_opts.queue)) {
+      return Away{Away::To::drop, {}};
+    }
+    return Away{Away::To::fanout, runtimes_exchange(m_opts.queue)};
+  }
+  if (name == m_opts.runtime) {
+    return std::nullopt;
+  }
+  if (auto problem = config::runtime_name_problem(name)) {
+    return Away{Away::To::invalid, *problem};
+  }
+  return Away{Away::To::queue, runtime_queue(m_opts.queue, name)};
+}
+
+void Dispatcher::move_away(Message&& m, const Away& a) {
+  m.kind = Kind::moved;
+  m.phase = Phase::running;
+  auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
+  switch (a.to) {
+    case Away::To::invalid:
+      spdlog::warn("message {} names an invalid runtime ({}): moving it to {}", ref.mid, a.target, dead_queue());
+      dead_letter(ref, ref.d.body, "invalid runtime_name: " + a.target, ref.crashes);
+      break;
+    case Away::To::drop:
+      spdlog::debug("get_metadata {}: a copy for another runtime than {}, dropped", ref.mid, m_opts.runtime);
+      maybe_complete(ref);
+      return;
+    case Away::To::queue:
+    case Away::To::fanout: {
+      amqp::Properties p = ref.d.props;
+      p.delivery_mode = 2;
+      std::uint64_t seq = 0;
+      if (a.to == Away::To::queue) {
+        if (m_declared.insert(a.target).second) {
+          m_broker.declare_queue(a.target);
+        }
+        seq = m_broker.publish(a.target, ref.d.body, p);
+      } else {
+        p.expiration = k_metadata_copy_ttl_ms;  // the client stops waiting about then
+        seq = m_broker.publish_to_exchange(a.target, ref.d.body, p);
+      }
+      spdlog::debug("{} {}: not for runtime {}, moved to {}", to_string(ref.action), ref.mid, m_opts.runtime, a.target);
+      m_pending[seq] = {ref.id, Purpose::move};
+      ++ref.confirms;
+      ++m_counters.moved;
+      break;
+    }
+  }
+  update_prefetch();  // held until confirmed: the reserve is free again
+}
+
+bool Dispatcher::fits_memory(Message& m, const Json& payload) {
+  long long need = json_int(payload, "runtime_memory", 0);
+  int cap = memory_slot_cap(m_opts.slots, m_opts.memory_mb, need);
+  if (cap == 0) {
+    std::string why = "runtime_memory " + std::to_string(need) + " MiB exceeds the " +
+                      std::to_string(m_opts.memory_mb) + " MiB rank " + std::to_string(m_opts.rank) + " on " +
+                      m_opts.node + " has (cgroup limit, Slurm allocation or RAM, shared by its node's ranks)";
+    spdlog::error("message {}: {}: moving it to {}", m.mid, why, dead_queue());
+    m.kind = Kind::malformed;
+    m.phase = Phase::running;
+    auto& ref = m_msgs.emplace(m.id, std::move(m)).first->second;
+    dead_letter(ref, ref.d.body, why, ref.crashes);
+    update_prefetch();
+    return false;
+  }
+  if (cap != m_slot_cap) {
+    spdlog::info("runtime_memory {} MiB: {} of {} slots in use ({} MiB here)", need, cap, m_opts.slots,
+                 m_opts.memory_mb);
+    m_slot_cap = cap;
+  }
+  return true;
+}
+
+std::string Dispatcher::home_queue(const Message& m) const {
+  if (!m_opts.runtime.empty() && m.d.exchange.empty() &&
+      m.d.routing_key == runtime_queue(m_opts.queue, m_opts.runtime)) {
+    return m.d.routing_key;
+  }
+  return m_opts.queue;
 }
 
 void Dispatcher::schedule() {
@@ -289,7 +398,7 @@ void Dispatcher::start_task(Message& m, std::size_t free) {
   m.end = keep;
   if (keep < calls) {
     auto seq =
-        m_broker.publish(m_opts.queue, encode_text(Action::send_task, m.calls.slice(keep, calls)), republish_props(m));
+        m_broker.publish(home_queue(m), encode_text(Action::send_task, m.calls.slice(keep, calls)), republish_props(m));
     m_pending[seq] = {m.id, Purpose::remainder};
     ++m.confirms;
     ++m_counters.splits;
@@ -537,7 +646,7 @@ void Dispatcher::crashed(Message& m, const std::string& call_json, const std::st
     spdlog::warn("handler died running {} (message {}): {}; requeued it", what, m.mid, why);
     auto props = republish_props(m);
     props.headers[k_hdr_crashes] = static_cast<std::int64_t>(crashes);
-    auto seq = m_broker.publish(m_opts.queue, body, props);
+    auto seq = m_broker.publish(home_queue(m), body, props);
     m_pending[seq] = {m.id, Purpose::crash_requeue};
     ++m.confirms;
     ++m_counters.tasks_requeued;
@@ -586,7 +695,7 @@ void Dispatcher::maybe_complete(Message& m) {
       ++m_counters.tasks_requeued;
     } else {
 #if LHPC_TEST_HOOKS
-      if (m_on_ack) {
+      if (m_on_ack && m.kind != Kind::moved) {  // a moved message is acked again where it runs
         m_on_ack(m.d);
       }
 #endif

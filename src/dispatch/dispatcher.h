@@ -44,7 +44,18 @@
 // - when the broker closes the channel because a delivery was not acked
 //   within its consumer_timeout (on_consumer_timeout), the messages running
 //   that long are noted; one redelivered after max_timeouts such closes goes
-//   to <queue>.dead instead of running yet again.
+//   to <queue>.dead instead of running yet again;
+// - a deployment serves one runtime (DispatcherOptions::runtime; runtime.h):
+//   it never runs a send_task nor answers a get_metadata of another. A task
+//   for runtime R is published (persistent, confirmed) to R's durable queue
+//   <queue>.runtime.R, declared first, and acked once the broker confirmed
+//   the copy (a refused copy: the original is requeued, never lost); a
+//   get_metadata that is not its own names no runtime it could read, so it is
+//   published to the fanout exchange <queue>.runtimes, which leaves a copy in
+//   every runtime's queue, and acked likewise; a copy that arrives through
+//   that exchange and is not its own is acked and dropped. Messages that
+//   name no runtime run anywhere. A runtime name that is not a valid one
+//   (config::runtime_name_problem) is dead-lettered.
 #pragma once
 
 #include <chrono>
@@ -53,6 +64,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -73,6 +85,12 @@ public:
   // Through the default exchange; returns the publisher-confirm sequence number.
   virtual std::uint64_t publish(const std::string& routing_key, const std::string& body,
                                 const amqp::Properties& props) = 0;
+  // Through a named exchange (the runtimes' fanout), with the routing key "".
+  virtual std::uint64_t publish_to_exchange(const std::string& exchange, const std::string& body,
+                                            const amqp::Properties& props) = 0;
+  // Declare a durable queue (no arguments) without waiting for the reply:
+  // sent before a publish on the same channel, it takes effect first.
+  virtual void declare_queue(const std::string& name) = 0;
   virtual void set_prefetch(int count) = 0;
   // Start (true) or cancel (false) the slot consumer: the one at the higher
   // x-priority, beside the reserve consumer that always runs.
@@ -100,6 +118,7 @@ struct Counters {
   std::uint64_t pings = 0;              // pings answered
   std::uint64_t duplicates = 0;         // calls finished after their message went back to the broker
   std::uint64_t consumer_timeouts = 0;  // channels the broker closed for an unacked delivery
+  std::uint64_t moved = 0;              // messages moved to another runtime's queue (or its fanout)
 };
 
 struct DispatcherOptions {
@@ -113,6 +132,13 @@ struct DispatcherOptions {
   // This rank's own queue (protocol.h rank_queue), consumed without acks:
   // what arrives through it is never acked, rejected or requeued. Empty: none.
   std::string rank_queue;
+  // The runtime this deployment serves (runtime.h); empty: every runtime.
+  std::string runtime;
+  // The memory this rank has (MiB: its share of util/memory_limit's
+  // job_memory_mb); 0: unknown. A send_task's runtime_memory caps the slots
+  // in use at memory_mb / runtime_memory (the latest task's value); one that
+  // needs more than memory_mb is dead-lettered with the reason.
+  std::uint64_t memory_mb = 0;
 };
 
 class Dispatcher {
@@ -168,13 +194,16 @@ public:
   bool slot_consumer() const { return m_slot_consumer; }
   const Counters& counters() const { return m_counters; }
 #if LHPC_TEST_HOOKS
-  // Called with each message right before it is acked: bench/dispatch.sh's
-  // latency log (LITHOPS_HPC_LATENCY_LOG), in test builds only.
+  // Called with each message that ran here right before it is acked (not
+  // with one moved to another runtime's queue): bench/dispatch.sh's latency
+  // log (LITHOPS_HPC_LATENCY_LOG), in test builds only.
   void set_on_ack(std::function<void(const amqp::Delivery&)> fn) { m_on_ack = std::move(fn); }
 #endif
+  // Slots in use at most (runtime_memory): slots() unless memory caps it.
+  int slot_cap() const { return m_slot_cap; }
 
 private:
-  enum class Kind { task, control, malformed };
+  enum class Kind { task, control, malformed, moved };
   enum class Phase { waiting, confirming, running };
 
   struct Message {
@@ -207,7 +236,12 @@ private:
     std::uint64_t msg;
     std::uint64_t request;
   };
-  enum class Purpose { remainder, crash_requeue, dead_letter };
+  enum class Purpose { remainder, crash_requeue, dead_letter, move };
+  // Where a message that is not this deployment's goes (elsewhere()).
+  struct Away {
+    enum class To { queue, fanout, drop, invalid } to = To::queue;
+    std::string target;  // queue or exchange; for invalid: what is wrong
+  };
   struct PendingConfirm {
     std::uint64_t msg;
     Purpose purpose;
@@ -219,6 +253,12 @@ private:
   void start_calls(Message& m);
   void send_control();
   void accept(Message&& m);
+  std::optional<Away> elsewhere(const Message& m, const Task& t) const;
+  // Applies a send_task's runtime_memory; false when it cannot run on this rank at all.
+  bool fits_memory(Message& m, const Json& payload);
+  void move_away(Message&& m, const Away& a);
+  // The queue a message came from when that is this runtime's; else the task queue.
+  std::string home_queue(const Message& m) const;
   void send_request(int h, std::uint64_t request, Action action, const std::string& payload_json);
   void maybe_complete(Message& m);
   void crashed(Message& m, const std::string& call_json, const std::string& what, const std::string& why);
@@ -243,6 +283,7 @@ private:
   bool m_aborted = false;
   int m_prefetch = 0;
   bool m_slot_consumer = false;
+  int m_slot_cap = 0;
   std::uint64_t m_next_id = 1;
   std::uint64_t m_next_request = 1;
   std::map<std::uint64_t, Message> m_msgs;
@@ -251,6 +292,7 @@ private:
   std::deque<std::uint64_t> m_control_todo;           // control messages not yet sent
   std::deque<ControlRequest> m_control_out;           // sent to the control handler, in order
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
+  std::set<std::string> m_declared;                   // runtime queues declared on this connection
   Counters m_counters;
   std::map<std::size_t, int> m_timeouts;  // body hash -> consumer timeouts while it ran here
 #if LHPC_TEST_HOOKS

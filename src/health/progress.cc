@@ -4,13 +4,14 @@
 
 namespace lhpc::health {
 
-std::string progress_line(const Summary& s, double per_second) {
+std::string progress_line(const Summary& s, double per_second, const std::string& runtime) {
   std::string line =
       fmt::format("progress: tasks {} done, {} failed, {:.1f}/s; slots {}/{} busy; ranks {}/{} ready", s.done, s.failed,
                   per_second < 0 ? 0.0 : per_second, s.slots_busy, s.slots_total, s.ready, s.ranks);
   if (s.unresponsive > 0) {
     line += fmt::format(", {} unresponsive", s.unresponsive);
   }
+  line += runtime.empty() ? "; every runtime" : "; runtime " + runtime;
   return line;
 }
 
@@ -24,7 +25,7 @@ std::optional<std::string> Progress::due(const Summary& s, double now) {
   double rate = delta / (now - m_last_at);
   m_last_at = now;
   m_last_finished = finished;
-  return progress_line(s, rate);
+  return progress_line(s, rate, m_runtime);
 }
 
 }  // namespace lhpc::health

@@ -22,6 +22,7 @@ Session::Session(MPI_Comm comm, SessionOptions opts)
     return;
   }
   m_table = std::make_unique<Table>(TableOptions{.job = m_opts.job,
+                                                 .runtime = m_opts.runtime,
                                                  .ranks = m_transport.size(),
                                                  .interval = m_opts.interval,
                                                  .rank0_host = m_opts.node,

@@ -30,6 +30,7 @@ struct SessionOptions {
   double interval = 5;      // health.interval
   std::string status_file;  // health.status_file, placeholders expanded; empty: default
   std::string node;         // this rank's node name (rank 0's goes into "rank0.host")
+  std::string runtime;      // the Lithops runtime served (status "runtime"); empty: every runtime
   double keep_ended = 0;    // health.keep_ended: rank 0 prunes older ended deployments; 0 keeps them
   Clock clock = Clock::system();
 };

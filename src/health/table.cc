@@ -161,6 +161,7 @@ std::string Table::to_json() const {
   auto s = summary();
   json doc = {
       {"job", m_opts.job},
+      {"runtime", m_opts.runtime},
       {"version", k_status_version},
       {"updated", round_to(m_clock.wall(), 0.001)},
       {"started", round_to(m_started_wall, 0.001)},

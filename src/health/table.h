@@ -40,6 +40,7 @@ struct Clock {
 
 struct TableOptions {
   std::string job;
+  std::string runtime;  // the Lithops runtime it serves; empty: every runtime
   int ranks = 1;
   double interval = 5;
   std::string rank0_host;

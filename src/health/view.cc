@@ -135,6 +135,11 @@ std::string broker_text(const RankView& r) {
 
 std::string interval_text(double s) { return fmt::format("{:g} s", s); }
 
+// " (runtime NAME)", or " (every runtime)" for a deployment that serves all.
+std::string runtime_text(const StatusView& s) {
+  return s.runtime.empty() ? " (every runtime)" : " (runtime " + s.runtime + ")";
+}
+
 std::string totals(const Summary& m) {
   return fmt::format("slots {}/{} busy; tasks {} done, {} failed, {} requeued, {} dead-lettered", m.slots_busy,
                      m.slots_total, m.done, m.failed, m.requeued, m.dead_lettered);
@@ -158,6 +163,9 @@ StatusView parse_status(const std::string& text, const std::string& source) {
                 "use the lithops-hpc that runs the deployment");
   }
   s.job = rd.str(doc, "job");
+  if (auto it = doc.find("runtime"); it != doc.end() && it->is_string()) {
+    s.runtime = it->get<std::string>();
+  }
   s.updated = rd.num(doc, "updated");
   s.started = rd.num(doc, "started");
   s.interval = rd.num(doc, "interval");
@@ -235,8 +243,8 @@ Assessment assess(const StatusView& s, double now_unix) {
   }
   if (over) {
     a.code = Exit::failure;
-    a.headline =
-        fmt::format("job {}: {} {} ago; {}", s.job, k_deployment_state_names.text(s.state), ago(a.age), totals(m));
+    a.headline = fmt::format("job {}{}: {} {} ago; {}", s.job, runtime_text(s), k_deployment_state_names.text(s.state),
+                             ago(a.age), totals(m));
     return a;
   }
   bool all_ready = m.ranks > 0 && m.ready == m.ranks && s.state == DeploymentState::running;
@@ -244,8 +252,8 @@ Assessment assess(const StatusView& s, double now_unix) {
   std::string health = all_ready ? fmt::format("{}/{} ranks ready", m.ready, m.ranks)
                                  : fmt::format("DEGRADED: {}/{} ranks ready, {} degraded, {} unresponsive", m.ready,
                                                m.ranks, m.degraded, m.unresponsive);
-  a.headline = fmt::format("job {}: {}, {}; {} (updated {} ago)", s.job, k_deployment_state_names.text(s.state), health,
-                           totals(m), ago(a.age));
+  a.headline = fmt::format("job {}{}: {}, {}; {} (updated {} ago)", s.job, runtime_text(s),
+                           k_deployment_state_names.text(s.state), health, totals(m), ago(a.age));
   return a;
 }
 

@@ -35,6 +35,7 @@ struct RankView {
 
 struct StatusView {
   std::string job;
+  std::string runtime;  // empty: every runtime (or a status file written before runtimes)
   int version = 0;
   double updated = 0;
   double started = 0;

@@ -24,10 +24,20 @@ public:
   void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) override {
     m_c->declare_queue_async(queue, durable, auto_delete);
   }
+  void declare_exchange_async(const std::string& exchange, const std::string& type) override {
+    m_c->declare_exchange_async(exchange, type);
+  }
+  void bind_queue_async(const std::string& queue, const std::string& exchange) override {
+    m_c->bind_queue_async(queue, exchange);
+  }
   void ack(std::uint64_t tag) override { m_c->ack(tag); }
   void reject(std::uint64_t tag, bool requeue) override { m_c->reject(tag, requeue); }
   std::uint64_t publish(const std::string& rk, std::string_view body, const amqp::Properties& p) override {
     return m_c->publish("", rk, body, p);
+  }
+  std::uint64_t publish_to_exchange(const std::string& exchange, std::string_view body,
+                                    const amqp::Properties& p) override {
+    return m_c->publish(exchange, "", body, p);
   }
   void qos_async(std::uint16_t prefetch) override { m_c->qos_async(prefetch, true); }
   std::string consume(const std::string& queue, const amqp::ConsumeArgs& args) override {
@@ -44,6 +54,12 @@ std::string subscribe(amqp::Connection& c, const Subscription& s) {
   // Exactly as the Lithops client declares it: durable, no arguments.
   c.declare_queue(s.queue, true);
   c.declare_queue(s.queue + ".dead", true);
+  // It must exist before a publish to it, or the broker closes the channel.
+  c.declare_exchange(s.runtimes_exchange, "fanout");
+  if (!s.runtime_queue.empty()) {
+    c.declare_queue(s.runtime_queue, true);
+    c.bind_queue(s.runtime_queue, s.runtimes_exchange);
+  }
   c.confirm_select();
   // Per channel (global): the one limit RabbitMQ lets us change while
   // consuming, shared by the slot consumer and the reserve.
@@ -54,6 +70,15 @@ std::string subscribe(amqp::Connection& c, const Subscription& s) {
     a.tag = s.slot_tag;
     a.priority = s.slot_priority;
     tag = c.consume(s.queue, a);
+  }
+  if (!s.runtime_queue.empty()) {
+    if (s.slot_consumer) {
+      a.tag = s.runtime_slot_tag;
+      c.consume(s.runtime_queue, a);
+    }
+    a.tag = s.runtime_reserve_tag;
+    a.priority.reset();
+    c.consume(s.runtime_queue, a);
   }
   a.tag = s.reserve_tag;
   a.priority.reset();

@@ -38,12 +38,19 @@ public:
   // Bodies over this many bytes are dropped as they arrive (Delivery::oversized).
   virtual void set_max_body(std::uint64_t bytes) = 0;
   // queue.declare without waiting for the reply (a refusal closes the channel).
+  // A publish after it on channel 1 reaches the queue.
   virtual void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) = 0;
+  // exchange.declare (durable) and queue.bind (routing key ""), nowait.
+  virtual void declare_exchange_async(const std::string& exchange, const std::string& type) = 0;
+  virtual void bind_queue_async(const std::string& queue, const std::string& exchange) = 0;
   virtual void ack(std::uint64_t tag) = 0;
   virtual void reject(std::uint64_t tag, bool requeue) = 0;
   // To the default exchange; returns the publisher-confirm sequence number.
   virtual std::uint64_t publish(const std::string& routing_key, std::string_view body,
                                 const amqp::Properties& props) = 0;
+  // Through a named exchange (the runtimes' fanout), routing key "".
+  virtual std::uint64_t publish_to_exchange(const std::string& exchange, std::string_view body,
+                                            const amqp::Properties& props) = 0;
   virtual void qos_async(std::uint16_t prefetch) = 0;  // channel 1, global
   virtual std::string consume(const std::string& queue, const amqp::ConsumeArgs& args) = 0;
   virtual void cancel_async(const std::string& consumer_tag) = 0;
@@ -60,6 +67,14 @@ struct Subscription {
   std::string slot_tag;     // the slot consumer's tag
   std::string reserve_tag;  // the reserve consumer's tag
   std::string rank_tag;     // the rank queue consumer's tag
+  // The runtime's queue (dispatch/runtime.h), consumed on channel 1 beside
+  // the task queue by the same two kinds of consumer; empty: none. Bound to
+  // runtimes_exchange, which is declared in any case (get_metadata of
+  // another runtime is published there).
+  std::string runtime_queue;
+  std::string runtimes_exchange;
+  std::string runtime_slot_tag;
+  std::string runtime_reserve_tag;
 };
 
 class BrokerConnector {

@@ -7,6 +7,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <string>
+#include <vector>
+
+#include "dispatch/runtime.h"
 #include "util/error.h"
 
 namespace lhpc::worker {
@@ -24,7 +28,8 @@ double secs(milliseconds d) { return static_cast<double>(d.count()) / 1000.0; }
 }  // namespace
 
 bool DispatchMode::consuming() const {
-  return m_conn && !m_reserve_cancelled && m_ctx.state() == State::running && m_pool->ready_count() > 0;
+  return m_conn && !m_reserve_cancelled && !m_runtime_reserve_cancelled && m_ctx.state() == State::running &&
+         m_pool->ready_count() > 0;
 }
 
 void DispatchMode::on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock::time_point now) {
@@ -37,10 +42,15 @@ void DispatchMode::on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock
       m_rank_cancelled = true;
     } else if (c.tag == k_reserve_tag) {
       m_reserve_cancelled = true;
+    } else if (!m_runtime_queue.empty() && c.tag == k_runtime_reserve_tag) {
+      m_runtime_reserve_cancelled = true;
     } else if (!m_slot_tag.empty() && c.tag == m_slot_tag) {
       // Started again by start_slot_consumer_when_due once the queue is declared.
       m_slot_tag.clear();
       m_slot_cancelled = true;
+    } else if (!m_runtime_slot_tag.empty() && c.tag == m_runtime_slot_tag) {
+      m_runtime_slot_tag.clear();
+      m_runtime_slot_cancelled = true;
     }  // else one we cancelled ourselves meanwhile
   }
   if (was || !restore_pending()) {
@@ -51,13 +61,30 @@ void DispatchMode::on_cancelled(std::vector<amqp::CancelledConsumer> gone, Clock
   }
   auto delay = m_restore_backoff.next();
   m_restore_due = now + delay;
-  const auto& q =
-      m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled ? m_rank_queue : m_ctx.cfg.rabbitmq.queue;
+  auto q = cancelled_queues();
   m_ctx.note_error("the broker cancelled the consumer of " + q + " (queue deleted?)");
   spdlog::warn(
       "the broker cancelled our consumer of {} (queue deleted, or a broker node lost): not consuming; "
       "declaring and consuming it again in {:.1f} s",
       q, secs(delay));
+}
+
+std::string DispatchMode::cancelled_queues() const {
+  std::vector<std::string> qs;
+  if (task_queue_cancelled()) {
+    qs.push_back(m_ctx.cfg.rabbitmq.queue);
+  }
+  if (runtime_queue_cancelled()) {
+    qs.push_back(m_runtime_queue);
+  }
+  if (m_rank_cancelled) {
+    qs.push_back(m_rank_queue);
+  }
+  std::string out;
+  for (std::size_t i = 0; i < qs.size(); ++i) {
+    out += (i == 0 ? "" : i + 1 == qs.size() ? " and " : ", ") + qs[i];
+  }
+  return out;
 }
 
 void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
@@ -71,7 +98,7 @@ void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
   }
   try {
     const auto& q = m_ctx.cfg.rabbitmq.queue;
-    if (m_reserve_cancelled || m_slot_cancelled) {
+    if (task_queue_cancelled()) {
       m_conn->declare_queue_async(q, true, false);  // as the Lithops client declares it
       m_conn->declare_queue_async(q + ".dead", true, false);
     }
@@ -80,6 +107,9 @@ void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
       a.tag = k_reserve_tag;
       a.nowait = true;
       m_conn->consume(q, a);
+    }
+    if (runtime_queue_cancelled()) {
+      restore_runtime_queue();
     }
     if (m_rank_cancelled) {
       m_conn->declare_queue_async(m_rank_queue, false, /*auto_delete=*/true);
@@ -94,11 +124,27 @@ void DispatchMode::restore_consumers_when_due(Clock::time_point now) {
     m_broker_error = e.what();  // lost() follows
     return;
   }
-  spdlog::info("restored: consuming {} again",
-               m_rank_cancelled && !m_reserve_cancelled && !m_slot_cancelled ? m_rank_queue : m_ctx.cfg.rabbitmq.queue);
+  spdlog::info("restored: consuming {} again", cancelled_queues());
   m_reserve_cancelled = m_slot_cancelled = m_rank_cancelled = false;
+  m_runtime_reserve_cancelled = m_runtime_slot_cancelled = false;
   m_restored_at = now;
   m_ctx.note_error({});
+}
+
+void DispatchMode::restore_runtime_queue() {
+  // As subscribe() makes them (worker/broker.cc): the queue went with its
+  // binding to the runtimes' fanout, which may have gone too; the slot
+  // consumer is started again by start_slot_consumer_when_due.
+  const auto exchange = dispatch::runtimes_exchange(m_ctx.cfg.rabbitmq.queue);
+  m_conn->declare_exchange_async(exchange, "fanout");
+  m_conn->declare_queue_async(m_runtime_queue, true, false);
+  m_conn->bind_queue_async(m_runtime_queue, exchange);
+  if (m_runtime_reserve_cancelled) {
+    amqp::ConsumeArgs a;
+    a.tag = k_runtime_reserve_tag;
+    a.nowait = true;
+    m_conn->consume(m_runtime_queue, a);
+  }
 }
 
 void DispatchMode::log_totals() const {

@@ -11,10 +11,12 @@
 #include "container/engine.h"
 #include "dispatch/inflight.h"
 #include "dispatch/protocol.h"
+#include "dispatch/runtime.h"
 #include "lhpc_build_config.h"
 #include "logs/capture.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/memory_limit.h"
 #include "worker/instance.h"
 
 namespace lhpc::worker {
@@ -143,6 +145,11 @@ void DispatchMode::start() {
   dopts.limits = {static_cast<std::size_t>(m_ctx.cfg.rabbitmq.max_message_bytes), m_ctx.cfg.rabbitmq.max_message_depth};
   dopts.rank_queue = dispatch::rank_queue(m_ctx.cfg.rabbitmq.queue, m_ctx.id.jobid, m_ctx.id.rank);
   m_rank_queue = dopts.rank_queue;
+  dopts.runtime = m_ctx.cfg.singularity.runtime;  // checked by config: a valid name, or empty
+  if (!dopts.runtime.empty()) {
+    m_runtime_queue = dispatch::runtime_queue(dopts.queue, dopts.runtime);
+  }
+  dopts.memory_mb = job_memory_mb() / static_cast<std::uint64_t>(std::max(1, m_ctx.id.ranks_on_node));
   m_inflight = std::make_unique<dispatch::InflightRecord>(
       state_dir() + "/inflight/" + sanitize_name(m_ctx.id.node),
       sanitize_name(m_ctx.id.jobid) + "-" + std::to_string(m_ctx.id.rank) + "-" + std::to_string(::getpid()));
@@ -186,6 +193,13 @@ void DispatchMode::reject(std::uint64_t tag, bool requeue) {
 std::uint64_t DispatchMode::publish(const std::string& rk, const std::string& body, const amqp::Properties& p) {
   return guarded([&] { return m_conn->publish(rk, body, p); });
 }
+std::uint64_t DispatchMode::publish_to_exchange(const std::string& exchange, const std::string& body,
+                                                const amqp::Properties& p) {
+  return guarded([&] { return m_conn->publish_to_exchange(exchange, body, p); });
+}
+void DispatchMode::declare_queue(const std::string& name) {
+  guarded([&] { m_conn->declare_queue_async(name, true, false); });
+}
 void DispatchMode::set_prefetch(int n) {
   guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n)); });
 }
@@ -206,21 +220,43 @@ void DispatchMode::set_slot_consumer(bool active) {
       m_conn->cancel_async(m_slot_tag);
       m_slot_tag.clear();
     }
+    if (!m_runtime_slot_tag.empty()) {
+      m_conn->cancel_async(m_runtime_slot_tag);
+      m_runtime_slot_tag.clear();
+    }
   });
 }
 
+bool DispatchMode::task_slot_consumer_missing() const {
+  return m_slot_wanted && m_slot_tag.empty() && !task_queue_cancelled();
+}
+
+bool DispatchMode::runtime_slot_consumer_missing() const {
+  return m_slot_wanted && !m_runtime_queue.empty() && m_runtime_slot_tag.empty() && !runtime_queue_cancelled();
+}
+
 void DispatchMode::start_slot_consumer_when_due(Clock::time_point now) {
-  if (!m_slot_wanted || !m_slot_tag.empty() || now < m_slot_due || !m_conn || m_ctx.state() != State::running ||
-      m_reserve_cancelled || m_slot_cancelled) {
+  // Each queue's on its own: one whose consumers the broker cancelled gets
+  // its slot consumer once restore_consumers_when_due declared it again.
+  bool task = task_slot_consumer_missing();
+  bool runtime = runtime_slot_consumer_missing();
+  if ((!task && !runtime) || now < m_slot_due || !m_conn || m_ctx.state() != State::running) {
     return;
   }
   guarded([&] {
     amqp::ConsumeArgs a;
-    a.tag = "lhpc-slots-" + std::to_string(++m_slot_consumers);
     a.priority = k_slot_priority;
     a.nowait = true;
-    m_slot_tag = m_conn->consume(m_ctx.cfg.rabbitmq.queue, a);
-    spdlog::debug("slot consumer {} started: a slot is free", m_slot_tag);
+    auto n = std::to_string(++m_slot_consumers);
+    if (task) {
+      a.tag = "lhpc-slots-" + n;
+      m_slot_tag = m_conn->consume(m_ctx.cfg.rabbitmq.queue, a);
+      spdlog::debug("slot consumer {} started: a slot is free", m_slot_tag);
+    }
+    if (runtime) {
+      a.tag = "lhpc-runtime-slots-" + n;
+      m_runtime_slot_tag = m_conn->consume(m_runtime_queue, a);
+    }
   });
 }
 void DispatchMode::stop_consuming() {
@@ -230,6 +266,13 @@ void DispatchMode::stop_consuming() {
     if (!m_slot_tag.empty()) {
       m_conn->cancel_async(m_slot_tag);
       m_slot_tag.clear();
+    }
+    if (!m_runtime_queue.empty()) {
+      m_conn->cancel_async(k_runtime_reserve_tag);
+    }
+    if (!m_runtime_slot_tag.empty()) {
+      m_conn->cancel_async(m_runtime_slot_tag);
+      m_runtime_slot_tag.clear();
     }
   });
 }
@@ -281,6 +324,10 @@ void DispatchMode::connect_when_due(Clock::time_point now) {
   sub.slot_tag = "lhpc-slots-1";
   sub.reserve_tag = k_reserve_tag;
   sub.rank_tag = k_rank_tag;
+  sub.runtimes_exchange = dispatch::runtimes_exchange(sub.queue);
+  sub.runtime_queue = m_runtime_queue;
+  sub.runtime_slot_tag = "lhpc-runtime-slots-1";
+  sub.runtime_reserve_tag = k_runtime_reserve_tag;
   m_connecting_prefetch = sub.prefetch;
   m_connecting_slot_consumer = sub.slot_consumer;
   m_reconnect->start(sub);
@@ -302,14 +349,18 @@ void DispatchMode::take_connection() {
   m_conn = std::move(r->link);
   m_conn->set_max_body(static_cast<std::uint64_t>(m_ctx.cfg.rabbitmq.max_message_bytes));
   m_reserve_cancelled = m_slot_cancelled = m_rank_cancelled = false;
+  m_runtime_reserve_cancelled = m_runtime_slot_cancelled = false;
   m_slot_tag = std::move(r->slot_tag);
+  m_runtime_slot_tag = m_slot_tag.empty() || m_runtime_queue.empty() ? "" : "lhpc-runtime-slots-1";
   m_slot_consumers = m_slot_tag.empty() ? 0 : 1;
   m_slot_wanted = !m_slot_tag.empty();
   m_broker_error.clear();
   m_last_pump = Clock::now();
   m_dispatcher->on_connected(m_connecting_prefetch, m_connecting_slot_consumer);
-  spdlog::info("{} {} on {} with {} slots (prefetch {})", m_connected_once ? "reconnected: consuming" : "consuming",
-               m_ctx.cfg.rabbitmq.queue, m_conn->redacted_url(), m_ctx.slots, m_connecting_prefetch);
+  spdlog::info("{} {}{} on {} with {} slots (prefetch {}), runtime {}",
+               m_connected_once ? "reconnected: consuming" : "consuming", m_ctx.cfg.rabbitmq.queue,
+               m_runtime_queue.empty() ? "" : " and " + m_runtime_queue, m_conn->redacted_url(), m_ctx.slots,
+               m_connecting_prefetch, m_runtime_queue.empty() ? "any (none set)" : m_ctx.cfg.singularity.runtime);
   m_connected_once = true;
 }
 
@@ -319,6 +370,7 @@ void DispatchMode::lost(std::string why) {  // by value: callers pass m_broker_e
   }
   m_conn.reset();  // broken: no polite close; the broker requeues what we held
   m_slot_tag.clear();
+  m_runtime_slot_tag.clear();
   m_slot_wanted = false;
   m_broker_error.clear();
   m_dispatcher->on_disconnected();
@@ -368,7 +420,7 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
       timeout = milliseconds(0);
     }
     sooner(m_last_pump + pump_every());
-    if (m_slot_wanted && m_slot_tag.empty()) {
+    if (task_slot_consumer_missing() || runtime_slot_consumer_missing()) {
       sooner(m_slot_due);
     }
     if (restore_pending()) {

@@ -38,6 +38,9 @@ public:
   static constexpr int k_slot_priority = 10;
   static constexpr const char* k_reserve_tag = "lhpc-reserve";
   static constexpr const char* k_rank_tag = "lhpc-rank";
+  // The same two consumers on the runtime's queue (dispatch/runtime.h), on
+  // channel 1 as well: the channel's prefetch limit counts both queues.
+  static constexpr const char* k_runtime_reserve_tag = "lhpc-runtime-reserve";
   // A slot consumer wanted within this long of the last task delivered
   // waits until no task has come for that long (a backlog keeps sending).
   static constexpr std::chrono::milliseconds k_slot_consumer_delay{50};
@@ -70,6 +73,9 @@ private:
   void ack(std::uint64_t tag) override;
   void reject(std::uint64_t tag, bool requeue) override;
   std::uint64_t publish(const std::string& rk, const std::string& body, const amqp::Properties& p) override;
+  std::uint64_t publish_to_exchange(const std::string& exchange, const std::string& body,
+                                    const amqp::Properties& p) override;
+  void declare_queue(const std::string& name) override;
   void set_prefetch(int n) override;
   void set_slot_consumer(bool active) override;
   void stop_consuming() override;
@@ -97,15 +103,28 @@ private:
   // consumer_timeout is noted and described (empty for any other loss).
   std::string note_close();
   bool consuming() const;
-  bool restore_pending() const { return m_reserve_cancelled || m_slot_cancelled || m_rank_cancelled; }
+  bool restore_pending() const {
+    return m_reserve_cancelled || m_slot_cancelled || m_rank_cancelled || m_runtime_reserve_cancelled ||
+           m_runtime_slot_cancelled;
+  }
+  bool task_queue_cancelled() const { return m_reserve_cancelled || m_slot_cancelled; }
+  bool runtime_queue_cancelled() const { return m_runtime_reserve_cancelled || m_runtime_slot_cancelled; }
+  // The queues whose consumers the broker cancelled, for the log ("a and b").
+  std::string cancelled_queues() const;
+  void restore_runtime_queue();
+  // A slot consumer is wanted, due and not there on a queue not cancelled.
+  bool task_slot_consumer_missing() const;
+  bool runtime_slot_consumer_missing() const;
   void log_totals() const;
 
   const ModeContext& m_ctx;
   std::string m_handler_path;  // where the handler runs it from (inside the instance or on the host)
   std::unique_ptr<BrokerConnector> m_reconnect;
   std::unique_ptr<BrokerLink> m_conn;
-  std::string m_slot_tag;    // the slot consumer's tag; empty while it is cancelled
-  int m_slot_consumers = 0;  // started on this connection: each gets a new tag
+  std::string m_slot_tag;          // the slot consumer's tag; empty while it is cancelled
+  std::string m_runtime_queue;     // this runtime's queue; empty: the deployment serves every runtime
+  std::string m_runtime_slot_tag;  // the slot consumer's on it
+  int m_slot_consumers = 0;        // started on this connection: each gets a new tag
   bool m_connecting_slot_consumer = false;
   bool m_slot_wanted = false;  // the dispatcher asked for it; started at m_slot_due
   Clock::time_point m_slot_due{};
@@ -126,6 +145,8 @@ private:
   bool m_reserve_cancelled = false;
   bool m_slot_cancelled = false;
   bool m_rank_cancelled = false;
+  bool m_runtime_reserve_cancelled = false;  // the runtime queue's (deleted, with its fanout binding)
+  bool m_runtime_slot_cancelled = false;
   Backoff m_restore_backoff{std::chrono::milliseconds(250), std::chrono::milliseconds(30000)};
   Clock::time_point m_restore_due{};
   Clock::time_point m_restored_at{};

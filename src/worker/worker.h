@@ -57,7 +57,7 @@ struct WorkerIdentity {
   int slots = 0;      // 0: singularity.worker_processes, and 0 there: the node's cores (a GPU runtime: its GPU slots)
   // Ranks on this node and this one's index among them: they split a GPU
   // runtime's slots (gpu::share_of).
-  int ranks_on_node = 1;
+  int ranks_on_node = 1;  // the node's memory is shared among them (runtime_memory caps)
   int index_on_node = 0;
 };
 

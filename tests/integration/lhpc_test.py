@@ -276,7 +276,8 @@ def make_send_task(n_calls, job_key, extra=None):
         "call_ids": [f"{i:05d}" for i in range(n_calls)],
         "host_submit_tstamp": time.time(),
         "lithops_version": "3.7.0",
-        "runtime_name": "lithops-hpc-test",
+        # The runtime of the tests' images (rt.sif): a deployment runs only its own.
+        "runtime_name": "rt",
         "runtime_memory": None,
         "worker_processes": 1,
     }

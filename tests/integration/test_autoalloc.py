@@ -225,7 +225,7 @@ class Autoalloc(unittest.TestCase):
         self.assertNotIn("refused", ctl.log())
         # status without a job id: one line per deployment and the controller's line.
         st = run([BIN, "status"], ctl.env, check=False)
-        self.assertRegex(st.stdout, rf"(?m)^job {ids[0]}: ", st.stdout + st.stderr)
+        self.assertRegex(st.stdout, rf"(?m)^job {ids[0]}( \(runtime [^)]*\))?: ", st.stdout + st.stderr)
         self.assertRegex(st.stdout, r"(?m)^autoalloc \(running, pid \d+ on \S+\): demand \d+ ready", st.stdout)
         doc = json.loads(run([BIN, "status", "--json"], ctl.env, check=False).stdout)
         self.assertIn(ids[0], [d["job"] for d in doc["deployments"]])

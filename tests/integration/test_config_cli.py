@@ -90,6 +90,7 @@ class ConfigCli(unittest.TestCase):
                          "lithops.storage is 'localhost' with backend singularity: Lithops refuses it",
                          "lithops.log_level is not set",
                          "singularity.worker_processes = 4 is, for the Lithops client, calls per message",
+                         "runtime: my-rt, image %s/my-rt.sif" % self.sifs,
                          "image: %s/my-rt.sif (not found on this machine)" % self.sifs)
         self.assertNotIn("# from default", r.stdout)
         self.assertNotIn("[health]", r.stdout)  # nothing set there: no empty section

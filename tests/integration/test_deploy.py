@@ -174,7 +174,7 @@ class DeployTest(unittest.TestCase):
         lt.wait_until(lambda: len(records(d.records)) >= 8, 60, "some calls ran")
         # Rank 0's progress line (every progress_interval = 1 s while serving, none once draining).
         progress = (r"(?m)rank 0 node0: progress: tasks \d+ done, \d+ failed, [\d.]+/s; "
-                    r"slots \d+/6 busy; ranks \d/3 ready$")
+                    r"slots \d+/6 busy; ranks \d/3 ready; runtime rt$")
         lt.wait_until(lambda: re.search(progress, d.log()), 15, "rank 0's progress line")
         follow = subprocess.Popen([BIN, "logs", "--follow"], env=d.env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)

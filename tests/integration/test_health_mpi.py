@@ -32,7 +32,7 @@ INTERVAL = 1.0  # seconds; unresponsive after 3 of them
 # Scheduling slack on a loaded 2-core machine, on top of what the design promises.
 SLACK = 1.5
 
-TOP_KEYS = {"job", "version", "updated", "started", "interval", "rank0", "summary", "state", "ranks"}
+TOP_KEYS = {"job", "version", "updated", "started", "interval", "rank0", "summary", "state", "ranks", "runtime"}
 SUMMARY_KEYS = {"ranks", "ready", "degraded", "unresponsive", "slots_busy", "slots_total", "done", "failed",
                 "requeued", "dead_lettered", "duplicates"}
 RANK_KEYS = {"rank", "node", "pid", "state", "reported_state", "slots_busy", "slots_total", "done", "failed",
@@ -167,7 +167,7 @@ class HealthOverMpi(unittest.TestCase):
         st = run.cli("status", "h1")
         self.assertEqual(st.returncode, 0, st.stdout + st.stderr)
         self.assertTrue(st.stdout.startswith("RANK  NODE"), st.stdout)
-        self.assertIn("job h1: running, 3/3 ranks ready", st.stdout)
+        self.assertIn("job h1 (every runtime): running, 3/3 ranks ready", st.stdout)
         st = run.cli("status")  # no JOBID: the newest of this user's
         self.assertEqual(st.returncode, 0, st.stdout + st.stderr)
         js = run.cli("status", "--json", "h1")
@@ -204,7 +204,7 @@ class HealthOverMpi(unittest.TestCase):
         sp = run.cli("stop", "h1", "--timeout", "30")
         self.assertEqual(sp.returncode, 0, sp.stdout + sp.stderr + run.log_text())
         self.assertIn("stop requested for job h1", sp.stdout)
-        self.assertIn("job h1: stopped", sp.stdout)
+        self.assertIn("job h1 (every runtime): stopped", sp.stdout)
         self.assertEqual(run.wait_exit(15), 0, run.log_text())
         s = run.status()
         self.check_schema(s, 3)
@@ -215,7 +215,7 @@ class HealthOverMpi(unittest.TestCase):
         self.assertTrue(all(gone(p) for p in pids))
         st = run.cli("status", "h1")
         self.assertEqual(st.returncode, 1, st.stdout)  # ended: not serving
-        self.assertIn("job h1: stopped", st.stdout)
+        self.assertIn("job h1 (every runtime): stopped", st.stdout)
         sp = run.cli("stop", "h1")
         self.assertEqual(sp.returncode, 0)
         self.assertIn("already stopped", sp.stdout)

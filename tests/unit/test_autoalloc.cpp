@@ -14,6 +14,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -328,6 +329,9 @@ TEST_CASE("sbatch runs with an explicit argv: limits, passthrough, template, ima
                                    "--partition=p", "--qos=q",        "/s/lithops-deploy.sh",
                                    "/img/rt.sif",   "--cleanup"};
   CHECK(sbatch_argv(o, r) == want);
+  r.runtime = "rt";  // a runtime of several: the deployment is told which
+  want.insert(want.end(), {"--runtime", "rt"});
+  CHECK(sbatch_argv(o, r) == want);
   CHECK(slurm_output("/st/out", "42") == "/st/out/lithops-workers-42.out");
   for (const auto& a : sbatch_argv(o, r)) {
     CHECK(a.find("amqp") == std::string::npos);
@@ -450,6 +454,8 @@ struct World {
   bool scheduler_down = false;
   std::vector<std::string> cancelled, stops;
   std::optional<QueueLook> queue = QueueLook{};
+  std::map<std::string, QueueLook> runtime_queues;  // <queue>.runtime.<runtime>
+  std::set<std::string> images;                     // the image files that exist
   std::map<std::string, DeploymentLook> reports;
   double t = 1000;
 
@@ -544,6 +550,14 @@ struct FakeQueue final : QueueProbe {
     ++n;
     return w.queue;
   }
+  std::optional<QueueLook> look_runtime(const std::string& runtime) override {
+    ++n;
+    if (!w.queue) {
+      return std::nullopt;  // the broker is down for every queue
+    }
+    auto it = w.runtime_queues.find(runtime);
+    return it == w.runtime_queues.end() ? QueueLook{} : it->second;
+  }
   unsigned long long queries() const override { return n; }
 };
 
@@ -570,16 +584,17 @@ struct Loop {
   Settings s;
   std::unique_ptr<Controller> ctl;
 
-  explicit Loop(Limits l = limits()) {
+  explicit Loop(Limits l = limits(), std::vector<RuntimeImage> runtimes = {}) {
     s.limits = l;
     s.sif = "/img/rt.sif";
+    s.runtimes = std::move(runtimes);
     s.default_slots = 2;
     start();
   }
   void start() {
     ctl.reset();  // the lock goes with the old one
     Ports p{std::make_unique<FakeScheduler>(w), std::make_unique<FakeQueue>(w), std::make_unique<FakeDeployments>(w),
-            [this] { return w.t; }};
+            [this] { return w.t; }, [this](const std::string& sif) { return w.images.contains(sif); }};
     ctl = std::make_unique<Controller>(s, std::move(p));
     ctl->adopt();
   }
@@ -914,6 +929,53 @@ TEST_CASE("a state file's number outside its field's range is refused, never con
   auto back = state_from_json(ok.dump(), "state.json");
   CHECK(back.jobs[0].idle.done == 18446744073709551615ULL);
   CHECK_FALSE(back.ready);
+}
+
+TEST_CASE("controller: two runtimes with a backlog share --max-nodes; each submission names its runtime's image") {
+  auto lim = limits();
+  lim.max_pending = 4;
+  Loop l(lim, {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-a.sif", "/img/rt-b.sif"};
+  l.w.ready(100);                        // the task queue: the first runtime's demand
+  l.w.runtime_queues["rt-b"] = {50, 0};  // what rt-a's deployments moved
+  for (int i = 0; i < 8; ++i) {
+    l.poll();
+    CHECK(l.w.held_nodes() <= 4);
+  }
+  std::map<std::string, int> per;
+  for (const auto& sub : l.w.submissions) {
+    ++per[sub.runtime];
+    CHECK(sub.sif == "/img/" + sub.runtime + ".sif");
+  }
+  CHECK(per == std::map<std::string, int>{{"rt-a", 2}, {"rt-b", 2}});
+  CHECK(l.ctl->state().next.find("runtime rt-a: ") != std::string::npos);
+  CHECK(l.ctl->state().next.find("runtime rt-b: ") != std::string::npos);
+  // Restarted, each job still counts for its own runtime: nothing more is asked for.
+  l.start();
+  l.poll();
+  CHECK(l.submitted() == 4);
+  int b = 0;
+  for (const auto& j : l.ctl->state().jobs) {
+    b += j.runtime == "rt-b" ? 1 : 0;
+  }
+  CHECK(b == 2);
+}
+
+TEST_CASE("controller: a runtime whose image is missing is not submitted and is reported until it appears") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-a.sif"};
+  l.w.runtime_queues["rt-b"] = {7, 0};
+  l.poll();
+  l.poll();
+  CHECK(l.submitted() == 0);
+  const auto& st = l.ctl->state();
+  CHECK(st.next.find("runtime rt-b: not submitting: no image at /img/rt-b.sif") != std::string::npos);
+  CHECK(status_line(st, l.w.t).find("runtime rt-b: no image at /img/rt-b.sif (7 task(s) ready)") != std::string::npos);
+  l.w.images.insert("/img/rt-b.sif");
+  l.poll();
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.submissions[0].runtime == "rt-b");
+  CHECK(l.w.submissions[0].sif == "/img/rt-b.sif");
 }
 
 // ------------------------------------------------------- the local scheduler

@@ -176,7 +176,7 @@ drain_on_exit = true
   for (std::size_t at = listed.find(" = "); at != std::string::npos; at = listed.find(" = ", at + 1)) {
     ++keys;
   }
-  CHECK(keys == 48);
+  CHECK(keys == 49);
 }
 
 TEST_CASE("out of range numbers say the range") {
@@ -750,4 +750,20 @@ TEST_CASE("the image's Python comes from its definition file") {
   lhpc::test::write_sif(d.file("alpine.sif"), lhpc::test::FixtureSpec{});
   CHECK(!image_python_version(d.file("alpine.sif"), &why));
   CHECK(why.find("no label org.lithops-hpc.python-version") != std::string::npos);
+}
+
+TEST_CASE("autoalloc.runtimes takes runtime names and refuses an image path, saying where") {
+  TempDir d{"config"};
+  NoLithopsConfig no_lithops{d};
+  EnvGuard amqp("AMQP_URL", nullptr);
+  auto good = d.write("good.toml", "[autoalloc]\nruntimes = [\"rt-b\", \"torch_2\"]\n");
+  auto c = load(good);
+  CHECK(c.autoalloc.runtimes == std::vector<std::string>{"rt-b", "torch_2"});
+  auto bad = d.write("bad.toml", "[autoalloc]\nruntimes = [\"rt-b\", \"/x/rt.sif\"]\n");
+  try {
+    load(bad);
+    FAIL("no error");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("autoalloc.runtimes") != std::string::npos);
+  }
 }

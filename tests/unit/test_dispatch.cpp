@@ -3,6 +3,7 @@
 // driven through fake broker and handler ports.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "dispatch/dispatcher.h"
 #include "dispatch/handler_pool.h"
 #include "dispatch/protocol.h"
+#include "dispatch/runtime.h"
 
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
@@ -250,6 +252,14 @@ struct FakeBroker : BrokerPort {
     events.push_back("publish " + rk);
     return seq;
   }
+  // Recorded as "exchange:NAME" in published[].routing_key.
+  std::uint64_t publish_to_exchange(const std::string& exchange, const std::string& body,
+                                    const amqp::Properties& p) override {
+    published.push_back({"exchange:" + exchange, body, p, ++seq});
+    events.push_back("publish exchange:" + exchange);
+    return seq;
+  }
+  void declare_queue(const std::string& name) override { events.push_back("declare " + name); }
   void set_prefetch(int n) override { prefetches.push_back(n); }
   void set_slot_consumer(bool on) override { slot_consumer.push_back(on); }
   void stop_consuming() override { cancelled = true; }
@@ -277,9 +287,16 @@ struct Rig {
   FakeHandlers handlers;
   Dispatcher d;
   std::uint64_t next_tag = 1;
-  explicit Rig(int slots, CrashRecordPort* record = nullptr)
-      : d({.slots = slots, .queue = "task_queue", .rank = 3, .node = "n7", .rank_queue = "task_queue.rank.J.3"}, broker,
-          handlers, record) {
+  explicit Rig(int slots, CrashRecordPort* record = nullptr, const std::string& runtime = "",
+               std::uint64_t memory_mb = 0)
+      : d({.slots = slots,
+           .queue = "task_queue",
+           .rank = 3,
+           .node = "n7",
+           .rank_queue = "task_queue.rank.J.3",
+           .runtime = runtime,
+           .memory_mb = memory_mb},
+          broker, handlers, record) {
     handlers.events = &broker.events;
     for (int h = 0; h < d.handlers(); ++h) {
       d.on_handler_ready(h);
@@ -979,4 +996,231 @@ TEST_CASE("an action is named as the message spells it, and a value outside the 
   CHECK(k_action_names.parse("send_task") == Action::send_task);
   CHECK_FALSE(k_action_names.parse("Send_task"));
   CHECK(k_action_names.text(static_cast<Action>(7)) == "unknown");
+}
+
+// --- runtimes ------------------------------------------------------------------
+
+namespace {
+
+Json job_of(const std::string& runtime, int calls = 1, const std::string& key = "J1") {
+  Json j = job(calls, key);
+  j["runtime_name"] = runtime;
+  j["runtime_memory"] = 512;
+  return j;
+}
+
+Json metadata_request(const std::string& runtime_name) {
+  return {{"runtime_name", runtime_name}, {"log_level", 20}, {"storage_bucket", "b"}};
+}
+
+std::uint64_t deliver_from(Rig& r, const std::string& body, const std::string& exchange, const std::string& rk) {
+  amqp::Delivery del;
+  del.tag = r.next_tag++;
+  del.exchange = exchange;
+  del.routing_key = rk;
+  del.body = body;
+  auto tag = del.tag;
+  r.d.on_delivery(std::move(del));
+  return tag;
+}
+
+}  // namespace
+
+TEST_CASE("SHA-1 and the client's job names are Python's") {
+  CHECK(sha1_hex("") == "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  CHECK(sha1_hex("abc") == "a9993e364706816aba3e25717850c26c9cd0d89d");
+  CHECK(sha1_hex(std::string(1000, 'a')) == "291e9a6c66994949b57ba5e650361e98fc36b1ba");
+  // Printed by Lithops 3.7's _format_job_name (hashlib) for these arguments.
+  CHECK(lithops_job_name("lithops-rt", 128, "3.7.1.dev0") == "lithops-worker-371dev0-a87d2a9a33");
+  CHECK(lithops_job_name("my-torch-rt", 128, "3.7.0") == "lithops-worker-370-bbfc614d9c");
+}
+
+TEST_CASE("a get_metadata's runtime_name is told apart per runtime, runtimes with '-' included") {
+  // The hashed form the client sends, whatever its Lithops version.
+  CHECK(metadata_name_is("lithops-worker-371dev0-a87d2a9a33", "lithops-rt"));
+  CHECK(metadata_name_is("lithops-worker-370-bbfc614d9c", "my-torch-rt"));
+  CHECK(metadata_name_is(lithops_job_name("rt", 128, "3.10.2"), "rt"));
+  CHECK_FALSE(metadata_name_is("lithops-worker-371dev0-a87d2a9a33", "lithops"));
+  CHECK_FALSE(metadata_name_is("lithops-worker-371dev0-a87d2a9a33", "lithops-rt-128"));
+  CHECK_FALSE(metadata_name_is(lithops_job_name("rt", 256, "3.7.0"), "rt"));  // the client's is 128
+  CHECK_FALSE(metadata_name_is("lithops-worker-371dev0-nothex", "lithops-rt"));
+  // The plain form: <runtime>-<memory>-<version>.
+  CHECK(plain_metadata_runtime("lithops-rt-128-3.7.1.dev0") == std::optional<std::string>("lithops-rt"));
+  CHECK(plain_metadata_runtime("my-torch-rt-2048-3.7.0") == std::optional<std::string>("my-torch-rt"));
+  CHECK(plain_metadata_runtime("rt-12x-3.7.0") == std::nullopt);
+  CHECK(plain_metadata_runtime("-128-3.7.0") == std::nullopt);
+  CHECK(plain_metadata_runtime("rt-128-") == std::nullopt);
+  CHECK(plain_metadata_runtime("rt") == std::nullopt);
+  CHECK(metadata_name_is("my-torch-rt-128-3.7.0", "my-torch-rt"));
+  CHECK_FALSE(metadata_name_is("my-torch-rt-128-3.7.0", "my-torch"));
+  CHECK_FALSE(metadata_name_is("my-torch-rt-128-3.7.0", "torch-rt"));
+  CHECK_FALSE(metadata_name_is("anything", ""));
+}
+
+TEST_CASE("a deployment runs its own runtime's tasks and those that name no runtime") {
+  Rig r(2, nullptr, "rt-a");
+  auto own = r.deliver(encode(Action::send_task, job_of("rt-a", 1, "A")));
+  auto none = r.deliver(encode(Action::send_task, job(1, "N")));
+  REQUIRE(r.handlers.sent.size() == 2);
+  CHECK(r.broker.published.empty());
+  r.reply(0);
+  r.reply(1);
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{own, none});
+  CHECK(r.d.counters().moved == 0);
+  // A deployment without a runtime runs everything, as before runtimes.
+  Rig any(1);
+  any.deliver(encode(Action::send_task, job_of("rt-b")));
+  CHECK(any.handlers.sent.size() == 1);
+  CHECK(any.broker.published.empty());
+}
+
+TEST_CASE("a task for another runtime is moved to that runtime's queue, acked only once the copy is confirmed") {
+  Rig r(2, nullptr, "rt-a");
+  amqp::Properties props;
+  props.message_id = "m1";
+  props.headers[k_hdr_crashes] = std::int64_t{1};
+  auto body = encode(Action::send_task, job_of("rt-b", 3, "B"));
+  auto tag = r.deliver(body, props);
+  CHECK(r.handlers.sent.empty());  // never run here
+  REQUIRE(r.broker.published.size() == 1);
+  const auto& p = r.broker.published[0];
+  CHECK(p.routing_key == "task_queue.runtime.rt-b");
+  CHECK(p.body == body);  // as delivered: not split, not rewritten
+  CHECK(p.props.delivery_mode == 2);
+  CHECK(p.props.message_id == "m1");
+  CHECK(amqp::table_int(p.props.headers, k_hdr_crashes, 0) == 1);
+  // Declared before the publish, once per connection.
+  CHECK(r.broker.events ==
+        std::vector<std::string>{"declare task_queue.runtime.rt-b", "publish task_queue.runtime.rt-b"});
+  CHECK(r.broker.acked.empty());
+  // Held until confirmed: the reserve is free again for the next message.
+  CHECK(r.d.prefetch() == 2 + 1 + 1);
+  r.deliver(encode(Action::send_task, job_of("rt-b", 1, "B2")));
+  CHECK(std::count(r.broker.events.begin(), r.broker.events.end(), "declare task_queue.runtime.rt-b") == 1);
+  r.d.on_confirm({r.broker.published[0].seq, true});
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
+  CHECK(r.d.counters().moved == 2);
+  CHECK(r.d.counters().tasks_done == 0);
+  // After a reconnect the queue is declared again before the next move.
+  r.d.on_disconnected();
+  r.d.on_connected(r.d.desired_prefetch(), r.d.desired_slot_consumer());
+  r.broker.events.clear();
+  r.deliver(encode(Action::send_task, job_of("rt-b", 1, "B3")));
+  CHECK(r.broker.events.front() == "declare task_queue.runtime.rt-b");
+}
+
+TEST_CASE("a move the broker refuses gives the original back to the queue, never loses it") {
+  Rig r(1, nullptr, "rt-a");
+  auto tag = r.deliver(encode(Action::send_task, job_of("rt-b")));
+  REQUIRE(r.broker.published.size() == 1);
+  r.d.on_confirm({r.broker.published[0].seq, false});
+  CHECK(r.broker.acked.empty());
+  CHECK(r.broker.requeued == std::vector<std::uint64_t>{tag});
+  CHECK(r.d.idle());
+  // A connection lost before the confirm: neither acked nor rejected, the
+  // broker has the original again and redelivers it.
+  auto tag2 = r.deliver(encode(Action::send_task, job_of("rt-b")));
+  r.d.on_disconnected();
+  CHECK(r.d.idle());
+  r.d.on_connected(r.d.desired_prefetch(), r.d.desired_slot_consumer());
+  r.confirm_all();  // sequence numbers of the old channel: ignored
+  CHECK(r.broker.acked.empty());
+  CHECK(r.broker.requeued == std::vector<std::uint64_t>{tag});
+  (void)tag2;
+}
+
+TEST_CASE("get_metadata for another runtime goes to every runtime's queue; a copy not ours is dropped") {
+  Rig r(1, nullptr, "rt-a");
+  auto mine = r.deliver(encode(Action::get_metadata, metadata_request(lithops_job_name("rt-a", 128, "3.7.0"))));
+  REQUIRE(r.handlers.sent.size() == 1);
+  CHECK(r.handlers.sent[0].handler == r.d.control());
+  r.reply(r.d.control());
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{mine});
+  // Another runtime's: its runtime cannot be read from the hash, so a copy
+  // goes to every runtime's queue through the fanout.
+  auto body = encode(Action::get_metadata, metadata_request(lithops_job_name("rt-b", 128, "3.7.0")));
+  auto theirs = r.deliver(body);
+  CHECK(r.handlers.sent.size() == 1);
+  REQUIRE(r.broker.published.size() == 1);
+  CHECK(r.broker.published[0].routing_key == "exchange:task_queue.runtimes");
+  CHECK(r.broker.published[0].body == body);
+  CHECK(r.broker.published[0].props.expiration == k_metadata_copy_ttl_ms);
+  r.confirm_all();
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{mine, theirs});
+  // Our copy of it comes back through our runtime queue: dropped, not fanned out again.
+  auto copy = deliver_from(r, body, "task_queue.runtimes", "");
+  CHECK(r.broker.published.size() == 1);
+  CHECK(r.handlers.sent.size() == 1);
+  CHECK(r.broker.acked.back() == copy);
+  // The copy of one that is ours, through the fanout: answered.
+  deliver_from(r, encode(Action::get_metadata, metadata_request("rt-a-128-3.7.0")), "task_queue.runtimes", "");
+  CHECK(r.handlers.sent.size() == 2);
+  // Pings name no runtime: always answered.
+  r.deliver(encode(Action::ping, Json::object()));
+  CHECK(r.handlers.sent.size() == 3);
+}
+
+TEST_CASE("a task naming an invalid runtime is dead-lettered, never used in a queue name") {
+  Rig r(1, nullptr, "rt-a");
+  auto tag = r.deliver(encode(Action::send_task, job_of("../x y")));
+  REQUIRE(r.broker.published.size() == 1);
+  CHECK(r.broker.published[0].routing_key == "task_queue.dead");
+  CHECK(amqp::table_string(r.broker.published[0].props.headers, k_hdr_reason).find("invalid runtime_name") == 0);
+  CHECK(std::none_of(r.broker.events.begin(), r.broker.events.end(),
+                     [](const std::string& e) { return e.starts_with("declare"); }));
+  r.confirm_all();
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
+  CHECK(r.handlers.sent.empty());
+}
+
+TEST_CASE("a split or crashed task from the runtime's queue goes back to that queue") {
+  Rig r(1, nullptr, "rt-a");
+  deliver_from(r, encode(Action::send_task, job_of("rt-a", 2, "S")), "", "task_queue.runtime.rt-a");
+  REQUIRE(r.broker.published.size() == 1);
+  CHECK(r.broker.published[0].routing_key == "task_queue.runtime.rt-a");
+  r.confirm_all();
+  r.d.on_handler_lost(0, "killed");
+  REQUIRE(r.broker.published.size() == 2);
+  CHECK(r.broker.published[1].routing_key == "task_queue.runtime.rt-a");
+  // From the task queue: back to the task queue, as before.
+  Rig t(1, nullptr, "rt-a");
+  t.deliver(encode(Action::send_task, job_of("rt-a", 2, "T")));
+  REQUIRE(t.broker.published.size() == 1);
+  CHECK(t.broker.published[0].routing_key == "task_queue");
+}
+
+TEST_CASE("runtime_memory caps the slots in use at the rank's memory divided by it") {
+  CHECK(memory_slot_cap(8, 4096, 1024) == 4);
+  CHECK(memory_slot_cap(2, 4096, 1024) == 2);
+  CHECK(memory_slot_cap(8, 4096, 5000) == 0);
+  CHECK(memory_slot_cap(8, 0, 1024) == 8);  // memory unknown
+  CHECK(memory_slot_cap(8, 4096, 0) == 8);  // runtime_memory not given
+  Rig r(4, nullptr, "rt-a", 2048);
+  auto big = [](const std::string& key, int calls) {
+    Json j = job_of("rt-a", calls, key);
+    j["runtime_memory"] = 1024;
+    return j;
+  };
+  // 4 calls, 4 slots, but only 2 x 1024 MiB fit: 2 run, 2 are republished.
+  r.deliver(encode(Action::send_task, big("M", 4)));
+  CHECK(r.d.slot_cap() == 2);
+  REQUIRE(r.broker.published.size() == 1);
+  CHECK(r.broker.published[0].routing_key == "task_queue");
+  r.confirm_all();
+  CHECK(r.d.busy_slots() == 2);
+  CHECK(r.d.desired_prefetch() == 0 + 1 + 1);  // no free slot: the message held, and the reserve
+  r.deliver(encode(Action::send_task, big("M2", 1)));
+  CHECK(r.d.busy_slots() == 2);  // waits in the reserve although 2 slots are idle
+  r.reply(0);
+  CHECK(r.d.busy_slots() == 2);  // the waiting one took the freed place
+  // A runtime that needs more than the rank has fails clearly: dead-lettered with the reason.
+  Json huge = job_of("rt-a", 1, "H");
+  huge["runtime_memory"] = 4096;
+  auto tag = r.deliver(encode(Action::send_task, huge));
+  auto& dead = r.broker.published.back();
+  CHECK(dead.routing_key == "task_queue.dead");
+  CHECK(amqp::table_string(dead.props.headers, k_hdr_reason).find("runtime_memory 4096 MiB exceeds the 2048 MiB") == 0);
+  r.d.on_confirm({dead.seq, true});
+  CHECK(r.broker.acked.back() == tag);
+  CHECK(r.d.slot_cap() == 2);
 }

@@ -92,7 +92,8 @@ struct Logged {
 
 // A table of `n` ranks, all ready, at the fake clock's time.
 Table ready_table(FakeClock& fc, int n, double interval = 5) {
-  Table t({.job = "42", .ranks = n, .interval = interval, .rank0_host = "n1", .rank0_pid = 4242}, fc.clock());
+  Table t({.job = "42", .runtime = "rt-a", .ranks = n, .interval = interval, .rank0_host = "n1", .rank0_pid = 4242},
+          fc.clock());
   t.set_logger([](Table::Level, const std::string&) {});
   for (int i = 0; i < n; ++i) {
     t.update(report_of(i, State::ready, 1, "n" + std::to_string(i + 1)));
@@ -323,9 +324,10 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   t.set_state(DeploymentState::draining);
   auto doc = json::parse(t.to_json());
 
-  CHECK(keys_of(doc) == std::set<std::string>{"job", "version", "updated", "started", "interval", "rank0", "summary",
-                                              "state", "ranks"});
+  CHECK(keys_of(doc) == std::set<std::string>{"job", "runtime", "version", "updated", "started", "interval", "rank0",
+                                              "summary", "state", "ranks"});
   CHECK(doc["job"] == "42");
+  CHECK(doc["runtime"] == "rt-a");
   CHECK(doc["version"] == 1);
   CHECK(doc["updated"].get<double>() == doctest::Approx(1700000001.25));
   CHECK(doc["started"].get<double>() == doctest::Approx(1700000000));
@@ -395,6 +397,8 @@ TEST_CASE("status exit codes: ready 0, degraded 1, unresponsive 1, stale 1, ende
   };
   CHECK(judge().code == Exit::ok);
   CHECK(judge().headline.find("3/3 ranks ready") != std::string::npos);
+  CHECK(judge().headline.find("job 42 (runtime rt-a): running") == 0);
+  CHECK(parse_status(t.to_json(), "s").runtime == "rt-a");
 
   SUBCASE("degraded: a rank starting") {
     t.update(report_of(1, State::starting, 2, "n2"));
@@ -448,7 +452,8 @@ TEST_CASE("the table a person reads") {
       text.find("0     n1    ready   1/4    10    1       2         yes     yes       0         4.0 MiB  1.0 s ago") !=
       std::string::npos);
   CHECK(text.find("rank 1 n2: last error: engine missing") != std::string::npos);
-  CHECK(text.find("job 42: running, DEGRADED: 1/2 ranks ready, 1 degraded, 0 unresponsive") != std::string::npos);
+  CHECK(text.find("job 42 (runtime rt-a): running, DEGRADED: 1/2 ranks ready, 1 degraded, 0 unresponsive") !=
+        std::string::npos);
 }
 
 TEST_CASE("status shows a GPU runtime's GPUs per rank and which slot holds which") {
@@ -679,8 +684,8 @@ TEST_CASE("every deployment at a glance: ok when the live ones are ready, failur
   put("11", DeploymentState::failed, State::failed);  // ended: not live, not counted
   auto o = autoalloc::overview_text(unix_now());
   CHECK(o.code == Exit::ok);
-  CHECK(o.text.find("job 10: running, 1/1 ranks ready") != std::string::npos);
-  CHECK(o.text.find("job 11: failed") != std::string::npos);
+  CHECK(o.text.find("job 10 (runtime rt-a): running, 1/1 ranks ready") != std::string::npos);
+  CHECK(o.text.find("job 11 (runtime rt-a): failed") != std::string::npos);
   CHECK(autoalloc::live_deployments(unix_now()).size() == 1);
   put("12", DeploymentState::running, State::starting);
   CHECK(autoalloc::overview_text(unix_now()).code == Exit::failure);
@@ -709,11 +714,11 @@ TEST_CASE("status lists live and recently ended deployments; --all the older one
   put_deployment("21", DeploymentState::stopped, now - 600);                              // recent
   put_deployment("22", DeploymentState::stopped, now - autoalloc::k_recent_seconds - 5);  // old
   auto o = autoalloc::overview_text(now);
-  CHECK(o.text.find("job 21:") != std::string::npos);
-  CHECK(o.text.find("job 22:") == std::string::npos);
+  CHECK(o.text.find("job 21 (") != std::string::npos);
+  CHECK(o.text.find("job 22 (") == std::string::npos);
   CHECK(o.text.find("1 deployment that ended over an hour ago not shown (status --all)") != std::string::npos);
   auto everything = autoalloc::overview_text(now, true);
-  CHECK(everything.text.find("job 22:") != std::string::npos);
+  CHECK(everything.text.find("job 22 (") != std::string::npos);
   CHECK(everything.text.find("not shown") == std::string::npos);
   auto j = json::parse(autoalloc::overview_json(now).text);
   CHECK(j["deployments"].size() == 2);

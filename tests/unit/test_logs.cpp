@@ -191,8 +191,9 @@ TEST_CASE("the progress line: tasks, rate, slots, ranks, on one line") {
   s.slots_total = 16;
   s.done = 1234;
   s.failed = 2;
-  CHECK(health::progress_line(s, 3.25) ==
-        "progress: tasks 1234 done, 2 failed, 3.2/s; slots 12/16 busy; ranks 3/3 ready");
+  CHECK(health::progress_line(s, 3.25, "rt-a") ==
+        "progress: tasks 1234 done, 2 failed, 3.2/s; slots 12/16 busy; ranks 3/3 ready; runtime rt-a");
+  CHECK(health::progress_line(s, 3.25).ends_with("ranks 3/3 ready; every runtime"));
   s.unresponsive = 1;
   s.ready = 2;
   CHECK(health::progress_line(s, 0).find("ranks 2/3 ready, 1 unresponsive") != std::string::npos);

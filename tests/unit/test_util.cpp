@@ -16,6 +16,7 @@
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/json_number.h"
+#include "util/memory_limit.h"
 #include "util/process.h"
 #include "util/signals.h"
 #include "util/strings.h"
@@ -305,6 +306,28 @@ TEST_CASE("a failure window tolerates its limit and forgets failures older than 
   CHECK(w.count(t0 + 11s) == 1);
   CHECK_FALSE(w.exceeded(t0 + 11s));
   CHECK(w.record(t0 + 30s) == 1);
+}
+
+TEST_CASE("the job's memory: cgroup limits, Slurm's allocation and MemTotal are read as MiB") {
+  CHECK(parse_cgroup_limit_mb("max\n") == std::nullopt);
+  CHECK(parse_cgroup_limit_mb("4294967296\n") == std::optional<std::uint64_t>(4096));
+  CHECK(parse_cgroup_limit_mb("9223372036854771712\n") == std::nullopt);  // v1 without a limit
+  CHECK(parse_cgroup_limit_mb("lots") == std::nullopt);
+  auto v2 = parse_proc_cgroup("0::/system.slice/slurmstepd.scope/job_42/step_0\n");
+  REQUIRE(v2);
+  CHECK(v2->path == "/system.slice/slurmstepd.scope/job_42/step_0");
+  CHECK_FALSE(v2->v1);
+  auto v1 = parse_proc_cgroup("12:cpu,cpuacct:/a\n11:memory:/slurm/uid_1/job_42\n0::/b\n");
+  REQUIRE(v1);
+  CHECK(v1->path == "/slurm/uid_1/job_42");
+  CHECK(v1->v1);
+  CHECK_FALSE(parse_proc_cgroup("garbage"));
+  CHECK(slurm_memory_mb("8000", nullptr, nullptr) == std::optional<std::uint64_t>(8000));
+  CHECK(slurm_memory_mb(nullptr, "1000", "4") == std::optional<std::uint64_t>(4000));
+  CHECK(slurm_memory_mb("", "1000", nullptr) == std::nullopt);
+  CHECK(meminfo_total_mb("MemTotal:       16318480 kB\nMemFree: 1 kB\n") == std::optional<std::uint64_t>(15936));
+  CHECK(meminfo_total_mb("nothing") == std::nullopt);
+  CHECK(job_memory_mb() > 0);  // this machine has some
 }
 
 TEST_CASE("a run ended by a signal exits as the shell reports it: 129 SIGHUP, 130 SIGINT, 143 SIGTERM") {

@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dispatch/protocol.h"
@@ -97,6 +98,10 @@ struct BrokerSide {
   std::vector<std::uint64_t> acked;
   std::vector<std::uint64_t> requeued;
   std::vector<std::string> cancelled;
+  std::vector<amqp::CancelledConsumer> to_cancel;  // the broker cancels these at the next pump
+  std::vector<std::string> declared;               // queues and exchanges, in order
+  std::vector<std::string> bound;                  // "queue > exchange"
+  std::vector<std::string> consumed;               // "queue tag", in order
   std::uint64_t seq = 0;
   std::vector<std::uint64_t> unconfirmed;
   bool open = false;
@@ -117,7 +122,7 @@ public:
   explicit FakeLink(std::shared_ptr<BrokerSide> side) : m_side(std::move(side)) { m_side->open = true; }
   ~FakeLink() override { m_side->open = false; }
   int fd() const override { return -1; }  // poll() skips it: buffered() says when to pump
-  bool buffered() const override { return !m_side->to_deliver.empty(); }
+  bool buffered() const override { return !m_side->to_deliver.empty() || !m_side->to_cancel.empty(); }
   const std::string& redacted_url() const override { return m_url; }
   void pump(bool) override {}
   bool next_delivery(amqp::Delivery& out) override {
@@ -136,11 +141,13 @@ public:
     m_side->unconfirmed.clear();
     return c;
   }
-  std::vector<amqp::CancelledConsumer> take_cancelled() override { return {}; }
+  std::vector<amqp::CancelledConsumer> take_cancelled() override { return std::exchange(m_side->to_cancel, {}); }
   bool blocked() const override { return false; }
   std::optional<amqp::BrokerClose> closed() const override { return std::nullopt; }
   void set_max_body(std::uint64_t) override {}
-  void declare_queue_async(const std::string&, bool, bool) override {}
+  void declare_queue_async(const std::string& q, bool, bool) override { m_side->declared.push_back(q); }
+  void declare_exchange_async(const std::string& x, const std::string&) override { m_side->declared.push_back(x); }
+  void bind_queue_async(const std::string& q, const std::string& x) override { m_side->bound.push_back(q + " > " + x); }
   void ack(std::uint64_t tag) override { m_side->acked.push_back(tag); }
   void reject(std::uint64_t tag, bool requeue) override {
     if (requeue) {
@@ -151,8 +158,15 @@ public:
     m_side->unconfirmed.push_back(++m_side->seq);
     return m_side->seq;
   }
+  std::uint64_t publish_to_exchange(const std::string&, std::string_view, const amqp::Properties&) override {
+    m_side->unconfirmed.push_back(++m_side->seq);
+    return m_side->seq;
+  }
   void qos_async(std::uint16_t) override {}
-  std::string consume(const std::string&, const amqp::ConsumeArgs& a) override { return a.tag; }
+  std::string consume(const std::string& q, const amqp::ConsumeArgs& a) override {
+    m_side->consumed.push_back(q + " " + a.tag);
+    return a.tag;
+  }
   void cancel_async(const std::string& tag) override { m_side->cancelled.push_back(tag); }
 
 private:
@@ -441,6 +455,31 @@ TEST_CASE("a worker that cannot record its messages in flight reports why and st
   CHECK(r.w->stats().slots_busy == 0);
   r.w.reset();  // the destructor stops again
   CHECK(r.instance->stops == 1);
+}
+
+TEST_CASE("a runtime queue the broker deleted is declared, bound to the runtimes' fanout and consumed again") {
+  Rig r(config::Mode::dispatch, [](config::Config& c) { c.singularity.runtime = "rt"; });
+  r.w->start("/images/rt.sif");
+  REQUIRE(r.consuming());
+  REQUIRE(r.broker->subscriptions.size() == 1);
+  const std::string q = "task_queue.runtime.rt";
+  CHECK(r.broker->subscriptions[0].runtime_queue == q);
+  CHECK(r.broker->subscriptions[0].runtimes_exchange == "task_queue.runtimes");
+  REQUIRE(r.step_until([&] { return r.w->stats().consuming; }));
+  r.broker->consumed.clear();
+  // Both of the runtime queue's consumers, as a queue.delete cancels them.
+  r.broker->to_cancel = {{1, "lhpc-runtime-reserve"}, {1, "lhpc-runtime-slots-1"}};
+  REQUIRE(r.step_until([&] { return !r.w->stats().consuming; }));
+  REQUIRE(r.step_until([&] { return r.w->stats().consuming; }));  // after the restore's backoff
+  CHECK(r.broker->declared == std::vector<std::string>{"task_queue.runtimes", q});
+  CHECK(r.broker->bound == std::vector<std::string>{q + " > task_queue.runtimes"});
+  REQUIRE(r.step_until([&] { return r.broker->consumed.size() == 2; }));
+  CHECK(r.broker->consumed[0] == q + " lhpc-runtime-reserve");
+  CHECK(r.broker->consumed[1] == q + " lhpc-runtime-slots-2");  // the slot consumer: a slot is free
+  CHECK(r.broker->subscriptions.size() == 1);                   // on the same connection
+  auto tag = r.broker->deliver(dispatch::encode(dispatch::Action::send_task, job(1)));
+  REQUIRE(r.step_until([&] { return r.broker->acked.size() == 1; }));
+  CHECK(r.broker->acked[0] == tag);
 }
 
 namespace {

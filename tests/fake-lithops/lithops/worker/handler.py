@@ -89,6 +89,7 @@ def function_handler(payload):
                 'activation_id': os.environ.get('__LITHOPS_ACTIVATION_ID'),
                 'backend': os.environ.get('__LITHOPS_BACKEND'),
                 'rank': os.environ.get('LITHOPS_HPC_RANK'),  # which rank's handler ran it
+                'marker': os.environ.get('LITHOPS_FAKE_MARKER'),  # which image ran it (a test's label)
             }
             probe = test.get('probe_env')
             if probe:
