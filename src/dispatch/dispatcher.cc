@@ -318,7 +318,8 @@ void Dispatcher::move_away(Message&& m, const Away& a) {
         p.expiration = k_metadata_copy_ttl_ms;  // the client stops waiting about then
         seq = m_broker.publish_to_exchange(a.target, ref.d.body, p);
       }
-      spdlog::debug("{} {}: not for runtime {}, moved to {}", to_string(ref.action), ref.mid, m_opts.runtime, a.target);
+      spdlog::debug("{} {}: not for runtime {}, moved to {}", k_action_names.text(ref.action), ref.mid, m_opts.runtime,
+                    a.target);
       m_pending[seq] = {ref.id, Purpose::move};
       ++ref.confirms;
       ++m_counters.moved;
