@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "autoalloc/controller.h"
@@ -15,12 +14,9 @@ namespace lhpc::autoalloc {
 
 std::vector<Deployment> deployments(double now) {
   std::vector<Deployment> out;
-  std::error_code ec;
-  for (const auto& d : std::filesystem::directory_iterator(state_dir() + "/jobs", ec)) {
-    auto name = d.path().filename().string();
+  for (const auto& loc : health::job_locations()) {
     try {
-      health::check_job_id(name);
-      auto look = health::find_deployment(name);
+      auto look = health::find_deployment(loc.job);
       if (!look.found) {
         continue;
       }

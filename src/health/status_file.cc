@@ -114,6 +114,19 @@ std::optional<std::string> job_from_environment() {
   return std::nullopt;
 }
 
+std::vector<Location> job_locations() {
+  std::vector<Location> out;
+  std::error_code ec;
+  for (const auto& d : std::filesystem::directory_iterator(state_dir() + "/jobs", ec)) {
+    try {
+      out.push_back(locate(d.path().filename().string()));
+    } catch (const Error&) {
+      continue;  // not one of ours
+    }
+  }
+  return out;
+}
+
 Lookup find_deployment(const std::string& job) {
   Lookup out;
   std::string want = job;
@@ -135,15 +148,7 @@ Lookup find_deployment(const std::string& job) {
   auto jobs = state_dir() + "/jobs";
   out.looked = jobs + "/*/status.json";
   double newest = -1;
-  std::error_code ec;
-  for (const auto& d : std::filesystem::directory_iterator(jobs, ec)) {
-    auto name = d.path().filename().string();
-    Location loc;
-    try {
-      loc = locate(name);
-    } catch (const Error&) {
-      continue;  // not one of ours
-    }
+  for (const auto& loc : job_locations()) {
     std::optional<std::string> text;
     try {
       text = read_status_file(loc.link);
@@ -182,16 +187,10 @@ bool prunable(const std::string& link, double now, double keep_seconds) {
 
 int prune_ended(double now, double keep_seconds, const std::string& keep_job) {
   int removed = 0;
-  std::error_code ec;
-  for (const auto& d : std::filesystem::directory_iterator(state_dir() + "/jobs", ec)) {
-    auto name = d.path().filename().string();
-    Location loc;
-    try {
-      loc = locate(name);
-    } catch (const Error&) {
-      continue;  // not one of ours
-    }
-    if (name == keep_job || !d.is_directory(ec) || d.is_symlink(ec) || !prunable(loc.link, now, keep_seconds)) {
+  for (const auto& loc : job_locations()) {
+    struct stat st {};
+    bool a_directory = ::lstat(loc.dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+    if (loc.job == keep_job || !a_directory || !prunable(loc.link, now, keep_seconds)) {
       continue;
     }
     std::error_code rm;
@@ -200,7 +199,8 @@ int prune_ended(double now, double keep_seconds, const std::string& keep_job) {
       spdlog::warn("cannot remove the ended deployment {}: {}", loc.dir, rm.message());
       continue;
     }
-    spdlog::info("removed the state of deployment {}, ended over {:g} s ago (health.keep_ended)", name, keep_seconds);
+    spdlog::info("removed the state of deployment {}, ended over {:g} s ago (health.keep_ended)", loc.job,
+                 keep_seconds);
     ++removed;
   }
   return removed;

@@ -66,6 +66,10 @@ struct Lookup {
 // newest it is passed over.
 Lookup find_deployment(const std::string& job);
 
+// Where each entry of <state_dir()>/jobs named like a job id would keep its
+// files (nothing is read); other names are passed over.
+std::vector<Location> job_locations();
+
 // Removes the directory under <state_dir()>/jobs of every deployment that
 // ended (stopped, failed, or stale: no update for long) more than
 // `keep_seconds` before `now` (its status file's "updated"), except `keep_job`'s:
