@@ -19,6 +19,35 @@ demo=$build/demo
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# publish_tasks PREFIX RECORDS: 20 send_task messages of 5 calls each, as the
+# Lithops client sends them, to the broker of $AMQP_URL, else of the Lithops
+# config `up` wrote (never on a command line); prints when it began.
+publish_tasks() {
+  /usr/bin/python3 - "$@" <<'PY'
+import base64, json, os, sys, time
+import pika, yaml
+prefix, records = sys.argv[1], sys.argv[2]
+url = os.environ.get("AMQP_URL")
+if not url:
+    with open(os.environ["LITHOPS_CONFIG_FILE"]) as f:
+        url = yaml.safe_load(f)["rabbitmq"]["amqp_url"]  # what up wrote for the Lithops client
+conn = pika.BlockingConnection(pika.URLParameters(url))
+ch = conn.channel()
+ch.queue_declare(queue="task_queue", durable=True)
+print(time.time())
+for j in range(20):
+    calls = [f"{i:05d}" for i in range(5)]
+    payload = {"job_key": f"{prefix}{j:02d}", "call_ids": calls, "data_byte_ranges": [[0, 0]] * 5,
+               "total_calls": 5, "worker_processes": 5, "log_level": "INFO", "execution_timeout": 60,
+               "config": {"lithops": {"backend": "singularity"}},
+               "lhpc_test": {"sleep": 0.05, "record_dir": records}}
+    body = json.dumps({"action": "send_task",
+                       "payload": base64.b64encode(json.dumps(payload).encode()).decode()})
+    ch.basic_publish("", "task_queue", body, pika.BasicProperties(delivery_mode=2))
+conn.close()
+PY
+}
+
 step "installing dependencies (Debian 12 packages)"
 deploy/install-deps.sh
 step "building"
@@ -75,23 +104,10 @@ grep -E "staged|rank 0 node0: [0-9]+ of" "$demo/deploy.log" | sed 's/^\[[^]]*\] 
 
 step "publishing 20 Lithops send_task messages of 5 calls each (as the Lithops client does)"
 mkdir -p "$demo/records"
+publish_tasks demo-job "$demo/records" >/dev/null
 /usr/bin/python3 - "$demo/records" <<'PY'
-import base64, glob, json, os, sys, time
-import pika
+import glob, sys, time
 records = sys.argv[1]
-conn = pika.BlockingConnection(pika.URLParameters(os.environ["AMQP_URL"]))
-ch = conn.channel()
-ch.queue_declare(queue="task_queue", durable=True)
-for j in range(20):
-    calls = [f"{i:05d}" for i in range(5)]
-    payload = {"job_key": f"demo-job{j:02d}", "call_ids": calls, "data_byte_ranges": [[0, 0]] * 5,
-               "total_calls": 5, "worker_processes": 5, "log_level": "INFO", "execution_timeout": 60,
-               "config": {"lithops": {"backend": "singularity"}},
-               "lhpc_test": {"sleep": 0.05, "record_dir": records}}
-    body = json.dumps({"action": "send_task",
-                       "payload": base64.b64encode(json.dumps(payload).encode()).decode()})
-    ch.basic_publish("", "task_queue", body, pika.BasicProperties(delivery_mode=2))
-conn.close()
 t0, deadline = time.time(), time.time() + 60
 while len(glob.glob(records + "/*.json")) < 100 and time.time() < deadline:
     time.sleep(0.1)
@@ -146,26 +162,10 @@ grep -o '"next": "[^"]*"' "$controller_state"
 
 step "publishing 20 send_task messages of 5 calls each; nothing serves the queue yet"
 mkdir -p "$demo/records-local"
-/usr/bin/python3 - "$demo/records-local" "$controller_state" <<'PY'
-import base64, glob, json, os, sys, time
-import pika, yaml
-records, state = sys.argv[1], sys.argv[2]
-with open(os.environ["LITHOPS_CONFIG_FILE"]) as f:
-    url = yaml.safe_load(f)["rabbitmq"]["amqp_url"]  # what up wrote for the Lithops client
-conn = pika.BlockingConnection(pika.URLParameters(url))
-ch = conn.channel()
-ch.queue_declare(queue="task_queue", durable=True)
-t0 = time.time()
-for j in range(20):
-    calls = [f"{i:05d}" for i in range(5)]
-    payload = {"job_key": f"loop-job{j:02d}", "call_ids": calls, "data_byte_ranges": [[0, 0]] * 5,
-               "total_calls": 5, "worker_processes": 5, "log_level": "INFO", "execution_timeout": 60,
-               "config": {"lithops": {"backend": "singularity"}},
-               "lhpc_test": {"sleep": 0.05, "record_dir": records}}
-    body = json.dumps({"action": "send_task",
-                       "payload": base64.b64encode(json.dumps(payload).encode()).decode()})
-    ch.basic_publish("", "task_queue", body, pika.BasicProperties(delivery_mode=2))
-conn.close()
+published=$(publish_tasks loop-job "$demo/records-local")
+/usr/bin/python3 - "$demo/records-local" "$controller_state" "$published" <<'PY'
+import glob, json, sys, time
+records, state, t0 = sys.argv[1], sys.argv[2], float(sys.argv[3])
 first, deadline = None, time.time() + 120
 while len(glob.glob(records + "/*.json")) < 100 and time.time() < deadline:
     if first is None and glob.glob(records + "/*.json"):
