@@ -103,7 +103,6 @@ void Dispatcher::on_disconnected() {
   m_connected = false;
   m_prefetch = 0;
   m_pending.clear();  // sequence numbers of a dead channel mean nothing now
-  m_declared.clear();
   m_waiting.clear();
   std::vector<std::uint64_t> gone(m_control_todo.begin(), m_control_todo.end());  // never sent
   m_control_todo.clear();
@@ -310,9 +309,10 @@ void Dispatcher::move_away(Message&& m, const Away& a) {
       p.delivery_mode = 2;
       std::uint64_t seq = 0;
       if (a.to == Away::To::queue) {
-        if (m_declared.insert(a.target).second) {
-          m_broker.declare_queue(a.target);
-        }
+        // Before every move, not once per connection: a queue deleted since
+        // (lithops clean, a person) would take a confirmed publish into
+        // nothing, and the task would be lost. One frame per moved message.
+        m_broker.declare_queue(a.target);
         seq = m_broker.publish(a.target, ref.d.body, p);
       } else {
         p.expiration = k_metadata_copy_ttl_ms;  // the client stops waiting about then

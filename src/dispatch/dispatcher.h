@@ -64,7 +64,6 @@
 #include <functional>
 #include <map>
 #include <optional>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -292,7 +291,6 @@ private:
   std::deque<std::uint64_t> m_control_todo;           // control messages not yet sent
   std::deque<ControlRequest> m_control_out;           // sent to the control handler, in order
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
-  std::set<std::string> m_declared;                   // runtime queues declared on this connection
   Counters m_counters;
   std::map<std::size_t, int> m_timeouts;  // body hash -> consumer timeouts while it ran here
 #if LHPC_TEST_HOOKS
