@@ -665,20 +665,31 @@ TEST_CASE("finding a deployment: the job's, the environment's, else the newest")
   }
 }
 
+namespace {
+// A one-rank deployment `job` in `state`, its status last updated at
+// `updated`, its rank in `rank_state` (ready when not given).
+void put_deployment(const std::string& job, DeploymentState state, double updated,
+                    std::optional<State> rank_state = std::nullopt) {
+  FakeClock fc;
+  fc.wall = updated;
+  Table t = ready_table(fc, 1);
+  if (rank_state) {
+    t.update(report_of(0, *rank_state, 9, "n1"));
+  }
+  t.set_state(state);
+  auto doc = json::parse(t.to_json());
+  doc["job"] = job;
+  auto loc = locate(job);
+  prepare(loc);
+  write_status(loc, doc.dump());
+}
+}  // namespace
+
 TEST_CASE("every deployment at a glance: ok when the live ones are ready, failure when one is not, none found") {
   StateDir sd;
   CHECK(autoalloc::overview_text(unix_now()).code == Exit::no_deployment);
-  auto put = [&](const std::string& job, DeploymentState state, State rank_state) {
-    FakeClock fc;
-    fc.wall = unix_now();
-    Table t = ready_table(fc, 1);
-    t.update(report_of(0, rank_state, 9, "n1"));
-    t.set_state(state);
-    auto doc = json::parse(t.to_json());
-    doc["job"] = job;
-    auto loc = locate(job);
-    prepare(loc);
-    write_status(loc, doc.dump());
+  auto put = [](const std::string& job, DeploymentState state, State rank_state) {
+    put_deployment(job, state, unix_now(), rank_state);
   };
   put("10", DeploymentState::running, State::ready);
   put("11", DeploymentState::failed, State::failed);  // ended: not live, not counted
@@ -691,21 +702,6 @@ TEST_CASE("every deployment at a glance: ok when the live ones are ready, failur
   CHECK(autoalloc::overview_text(unix_now()).code == Exit::failure);
   CHECK(autoalloc::overview_json(unix_now()).code == Exit::failure);
 }
-
-namespace {
-// A one-rank deployment `job` in `state`, its status last updated at `updated`.
-void put_deployment(const std::string& job, DeploymentState state, double updated) {
-  FakeClock fc;
-  fc.wall = updated;
-  Table t = ready_table(fc, 1);
-  t.set_state(state);
-  auto doc = json::parse(t.to_json());
-  doc["job"] = job;
-  auto loc = locate(job);
-  prepare(loc);
-  write_status(loc, doc.dump());
-}
-}  // namespace
 
 TEST_CASE("status lists live and recently ended deployments; --all the older ones too") {
   StateDir sd;
