@@ -150,6 +150,7 @@ health::Report make_report(health::State state, const WorkerStats& s, const std:
   r.slots_busy = s.slots_busy;
   r.slots_total = s.slots_total;
   health::set_gpus(r, s.gpus);
+  health::set_gpus_out(r, s.gpus_out);
   r.done = s.tasks_done;
   r.failed = s.tasks_failed;
   r.requeued = s.tasks_requeued;

@@ -261,18 +261,38 @@ void HandlerPool::record_death(int h, Clock::time_point now, const std::string& 
     p.backoff.reset();  // the first death in a window: it had been up a while
   }
   if (deaths > m_opts.restart_limit) {
-    p.state = State::failed;
-    m_failed = true;
-    m_last_error =
-        fmt::format("{} died {} times within {} s (deploy.restart_limit = {}); last: {}", handler_name(h, size()),
-                    deaths, m_opts.death_window.count() / 1000, m_opts.restart_limit, detail);
-    spdlog::error("{}", m_last_error);
+    give_up(h, deaths, detail);
     return;
   }
   auto delay = p.backoff.next();
   p.restart_at = now + delay;
   spdlog::info("restarting {} in {:.1f} s ({} of {} deaths within {} s)", handler_name(h, size()),
                delay.count() / 1000.0, deaths, m_opts.restart_limit, m_opts.death_window.count() / 1000);
+}
+
+void HandlerPool::give_up(int h, int deaths, const std::string& detail) {
+  Proc& p = m_procs[static_cast<std::size_t>(h)];
+  p.state = State::failed;
+  std::string why = fmt::format("died {} times within {} s (deploy.restart_limit = {}); last: {}", deaths,
+                                m_opts.death_window.count() / 1000, m_opts.restart_limit, detail);
+  m_last_error = handler_name(h, size()) + " " + why;
+  bool slot = h < size() - 1;
+  if (!m_opts.retire_slots || !slot) {
+    m_failed = true;
+    spdlog::error("{}", m_last_error);
+    return;
+  }
+  p.retired_why = why;
+  int left = 0;
+  for (int k = 0; k < size() - 1; ++k) {
+    left += m_procs[static_cast<std::size_t>(k)].retired_why.empty() ? 1 : 0;
+  }
+  spdlog::error("{}: slot {} taken out of service ({} of {} slots left)", m_last_error, h, left, size() - 1);
+  m_listener.handler_retired(h, why);
+  if (left == 0) {
+    m_failed = true;
+    m_last_error = fmt::format("every slot is out of service; the last, {}", m_last_error);
+  }
 }
 
 void HandlerPool::report_losses(Clock::time_point) {
@@ -356,6 +376,11 @@ pid_t HandlerPool::pid(int h) const {
 
 bool HandlerPool::ready(int h) const {
   return h >= 0 && h < size() && m_procs[static_cast<std::size_t>(h)].state == State::ready;
+}
+
+const std::string& HandlerPool::retired_why(int h) const {
+  static const std::string none;
+  return (h >= 0 && h < size()) ? m_procs[static_cast<std::size_t>(h)].retired_why : none;
 }
 
 int HandlerPool::ready_count() const {

@@ -5,7 +5,10 @@
 // mean is the dispatcher's business. Every death, before or after the ready
 // line, is counted in a time window and the restart waits a capped
 // exponential backoff: a handler that dies as soon as it is up is restarted
-// a few times, ever more slowly, then the pool fails.
+// a few times, ever more slowly, then the pool fails. With `retire_slots`
+// (a GPU runtime, whose slots own different devices) a slot handler past
+// that limit is taken out of service alone and the others go on; the pool
+// fails only when its control handler does or no slot is left.
 #pragma once
 
 #include <poll.h>
@@ -38,6 +41,9 @@ struct PoolOptions {
   std::chrono::milliseconds death_window{60000};
   std::chrono::milliseconds backoff_first{500};
   std::chrono::milliseconds backoff_max{30000};
+  // A slot handler (every one but the last, the control handler) past
+  // restart_limit is taken out of service instead of failing the pool.
+  bool retire_slots = false;
 };
 
 class HandlerPool final : public HandlerPort {
@@ -53,6 +59,8 @@ public:
     // It died before it was ready (the pool retries with backoff): a hint
     // that the instance it runs in may be gone.
     virtual void handler_failed_to_start(int /*h*/) {}
+    // Slot h died past the limit and is not restarted again (retire_slots).
+    virtual void handler_retired(int /*h*/, const std::string& /*why*/) {}
   };
 
   HandlerPool(int count, std::function<HandlerCommand(int h)> command, PoolOptions opts, Listener& listener);
@@ -84,6 +92,8 @@ public:
   pid_t pid(int h) const;
   bool ready(int h) const;
   int ready_count() const;
+  // Why slot h was taken out of service; empty while it is in service.
+  const std::string& retired_why(int h) const;
 
 private:
   enum class State { down, starting, ready, failed };
@@ -98,7 +108,8 @@ private:
     Backoff backoff;
     FailureWindow deaths{5, std::chrono::milliseconds(60000)};
     bool was_started = false;
-    std::string lost_why;  // set: lost, to be reported by tick()
+    std::string lost_why;     // set: lost, to be reported by tick()
+    std::string retired_why;  // set: out of service for good (retire_slots)
   };
 
   void spawn_one(int h, Clock::time_point now);
@@ -107,6 +118,8 @@ private:
   void lose(int h, const std::string& why);
   // Counts a death; schedules the restart, or fails the pool past the limit.
   void record_death(int h, Clock::time_point now, const std::string& detail);
+  // Past the limit: slot h out of service (retire_slots), or the pool failed.
+  void give_up(int h, int deaths, const std::string& detail);
   void report_losses(Clock::time_point now);
   void on_line(int h, const std::string& line);
 

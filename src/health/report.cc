@@ -117,9 +117,11 @@ std::string truncate_utf8(std::string_view s, std::size_t max_bytes) {
 
 void set_node(Report& r, std::string_view node) { copy_field(r.node, sizeof r.node, node); }
 
-void set_last_error(Report& r, std::string_view text) {
-  // Redact before cutting: a cut must never leave half a password behind a
-  // URL that redaction would no longer recognise.
+namespace {
+
+// Redact before cutting: a cut must never leave half a password behind a
+// URL that redaction would no longer recognise.
+void set_text(char* field, std::size_t size, std::string_view text) {
   auto clean = redact_secrets(text);
   for (auto& c : clean) {
     auto u = static_cast<unsigned char>(c);
@@ -127,8 +129,38 @@ void set_last_error(Report& r, std::string_view text) {
       c = ' ';
     }
   }
-  auto cut = truncate_utf8(clean, sizeof r.last_error - 1);
-  copy_field(r.last_error, sizeof r.last_error, cut);
+  copy_field(field, size, truncate_utf8(clean, size - 1));
+}
+
+}  // namespace
+
+void set_last_error(Report& r, std::string_view text) { set_text(r.last_error, sizeof r.last_error, text); }
+
+void set_gpus_out(Report& r, const std::map<int, std::string>& out) {
+  r.gpus_out = 0;
+  std::string why;
+  for (const auto& [slot, text] : out) {
+    if (slot < 0 || slot > 63) {
+      continue;
+    }
+    r.gpus_out |= std::uint64_t{1} << slot;
+    why += (why.empty() ? "" : "; ") + std::string("slot ") + std::to_string(slot) + ": " + text;
+  }
+  set_text(r.gpus_out_why, sizeof r.gpus_out_why, why);
+}
+
+std::vector<int> gpus_out_of(const Report& r) {
+  std::vector<int> slots;
+  for (int k = 0; k < 64; ++k) {
+    if (r.gpus_out & (std::uint64_t{1} << k)) {
+      slots.push_back(k);
+    }
+  }
+  return slots;
+}
+
+std::string gpus_out_why_of(const Report& r) {
+  return std::string(r.gpus_out_why, ::strnlen(r.gpus_out_why, sizeof r.gpus_out_why));
 }
 
 std::string node_of(const Report& r) { return std::string(r.node, ::strnlen(r.node, sizeof r.node)); }

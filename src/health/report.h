@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -44,7 +45,7 @@ inline constexpr Names<State, 8> k_state_names{{{
     {State::reconnecting, "reconnecting"},
 }}};
 
-inline constexpr std::uint32_t k_report_version = 3;
+inline constexpr std::uint32_t k_report_version = 4;
 inline constexpr std::size_t k_node_len = 64;         // bytes, including the NUL
 inline constexpr std::size_t k_last_error_len = 160;  // bytes, including the NUL
 inline constexpr std::size_t k_gpus_len = 256;        // bytes, including the NUL
@@ -60,6 +61,7 @@ struct Report {
   std::uint64_t rss_kb = 0;         // VmRSS of the rank process itself
   std::uint64_t rss_tree_kb = 0;    // rss_kb + VmRSS of all its descendants (handlers)
   std::uint64_t duplicates = 0;     // calls finished after the broker took their message back (it runs again)
+  std::uint64_t gpus_out = 0;       // bit k: GPU slot k is out of service (its handler kept dying)
   double uptime = 0;                // seconds since this rank started
   double timestamp = 0;             // sender's unix time (informative: clocks differ across nodes)
   std::uint32_t version = k_report_version;
@@ -79,11 +81,13 @@ struct Report {
   // A GPU runtime's slots and their devices: "0,1;2,3" (slot k's devices
   // are the k-th ';'-separated group); empty: a CPU runtime.
   char gpus[k_gpus_len] = {};
+  // Why: "slot 2: died 6 times within 60 s (...); last: ...; slot 3: ...".
+  char gpus_out_why[k_gpus_len] = {};
 };
 
 static_assert(std::is_trivially_copyable_v<Report>);
 static_assert(std::is_standard_layout_v<Report>);
-static_assert(sizeof(Report) == 8 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len + k_gpus_len,
+static_assert(sizeof(Report) == 9 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len + 2 * k_gpus_len,
               "Report must have no padding: every byte on the wire is initialised");
 
 // Copies `node` (truncated to 63 bytes on a UTF-8 boundary).
@@ -95,6 +99,12 @@ void set_last_error(Report& r, std::string_view text);
 // left out whole (a status shows fewer, never a cut device id).
 void set_gpus(Report& r, const std::vector<std::vector<std::string>>& slots);
 std::vector<std::vector<std::string>> gpus_of(const Report& r);
+// The slots out of service (slot -> why; slots past 63 are left out) into
+// gpus_out and gpus_out_why (secrets redacted, cut like last_error); read
+// back as the slot numbers and the one text.
+void set_gpus_out(Report& r, const std::map<int, std::string>& out);
+std::vector<int> gpus_out_of(const Report& r);
+std::string gpus_out_why_of(const Report& r);
 // Read back, stopping at the first NUL or the array's end (never past it).
 std::string node_of(const Report& r);
 std::string last_error_of(const Report& r);

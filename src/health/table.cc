@@ -211,7 +211,9 @@ std::string Table::to_json() const {
     r["seq"] = p.seq;
     r["last_seen"] = e.report ? json(round_to(now_mono - e.last_seen, 0.1)) : json(nullptr);
     r["last_error"] = last_error_of(p);
-    r["gpus"] = gpus_of(p);  // slot k's devices; [] for a CPU runtime
+    r["gpus"] = gpus_of(p);          // slot k's devices; [] for a CPU runtime
+    r["gpus_out"] = gpus_out_of(p);  // slots out of service (indices into gpus)
+    r["gpus_out_why"] = gpus_out_why_of(p);
     ranks.push_back(std::move(r));
   }
   doc["ranks"] = std::move(ranks);

@@ -93,11 +93,27 @@ std::vector<std::vector<std::string>> read_gpus(const Reader& rd, const json& v,
   return slots;
 }
 
-// "slot 0: 0, slot 1: 1" (a slot of several GPUs: "slot 0: 0+1").
-std::string gpus_text(const std::vector<std::vector<std::string>>& slots) {
+// "gpus_out": an array of slot numbers.
+std::vector<int> read_slots(const Reader& rd, const json& v, const std::string& key) {
+  std::vector<int> slots;
+  if (!v.is_array()) {
+    rd.fail(key, "is not an array of slot numbers");
+  }
+  for (const auto& k : v) {
+    if (!k.is_number_unsigned() || k.get<unsigned long long>() > 63) {
+      rd.fail(key, "holds something that is not a slot number (0 to 63)");
+    }
+    slots.push_back(k.get<int>());
+  }
+  return slots;
+}
+
+// "slot 0: 0, slot 1: 1 (out of service)" (a slot of several GPUs: "slot 0: 0+1").
+std::string gpus_text(const std::vector<std::vector<std::string>>& slots, const std::vector<int>& out) {
   std::vector<std::string> parts;
   for (std::size_t k = 0; k < slots.size(); ++k) {
-    parts.push_back(fmt::format("slot {}: {}", k, join(slots[k], "+")));
+    bool gone = std::find(out.begin(), out.end(), static_cast<int>(k)) != out.end();
+    parts.push_back(fmt::format("slot {}: {}{}", k, join(slots[k], "+"), gone ? " (out of service)" : ""));
   }
   return join(parts, ", ");
 }
@@ -222,6 +238,10 @@ StatusView parse_status(const std::string& text, const std::string& source) {
     if (j.contains("gpus")) {  // absent in a file written by an older lithops-hpc
       r.gpus = read_gpus(rd, rd.at(j, "gpus", w), w + "gpus");
     }
+    if (j.contains("gpus_out")) {
+      r.gpus_out = read_slots(rd, rd.at(j, "gpus_out", w), w + "gpus_out");
+      r.gpus_out_why = rd.str(j, "gpus_out_why", w);
+    }
     s.ranks.push_back(std::move(r));
   }
   return s;
@@ -298,7 +318,10 @@ std::string render(const StatusView& s, const Assessment& a) {
   }
   for (const auto& r : s.ranks) {
     if (!r.gpus.empty()) {
-      out += fmt::format("rank {} {}: GPUs: {}\n", r.rank, r.node, gpus_text(r.gpus));
+      out += fmt::format("rank {} {}: GPUs: {}\n", r.rank, r.node, gpus_text(r.gpus, r.gpus_out));
+    }
+    if (!r.gpus_out.empty()) {
+      out += fmt::format("rank {} {}: GPUs out of service: {}\n", r.rank, r.node, r.gpus_out_why);
     }
   }
   for (const auto& r : s.ranks) {

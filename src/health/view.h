@@ -31,6 +31,8 @@ struct RankView {
   std::optional<double> last_seen;
   std::string last_error;
   std::vector<std::vector<std::string>> gpus;  // a GPU runtime: slot k's devices
+  std::vector<int> gpus_out;                   // slots out of service (indices into gpus)
+  std::string gpus_out_why;                    // "slot 2: why; slot 3: why"
 };
 
 struct StatusView {

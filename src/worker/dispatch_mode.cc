@@ -155,6 +155,9 @@ void DispatchMode::start() {
       sanitize_name(m_ctx.id.jobid) + "-" + std::to_string(m_ctx.id.rank) + "-" + std::to_string(::getpid()));
   dispatch::PoolOptions popts;
   popts.restart_limit = m_ctx.cfg.deploy.restart_limit;
+  // A GPU runtime's slots own different devices: one that keeps dying says
+  // more about its GPU than about the image, so it alone goes.
+  popts.retire_slots = !m_ctx.slot_env.empty();
   m_pool = std::make_unique<dispatch::HandlerPool>(
       m_ctx.slots + 1, [this](int h) { return handler_command(h); }, popts, *this);
   // The dispatcher sends through the pool.
@@ -295,6 +298,10 @@ void DispatchMode::handler_failed_to_start(int) {
       spdlog::error("  | {}", lines[i]);
     }
   }
+}
+
+void DispatchMode::handler_retired(int h, const std::string& why) {
+  m_ctx.note_error(fmt::format("slot {} out of service: handler {}", h, why));
 }
 
 // --- the broker --------------------------------------------------------------
@@ -477,12 +484,18 @@ std::optional<Done> DispatchMode::after_poll(bool broker_readable, Clock::time_p
     lost(m_broker_error);
   }
   if (m_pool->failed()) {
+    bool gpus_out = !m_ctx.slot_env.empty();
+    for (int h = 0; h < m_ctx.slots; ++h) {
+      gpus_out = gpus_out && !m_pool->retired_why(h).empty();
+    }
     throw Error(Exit::engine,
                 fmt::format("handlers of rank {} on {} cannot be kept running: {}", m_ctx.id.rank, m_ctx.id.node,
                             m_pool->last_error()),
-                "check singularity.python and that Lithops imports in the image (the handler's last output lines "
-                "are above; all of it: lithops-hpc logs); "
-                "deploy.restart_limit sets how many deaths a minute a handler may have");
+                gpus_out ? "every GPU slot of this rank kept dying: check its GPUs (nvidia-smi, the handler's output "
+                           "in lithops-hpc logs); the rank consumes nothing more"
+                         : "check singularity.python and that Lithops imports in the image (the handler's last "
+                           "output lines are above; all of it: lithops-hpc logs); "
+                           "deploy.restart_limit sets how many deaths a minute a handler may have");
   }
   m_ctx.instance.supervise(now);
   // Handlers spawned into an instance that is down would only die: wait for it.
@@ -575,6 +588,12 @@ void DispatchMode::fill(WorkerStats& s) const {
     s.state = State::starting;
   }
   s.restarts += m_pool->restarts();
+  for (int h = 0; h < m_ctx.slots; ++h) {
+    if (const auto& why = m_pool->retired_why(h); !why.empty()) {
+      s.gpus_out[h] = why;
+    }
+  }
+  s.slots_total -= static_cast<int>(s.gpus_out.size());
 }
 
 }  // namespace lhpc::worker

@@ -84,6 +84,7 @@ private:
   void handler_reply(int h, const dispatch::Json& reply) override;
   void handler_lost(int h, const std::string& why) override;
   void handler_failed_to_start(int) override;
+  void handler_retired(int h, const std::string& why) override;
 
   dispatch::HandlerCommand handler_command(int h) const;
   std::chrono::milliseconds poll_timeout(std::chrono::milliseconds max_wait, Clock::time_point now) const;

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -78,6 +79,9 @@ struct WorkerStats {
   int restarts = 0;  // handler, runscript and instance restarts
   std::string last_error;
   std::vector<std::vector<std::string>> gpus;  // a GPU runtime: slot k's devices; empty: a CPU runtime
+  // A GPU runtime's slots taken out of service (their handler kept dying:
+  // deploy.restart_limit), and why; slots_total counts only the others.
+  std::map<int, std::string> gpus_out;
 };
 
 // The node's usable cores (sched_getaffinity), at least 1.

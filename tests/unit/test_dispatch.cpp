@@ -979,6 +979,39 @@ TEST_CASE("a handler that dies right after its ready line is restarted ever more
   }
 }
 
+TEST_CASE(
+    "with retire_slots a slot handler past the limit is taken out of service alone, the last one fails the pool") {
+  struct Retired : PoolEvents {
+    std::vector<std::pair<int, std::string>> retired;
+    void handler_retired(int h, const std::string& why) override { retired.emplace_back(h, why); }
+  } ev;
+  PoolOptions po;
+  po.backoff_first = std::chrono::milliseconds(1);
+  po.backoff_max = std::chrono::milliseconds(2);
+  po.restart_limit = 1;
+  po.retire_slots = true;
+  // Slot 0 dies as soon as it is up; slot 1 and the control handler (2) live.
+  auto command = [](int h) { return HandlerCommand{{"sh", "-c", h == 0 ? "exit 7" : k_echo_handler}, Env::current()}; };
+  HandlerPool pool(3, command, po, ev);
+  pool.start();
+  REQUIRE(pump_until(pool, [&] { return !ev.retired.empty() && pool.ready_count() == 2; }));
+  CHECK_FALSE(pool.failed());
+  CHECK(ev.retired.size() == 1);
+  CHECK(ev.retired[0].first == 0);
+  CHECK(ev.retired[0].second.find("died 2 times within 60 s") != std::string::npos);
+  CHECK(pool.retired_why(0) == ev.retired[0].second);
+  CHECK(pool.retired_why(1).empty());
+  CHECK(pool.ready(1));
+  // Slot 1 going the same way leaves no slot: the pool fails.
+  pid_t first = pool.pid(1);
+  ::kill(first, SIGKILL);
+  REQUIRE(pump_until(pool, [&] { return pool.ready(1) && pool.pid(1) != first; }));
+  ::kill(pool.pid(1), SIGKILL);
+  REQUIRE(pump_until(pool, [&] { return pool.failed(); }));
+  CHECK(pool.last_error().find("every slot is out of service") != std::string::npos);
+  pool.stop(std::chrono::milliseconds(2000));
+}
+
 // --- amqp helpers ----------------------------------------------------------
 
 TEST_CASE("header values are read leniently") {

@@ -113,7 +113,7 @@ std::set<std::string> keys_of(const json& j) {
 
 TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
   CHECK(std::is_trivially_copyable_v<Report>);
-  CHECK(sizeof(Report) == 592);
+  CHECK(sizeof(Report) == 856);
   Report a = report_of(3, State::draining, 7, "node-7");
   set_last_error(a, "boom");
   unsigned char wire[sizeof(Report)];
@@ -348,10 +348,11 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   REQUIRE(doc["ranks"].size() == 2);
   const auto& r = doc["ranks"][1];
   CHECK(keys_of(r) ==
-        std::set<std::string>{"rank",        "node",      "pid",     "state",     "reported_state", "slots_busy",
-                              "slots_total", "done",      "failed",  "requeued",  "dead_lettered",  "duplicates",
-                              "broker",      "consuming", "blocked", "instance",  "restarts",       "rss_kb",
-                              "rss_tree_kb", "uptime",    "seq",     "last_seen", "last_error",     "gpus"});
+        std::set<std::string>{"rank",        "node",        "pid",     "state",     "reported_state", "slots_busy",
+                              "slots_total", "done",        "failed",  "requeued",  "dead_lettered",  "duplicates",
+                              "broker",      "consuming",   "blocked", "instance",  "restarts",       "rss_kb",
+                              "rss_tree_kb", "uptime",      "seq",     "last_seen", "last_error",     "gpus",
+                              "gpus_out",    "gpus_out_why"});
   CHECK(r["rank"] == 1);
   CHECK(r["node"] == "n2");
   CHECK(r["pid"] == 101);
@@ -480,6 +481,30 @@ TEST_CASE("status shows a GPU runtime's GPUs per rank and which slot holds which
   // An older file without the key reads as a CPU runtime.
   doc["ranks"][1].erase("gpus");
   CHECK(parse_status(doc.dump(), "s").ranks[1].gpus.empty());
+}
+
+TEST_CASE("status shows a GPU slot taken out of service, with why") {
+  FakeClock fc;
+  Table t = ready_table(fc, 2, 5);
+  auto r = report_of(1, State::ready, 2, "n2");
+  set_gpus(r, {{"0"}, {"1"}, {"2"}});
+  set_gpus_out(r, {{1, "died 2 times within 60 s (deploy.restart_limit = 1); last: killed by signal 11"}, {70, "x"}});
+  t.update(r);
+  auto doc = json::parse(t.to_json());
+  CHECK(doc["ranks"][0]["gpus_out"] == json::array());
+  CHECK(doc["ranks"][1]["gpus_out"] == json{1});
+  CHECK(doc["ranks"][1]["gpus_out_why"] ==
+        "slot 1: died 2 times within 60 s (deploy.restart_limit = 1); last: killed by signal 11");
+  auto v = parse_status(doc.dump(), "s");
+  CHECK(v.ranks[1].gpus_out == std::vector<int>{1});
+  auto text = render(v, assess(v, fc.wall + 1));
+  CHECK(text.find("rank 1 n2: GPUs: slot 0: 0, slot 1: 1 (out of service), slot 2: 2") != std::string::npos);
+  CHECK(text.find("rank 1 n2: GPUs out of service: slot 1: died 2 times within 60 s") != std::string::npos);
+  // An older file without the keys has every slot in service.
+  doc["ranks"][1].erase("gpus_out");
+  CHECK(parse_status(doc.dump(), "s").ranks[1].gpus_out.empty());
+  doc["ranks"][1]["gpus_out"] = json{"1"};
+  CHECK_THROWS_AS(parse_status(doc.dump(), "s"), Error);
 }
 
 TEST_CASE("a rank that consumes nothing or is blocked by the broker says so, and is not ready") {

@@ -576,3 +576,61 @@ TEST_CASE("a restarted GPU slot handler keeps its slot's devices") {
   CHECK(r.gpu_lines().back() == "2 2 PCI_BUS_ID");
   CHECK_FALSE(r.w->finished());
 }
+
+namespace {
+
+// Kills slot `role`'s handler `times` times, each time once its successor is up.
+void kill_handler(Rig& r, const std::string& role, int times) {
+  for (int i = 0; i < times; ++i) {
+    pid_t pid = 0;
+    REQUIRE(r.step_until([&] {
+      pid = r.handler_pid(role);
+      return pid != 0 && ::kill(pid, 0) == 0;
+    }));
+    REQUIRE(::kill(pid, SIGKILL) == 0);
+    REQUIRE(r.step_until([&] { return r.handler_pid(role) != pid || r.w->stats().gpus_out.count(std::stoi(role)); }));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a GPU slot whose handler keeps dying is taken out of service; the rank serves with its other slots") {
+  // deploy.restart_limit = 1 (the rig's): a second death within a minute is one too many.
+  Rig r(
+      config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 1); }, 0, gpu_env("0,1,2,3"));
+  r.w->start("/images/runtime.sif");
+  REQUIRE(r.consuming());
+  kill_handler(r, "2", 2);
+  REQUIRE(r.step_until([&] { return r.w->stats().gpus_out.count(2) == 1; }));
+  auto s = r.w->stats();
+  CHECK_FALSE(r.w->finished());
+  CHECK(s.state == State::running);
+  CHECK(s.slots_total == 3);
+  CHECK(s.gpus_out.size() == 1);
+  CHECK(s.gpus_out.at(2).find("died 2 times within 60 s") != std::string::npos);
+  CHECK(s.last_error.find("slot 2 out of service") != std::string::npos);
+  // Not restarted again; the other three run a 3-call task.
+  auto starts = r.gpu_lines().size();
+  auto tag = r.broker->deliver(dispatch::encode(dispatch::Action::send_task, job(3)));
+  REQUIRE(r.step_until([&] { return r.broker->acked.size() == 1; }));
+  CHECK(r.broker->acked[0] == tag);
+  CHECK(r.gpu_lines().size() == starts);
+  CHECK(r.w->stats().gpus_out.size() == 1);
+}
+
+TEST_CASE("a GPU rank whose every slot is out of service stops consuming and says so") {
+  Rig r(
+      config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 2); }, 0, gpu_env("0,1,2,3"));
+  r.w->start("/images/runtime.sif");
+  REQUIRE(r.consuming());
+  kill_handler(r, "0", 2);
+  REQUIRE(r.step_until([&] { return r.w->stats().gpus_out.count(0) == 1; }));
+  CHECK_FALSE(r.w->finished());
+  kill_handler(r, "1", 2);
+  REQUIRE(r.step_until([&] { return r.w->finished(); }));
+  auto s = r.w->stats();
+  CHECK(s.state == State::failed);
+  CHECK_FALSE(s.consuming);
+  CHECK(s.gpus_out.size() == 2);
+  CHECK(s.last_error.find("every slot is out of service") != std::string::npos);
+}
