@@ -24,6 +24,7 @@ namespace lhpc::config {
 std::string to_string(const Origin& o) {
   switch (o.from) {
     case From::default_value: return "default";
+    case From::image_label: return "image label " + o.where;
     case From::lithops_yaml:
     case From::toml: return o.where;
     case From::environment: return "environment (" + o.where + ")";
@@ -258,6 +259,7 @@ Section singularity_keys() {
               enum_key("engine", sec, &S::engine, k_engine_names),
               bool_key("fakeroot", sec, &S::fakeroot),
               bool_key("nv", sec, &S::nv),
+              bool_key("nvccli", sec, &S::nvccli),
               string_key("instance_name", sec, &S::instance_name, check_instance_name),
               strings_key("binds", sec, &S::binds),
               int_key("worker_processes", sec, &S::worker_processes, 0, 4096),

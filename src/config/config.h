@@ -38,6 +38,9 @@ struct Singularity {
   Engine engine = Engine::singularity;
   bool fakeroot = false;
   bool nv = false;  // --nv: NVIDIA GPUs inside the instance
+  // With --nv (nv, or an NVIDIA GPU runtime): also --nvccli, the engine sets
+  // the GPUs up through nvidia-container-cli instead of binding the driver.
+  bool nvccli = false;
   std::string instance_name = "lithops-worker";
   std::vector<std::string> binds;  // "SRC[:DST[:OPTS]]"
   int worker_processes = 0;        // slots per node; 0 = the node's cores
@@ -113,8 +116,8 @@ struct Autoalloc {
 
 // Where an effective value came from (`config check` prints it). Precedence,
 // strongest first: flag, environment (AMQP_URL), lithops-hpc TOML, Lithops
-// YAML, default.
-enum class From { default_value, lithops_yaml, toml, environment, flag };
+// YAML, the image's label (singularity.gpus_per_slot, gpu_vendor), default.
+enum class From { default_value, image_label, lithops_yaml, toml, environment, flag };
 struct Origin {
   From from = From::default_value;
   std::string where;  // file:line, the variable or the flag; empty for defaults

@@ -57,9 +57,9 @@ struct InstanceSpec {
   std::string image;  // path of the verified .sif
   std::string name;   // <instance_name>-<jobid>-<rank>, ^[a-zA-Z0-9._-]+$
   bool fakeroot = false;
-  // The GPU driver switch of instance start (gpu::engine_flag): "--nv",
-  // "--nvccli", "--rocm"; empty: none.
-  std::string gpu;
+  // The GPU driver switches of instance start (gpu::engine_flags): "--nv"
+  // (with "--nvccli" where configured), "--rocm"; empty: none.
+  std::vector<std::string> gpu;
   std::vector<std::string> binds;  // "SRC[:DST[:OPTS]]"
 };
 

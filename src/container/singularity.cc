@@ -205,9 +205,7 @@ public:
     if (spec.fakeroot) {
       argv.push_back("--fakeroot");
     }
-    if (!spec.gpu.empty()) {
-      argv.push_back(spec.gpu);
-    }
+    argv.insert(argv.end(), spec.gpu.begin(), spec.gpu.end());
     for (const auto& b : spec.binds) {
       check_bind_spec(b);
       argv.push_back("--bind");

@@ -145,11 +145,14 @@ std::map<std::string, std::string> slot_env(Vendor vendor, const std::vector<std
   return {{"ROCR_VISIBLE_DEVICES", list}};
 }
 
-std::string engine_flag(Vendor vendor, bool nvccli) {
+std::vector<std::string> engine_flags(Vendor vendor, bool nvccli) {
   if (vendor == Vendor::amd) {
-    return "--rocm";
+    return {"--rocm"};
   }
-  return nvccli ? "--nvccli" : "--nv";
+  if (nvccli) {
+    return {"--nv", "--nvccli"};
+  }
+  return {"--nv"};
 }
 
 std::string sbatch_request(int slots, int per_slot, bool gres) {

@@ -59,9 +59,11 @@ std::vector<std::vector<std::string>> share_of(const std::vector<std::vector<std
 // CUDA_DEVICE_ORDER=PCI_BUS_ID (NVIDIA), ROCR_VISIBLE_DEVICES (AMD).
 std::map<std::string, std::string> slot_env(Vendor vendor, const std::vector<std::string>& group);
 
-// The engine's switch that makes the vendor's driver visible in the
-// container: --nv, or --nvccli where the site configured it; --rocm.
-std::string engine_flag(Vendor vendor, bool nvccli = false);
+// The engine's switches that make the vendor's driver visible in the
+// container: --nv, followed by --nvccli where the site configured it
+// (singularity.nvccli: SingularityCE takes --nvccli only along with --nv,
+// alone it sets no GPU up), or --rocm.
+std::vector<std::string> engine_flags(Vendor vendor, bool nvccli = false);
 
 // What autoalloc asks Slurm for: --gpus-per-node=N for `slots` slots of
 // `per_slot` GPUs, or --gres=gpu:N where the site wants gres.

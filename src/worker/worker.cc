@@ -114,9 +114,9 @@ container::InstanceSpec Worker::instance_spec(const std::string& image) const {
   spec.name = m_instance;
   spec.fakeroot = m_cfg.singularity.fakeroot;
   if (m_cfg.singularity.gpus_per_slot > 0) {
-    spec.gpu = gpu::engine_flag(m_cfg.singularity.gpu_vendor);
+    spec.gpu = gpu::engine_flags(m_cfg.singularity.gpu_vendor, m_cfg.singularity.nvccli);
   } else if (m_cfg.singularity.nv) {
-    spec.gpu = "--nv";
+    spec.gpu = gpu::engine_flags(config::GpuVendor::nvidia, m_cfg.singularity.nvccli);
   }
   spec.binds = m_cfg.singularity.binds;
   return spec;

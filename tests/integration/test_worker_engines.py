@@ -119,7 +119,8 @@ class EngineTest(unittest.TestCase):
         # each slot's own value must win there).
         sif = self.build_sif("singularity")
         open(self.log, "w").close()
-        w = self.start("singularity", sif, slots=0, config_extra="gpus_per_slot = 1",
+        # nvccli: the site's choice of nvidia-container-cli, passed after --nv.
+        w = self.start("singularity", sif, slots=0, config_extra="gpus_per_slot = 1\nnvccli = true",
                        extra={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
         w.wait_consuming()
         gate = os.path.join(self.tmp, "gate")
@@ -138,7 +139,7 @@ class EngineTest(unittest.TestCase):
         self.assertEqual(sorted(r["probe_c"].strip() for r in recs), ["0", "1", "2", "3"])
         self.assertEqual(w.stop(), 0, w.log())
         argvs = [c["argv"] for c in standin_log(self.log)]
-        self.assertEqual(argvs[0][:3], ["instance", "start", "--nv"])
+        self.assertEqual(argvs[0][:4], ["instance", "start", "--nv", "--nvccli"])
         execs = [c for c in standin_log(self.log) if c["argv"][0] == "exec"]
         with_gpu = [c for c in execs if "SINGULARITYENV_CUDA_VISIBLE_DEVICES" in c["env"]]
         self.assertEqual((len(execs), len(with_gpu)), (5, 4), "4 slot handlers with a GPU, the control one without")

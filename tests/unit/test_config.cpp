@@ -149,6 +149,7 @@ binds = ["/a", "/b:/c"]
 worker_processes = 3
 gpus_per_slot = 2
 gpu_vendor = "amd"
+nvccli = true
 [rabbitmq]
 amqp_url = "amqp://h.example:5673/v"
 heartbeat = 0
@@ -171,12 +172,13 @@ drain_on_exit = true
   CHECK(again.autoalloc.sbatch_args == std::vector<std::string>{"--qos=low"});
   CHECK(again.singularity.gpus_per_slot == 2);
   CHECK(again.singularity.gpu_vendor == GpuVendor::amd);
+  CHECK(again.singularity.nvccli);
   // Every key of every section is listed, once.
   std::size_t keys = 0;
   for (std::size_t at = listed.find(" = "); at != std::string::npos; at = listed.find(" = ", at + 1)) {
     ++keys;
   }
-  CHECK(keys == 49);
+  CHECK(keys == 50);
 }
 
 TEST_CASE("out of range numbers say the range") {

@@ -146,7 +146,10 @@ TEST_CASE("instance start: --fakeroot, --nv and one --bind per bind, all before 
   CHECK(tail(s->instance_start_argv(spec)) ==
         Argv{"instance", "start", "--fakeroot", "/img/rt.sif", "lithops-worker-42-0"});
   spec.fakeroot = false;
-  spec.gpu = "--nv";
+  spec.gpu = {"--nv", "--nvccli"};
+  CHECK(tail(s->instance_start_argv(spec)) ==
+        Argv{"instance", "start", "--nv", "--nvccli", "/img/rt.sif", "lithops-worker-42-0"});
+  spec.gpu = {"--nv"};
   CHECK(tail(s->instance_start_argv(spec)) == Argv{"instance", "start", "--nv", "/img/rt.sif", "lithops-worker-42-0"});
   spec.fakeroot = true;
   spec.binds = {"/scratch", "/data:/mnt/data:ro"};

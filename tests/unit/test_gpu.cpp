@@ -119,9 +119,12 @@ TEST_CASE("a slot's handler environment names its own devices in PCI bus order")
 }
 
 TEST_CASE("the engine flag and the sbatch request follow the vendor and the slot size") {
-  CHECK(gpu::engine_flag(Vendor::nvidia) == "--nv");
-  CHECK(gpu::engine_flag(Vendor::nvidia, true) == "--nvccli");
-  CHECK(gpu::engine_flag(Vendor::amd) == "--rocm");
+  using Flags = std::vector<std::string>;
+  CHECK(gpu::engine_flags(Vendor::nvidia) == Flags{"--nv"});
+  // SingularityCE sets GPUs up through nvidia-container-cli only under --nv.
+  CHECK(gpu::engine_flags(Vendor::nvidia, true) == Flags{"--nv", "--nvccli"});
+  CHECK(gpu::engine_flags(Vendor::amd) == Flags{"--rocm"});
+  CHECK(gpu::engine_flags(Vendor::amd, true) == Flags{"--rocm"});
   CHECK(gpu::sbatch_request(4, 2) == "--gpus-per-node=8");
   CHECK(gpu::sbatch_request(2, 1, true) == "--gres=gpu:2");
 }

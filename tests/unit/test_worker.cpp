@@ -40,7 +40,7 @@ struct InstanceSide {
   int stops = 0;
   std::vector<std::string> started_names;
   std::vector<std::string> binds;
-  std::string gpu;  // the GPU switch of the last instance start
+  std::string gpu;  // the GPU switches of the last instance start, joined by spaces
   int execs = 0;    // handler command lines asked for
   int runs = 0;     // runscript command lines asked for
 };
@@ -78,7 +78,10 @@ public:
     ++m_side->starts;
     m_side->started_names.push_back(spec.name);
     m_side->binds = spec.binds;
-    m_side->gpu = spec.gpu;
+    m_side->gpu.clear();
+    for (const auto& f : spec.gpu) {
+      m_side->gpu += (m_side->gpu.empty() ? "" : " ") + f;
+    }
   }
   bool instance_alive(const std::string&) override { return m_side->alive; }
   void stop_instance(const std::string&, milliseconds) override {
@@ -548,6 +551,28 @@ TEST_CASE("an explicit smaller slot count lowers a GPU runtime's slots, never ra
   more.w->start("/images/runtime.sif");
   CHECK(more.w->slots() == 2);
   CHECK(more.w->stats().gpus == std::vector<std::vector<std::string>>{{"4"}, {"5"}});
+}
+
+TEST_CASE("singularity.nvccli adds --nvccli after --nv, for a GPU runtime and for singularity.nv alike") {
+  Rig gpus(
+      config::Mode::dispatch,
+      [](config::Config& c) {
+        gpu_runtime(c, 1);
+        c.singularity.nvccli = true;
+      },
+      0, gpu_env("0,1"));
+  gpus.w->start("/images/runtime.sif");
+  CHECK(gpus.instance->gpu == "--nv --nvccli");
+  Rig nv(config::Mode::dispatch, [](config::Config& c) {
+    c.singularity.nv = true;
+    c.singularity.nvccli = true;
+  });
+  nv.w->start("/images/runtime.sif");
+  CHECK(nv.instance->gpu == "--nv --nvccli");
+  // Without --nv it means nothing: a CPU runtime gets no GPU switch.
+  Rig cpu(config::Mode::dispatch, [](config::Config& c) { c.singularity.nvccli = true; });
+  cpu.w->start("/images/runtime.sif");
+  CHECK(cpu.instance->gpu.empty());
 }
 
 TEST_CASE("a GPU runtime on a node without GPUs fails at start, saying so, before its instance starts") {
