@@ -472,6 +472,12 @@ void Controller::submit(const Action& a, double now, const RuntimeDemand& rt) {
   req.gpus_per_slot = m_s.gpus_per_slot;
   req.gpu_slots = m_s.default_slots;
   req.gpu_vendor = m_s.gpu_vendor;
+  for (const auto& r : m_s.runtimes) {  // GPU runtimes per runtime, from each image's labels
+    if (r.runtime == rt.runtime) {
+      req.gpus_per_slot = r.gpus_per_slot.value_or(req.gpus_per_slot);
+      req.gpu_vendor = r.gpu_vendor.value_or(req.gpu_vendor);
+    }
+  }
   auto res = m_p.scheduler->submit(req);
   if (!res.job) {
     ++m_state.refused_in_row;

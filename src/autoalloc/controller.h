@@ -28,6 +28,10 @@ namespace lhpc::autoalloc {
 struct RuntimeImage {
   std::string runtime;  // empty: the image's own (one runtime, --sif)
   std::string sif;      // <sif_path>/<runtime>.sif, or --sif
+  // This runtime's GPU settings (the flag or key, else its image's labels:
+  // config/image_labels.h); nullopt: Settings' gpus_per_slot and gpu_vendor.
+  std::optional<int> gpus_per_slot;
+  std::optional<config::GpuVendor> gpu_vendor;
 };
 
 struct Settings {

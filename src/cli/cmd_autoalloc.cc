@@ -10,6 +10,7 @@
 #include "autoalloc/local_ports.h"
 #include "autoalloc/slurm_ports.h"
 #include "cli/cli.h"
+#include "config/image_labels.h"
 #include "lhpc_build_config.h"
 #include "lhpc_source_root.h"
 #include "util/error.h"
@@ -119,6 +120,26 @@ std::vector<autoalloc::RuntimeImage> runtimes_from(const config::Config& cfg, co
   return out;
 }
 
+// Each runtime's GPU settings: the flag or key, else its image's labels (read
+// once, here: an image that appears later gets the flag's or key's).
+void gpu_settings_from_labels(const config::Config& cfg, autoalloc::Settings& s) {
+  auto of = [&](const std::string& sif) {
+    auto c = cfg;
+    config::apply_image_labels(c, sif);
+    return c.singularity;
+  };
+  for (auto& r : s.runtimes) {
+    auto sing = of(r.sif);
+    r.gpus_per_slot = sing.gpus_per_slot;
+    r.gpu_vendor = sing.gpu_vendor;
+  }
+  if (s.runtimes.empty() && !s.sif.empty()) {
+    auto sing = of(s.sif);
+    s.gpus_per_slot = sing.gpus_per_slot;
+    s.gpu_vendor = sing.gpu_vendor;
+  }
+}
+
 autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, const AutoallocArgs& a) {
   auto c = cfg.autoalloc;
   take(c.sif, a.sif, std::string());
@@ -156,6 +177,7 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   s.default_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : 1;
   s.gpus_per_slot = cfg.singularity.gpus_per_slot;
   s.gpu_vendor = cfg.singularity.gpu_vendor;
+  gpu_settings_from_labels(cfg, s);
   return s;
 }
 

@@ -4,10 +4,12 @@
 // (3 config, 6 engine, 5 broker), after reporting every check.
 #include <iostream>
 #include <memory>
+#include <optional>
 
 #include "amqp/connection.h"
 #include "cli/cli.h"
 #include "config/client_lint.h"
+#include "config/image_labels.h"
 #include "container/engine.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -42,11 +44,21 @@ Exit check(const Globals& g, bool all) {
   // config::load, not load_config: the warnings are printed below, not logged twice.
   auto loaded = config::load(g.config_path);
   auto c = config::expanded(loaded, config::current_placeholders());
+  // The image's GPU labels where no key set them, shown with that origin.
+  std::optional<Error> label_error;
+  if (c.singularity.engine != config::Engine::host && !c.singularity.runtime.empty()) {
+    try {
+      config::apply_image_labels(c, config::image_path(loaded));
+    } catch (const Error& e) {
+      label_error = e;
+    }
+  }
   int at_default = 0;
   auto listing = config::to_toml(c, true, !all, &at_default);
   std::cout << "# config: " << (c.source.empty() ? "(no lithops-hpc TOML found)" : c.source) << "\n"
             << "# Lithops config: " << (c.lithops.source.empty() ? "(none found)" : c.lithops.source) << "\n"
-            << "# precedence: flag > environment (AMQP_URL) > lithops-hpc TOML > Lithops config > default\n"
+            << "# precedence: flag > environment (AMQP_URL) > lithops-hpc TOML > Lithops config > image label "
+               "(gpus_per_slot, gpu_vendor) > default\n"
             << listing;
   if (at_default > 0) {
     std::cout << "# " << at_default << " more key" << (at_default == 1 ? "" : "s")
@@ -65,6 +77,10 @@ Exit check(const Globals& g, bool all) {
     }
   };
 
+  if (label_error) {
+    std::cout << "image labels: ";
+    fail(*label_error);
+  }
   // The runtime a deployment with this configuration serves (RUNTIMES in lithops-hpc(1)).
   if (c.singularity.runtime.empty()) {
     std::cout << "runtime: not set: a deployment serves the runtime its --sif image is named after "

@@ -1,10 +1,12 @@
-// `lithops-hpc runtime build [NAME] [-f DEF] [--fakeroot] [--force] [--sif-path DIR]`:
+// `lithops-hpc runtime build [NAME] [-f DEF] [--fakeroot] [--force] [--sif-path DIR] [--gpus-per-slot N]
+// [--gpu-vendor VENDOR]`:
 // <sif_path>/NAME.sif from a definition file with the configured engine
 // (NAME defaults to singularity.runtime, as the Lithops client names it; the
 // checks and the build itself: container/build.h).
 #include <iostream>
 
 #include "cli/cli.h"
+#include "config/image_labels.h"
 #include "container/build.h"
 #include "container/engine.h"
 #include "util/error.h"
@@ -20,6 +22,8 @@ struct BuildOpts {
   std::string sif_path;
   bool fakeroot = false;
   bool force = false;
+  int gpus_per_slot = -1;  // -1: no label
+  std::string gpu_vendor;
 };
 
 // With a NAME other than the configured runtime: the line that makes the
@@ -57,6 +61,12 @@ Exit build_runtime(const Globals& g, BuildOpts o, bool fakeroot_given) {
   auto eff = config::expanded(cfg, config::current_placeholders());
   req.dir = eff.singularity.sif_path;
   req.fakeroot = fakeroot_given ? o.fakeroot : eff.singularity.fakeroot;
+  if (o.gpus_per_slot >= 0) {
+    req.labels.emplace_back(config::k_gpus_per_slot_label, std::to_string(o.gpus_per_slot));
+  }
+  if (!o.gpu_vendor.empty()) {
+    req.labels.emplace_back(config::k_gpu_vendor_label, o.gpu_vendor);
+  }
   auto engine = container::make_engine(eff.singularity.engine);
   auto built = container::build_image(*engine, req);
   std::cout << "built " << built.path << " (" << human_bytes(static_cast<double>(built.bytes)) << ")\n"
@@ -83,6 +93,17 @@ void register_runtime(CLI::App& parent, Globals& g, std::vector<Action>& actions
   build->add_flag("--force", o->force, "replace an existing image");
   build->add_option("--sif-path", o->sif_path, "directory of the image (default: singularity.sif_path)")
       ->type_name("DIR");
+  build
+      ->add_option("--gpus-per-slot", o->gpus_per_slot,
+                   "make it a GPU runtime: label org.lithops-hpc.gpus-per-slot N, which worker, deploy and "
+                   "autoalloc take when no flag or singularity.gpus_per_slot sets it")
+      ->type_name("N")
+      ->check(CLI::Range(0, 64));
+  build
+      ->add_option("--gpu-vendor", o->gpu_vendor,
+                   "label org.lithops-hpc.gpu-vendor: nvidia or amd (taken like --gpus-per-slot's label)")
+      ->type_name("VENDOR")
+      ->check(choice(config::k_gpu_vendor_names));
   actions.push_back({build, [&g, o, fakeroot] { return build_runtime(g, *o, fakeroot->count() > 0); }});
 }
 

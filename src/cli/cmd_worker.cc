@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "cli/cli.h"
+#include "config/image_labels.h"
 #include "health/status_file.h"
 #include "logs/place.h"
 #include "util/error.h"
@@ -67,6 +68,7 @@ Exit run_worker(const Globals& g, const WorkerOpts& o) {
     if (!path_exists(sif)) {
       throw Error(Exit::image, "no image at " + sif, "give the path of a .sif file readable on this node");
     }
+    config::apply_image_labels(cfg, sif);  // GPU settings no flag or key gave
   }
   config::require_amqp_url(cfg);
   cfg.singularity.runtime = config::served_runtime(cfg, sif);

@@ -24,6 +24,19 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// A file of ours that goes when the scope does (the labelled copy of a definition).
+struct RemovedAtEnd {
+  std::string path;
+  RemovedAtEnd() = default;
+  RemovedAtEnd(const RemovedAtEnd&) = delete;
+  RemovedAtEnd& operator=(const RemovedAtEnd&) = delete;
+  ~RemovedAtEnd() {
+    if (!path.empty()) {
+      ::unlink(path.c_str());
+    }
+  }
+};
+
 constexpr const char* k_default_def = "lithops-default.def";
 constexpr std::size_t k_max_name = 200;
 
@@ -137,6 +150,43 @@ void check_image_dir(const std::string& dir, const std::string& origin) {
   }
 }
 
+std::string with_labels(const std::string& def, const std::vector<std::pair<std::string, std::string>>& labels) {
+  std::string lines;
+  for (const auto& [k, v] : labels) {
+    if (k.empty() || v.empty() || k.find_first_of(" \t\r\n") != std::string::npos ||
+        v.find_first_of("\r\n") != std::string::npos) {
+      throw Error(Exit::usage, "label '" + k + "' = '" + v + "' cannot be written into a definition file",
+                  "a label is one word and a value on one line");
+    }
+    lines += "    " + k + " " + v + "\n";
+  }
+  // The end of the first %labels section: the next line starting a section.
+  std::size_t at = std::string::npos;
+  std::size_t pos = 0;
+  bool in_labels = false;
+  while (pos < def.size()) {
+    auto end = def.find('\n', pos);
+    auto next = end == std::string::npos ? def.size() : end + 1;
+    auto t = trim(def.substr(pos, next - pos));
+    if (starts_with(t, "%")) {
+      if (in_labels) {
+        at = pos;
+        break;
+      }
+      in_labels = t == "%labels" || starts_with(t, "%labels ") || starts_with(t, "%labels\t");
+    }
+    pos = next;
+  }
+  std::string body = def;
+  if (!body.empty() && body.back() != '\n') {
+    body += '\n';
+  }
+  if (at == std::string::npos) {
+    return in_labels ? body + lines : body + "\n%labels\n" + lines;
+  }
+  return body.substr(0, at) + lines + body.substr(at);
+}
+
 BuiltImage build_image(Engine& engine, const BuildRequest& req) {
   check_runtime_name(req.name);
   refuse_host(engine, req.config_source);
@@ -148,7 +198,15 @@ BuiltImage build_image(Engine& engine, const BuildRequest& req) {
   if (before && !req.force) {
     throw Error(Exit::failure, out + " already exists", "add --force to replace it");
   }
-  auto argv = engine.build_argv(out, def, req.fakeroot, req.force);
+  // Labels to add: a copy of the definition beside the image, gone after the build.
+  std::string built_from = def;
+  RemovedAtEnd copy;
+  if (!req.labels.empty()) {
+    auto path = dir + "/." + req.name + ".def." + std::to_string(::getpid());
+    write_file_atomic(path, with_labels(read_file(def), req.labels), 0600);
+    copy.path = built_from = path;
+  }
+  auto argv = engine.build_argv(out, built_from, req.fakeroot, req.force);
   auto by_hand = join_argv(argv);
   argv[0] = engine.binary();  // Exit::engine with what to load when missing
 

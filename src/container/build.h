@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "container/engine.h"
 
@@ -35,7 +37,18 @@ struct BuildRequest {
   std::string config_source;  // the configuration file naming the engine ("" : defaults)
   bool fakeroot = false;
   bool force = false;  // replace an existing image
+  // Labels the image gets besides the definition's ("KEY", "VALUE"), e.g.
+  // org.lithops-hpc.gpus-per-slot: built from a copy of the definition
+  // beside the image with them at the end of its first %labels section.
+  std::vector<std::pair<std::string, std::string>> labels;
 };
+
+// `def` with `labels` as "    KEY VALUE" lines at the end of its first
+// %labels section (after the definition's own: the build keeps the last of
+// a key), or in a %labels section of their own at its end. Throws
+// Error(usage) for a key or value that would not survive the line (empty, a
+// newline, a space in the key).
+std::string with_labels(const std::string& def, const std::vector<std::pair<std::string, std::string>>& labels);
 
 struct BuiltImage {
   std::string path;

@@ -14,6 +14,7 @@
 #include <set>
 #include <thread>
 
+#include "config/image_labels.h"
 #include "health/memory.h"
 #include "health/progress.h"
 #include "health/session.h"
@@ -350,6 +351,12 @@ void RankRun::stage() {
                                            .stall_timeout = m_cfg.deploy.start_timeout,
                                            .tick = [this] { keep_reporting(health::State::staging); }});
     m_image = m_staged.local_path;
+    // The image's GPU labels where no flag or key set them: the same bits on
+    // every rank, so every rank decides (or throws) alike.
+    config::apply_image_labels(m_cfg, m_image);
+    if (m_cfg.singularity.gpus_per_slot > 0 && m_cfg.singularity.worker_processes == 0) {
+      m_slots = 0;  // a GPU runtime: the worker takes this rank's share of the node's GPU slots
+    }
   } catch (const Error&) {
     if (m_rank == 0) {
       m_health->set_state(health::DeploymentState::failed);

@@ -254,5 +254,31 @@ class RuntimeBuild(unittest.TestCase):
         self.assertEqual(inspect.returncode, 0, inspect.stderr)
 
 
+    def test_gpu_flags_write_labels_the_engine_keeps_and_config_check_takes(self):
+        r = self.lhpc("runtime", "build", "rt", "-f", self.deffile, "--sif-path", self.sifs,
+                      "--gpus-per-slot", "2", "--gpu-vendor", "amd")
+        self.assert_exit(r, 0)
+        [build] = self.builds()
+        # Built from a labelled copy beside the image (gone now), in the def's directory.
+        copy = build["argv"][-1]
+        self.assertEqual(os.path.dirname(copy), str(self.sifs))
+        self.assertEqual(build["cwd"], str(self.defdir))
+        self.assertEqual(sorted(os.listdir(self.sifs)), ["rt.sif"])
+        labels = json.loads(subprocess.run([str(STANDIN / "singularity"), "inspect", "--labels", "--json",
+                                            str(self.sifs / "rt.sif")], env=self.env, capture_output=True,
+                                           text=True, check=True).stdout)["data"]["attributes"]["labels"]
+        self.assertEqual(labels["org.lithops-hpc.gpus-per-slot"], "2")
+        self.assertEqual(labels["org.lithops-hpc.gpu-vendor"], "amd")
+        self.assertEqual((self.deffile).read_text(), DEF_TEXT, "the user's definition is untouched")
+        # No key sets them: config check shows the image's labels as their origin.
+        self.write_config('sif_path = "%s"\nruntime = "rt"\n' % self.sifs)
+        check = self.lhpc("config", "check")
+        self.assertIn("gpus_per_slot = 2  # from image label %s (org.lithops-hpc.gpus-per-slot)"
+                      % (self.sifs / "rt.sif"), check.stdout)
+        self.assertIn("gpu_vendor = 'amd'  # from image label", check.stdout)
+        r = self.lhpc("runtime", "build", "rt2", "-f", self.deffile, "--sif-path", self.sifs, "--gpu-vendor", "intel")
+        self.assertEqual(r.returncode, 2, r.stderr)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

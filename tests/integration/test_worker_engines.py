@@ -48,12 +48,14 @@ class EngineTest(unittest.TestCase):
                 print(f"--- worker log:\n{w.log()[-6000:]}")
             w.cleanup()
 
-    def build_sif(self, prog, runscript=None):
+    def build_sif(self, prog, runscript=None, labels=None):
         definition = os.path.join(self.tmp, "rt.def")
         with open(definition, "w") as f:
             f.write("Bootstrap: docker\nFrom: python:3.11-slim-bookworm\n")
             if runscript:
                 f.write("\n%runscript\n" + runscript + "\n")
+            if labels:
+                f.write("\n%labels\n" + "".join(f"    {k} {v}\n" for k, v in labels.items()))
         sif = os.path.join(self.tmp, "rt.sif")
         if os.path.exists(sif):
             os.unlink(sif)      # a new image for each build in one test
@@ -117,10 +119,11 @@ class EngineTest(unittest.TestCase):
         # The "4-GPU node" is what Slurm tells the job: CUDA_VISIBLE_DEVICES in
         # the worker's environment (the engine passes it into the container too:
         # each slot's own value must win there).
-        sif = self.build_sif("singularity")
-        open(self.log, "w").close()
+        # A GPU runtime by its image's label (runtime build --gpus-per-slot 1), no key;
         # nvccli: the site's choice of nvidia-container-cli, passed after --nv.
-        w = self.start("singularity", sif, slots=0, config_extra="gpus_per_slot = 1\nnvccli = true",
+        sif = self.build_sif("singularity", labels={"org.lithops-hpc.gpus-per-slot": "1"})
+        open(self.log, "w").close()
+        w = self.start("singularity", sif, slots=0, config_extra="nvccli = true",
                        extra={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
         w.wait_consuming()
         gate = os.path.join(self.tmp, "gate")

@@ -961,6 +961,28 @@ TEST_CASE("controller: two runtimes with a backlog share --max-nodes; each submi
   CHECK(b == 2);
 }
 
+TEST_CASE("controller: each runtime's submissions ask for its own GPUs (from its image's labels)") {
+  auto lim = limits();
+  lim.max_pending = 4;
+  RuntimeImage gpu{"rt-gpu", "/img/rt-gpu.sif"};
+  gpu.gpus_per_slot = 2;
+  gpu.gpu_vendor = lhpc::config::GpuVendor::amd;
+  Loop l(lim, {{"rt-cpu", "/img/rt-cpu.sif"}, gpu});
+  l.w.images = {"/img/rt-cpu.sif", "/img/rt-gpu.sif"};
+  l.w.ready(100);
+  l.w.runtime_queues["rt-gpu"] = {50, 0};
+  l.poll();
+  l.poll();
+  std::map<std::string, int> gpus;
+  for (const auto& sub : l.w.submissions) {
+    gpus[sub.runtime] = sub.gpus_per_slot;
+    if (sub.runtime == "rt-gpu") {
+      CHECK(sub.gpu_vendor == lhpc::config::GpuVendor::amd);
+    }
+  }
+  CHECK(gpus == std::map<std::string, int>{{"rt-cpu", 0}, {"rt-gpu", 2}});
+}
+
 TEST_CASE("controller: a runtime whose image is missing is not submitted and is reported until it appears") {
   Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
   l.w.images = {"/img/rt-a.sif"};

@@ -5,6 +5,8 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -194,4 +196,37 @@ TEST_CASE("every check runs before the engine") {
   req.dir = f.dir.file("missing");
   CHECK(code_of([&] { build_image(marks, req); }) == Exit::failure);
   CHECK_FALSE(path_exists(f.dir.file("rt.sif.ran")));
+}
+
+TEST_CASE("runtime build's labels go at the end of the definition's first %labels section, or in one of their own") {
+  std::vector<std::pair<std::string, std::string>> gpu{{"org.lithops-hpc.gpus-per-slot", "2"},
+                                                       {"org.lithops-hpc.gpu-vendor", "amd"}};
+  CHECK(with_labels("Bootstrap: docker\nFrom: x\n%labels\n    a 1\n\n%help\n    h\n", gpu) ==
+        "Bootstrap: docker\nFrom: x\n%labels\n    a 1\n\n    org.lithops-hpc.gpus-per-slot 2\n"
+        "    org.lithops-hpc.gpu-vendor amd\n%help\n    h\n");
+  CHECK(with_labels("Bootstrap: docker\nFrom: x\n%labels\n    a 1", gpu) ==
+        "Bootstrap: docker\nFrom: x\n%labels\n    a 1\n    org.lithops-hpc.gpus-per-slot 2\n"
+        "    org.lithops-hpc.gpu-vendor amd\n");
+  CHECK(with_labels("Bootstrap: docker\nFrom: x\n", {{"k", "v"}}) ==
+        "Bootstrap: docker\nFrom: x\n\n%labels\n    k v\n");
+  CHECK(code_of([] { with_labels("", {{"a b", "1"}}); }) == Exit::usage);
+  CHECK(code_of([] { with_labels("", {{"a", "1\n%post"}}); }) == Exit::usage);
+}
+
+TEST_CASE("a build with labels builds from a labelled copy of the definition, removed afterwards") {
+  Fixture f;
+  // The "engine" keeps the definition it was given as the image.
+  ScriptEngine e("cp \"$2\" \"$1\"");
+  auto req = f.request();
+  req.labels = {{"org.lithops-hpc.gpus-per-slot", "1"}};
+  auto built = build_image(e, req);
+  CHECK(read(built.path) ==
+        "Bootstrap: docker\nFrom: python:3.11-slim\n\n%labels\n    org.lithops-hpc.gpus-per-slot 1\n");
+  CHECK(read(f.def) == "Bootstrap: docker\nFrom: python:3.11-slim\n");  // the user's file is untouched
+  std::vector<std::string> left;
+  for (const auto& e : std::filesystem::directory_iterator(f.dir.path)) {
+    left.push_back(e.path().filename().string());
+  }
+  std::sort(left.begin(), left.end());
+  CHECK(left == std::vector<std::string>{"rt.def", "rt.sif"});
 }

@@ -13,6 +13,7 @@
 
 #include "config/client_lint.h"
 #include "config/config.h"
+#include "config/image_labels.h"
 #include "config/text_guard.h"
 #include "sif_fixtures.h"
 #include "test_support.h"
@@ -752,6 +753,39 @@ TEST_CASE("the image's Python comes from its definition file") {
   lhpc::test::write_sif(d.file("alpine.sif"), lhpc::test::FixtureSpec{});
   CHECK(!image_python_version(d.file("alpine.sif"), &why));
   CHECK(why.find("no label org.lithops-hpc.python-version") != std::string::npos);
+}
+
+TEST_CASE("GPU settings: flag > key > the image's label > default, with the label's origin") {
+  std::map<std::string, std::string> labels{{k_gpus_per_slot_label, "2"}, {k_gpu_vendor_label, "amd"}};
+  Config none;
+  apply_image_labels(none, labels, "/img/rt.sif");
+  CHECK(none.singularity.gpus_per_slot == 2);
+  CHECK(none.singularity.gpu_vendor == GpuVendor::amd);
+  CHECK(to_string(none.origin("singularity.gpus_per_slot")) ==
+        "image label /img/rt.sif (org.lithops-hpc.gpus-per-slot)");
+  auto key = parse("[singularity]\ngpus_per_slot = 1\n", "c.toml", {});
+  apply_image_labels(key, labels, "/img/rt.sif");
+  CHECK(key.singularity.gpus_per_slot == 1);  // the key wins over the label
+  CHECK(key.singularity.gpu_vendor == GpuVendor::amd);
+  Config flag;
+  flag.singularity.gpu_vendor = GpuVendor::nvidia;
+  flag.set_by_flag("singularity.gpu_vendor", "--gpu-vendor");
+  apply_image_labels(flag, labels, "/img/rt.sif");
+  CHECK(flag.singularity.gpu_vendor == GpuVendor::nvidia);  // so does the flag
+  Config bad;
+  CHECK_THROWS_WITH_AS(apply_image_labels(bad, {{k_gpus_per_slot_label, "two"}}, "/img/rt.sif"),
+                       doctest::Contains("label org.lithops-hpc.gpus-per-slot is 'two'"), Error);
+  CHECK_THROWS_AS(apply_image_labels(bad, {{k_gpu_vendor_label, "intel"}}, "/img/rt.sif"), Error);
+  // From an image: its definition file's %labels; an unreadable image has none.
+  TempDir d{"config"};
+  lhpc::test::FixtureSpec spec;
+  spec.deffile = "Bootstrap: docker\nFrom: x\n%labels\n    org.lithops-hpc.gpus-per-slot 4\n# c\n%post\n  y z\n";
+  lhpc::test::write_sif(d.file("gpu.sif"), spec);
+  CHECK(image_labels(d.file("gpu.sif")) == std::map<std::string, std::string>{{k_gpus_per_slot_label, "4"}});
+  Config from_image;
+  apply_image_labels(from_image, d.file("gpu.sif"));
+  CHECK(from_image.singularity.gpus_per_slot == 4);
+  CHECK(image_labels(d.file("missing.sif")).empty());
 }
 
 TEST_CASE("autoalloc.runtimes takes runtime names and refuses an image path, saying where") {
