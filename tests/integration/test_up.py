@@ -284,6 +284,63 @@ class Up(unittest.TestCase):
         self.assertIn("nothing of lithops-hpc up is running now", r.stdout)
         self.assertEqual(processes_of(UID), [])
 
+    def test_down_while_a_local_deployment_serves_drains_it_and_loses_no_task(self):
+        """down with calls in flight and a backlog: the deployment drains (the calls in flight end
+        and are acked), what had not started is back in the queue (down --keep-data keeps it for
+        the next up), and nothing of the user's runs after down."""
+        sif = os.path.join(self.home, "rt.sif")
+        subprocess.run([os.path.join(BUILD_ROOT, "tests", "tools", "make-sif"), sif, "1M"], check=True)
+        records = os.path.join(self.home, "records")
+        os.mkdir(records)
+        marker = os.path.join(self.home, "release")
+        conf = os.path.join(self.home, "lithops-hpc.toml")
+        with open(conf, "w") as f:
+            f.write('[singularity]\nengine = "host"\nworker_processes = 2\npython = "/usr/bin/python3"\n'
+                    '[deploy]\ndrain_timeout = 60\n[health]\ninterval = 1\n'
+                    '[autoalloc]\nidle_timeout = 120\npoll = 3\n')
+        for p in (sif, records, conf):
+            os.chown(p, UID, UID)
+        env = {"LITHOPS_HPC_CONFIG": conf, "PYTHONPATH": os.path.join(SOURCE_ROOT, "tests", "fake-lithops")}
+        self.run_as("up", "--local", "--sif", sif, "--max-nodes", "1", env=env)
+        url = self.written()["rabbitmq"]["amqp_url"]
+        test = {"lhpc_test": {"record_dir": records, "wait_for": marker}}
+        lhpc_test.publish_lithops_many(url, "send_task", [
+            lhpc_test.make_send_task(1, f"flight-job{j}", test) for j in range(6)])
+        jobs = os.path.join(self.home, ".lithops-hpc", "jobs")
+
+        def deployment():
+            for path in glob.glob(jobs + "/*/status.json"):
+                try:
+                    with open(path) as f:
+                        return json.load(f)
+                except (OSError, ValueError):
+                    pass
+            return None
+
+        lhpc_test.wait_until(lambda: ((deployment() or {}).get("summary") or {}).get("slots_busy") == 2, 90,
+                             "a deployment with both slots on a call")
+        down = subprocess.Popen(["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", BIN, "down",
+                                 "--keep-data"], env={"HOME": self.home, "PATH": "/usr/bin:/bin", **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.home)
+        try:
+            lhpc_test.wait_until(lambda: (deployment() or {}).get("state") == "draining", 60,
+                                 "the deployment to drain")
+            with open(marker, "w"):
+                pass  # the two calls in flight end now, within the drain
+            out = down.communicate(timeout=180)[0]
+        finally:
+            if down.poll() is None:
+                down.kill()
+        self.assertEqual(down.returncode, 0, out)
+        self.assertIn("nothing of lithops-hpc up is running now", out)
+        self.assertEqual(processes_of(UID), [])
+        done = glob.glob(records + "/*.json")
+        self.assertEqual(len(done), 2, done)  # the calls in flight: finished and acked
+        self.assertEqual(deployment()["summary"]["done"], 2)
+        # The other 4 are back in the queue: the next up finds them there.
+        self.run_as("up", env=env)
+        self.assertEqual(lhpc_test.queue_depth(url), 4)
+
 
 def slurm_jobs_of(user, env):
     r = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i %T"], env=env, capture_output=True, text=True,
