@@ -10,6 +10,7 @@
 #include <spdlog/spdlog.h>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <limits>
 #include <thread>
@@ -245,11 +246,28 @@ void ensure_broker(const UpOptions& o, Record& r, Started& s) {
       fmt::format("broker      {:<22} {}  logs: {}/log", state_word(was), config::redact_url(s.url), dir));
 }
 
+// Where the store listens: --bind, else with TLS every interface (as the
+// broker), else loopback.
+std::string redis_bind(const Record& r) { return !r.bind.empty() || r.tls_cert.empty() ? r.bind : "0.0.0.0"; }
+
+std::string absolute_path(const std::string& p) {
+  return p.empty() ? p : std::filesystem::absolute(p).lexically_normal().string();
+}
+
+// TLS given to this up replaces what the record kept; none given keeps it.
+void take_tls(const UpOptions& o, Record& r) {
+  if (!o.tls_cert.empty()) {
+    r.tls_cert = absolute_path(o.tls_cert);
+    r.tls_key = absolute_path(o.tls_key);
+    r.tls_ca = absolute_path(o.tls_ca);
+  }
+}
+
 // Same port and password as before when it can: the config stays valid.
 int redis_port_for(const Record& r, const std::string& bind) {
   auto dir = redis_dir(r);
   if (r.redis_port > 0) {
-    if (redis_alive(dir, r.redis_port, bind) || port_free(probe_address(bind), r.redis_port)) {
+    if (redis_alive(dir, r.redis_port, bind, r.tls_cert) || port_free(probe_address(bind), r.redis_port)) {
       return r.redis_port;
     }
     spdlog::warn(
@@ -273,23 +291,30 @@ void ensure_redis(const UpOptions& o, const std::string& server, Record& r, Star
   if (!o.bind.empty()) {
     r.bind = o.bind;  // kept for later `up`s, as the broker script keeps its own
   }
+  auto old_cert = r.tls_cert;
+  take_tls(o, r);
+  auto bind = redis_bind(r);
   auto dir = redis_dir(r);
   make_private_dir(dir);
-  r.redis_port = redis_port_for(r, r.bind);
+  r.redis_port = redis_port_for(r, bind);
   auto memory = o.storage_memory ? o.storage_memory
                                  : (r.redis_maxmemory ? r.redis_maxmemory : default_storage_memory(mem_total()));
-  bool was = same_bind && memory == r.redis_maxmemory && redis_alive(dir, r.redis_port, r.bind);
+  bool was = same_bind && old_cert == r.tls_cert && memory == r.redis_maxmemory &&
+             redis_alive(dir, r.redis_port, bind, r.tls_cert);
   if (!was) {
     stop_redis(dir, 10s);  // one running with other settings
     r.redis_maxmemory = memory;
-    start_redis({dir, server, r.bind, r.redis_port, memory});
+    start_redis({dir, server, bind, r.redis_port, memory, {r.tls_cert, r.tls_key, r.tls_ca}});
   }
   s.redis_password = redis_password(dir);
-  bool open = !r.bind.empty() && r.bind.rfind("127.", 0) != 0;
-  s.redis_host = !open ? "127.0.0.1" : (r.bind == "0.0.0.0" ? config::short_hostname() : r.bind);
-  s.lines.push_back(fmt::format("storage     {:<22} redis {}:{} (maxmemory {}, noeviction)  logs: {}/redis.log",
-                                state_word(was), s.redis_host, r.redis_port, human_bytes(static_cast<double>(memory)),
-                                dir));
+  bool open = !bind.empty() && bind.rfind("127.", 0) != 0;
+  s.redis_host = !open ? "127.0.0.1" : (bind == "0.0.0.0" ? config::short_hostname() : bind);
+  if (!r.tls_cert.empty() && r.broker_managed && bind == "0.0.0.0") {
+    s.redis_host = config::parse_amqp_url(s.url).host;  // the name the certificate is for, as the broker's
+  }
+  s.lines.push_back(fmt::format("storage     {:<22} {} {}:{} (maxmemory {}, noeviction)  logs: {}/redis.log",
+                                state_word(was), r.tls_cert.empty() ? "redis" : "redis+TLS", s.redis_host, r.redis_port,
+                                human_bytes(static_cast<double>(memory)), dir));
 }
 
 std::vector<config::YamlSet> settings_for(const Record& r, const Started& s) {
@@ -302,6 +327,14 @@ std::vector<config::YamlSet> settings_for(const Record& r, const Started& s) {
     sets.push_back({"redis", "host", s.redis_host});
     sets.push_back({"redis", "port", std::to_string(r.redis_port), false});
     sets.push_back({"redis", "password", s.redis_password});
+    if (!r.tls_cert.empty()) {
+      // Lithops hands this section to redis.Redis(**section): redis-py's own names.
+      sets.push_back({"redis", "ssl", "true", false});
+      sets.push_back({"redis", "ssl_check_hostname", "true", false});
+      if (!r.tls_ca.empty()) {
+        sets.push_back({"redis", "ssl_ca_certs", r.tls_ca});
+      }
+    }
   }
   return sets;
 }
@@ -504,12 +537,13 @@ std::string redis_part(const Record& r) {
     return "storage: " + r.storage + " (not ours)";
   }
   auto dir = redis_dir(r);
-  auto used = redis_used_memory(dir, r.redis_port, r.bind);
+  auto used = redis_used_memory(dir, r.redis_port, redis_bind(r), r.tls_cert);
   if (!used) {
     return fmt::format("redis down (port {})", r.redis_port);
   }
-  return fmt::format("redis up {}:{} ({} of {} used)", probe_address(r.bind), r.redis_port,
-                     human_bytes(static_cast<double>(*used)), human_bytes(static_cast<double>(r.redis_maxmemory)));
+  return fmt::format("{} up {}:{} ({} of {} used)", r.tls_cert.empty() ? "redis" : "redis+TLS",
+                     probe_address(redis_bind(r)), r.redis_port, human_bytes(static_cast<double>(*used)),
+                     human_bytes(static_cast<double>(r.redis_maxmemory)));
 }
 
 }  // namespace

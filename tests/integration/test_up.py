@@ -341,6 +341,42 @@ class Up(unittest.TestCase):
         self.run_as("up", env=env)
         self.assertEqual(lhpc_test.queue_depth(url), 4)
 
+    def test_with_the_brokers_tls_the_store_speaks_tls_only_and_the_config_says_so(self):
+        """up --tls-cert/--tls-key/--tls-ca: the broker is amqps, the store speaks TLS only (port 0)
+        with the same certificate, and the Lithops config's redis section carries redis-py's TLS
+        keys, so the client's redis.Redis(**section) (what Lithops' Redis backend calls) verifies
+        the store; plain RESP to its port gets nothing."""
+        crt, key = os.path.join(self.home, "cert.pem"), os.path.join(self.home, "key.pem")
+        host = subprocess.run(["hostname", "-f"], capture_output=True, text=True).stdout.strip()  # the broker's name
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt,
+                        "-days", "1", "-subj", f"/CN={host}",
+                        "-addext", f"subjectAltName=DNS:{host},DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        for p in (crt, key):
+            os.chown(p, UID, UID)
+        os.chmod(key, 0o600)
+        r = self.run_as("up", "--tls-cert", crt, "--tls-key", key, "--tls-ca", crt)
+        self.assertIn("redis+TLS", r.stdout)
+        cfg = self.written()
+        self.assertTrue(cfg["rabbitmq"]["amqp_url"].startswith("amqps://"), r.stdout)
+        section = cfg["redis"]
+        self.assertEqual((section["ssl"], section["ssl_check_hostname"], section["ssl_ca_certs"]), (True, True, crt))
+        store = redis.Redis(**section, socket_timeout=5)
+        store.set("lithops-test", b"over TLS")
+        self.assertEqual(store.get("lithops-test"), b"over TLS")
+        store.close()
+        plain = redis.Redis(host="127.0.0.1", port=section["port"], password=section["password"], socket_timeout=3)
+        with self.assertRaises(redis.exceptions.ConnectionError):
+            plain.ping()
+        r = self.run_as("status", check=False)
+        self.assertIn(f"redis+TLS up 127.0.0.1:{section['port']}", r.stdout)
+        # up again: left alone (the TLS probe answers), the config unchanged.
+        r = self.run_as("up")
+        self.assertEqual(r.stdout.count("running (left alone)"), 2, r.stdout)
+        self.run_as("down")
+        self.assertEqual(processes_of(UID), [])
+        self.assertFalse(listening(section["port"]))
+
 
 def slurm_jobs_of(user, env):
     r = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i %T"], env=env, capture_output=True, text=True,
