@@ -400,7 +400,7 @@ std::string report(const Record& r, const Started& s, const std::string& config)
     out += "  " + l + "\n";
   }
   out += config + "\n";
-  if (r.broker_managed && (r.bind.empty() || r.bind.rfind("127.", 0) == 0)) {
+  if (r.broker_managed && r.tls_cert.empty() && (r.bind.empty() || r.bind.rfind("127.", 0) == 0)) {
     out +=
         "They listen on this host's loopback only: clients and workers on this host reach them; for compute nodes "
         "start them with --bind ADDR (a trusted network) or TLS.\n";

@@ -266,6 +266,12 @@ class Up(unittest.TestCase):
 
         lhpc_test.wait_until(lambda: (controller() or {}).get("next", "").find("scaled to zero") >= 0, 30,
                              "the controller at zero")
+        # Its looks at the queue before anything was published cost the broker's log nothing
+        # (a passive declare of a queue not declared yet is a channel error it logs each time).
+        lhpc_test.wait_until(lambda: controller()["counters"]["broker_queries"] >= 2, 30, "2 looks at the queue")
+        broker_log = os.path.join(self.services, "rabbitmq", "log", "lithops@localhost.log")
+        with open(broker_log) as f:
+            self.assertNotIn("not_found", f.read().lower())
         url = self.written()["rabbitmq"]["amqp_url"]
         lhpc_test.publish_lithops_many(url, "send_task", [
             lhpc_test.make_send_task(3, f"loc-job{j}", {"lhpc_test": {"record_dir": records}}) for j in range(2)])
@@ -280,6 +286,10 @@ class Up(unittest.TestCase):
         lhpc_test.wait_until(lambda: not [c for _, c in processes_of(UID) if " deploy " in c], 30,
                              "the deployment's processes to end")
         self.assertEqual(len(glob.glob(records + "/*.json")), 6)
+        with open(os.path.join(self.services, "autoalloc.log")) as f:
+            log = f.read()
+        self.assertRegex(log, r"submitted job local-\S+ \(mpirun -n 1, no time limit")  # no Slurm --time
+        self.assertNotIn("--time=", log)
         r = self.run_as("down")
         self.assertIn("nothing of lithops-hpc up is running now", r.stdout)
         self.assertEqual(processes_of(UID), [])
@@ -357,6 +367,7 @@ class Up(unittest.TestCase):
         os.chmod(key, 0o600)
         r = self.run_as("up", "--tls-cert", crt, "--tls-key", key, "--tls-ca", crt)
         self.assertIn("redis+TLS", r.stdout)
+        self.assertNotIn("loopback only", r.stdout)  # both listen on every interface, as TLS allows
         cfg = self.written()
         self.assertTrue(cfg["rabbitmq"]["amqp_url"].startswith("amqps://"), r.stdout)
         section = cfg["redis"]
