@@ -11,11 +11,13 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <limits>
 #include <thread>
 
 #include "amqp/connection.h"
+#include "autoalloc/controller.h"
 #include "config/config.h"
 #include "lhpc_build_config.h"
 #include "services/broker.h"
@@ -34,6 +36,9 @@ namespace lhpc::services {
 namespace {
 
 using namespace std::chrono_literals;
+
+// How long up waits for a controller it started to look at the queue once.
+constexpr auto k_controller_start = 30s;
 
 constexpr std::uint64_t k_mib = 1024 * 1024;
 constexpr const char* k_try_line =
@@ -354,6 +359,52 @@ std::string config_line(const ConfigWrite& w) {
   return line;
 }
 
+// The last lines of the controller's log (it only grows: its last 8 KiB),
+// for the error when the controller ends at once.
+std::string log_tail(const std::string& path, std::size_t lines) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) {
+    return "";
+  }
+  auto size = static_cast<std::streamoff>(in.tellg());
+  in.seekg(std::max<std::streamoff>(0, size - 8192));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto all = split(text, '\n');
+  while (!all.empty() && all.back().empty()) {
+    all.pop_back();
+  }
+  std::string out;
+  for (std::size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i) {
+    out += "\n  " + bounded_for_log(all[i]);
+  }
+  return out;
+}
+
+// Some settings the controller refuses only once it runs (a time limit not
+// above --renew-before, another controller on the state directory): wait
+// until it has looked at the queue once (its state file names its pid) or
+// has ended, so up never reports a controller that is already gone. False
+// when neither happened within k_controller_start.
+bool await_controller(Child& child, const std::string& log) {
+  auto deadline = std::chrono::steady_clock::now() + k_controller_start;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (child.wait_for(100ms)) {
+      throw Error(Exit::failure,
+                  fmt::format("the autoalloc controller ended at start (exit {}); the end of {}:{}",
+                              status_exit_code(*child.status()), log, log_tail(log, 5)),
+                  "fix what it says and run 'lithops-hpc up' again (the broker and the store are left running)");
+    }
+    try {
+      if (auto st = autoalloc::load_state(); st && st->pid == child.pid()) {
+        return true;
+      }
+    } catch (const Error&) {
+      // not written yet, or being replaced: look again
+    }
+  }
+  return false;
+}
+
 void start_controller(const UpOptions& o, Record& r, Started& s) {
   if (o.sif.empty() && !controller_alive(r)) {
     r.controller_pid = 0;
@@ -390,8 +441,10 @@ void start_controller(const UpOptions& o, Record& r, Started& s) {
   so.stdout_fd = log.get();
   so.stderr_fd = log.get();
   auto child = spawn(so);
+  bool looking = await_controller(child, r.controller_log);
   r.controller_pid = child.release();
-  s.lines.push_back(fmt::format("controller  {:<22} pid {}  log: {}", "started", r.controller_pid, r.controller_log));
+  s.lines.push_back(fmt::format("controller  {:<22} pid {}  log: {}", looking ? "started" : "started (not looking yet)",
+                                r.controller_pid, r.controller_log));
 }
 
 std::string report(const Record& r, const Started& s, const std::string& config) {

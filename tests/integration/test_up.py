@@ -172,6 +172,22 @@ class Up(unittest.TestCase):
         with open(self.config) as f:
             self.assertEqual(f.read(), ORIGINAL)
 
+    def test_a_controller_that_ends_at_start_fails_up_with_its_own_words(self):
+        # A time limit not above the renewal margin is refused by the
+        # controller once it runs; up said "started" and exited 0 before.
+        sif = os.path.join(self.home, "rt.sif")
+        with open(sif, "wb"):
+            pass
+        cfg = os.path.join(self.home, "lithops-hpc.toml")
+        with open(cfg, "w") as f:
+            f.write('[autoalloc]\ntime_limit = "4:00"\n')
+        os.chown(cfg, UID, UID)
+        r = self.run_as("up", "--sif", sif, env={"LITHOPS_HPC_CONFIG": cfg}, check=False)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("the autoalloc controller ended at start (exit 2)", r.stderr)
+        self.assertIn("is not below --time-limit 4:00", r.stderr)
+        self.assertIn("run 'lithops-hpc up' again", r.stderr)
+
     def test_up_writes_a_config_a_client_uses_survives_a_killed_broker_and_down_leaves_nothing(self):
         sif = os.path.join(self.home, "rt.sif")  # the controller runs without Slurm: it only fails to query it
         with open(sif, "wb"):
