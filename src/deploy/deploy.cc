@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "config/image_labels.h"
+#include "gpu/memory.h"
 #include "health/memory.h"
 #include "health/progress.h"
 #include "health/session.h"
@@ -239,11 +240,20 @@ private:
   void teardown_alone();
   void record_logs() const;
   void report(health::State state, const std::string& error) {
-    m_health->report(make_report(state, m_worker ? m_worker->stats() : WorkerStats{}, m_ph.node, error));
+    auto stats = m_worker ? m_worker->stats() : WorkerStats{};
+    auto r = make_report(state, stats, m_ph.node, error);
+    health::set_gpu_memory(r, gpu_memory(stats));
+    m_health->report(r);
     m_next_report = Clock::now() +
                     std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(m_cfg.health.interval));
   }
   void keep_reporting(health::State state);
+  // An NVIDIA GPU runtime's memory per device (nvidia-smi), asked at most
+  // every k_gpu_memory_every; the last figures in between.
+  std::vector<health::GpuMemory> gpu_memory(const WorkerStats& s);
+  static constexpr std::chrono::seconds k_gpu_memory_every{10};
+  Clock::time_point m_gpu_memory_at{};
+  std::vector<gpu::Memory> m_gpu_memory;
 
   // Signals first: one arriving while the instance starts is kept for the loop.
   SignalPipe m_signals{SIGINT, SIGTERM};
@@ -574,6 +584,21 @@ bool RankRun::serve() {
       return m_all_ranks_failed;
     }
   }
+}
+
+std::vector<health::GpuMemory> RankRun::gpu_memory(const WorkerStats& s) {
+  if (s.gpus.empty() || m_cfg.singularity.gpu_vendor != config::GpuVendor::nvidia) {
+    return {};
+  }
+  if (auto now = Clock::now(); now >= m_gpu_memory_at) {
+    m_gpu_memory = gpu::query_nvidia_smi();
+    m_gpu_memory_at = Clock::now() + k_gpu_memory_every;
+  }
+  std::vector<health::GpuMemory> out;
+  for (const auto& m : gpu::memory_of(s.gpus, m_gpu_memory)) {
+    out.push_back(m ? health::GpuMemory(std::make_pair(m->used_mib, m->total_mib)) : std::nullopt);
+  }
+  return out;
 }
 
 // Finish: the last report, the shutdown exchange, cleanup.

@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <chrono>
 #include <cstring>
+
+#include <fmt/format.h>
 
 #include "config/config.h"
 #include "util/error.h"
@@ -157,6 +160,43 @@ std::vector<int> gpus_out_of(const Report& r) {
     }
   }
   return slots;
+}
+
+void set_gpu_memory(Report& r, const std::vector<GpuMemory>& per_device) {
+  std::string text;
+  bool any = false;
+  for (const auto& m : per_device) {
+    std::string one = (text.empty() ? "" : ";") + (m ? fmt::format("{}/{}", m->first, m->second) : "-");
+    if (text.size() + one.size() > sizeof r.gpu_memory - 1) {
+      break;
+    }
+    any = any || m.has_value();
+    text += one;
+  }
+  copy_field(r.gpu_memory, sizeof r.gpu_memory, any ? text : "");
+}
+
+std::vector<GpuMemory> gpu_memory_of(const Report& r) {
+  std::vector<GpuMemory> out;
+  std::string text(r.gpu_memory, ::strnlen(r.gpu_memory, sizeof r.gpu_memory));
+  if (text.empty()) {
+    return out;
+  }
+  for (const auto& one : split(text, ';')) {
+    auto slash = one.find('/');
+    GpuMemory m;
+    if (slash != std::string::npos) {
+      std::uint64_t used = 0, total = 0;
+      auto a = std::from_chars(one.data(), one.data() + slash, used);
+      auto b = std::from_chars(one.data() + slash + 1, one.data() + one.size(), total);
+      if (a.ec == std::errc() && a.ptr == one.data() + slash && b.ec == std::errc() &&
+          b.ptr == one.data() + one.size()) {
+        m = std::make_pair(used, total);
+      }
+    }
+    out.push_back(m);
+  }
+  return out;
 }
 
 std::string gpus_out_why_of(const Report& r) {

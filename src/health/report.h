@@ -12,6 +12,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "util/names.h"
@@ -83,11 +84,14 @@ struct Report {
   char gpus[k_gpus_len] = {};
   // Why: "slot 2: died 6 times within 60 s (...); last: ...; slot 3: ...".
   char gpus_out_why[k_gpus_len] = {};
+  // Each device of `gpus`, in order: "used/total" MiB, "-" where unknown;
+  // empty: no figures (no nvidia-smi, an AMD or CPU runtime).
+  char gpu_memory[k_gpus_len] = {};
 };
 
 static_assert(std::is_trivially_copyable_v<Report>);
 static_assert(std::is_standard_layout_v<Report>);
-static_assert(sizeof(Report) == 9 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len + 2 * k_gpus_len,
+static_assert(sizeof(Report) == 9 * 8 + 2 * 8 + 6 * 4 + 8 + k_node_len + k_last_error_len + 3 * k_gpus_len,
               "Report must have no padding: every byte on the wire is initialised");
 
 // Copies `node` (truncated to 63 bytes on a UTF-8 boundary).
@@ -105,6 +109,11 @@ std::vector<std::vector<std::string>> gpus_of(const Report& r);
 void set_gpus_out(Report& r, const std::map<int, std::string>& out);
 std::vector<int> gpus_out_of(const Report& r);
 std::string gpus_out_why_of(const Report& r);
+// Memory per device of `gpus` in MiB (used, total), nullopt where unknown;
+// devices that do not fit are left out (read back as unknown).
+using GpuMemory = std::optional<std::pair<std::uint64_t, std::uint64_t>>;
+void set_gpu_memory(Report& r, const std::vector<GpuMemory>& per_device);
+std::vector<GpuMemory> gpu_memory_of(const Report& r);
 // Read back, stopping at the first NUL or the array's end (never past it).
 std::string node_of(const Report& r);
 std::string last_error_of(const Report& r);

@@ -155,6 +155,26 @@ std::vector<int> Table::ranks_not_reporting(State s) const {
   return out;
 }
 
+namespace {
+
+// Each GPU nvidia-smi gave figures for: {"gpu", "used_mib", "total_mib"}.
+nlohmann::ordered_json gpu_memory_json(const Report& p) {
+  auto out = nlohmann::ordered_json::array();
+  auto mem = gpu_memory_of(p);
+  std::size_t k = 0;
+  for (const auto& slot : gpus_of(p)) {
+    for (const auto& id : slot) {
+      if (k < mem.size() && mem[k]) {
+        out.push_back({{"gpu", id}, {"used_mib", mem[k]->first}, {"total_mib", mem[k]->second}});
+      }
+      ++k;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 std::string Table::to_json() const {
   using json = nlohmann::ordered_json;
   double now_mono = m_clock.mono();
@@ -214,6 +234,7 @@ std::string Table::to_json() const {
     r["gpus"] = gpus_of(p);          // slot k's devices; [] for a CPU runtime
     r["gpus_out"] = gpus_out_of(p);  // slots out of service (indices into gpus)
     r["gpus_out_why"] = gpus_out_why_of(p);
+    r["gpu_memory"] = gpu_memory_json(p);
     ranks.push_back(std::move(r));
   }
   doc["ranks"] = std::move(ranks);

@@ -93,6 +93,22 @@ std::vector<std::vector<std::string>> read_gpus(const Reader& rd, const json& v,
   return slots;
 }
 
+// "gpu_memory": [{"gpu": id, "used_mib": n, "total_mib": n}].
+std::vector<RankView::GpuMemory> read_gpu_memory(const Reader& rd, const json& v, const std::string& key) {
+  std::vector<RankView::GpuMemory> out;
+  if (!v.is_array()) {
+    rd.fail(key, "is not an array");
+  }
+  for (const auto& g : v) {
+    if (!g.is_object()) {
+      rd.fail(key, "holds something that is not an object");
+    }
+    out.push_back(
+        {rd.str(g, "gpu", key + "."), rd.count(g, "used_mib", key + "."), rd.count(g, "total_mib", key + ".")});
+  }
+  return out;
+}
+
 // "gpus_out": an array of slot numbers.
 std::vector<int> read_slots(const Reader& rd, const json& v, const std::string& key) {
   std::vector<int> slots;
@@ -238,6 +254,9 @@ StatusView parse_status(const std::string& text, const std::string& source) {
     if (j.contains("gpus")) {  // absent in a file written by an older lithops-hpc
       r.gpus = read_gpus(rd, rd.at(j, "gpus", w), w + "gpus");
     }
+    if (j.contains("gpu_memory")) {
+      r.gpu_memory = read_gpu_memory(rd, rd.at(j, "gpu_memory", w), w + "gpu_memory");
+    }
     if (j.contains("gpus_out")) {
       r.gpus_out = read_slots(rd, rd.at(j, "gpus_out", w), w + "gpus_out");
       r.gpus_out_why = rd.str(j, "gpus_out_why", w);
@@ -322,6 +341,13 @@ std::string render(const StatusView& s, const Assessment& a) {
     }
     if (!r.gpus_out.empty()) {
       out += fmt::format("rank {} {}: GPUs out of service: {}\n", r.rank, r.node, r.gpus_out_why);
+    }
+    if (!r.gpu_memory.empty()) {
+      std::vector<std::string> parts;
+      for (const auto& g : r.gpu_memory) {
+        parts.push_back(fmt::format("{}: {}/{} MiB", g.gpu, g.used_mib, g.total_mib));
+      }
+      out += fmt::format("rank {} {}: GPU memory used: {}\n", r.rank, r.node, join(parts, ", "));
     }
   }
   for (const auto& r : s.ranks) {

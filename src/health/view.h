@@ -33,6 +33,11 @@ struct RankView {
   std::vector<std::vector<std::string>> gpus;  // a GPU runtime: slot k's devices
   std::vector<int> gpus_out;                   // slots out of service (indices into gpus)
   std::string gpus_out_why;                    // "slot 2: why; slot 3: why"
+  struct GpuMemory {
+    std::string gpu;  // a device id of `gpus`
+    unsigned long long used_mib = 0, total_mib = 0;
+  };
+  std::vector<GpuMemory> gpu_memory;  // where nvidia-smi gave figures
 };
 
 struct StatusView {

@@ -37,7 +37,7 @@ SUMMARY_KEYS = {"ranks", "ready", "degraded", "unresponsive", "slots_busy", "slo
                 "requeued", "dead_lettered", "duplicates"}
 RANK_KEYS = {"rank", "node", "pid", "state", "reported_state", "slots_busy", "slots_total", "done", "failed",
              "requeued", "dead_lettered", "duplicates", "broker", "consuming", "blocked", "instance", "restarts", "rss_kb", "rss_tree_kb", "uptime",
-             "seq", "last_seen", "last_error", "gpus", "gpus_out", "gpus_out_why"}
+             "seq", "last_seen", "last_error", "gpus", "gpus_out", "gpus_out_why", "gpu_memory"}
 STATES = {"staging", "starting", "ready", "draining", "failed", "stopped", "unresponsive", "reconnecting"}
 
 

@@ -2,9 +2,11 @@
 // slot's own environment, and what the engine and sbatch are asked for.
 #include <doctest/doctest.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <set>
 
+#include "gpu/memory.h"
 #include "gpu/slots.h"
 #include "test_support.h"
 #include "util/error.h"
@@ -140,4 +142,39 @@ TEST_CASE("ranks sharing a node split its GPU slots") {
   CHECK(gpu::share_of(groups, 2, 0) == std::vector<std::vector<std::string>>{{"0"}, {"1"}});
   CHECK(gpu::share_of(groups, 2, 1) == std::vector<std::vector<std::string>>{{"2"}});
   CHECK_THROWS_AS(gpu::share_of(groups, 4, 3), Error);
+}
+
+TEST_CASE("nvidia-smi's memory lines are read per GPU and matched to the slots by index or UUID") {
+  auto known = gpu::parse_nvidia_smi(
+      "0, GPU-aaa, 1234, 40960\n1, GPU-bbb, [N/A], 40960\nindex, uuid, memory.used [MiB], memory.total [MiB]\n"
+      "2, GPU-ccc, 0, 81920\nnot a line\n");
+  REQUIRE(known.size() == 2);
+  CHECK(known[0].index == "0");
+  CHECK(known[0].uuid == "GPU-aaa");
+  CHECK(known[0].used_mib == 1234);
+  CHECK(known[1].total_mib == 81920);
+  auto per = gpu::memory_of({{"0"}, {"1", "GPU-ccc"}}, known);
+  REQUIRE(per.size() == 3);
+  CHECK(per[0]->used_mib == 1234);
+  CHECK_FALSE(per[1]);  // nvidia-smi had no figure for it
+  CHECK(per[2]->index == "2");
+}
+
+TEST_CASE("nvidia-smi is asked where it is on PATH; absent, failing or silent, there are no figures") {
+  test::TempDir dir{"gpu"};
+  std::string path = dir.path + ":" + std::getenv("PATH");
+  test::EnvGuard on_path("PATH", path.c_str());
+  CHECK(gpu::query_nvidia_smi().empty());  // none there
+  dir.write("nvidia-smi",
+            "#!/bin/sh\n[ \"$1\" = --query-gpu=index,uuid,memory.used,memory.total ] || exit 9\n"
+            "[ \"$2\" = --format=csv,noheader,nounits ] || exit 9\n"
+            "echo '0, GPU-aaa, 512, 16384'\necho '1, GPU-bbb, 1024, 16384'\n",
+            0755);
+  auto got = gpu::query_nvidia_smi();
+  REQUIRE(got.size() == 2);
+  CHECK(got[1].used_mib == 1024);
+  dir.write("nvidia-smi", "#!/bin/sh\necho '0, GPU-aaa, 512, 16384'\nexit 1\n", 0755);
+  CHECK(gpu::query_nvidia_smi().empty());
+  dir.write("nvidia-smi", "#!/bin/sh\nexec sleep 30\n", 0755);
+  CHECK(gpu::query_nvidia_smi(std::chrono::milliseconds(200)).empty());
 }

@@ -113,7 +113,7 @@ std::set<std::string> keys_of(const json& j) {
 
 TEST_CASE("a report is a fixed block of bytes that survives a byte copy") {
   CHECK(std::is_trivially_copyable_v<Report>);
-  CHECK(sizeof(Report) == 856);
+  CHECK(sizeof(Report) == 1112);
   Report a = report_of(3, State::draining, 7, "node-7");
   set_last_error(a, "boom");
   unsigned char wire[sizeof(Report)];
@@ -348,11 +348,11 @@ TEST_CASE("the status JSON has exactly the documented keys and types") {
   REQUIRE(doc["ranks"].size() == 2);
   const auto& r = doc["ranks"][1];
   CHECK(keys_of(r) ==
-        std::set<std::string>{"rank",        "node",        "pid",     "state",     "reported_state", "slots_busy",
-                              "slots_total", "done",        "failed",  "requeued",  "dead_lettered",  "duplicates",
-                              "broker",      "consuming",   "blocked", "instance",  "restarts",       "rss_kb",
-                              "rss_tree_kb", "uptime",      "seq",     "last_seen", "last_error",     "gpus",
-                              "gpus_out",    "gpus_out_why"});
+        std::set<std::string>{"rank",        "node",         "pid",       "state",     "reported_state", "slots_busy",
+                              "slots_total", "done",         "failed",    "requeued",  "dead_lettered",  "duplicates",
+                              "broker",      "consuming",    "blocked",   "instance",  "restarts",       "rss_kb",
+                              "rss_tree_kb", "uptime",       "seq",       "last_seen", "last_error",     "gpus",
+                              "gpus_out",    "gpus_out_why", "gpu_memory"});
   CHECK(r["rank"] == 1);
   CHECK(r["node"] == "n2");
   CHECK(r["pid"] == 101);
@@ -505,6 +505,29 @@ TEST_CASE("status shows a GPU slot taken out of service, with why") {
   CHECK(parse_status(doc.dump(), "s").ranks[1].gpus_out.empty());
   doc["ranks"][1]["gpus_out"] = json{"1"};
   CHECK_THROWS_AS(parse_status(doc.dump(), "s"), Error);
+}
+
+TEST_CASE("status shows the memory nvidia-smi reported per GPU, next to the slots") {
+  FakeClock fc;
+  Table t = ready_table(fc, 2, 5);
+  auto r = report_of(1, State::ready, 2, "n2");
+  set_gpus(r, {{"0"}, {"1", "GPU-5e1f"}});
+  set_gpu_memory(r, {std::make_pair(1234, 40960), std::nullopt, std::make_pair(0, 81920)});
+  t.update(r);
+  auto doc = json::parse(t.to_json());
+  CHECK(doc["ranks"][0]["gpu_memory"] == json::array());
+  CHECK(doc["ranks"][1]["gpu_memory"] ==
+        json::parse(
+            R"([{"gpu":"0","used_mib":1234,"total_mib":40960},{"gpu":"GPU-5e1f","used_mib":0,"total_mib":81920}])"));
+  auto v = parse_status(doc.dump(), "s");
+  REQUIRE(v.ranks[1].gpu_memory.size() == 2);
+  CHECK(v.ranks[1].gpu_memory[1].total_mib == 81920);
+  auto text = render(v, assess(v, fc.wall + 1));
+  CHECK(text.find("rank 1 n2: GPU memory used: 0: 1234/40960 MiB, GPU-5e1f: 0/81920 MiB") != std::string::npos);
+  // No figure at all is no text.
+  Report none;
+  set_gpu_memory(none, {std::nullopt});
+  CHECK(gpu_memory_of(none).empty());
 }
 
 TEST_CASE("a rank that consumes nothing or is blocked by the broker says so, and is not ready") {
