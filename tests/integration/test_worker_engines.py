@@ -147,6 +147,25 @@ class EngineTest(unittest.TestCase):
         with_gpu = [c for c in execs if "SINGULARITYENV_CUDA_VISIBLE_DEVICES" in c["env"]]
         self.assertEqual((len(execs), len(with_gpu)), (5, 4), "4 slot handlers with a GPU, the control one without")
 
+    def test_a_gpu_slot_whose_handler_keeps_dying_is_taken_out_of_service_and_the_other_serves(self):
+        # restart_limit = 3 (worker_util's): the 4th death within a minute retires slot 1 and its GPU.
+        sif = self.build_sif("singularity")
+        w = self.start("singularity", sif, slots=0, config_extra="gpus_per_slot = 1",
+                       extra={"CUDA_VISIBLE_DEVICES": "0,1"})
+        w.wait_consuming()
+        for _ in range(4):
+            pid = lt.wait_until(lambda: w.handler_pids().get("1"), 30, "slot 1's handler")
+            os.kill(pid, signal.SIGKILL)
+            lt.wait_until(lambda: w.handler_pids().get("1") != pid, 30, "slot 1's handler to go")
+        w.wait_log("slot 1 taken out of service (1 of 2 slots left)", 30)
+        self.assertTrue(w.alive(), w.log())
+        self.assertNotIn("1", w.handler_pids())
+        lt.publish_lithops(self.url, "send_task", lt.make_send_task(1, "ex-after-gpu-out", {"lhpc_test": {
+            "record_dir": self.rec, "probe_env": "CUDA_VISIBLE_DEVICES"}}))
+        [rec] = wait_records(self.rec, 1, 60)
+        self.assertEqual(rec["probe"], "0", "the call ran on the slot still in service")
+        self.assertEqual(w.stop(), 0, w.log())
+
     def test_an_instance_that_dies_takes_its_handlers_and_the_running_task_is_requeued(self):
         sif = self.build_sif("singularity")
         open(self.log, "w").close()
