@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -23,6 +24,7 @@
 #include "util/fd.h"
 #include "util/fs.h"
 #include "util/signals.h"
+#include "util/strings.h"
 
 namespace lhpc::autoalloc {
 
@@ -71,6 +73,23 @@ json limits_json(const Limits& l) {
           {"idle_timeout", l.idle_timeout},
           {"renew_before", l.renew_before},
           {"max_start_failures", l.max_start_failures}};
+}
+
+// The runtimes whose image is in `dir`: <name>.sif with a valid runtime name.
+std::vector<std::string> images_in(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    auto name = it->path().filename().string();
+    if (name.size() > 4 && name.ends_with(".sif")) {
+      name.resize(name.size() - 4);
+      if (!config::runtime_name_problem(name)) {
+        out.push_back(name);
+      }
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 }  // namespace
@@ -161,6 +180,9 @@ std::string status_line(const State& s, double now) {
 Controller::Controller(Settings s, Ports p) : m_s(std::move(s)), m_p(std::move(p)), m_dir(controller_dir()) {
   if (!m_p.clock) {
     m_p.clock = health::unix_now;
+  }
+  if (!m_p.list_images) {
+    m_p.list_images = images_in;
   }
   if (!path_exists(state_dir())) {
     make_private_dir(state_dir());
@@ -531,6 +553,81 @@ void Controller::carry_out(const Action& a, double now, const RuntimeDemand& rt)
   }
 }
 
+std::vector<KnownRuntime> Controller::known_runtimes() const {
+  std::vector<KnownRuntime> known;
+  auto exists = [&](const std::string& sif) { return m_p.image_exists ? m_p.image_exists(sif) : path_exists(sif); };
+  auto add = [&](const std::string& name) {
+    if (std::none_of(known.begin(), known.end(), [&](const KnownRuntime& k) { return k.runtime == name; })) {
+      auto sif = m_s.sif_path + "/" + name + ".sif";
+      known.push_back({name, sif, exists(sif)});
+    }
+  };
+  for (const auto& rt : m_state.runtimes) {
+    if (!rt.runtime.empty()) {
+      known.push_back({rt.runtime, rt.sif, rt.image});
+    }
+  }
+  if (!m_s.sif_path.empty()) {
+    for (const auto& name : m_p.list_images(m_s.sif_path)) {
+      add(name);
+    }
+    for (const auto& name : lithops_default_runtimes()) {
+      add(name);
+    }
+  }
+  return known;
+}
+
+void Controller::take_from(QueueProbe::Source from, const std::vector<KnownRuntime>& known) {
+  const bool task_queue = from == QueueProbe::Source::task_queue;
+  for (int i = 0; i < k_take_per_poll; ++i) {
+    auto t = m_p.queue->take(from);
+    if (!t) {
+      return;
+    }
+    auto h = handle(t->body, task_queue, known, m_s.sif_path);
+    switch (h.take) {
+      case Take::tell: {
+        auto why = m_p.store->put(h.storage, h.key, metadata_error_body(h.message));
+        if (why) {
+          spdlog::error("{}; the client cannot be told: {}", bounded_for_log(h.message, 600),
+                        bounded_for_log(*why, 300));
+        } else {
+          spdlog::error("{} (the client was told)", bounded_for_log(h.message, 600));
+        }
+        m_p.queue->settle(from, t->tag, true);
+        break;
+      }
+      case Take::move: {
+        bool moved = m_p.queue->move(h.runtime, t->body);
+        m_p.queue->settle(from, t->tag, moved);
+        if (!moved) {
+          return;
+        }
+        spdlog::warn("a task for runtime {} (no image) moved to its queue: it waits there for the image", h.runtime);
+        break;
+      }
+      case Take::leave: m_p.queue->settle(from, t->tag, false); return;
+      case Take::drop: m_p.queue->settle(from, t->tag, true); break;
+    }
+  }
+}
+
+void Controller::answer_missing_images() {
+  const auto& rts = m_state.runtimes;
+  if (!m_p.store || std::all_of(rts.begin(), rts.end(), [](const RuntimeDemand& r) { return r.runtime.empty(); })) {
+    return;  // one image that names no runtime: every request is its own
+  }
+  auto known = known_runtimes();
+  take_from(QueueProbe::Source::copies, known);
+  // After this poll's decision: no job of ours and no consumer means no
+  // deployment will move the task queue's messages. Only requests for a
+  // runtime with no image are taken; the first other message goes back.
+  if (m_state.jobs.empty() && m_state.consumers == 0) {
+    take_from(QueueProbe::Source::task_queue, known);
+  }
+}
+
 void Controller::poll() {
   double now = this->now();
   observe_jobs();
@@ -550,6 +647,7 @@ void Controller::poll() {
   }
   auto next = decide_per_runtime(now);
   m_state.next = m_state.start_failures.halted ? "halted: " + m_state.error : next;
+  answer_missing_images();
   save();
 }
 

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -133,6 +134,24 @@ std::string log_tail(const std::string& path) {
   }
 }
 
+// A dotted address, or the first IPv4 address of a host name (a Lithops
+// config names its redis host either way).
+bool ipv4_of(const std::string& host, in_addr& out) {
+  if (::inet_pton(AF_INET, host.c_str(), &out) == 1) {
+    return true;
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0 || !found) {
+    return false;
+  }
+  out = reinterpret_cast<sockaddr_in*>(found->ai_addr)->sin_addr;
+  ::freeaddrinfo(found);
+  return true;
+}
+
 }  // namespace
 
 std::string probe_address(const std::string& bind) { return bind.empty() || bind == "0.0.0.0" ? "127.0.0.1" : bind; }
@@ -174,7 +193,7 @@ std::optional<std::string> redis_query(const std::string& host, int port, const 
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(static_cast<std::uint16_t>(port));
-  if (!s || ::inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
+  if (!s || !ipv4_of(host, a.sin_addr)) {
     return std::nullopt;
   }
   timeval tv{.tv_sec = static_cast<time_t>(timeout.count() / 1000),
@@ -183,12 +202,13 @@ std::optional<std::string> redis_query(const std::string& host, int port, const 
   if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
     return std::nullopt;
   }
-  auto req = resp_command({"AUTH", password}) + resp_command(args);
+  // No password: a server without requirepass refuses AUTH.
+  auto req = (password.empty() ? std::string() : resp_command({"AUTH", password})) + resp_command(args);
   if (::send(s.get(), req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
     return std::nullopt;
   }
   RespReader r(s.get(), deadline);
-  if (!r.next()) {
+  if (!password.empty() && !r.next()) {
     return std::nullopt;  // AUTH refused
   }
   return r.next();

@@ -40,8 +40,9 @@ bool stop_redis(const std::string& dir, std::chrono::milliseconds grace);
 // INFO memory's used_memory, nullopt when it does not answer.
 std::optional<std::uint64_t> redis_used_memory(const std::string& dir, int port, const std::string& bind);
 
-// One request after AUTH; the reply's text (a status or bulk string), or
-// nullopt on any failure (refused, timeout, error reply).
+// One request after AUTH (none with an empty password); the reply's text (a
+// status or bulk string), or nullopt on any failure (refused, timeout, error
+// reply). `host`: an IPv4 address or a host name.
 std::optional<std::string> redis_query(const std::string& host, int port, const std::string& password,
                                        const std::vector<std::string>& args, std::chrono::milliseconds timeout);
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -21,10 +22,13 @@
 
 #include "autoalloc/controller.h"
 #include "autoalloc/local_scheduler.h"
+#include "autoalloc/no_image.h"
 #include "autoalloc/policy.h"
 #include "autoalloc/ports.h"
 #include "autoalloc/sbatch_reply.h"
 #include "autoalloc/slurm_scheduler.h"
+#include "dispatch/protocol.h"
+#include "dispatch/runtime.h"
 #include "test_support.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -497,6 +501,20 @@ struct World {
     reports.erase(id);
   }
   void ready(std::uint64_t n) { queue = QueueLook{n, 0}; }
+
+  // Messages the controller may take (QueueProbe::take), what it did with
+  // them, and what it wrote to the client's storage.
+  std::deque<std::string> task_msgs, copy_msgs;
+  std::vector<std::pair<std::string, std::string>> moved;  // runtime, body
+  std::vector<std::string> acked;
+  bool move_fails = false;
+  struct Put {
+    nlohmann::json storage;
+    std::string key, value;
+  };
+  std::vector<Put> puts;
+  std::optional<std::string> store_refuses;
+  std::vector<std::string> sif_dir;  // the runtimes whose image is in sif_path
 };
 
 struct FakeScheduler final : Scheduler {
@@ -548,7 +566,39 @@ struct FakeQueue final : QueueProbe {
   explicit FakeQueue(World& world) : w(world) {}
   std::optional<QueueLook> look() override {
     ++n;
-    return w.queue;
+    auto q = w.queue;
+    if (q) {
+      q->ready += w.task_msgs.size();
+    }
+    return q;
+  }
+  std::map<std::uint64_t, std::pair<Source, std::string>> out;  // taken, not settled
+  std::uint64_t tags = 0;
+  std::deque<std::string>& from(Source s) { return s == Source::task_queue ? w.task_msgs : w.copy_msgs; }
+  std::optional<Taken> take(Source s) override {
+    if (from(s).empty()) {
+      return std::nullopt;
+    }
+    out[++tags] = {s, from(s).front()};
+    from(s).pop_front();
+    return Taken{tags, out[tags].second};
+  }
+  void settle(Source s, std::uint64_t tag, bool done) override {
+    auto m = out.at(tag);
+    CHECK(m.first == s);
+    out.erase(tag);
+    if (done) {
+      w.acked.push_back(m.second);
+    } else {
+      from(s).push_front(m.second);
+    }
+  }
+  bool move(const std::string& runtime, const std::string& body) override {
+    if (w.move_fails) {
+      return false;
+    }
+    w.moved.emplace_back(runtime, body);
+    return true;
   }
   std::optional<QueueLook> look_runtime(const std::string& runtime) override {
     ++n;
@@ -576,6 +626,19 @@ struct FakeDeployments final : DeploymentProbe {
   }
 };
 
+struct FakeStore final : ClientStore {
+  World& w;
+  explicit FakeStore(World& world) : w(world) {}
+  std::optional<std::string> put(const nlohmann::json& storage, const std::string& key,
+                                 const std::string& value) override {
+    if (w.store_refuses) {
+      return w.store_refuses;
+    }
+    w.puts.push_back({storage, key, value});
+    return std::nullopt;
+  }
+};
+
 // One controller on the fake world, in a state directory of its own.
 struct Loop {
   lhpc::test::TempDir dir{"autoalloc"};
@@ -587,14 +650,20 @@ struct Loop {
   explicit Loop(Limits l = limits(), std::vector<RuntimeImage> runtimes = {}) {
     s.limits = l;
     s.sif = "/img/rt.sif";
+    s.sif_path = "/img";
     s.runtimes = std::move(runtimes);
     s.default_slots = 2;
     start();
   }
   void start() {
     ctl.reset();  // the lock goes with the old one
-    Ports p{std::make_unique<FakeScheduler>(w), std::make_unique<FakeQueue>(w), std::make_unique<FakeDeployments>(w),
-            [this] { return w.t; }, [this](const std::string& sif) { return w.images.contains(sif); }};
+    Ports p{std::make_unique<FakeScheduler>(w),
+            std::make_unique<FakeQueue>(w),
+            std::make_unique<FakeDeployments>(w),
+            [this] { return w.t; },
+            [this](const std::string& sif) { return w.images.contains(sif); },
+            std::make_unique<FakeStore>(w),
+            [this](const std::string&) { return w.sif_dir; }};
     ctl = std::make_unique<Controller>(s, std::move(p));
     ctl->adopt();
   }
@@ -976,6 +1045,204 @@ TEST_CASE("controller: a runtime whose image is missing is not submitted and is 
   REQUIRE(l.submitted() == 1);
   CHECK(l.w.submissions[0].runtime == "rt-b");
   CHECK(l.w.submissions[0].sif == "/img/rt-b.sif");
+}
+
+// ------------------------------------------- clients of a runtime with no image
+
+namespace {
+
+constexpr const char* k_version = "3.7.1.dev0";
+
+// The get_metadata the Lithops singularity backend publishes for `runtime`:
+// its storage configuration, the hashed runtime_name, the log level.
+std::string metadata_request(const std::string& runtime) {
+  nlohmann::json p = {{"monitoring_interval", 2},
+                      {"backend", "redis"},
+                      {"redis",
+                       {{"host", "127.0.0.1"},
+                        {"port", 6380},
+                        {"password", "s3cret"},
+                        {"storage_bucket", "storage"},
+                        {"user_agent", "lithops/3.7.1.dev0"}}},
+                      {"runtime_name", lhpc::dispatch::lithops_job_name(runtime, 128, k_version)},
+                      {"log_level", 20}};
+  return lhpc::dispatch::encode(lhpc::dispatch::Action::get_metadata, p);
+}
+
+std::string task_for(const std::string& runtime) {
+  nlohmann::json p = {{"job_key", "A000-M000"},
+                      {"call_ids", {"00000"}},
+                      {"data_byte_ranges", {{0, 10}}},
+                      {"total_calls", 1},
+                      {"runtime_name", runtime}};
+  return lhpc::dispatch::encode(lhpc::dispatch::Action::send_task, p);
+}
+
+std::string meta_key(const std::string& runtime) {
+  return "lithops.jobs/" + lhpc::dispatch::lithops_job_name(runtime, 128, k_version) + ".meta";
+}
+
+}  // namespace
+
+TEST_CASE("no image: a get_metadata for a runtime without one gets an error naming it and the path looked for") {
+  std::vector<KnownRuntime> known = {{"rt-a", "/img/rt-a.sif", true}, {"rt-b", "/img/rt-b.sif", false}};
+  auto h = handle(metadata_request("rt-b"), false, known, "/img");
+  REQUIRE(h.take == Take::tell);
+  CHECK(h.key == meta_key("rt-b"));
+  CHECK(h.message.find("runtime 'rt-b' has no image: looked for /img/rt-b.sif") != std::string::npos);
+  CHECK(h.message.find("lithops-hpc runtime build rt-b") != std::string::npos);
+  CHECK(h.storage.at("redis").at("host") == "127.0.0.1");
+  // Its copy for a runtime with an image is dropped (its deployments answer);
+  // in the task queue it is left for them.
+  CHECK(handle(metadata_request("rt-a"), false, known, "/img").take == Take::drop);
+  CHECK(handle(metadata_request("rt-a"), true, known, "/img").take == Take::leave);
+  // A runtime nobody knows: the message cannot name it, it names the path pattern.
+  auto u = handle(metadata_request("mystery"), true, known, "/img");
+  REQUIRE(u.take == Take::tell);
+  CHECK(u.message.find("looked for /img/<runtime>.sif; runtimes with an image: rt-a") != std::string::npos);
+  CHECK(u.key == meta_key("mystery"));
+}
+
+TEST_CASE("no image: tasks of a runtime without one move to its queue; others, and what is not a request, stay") {
+  std::vector<KnownRuntime> known = {{"rt-a", "/img/rt-a.sif", true}, {"rt-b", "/img/rt-b.sif", false}};
+  auto h = handle(task_for("rt-b"), true, known, "/img");
+  CHECK(h.take == Take::move);
+  CHECK(h.runtime == "rt-b");
+  CHECK(handle(task_for("rt-a"), true, known, "/img").take == Take::leave);
+  CHECK(handle(task_for("../x"), true, known, "/img").take == Take::leave);
+  CHECK(handle("not json", true, known, "/img").take == Take::leave);
+  CHECK(handle("not json", false, known, "/img").take == Take::drop);
+}
+
+TEST_CASE("no image: the error is what the client reads as metadata without 'preinstalls', in ASCII") {
+  auto body = metadata_error_body("runtime 'rt-b' has no image \xc3\xa9");
+  auto j = nlohmann::json::parse(body);
+  CHECK_FALSE(j.contains("preinstalls"));
+  CHECK(j.at("error").get<std::string>().starts_with("runtime 'rt-b' has no image"));
+  CHECK(std::all_of(body.begin(), body.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; }));
+}
+
+TEST_CASE("no image: the client's redis is named by its storage configuration; another backend is a reason") {
+  nlohmann::json st = {{"backend", "redis"}, {"redis", {{"host", "login1"}, {"port", 6390}, {"password", "pw"}}}};
+  auto t = std::get<RedisTarget>(redis_target(st, "lithops.jobs/x.meta"));
+  CHECK(t.host == "login1");
+  CHECK(t.port == 6390);
+  CHECK(t.password == "pw");
+  CHECK(t.key == "storage/lithops.jobs/x.meta");  // Lithops' redis backend: '<bucket>/<key>'
+  st["redis"]["storage_bucket"] = "b2";
+  CHECK(std::get<RedisTarget>(redis_target(st, "k")).key == "b2/k");
+  st["backend"] = "aws_s3";
+  auto why = std::get<std::string>(redis_target(st, "k"));
+  CHECK(why.find("'aws_s3'") != std::string::npos);
+  CHECK(why.find("pw") == std::string::npos);
+  st = {{"backend", "redis"}, {"redis", {{"port", 6379}}}};
+  CHECK(std::holds_alternative<std::string>(redis_target(st, "k")));
+}
+
+TEST_CASE("controller: no runtime has an image: a get_metadata in the task queue is answered with the error") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  l.w.task_msgs = {metadata_request("rt-a")};
+  l.poll();
+  CHECK(l.submitted() == 0);
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.puts[0].key == meta_key("rt-a"));
+  CHECK(l.w.puts[0].storage.at("redis").at("port") == 6380);
+  auto err = nlohmann::json::parse(l.w.puts[0].value).at("error").get<std::string>();
+  CHECK(err.find("runtime 'rt-a' has no image: looked for /img/rt-a.sif") != std::string::npos);
+  CHECK(l.w.task_msgs.empty());  // acked
+  // A task of it moves to its queue (reported there), and the queue behind it is read on.
+  l.w.task_msgs = {task_for("rt-a"), metadata_request("rt-a")};
+  l.poll();
+  REQUIRE(l.w.moved.size() == 1);
+  CHECK(l.w.moved[0].first == "rt-a");
+  CHECK(l.w.puts.size() == 2);
+  CHECK(l.w.task_msgs.empty());
+}
+
+TEST_CASE("controller: the task queue is left alone while anything else could take it") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  SUBCASE("a move not confirmed puts the task back and stops") {
+    l.w.move_fails = true;
+    l.w.task_msgs = {task_for("rt-a"), metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.w.task_msgs.size() == 2);
+    CHECK(l.w.puts.empty());
+  }
+  SUBCASE("a consumer on the task queue (someone's deployment)") {
+    l.w.queue = QueueLook{0, 1};
+    l.w.task_msgs = {metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.w.task_msgs.size() == 1);
+    CHECK(l.w.puts.empty());
+  }
+  SUBCASE("a request for an image in sif_path stays, and so does what is behind it") {
+    l.w.sif_dir = {"rt-c"};
+    l.w.images.insert("/img/rt-c.sif");
+    l.w.task_msgs = {metadata_request("rt-c"), metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.w.task_msgs.size() == 2);
+    CHECK(l.w.puts.empty());
+  }
+  SUBCASE("a deployment is submitted for the task queue: it takes the request") {
+    l.s.runtimes = {{"rt-b", "/img/rt-b.sif"}, {"rt-a", "/img/rt-a.sif"}};
+    l.w.images.insert("/img/rt-b.sif");
+    l.start();
+    l.w.task_msgs = {metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.submitted() == 1);
+    CHECK(l.w.task_msgs.size() == 1);
+    CHECK(l.w.puts.empty());
+  }
+}
+
+TEST_CASE("controller: the first runtime has no image, another has: nothing takes the task queue, so it is answered") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-b.sif"};
+  l.w.task_msgs = {metadata_request("rt-a")};
+  l.poll();
+  CHECK(l.submitted() == 0);
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.puts[0].key == meta_key("rt-a"));
+  CHECK(l.w.task_msgs.empty());
+}
+
+TEST_CASE("controller: a copy of a get_metadata is answered when its runtime has no image, dropped otherwise") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-a.sif"};
+  l.w.copy_msgs = {metadata_request("rt-a"), metadata_request("rt-b"), metadata_request("singularity-runtime-v311")};
+  l.poll();
+  CHECK(l.w.copy_msgs.empty());
+  REQUIRE(l.w.puts.size() == 2);
+  CHECK(l.w.puts[0].key == meta_key("rt-b"));
+  CHECK(l.w.puts[1].key == meta_key("singularity-runtime-v311"));
+  auto err = nlohmann::json::parse(l.w.puts[1].value).at("error").get<std::string>();
+  CHECK(err.find("runtime 'singularity-runtime-v311' has no image: looked for /img/singularity-runtime-v311.sif") !=
+        std::string::npos);
+  CHECK(l.w.acked.size() == 3);
+  // The storage refusing is logged; the copy is not taken again.
+  l.w.store_refuses = "redis at 127.0.0.1:6380 did not take key";
+  l.w.copy_msgs = {metadata_request("rt-b")};
+  l.poll();
+  CHECK(l.w.copy_msgs.empty());
+}
+
+TEST_CASE("controller: at zero with no image, a get_metadata is answered within the short look, even with --poll 60") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  l.s.poll = 60;
+  l.start();
+  double published = l.w.t + 17.2;
+  for (int i = 0; i < 1000; ++i) {
+    double wait = l.ctl->tick();
+    if (!l.w.puts.empty()) {
+      break;
+    }
+    l.w.t += wait;
+    if (l.w.t >= published && l.w.task_msgs.empty()) {
+      l.w.task_msgs = {metadata_request("rt-a")};
+    }
+  }
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.t - published <= k_zero_look);
 }
 
 // ------------------------------------------------------- the local scheduler
