@@ -653,12 +653,26 @@ void Controller::poll() {
 
 bool Controller::at_zero() const { return m_state.jobs.empty() && !m_state.start_failures.halted; }
 
-// A quick look between polls: tasks ready where the last poll saw none. A
-// backlog the last poll saw already (served by someone else's workers, or
-// waiting out a backoff) waits for the next poll as before.
+// A quick look between polls: tasks ready where the last poll saw none, in
+// the task queue or in the queue of a runtime with an image (what another
+// controller's or a hand-made deployment moved there). A backlog the last
+// poll saw already (served by someone else's workers, or waiting out a
+// backoff) waits for the next poll as before.
 bool Controller::first_tasks() {
   auto look = m_p.queue->look();
-  return look && look->ready > 0 && m_state.ready.value_or(0) == 0;
+  if (look && look->ready > 0 && m_state.ready.value_or(0) == 0) {
+    return true;
+  }
+  for (const auto& rt : m_state.runtimes) {
+    if (rt.runtime.empty() || !rt.image) {
+      continue;
+    }
+    auto q = m_p.queue->look_runtime(rt.runtime);
+    if (q && q->ready > 0 && rt.ready.value_or(0) == 0) {
+      return true;
+    }
+  }
+  return false;
 }
 
 double Controller::tick() {

@@ -136,9 +136,10 @@ struct Ports {
 // has no image: a flood waits for the next poll instead of stalling this one.
 inline constexpr int k_take_per_poll = 64;
 
-// While nothing is held nor pending, the queue is looked at this often
-// (seconds), whatever --poll says: the first task of a scaled-to-zero
-// controller is noticed at once, not at its next poll.
+// While nothing is held nor pending, the queues (the task queue, and those
+// of the runtimes with an image) are looked at this often (seconds),
+// whatever --poll says: the first task of a scaled-to-zero controller is
+// noticed at once, not at its next poll.
 inline constexpr double k_zero_look = 0.5;
 
 class Controller {

@@ -1380,6 +1380,27 @@ TEST_CASE("controller: from zero the first task brings a submission within the s
   CHECK(l.ctl->tick() == doctest::Approx(60).epsilon(0.01));
 }
 
+TEST_CASE("controller: from zero the first task in a runtime's queue brings its submission within the short look") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-a.sif", "/img/rt-b.sif"};
+  l.s.poll = 60;
+  l.start();
+  double published = l.w.t + 17.2;
+  for (int i = 0; i < 1000; ++i) {
+    double wait = l.ctl->tick();
+    if (l.submitted() > 0) {
+      break;
+    }
+    l.w.t += wait;
+    if (l.w.t >= published) {
+      l.w.runtime_queues["rt-b"] = {1, 0};  // moved there by a deployment this controller does not hold
+    }
+  }
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.submissions[0].runtime == "rt-b");
+  CHECK(l.w.t - published <= k_zero_look);
+}
+
 TEST_CASE("controller: at zero, a backlog the last poll saw already waits for the next poll, not every look") {
   Loop l;
   l.s.poll = 60;
