@@ -41,10 +41,13 @@ void BrokerProbe::declare_runtime_queue(const std::string& queue) {
   m_declared.insert(queue);
 }
 
-std::optional<QueueProbe::Taken> BrokerProbe::take(Source from) {
-  std::string queue = m_queue;
+std::optional<QueueProbe::Taken> BrokerProbe::take(Source from, const std::string& runtime) {
+  std::string queue = from == Source::runtime_queue ? dispatch::runtime_queue(m_queue, runtime) : m_queue;
   try {
     connection();
+    if (from == Source::runtime_queue) {
+      declare_runtime_queue(queue);
+    }
     if (from == Source::copies) {
       auto exchange = dispatch::runtimes_exchange(m_queue);
       queue = exchange + "." + job_name();

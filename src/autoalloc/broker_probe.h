@@ -23,7 +23,7 @@ public:
   std::optional<QueueLook> look() override;
   std::optional<QueueLook> look_runtime(const std::string& runtime) override;
   unsigned long long queries() const override { return m_queries; }
-  std::optional<Taken> take(Source from) override;
+  std::optional<Taken> take(Source from, const std::string& runtime) override;
   void settle(Source from, std::uint64_t tag, bool done) override;
   bool move(const std::string& runtime, const std::string& body) override;
 

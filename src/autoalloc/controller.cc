@@ -353,6 +353,7 @@ void Controller::observe_runtimes(double now) {
     } else {
       auto look = m_p.queue->look_runtime(rt.runtime);
       rt.ready = look && task_queue ? std::optional<std::uint64_t>(look->ready + *task_queue) : std::nullopt;
+      rt.consumers = look ? std::optional<int>(look->consumers) : std::nullopt;
     }
     if (rt.ready && *rt.ready > 0) {
       rt.seen = now;
@@ -578,37 +579,43 @@ std::vector<KnownRuntime> Controller::known_runtimes() const {
   return known;
 }
 
-void Controller::take_from(QueueProbe::Source from, const std::vector<KnownRuntime>& known) {
-  const bool task_queue = from == QueueProbe::Source::task_queue;
+bool Controller::tell(const Handling& h) {
+  auto why = m_p.store->put(h.storage, h.entries);
+  auto what = bounded_for_log(h.message, 600);
+  auto calls = h.runtime.empty() ? std::string() : fmt::format(" ({} call(s) failed)", h.entries.size());
+  if (why) {
+    spdlog::error("{}; the client cannot be told{}: {}", what, h.runtime.empty() ? "" : " of its tasks",
+                  bounded_for_log(*why, 300));
+    return false;
+  }
+  spdlog::error("{} (the client was told{})", what, calls);
+  return true;
+}
+
+void Controller::take_from(QueueProbe::Source from, const std::string& runtime,
+                           const std::vector<KnownRuntime>& known) {
+  using S = QueueProbe::Source;
+  const From where = from == S::task_queue ? From::task_queue : from == S::copies ? From::copies : From::runtime_queue;
   for (int i = 0; i < k_take_per_poll; ++i) {
-    auto t = m_p.queue->take(from);
+    auto t = m_p.queue->take(from, runtime);
     if (!t) {
       return;
     }
-    auto h = handle(t->body, task_queue, known, m_s.sif_path);
-    switch (h.take) {
-      case Take::tell: {
-        auto why = m_p.store->put(h.storage, h.key, metadata_error_body(h.message));
-        if (why) {
-          spdlog::error("{}; the client cannot be told: {}", bounded_for_log(h.message, 600),
-                        bounded_for_log(*why, 300));
-        } else {
-          spdlog::error("{} (the client was told)", bounded_for_log(h.message, 600));
-        }
-        m_p.queue->settle(from, t->tag, true);
-        break;
-      }
-      case Take::move: {
-        bool moved = m_p.queue->move(h.runtime, t->body);
-        m_p.queue->settle(from, t->tag, moved);
-        if (!moved) {
-          return;
-        }
-        spdlog::warn("a task for runtime {} (no image) moved to its queue: it waits there for the image", h.runtime);
-        break;
-      }
-      case Take::leave: m_p.queue->settle(from, t->tag, false); return;
-      case Take::drop: m_p.queue->settle(from, t->tag, true); break;
+    auto h = handle(t->body, where, known, m_s.sif_path, now());
+    if (h.take == Take::leave) {
+      m_p.queue->settle(from, t->tag, false);
+      return;
+    }
+    if (h.take == Take::drop || tell(h) || h.runtime.empty()) {
+      m_p.queue->settle(from, t->tag, true);  // a get_metadata's error is written once, or never
+      continue;
+    }
+    // Tasks the client cannot be told about wait in their runtime's queue,
+    // reported there, and the task queue behind them is read on.
+    bool moved = from == S::task_queue && m_p.queue->move(h.runtime, t->body);
+    m_p.queue->settle(from, t->tag, moved);
+    if (!moved) {
+      return;
     }
   }
 }
@@ -619,12 +626,17 @@ void Controller::answer_missing_images() {
     return;  // one image that names no runtime: every request is its own
   }
   auto known = known_runtimes();
-  take_from(QueueProbe::Source::copies, known);
+  take_from(QueueProbe::Source::copies, {}, known);
+  for (const auto& rt : rts) {
+    if (!rt.runtime.empty() && !rt.image && rt.consumers == 0 && rt.ready.value_or(0) > 0) {
+      take_from(QueueProbe::Source::runtime_queue, rt.runtime, known);
+    }
+  }
   // After this poll's decision: no job of ours and no consumer means no
   // deployment will move the task queue's messages. Only requests for a
   // runtime with no image are taken; the first other message goes back.
   if (m_state.jobs.empty() && m_state.consumers == 0) {
-    take_from(QueueProbe::Source::task_queue, known);
+    take_from(QueueProbe::Source::task_queue, {}, known);
   }
 }
 

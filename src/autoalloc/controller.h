@@ -75,7 +75,8 @@ struct RuntimeDemand {
   std::string sif;
   bool image = true;  // its file exists
   std::optional<std::uint64_t> ready;
-  double seen = 0;  // last time it had ready messages
+  std::optional<int> consumers;  // of its queue, last look (not kept in state.json)
+  double seen = 0;               // last time it had ready messages
 };
 
 struct State {
@@ -188,11 +189,14 @@ private:
   Limits limits_left_for(const std::string& runtime, bool first) const;
   void carry_out(const Action& a, double now, const RuntimeDemand& rt);
   // Clients whose runtime has no image are told so (no_image.h): from the
-  // copies of get_metadata always, from the task queue when nothing else
-  // would take its messages (no job of ours, no consumer).
+  // copies of get_metadata always, from the queue of a runtime of ours with
+  // no image while nothing consumes it, and from the task queue when nothing
+  // else would take its messages (no job of ours, no consumer).
   void answer_missing_images();
   std::vector<KnownRuntime> known_runtimes() const;
-  void take_from(QueueProbe::Source from, const std::vector<KnownRuntime>& known);
+  void take_from(QueueProbe::Source from, const std::string& runtime, const std::vector<KnownRuntime>& known);
+  // Writes what `h` tells the client; false when it could not (logged).
+  bool tell(const Handling& h);
   void submit(const Action& a, double now, const RuntimeDemand& rt);
   void save();
 

@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "config/config.h"
@@ -108,13 +109,14 @@ public:
     // The controller's own queue bound to the runtimes' fanout exchange: a
     // copy of every get_metadata a deployment found not its own.
     copies,
+    runtime_queue,  // <queue>.runtime.<runtime> (declared and bound first)
   };
   struct Taken {
     std::uint64_t tag = 0;
     std::string body;
   };
   // nullopt: the queue is empty, or the broker could not be asked (logged).
-  virtual std::optional<Taken> take(Source from) = 0;
+  virtual std::optional<Taken> take(Source from, const std::string& runtime) = 0;
   // Ack (`done`), or back to its queue.
   virtual void settle(Source from, std::uint64_t tag, bool done) = 0;
   // Publishes `body` to the runtime's queue (declared and bound first, as a
@@ -126,11 +128,11 @@ public:
 class ClientStore {
 public:
   virtual ~ClientStore() = default;
-  // Writes `value` at `key` of the storage `storage` names (a Lithops
-  // storage configuration: the get_metadata payload); the reason it could
-  // not (never with a secret), or nullopt when written.
-  virtual std::optional<std::string> put(const nlohmann::json& storage, const std::string& key,
-                                         const std::string& value) = 0;
+  // Writes each value at its key (as the client names it) in the storage
+  // `storage` names (a Lithops storage configuration); the reason it could
+  // not (never with a secret), or nullopt when all were written.
+  virtual std::optional<std::string> put(const nlohmann::json& storage,
+                                         const std::vector<std::pair<std::string, std::string>>& entries) = 0;
 };
 
 // What one deployment last reported.

@@ -188,6 +188,13 @@ std::string redis_password(const std::string& dir) {
 
 std::optional<std::string> redis_query(const std::string& host, int port, const std::string& password,
                                        const std::vector<std::string>& args, std::chrono::milliseconds timeout) {
+  auto replies = redis_pipeline(host, port, password, {args}, timeout);
+  return replies ? std::optional<std::string>(replies->back()) : std::nullopt;
+}
+
+std::optional<std::vector<std::string>> redis_pipeline(const std::string& host, int port, const std::string& password,
+                                                       const std::vector<std::vector<std::string>>& commands,
+                                                       std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + timeout;
   UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   sockaddr_in a{};
@@ -203,15 +210,26 @@ std::optional<std::string> redis_query(const std::string& host, int port, const 
     return std::nullopt;
   }
   // No password: a server without requirepass refuses AUTH.
-  auto req = (password.empty() ? std::string() : resp_command({"AUTH", password})) + resp_command(args);
-  if (::send(s.get(), req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
+  auto req = password.empty() ? std::string() : resp_command({"AUTH", password});
+  for (const auto& c : commands) {
+    req += resp_command(c);
+  }
+  if (commands.empty() || ::send(s.get(), req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
     return std::nullopt;
   }
   RespReader r(s.get(), deadline);
   if (!password.empty() && !r.next()) {
     return std::nullopt;  // AUTH refused
   }
-  return r.next();
+  std::vector<std::string> replies;
+  for (std::size_t i = 0; i < commands.size(); ++i) {
+    auto reply = r.next();
+    if (!reply) {
+      return std::nullopt;
+    }
+    replies.push_back(std::move(*reply));
+  }
+  return replies;
 }
 
 bool redis_alive(const std::string& dir, int port, const std::string& bind) {

@@ -46,6 +46,12 @@ std::optional<std::uint64_t> redis_used_memory(const std::string& dir, int port,
 std::optional<std::string> redis_query(const std::string& host, int port, const std::string& password,
                                        const std::vector<std::string>& args, std::chrono::milliseconds timeout);
 
+// Several requests after one AUTH, sent at once; every reply, or nullopt
+// when one failed (as redis_query).
+std::optional<std::vector<std::string>> redis_pipeline(const std::string& host, int port, const std::string& password,
+                                                       const std::vector<std::vector<std::string>>& commands,
+                                                       std::chrono::milliseconds timeout);
+
 // The address to knock on for a server bound to `bind` (loopback for "" and 0.0.0.0).
 std::string probe_address(const std::string& bind);
 

@@ -7,7 +7,9 @@ this test starts (with a password). The first use of a runtime publishes a
 get_metadata and polls its storage key lithops.jobs/<name>.meta (in the
 bucket "storage": Redis key "storage/lithops.jobs/<name>.meta") every 2 s for
 10 minutes; the controller writes there an error without 'preinstalls' that
-names the runtime and the image path, so the client raises at once.
+names the runtime and the image path, so the client raises at once. A task
+of such a runtime (its metadata known from before) gets, for each call, the
+status.json of a call that raised the same message: get_result raises it.
 
 - test_a_get_metadata_...: publishes exactly what the Lithops singularity
   backend publishes (pika) and reads the key exactly as it does (redis-py),
@@ -24,6 +26,7 @@ import base64
 import hashlib
 import json
 import os
+import pickle
 import secrets
 import shutil
 import subprocess
@@ -146,12 +149,25 @@ class NoImage(unittest.TestCase):
         self.assertIn(f"runtime '{RUNTIME}' has no image: looked for {self.sif_path}/{RUNTIME}.sif", meta["error"])
         self.assertIn(f"lithops-hpc runtime build {RUNTIME}", meta["error"])
         lt.wait_until(lambda: lt.queue_depth(self.url) == 0, 10, "the request to be taken off the task queue")
-        # A task of that runtime (the client's metadata cached, the image gone) is moved to the
-        # runtime's queue, where status reports it; the task queue behind it is not blocked.
-        lt.publish_lithops(self.url, "send_task", dict(lt.make_send_task(2, "noimg-job"), runtime_name=RUNTIME))
-        lt.wait_until(lambda: lt.queue_depth(self.url, f"task_queue.runtime.{RUNTIME}") == 1, 20,
-                      "the task in its runtime's queue:\n" + self._log())
-        self.assertEqual(lt.queue_depth(self.url), 0)
+        # A task of that runtime (the client had its metadata from before, the image is gone):
+        # each call gets the status.json of a call that raised, where and as the client's job
+        # monitor and future read it (list_keys walks the SADD "directories"; exc_info is eval'd
+        # and unpickled).
+        config = {"lithops": {"backend": "singularity", "storage": "redis"},
+                  "redis": self.storage_config()["redis"]}
+        task = dict(lt.make_send_task(2, "E01-M000"), runtime_name=RUNTIME, config=config)
+        lt.publish_lithops(self.url, "send_task", task)
+        status_key = "storage/lithops.jobs/E01-M000/00001/status.json"
+        raw = lt.wait_until(lambda: self.redis.get(status_key), 30, "the calls' failed status:\n" + self._log())
+        status = json.loads(raw.decode("ascii"))
+        self.assertEqual((status["type"], status["exception"], status["call_id"]), ("__end__", True, "00001"))
+        exc_type, exc, _ = pickle.loads(eval(status["exc_info"]))  # as lithops/future.py reads it
+        self.assertIs(exc_type, Exception)
+        self.assertIn(f"runtime '{RUNTIME}' has no image: looked for {self.sif_path}/{RUNTIME}.sif", str(exc))
+        self.assertIn(b"E01-M000/", self.redis.smembers("storage/lithops.jobs/"))
+        self.assertIn(b"00000/", self.redis.smembers("storage/lithops.jobs/E01-M000/"))
+        lt.wait_until(lambda: lt.queue_depth(self.url) == 0, 10, "the task to be taken off the task queue")
+        self.assertEqual(lt.queue_depth(self.url, f"task_queue.runtime.{RUNTIME}"), 0)
         lt.publish_lithops(self.url, "get_metadata", payload)
         self.assertIn("has no image", lt.wait_until(lambda: self.client_reads(name), 30, "a second error")["error"])
 
@@ -165,22 +181,34 @@ class NoImage(unittest.TestCase):
         # ps_mem is not packaged; lithops/worker/utils.py imports it at load time.
         (stub / "ps_mem.py").write_text("def get_memory_usage(*a, **k):\n    raise RuntimeError('stub')\n")
         client = self.dir / "client.py"
+        # First use of the runtime: call_async raises from the get_metadata path. Then, as if its
+        # metadata were known from before the image went away, get_result raises for the call.
         client.write_text(
-            "import time, lithops\n"
-            "t = time.monotonic()\n"
-            "try:\n"
-            "    fexec = lithops.FunctionExecutor()\n"
-            "    fexec.call_async(lambda x: x + 1, 1)\n"
-            "    print('RESULT', fexec.get_result())\n"
-            "except Exception as e:\n"
-            "    print('RAISED', type(e).__name__, e)\n"
-            "print('AFTER %.2f' % (time.monotonic() - t))\n")
-        env = dict(self.env, PYTHONPATH=f"{src}:{stub}")
+            "import sys, time, lithops\n"
+            "from lithops.version import __version__\n"
+            "def attempt(what, fexec):\n"
+            "    t = time.monotonic()\n"
+            "    try:\n"
+            "        fexec.call_async(lambda x: x + 1, 1)\n"
+            "        print(what, 'RESULT', fexec.get_result())\n"
+            "    except Exception as e:\n"
+            "        print(what, 'RAISED', type(e).__name__, e)\n"
+            "    print(what, 'AFTER %.2f' % (time.monotonic() - t))\n"
+            "attempt('FIRST', lithops.FunctionExecutor())\n"
+            "fexec = lithops.FunctionExecutor()\n"
+            "memory = fexec.config['singularity']['runtime_memory']\n"
+            "key = fexec.compute_handler.get_runtime_key(fexec.config['singularity']['runtime'], memory, __version__)\n"
+            "fexec.internal_storage.put_runtime_meta(key, {'preinstalls': [], 'lithops_version': __version__,\n"
+            "    'python_version': '%d.%d' % sys.version_info[:2], 'runtime_timeout': 600})\n"
+            "attempt('CACHED', fexec)\n")
+        env = dict(self.env, PYTHONPATH=f"{src}:{stub}", HOME=str(self.dir))
         r = subprocess.run(["/usr/bin/python3", str(client)], env=env, capture_output=True, text=True, timeout=120,
                            stdin=subprocess.DEVNULL, cwd=self.dir)
         print("\n" + r.stdout, file=sys.stderr)
-        self.assertIn("RAISED Exception Failed getting runtime metadata:", r.stdout, r.stderr[-3000:])
-        self.assertIn(f"runtime '{RUNTIME}' has no image: looked for {self.sif_path}/{RUNTIME}.sif", r.stdout)
+        message = f"runtime '{RUNTIME}' has no image: looked for {self.sif_path}/{RUNTIME}.sif"
+        self.assertIn("FIRST RAISED Exception Failed getting runtime metadata:", r.stdout, r.stderr[-3000:])
+        self.assertIn(f"CACHED RAISED Exception lithops-hpc: {message}", r.stdout, r.stderr[-3000:])
+        self.assertEqual(r.stdout.count(message), 2)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 // tests/integration/test_autoalloc.py on the rig.
 #include <doctest/doctest.h>
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -505,13 +506,14 @@ struct World {
   // Messages the controller may take (QueueProbe::take), what it did with
   // them, and what it wrote to the client's storage.
   std::deque<std::string> task_msgs, copy_msgs;
+  std::map<std::string, std::deque<std::string>> runtime_msgs;
   std::vector<std::pair<std::string, std::string>> moved;  // runtime, body
   std::vector<std::string> acked;
   bool move_fails = false;
   struct Put {
     nlohmann::json storage;
     std::string key, value;
-  };
+  };  // one per entry
   std::vector<Put> puts;
   std::optional<std::string> store_refuses;
   std::vector<std::string> sif_dir;  // the runtimes whose image is in sif_path
@@ -572,25 +574,33 @@ struct FakeQueue final : QueueProbe {
     }
     return q;
   }
-  std::map<std::uint64_t, std::pair<Source, std::string>> out;  // taken, not settled
+  struct Out {
+    Source source;
+    std::deque<std::string>* queue;
+    std::string body;
+  };
+  std::map<std::uint64_t, Out> out;  // taken, not settled
   std::uint64_t tags = 0;
-  std::deque<std::string>& from(Source s) { return s == Source::task_queue ? w.task_msgs : w.copy_msgs; }
-  std::optional<Taken> take(Source s) override {
-    if (from(s).empty()) {
+  std::deque<std::string>& from(Source s, const std::string& runtime) {
+    return s == Source::task_queue ? w.task_msgs : s == Source::copies ? w.copy_msgs : w.runtime_msgs[runtime];
+  }
+  std::optional<Taken> take(Source s, const std::string& runtime) override {
+    auto& q = from(s, runtime);
+    if (q.empty()) {
       return std::nullopt;
     }
-    out[++tags] = {s, from(s).front()};
-    from(s).pop_front();
-    return Taken{tags, out[tags].second};
+    out[++tags] = {s, &q, q.front()};
+    q.pop_front();
+    return Taken{tags, out[tags].body};
   }
   void settle(Source s, std::uint64_t tag, bool done) override {
     auto m = out.at(tag);
-    CHECK(m.first == s);
+    CHECK(m.source == s);
     out.erase(tag);
     if (done) {
-      w.acked.push_back(m.second);
+      w.acked.push_back(m.body);
     } else {
-      from(s).push_front(m.second);
+      m.queue->push_front(m.body);
     }
   }
   bool move(const std::string& runtime, const std::string& body) override {
@@ -629,12 +639,14 @@ struct FakeDeployments final : DeploymentProbe {
 struct FakeStore final : ClientStore {
   World& w;
   explicit FakeStore(World& world) : w(world) {}
-  std::optional<std::string> put(const nlohmann::json& storage, const std::string& key,
-                                 const std::string& value) override {
+  std::optional<std::string> put(const nlohmann::json& storage,
+                                 const std::vector<std::pair<std::string, std::string>>& entries) override {
     if (w.store_refuses) {
       return w.store_refuses;
     }
-    w.puts.push_back({storage, key, value});
+    for (const auto& [key, value] : entries) {
+      w.puts.push_back({storage, key, value});
+    }
     return std::nullopt;
   }
 };
@@ -1069,12 +1081,18 @@ std::string metadata_request(const std::string& runtime) {
   return lhpc::dispatch::encode(lhpc::dispatch::Action::get_metadata, p);
 }
 
-std::string task_for(const std::string& runtime) {
-  nlohmann::json p = {{"job_key", "A000-M000"},
-                      {"call_ids", {"00000"}},
-                      {"data_byte_ranges", {{0, 10}}},
-                      {"total_calls", 1},
-                      {"runtime_name", runtime}};
+// A send_task of `calls` calls as the client publishes it (the parts the controller reads).
+std::string task_for(const std::string& runtime, int calls = 1) {
+  nlohmann::json ids = nlohmann::json::array(), ranges = nlohmann::json::array();
+  for (int i = 0; i < calls; ++i) {
+    ids.push_back(fmt::format("{:05d}", i));
+    ranges.push_back({i * 10, i * 10 + 9});
+  }
+  nlohmann::json config = {{"lithops", {{"backend", "singularity"}, {"storage", "redis"}}},
+                           {"redis", {{"host", "127.0.0.1"}, {"port", 6380}}}};
+  nlohmann::json p = {{"job_key", "A000-M001"},  {"executor_id", "A000"},      {"job_id", "M001"},
+                      {"call_ids", ids},         {"data_byte_ranges", ranges}, {"total_calls", calls},
+                      {"runtime_name", runtime}, {"config", config},           {"host_submit_tstamp", 1000.0}};
   return lhpc::dispatch::encode(lhpc::dispatch::Action::send_task, p);
 }
 
@@ -1086,32 +1104,63 @@ std::string meta_key(const std::string& runtime) {
 
 TEST_CASE("no image: a get_metadata for a runtime without one gets an error naming it and the path looked for") {
   std::vector<KnownRuntime> known = {{"rt-a", "/img/rt-a.sif", true}, {"rt-b", "/img/rt-b.sif", false}};
-  auto h = handle(metadata_request("rt-b"), false, known, "/img");
+  auto h = handle(metadata_request("rt-b"), From::copies, known, "/img", 5);
   REQUIRE(h.take == Take::tell);
-  CHECK(h.key == meta_key("rt-b"));
+  REQUIRE(h.entries.size() == 1);
+  CHECK(h.entries[0].first == meta_key("rt-b"));
+  CHECK(nlohmann::json::parse(h.entries[0].second).at("error") == h.message);
   CHECK(h.message.find("runtime 'rt-b' has no image: looked for /img/rt-b.sif") != std::string::npos);
   CHECK(h.message.find("lithops-hpc runtime build rt-b") != std::string::npos);
   CHECK(h.storage.at("redis").at("host") == "127.0.0.1");
+  CHECK(h.runtime.empty());
   // Its copy for a runtime with an image is dropped (its deployments answer);
-  // in the task queue it is left for them.
-  CHECK(handle(metadata_request("rt-a"), false, known, "/img").take == Take::drop);
-  CHECK(handle(metadata_request("rt-a"), true, known, "/img").take == Take::leave);
+  // in the task queue it is left for them; in a runtime's queue every copy is dropped.
+  CHECK(handle(metadata_request("rt-a"), From::copies, known, "/img", 5).take == Take::drop);
+  CHECK(handle(metadata_request("rt-a"), From::task_queue, known, "/img", 5).take == Take::leave);
+  CHECK(handle(metadata_request("rt-b"), From::runtime_queue, known, "/img", 5).take == Take::drop);
   // A runtime nobody knows: the message cannot name it, it names the path pattern.
-  auto u = handle(metadata_request("mystery"), true, known, "/img");
+  auto u = handle(metadata_request("mystery"), From::task_queue, known, "/img", 5);
   REQUIRE(u.take == Take::tell);
   CHECK(u.message.find("looked for /img/<runtime>.sif; runtimes with an image: rt-a") != std::string::npos);
-  CHECK(u.key == meta_key("mystery"));
+  CHECK(u.entries.at(0).first == meta_key("mystery"));
 }
 
-TEST_CASE("no image: tasks of a runtime without one move to its queue; others, and what is not a request, stay") {
+TEST_CASE("no image: each call of a task of a runtime without one gets Lithops' failed status; others stay") {
   std::vector<KnownRuntime> known = {{"rt-a", "/img/rt-a.sif", true}, {"rt-b", "/img/rt-b.sif", false}};
-  auto h = handle(task_for("rt-b"), true, known, "/img");
-  CHECK(h.take == Take::move);
+  auto h = handle(task_for("rt-b", 2), From::task_queue, known, "/img", 1234.5);
+  REQUIRE(h.take == Take::tell);
   CHECK(h.runtime == "rt-b");
-  CHECK(handle(task_for("rt-a"), true, known, "/img").take == Take::leave);
-  CHECK(handle(task_for("../x"), true, known, "/img").take == Take::leave);
-  CHECK(handle("not json", true, known, "/img").take == Take::leave);
-  CHECK(handle("not json", false, known, "/img").take == Take::drop);
+  CHECK(h.storage == nlohmann::json{{"backend", "redis"}, {"redis", {{"host", "127.0.0.1"}, {"port", 6380}}}});
+  REQUIRE(h.entries.size() == 2);
+  CHECK(h.entries[1].first == "lithops.jobs/A000-M001/00001/status.json");  // create_status_key
+  auto st = nlohmann::json::parse(h.entries[1].second);
+  CHECK(st.at("type") == "__end__");
+  CHECK(st.at("exception") == true);
+  CHECK(st.at("call_id") == "00001");
+  CHECK(st.at("executor_id") == "A000");
+  CHECK(st.at("job_id") == "M001");
+  CHECK(st.at("worker_end_tstamp") == 1234.5);  // the future computes the exec time from both
+  CHECK(st.at("exc_info") == exception_pickle_repr(h.message));
+  CHECK(h.message.find("runtime 'rt-b' has no image: looked for /img/rt-b.sif") != std::string::npos);
+  // From its runtime's queue the same.
+  CHECK(handle(task_for("rt-b", 1), From::runtime_queue, known, "/img", 1).entries.size() == 1);
+  // A runtime not known by name: its image path by sif_path.
+  auto u = handle(task_for("rt-z", 1), From::task_queue, known, "/img", 1);
+  CHECK(u.message.find("runtime 'rt-z' has no image: looked for /img/rt-z.sif") != std::string::npos);
+  CHECK(handle(task_for("rt-a", 1), From::task_queue, known, "/img", 1).take == Take::leave);
+  CHECK(handle(task_for("../x", 1), From::task_queue, known, "/img", 1).take == Take::leave);
+  CHECK(handle(task_for("rt-b", 1), From::copies, known, "/img", 1).take == Take::drop);
+  CHECK(handle("not json", From::task_queue, known, "/img", 1).take == Take::leave);
+  CHECK(handle("not json", From::copies, known, "/img", 1).take == Take::drop);
+}
+
+TEST_CASE("no image: the exception is a protocol-0 pickle the client evals and loads, whatever the message holds") {
+  // pickle.loads(eval(...)) gives (Exception, Exception(message), None)
+  // (checked with Python 3.11 by the integration case no-image).
+  CHECK(exception_pickle_repr("no 'x'") == R"(b'(cbuiltins\nException\ncbuiltins\nException\n(Vno \'x\'\ntRNt.')");
+  // A backslash or newline is escaped as raw-unicode-escape, then as bytes.
+  CHECK(exception_pickle_repr("a\\b\nc") ==
+        R"(b'(cbuiltins\nException\ncbuiltins\nException\n(Va\\u005cb\\u000ac\ntRNt.')");
 }
 
 TEST_CASE("no image: the error is what the client reads as metadata without 'preinstalls', in ASCII") {
@@ -1124,19 +1173,29 @@ TEST_CASE("no image: the error is what the client reads as metadata without 'pre
 
 TEST_CASE("no image: the client's redis is named by its storage configuration; another backend is a reason") {
   nlohmann::json st = {{"backend", "redis"}, {"redis", {{"host", "login1"}, {"port", 6390}, {"password", "pw"}}}};
-  auto t = std::get<RedisTarget>(redis_target(st, "lithops.jobs/x.meta"));
+  auto t = std::get<RedisTarget>(redis_target(st));
   CHECK(t.host == "login1");
   CHECK(t.port == 6390);
   CHECK(t.password == "pw");
-  CHECK(t.key == "storage/lithops.jobs/x.meta");  // Lithops' redis backend: '<bucket>/<key>'
+  CHECK(t.bucket == "storage");  // what Lithops' redis config sets
   st["redis"]["storage_bucket"] = "b2";
-  CHECK(std::get<RedisTarget>(redis_target(st, "k")).key == "b2/k");
+  CHECK(std::get<RedisTarget>(redis_target(st)).bucket == "b2");
   st["backend"] = "aws_s3";
-  auto why = std::get<std::string>(redis_target(st, "k"));
+  auto why = std::get<std::string>(redis_target(st));
   CHECK(why.find("'aws_s3'") != std::string::npos);
   CHECK(why.find("pw") == std::string::npos);
   st = {{"backend", "redis"}, {"redis", {{"port", 6379}}}};
-  CHECK(std::holds_alternative<std::string>(redis_target(st, "k")));
+  CHECK(std::holds_alternative<std::string>(redis_target(st)));
+}
+
+TEST_CASE("no image: a key is put as Lithops' redis backend puts it: each parent directory, then the value") {
+  using C = std::vector<std::vector<std::string>>;
+  CHECK(redis_put_commands("storage", "lithops.jobs/E-J/00000/status.json", "v") ==
+        C{{"SADD", "storage/", "lithops.jobs/"},
+          {"SADD", "storage/lithops.jobs/", "E-J/"},
+          {"SADD", "storage/lithops.jobs/E-J/", "00000/"},
+          {"SADD", "storage/lithops.jobs/E-J/00000/", "status.json"},
+          {"SET", "storage/lithops.jobs/E-J/00000/status.json", "v"}});
 }
 
 TEST_CASE("controller: no runtime has an image: a get_metadata in the task queue is answered with the error") {
@@ -1150,19 +1209,49 @@ TEST_CASE("controller: no runtime has an image: a get_metadata in the task queue
   auto err = nlohmann::json::parse(l.w.puts[0].value).at("error").get<std::string>();
   CHECK(err.find("runtime 'rt-a' has no image: looked for /img/rt-a.sif") != std::string::npos);
   CHECK(l.w.task_msgs.empty());  // acked
-  // A task of it moves to its queue (reported there), and the queue behind it is read on.
+  // A task of it (the client had its metadata from before): each call's status
+  // says it failed, and the queue behind it is read on.
+  l.w.task_msgs = {task_for("rt-a", 2), metadata_request("rt-a")};
+  l.poll();
+  REQUIRE(l.w.puts.size() == 4);
+  CHECK(l.w.puts[1].key == "lithops.jobs/A000-M001/00000/status.json");
+  CHECK(l.w.puts[2].key == "lithops.jobs/A000-M001/00001/status.json");
+  CHECK(l.w.puts[2].storage.at("backend") == "redis");
+  CHECK(l.w.puts[3].key == meta_key("rt-a"));
+  CHECK(l.w.task_msgs.empty());
+  CHECK(l.w.moved.empty());
+}
+
+TEST_CASE("controller: tasks whose client cannot be told wait in their runtime's queue, reported there") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  l.w.store_refuses = "the client's storage backend is 'aws_s3'";
   l.w.task_msgs = {task_for("rt-a"), metadata_request("rt-a")};
   l.poll();
   REQUIRE(l.w.moved.size() == 1);
   CHECK(l.w.moved[0].first == "rt-a");
-  CHECK(l.w.puts.size() == 2);
-  CHECK(l.w.task_msgs.empty());
+  CHECK(l.w.task_msgs.empty());  // the get_metadata behind it: taken, its error not written either
+  // Moved, its tasks are not taken from there again while nobody can be told.
+  l.w.runtime_queues["rt-a"] = {1, 0};
+  l.w.runtime_msgs["rt-a"] = {task_for("rt-a")};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-a"].size() == 1);
+  // With a storage to tell, what waits there fails too; not while something consumes it.
+  l.w.store_refuses.reset();
+  l.w.runtime_queues["rt-a"] = {1, 1};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-a"].size() == 1);
+  l.w.runtime_queues["rt-a"] = {1, 0};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-a"].empty());
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.puts[0].key == "lithops.jobs/A000-M001/00000/status.json");
 }
 
 TEST_CASE("controller: the task queue is left alone while anything else could take it") {
   Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
   SUBCASE("a move not confirmed puts the task back and stops") {
     l.w.move_fails = true;
+    l.w.store_refuses = "the client's storage backend is 'aws_s3'";
     l.w.task_msgs = {task_for("rt-a"), metadata_request("rt-a")};
     l.poll();
     CHECK(l.w.task_msgs.size() == 2);
