@@ -137,6 +137,7 @@ std::string to_json(const State& s) {
       {"counters",
        {{"sbatch_calls", s.sbatch_calls},
         {"broker_queries", s.broker_queries},
+        {"polls", s.polls},
         {"scheduler_queries", s.scheduler_queries}}},
       {"jobs", jobs},
   };
@@ -632,16 +633,18 @@ void Controller::answer_missing_images() {
       take_from(QueueProbe::Source::runtime_queue, rt.runtime, known);
     }
   }
-  // After this poll's decision: no job of ours and no consumer means no
-  // deployment will move the task queue's messages. Only requests for a
+  // The task queue's demand is the first runtime's: when it has no image
+  // and, after this poll's decision, no job of ours and no consumer is
+  // there, no deployment will move its messages. Only requests for a
   // runtime with no image are taken; the first other message goes back.
-  if (m_state.jobs.empty() && m_state.consumers == 0) {
+  if (!rts.front().image && m_state.jobs.empty() && m_state.consumers == 0 && m_state.ready.value_or(0) > 0) {
     take_from(QueueProbe::Source::task_queue, {}, known);
   }
 }
 
 void Controller::poll() {
   double now = this->now();
+  ++m_state.polls;
   observe_jobs();
   observe_deployments(now);
   for (auto& r : m_state.jobs) {

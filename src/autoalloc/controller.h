@@ -97,6 +97,7 @@ struct State {
   long pid = 0;
   std::string host;
   unsigned long long sbatch_calls = 0, broker_queries = 0, scheduler_queries = 0;
+  unsigned long long polls = 0;  // full polls (the short looks at zero are not)
   Limits limits;
 };
 

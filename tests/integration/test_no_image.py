@@ -99,7 +99,7 @@ class NoImage(unittest.TestCase):
 
     def _polled(self, state):
         try:
-            return json.loads(state.read_text()).get("counters", {}).get("broker_queries", 0) > 0
+            return json.loads(state.read_text()).get("counters", {}).get("polls", 0) > 0
         except ValueError:
             return False
 

@@ -1220,6 +1220,9 @@ TEST_CASE("controller: no runtime has an image: a get_metadata in the task queue
   CHECK(l.w.puts[3].key == meta_key("rt-a"));
   CHECK(l.w.task_msgs.empty());
   CHECK(l.w.moved.empty());
+  CHECK(l.ctl->state().polls == 2);  // what the integration suites count, not the broker queries
+  l.start();
+  CHECK(l.ctl->state().polls == 2);
 }
 
 TEST_CASE("controller: tasks whose client cannot be told wait in their runtime's queue, reported there") {
