@@ -583,7 +583,7 @@ std::vector<KnownRuntime> Controller::known_runtimes() const {
 bool Controller::tell(const Handling& h) {
   auto why = m_p.store->put(h.storage, h.entries);
   auto what = bounded_for_log(h.message, 600);
-  auto calls = h.runtime.empty() ? std::string() : fmt::format(" ({} call(s) failed)", h.entries.size());
+  auto calls = h.runtime.empty() ? std::string() : fmt::format("; {} call(s) failed", h.entries.size());
   if (why) {
     spdlog::error("{}; the client cannot be told{}: {}", what, h.runtime.empty() ? "" : " of its tasks",
                   bounded_for_log(*why, 300));
@@ -594,7 +594,7 @@ bool Controller::tell(const Handling& h) {
 }
 
 void Controller::take_from(QueueProbe::Source from, const std::string& runtime,
-                           const std::vector<KnownRuntime>& known) {
+                           std::optional<std::vector<KnownRuntime>>& known) {
   using S = QueueProbe::Source;
   const From where = from == S::task_queue ? From::task_queue : from == S::copies ? From::copies : From::runtime_queue;
   for (int i = 0; i < k_take_per_poll; ++i) {
@@ -602,7 +602,10 @@ void Controller::take_from(QueueProbe::Source from, const std::string& runtime,
     if (!t) {
       return;
     }
-    auto h = handle(t->body, where, known, m_s.sif_path, now());
+    if (!known) {
+      known = known_runtimes();  // a directory listing: only once something was taken
+    }
+    auto h = handle(t->body, where, *known, m_s.sif_path, now());
     if (h.take == Take::leave) {
       m_p.queue->settle(from, t->tag, false);
       return;
@@ -626,7 +629,7 @@ void Controller::answer_missing_images() {
   if (!m_p.store || std::all_of(rts.begin(), rts.end(), [](const RuntimeDemand& r) { return r.runtime.empty(); })) {
     return;  // one image that names no runtime: every request is its own
   }
-  auto known = known_runtimes();
+  std::optional<std::vector<KnownRuntime>> known;
   take_from(QueueProbe::Source::copies, {}, known);
   for (const auto& rt : rts) {
     if (!rt.runtime.empty() && !rt.image && rt.consumers == 0 && rt.ready.value_or(0) > 0) {

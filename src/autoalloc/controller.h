@@ -195,7 +195,7 @@ private:
   // else would take its messages (no job of ours, no consumer).
   void answer_missing_images();
   std::vector<KnownRuntime> known_runtimes() const;
-  void take_from(QueueProbe::Source from, const std::string& runtime, const std::vector<KnownRuntime>& known);
+  void take_from(QueueProbe::Source from, const std::string& runtime, std::optional<std::vector<KnownRuntime>>& known);
   // Writes what `h` tells the client; false when it could not (logged).
   bool tell(const Handling& h);
   void submit(const Action& a, double now, const RuntimeDemand& rt);
