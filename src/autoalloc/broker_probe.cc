@@ -29,15 +29,18 @@ amqp::Connection& BrokerProbe::connection() {
   return *m_conn;
 }
 
-void BrokerProbe::declare_runtime_queue(const std::string& queue) {
+void BrokerProbe::declare(const std::string& queue, bool runtime) {
   if (m_declared.contains(queue)) {
     return;
   }
-  // As a deployment of that runtime declares them (worker/broker.cc).
-  auto exchange = dispatch::runtimes_exchange(m_queue);
-  m_conn->declare_exchange(exchange, "fanout");
+  // As a deployment declares them (worker/broker.cc): the same arguments
+  // (none), or the broker would refuse one of the two declarations.
   m_conn->declare_queue(queue, true);
-  m_conn->bind_queue(queue, exchange);
+  if (runtime) {
+    auto exchange = dispatch::runtimes_exchange(m_queue);
+    m_conn->declare_exchange(exchange, "fanout");
+    m_conn->bind_queue(queue, exchange);
+  }
   m_declared.insert(queue);
 }
 
@@ -45,8 +48,8 @@ std::optional<QueueProbe::Taken> BrokerProbe::take(Source from, const std::strin
   std::string queue = from == Source::runtime_queue ? dispatch::runtime_queue(m_queue, runtime) : m_queue;
   try {
     connection();
-    if (from == Source::runtime_queue) {
-      declare_runtime_queue(queue);
+    if (from != Source::copies) {
+      declare(queue, from == Source::runtime_queue);
     }
     if (from == Source::copies) {
       auto exchange = dispatch::runtimes_exchange(m_queue);
@@ -93,7 +96,7 @@ bool BrokerProbe::move(const std::string& runtime, const std::string& body) {
       m_confirms = true;
     }
     m_declared.erase(queue);  // declared before every move, as a deployment does (dispatcher.cc)
-    declare_runtime_queue(queue);
+    declare(queue, true);
     amqp::Properties p;
     p.delivery_mode = 2;
     m_conn->publish("", queue, body, p);
@@ -113,12 +116,11 @@ std::optional<QueueLook> BrokerProbe::look_at(const std::string& queue, bool run
   try {
     connection();
     ++m_queries;
-    if (runtime) {
-      declare_runtime_queue(queue);
-    }
+    declare(queue, runtime);
     auto info = m_conn->queue_info(queue);
     if (!info) {
-      return QueueLook{};  // no queue yet: nothing published (the connection stays)
+      m_declared.erase(queue);  // deleted since (lithops clean, a person): declared again at the next look
+      return QueueLook{};
     }
     return QueueLook{info->messages, static_cast<int>(info->consumers)};
   } catch (const Error& e) {

@@ -1,10 +1,14 @@
 // The QueueProbe port (ports.h) on the broker: a passive declare of the task
 // queue and of runtime queues on one long-lived connection, made again after
-// any failure; a runtime queue is declared and bound once per connection.
-// The controller's copies queue (<queue>.runtimes.<job name>, exclusive: it
-// lives while the controller's connection does) is bound to the runtimes'
-// fanout exchange on the first take() of each connection; moves are
-// published with confirms, each awaited before anything else is asked.
+// any failure. Each queue is first declared once per connection as its users
+// declare it (the task queue durable with no arguments, as the Lithops client
+// and the workers do; a runtime queue also bound to the runtimes' exchange):
+// a passive look at a queue nobody declared yet is a channel error the broker
+// logs, twice a second at zero. The controller's copies queue
+// (<queue>.runtimes.<job name>, exclusive: it lives while the controller's
+// connection does) is bound to the runtimes' fanout exchange on the first
+// take() of each connection; moves are published with confirms, each
+// awaited before anything else is asked.
 #pragma once
 
 #include <memory>
@@ -29,12 +33,12 @@ public:
 
 private:
   amqp::Connection& connection();
-  void declare_runtime_queue(const std::string& queue);
+  void declare(const std::string& queue, bool runtime);
   amqp::Options m_broker;
   std::string m_queue;
   std::optional<QueueLook> look_at(const std::string& queue, bool runtime);
   std::unique_ptr<amqp::Connection> m_conn;
-  std::set<std::string> m_declared;  // runtime queues declared and bound on m_conn
+  std::set<std::string> m_declared;  // queues declared (and bound) on m_conn
   bool m_copies = false;             // the copies queue declared and bound on m_conn
   bool m_confirms = false;           // confirm.select sent on m_conn
   unsigned long long m_queries = 0;

@@ -25,7 +25,7 @@ std::optional<std::string> RedisClientStore::put(const nlohmann::json& storage,
     auto c = redis_put_commands(t.bucket, key, value);
     commands.insert(commands.end(), c.begin(), c.end());
   }
-  auto replies = services::redis_pipeline(t.host, t.port, t.password, commands, std::chrono::seconds(5));
+  auto replies = services::redis_pipeline(t.host, t.port, t.password, commands, std::chrono::seconds(5), t.tls_cert);
   bool written = replies.has_value();
   for (std::size_t i = 0; written && i < commands.size(); ++i) {
     written = commands[i][0] != "SET" || (*replies)[i] == "OK";

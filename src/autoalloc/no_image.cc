@@ -226,6 +226,13 @@ std::variant<RedisTarget, std::string> redis_target(const json& storage) {
   t.db = static_cast<int>(dispatch::json_int(r, "db", 0));
   t.password = dispatch::json_string(r, "password");
   t.bucket = dispatch::json_string(r, "storage_bucket", "storage");
+  if (dispatch::json_bool(r, "ssl", false)) {
+    t.tls_cert = dispatch::json_string(r, "ssl_ca_certs");
+    if (t.tls_cert.empty()) {
+      return std::string(
+          "the client's redis uses TLS without ssl_ca_certs: autoalloc talks TLS to a known certificate only");
+    }
+  }
   if (t.port <= 0 || t.port > 65535) {
     return fmt::format("the client's redis port {} is not a port", t.port);
   }

@@ -94,6 +94,9 @@ struct RedisTarget {
   std::string password;  // secret: never logged
   int db = 0;
   std::string bucket = "storage";
+  // redis-py's `ssl`: over TLS, to a server whose certificate is the file
+  // `ssl_ca_certs` names (as `up` writes it with the broker's TLS).
+  std::string tls_cert;
 };
 std::variant<RedisTarget, std::string> redis_target(const nlohmann::json& storage);
 

@@ -186,6 +186,7 @@ Submitted SlurmScheduler::submit(const Submission& s) {
   if (reply.job) {
     res.job = reply.job;
     res.output = slurm_output(s.output_dir, *reply.job);
+    res.request = "-N " + std::to_string(s.nodes) + " --time=" + m_o.time_limit;
     return res;
   }
   res.message = reply.refusal;

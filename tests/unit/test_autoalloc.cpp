@@ -1180,6 +1180,11 @@ TEST_CASE("no image: the client's redis is named by its storage configuration; a
   CHECK(t.bucket == "storage");  // what Lithops' redis config sets
   st["redis"]["storage_bucket"] = "b2";
   CHECK(std::get<RedisTarget>(redis_target(st)).bucket == "b2");
+  CHECK(std::get<RedisTarget>(redis_target(st)).tls_cert.empty());
+  st["redis"]["ssl"] = true;  // up's section with the broker's TLS
+  CHECK(std::holds_alternative<std::string>(redis_target(st)));
+  st["redis"]["ssl_ca_certs"] = "/home/u/.lithops-hpc/services/tls/cert.pem";
+  CHECK(std::get<RedisTarget>(redis_target(st)).tls_cert == "/home/u/.lithops-hpc/services/tls/cert.pem");
   st["backend"] = "aws_s3";
   auto why = std::get<std::string>(redis_target(st));
   CHECK(why.find("'aws_s3'") != std::string::npos);
