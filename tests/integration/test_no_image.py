@@ -171,6 +171,25 @@ class NoImage(unittest.TestCase):
         lt.publish_lithops(self.url, "get_metadata", payload)
         self.assertIn("has no image", lt.wait_until(lambda: self.client_reads(name), 30, "a second error")["error"])
 
+    def test_a_copy_a_deployment_moved_to_the_runtimes_exchange_is_answered_at_the_next_poll(self):
+        """What a deployment of another runtime does with a get_metadata not its own: a copy to
+        the fanout exchange task_queue.runtimes (dispatch/runtime.h). The controller's own queue
+        bound there gets one; a runtime nobody has an image of is named by its path pattern."""
+        name = job_name("rt-unknown", 128, VERSION)
+        payload = dict(self.storage_config(), runtime_name=name, log_level=20)
+        conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            ch.basic_publish(exchange="task_queue.runtimes", routing_key="", mandatory=True,
+                             body=lt.lithops_body("get_metadata", payload),
+                             properties=pika.BasicProperties(delivery_mode=2, expiration="600000"))
+        finally:
+            conn.close()
+        meta = lt.wait_until(lambda: self.client_reads(name), 30, "the error for the copy")
+        self.assertNotIn("preinstalls", meta)
+        self.assertIn(f"(get_metadata '{name}') has no image: looked for {self.sif_path}/<runtime>.sif", meta["error"])
+
     @unittest.skipUnless(os.environ.get("LHPC_LITHOPS_SRC"),
                          "set LHPC_LITHOPS_SRC to a Lithops checkout to run the real client")
     def test_the_real_client_raises_naming_the_runtime_and_the_image_path(self):
