@@ -377,7 +377,8 @@ TEST_CASE("a rank whose slots are all busy holds one task in reserve and sends t
   // The reserve taken: what it holds plus one is what it has, so the broker
   // keeps the rest of the queue, in order, for whichever rank frees a slot.
   CHECK(r.d.desired_prefetch() == 3);
-  // Neither republished, rotated nor requeued however long it waits; no basic.qos.
+  // Neither republished nor rotated; no basic.qos (given back only once it
+  // waited reserve_patience: the case below).
   CHECK(r.broker.events == std::vector<std::string>{"start 0", "start 1"});
   CHECK(r.broker.prefetches.empty());
   // A slot frees: the reserved task starts at once, no broker round trip.
