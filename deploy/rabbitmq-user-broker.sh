@@ -53,7 +53,15 @@ BROKER_USER=lithops
 die() { echo "$PROG: $*" >&2; exit 1; }
 log() { echo "$PROG: $*" >&2; }
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
-alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+# alive PID WORD: PID runs, is this user's, and WORD is in its command line. A
+# pid file outlives its process and the number is reused: kill -0 alone would
+# take (and stop signals to) whatever of the user's now has that number.
+alive() {
+    local pid=${1:-} word=${2:?alive needs the word its command line holds}
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    [[ -d /proc/$pid ]] || return 0 # no /proc here: kill -0 is all there is
+    [[ -O /proc/$pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$word"
+}
 
 wait_for() { # seconds description command...
     local deadline=$((SECONDS + $1)) what=$2; shift 2
@@ -236,7 +244,7 @@ write_config() {
 }
 
 pid_of() { cat "$D/run/$1.pid" 2>/dev/null || true; }
-running() { alive "$(pid_of server)"; }
+running() { alive "$(pid_of server)" rabbit; }
 
 # Where to knock: the bound address, or loopback when bound to every interface.
 probe_addr() {
@@ -329,7 +337,7 @@ do_start() {
     fi
     { [[ -n $DIST_PORT ]] && port_free "$DIST_PORT"; } || DIST_PORT=${fresh[1]}
     # A leftover epmd of ours keeps its port (start reuses that epmd).
-    alive "$(pid_of epmd)" || { [[ -n $EPMD_PORT ]] && port_free "$EPMD_PORT"; } || EPMD_PORT=${fresh[2]}
+    alive "$(pid_of epmd)" epmd || { [[ -n $EPMD_PORT ]] && port_free "$EPMD_PORT"; } || EPMD_PORT=${fresh[2]}
     choose_host "$opt_host"
     save_settings
     write_node_env
@@ -337,7 +345,7 @@ do_start() {
 
     # shellcheck disable=SC1091
     . "$D/node-env.sh"
-    if ! alive "$(pid_of epmd)"; then
+    if ! alive "$(pid_of epmd)" epmd; then
         local epmd; epmd=$(command -v epmd || true)
         [[ -n $epmd ]] || die "epmd (Erlang) not found in PATH"
         # 9>&-: daemons must not hold this script's lock.
@@ -374,14 +382,21 @@ EOF
     [[ -z $TLS_CERT ]] || echo "TLS: clients must trust the CA of $TLS_CERT and connect to the name $HOST."
 }
 
+# gone PID...: none of the (non-empty) PIDs runs any more.
+gone() {
+    local p
+    for p; do [[ -z $p ]] || ! kill -0 "$p" 2>/dev/null || return 1; done
+}
+
 stop_server() {
     local pid beam
     pid=$(pid_of server); beam=$(pid_of beam)
-    alive "$pid" || alive "$beam" || return 0
+    alive "$pid" rabbit || pid=""
+    alive "$beam" beam || beam=""
+    [[ -n $pid || -n $beam ]] || return 0
     # SIGTERM to the start script stops the VM cleanly (messages on disk kept).
-    if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; else kill -TERM "$beam" 2>/dev/null || true; fi
-    if ! wait_for "$STOP_TIMEOUT" "the broker to exit" \
-        bash -c "! kill -0 ${pid:-0} 2>/dev/null && ! kill -0 ${beam:-0} 2>/dev/null"; then
+    if [[ -n $pid ]]; then kill -TERM "$pid" 2>/dev/null || true; else kill -TERM "$beam" 2>/dev/null || true; fi
+    if ! wait_for "$STOP_TIMEOUT" "the broker to exit" gone "$pid" "$beam"; then
         log "the broker did not stop in $STOP_TIMEOUT s; killing it"
         if [[ -n $pid ]]; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
         if [[ -n $beam ]]; then kill -KILL "$beam" 2>/dev/null || true; fi
@@ -393,7 +408,7 @@ do_stop() {
     local t0=$SECONDS
     stop_server
     local e; e=$(pid_of epmd)
-    if alive "$e"; then
+    if alive "$e" epmd; then
         kill -TERM "$e" 2>/dev/null || true
         wait_for 10 "epmd to exit" bash -c "! kill -0 $e 2>/dev/null" || kill -KILL "$e" 2>/dev/null || true
     fi

@@ -25,17 +25,21 @@ std::optional<QueueLook> BrokerProbe::look_at(const std::string& queue, bool run
       m_declared.clear();
     }
     ++m_queries;
-    if (runtime && !m_declared.contains(queue)) {
-      // As a deployment of that runtime declares them (worker/broker.cc).
-      auto exchange = dispatch::runtimes_exchange(m_queue);
-      m_conn->declare_exchange(exchange, "fanout");
+    if (!m_declared.contains(queue)) {
+      // As a deployment declares them (worker/broker.cc): the same arguments
+      // (none), or the broker would refuse one of the two declarations.
       m_conn->declare_queue(queue, true);
-      m_conn->bind_queue(queue, exchange);
+      if (runtime) {
+        auto exchange = dispatch::runtimes_exchange(m_queue);
+        m_conn->declare_exchange(exchange, "fanout");
+        m_conn->bind_queue(queue, exchange);
+      }
       m_declared.insert(queue);
     }
     auto info = m_conn->queue_info(queue);
     if (!info) {
-      return QueueLook{};  // no queue yet: nothing published (the connection stays)
+      m_declared.erase(queue);  // deleted since (lithops clean, a person): declared again at the next look
+      return QueueLook{};
     }
     return QueueLook{info->messages, static_cast<int>(info->consumers)};
   } catch (const Error& e) {

@@ -504,7 +504,7 @@ void Controller::submit(const Action& a, double now, const RuntimeDemand& rt) {
       old.renewed = true;
     }
   }
-  spdlog::info("submitted job {} (-N {} --time={}{}): {}", r.id, a.nodes, m_s.time_limit,
+  spdlog::info("submitted job {} ({}{}): {}", r.id, res.request.empty() ? "-N " + std::to_string(a.nodes) : res.request,
                rt.runtime.empty() ? "" : ", runtime " + rt.runtime, a.why);
 }
 

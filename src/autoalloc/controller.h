@@ -45,6 +45,7 @@ struct Settings {
   int default_slots = 1;  // slots per node assumed before a deployment reports (a GPU runtime: GPU slots)
   int gpus_per_slot = 0;  // > 0: a GPU runtime, each node asked for default_slots x this many GPUs
   config::GpuVendor gpu_vendor = config::GpuVendor::nvidia;
+  config::GpuRequest gpu_request = config::GpuRequest::gpus_per_node;  // sbatch --gpus-per-node or --gres
 };
 
 // One job this controller submitted (or adopted), as kept across restarts.

@@ -279,6 +279,7 @@ Submitted LocalScheduler::submit(const Submission& s) {
     m_children.emplace(id, std::move(child));
     res.job = id;
     res.output = r.output;
+    res.request = "mpirun -n " + std::to_string(s.nodes) + ", no time limit";
   } catch (const Error& e) {
     // The child's handle, if one was made, kills it on the way out: no job without a record.
     res.message = e.what();

@@ -59,6 +59,9 @@ struct Submitted {
   // No job, but the scheduler may have made one anyway (it said yes in a way
   // we could not read): the controller looks for it by name at once.
   bool maybe_submitted = false;
+  // What the scheduler was asked, for the controller's log ("-N 2 --time=1:00:00";
+  // "mpirun -n 2, no time limit"); empty: the controller says the node count.
+  std::string request;
 };
 
 struct SchedulerCounters {

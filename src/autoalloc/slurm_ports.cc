@@ -8,7 +8,7 @@ namespace lhpc::autoalloc {
 
 Ports slurm_ports(const Settings& s) {
   Ports p;
-  p.scheduler = std::make_unique<SlurmScheduler>(SlurmOptions{s.script, s.time_limit, s.sbatch_args});
+  p.scheduler = std::make_unique<SlurmScheduler>(SlurmOptions{s.script, s.time_limit, s.sbatch_args, s.gpu_request});
   p.queue = std::make_unique<BrokerProbe>(s.broker, s.queue);
   p.deployments = std::make_unique<StatusProbe>();
   return p;

@@ -154,7 +154,7 @@ std::vector<std::string> sbatch_argv(const SlurmOptions& o, const Submission& s)
                                    "--output=" + slurm_output(s.output_dir, "%j")};
   // Before the passthrough: a site's own --gres there comes later and wins.
   if (s.gpus_per_slot > 0) {
-    argv.push_back(gpu::sbatch_request(s.gpu_slots, s.gpus_per_slot));
+    argv.push_back(gpu::sbatch_request(s.gpu_slots, s.gpus_per_slot, o.gpu_request == config::GpuRequest::gres));
   }
   argv.insert(argv.end(), o.sbatch_args.begin(), o.sbatch_args.end());
   argv.push_back(o.script);
@@ -186,6 +186,7 @@ Submitted SlurmScheduler::submit(const Submission& s) {
   if (reply.job) {
     res.job = reply.job;
     res.output = slurm_output(s.output_dir, *reply.job);
+    res.request = "-N " + std::to_string(s.nodes) + " --time=" + m_o.time_limit;
     return res;
   }
   res.message = reply.refusal;

@@ -19,6 +19,8 @@ struct SlurmOptions {
   std::string script;                    // the sbatch template
   std::string time_limit = "1:00:00";    // sbatch --time
   std::vector<std::string> sbatch_args;  // passthrough (partition, account, qos ...)
+  // How a GPU runtime's GPUs are asked for: --gpus-per-node=N or --gres=gpu:N.
+  config::GpuRequest gpu_request = config::GpuRequest::gpus_per_node;
 };
 
 // The output file of job `id` submitted with output_dir `dir`.

@@ -27,6 +27,7 @@ struct AutoallocArgs {
   bool local = false;
   std::vector<std::string> sbatch_args;
   std::vector<std::string> runtimes;  // --runtime, repeatable
+  std::string gpu_request;            // --gpu-request; empty: autoalloc.gpu_request
   GpuFlags gpu;
 };
 
@@ -156,6 +157,7 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
   s.default_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : 1;
   s.gpus_per_slot = cfg.singularity.gpus_per_slot;
   s.gpu_vendor = cfg.singularity.gpu_vendor;
+  s.gpu_request = a.gpu_request.empty() ? c.gpu_request : config::k_gpu_request_names.parse(a.gpu_request).value();
   return s;
 }
 
@@ -211,6 +213,11 @@ void register_autoalloc(CLI::App& parent, Globals& g, std::vector<Action>& actio
   c->add_flag("--local", a->local,
               "start the deployments on this machine with mpirun instead of Slurm (no template, no time limit)");
   add_gpu_flags(c, a->gpu);
+  c->add_option("--gpu-request", a->gpu_request,
+                "how a GPU runtime's GPUs are asked of Slurm: gpus-per-node (default: --gpus-per-node=N) or gres "
+                "(--gres=gpu:N) (autoalloc.gpu_request)")
+      ->check(choice(config::k_gpu_request_names))
+      ->type_name("HOW");
   c->add_option("SBATCH_ARGS", a->sbatch_args,
                 "after --: passed to sbatch (partition, account, qos ...); with --local to mpirun");
   actions.push_back({c, [&g, a] { return run_autoalloc(g, *a); }});

@@ -321,6 +321,7 @@ Section autoalloc_keys() {
               int_key("max_start_failures", sec, &A::max_start_failures, 1, 1000),
               bool_key("drain_on_exit", sec, &A::drain_on_exit),
               strings_key("sbatch_args", sec, &A::sbatch_args),
+              enum_key("gpu_request", sec, &A::gpu_request, k_gpu_request_names),
               strings_key("runtimes", sec, &A::runtimes, check_runtime),
           }};
 }

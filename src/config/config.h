@@ -18,6 +18,8 @@ enum class Engine { singularity, apptainer, host };
 enum class Transfer { mpi, sbcast, none };
 enum class Mode { dispatch, runscript };
 enum class GpuVendor { nvidia, amd };
+// How autoalloc asks Slurm for a GPU runtime's GPUs: --gpus-per-node=N or --gres=gpu:N.
+enum class GpuRequest { gpus_per_node, gres };
 
 // Each enum's names, once: .text(value), .parse(text), and .error(text), the
 // refusal every reader uses ("'x' is not one of mpi, sbcast, none"; empty
@@ -29,6 +31,8 @@ inline constexpr Names<Transfer, 3> k_transfer_names{
     {{{Transfer::mpi, "mpi"}, {Transfer::sbcast, "sbcast"}, {Transfer::none, "none"}}}};
 inline constexpr Names<Mode, 2> k_mode_names{{{{Mode::dispatch, "dispatch"}, {Mode::runscript, "runscript"}}}};
 inline constexpr Names<GpuVendor, 2> k_gpu_vendor_names{{{{GpuVendor::nvidia, "nvidia"}, {GpuVendor::amd, "amd"}}}};
+inline constexpr Names<GpuRequest, 2> k_gpu_request_names{
+    {{{GpuRequest::gpus_per_node, "gpus-per-node"}, {GpuRequest::gres, "gres"}}}};
 // logs.dir and --logs-dir: "node", "state" or an absolute path; empty when valid.
 std::string logs_dir_error(const std::string& text);
 
@@ -106,7 +110,8 @@ struct Autoalloc {
   double poll = 10;
   int max_start_failures = 3;
   bool drain_on_exit = false;
-  std::vector<std::string> sbatch_args;  // e.g. ["--partition=compute", "--account=P"]
+  std::vector<std::string> sbatch_args;                // e.g. ["--partition=compute", "--account=P"]
+  GpuRequest gpu_request = GpuRequest::gpus_per_node;  // a GPU runtime's GPUs: --gpus-per-node or --gres=gpu:
   // Runtimes served besides singularity.runtime, each by <sif_path>/<name>.sif.
   std::vector<std::string> runtimes;
 };

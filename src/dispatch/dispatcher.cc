@@ -218,8 +218,8 @@ std::string Dispatcher::on_consumer_timeout(std::chrono::milliseconds timeout) {
   std::string what;
   for (Message* m : culprits) {
     int n = ++m_timeouts[std::hash<std::string>{}(m->d.body)];
-    auto one = "job " + m->calls.job_key() + " (message " + m->mid + ", " + std::to_string(n) + " of " +
-               std::to_string(m_opts.max_timeouts) + ")";
+    auto one = "job " + bounded_for_log(m->calls.job_key(), k_logged_id_bytes) + " (message " + m->mid + ", " +
+               std::to_string(n) + " of " + std::to_string(m_opts.max_timeouts) + ")";
     what += (what.empty() ? "" : ", ") + one;
   }
   return what;

@@ -311,13 +311,13 @@ std::string Calls::describe(std::size_t from, std::size_t to) const {
     return j.size() >= 2 && j.front() == '"' && j.back() == '"' ? j.substr(1, j.size() - 2) : j;
   };
   if (from >= to || to > m_ids.size()) {
-    return m_job_key;
+    return bounded_for_log(m_job_key, k_logged_id_bytes);
   }
   std::string out = m_job_key + "/" + id_text(m_ids[from]);
   if (to - from > 1) {
     out += ".." + id_text(m_ids[to - 1]) + " (" + std::to_string(to - from) + " calls)";
   }
-  return out;
+  return bounded_for_log(out, k_logged_id_bytes);
 }
 
 std::string describe_calls(const Json& payload) {
@@ -327,14 +327,14 @@ std::string describe_calls(const Json& payload) {
   }
   auto ids = payload.find("call_ids");
   if (ids == payload.end() || !ids->is_array() || ids->empty()) {
-    return job;
+    return bounded_for_log(job, k_logged_id_bytes);
   }
   auto id_text = [](const Json& j) { return j.is_string() ? j.get<std::string>() : j.dump(); };
   std::string out = job + "/" + id_text(ids->front());
   if (ids->size() > 1) {
     out += ".." + id_text(ids->back()) + " (" + std::to_string(ids->size()) + " calls)";
   }
-  return out;
+  return bounded_for_log(out, k_logged_id_bytes);
 }
 
 int prefetch_for(int free_slots, int held_messages) {

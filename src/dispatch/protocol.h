@@ -94,7 +94,9 @@ public:
   // delivered, or 1 with `one_call` (what a handler process is given: one
   // call per process; Lithops' own multi-process path fails on Linux).
   std::string slice(std::size_t from, std::size_t to, bool one_call = false) const;
-  // "job-key/00003" or "job-key/00000..00004 (5 calls)", for logs.
+  // "job-key/00003" or "job-key/00000..00004 (5 calls)", for logs: control
+  // characters escaped and at most k_logged_id_bytes, since the job key and
+  // the call ids are whatever the publisher wrote.
   std::string describe(std::size_t from, std::size_t to) const;
 
 private:
@@ -104,7 +106,11 @@ private:
   std::vector<std::string> m_ids, m_ranges;
 };
 
-// The call ids of a send_task payload, for logs ("job-key/00003").
+// Bound on a job key or call range in a log line.
+inline constexpr std::size_t k_logged_id_bytes = 256;
+
+// The call ids of a send_task payload, for logs ("job-key/00003"), bounded
+// and escaped as Calls::describe.
 std::string describe_calls(const Json& payload);
 
 // Messages a rank takes beyond what it can start and what it holds: the

@@ -94,6 +94,11 @@ Devices discover(const Env& env, Vendor vendor, const std::string& root) {
   if (auto devices = from_slurm(env, vendor)) {
     return *devices;
   }
+  if (env.get("SLURM_JOB_ID")) {
+    // slurmd removes the vendor's variable from a job given no GPUs: what the
+    // node shows then may be other jobs' GPUs.
+    return {{}, "Slurm gave this job no GPUs on this node"};
+  }
   return from_node(vendor, root);
 }
 
@@ -108,7 +113,8 @@ std::vector<std::vector<std::string>> split_slots(const Devices& devices, int pe
                 "a GPU runtime needs " + std::to_string(per_slot) + " " +
                     std::string(config::k_gpu_vendor_names.text(vendor)) + " GPU(s) per slot, but " +
                     std::to_string(devices.ids.size()) + " were found (" + devices.source + ")",
-                "ask Slurm for GPUs (--gpus-per-node=N or --gres=gpu:N) on a partition that has them");
+                "ask Slurm for GPUs (--gpus-per-node=N or --gres=gpu:N) on a partition that has them; where Slurm "
+                "does not manage GPUs, set CUDA_VISIBLE_DEVICES (ROCR_VISIBLE_DEVICES) in the job to those it may use");
   }
   std::vector<std::vector<std::string>> groups(slots);
   for (std::size_t k = 0; k < slots; ++k) {

@@ -40,7 +40,9 @@ std::optional<Devices> from_slurm(const Env& env, Vendor vendor);
 // nodes), in node order.
 Devices from_node(Vendor vendor, const std::string& root = "/");
 
-// Slurm's word first, else the node's.
+// Slurm's word first, else the node's, but only outside a Slurm job: in a
+// job with none of Slurm's variables the set is empty (the job was given
+// no GPUs; the node's may be other jobs').
 Devices discover(const Env& env, Vendor vendor, const std::string& root = "/");
 
 // Whole groups of `per_slot` GPUs, slot k taking devices [k*per_slot,

@@ -31,6 +31,9 @@ std::string to_json(const Record& r) {
       {"redis_managed", r.redis_managed},
       {"redis_port", r.redis_port},
       {"bind", r.bind},
+      {"tls_cert", r.tls_cert},
+      {"tls_key", r.tls_key},
+      {"tls_ca", r.tls_ca},
       {"redis_maxmemory", r.redis_maxmemory},
       {"controller_pid", r.controller_pid},
       {"controller_log", r.controller_log},
@@ -52,6 +55,9 @@ Record record_from_json(const std::string& text, const std::string& source) {
     r.redis_managed = j.value("redis_managed", false);
     r.redis_port = j.value("redis_port", 0);
     r.bind = j.value("bind", std::string());
+    r.tls_cert = j.value("tls_cert", std::string());
+    r.tls_key = j.value("tls_key", std::string());
+    r.tls_ca = j.value("tls_ca", std::string());
     r.redis_maxmemory = j.value("redis_maxmemory", std::uint64_t{0});
     r.controller_pid = j.value("controller_pid", 0L);
     r.controller_log = j.value("controller_log", std::string());

@@ -20,8 +20,9 @@ struct Record {
   std::string storage = "redis";
   bool redis_managed = false;
   int redis_port = 0;
-  std::string bind;                   // empty: loopback only
-  std::uint64_t redis_maxmemory = 0;  // bytes
+  std::string bind;                       // empty: loopback only
+  std::string tls_cert, tls_key, tls_ca;  // up's --tls-*: the broker's and the store's (absolute paths)
+  std::uint64_t redis_maxmemory = 0;      // bytes
   long controller_pid = 0;
   std::string controller_log;
   std::string lithops_config;  // the file `up` wrote

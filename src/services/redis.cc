@@ -8,7 +8,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+
 #include <cerrno>
+#include <cstdio>
+#include <memory>
 #include <thread>
 
 #include "services/net.h"
@@ -47,11 +54,72 @@ std::string resp_command(const std::vector<std::string>& args) {
   return out;
 }
 
+struct SslCtxFree {
+  void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
+};
+struct SslFree {
+  void operator()(SSL* s) const { SSL_free(s); }
+};
+struct X509Free {
+  void operator()(X509* x) const { X509_free(x); }
+};
+struct FileClose {
+  void operator()(std::FILE* f) const { std::fclose(f); }
+};
+
+// One connection to the store: plain, or TLS to a server that shows the
+// certificate in `pin` (its first PEM block), or nothing at all.
+class Link {
+public:
+  // False when the handshake fails or the server's certificate is another one.
+  bool start_tls(const std::string& pin) {
+    std::unique_ptr<std::FILE, FileClose> f(std::fopen(pin.c_str(), "re"));
+    std::unique_ptr<X509, X509Free> want(f ? PEM_read_X509(f.get(), nullptr, nullptr, nullptr) : nullptr);
+    m_ctx.reset(SSL_CTX_new(TLS_client_method()));
+    if (!want || !m_ctx) {
+      return false;
+    }
+    SSL_CTX_set_verify(m_ctx.get(), SSL_VERIFY_NONE, nullptr);  // pinned below instead
+    m_ssl.reset(SSL_new(m_ctx.get()));
+    if (!m_ssl || SSL_set_fd(m_ssl.get(), m_fd) != 1 || SSL_connect(m_ssl.get()) != 1) {
+      ERR_clear_error();
+      return false;
+    }
+    std::unique_ptr<X509, X509Free> got(SSL_get1_peer_certificate(m_ssl.get()));
+    return got && X509_cmp(got.get(), want.get()) == 0;
+  }
+  bool send_all(const std::string& data) {
+    if (m_ssl) {
+      return SSL_write(m_ssl.get(), data.data(), static_cast<int>(data.size())) == static_cast<int>(data.size());
+    }
+    return ::send(m_fd, data.data(), data.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(data.size());
+  }
+  // Bytes already decrypted wait in the TLS layer, not on the socket.
+  bool pending() const { return m_ssl && SSL_pending(m_ssl.get()) > 0; }
+  ssize_t read_some(char* buf, std::size_t n) {
+    if (m_ssl) {
+      int got = SSL_read(m_ssl.get(), buf, static_cast<int>(n));
+      if (got <= 0) {
+        ERR_clear_error();
+      }
+      return got;
+    }
+    return ::read(m_fd, buf, n);
+  }
+  void attach(int fd) { m_fd = fd; }
+  int fd() const { return m_fd; }
+
+private:
+  int m_fd = -1;
+  std::unique_ptr<SSL_CTX, SslCtxFree> m_ctx;
+  std::unique_ptr<SSL, SslFree> m_ssl;
+};
+
 // Reads until `buf` holds one whole reply starting at `at`; returns its text
 // and moves `at` past it, or nullopt for an error reply or a broken stream.
 class RespReader {
 public:
-  RespReader(int fd, Clock::time_point deadline) : m_fd(fd), m_deadline(deadline) {}
+  RespReader(Link& link, Clock::time_point deadline) : m_link(link), m_deadline(deadline) {}
   std::optional<std::string> next() {
     auto line = read_line();
     if (!line || line->empty()) {
@@ -77,12 +145,12 @@ public:
 private:
   bool more() {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(m_deadline - Clock::now()).count();
-    pollfd p{.fd = m_fd, .events = POLLIN, .revents = 0};
-    if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) != 1) {
+    pollfd p{.fd = m_link.fd(), .events = POLLIN, .revents = 0};
+    if (!m_link.pending() && (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) != 1)) {
       return false;
     }
     char chunk[4096];
-    auto got = ::read(m_fd, chunk, sizeof chunk);
+    auto got = m_link.read_some(chunk, sizeof chunk);
     if (got <= 0) {
       return false;
     }
@@ -108,7 +176,7 @@ private:
     m_buf.erase(0, nl + 2);
     return line;
   }
-  int m_fd;
+  Link& m_link;
   Clock::time_point m_deadline;
   std::string m_buf;
 };
@@ -140,7 +208,18 @@ std::string probe_address(const std::string& bind) { return bind.empty() || bind
 std::string redis_conf(const RedisSetup& s, const std::string& password) {
   std::string c;
   c += "# Written by lithops-hpc up on each start: edit its options, not this file.\n";
-  c += "port " + std::to_string(s.port) + "\n";
+  if (s.tls.cert.empty()) {
+    c += "port " + std::to_string(s.port) + "\n";
+  } else {
+    // TLS only, with the broker's certificate; clients show none (they
+    // authenticate with the password, as on the broker).
+    c += "port 0\ntls-port " + std::to_string(s.port) + "\n";
+    c += "tls-cert-file " + s.tls.cert + "\ntls-key-file " + s.tls.key + "\n";
+    if (!s.tls.ca.empty()) {
+      c += "tls-ca-cert-file " + s.tls.ca + "\n";
+    }
+    c += "tls-auth-clients no\n";
+  }
   c += "bind " + (s.bind.empty() ? std::string("127.0.0.1") : s.bind) + "\n";
   c += "protected-mode yes\n";
   c += "daemonize yes\n";
@@ -168,7 +247,8 @@ std::string redis_password(const std::string& dir) {
 }
 
 std::optional<std::string> redis_query(const std::string& host, int port, const std::string& password,
-                                       const std::vector<std::string>& args, std::chrono::milliseconds timeout) {
+                                       const std::vector<std::string>& args, std::chrono::milliseconds timeout,
+                                       const std::string& tls_cert) {
   auto deadline = Clock::now() + timeout;
   UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   sockaddr_in a{};
@@ -180,27 +260,32 @@ std::optional<std::string> redis_query(const std::string& host, int port, const 
   timeval tv{.tv_sec = static_cast<time_t>(timeout.count() / 1000),
              .tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
   ::setsockopt(s.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  ::setsockopt(s.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);  // bounds the TLS handshake
   if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
     return std::nullopt;
   }
-  auto req = resp_command({"AUTH", password}) + resp_command(args);
-  if (::send(s.get(), req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
+  Link link;
+  link.attach(s.get());
+  if (!tls_cert.empty() && !link.start_tls(tls_cert)) {
     return std::nullopt;
   }
-  RespReader r(s.get(), deadline);
+  if (!link.send_all(resp_command({"AUTH", password}) + resp_command(args))) {
+    return std::nullopt;
+  }
+  RespReader r(link, deadline);
   if (!r.next()) {
     return std::nullopt;  // AUTH refused
   }
   return r.next();
 }
 
-bool redis_alive(const std::string& dir, int port, const std::string& bind) {
+bool redis_alive(const std::string& dir, int port, const std::string& bind, const std::string& tls_cert) {
   auto pid = running_redis(dir);
   if (!pid) {
     return false;
   }
   auto pw = read_private_file(dir + "/password", 4096);
-  return pw && redis_query(probe_address(bind), port, trim(*pw), {"PING"}, std::chrono::seconds(2)) == "PONG";
+  return pw && redis_query(probe_address(bind), port, trim(*pw), {"PING"}, std::chrono::seconds(2), tls_cert) == "PONG";
 }
 
 void start_redis(const RedisSetup& s) {
@@ -216,7 +301,7 @@ void start_redis(const RedisSetup& s) {
   int st = c.wait();  // it daemonizes: the parent ends once the child is on its way
   auto deadline = Clock::now() + std::chrono::seconds(30);
   while (Clock::now() < deadline) {
-    if (redis_alive(s.dir, s.port, s.bind)) {
+    if (redis_alive(s.dir, s.port, s.bind, s.tls.cert)) {
       return;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -243,12 +328,13 @@ bool stop_redis(const std::string& dir, std::chrono::milliseconds grace) {
   return true;
 }
 
-std::optional<std::uint64_t> redis_used_memory(const std::string& dir, int port, const std::string& bind) {
+std::optional<std::uint64_t> redis_used_memory(const std::string& dir, int port, const std::string& bind,
+                                               const std::string& tls_cert) {
   auto pw = read_private_file(dir + "/password", 4096);
   if (!pw) {
     return std::nullopt;
   }
-  auto info = redis_query(probe_address(bind), port, trim(*pw), {"INFO", "memory"}, std::chrono::seconds(2));
+  auto info = redis_query(probe_address(bind), port, trim(*pw), {"INFO", "memory"}, std::chrono::seconds(2), tls_cert);
   if (!info) {
     return std::nullopt;
   }

@@ -10,11 +10,14 @@
 #include <spdlog/spdlog.h>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <limits>
 #include <thread>
 
 #include "amqp/connection.h"
+#include "autoalloc/controller.h"
 #include "config/config.h"
 #include "lhpc_build_config.h"
 #include "services/broker.h"
@@ -33,6 +36,9 @@ namespace lhpc::services {
 namespace {
 
 using namespace std::chrono_literals;
+
+// How long up waits for a controller it started to look at the queue once.
+constexpr auto k_controller_start = 30s;
 
 constexpr std::uint64_t k_mib = 1024 * 1024;
 constexpr const char* k_try_line =
@@ -245,11 +251,28 @@ void ensure_broker(const UpOptions& o, Record& r, Started& s) {
       fmt::format("broker      {:<22} {}  logs: {}/log", state_word(was), config::redact_url(s.url), dir));
 }
 
+// Where the store listens: --bind, else with TLS every interface (as the
+// broker), else loopback.
+std::string redis_bind(const Record& r) { return !r.bind.empty() || r.tls_cert.empty() ? r.bind : "0.0.0.0"; }
+
+std::string absolute_path(const std::string& p) {
+  return p.empty() ? p : std::filesystem::absolute(p).lexically_normal().string();
+}
+
+// TLS given to this up replaces what the record kept; none given keeps it.
+void take_tls(const UpOptions& o, Record& r) {
+  if (!o.tls_cert.empty()) {
+    r.tls_cert = absolute_path(o.tls_cert);
+    r.tls_key = absolute_path(o.tls_key);
+    r.tls_ca = absolute_path(o.tls_ca);
+  }
+}
+
 // Same port and password as before when it can: the config stays valid.
 int redis_port_for(const Record& r, const std::string& bind) {
   auto dir = redis_dir(r);
   if (r.redis_port > 0) {
-    if (redis_alive(dir, r.redis_port, bind) || port_free(probe_address(bind), r.redis_port)) {
+    if (redis_alive(dir, r.redis_port, bind, r.tls_cert) || port_free(probe_address(bind), r.redis_port)) {
       return r.redis_port;
     }
     spdlog::warn(
@@ -273,23 +296,30 @@ void ensure_redis(const UpOptions& o, const std::string& server, Record& r, Star
   if (!o.bind.empty()) {
     r.bind = o.bind;  // kept for later `up`s, as the broker script keeps its own
   }
+  auto old_cert = r.tls_cert;
+  take_tls(o, r);
+  auto bind = redis_bind(r);
   auto dir = redis_dir(r);
   make_private_dir(dir);
-  r.redis_port = redis_port_for(r, r.bind);
+  r.redis_port = redis_port_for(r, bind);
   auto memory = o.storage_memory ? o.storage_memory
                                  : (r.redis_maxmemory ? r.redis_maxmemory : default_storage_memory(mem_total()));
-  bool was = same_bind && memory == r.redis_maxmemory && redis_alive(dir, r.redis_port, r.bind);
+  bool was = same_bind && old_cert == r.tls_cert && memory == r.redis_maxmemory &&
+             redis_alive(dir, r.redis_port, bind, r.tls_cert);
   if (!was) {
     stop_redis(dir, 10s);  // one running with other settings
     r.redis_maxmemory = memory;
-    start_redis({dir, server, r.bind, r.redis_port, memory});
+    start_redis({dir, server, bind, r.redis_port, memory, {r.tls_cert, r.tls_key, r.tls_ca}});
   }
   s.redis_password = redis_password(dir);
-  bool open = !r.bind.empty() && r.bind.rfind("127.", 0) != 0;
-  s.redis_host = !open ? "127.0.0.1" : (r.bind == "0.0.0.0" ? config::short_hostname() : r.bind);
-  s.lines.push_back(fmt::format("storage     {:<22} redis {}:{} (maxmemory {}, noeviction)  logs: {}/redis.log",
-                                state_word(was), s.redis_host, r.redis_port, human_bytes(static_cast<double>(memory)),
-                                dir));
+  bool open = !bind.empty() && bind.rfind("127.", 0) != 0;
+  s.redis_host = !open ? "127.0.0.1" : (bind == "0.0.0.0" ? config::short_hostname() : bind);
+  if (!r.tls_cert.empty() && r.broker_managed && bind == "0.0.0.0") {
+    s.redis_host = config::parse_amqp_url(s.url).host;  // the name the certificate is for, as the broker's
+  }
+  s.lines.push_back(fmt::format("storage     {:<22} {} {}:{} (maxmemory {}, noeviction)  logs: {}/redis.log",
+                                state_word(was), r.tls_cert.empty() ? "redis" : "redis+TLS", s.redis_host, r.redis_port,
+                                human_bytes(static_cast<double>(memory)), dir));
 }
 
 std::vector<config::YamlSet> settings_for(const Record& r, const Started& s) {
@@ -302,6 +332,14 @@ std::vector<config::YamlSet> settings_for(const Record& r, const Started& s) {
     sets.push_back({"redis", "host", s.redis_host});
     sets.push_back({"redis", "port", std::to_string(r.redis_port), false});
     sets.push_back({"redis", "password", s.redis_password});
+    if (!r.tls_cert.empty()) {
+      // Lithops hands this section to redis.Redis(**section): redis-py's own names.
+      sets.push_back({"redis", "ssl", "true", false});
+      sets.push_back({"redis", "ssl_check_hostname", "true", false});
+      if (!r.tls_ca.empty()) {
+        sets.push_back({"redis", "ssl_ca_certs", r.tls_ca});
+      }
+    }
   }
   return sets;
 }
@@ -319,6 +357,52 @@ std::string config_line(const ConfigWrite& w) {
         w.path, w.backup);
   }
   return line;
+}
+
+// The last lines of the controller's log (it only grows: its last 8 KiB),
+// for the error when the controller ends at once.
+std::string log_tail(const std::string& path, std::size_t lines) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) {
+    return "";
+  }
+  auto size = static_cast<std::streamoff>(in.tellg());
+  in.seekg(std::max<std::streamoff>(0, size - 8192));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto all = split(text, '\n');
+  while (!all.empty() && all.back().empty()) {
+    all.pop_back();
+  }
+  std::string out;
+  for (std::size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i) {
+    out += "\n  " + bounded_for_log(all[i]);
+  }
+  return out;
+}
+
+// Some settings the controller refuses only once it runs (a time limit not
+// above --renew-before, another controller on the state directory): wait
+// until it has looked at the queue once (its state file names its pid) or
+// has ended, so up never reports a controller that is already gone. False
+// when neither happened within k_controller_start.
+bool await_controller(Child& child, const std::string& log) {
+  auto deadline = std::chrono::steady_clock::now() + k_controller_start;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (child.wait_for(100ms)) {
+      throw Error(Exit::failure,
+                  fmt::format("the autoalloc controller ended at start (exit {}); the end of {}:{}",
+                              status_exit_code(*child.status()), log, log_tail(log, 5)),
+                  "fix what it says and run 'lithops-hpc up' again (the broker and the store are left running)");
+    }
+    try {
+      if (auto st = autoalloc::load_state(); st && st->pid == child.pid()) {
+        return true;
+      }
+    } catch (const Error&) {
+      // not written yet, or being replaced: look again
+    }
+  }
+  return false;
 }
 
 void start_controller(const UpOptions& o, Record& r, Started& s) {
@@ -357,8 +441,10 @@ void start_controller(const UpOptions& o, Record& r, Started& s) {
   so.stdout_fd = log.get();
   so.stderr_fd = log.get();
   auto child = spawn(so);
+  bool looking = await_controller(child, r.controller_log);
   r.controller_pid = child.release();
-  s.lines.push_back(fmt::format("controller  {:<22} pid {}  log: {}", "started", r.controller_pid, r.controller_log));
+  s.lines.push_back(fmt::format("controller  {:<22} pid {}  log: {}", looking ? "started" : "started (not looking yet)",
+                                r.controller_pid, r.controller_log));
 }
 
 std::string report(const Record& r, const Started& s, const std::string& config) {
@@ -367,7 +453,7 @@ std::string report(const Record& r, const Started& s, const std::string& config)
     out += "  " + l + "\n";
   }
   out += config + "\n";
-  if (r.broker_managed && (r.bind.empty() || r.bind.rfind("127.", 0) == 0)) {
+  if (r.broker_managed && r.tls_cert.empty() && (r.bind.empty() || r.bind.rfind("127.", 0) == 0)) {
     out +=
         "They listen on this host's loopback only: clients and workers on this host reach them; for compute nodes "
         "start them with --bind ADDR (a trusted network) or TLS.\n";
@@ -504,12 +590,13 @@ std::string redis_part(const Record& r) {
     return "storage: " + r.storage + " (not ours)";
   }
   auto dir = redis_dir(r);
-  auto used = redis_used_memory(dir, r.redis_port, r.bind);
+  auto used = redis_used_memory(dir, r.redis_port, redis_bind(r), r.tls_cert);
   if (!used) {
     return fmt::format("redis down (port {})", r.redis_port);
   }
-  return fmt::format("redis up {}:{} ({} of {} used)", probe_address(r.bind), r.redis_port,
-                     human_bytes(static_cast<double>(*used)), human_bytes(static_cast<double>(r.redis_maxmemory)));
+  return fmt::format("{} up {}:{} ({} of {} used)", r.tls_cert.empty() ? "redis" : "redis+TLS",
+                     probe_address(redis_bind(r)), r.redis_port, human_bytes(static_cast<double>(*used)),
+                     human_bytes(static_cast<double>(r.redis_maxmemory)));
 }
 
 }  // namespace

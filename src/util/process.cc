@@ -176,7 +176,9 @@ std::pair<UniqueFd, UniqueFd> make_pipe() {
 
 }  // namespace
 
-Child spawn(const SpawnOptions& opts) {
+namespace {
+
+std::string program_path(const SpawnOptions& opts) {
   if (opts.argv.empty()) {
     throw Error(Exit::failure, "spawn: empty command line");
   }
@@ -188,21 +190,33 @@ Child spawn(const SpawnOptions& opts) {
     }
     prog = *found;
   }
+  return prog;
+}
 
-  FileActions fa;
-  SpawnAttr sa;
-  UniqueFd in_r, in_w, out_r, out_w;
+// The parent's ends of the pipes spawn made (empty when not asked for).
+struct ParentEnds {
+  UniqueFd in_w, out_r;
+};
+
+// stdin, stdout, stderr and the working directory of the child. The child's
+// pipe ends go into `child_ends`, to be closed once the child has them.
+ParentEnds wire_files(FileActions& fa, const SpawnOptions& opts, std::vector<UniqueFd>& child_ends) {
+  ParentEnds ends;
   if (opts.pipe_stdin) {
-    std::tie(in_r, in_w) = make_pipe();
-    posix_spawn_file_actions_adddup2(&fa.fa, in_r.get(), 0);
+    auto [r, w] = make_pipe();
+    posix_spawn_file_actions_adddup2(&fa.fa, r.get(), 0);
+    child_ends.push_back(std::move(r));
+    ends.in_w = std::move(w);
   } else if (opts.stdin_fd >= 0) {
     posix_spawn_file_actions_adddup2(&fa.fa, opts.stdin_fd, 0);
   } else {
     posix_spawn_file_actions_addopen(&fa.fa, 0, "/dev/null", O_RDONLY, 0);
   }
   if (opts.pipe_stdout) {
-    std::tie(out_r, out_w) = make_pipe();
-    posix_spawn_file_actions_adddup2(&fa.fa, out_w.get(), 1);
+    auto [r, w] = make_pipe();
+    posix_spawn_file_actions_adddup2(&fa.fa, w.get(), 1);
+    child_ends.push_back(std::move(w));
+    ends.out_r = std::move(r);
   } else if (opts.stdout_fd >= 0) {
     posix_spawn_file_actions_adddup2(&fa.fa, opts.stdout_fd, 1);
   }
@@ -212,9 +226,13 @@ Child spawn(const SpawnOptions& opts) {
   if (!opts.cwd.empty()) {
     posix_spawn_file_actions_addchdir_np(&fa.fa, opts.cwd.c_str());
   }
+  return ends;
+}
 
-  // Children start with default dispositions and an empty mask, whatever we
-  // blocked or caught for our own event loop.
+// Children start with default dispositions and an empty mask, whatever we
+// blocked or caught for our own event loop; in their own session or process
+// group when asked.
+void set_attributes(SpawnAttr& sa, const SpawnOptions& opts) {
   sigset_t none, all;
   sigemptyset(&none);
   sigfillset(&all);
@@ -228,6 +246,17 @@ Child spawn(const SpawnOptions& opts) {
     posix_spawnattr_setpgroup(&sa.attr, 0);
   }
   posix_spawnattr_setflags(&sa.attr, flags);
+}
+
+}  // namespace
+
+Child spawn(const SpawnOptions& opts) {
+  std::string prog = program_path(opts);
+  FileActions fa;
+  SpawnAttr sa;
+  std::vector<UniqueFd> child_ends;
+  ParentEnds ends = wire_files(fa, opts, child_ends);
+  set_attributes(sa, opts);
 
   std::vector<char*> argv;
   for (const auto& a : opts.argv) {
@@ -254,8 +283,8 @@ Child spawn(const SpawnOptions& opts) {
   Child c;
   c.m_pid = pid;
   c.m_group = opts.new_process_group || opts.new_session;
-  c.m_in = std::move(in_w);
-  c.m_out = std::move(out_r);
+  c.m_in = std::move(ends.in_w);
+  c.m_out = std::move(ends.out_r);
   return c;
 }
 

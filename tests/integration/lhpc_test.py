@@ -80,6 +80,20 @@ def ensure_cluster(nodes=3):
     return rig_env()
 
 
+def ensure_gpu_cluster(nodes=1, gpus=4):
+    """Start the GPU cluster (its own daemons, in <rig>/slurm-gpu: nodes with `gpus` dummy
+    GPUs each as gres, tests/rig/README.md) unless one with >= `nodes` nodes runs; returns
+    the variables a client needs for it (SLURM_CONF, RIG_*), like slurm_env()."""
+    env = dict(os.environ, LHPC_RIG_DIR=str(rig_dir()), LHPC_RIG_SLURM_GPUS=str(gpus))
+    subprocess.run([str(RIG_SCRIPTS / "slurm-cluster.sh"), "ensure", str(nodes)], env=env, check=True,
+                   stdin=subprocess.DEVNULL)
+    got = _read_env_file(rig_dir() / "slurm-gpu" / "env")
+    if got.get("RIG_SLURM_GPUS") != str(gpus):
+        raise RuntimeError(f"the GPU cluster runs with {got.get('RIG_SLURM_GPUS')} GPUs per node, {gpus} wanted "
+                           "(stop it: LHPC_RIG_SLURM_GPUS=1 tests/rig/slurm-cluster.sh down)")
+    return got
+
+
 def slurm_env(base=None):
     """os.environ (or base) plus the cluster's variables: for subprocess(env=...) of srun etc."""
     env = dict(os.environ if base is None else base)

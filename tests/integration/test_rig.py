@@ -99,6 +99,19 @@ class UserBroker(unittest.TestCase):
         for words in ("127.0.0.1 only", "--tls-cert", "--bind ADDR", "--bind 0.0.0.0"):
             self.assertIn(words, r.stdout)
 
+    def test_stale_pid_files_never_name_another_process_of_ours(self):
+        # The broker died long ago; its pid files now hold the number of an
+        # unrelated process of the same user. stop must not signal it.
+        (self.dir / "run").mkdir(parents=True, mode=0o700)
+        other = subprocess.Popen(["sleep", "300"])
+        self.addCleanup(other.kill)
+        for name in ("server", "beam", "epmd"):
+            (self.dir / "run" / f"{name}.pid").write_text(f"{other.pid}\n")
+        r = self.broker("stop")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIsNone(other.poll(), "stop signalled a process that is not the broker")
+        self.assertFalse((self.dir / "run" / "server.pid").exists())
+
     def test_the_rig_broker_is_this_script_on_loopback(self):
         env = lt.ensure_broker()
         settings = Path(env["RIG_RABBITMQ_DIR"]) / "settings"

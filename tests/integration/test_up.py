@@ -6,13 +6,17 @@ and a Redis, writes their settings into the Lithops config, and a real client
 them alone; a broker killed with SIGKILL comes back on the same URL; down
 leaves no process and no listening port; with --local, tasks published with
 nothing serving bring a deployment (mpirun on this machine) that serves them
-and idles out. Needs root (to become the user)."""
+and idles out; on the Slurm rig, a user made for the test (useradd) with an
+empty home runs up, and a stand-in Lithops client that reads only the config
+up wrote runs a map whose calls a Slurm job the controller submitted serves.
+Needs root (to become the user)."""
 import glob
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -21,6 +25,42 @@ import redis
 import yaml
 
 import lhpc_test
+
+# The stand-in Lithops client: it knows only what `up` wrote into ~/.lithops/config
+# (as Lithops finds its config). It puts each call's input into the storage
+# and publishes one send_task, as Lithops' map does; the calls (the fake
+# handler's `square`) read their input from that storage and write their
+# result there; the client reads the results back. Prints the results.
+CLIENT = r"""
+import base64, json, os, sys, time
+import pika, redis, yaml
+with open(os.path.expanduser("~/.lithops/config")) as f:
+    config = yaml.safe_load(f)
+assert config["lithops"]["backend"] == "singularity" and config["lithops"]["storage"] == "redis", config
+store = redis.Redis(**config["redis"])
+job_key, n = "M000-A000", int(sys.argv[1])
+calls = [f"{i:05d}" for i in range(n)]
+for i, c in enumerate(calls):
+    store.set(f"lithops.jobs/{job_key}/{c}/in", str(i + 1))
+payload = {"config": config, "job_key": job_key, "executor_id": "M000", "job_id": "A000", "call_ids": calls,
+           "data_byte_ranges": [[0, 0]] * n, "total_calls": n, "worker_processes": 1, "log_level": "INFO",
+           "execution_timeout": 60, "runtime_name": "rt", "runtime_memory": None, "lithops_version": "3.7.0",
+           "lhpc_test": {"square": True}}
+conn = pika.BlockingConnection(pika.URLParameters(config["rabbitmq"]["amqp_url"]))
+ch = conn.channel()
+ch.queue_declare(queue="task_queue", durable=True)
+ch.basic_publish("", "task_queue", json.dumps({"action": "send_task", "payload": base64.b64encode(
+    json.dumps(payload).encode()).decode()}), pika.BasicProperties(delivery_mode=2))
+conn.close()
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    out = [store.get(f"lithops.jobs/{job_key}/{c}/out") for c in calls]
+    if all(v is not None for v in out):
+        print(json.dumps([int(v) for v in out]))
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit("no results in time")
+"""
 
 BIN = os.environ["LHPC_BIN"]
 BUILD_ROOT = os.environ["LHPC_BUILD_ROOT"]
@@ -132,6 +172,22 @@ class Up(unittest.TestCase):
         with open(self.config) as f:
             self.assertEqual(f.read(), ORIGINAL)
 
+    def test_a_controller_that_ends_at_start_fails_up_with_its_own_words(self):
+        # A time limit not above the renewal margin is refused by the
+        # controller once it runs; up said "started" and exited 0 before.
+        sif = os.path.join(self.home, "rt.sif")
+        with open(sif, "wb"):
+            pass
+        cfg = os.path.join(self.home, "lithops-hpc.toml")
+        with open(cfg, "w") as f:
+            f.write('[autoalloc]\ntime_limit = "4:00"\n')
+        os.chown(cfg, UID, UID)
+        r = self.run_as("up", "--sif", sif, env={"LITHOPS_HPC_CONFIG": cfg}, check=False)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("the autoalloc controller ended at start (exit 2)", r.stderr)
+        self.assertIn("is not below --time-limit 4:00", r.stderr)
+        self.assertIn("run 'lithops-hpc up' again", r.stderr)
+
     def test_up_writes_a_config_a_client_uses_survives_a_killed_broker_and_down_leaves_nothing(self):
         sif = os.path.join(self.home, "rt.sif")  # the controller runs without Slurm: it only fails to query it
         with open(sif, "wb"):
@@ -226,6 +282,12 @@ class Up(unittest.TestCase):
 
         lhpc_test.wait_until(lambda: (controller() or {}).get("next", "").find("scaled to zero") >= 0, 30,
                              "the controller at zero")
+        # Its looks at the queue before anything was published cost the broker's log nothing
+        # (a passive declare of a queue not declared yet is a channel error it logs each time).
+        lhpc_test.wait_until(lambda: controller()["counters"]["broker_queries"] >= 2, 30, "2 looks at the queue")
+        broker_log = os.path.join(self.services, "rabbitmq", "log", "lithops@localhost.log")
+        with open(broker_log) as f:
+            self.assertNotIn("not_found", f.read().lower())
         url = self.written()["rabbitmq"]["amqp_url"]
         lhpc_test.publish_lithops_many(url, "send_task", [
             lhpc_test.make_send_task(3, f"loc-job{j}", {"lhpc_test": {"record_dir": records}}) for j in range(2)])
@@ -240,9 +302,197 @@ class Up(unittest.TestCase):
         lhpc_test.wait_until(lambda: not [c for _, c in processes_of(UID) if " deploy " in c], 30,
                              "the deployment's processes to end")
         self.assertEqual(len(glob.glob(records + "/*.json")), 6)
+        with open(os.path.join(self.services, "autoalloc.log")) as f:
+            log = f.read()
+        self.assertRegex(log, r"submitted job local-\S+ \(mpirun -n 1, no time limit")  # no Slurm --time
+        self.assertNotIn("--time=", log)
         r = self.run_as("down")
         self.assertIn("nothing of lithops-hpc up is running now", r.stdout)
         self.assertEqual(processes_of(UID), [])
+
+    def test_down_while_a_local_deployment_serves_drains_it_and_loses_no_task(self):
+        """down with calls in flight and a backlog: the deployment drains (the calls in flight end
+        and are acked), what had not started is back in the queue (down --keep-data keeps it for
+        the next up), and nothing of the user's runs after down."""
+        sif = os.path.join(self.home, "rt.sif")
+        subprocess.run([os.path.join(BUILD_ROOT, "tests", "tools", "make-sif"), sif, "1M"], check=True)
+        records = os.path.join(self.home, "records")
+        os.mkdir(records)
+        marker = os.path.join(self.home, "release")
+        conf = os.path.join(self.home, "lithops-hpc.toml")
+        with open(conf, "w") as f:
+            f.write('[singularity]\nengine = "host"\nworker_processes = 2\npython = "/usr/bin/python3"\n'
+                    '[deploy]\ndrain_timeout = 60\n[health]\ninterval = 1\n'
+                    '[autoalloc]\nidle_timeout = 120\npoll = 3\n')
+        for p in (sif, records, conf):
+            os.chown(p, UID, UID)
+        env = {"LITHOPS_HPC_CONFIG": conf, "PYTHONPATH": os.path.join(SOURCE_ROOT, "tests", "fake-lithops")}
+        self.run_as("up", "--local", "--sif", sif, "--max-nodes", "1", env=env)
+        url = self.written()["rabbitmq"]["amqp_url"]
+        test = {"lhpc_test": {"record_dir": records, "wait_for": marker}}
+        lhpc_test.publish_lithops_many(url, "send_task", [
+            lhpc_test.make_send_task(1, f"flight-job{j}", test) for j in range(6)])
+        jobs = os.path.join(self.home, ".lithops-hpc", "jobs")
+
+        def deployment():
+            for path in glob.glob(jobs + "/*/status.json"):
+                try:
+                    with open(path) as f:
+                        return json.load(f)
+                except (OSError, ValueError):
+                    pass
+            return None
+
+        lhpc_test.wait_until(lambda: ((deployment() or {}).get("summary") or {}).get("slots_busy") == 2, 90,
+                             "a deployment with both slots on a call")
+        down = subprocess.Popen(["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", BIN, "down",
+                                 "--keep-data"], env={"HOME": self.home, "PATH": "/usr/bin:/bin", **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.home)
+        try:
+            lhpc_test.wait_until(lambda: (deployment() or {}).get("state") == "draining", 60,
+                                 "the deployment to drain")
+            with open(marker, "w"):
+                pass  # the two calls in flight end now, within the drain
+            out = down.communicate(timeout=180)[0]
+        finally:
+            if down.poll() is None:
+                down.kill()
+        self.assertEqual(down.returncode, 0, out)
+        self.assertIn("nothing of lithops-hpc up is running now", out)
+        self.assertEqual(processes_of(UID), [])
+        done = glob.glob(records + "/*.json")
+        self.assertEqual(len(done), 2, done)  # the calls in flight: finished and acked
+        self.assertEqual(deployment()["summary"]["done"], 2)
+        # The other 4 are back in the queue: the next up finds them there.
+        self.run_as("up", env=env)
+        self.assertEqual(lhpc_test.queue_depth(url), 4)
+
+    def test_with_the_brokers_tls_the_store_speaks_tls_only_and_the_config_says_so(self):
+        """up --tls-cert/--tls-key/--tls-ca: the broker is amqps, the store speaks TLS only (port 0)
+        with the same certificate, and the Lithops config's redis section carries redis-py's TLS
+        keys, so the client's redis.Redis(**section) (what Lithops' Redis backend calls) verifies
+        the store; plain RESP to its port gets nothing."""
+        crt, key = os.path.join(self.home, "cert.pem"), os.path.join(self.home, "key.pem")
+        host = subprocess.run(["hostname", "-f"], capture_output=True, text=True).stdout.strip()  # the broker's name
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt,
+                        "-days", "1", "-subj", f"/CN={host}",
+                        "-addext", f"subjectAltName=DNS:{host},DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        for p in (crt, key):
+            os.chown(p, UID, UID)
+        os.chmod(key, 0o600)
+        r = self.run_as("up", "--tls-cert", crt, "--tls-key", key, "--tls-ca", crt)
+        self.assertIn("redis+TLS", r.stdout)
+        self.assertNotIn("loopback only", r.stdout)  # both listen on every interface, as TLS allows
+        cfg = self.written()
+        self.assertTrue(cfg["rabbitmq"]["amqp_url"].startswith("amqps://"), r.stdout)
+        section = cfg["redis"]
+        self.assertEqual((section["ssl"], section["ssl_check_hostname"], section["ssl_ca_certs"]), (True, True, crt))
+        store = redis.Redis(**section, socket_timeout=5)
+        store.set("lithops-test", b"over TLS")
+        self.assertEqual(store.get("lithops-test"), b"over TLS")
+        store.close()
+        plain = redis.Redis(host="127.0.0.1", port=section["port"], password=section["password"], socket_timeout=3)
+        with self.assertRaises(redis.exceptions.ConnectionError):
+            plain.ping()
+        r = self.run_as("status", check=False)
+        self.assertIn(f"redis+TLS up 127.0.0.1:{section['port']}", r.stdout)
+        # up again: left alone (the TLS probe answers), the config unchanged.
+        r = self.run_as("up")
+        self.assertEqual(r.stdout.count("running (left alone)"), 2, r.stdout)
+        self.run_as("down")
+        self.assertEqual(processes_of(UID), [])
+        self.assertFalse(listening(section["port"]))
+
+
+def slurm_jobs_of(user, env):
+    r = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i %T"], env=env, capture_output=True, text=True,
+                       timeout=30)
+    return r.stdout.split()
+
+
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which("useradd") and shutil.which("sbatch"),
+                     "needs root, useradd and Slurm")
+class UpOnSlurm(unittest.TestCase):
+    """A new user with an empty home on the Slurm rig: up, then a map of the stand-in client
+    (which reads only the Lithops config up wrote), served by a job the controller submits
+    as that user; down leaves no process, job or listening port of theirs."""
+
+    def setUp(self):
+        lhpc_test.ensure_cluster(3)
+        self.user = f"lhpcup{os.getpid()}"
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", "--user-group",
+                        "--home-dir", "/nonexistent", self.user], check=True)
+        self.uid = int(subprocess.run(["id", "-u", self.user], capture_output=True, text=True).stdout)
+        self.root = tempfile.mkdtemp(prefix="lhpc-up-slurm-", dir=BUILD_ROOT)  # every node sees it
+        os.chmod(self.root, 0o755)
+        self.home = os.path.join(self.root, "home")
+        os.mkdir(self.home, 0o700)
+        os.chown(self.home, self.uid, self.uid)
+        subprocess.run(["usermod", "--home", self.home, self.user], check=True)
+        # The site's part, not the user's: the image (its name is its runtime) with Lithops in it
+        # (tests/fake-lithops on PYTHONPATH, the host engine instead of Apptainer), and the site
+        # configuration a module would point LITHOPS_HPC_CONFIG at.
+        self.sif = os.path.join(self.root, "rt.sif")
+        subprocess.run([os.path.join(BUILD_ROOT, "tests", "tools", "make-sif"), self.sif, "1M"], check=True)
+        os.chmod(self.sif, 0o644)
+        self.site = os.path.join(self.root, "site.toml")
+        with open(self.site, "w") as f:
+            f.write('[singularity]\nengine = "host"\nworker_processes = 2\npython = "/usr/bin/python3"\n'
+                    '[deploy]\ntransfer = "none"\ndrain_timeout = 3\n[health]\ninterval = 1\n'
+                    '[autoalloc]\nidle_timeout = 120\ntime_limit = "10:00"\n')
+        os.chmod(self.site, 0o644)
+        self.env = {"HOME": self.home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+                    "SLURM_CONF": lhpc_test.rig_env()["SLURM_CONF"], "LITHOPS_HPC_CONFIG": self.site,
+                    "LITHOPS_HPC_BIN": BIN, "PYTHONPATH": os.path.join(SOURCE_ROOT, "tests", "fake-lithops")}
+
+    def tearDown(self):
+        log = os.path.join(self.home, ".lithops-hpc", "services", "autoalloc.log")
+        if os.path.exists(log):  # always: unittest tells tearDown nothing reliable about the outcome
+            with open(log) as f:
+                sys.stderr.write("\n--- controller log (last 30 lines) ---\n" + "".join(f.readlines()[-30:]))
+        for out in [p for p in glob.glob(self.home + "/.lithops-hpc/**/*.out", recursive=True) if "rabbitmq" not in p]:
+            with open(out) as f:
+                sys.stderr.write(f"\n--- {out} (last 20 lines) ---\n" + "".join(f.readlines()[-20:]))
+        self.as_user([BIN, "down"], check=False)
+        subprocess.run(["scancel", "-u", self.user], env=self.env, check=False)
+        for pid, _ in processes_of(self.uid):
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+        lhpc_test.wait_until(lambda: not processes_of(self.uid), 30, "the user's processes to end")
+        subprocess.run(["userdel", self.user], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def as_user(self, argv, env=None, check=True, timeout=300):
+        r = subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--init-groups", *argv],
+                           env=env or {k: v for k, v in self.env.items() if k == "HOME" or k == "PATH"},
+                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=self.home)
+        if check:
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        return r
+
+    def test_a_new_users_first_map_runs_on_a_slurm_job_after_up_and_down_leaves_nothing(self):
+        self.assertEqual(os.listdir(self.home), [])
+        r = self.as_user([BIN, "up", "--sif", self.sif, "--max-nodes", "1"], env=self.env)
+        self.assertRegex(r.stdout, r"controller +started +pid \d+")
+        with open(os.path.join(self.home, ".lithops", "config")) as f:
+            cfg = yaml.safe_load(f)
+        amqp_port = pika.URLParameters(cfg["rabbitmq"]["amqp_url"]).port
+        redis_port = cfg["redis"]["port"]
+        # The client: HOME and PATH only, nothing of the site's or the test's.
+        r = self.as_user(["/usr/bin/python3", "-c", CLIENT, "6", "60"], timeout=90)
+        self.assertEqual(json.loads(r.stdout), [(i + 1) ** 2 for i in range(6)], r.stderr)
+        jobs = slurm_jobs_of(self.user, self.env)
+        self.assertEqual(jobs[1::2], ["RUNNING"], "one job of the user's, serving")
+        r = self.as_user([BIN, "down"], env=self.env)
+        self.assertIn("nothing of lithops-hpc up is running now", r.stdout)
+        lhpc_test.wait_until(lambda: not slurm_jobs_of(self.user, self.env), 60, "no job of the user's")
+        lhpc_test.wait_until(lambda: not processes_of(self.uid), 30,
+                             "no process of the user's: " + str(processes_of(self.uid)))
+        self.assertFalse(listening(amqp_port))
+        self.assertFalse(listening(redis_port))
 
 
 if __name__ == "__main__":

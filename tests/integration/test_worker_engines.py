@@ -7,6 +7,7 @@ runscript mode (`run instance://` with AMQP_URL in the environment).
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -14,7 +15,7 @@ import unittest
 import urllib.parse
 
 import lhpc_test as lt
-from worker_util import PYTHON, SOURCE_ROOT, STANDIN_DIR, Worker, rig_password, wait_records
+from worker_util import BIN, PYTHON, SOURCE_ROOT, STANDIN_DIR, Worker, rig_password, wait_records
 
 HANDLER = os.path.join(SOURCE_ROOT, "runtime-defs", "handler.py")
 
@@ -262,6 +263,143 @@ class EngineTest(unittest.TestCase):
         last = max(i for i, a in enumerate(argvs) if a == stop)
         for a in argvs[last + 1:]:
             self.assertEqual(a[:2], ["instance", "list"])
+
+
+
+# A Slurm rig whose node has 4 dummy GPUs (gres on character devices, tests/rig/README.md):
+# what Slurm itself sets in the job, not a variable the test writes.
+@unittest.skipUnless(shutil.which("srun"), "needs Slurm")
+class GpuRigTest(unittest.TestCase):
+    # EngineTest's fixture (image, stand-in log, workers), not its tests.
+    build_sif = EngineTest.build_sif
+    standin_env = EngineTest.standin_env
+    start = EngineTest.start
+    tearDown = EngineTest.tearDown
+
+    @classmethod
+    def setUpClass(cls):
+        lt.ensure_broker()
+        cls.slurm = lt.ensure_gpu_cluster(nodes=1, gpus=4)
+        # Every node has a private /tmp: all the case's files live under the rig dir.
+        cls.base = tempfile.mkdtemp(prefix="gpu-", dir=lt.rig_dir())
+        # One vhost for the class (each rabbitmqctl call costs seconds on a loaded machine):
+        # every case drains what it publishes, but the last (autoalloc's demand).
+        cls.url = lt.fresh_vhost("gpu")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.base, ignore_errors=True)
+
+    def setUp(self):
+        self.saved_tempdir, tempfile.tempdir = tempfile.tempdir, self.base   # Worker's own dir too
+        self.addCleanup(setattr, tempfile, "tempdir", self.saved_tempdir)
+        self.tmp = tempfile.mkdtemp(prefix="lhpc-eng-")
+        self.rec = os.path.join(self.tmp, "rec")
+        os.mkdir(self.rec)
+        self.log = os.path.join(self.tmp, "standin.jsonl")
+        self.state = os.path.join(self.tmp, "standin-state")
+        self.workers = []
+
+    def worker_in_job(self, per_slot, request):
+        """`srun --gpus-per-node=4 lithops-hpc worker` (or another request) through the stand-in."""
+        sif = self.build_sif("singularity")
+        open(self.log, "w").close()
+        self.job = f"lhpc-gpu-{os.getpid()}-{secrets.token_hex(3)}"
+        # A CUDA_VISIBLE_DEVICES of ours would be replaced by Slurm's (or removed): never one here.
+        env = dict(self.slurm, CUDA_VISIBLE_DEVICES="7")
+        # A failed case leaves no job behind (a killed srun would leave its step running).
+        self.addCleanup(subprocess.run, ["scancel", f"--name={self.job}"], env=dict(os.environ, **self.slurm),
+                        stdin=subprocess.DEVNULL)
+        return self.start("singularity", sif, slots=0, config_extra=f"gpus_per_slot = {per_slot}", extra=env,
+                          wrap=["srun", "-N1", "-n1", "--time=2", f"--job-name={self.job}", request])
+
+    def stop_in_job(self, w):
+        """SIGTERM to the worker itself (to srun it would kill the step); srun exits with its code."""
+        subprocess.run(["scancel", "--signal=TERM", f"--name={self.job}"], env=dict(os.environ, **self.slurm),
+                       check=True, stdin=subprocess.DEVNULL)
+        rc = w.proc.wait(90)
+        w.stop()
+        return rc
+
+    def run_concurrent_calls(self, w, n):
+        w.wait_consuming()
+        gate = os.path.join(self.tmp, "gate")
+        try:
+            for i in range(n):
+                lt.publish_lithops(self.url, "send_task", lt.make_send_task(1, f"ex-rig{i}", {"lhpc_test": {
+                    "record_dir": self.rec, "wait_for": gate, "probe_env": "CUDA_VISIBLE_DEVICES",
+                    "print": f"lhpc-rig-call-{i}-running"}}))
+            for i in range(n):
+                w.wait_log(f"lhpc-rig-call-{i}-running", 60)
+        finally:
+            open(gate, "w").close()
+        probes = sorted(r["probe"] for r in wait_records(self.rec, n, 60))
+        self.assertEqual(self.stop_in_job(w), 0, w.log())
+        return probes
+
+    def test_a_job_given_4_gpus_runs_4_slots_each_call_on_its_own_gpu(self):
+        w = self.worker_in_job(1, "--gpus-per-node=4")
+        self.assertEqual(self.run_concurrent_calls(w, 4), ["0", "1", "2", "3"], w.log())
+        self.assertIn("4 nvidia GPU(s) from CUDA_VISIBLE_DEVICES, 4 slot(s) of 1", w.log())
+        argvs = [c["argv"] for c in standin_log(self.log)]
+        self.assertEqual(argvs[0][:3], ["instance", "start", "--nv"])
+
+    def test_b_2_gpus_per_slot_from_gres_give_2_slots_of_2(self):
+        w = self.worker_in_job(2, "--gres=gpu:4")
+        self.assertEqual(self.run_concurrent_calls(w, 2), ["0,1", "2,3"], w.log())
+        self.assertIn("4 nvidia GPU(s) from CUDA_VISIBLE_DEVICES, 2 slot(s) of 2", w.log())
+
+    def test_c_a_job_with_fewer_gpus_than_a_slot_needs_exits_6_saying_so(self):
+        w = self.worker_in_job(2, "--gpus-per-node=1")
+        self.assertEqual(w.proc.wait(60), 6, w.log())
+        self.assertIn("a GPU runtime needs 2 nvidia GPU(s) per slot, but 1 were found (CUDA_VISIBLE_DEVICES)",
+                      w.log())
+
+    def test_d_autoalloc_jobs_get_their_gpus_both_ways(self):
+        """The sbatch line autoalloc builds, submitted for real: Slurm gives the job the GPUs it
+        asks for, as --gpus-per-node=N and as --gres=gpu:N (autoalloc.gpu_request)."""
+        sif = self.build_sif("singularity")
+        script = os.path.join(self.tmp, "template.sh")
+        with open(script, "w") as f:
+            f.write('#!/bin/bash\necho "lhpc-gpu-job gpus=$SLURM_JOB_GPUS per_node=${SLURM_GPUS_PER_NODE:-} '
+                    'args=$*"\n')
+        os.chmod(script, 0o755)
+        for how, per_slot, slots in (("gpus-per-node", 1, 4), ("gres", 2, 2)):
+            with self.subTest(how=how):
+                out = self.autoalloc_job(sif, script, how, per_slot, slots)
+                self.assertIn("lhpc-gpu-job gpus=0,1,2,3 ", out)
+                self.assertIn(f"--gpus-per-slot {per_slot} --gpu-vendor nvidia", out)
+                # SLURM_GPUS_PER_NODE is Slurm's echo of --gpus-per-node; --gres leaves it unset.
+                self.assertIn("per_node=4 " if how == "gpus-per-node" else "per_node= ", out)
+
+    def autoalloc_job(self, sif, script, how, per_slot, slots):
+        url = self.url
+        work = tempfile.mkdtemp(prefix=f"aa-{how}-", dir=self.tmp)
+        conf = os.path.join(work, "config.toml")
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(f'[singularity]\nengine = "host"\nworker_processes = {slots}\n')
+        env = dict(os.environ, **self.slurm, AMQP_URL=url, LITHOPS_HPC_CONFIG=conf,
+                   LITHOPS_HPC_STATE_DIR=os.path.join(work, "state"))
+        lt.publish_lithops(url, "send_task", lt.make_send_task(1, f"ex-aa-{how}", {}))
+        log = open(os.path.join(work, "controller.log"), "w")
+        ctl = subprocess.Popen([BIN, "autoalloc", "--sif", sif, "--script", script, "--poll", "0.5",
+                                "--max-start-failures", "1", "--gpus-per-slot", str(per_slot),
+                                "--gpu-request", how], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
+        outs = os.path.join(work, "state", "autoalloc", "out")
+        try:
+            def job_output():
+                for name in os.listdir(outs) if os.path.isdir(outs) else []:
+                    with open(os.path.join(outs, name)) as o:
+                        text = o.read()
+                    if "lhpc-gpu-job" in text:
+                        return text
+                return None
+            return lt.wait_until(job_output, 60, f"the output of autoalloc's job ({how})")
+        finally:
+            ctl.send_signal(signal.SIGTERM)
+            ctl.wait(30)
+            log.close()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
 #!/bin/bash
 # A real N-node Slurm cluster on this machine (see tests/rig/README.md).
 #   slurm-cluster.sh up N|ensure N|down|status|env|kill-node nX|start-node nX
-# State lives in ${LHPC_RIG_DIR:-$PWD/rig}/slurm. Facts behind the choices:
-# docs/test-rig.md ("Slurm: several nodes on one machine").
+# State lives in ${LHPC_RIG_DIR:-$PWD/rig}/slurm. With LHPC_RIG_SLURM_GPUS=N
+# (N > 0) every command acts on another cluster, in .../slurm-gpu, whose nodes
+# have N dummy GPUs each (gres). Facts behind the choices: docs/test-rig.md
+# ("Slurm: several nodes on one machine", "GPUs as gres on dummy devices").
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 RIG=${LHPC_RIG_DIR:-$PWD/rig}
 mkdir -p "$RIG"
+# GPUs per node (0: none, the default cluster): dummy device files under
+# $D/dev, a gres.conf naming them, GresTypes=gpu and Gres=gpu:N on every node.
+GPUS=${LHPC_RIG_SLURM_GPUS:-0}
+[[ $GPUS =~ ^[0-9]+$ ]] || { echo "slurm-cluster.sh: LHPC_RIG_SLURM_GPUS must be a count" >&2; exit 1; }
 D=$(cd "$RIG" && pwd)/slurm
+((GPUS == 0)) || D=$D-gpu
 PY=/usr/bin/python3
 UP_TIMEOUT=${LHPC_RIG_SLURM_UP_TIMEOUT:-60}
 DRAIN_TIMEOUT=${LHPC_RIG_SLURM_DRAIN_TIMEOUT:-30}
@@ -106,15 +113,30 @@ SlurmdTimeout=15
 MailProg=/bin/true
 PlugStackConfig=$D/plugstack.conf
 EOF
-    local i=1 p
+    local i=1 p gres=""
+    ((GPUS == 0)) || { gres=" Gres=gpu:$GPUS"; echo "GresTypes=gpu" >>"$D/slurm.conf"; write_gres "$n"; }
     for p in "$@"; do
-        echo "NodeName=n$i NodeAddr=127.0.0.1 Port=$p CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=1000" >>"$D/slurm.conf"
+        echo "NodeName=n$i NodeAddr=127.0.0.1 Port=$p CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=1000$gres" >>"$D/slurm.conf"
         i=$((i + 1))
     done
     echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$D/slurm.conf"
     : >"$D/plugstack.conf"
     # Names the nodes resolve: every node and the controller are loopback.
     echo "127.0.0.1 localhost $host $(seq -f 'n%g' -s ' ' 1 "$n")" >"$D/hosts"
+}
+
+# Dummy GPUs: per node, character devices with /dev/null's numbers. slurmd
+# 22.05 wants File= to be a character or block device (a regular file is
+# logged as invalid and the job then gets no CUDA_VISIBLE_DEVICES; a missing
+# one stalls slurmd); without a device cgroup nothing opens them.
+write_gres() { # N
+    local i k
+    : >"$D/gres.conf"
+    for ((i = 1; i <= $1; i++)); do
+        mkdir -p "$D/dev/n$i"
+        for ((k = 0; k < GPUS; k++)); do mknod -m 666 "$D/dev/n$i/gpu$k" c 1 3; done
+        echo "NodeName=n$i Name=gpu File=$D/dev/n$i/gpu[0-$((GPUS - 1))]" >>"$D/gres.conf"
+    done
 }
 
 # Launch a daemon detached from the caller (own session, no inherited stdio, no
@@ -170,6 +192,7 @@ do_up() {
         echo "RIG_SLURM_DIR=$D"
         echo "RIG_SLURM_NNODES=$n"
         echo "RIG_SLURM_NODES=$(seq -f 'n%g' -s ',' 1 "$n")"
+        echo "RIG_SLURM_GPUS=$GPUS"
         echo "RIG_MUNGE_SOCKET=$D/run/munge.sock"
         # mpirun inside an allocation refuses root without these (srun --mpi=pmix
         # does not need them); srun passes the caller's environment to tasks.
@@ -217,7 +240,7 @@ kill_ns() { # mount-namespace ids...
 }
 mnt_ns() { readlink "/proc/$1/ns/mnt" 2>/dev/null || true; }
 
-lock() { mkdir -p "$D"; exec 8>"$RIG/.slurm.lock"; flock -w 300 8 || die "could not lock"; }
+lock() { mkdir -p "$D"; exec 8>"$RIG/.${D##*/}.lock"; flock -w 300 8 || die "could not lock"; }
 
 cmd=${1:-}
 case $cmd in

@@ -14,6 +14,8 @@ case "${1:-}" in
   down)
     rc=0
     "$here/slurm-cluster.sh" down || rc=1
+    # The GPU cluster a suite may have started (LHPC_RIG_SLURM_GPUS): none, nothing to do.
+    LHPC_RIG_SLURM_GPUS=1 "$here/slurm-cluster.sh" down || rc=1
     "$here/rabbitmq.sh" down || rc=1
     exit $rc
     ;;

@@ -360,6 +360,10 @@ TEST_CASE("a GPU runtime's sbatch line asks for its GPU slots per node and tells
                                    "amd",
                                    "--cleanup"};
   CHECK(sbatch_argv(o, r) == want);
+  // A site that wants gres (autoalloc.gpu_request = "gres"): the same count, as --gres=gpu:N.
+  o.gpu_request = lhpc::config::GpuRequest::gres;
+  want[6] = "--gres=gpu:8";
+  CHECK(sbatch_argv(o, r) == want);
 }
 
 TEST_CASE("the state file round-trips the jobs a restarted controller adopts") {

@@ -136,6 +136,9 @@ TEST_CASE("enum names: one table each gives the text, reads it back, and refuses
   CHECK(k_mode_names.text(static_cast<Mode>(7)) == "unknown");
   CHECK(error_of("[singularity]\ngpu_vendor = \"intel\"\n")
             .find("singularity.gpu_vendor: 'intel' is not one of nvidia, amd") != std::string::npos);
+  CHECK(error_of("[autoalloc]\ngpu_request = \"gpus\"\n")
+            .find("autoalloc.gpu_request: 'gpus' is not one of gpus-per-node, gres") != std::string::npos);
+  CHECK(parse("", "empty.toml").autoalloc.gpu_request == GpuRequest::gpus_per_node);
   CHECK(error_of("[singularity]\ngpus_per_slot = -1\n").find("out of range") != std::string::npos);
   // The TOML key refuses in the same words as the flag's check.
   CHECK(error_of("[deploy]\ntransfer = \"scp\"\n").find("deploy.transfer: 'scp' is not one of mpi, sbcast, none") !=
@@ -161,6 +164,7 @@ dir = "state"
 [autoalloc]
 sbatch_args = ["--qos=low"]
 drain_on_exit = true
+gpu_request = "gres"
 )",
                  "site.toml");
   auto listed = to_toml(c);
@@ -171,12 +175,13 @@ drain_on_exit = true
   CHECK(again.autoalloc.sbatch_args == std::vector<std::string>{"--qos=low"});
   CHECK(again.singularity.gpus_per_slot == 2);
   CHECK(again.singularity.gpu_vendor == GpuVendor::amd);
+  CHECK(again.autoalloc.gpu_request == GpuRequest::gres);
   // Every key of every section is listed, once.
   std::size_t keys = 0;
   for (std::size_t at = listed.find(" = "); at != std::string::npos; at = listed.find(" = ", at + 1)) {
     ++keys;
   }
-  CHECK(keys == 49);
+  CHECK(keys == 50);
 }
 
 TEST_CASE("out of range numbers say the range") {

@@ -180,6 +180,19 @@ TEST_CASE("handlers get one call per payload with worker_processes = 1") {
   CHECK(describe_calls(job(3)) == "J1/00000..00002 (3 calls)");
 }
 
+TEST_CASE("a job key or call id from the publisher reaches a log line escaped and bounded") {
+  // An escape sequence in job_key would reach the terminal of whoever reads
+  // the log; a 100 KB call id would make one log line of 100 KB.
+  auto p = job(2, "J\x1b[2J\nforged line");
+  p["call_ids"][1] = std::string(100000, 'x');
+  for (const auto& line : {Calls(Json(p)).describe(0, 2), describe_calls(p), Calls(Json(p)).describe(0, 1)}) {
+    CHECK(line.find('\x1b') == std::string::npos);
+    CHECK(line.find('\n') == std::string::npos);
+    CHECK(line.size() < k_logged_id_bytes + 64);
+  }
+  CHECK(Calls(Json(p)).describe(0, 1).find("00000") != std::string::npos);
+}
+
 TEST_CASE("a message of many calls is split by its pieces, never by copying it per slice") {
   // 20,000 calls of a payload with a large shared part: copying the payload
   // per one-call slice (as before) would move about 20,000 x 400 KB.

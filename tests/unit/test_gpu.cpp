@@ -54,6 +54,29 @@ TEST_CASE("Slurm's NoDevFiles and an empty list are a set with no GPU, not a fal
   CHECK(gpu::discover(env_with({{"CUDA_VISIBLE_DEVICES", ""}}), Vendor::nvidia, root.str()).ids.empty());
 }
 
+TEST_CASE("a Slurm job given no GPUs takes none of the node's: they may be other jobs'") {
+  // On a GPU node slurmd removes CUDA_VISIBLE_DEVICES from a job that asked
+  // for no GPUs; the node still shows all four.
+  test::TempDir root("gpu");
+  for (auto pci : {"0000:3b:00.0", "0000:5e:00.0", "0000:86:00.0", "0000:af:00.0"}) {
+    std::filesystem::create_directories(root.file(std::string("proc/driver/nvidia/gpus/") + pci));
+  }
+  auto devices = gpu::discover(env_with({{"SLURM_JOB_ID", "42"}}), Vendor::nvidia, root.str());
+  CHECK(devices.ids.empty());
+  CHECK(devices.source == "Slurm gave this job no GPUs on this node");
+  try {
+    gpu::split_slots(devices, 1, Vendor::nvidia);
+    FAIL("no slot without GPUs");
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::engine);
+    CHECK(std::string(e.what()).find("0 were found (Slurm gave this job no GPUs") != std::string::npos);
+    CHECK(e.hint().find("CUDA_VISIBLE_DEVICES") != std::string::npos);
+  }
+  // What the job script sets is Slurm's word too.
+  CHECK(gpu::discover(env_with({{"SLURM_JOB_ID", "42"}, {"CUDA_VISIBLE_DEVICES", "2"}}), Vendor::nvidia, root.str())
+            .ids == std::vector<std::string>{"2"});
+}
+
 TEST_CASE("without Slurm's word the node's GPUs are numbered in PCI bus order") {
   test::TempDir root("gpu");
   for (auto pci : {"0000:af:00.0", "0000:3b:00.0", "0000:86:00.0", "0000:5e:00.0"}) {

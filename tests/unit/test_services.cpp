@@ -136,6 +136,18 @@ TEST_CASE("the store refuses writes when full rather than evict, on loopback unl
   CHECK(conf.find("port 6400\n") != std::string::npos);
 }
 
+TEST_CASE("with the broker's TLS the store speaks TLS only, with its certificate, and asks clients for none") {
+  lhpc::services::RedisSetup s{"/d", "redis-server", "0.0.0.0", 6400, 1 << 30, {"/c/cert.pem", "/c/key.pem", ""}};
+  auto conf = lhpc::services::redis_conf(s, "secret");
+  CHECK(conf.find("port 0\ntls-port 6400\n") != std::string::npos);
+  CHECK(conf.find("tls-cert-file /c/cert.pem\ntls-key-file /c/key.pem\n") != std::string::npos);
+  CHECK(conf.find("tls-auth-clients no\n") != std::string::npos);
+  CHECK(conf.find("tls-ca-cert-file") == std::string::npos);
+  CHECK(conf.find("port 6400\n") == conf.find("tls-port 6400\n") + 4);  // no plain listener
+  s.tls.ca = "/c/ca.pem";
+  CHECK(lhpc::services::redis_conf(s, "secret").find("tls-ca-cert-file /c/ca.pem\n") != std::string::npos);
+}
+
 TEST_CASE("the services record survives a round trip through its JSON") {
   lhpc::services::Record r;
   r.host = "login1";
@@ -144,12 +156,16 @@ TEST_CASE("the services record survives a round trip through its JSON") {
   r.redis_managed = true;
   r.redis_port = 6400;
   r.controller_pid = 42;
+  r.tls_cert = "/c/cert.pem";
+  r.tls_ca = "/c/ca.pem";
   auto back = lhpc::services::record_from_json(lhpc::services::to_json(r), "t");
   CHECK(back.host == "login1");
   CHECK(back.data_dir == "/var/tmp/x");
   CHECK(back.running);
   CHECK(back.redis_port == 6400);
   CHECK(back.controller_pid == 42);
+  CHECK(back.tls_cert == "/c/cert.pem");
+  CHECK(back.tls_ca == "/c/ca.pem");
   CHECK_THROWS_AS(lhpc::services::record_from_json("{}", "t"), lhpc::Error);
 }
 

@@ -19,6 +19,12 @@ lhpc_test keys (all optional):
                       environment does (the handler must undo it)
   probe_env: name     record that variable as os.environ and a child process
                       see it (probe / probe_c; null when unset)
+  square: true        each call reads the integer at <JOBS_PREFIX>/<job_key>/<call_id>/in
+                      from the Redis of payload["config"]["redis"] and writes its square
+                      to .../out: as a Lithops call reads its data from, and writes its
+                      result to, the storage the client's config names (Lithops' Redis
+                      backend passes that section to redis.Redis(**section) without its
+                      storage_bucket and user_agent keys)
 """
 import json
 import logging
@@ -46,6 +52,17 @@ def _crash(test):
             return
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _square_in_redis(payload, call_id):
+    import redis
+    from lithops.constants import JOBS_PREFIX
+    section = {k: v for k, v in payload['config']['redis'].items() if k not in ('storage_bucket', 'user_agent')}
+    r = redis.Redis(**section)
+    key = f"{JOBS_PREFIX}/{payload['job_key']}/{call_id}"
+    x = int(r.get(key + '/in'))
+    r.set(key + '/out', str(x * x))
+    r.close()
 
 
 def function_handler(payload):
@@ -79,6 +96,8 @@ def function_handler(payload):
             deadline = time.monotonic() + 300
             while not os.path.exists(test['wait_for']) and time.monotonic() < deadline:
                 time.sleep(0.02)
+        if test.get('square'):
+            _square_in_redis(payload, call_id)
         end = time.time()
         record_dir = test.get('record_dir')
         if record_dir:
