@@ -60,6 +60,15 @@ start_worker() { # binary url log -> pid in PIDS
     PIDS+=($!)
 }
 
+# run's workers are started in the $(...) subshell, out of cleanup's sight:
+# a failing run stops them itself.
+fail() {
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    echo "tail.sh: $*" >&2
+    exit 1
+}
+
 run() { # binary -> wall/ideal
     local name url rec i t0
     name=$(mktemp -u "tail-XXXXXX")
@@ -73,7 +82,7 @@ run() { # binary -> wall/ideal
     local deadline=$((SECONDS + 60))
     for ((i = 0; i < RANKS; i++)); do
         until grep -qs consuming "$T/$name-$i.log"; do
-            ((SECONDS < deadline)) || { cat "$T/$name-$i.log" >&2; exit 1; }
+            ((SECONDS < deadline)) || { cat "$T/$name-$i.log" >&2; fail "rank $i never consumed"; }
             sleep 0.05
         done
     done
@@ -82,7 +91,7 @@ run() { # binary -> wall/ideal
         --record-dir "$rec" >/dev/null 2>&1
     deadline=$((SECONDS + 300))
     until (($(find "$rec" -name '*.json' | wc -l) >= CALLS)); do
-        ((SECONDS < deadline)) || { echo "tail.sh: timed out" >&2; exit 1; }
+        ((SECONDS < deadline)) || fail "timed out: $(find "$rec" -name '*.json' | wc -l) of $CALLS calls done"
         sleep 0.1
     done
     local p
