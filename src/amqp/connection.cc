@@ -388,6 +388,32 @@ std::optional<Connection::QueueInfo> Connection::queue_info(const std::string& n
   return ok ? std::optional<QueueInfo>(QueueInfo{ok->message_count, ok->consumer_count}) : std::nullopt;
 }
 
+std::optional<Delivery> Connection::get(const std::string& queue) {
+  amqp_basic_get(m_s->conn, k_channel, amqp_cstring_bytes(queue.c_str()), 0);
+  check_rpc(("taking a message from '" + queue + "'").c_str());
+  auto reply = amqp_get_rpc_reply(m_s->conn);
+  if (reply.reply.id != AMQP_BASIC_GET_OK_METHOD) {
+    return std::nullopt;  // basic.get-empty
+  }
+  const auto* ok = static_cast<amqp_basic_get_ok_t*>(reply.reply.decoded);
+  Delivery d;
+  d.channel = k_channel;
+  d.tag = ok->delivery_tag;
+  d.redelivered = ok->redelivered != 0;
+  d.exchange = bytes_str(ok->exchange);
+  d.routing_key = bytes_str(ok->routing_key);
+  amqp_message_t msg{};
+  auto read = amqp_read_message(m_s->conn, k_channel, &msg, 0);
+  if (read.reply_type != AMQP_RESPONSE_NORMAL) {
+    fail("reading a message taken from '" + queue + "'");
+  }
+  d.body = bytes_str(msg.body);
+  d.body_size = d.body.size();
+  amqp_destroy_message(&msg);
+  amqp_maybe_release_buffers(m_s->conn);
+  return d;
+}
+
 void Connection::open_channel(std::uint16_t channel) {
   amqp_channel_open(m_s->conn, channel);
   check_rpc(("opening channel " + std::to_string(channel)).c_str(), channel);

@@ -141,6 +141,11 @@ public:
   // Another channel on this connection (2, 3, ...): its own prefetch limit.
   void open_channel(std::uint16_t channel);
   void qos(std::uint16_t prefetch, bool global, std::uint16_t channel = k_default_channel);
+  // basic.get on channel 1 (acked later with ack() or reject()): one
+  // message, or nullopt when the queue is empty. For a connection that
+  // consumes nothing (the autoalloc controller's): frames of another kind
+  // that arrive meanwhile are queued for pump() by rabbitmq-c.
+  std::optional<Delivery> get(const std::string& queue);
   std::string consume(const std::string& queue, bool no_ack = false, bool exclusive = false);
   // Returns the consumer tag; with `nowait`, sent without waiting for a reply.
   std::string consume(const std::string& queue, const ConsumeArgs& args);

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -23,6 +24,7 @@
 #include "util/fd.h"
 #include "util/fs.h"
 #include "util/signals.h"
+#include "util/strings.h"
 
 namespace lhpc::autoalloc {
 
@@ -73,6 +75,23 @@ json limits_json(const Limits& l) {
           {"max_start_failures", l.max_start_failures}};
 }
 
+// The runtimes whose image is in `dir`: <name>.sif with a valid runtime name.
+std::vector<std::string> images_in(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    auto name = it->path().filename().string();
+    if (name.size() > 4 && name.ends_with(".sif")) {
+      name.resize(name.size() - 4);
+      if (!config::runtime_name_problem(name)) {
+        out.push_back(name);
+      }
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 }  // namespace
 
 std::string to_json(const State& s) {
@@ -118,6 +137,7 @@ std::string to_json(const State& s) {
       {"counters",
        {{"sbatch_calls", s.sbatch_calls},
         {"broker_queries", s.broker_queries},
+        {"polls", s.polls},
         {"scheduler_queries", s.scheduler_queries}}},
       {"jobs", jobs},
   };
@@ -161,6 +181,9 @@ std::string status_line(const State& s, double now) {
 Controller::Controller(Settings s, Ports p) : m_s(std::move(s)), m_p(std::move(p)), m_dir(controller_dir()) {
   if (!m_p.clock) {
     m_p.clock = health::unix_now;
+  }
+  if (!m_p.list_images) {
+    m_p.list_images = images_in;
   }
   if (!path_exists(state_dir())) {
     make_private_dir(state_dir());
@@ -331,6 +354,7 @@ void Controller::observe_runtimes(double now) {
     } else {
       auto look = m_p.queue->look_runtime(rt.runtime);
       rt.ready = look && task_queue ? std::optional<std::uint64_t>(look->ready + *task_queue) : std::nullopt;
+      rt.consumers = look ? std::optional<int>(look->consumers) : std::nullopt;
     }
     if (rt.ready && *rt.ready > 0) {
       rt.seen = now;
@@ -531,8 +555,99 @@ void Controller::carry_out(const Action& a, double now, const RuntimeDemand& rt)
   }
 }
 
+std::vector<KnownRuntime> Controller::known_runtimes() const {
+  std::vector<KnownRuntime> known;
+  auto exists = [&](const std::string& sif) { return m_p.image_exists ? m_p.image_exists(sif) : path_exists(sif); };
+  auto add = [&](const std::string& name) {
+    if (std::none_of(known.begin(), known.end(), [&](const KnownRuntime& k) { return k.runtime == name; })) {
+      auto sif = m_s.sif_path + "/" + name + ".sif";
+      known.push_back({name, sif, exists(sif)});
+    }
+  };
+  for (const auto& rt : m_state.runtimes) {
+    if (!rt.runtime.empty()) {
+      known.push_back({rt.runtime, rt.sif, rt.image});
+    }
+  }
+  if (!m_s.sif_path.empty()) {
+    for (const auto& name : m_p.list_images(m_s.sif_path)) {
+      add(name);
+    }
+    for (const auto& name : lithops_default_runtimes()) {
+      add(name);
+    }
+  }
+  return known;
+}
+
+bool Controller::tell(const Handling& h) {
+  auto why = m_p.store->put(h.storage, h.entries);
+  auto what = bounded_for_log(h.message, 600);
+  auto calls = h.runtime.empty() ? std::string() : fmt::format("; {} call(s) failed", h.entries.size());
+  if (why) {
+    spdlog::error("{}; the client cannot be told{}: {}", what, h.runtime.empty() ? "" : " of its tasks",
+                  bounded_for_log(*why, 300));
+    return false;
+  }
+  spdlog::error("{} (the client was told{})", what, calls);
+  return true;
+}
+
+void Controller::take_from(QueueProbe::Source from, const std::string& runtime,
+                           std::optional<std::vector<KnownRuntime>>& known) {
+  using S = QueueProbe::Source;
+  const From where = from == S::task_queue ? From::task_queue : from == S::copies ? From::copies : From::runtime_queue;
+  for (int i = 0; i < k_take_per_poll; ++i) {
+    auto t = m_p.queue->take(from, runtime);
+    if (!t) {
+      return;
+    }
+    if (!known) {
+      known = known_runtimes();  // a directory listing: only once something was taken
+    }
+    auto h = handle(t->body, where, *known, m_s.sif_path, now());
+    if (h.take == Take::leave) {
+      m_p.queue->settle(from, t->tag, false);
+      return;
+    }
+    if (h.take == Take::drop || tell(h) || h.runtime.empty()) {
+      m_p.queue->settle(from, t->tag, true);  // a get_metadata's error is written once, or never
+      continue;
+    }
+    // Tasks the client cannot be told about wait in their runtime's queue,
+    // reported there, and the task queue behind them is read on.
+    bool moved = from == S::task_queue && m_p.queue->move(h.runtime, t->body);
+    m_p.queue->settle(from, t->tag, moved);
+    if (!moved) {
+      return;
+    }
+  }
+}
+
+void Controller::answer_missing_images() {
+  const auto& rts = m_state.runtimes;
+  if (!m_p.store || std::all_of(rts.begin(), rts.end(), [](const RuntimeDemand& r) { return r.runtime.empty(); })) {
+    return;  // one image that names no runtime: every request is its own
+  }
+  std::optional<std::vector<KnownRuntime>> known;
+  take_from(QueueProbe::Source::copies, {}, known);
+  for (const auto& rt : rts) {
+    if (!rt.runtime.empty() && !rt.image && rt.consumers == 0 && rt.ready.value_or(0) > 0) {
+      take_from(QueueProbe::Source::runtime_queue, rt.runtime, known);
+    }
+  }
+  // The task queue's demand is the first runtime's: when it has no image
+  // and, after this poll's decision, no job of ours and no consumer is
+  // there, no deployment will move its messages. Only requests for a
+  // runtime with no image are taken; the first other message goes back.
+  if (!rts.front().image && m_state.jobs.empty() && m_state.consumers == 0 && m_state.ready.value_or(0) > 0) {
+    take_from(QueueProbe::Source::task_queue, {}, known);
+  }
+}
+
 void Controller::poll() {
   double now = this->now();
+  ++m_state.polls;
   observe_jobs();
   observe_deployments(now);
   for (auto& r : m_state.jobs) {
@@ -550,17 +665,32 @@ void Controller::poll() {
   }
   auto next = decide_per_runtime(now);
   m_state.next = m_state.start_failures.halted ? "halted: " + m_state.error : next;
+  answer_missing_images();
   save();
 }
 
 bool Controller::at_zero() const { return m_state.jobs.empty() && !m_state.start_failures.halted; }
 
-// A quick look between polls: tasks ready where the last poll saw none. A
-// backlog the last poll saw already (served by someone else's workers, or
-// waiting out a backoff) waits for the next poll as before.
+// A quick look between polls: tasks ready where the last poll saw none, in
+// the task queue or in the queue of a runtime with an image (what another
+// controller's or a hand-made deployment moved there). A backlog the last
+// poll saw already (served by someone else's workers, or waiting out a
+// backoff) waits for the next poll as before.
 bool Controller::first_tasks() {
   auto look = m_p.queue->look();
-  return look && look->ready > 0 && m_state.ready.value_or(0) == 0;
+  if (look && look->ready > 0 && m_state.ready.value_or(0) == 0) {
+    return true;
+  }
+  for (const auto& rt : m_state.runtimes) {
+    if (rt.runtime.empty() || !rt.image) {
+      continue;
+    }
+    auto q = m_p.queue->look_runtime(rt.runtime);
+    if (q && q->ready > 0 && rt.ready.value_or(0) == 0) {
+      return true;
+    }
+  }
+  return false;
 }
 
 double Controller::tick() {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "amqp/connection.h"
+#include "autoalloc/no_image.h"
 #include "autoalloc/policy.h"
 #include "autoalloc/ports.h"
 #include "util/error.h"
@@ -41,6 +42,7 @@ struct Settings {
   std::vector<std::string> sbatch_args;  // passthrough (partition, account, qos ...)
   std::string config_path;               // handed to the jobs as LITHOPS_HPC_CONFIG; empty: their lookup
   std::string queue = "task_queue";
+  std::string sif_path;  // where <runtime>.sif is looked for (singularity.sif_path, expanded); empty: nowhere
   amqp::Options broker;
   int default_slots = 1;  // slots per node assumed before a deployment reports (a GPU runtime: GPU slots)
   int gpus_per_slot = 0;  // > 0: a GPU runtime, each node asked for default_slots x this many GPUs
@@ -74,7 +76,8 @@ struct RuntimeDemand {
   std::string sif;
   bool image = true;  // its file exists
   std::optional<std::uint64_t> ready;
-  double seen = 0;  // last time it had ready messages
+  std::optional<int> consumers;  // of its queue, last look (not kept in state.json)
+  double seen = 0;               // last time it had ready messages
 };
 
 struct State {
@@ -95,6 +98,7 @@ struct State {
   long pid = 0;
   std::string host;
   unsigned long long sbatch_calls = 0, broker_queries = 0, scheduler_queries = 0;
+  unsigned long long polls = 0;  // full polls (the short looks at zero are not)
   Limits limits;
 };
 
@@ -124,11 +128,21 @@ struct Ports {
   std::unique_ptr<DeploymentProbe> deployments;
   std::function<double()> clock;
   std::function<bool(const std::string&)> image_exists;  // empty: the file exists (util/fs)
+  // Where clients whose runtime has no image are told so (no_image.h);
+  // empty: they are not told.
+  std::unique_ptr<ClientStore> store;
+  // The runtimes whose image is in a directory (<name>.sif); empty: its files.
+  std::function<std::vector<std::string>(const std::string&)> list_images;
 };
 
-// While nothing is held nor pending, the queue is looked at this often
-// (seconds), whatever --poll says: the first task of a scaled-to-zero
-// controller is noticed at once, not at its next poll.
+// Messages taken at most per poll from one queue for clients whose runtime
+// has no image: a flood waits for the next poll instead of stalling this one.
+inline constexpr int k_take_per_poll = 64;
+
+// While nothing is held nor pending, the queues (the task queue, and those
+// of the runtimes with an image) are looked at this often (seconds),
+// whatever --poll says: the first task of a scaled-to-zero controller is
+// noticed at once, not at its next poll.
 inline constexpr double k_zero_look = 0.5;
 
 class Controller {
@@ -176,6 +190,15 @@ private:
   std::string decide_per_runtime(double now);
   Limits limits_left_for(const std::string& runtime, bool first) const;
   void carry_out(const Action& a, double now, const RuntimeDemand& rt);
+  // Clients whose runtime has no image are told so (no_image.h): from the
+  // copies of get_metadata always, from the queue of a runtime of ours with
+  // no image while nothing consumes it, and from the task queue when nothing
+  // else would take its messages (no job of ours, no consumer).
+  void answer_missing_images();
+  std::vector<KnownRuntime> known_runtimes() const;
+  void take_from(QueueProbe::Source from, const std::string& runtime, std::optional<std::vector<KnownRuntime>>& known);
+  // Writes what `h` tells the client; false when it could not (logged).
+  bool tell(const Handling& h);
   void submit(const Action& a, double now, const RuntimeDemand& rt);
   void save();
 

@@ -1,6 +1,7 @@
 #include "autoalloc/local_ports.h"
 
 #include "autoalloc/broker_probe.h"
+#include "autoalloc/client_store.h"
 #include "autoalloc/local_scheduler.h"
 #include "autoalloc/status_probe.h"
 
@@ -15,6 +16,7 @@ Ports local_ports(const Settings& s, const std::string& self) {
   p.scheduler = std::make_unique<LocalScheduler>(std::move(o));
   p.queue = std::make_unique<BrokerProbe>(s.broker, s.queue);
   p.deployments = std::make_unique<StatusProbe>();
+  p.store = std::make_unique<RedisClientStore>();
   return p;
 }
 

@@ -11,14 +11,18 @@
 //  - DeploymentProbe: what a deployment reports about itself and how it is
 //    asked to drain (status_probe.*: its status file and stop request under
 //    the state directory, the same whichever scheduler started it).
+//  - ClientStore: writes to a Lithops client's storage what no deployment
+//    can answer (no_image.h; client_store.*: its redis).
 // Counters of the calls each real implementation makes live there; the
 // controller only copies them into its state file (the benchmark reads them).
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "config/config.h"
@@ -100,6 +104,38 @@ public:
   // waits in it before that runtime has a deployment. nullopt: not asked.
   virtual std::optional<QueueLook> look_runtime(const std::string& runtime) = 0;
   virtual unsigned long long queries() const = 0;
+
+  // Messages the controller takes itself (no_image.h), one at a time
+  // (basic.get), each settled before the next is taken.
+  enum class Source {
+    task_queue,
+    // The controller's own queue bound to the runtimes' fanout exchange: a
+    // copy of every get_metadata a deployment found not its own.
+    copies,
+    runtime_queue,  // <queue>.runtime.<runtime> (declared and bound first)
+  };
+  struct Taken {
+    std::uint64_t tag = 0;
+    std::string body;
+  };
+  // nullopt: the queue is empty, or the broker could not be asked (logged).
+  virtual std::optional<Taken> take(Source from, const std::string& runtime) = 0;
+  // Ack (`done`), or back to its queue.
+  virtual void settle(Source from, std::uint64_t tag, bool done) = 0;
+  // Publishes `body` to the runtime's queue (declared and bound first, as a
+  // deployment moves it) and waits for the broker's confirm; false: not
+  // confirmed (logged), the original is to be put back.
+  virtual bool move(const std::string& runtime, const std::string& body) = 0;
+};
+
+class ClientStore {
+public:
+  virtual ~ClientStore() = default;
+  // Writes each value at its key (as the client names it) in the storage
+  // `storage` names (a Lithops storage configuration); the reason it could
+  // not (never with a secret), or nullopt when all were written.
+  virtual std::optional<std::string> put(const nlohmann::json& storage,
+                                         const std::vector<std::pair<std::string, std::string>>& entries) = 0;
 };
 
 // What one deployment last reported.

@@ -154,6 +154,7 @@ State state_from_json(const std::string& text, const std::string& source) {
       Fields c(j["counters"], "counters.", source);
       s.sbatch_calls = c.integer<unsigned long long>("sbatch_calls", 0);
       s.broker_queries = c.integer<unsigned long long>("broker_queries", 0);
+      s.polls = c.integer<unsigned long long>("polls", 0);
       s.scheduler_queries = c.integer<unsigned long long>("scheduler_queries", 0);
     }
     return s;

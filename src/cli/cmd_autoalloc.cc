@@ -152,6 +152,10 @@ autoalloc::Settings settings_from(const Globals& g, const config::Config& cfg, c
     s.config_path = absolute(*path);
   }
   s.queue = cfg.rabbitmq.queue;
+  s.sif_path = config::expanded(cfg, config::current_placeholders()).singularity.sif_path;
+  while (s.sif_path.size() > 1 && s.sif_path.back() == '/') {
+    s.sif_path.pop_back();
+  }
   s.broker = amqp::options_from(cfg.rabbitmq);
   s.broker.connection_name = "lithops-hpc autoalloc";
   s.default_slots = cfg.singularity.worker_processes > 0 ? cfg.singularity.worker_processes : 1;

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -201,6 +202,24 @@ std::string log_tail(const std::string& path) {
   }
 }
 
+// A dotted address, or the first IPv4 address of a host name (a Lithops
+// config names its redis host either way).
+bool ipv4_of(const std::string& host, in_addr& out) {
+  if (::inet_pton(AF_INET, host.c_str(), &out) == 1) {
+    return true;
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0 || !found) {
+    return false;
+  }
+  out = reinterpret_cast<sockaddr_in*>(found->ai_addr)->sin_addr;
+  ::freeaddrinfo(found);
+  return true;
+}
+
 }  // namespace
 
 std::string probe_address(const std::string& bind) { return bind.empty() || bind == "0.0.0.0" ? "127.0.0.1" : bind; }
@@ -249,12 +268,19 @@ std::string redis_password(const std::string& dir) {
 std::optional<std::string> redis_query(const std::string& host, int port, const std::string& password,
                                        const std::vector<std::string>& args, std::chrono::milliseconds timeout,
                                        const std::string& tls_cert) {
+  auto replies = redis_pipeline(host, port, password, {args}, timeout, tls_cert);
+  return replies ? std::optional<std::string>(replies->back()) : std::nullopt;
+}
+
+std::optional<std::vector<std::string>> redis_pipeline(const std::string& host, int port, const std::string& password,
+                                                       const std::vector<std::vector<std::string>>& commands,
+                                                       std::chrono::milliseconds timeout, const std::string& tls_cert) {
   auto deadline = Clock::now() + timeout;
   UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(static_cast<std::uint16_t>(port));
-  if (!s || ::inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
+  if (!s || !ipv4_of(host, a.sin_addr)) {
     return std::nullopt;
   }
   timeval tv{.tv_sec = static_cast<time_t>(timeout.count() / 1000),
@@ -269,14 +295,27 @@ std::optional<std::string> redis_query(const std::string& host, int port, const 
   if (!tls_cert.empty() && !link.start_tls(tls_cert)) {
     return std::nullopt;
   }
-  if (!link.send_all(resp_command({"AUTH", password}) + resp_command(args))) {
+  // No password: a server without requirepass refuses AUTH.
+  auto req = password.empty() ? std::string() : resp_command({"AUTH", password});
+  for (const auto& c : commands) {
+    req += resp_command(c);
+  }
+  if (commands.empty() || !link.send_all(req)) {
     return std::nullopt;
   }
   RespReader r(link, deadline);
-  if (!r.next()) {
+  if (!password.empty() && !r.next()) {
     return std::nullopt;  // AUTH refused
   }
-  return r.next();
+  std::vector<std::string> replies;
+  for (std::size_t i = 0; i < commands.size(); ++i) {
+    auto reply = r.next();
+    if (!reply) {
+      return std::nullopt;
+    }
+    replies.push_back(std::move(*reply));
+  }
+  return replies;
 }
 
 bool redis_alive(const std::string& dir, int port, const std::string& bind, const std::string& tls_cert) {

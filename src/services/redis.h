@@ -51,13 +51,21 @@ bool stop_redis(const std::string& dir, std::chrono::milliseconds grace);
 std::optional<std::uint64_t> redis_used_memory(const std::string& dir, int port, const std::string& bind,
                                                const std::string& tls_cert = {});
 
-// One request after AUTH; the reply's text (a status or bulk string), or
-// nullopt on any failure (refused, timeout, error reply). With `tls_cert`
-// over TLS, and only when the server's certificate is that file's (the
-// password is sent to no one else).
+// One request after AUTH (none with an empty password); the reply's text (a
+// status or bulk string), or nullopt on any failure (refused, timeout, error
+// reply). `host`: an IPv4 address or a host name. With `tls_cert` over TLS,
+// and only when the server's certificate is that file's (the password is
+// sent to no one else).
 std::optional<std::string> redis_query(const std::string& host, int port, const std::string& password,
                                        const std::vector<std::string>& args, std::chrono::milliseconds timeout,
                                        const std::string& tls_cert = {});
+
+// Several requests after one AUTH, sent at once; every reply, or nullopt
+// when one failed (as redis_query).
+std::optional<std::vector<std::string>> redis_pipeline(const std::string& host, int port, const std::string& password,
+                                                       const std::vector<std::vector<std::string>>& commands,
+                                                       std::chrono::milliseconds timeout,
+                                                       const std::string& tls_cert = {});
 
 // The address to knock on for a server bound to `bind` (loopback for "" and 0.0.0.0).
 std::string probe_address(const std::string& bind);

@@ -112,8 +112,8 @@ class Controller:
         return self.proc.wait(30)
 
     def polls(self):
-        """How many times the controller has looked at the queue (one per poll)."""
-        return ((self.state_json() or {}).get("counters") or {}).get("broker_queries", 0)
+        """How many times the controller has polled (its state file's count)."""
+        return ((self.state_json() or {}).get("counters") or {}).get("polls", 0)
 
     def wait_polls(self, n, what):
         """Returns after the controller has polled n more times: the window in which an

@@ -5,10 +5,12 @@
 // tests/integration/test_autoalloc.py on the rig.
 #include <doctest/doctest.h>
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -21,10 +23,13 @@
 
 #include "autoalloc/controller.h"
 #include "autoalloc/local_scheduler.h"
+#include "autoalloc/no_image.h"
 #include "autoalloc/policy.h"
 #include "autoalloc/ports.h"
 #include "autoalloc/sbatch_reply.h"
 #include "autoalloc/slurm_scheduler.h"
+#include "dispatch/protocol.h"
+#include "dispatch/runtime.h"
 #include "test_support.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -501,6 +506,21 @@ struct World {
     reports.erase(id);
   }
   void ready(std::uint64_t n) { queue = QueueLook{n, 0}; }
+
+  // Messages the controller may take (QueueProbe::take), what it did with
+  // them, and what it wrote to the client's storage.
+  std::deque<std::string> task_msgs, copy_msgs;
+  std::map<std::string, std::deque<std::string>> runtime_msgs;
+  std::vector<std::pair<std::string, std::string>> moved;  // runtime, body
+  std::vector<std::string> acked;
+  bool move_fails = false;
+  struct Put {
+    nlohmann::json storage;
+    std::string key, value;
+  };  // one per entry
+  std::vector<Put> puts;
+  std::optional<std::string> store_refuses;
+  std::vector<std::string> sif_dir;  // the runtimes whose image is in sif_path
 };
 
 struct FakeScheduler final : Scheduler {
@@ -552,7 +572,47 @@ struct FakeQueue final : QueueProbe {
   explicit FakeQueue(World& world) : w(world) {}
   std::optional<QueueLook> look() override {
     ++n;
-    return w.queue;
+    auto q = w.queue;
+    if (q) {
+      q->ready += w.task_msgs.size();
+    }
+    return q;
+  }
+  struct Out {
+    Source source;
+    std::deque<std::string>* queue;
+    std::string body;
+  };
+  std::map<std::uint64_t, Out> out;  // taken, not settled
+  std::uint64_t tags = 0;
+  std::deque<std::string>& from(Source s, const std::string& runtime) {
+    return s == Source::task_queue ? w.task_msgs : s == Source::copies ? w.copy_msgs : w.runtime_msgs[runtime];
+  }
+  std::optional<Taken> take(Source s, const std::string& runtime) override {
+    auto& q = from(s, runtime);
+    if (q.empty()) {
+      return std::nullopt;
+    }
+    out[++tags] = {s, &q, q.front()};
+    q.pop_front();
+    return Taken{tags, out[tags].body};
+  }
+  void settle(Source s, std::uint64_t tag, bool done) override {
+    auto m = out.at(tag);
+    CHECK(m.source == s);
+    out.erase(tag);
+    if (done) {
+      w.acked.push_back(m.body);
+    } else {
+      m.queue->push_front(m.body);
+    }
+  }
+  bool move(const std::string& runtime, const std::string& body) override {
+    if (w.move_fails) {
+      return false;
+    }
+    w.moved.emplace_back(runtime, body);
+    return true;
   }
   std::optional<QueueLook> look_runtime(const std::string& runtime) override {
     ++n;
@@ -580,6 +640,21 @@ struct FakeDeployments final : DeploymentProbe {
   }
 };
 
+struct FakeStore final : ClientStore {
+  World& w;
+  explicit FakeStore(World& world) : w(world) {}
+  std::optional<std::string> put(const nlohmann::json& storage,
+                                 const std::vector<std::pair<std::string, std::string>>& entries) override {
+    if (w.store_refuses) {
+      return w.store_refuses;
+    }
+    for (const auto& [key, value] : entries) {
+      w.puts.push_back({storage, key, value});
+    }
+    return std::nullopt;
+  }
+};
+
 // One controller on the fake world, in a state directory of its own.
 struct Loop {
   lhpc::test::TempDir dir{"autoalloc"};
@@ -591,14 +666,20 @@ struct Loop {
   explicit Loop(Limits l = limits(), std::vector<RuntimeImage> runtimes = {}) {
     s.limits = l;
     s.sif = "/img/rt.sif";
+    s.sif_path = "/img";
     s.runtimes = std::move(runtimes);
     s.default_slots = 2;
     start();
   }
   void start() {
     ctl.reset();  // the lock goes with the old one
-    Ports p{std::make_unique<FakeScheduler>(w), std::make_unique<FakeQueue>(w), std::make_unique<FakeDeployments>(w),
-            [this] { return w.t; }, [this](const std::string& sif) { return w.images.contains(sif); }};
+    Ports p{std::make_unique<FakeScheduler>(w),
+            std::make_unique<FakeQueue>(w),
+            std::make_unique<FakeDeployments>(w),
+            [this] { return w.t; },
+            [this](const std::string& sif) { return w.images.contains(sif); },
+            std::make_unique<FakeStore>(w),
+            [this](const std::string&) { return w.sif_dir; }};
     ctl = std::make_unique<Controller>(s, std::move(p));
     ctl->adopt();
   }
@@ -982,6 +1063,289 @@ TEST_CASE("controller: a runtime whose image is missing is not submitted and is 
   CHECK(l.w.submissions[0].sif == "/img/rt-b.sif");
 }
 
+// ------------------------------------------- clients of a runtime with no image
+
+namespace {
+
+constexpr const char* k_version = "3.7.1.dev0";
+
+// The get_metadata the Lithops singularity backend publishes for `runtime`:
+// its storage configuration, the hashed runtime_name, the log level.
+std::string metadata_request(const std::string& runtime) {
+  nlohmann::json p = {{"monitoring_interval", 2},
+                      {"backend", "redis"},
+                      {"redis",
+                       {{"host", "127.0.0.1"},
+                        {"port", 6380},
+                        {"password", "s3cret"},
+                        {"storage_bucket", "storage"},
+                        {"user_agent", "lithops/3.7.1.dev0"}}},
+                      {"runtime_name", lhpc::dispatch::lithops_job_name(runtime, 128, k_version)},
+                      {"log_level", 20}};
+  return lhpc::dispatch::encode(lhpc::dispatch::Action::get_metadata, p);
+}
+
+// A send_task of `calls` calls as the client publishes it (the parts the controller reads).
+std::string task_for(const std::string& runtime, int calls = 1) {
+  nlohmann::json ids = nlohmann::json::array(), ranges = nlohmann::json::array();
+  for (int i = 0; i < calls; ++i) {
+    ids.push_back(fmt::format("{:05d}", i));
+    ranges.push_back({i * 10, i * 10 + 9});
+  }
+  nlohmann::json config = {{"lithops", {{"backend", "singularity"}, {"storage", "redis"}}},
+                           {"redis", {{"host", "127.0.0.1"}, {"port", 6380}}}};
+  nlohmann::json p = {{"job_key", "A000-M001"},  {"executor_id", "A000"},      {"job_id", "M001"},
+                      {"call_ids", ids},         {"data_byte_ranges", ranges}, {"total_calls", calls},
+                      {"runtime_name", runtime}, {"config", config},           {"host_submit_tstamp", 1000.0}};
+  return lhpc::dispatch::encode(lhpc::dispatch::Action::send_task, p);
+}
+
+std::string meta_key(const std::string& runtime) {
+  return "lithops.jobs/" + lhpc::dispatch::lithops_job_name(runtime, 128, k_version) + ".meta";
+}
+
+}  // namespace
+
+TEST_CASE("no image: a get_metadata for a runtime without one gets an error naming it and the path looked for") {
+  std::vector<KnownRuntime> known = {{"rt-a", "/img/rt-a.sif", true}, {"rt-b", "/img/rt-b.sif", false}};
+  auto h = handle(metadata_request("rt-b"), From::copies, known, "/img", 5);
+  REQUIRE(h.take == Take::tell);
+  REQUIRE(h.entries.size() == 1);
+  CHECK(h.entries[0].first == meta_key("rt-b"));
+  CHECK(nlohmann::json::parse(h.entries[0].second).at("error") == h.message);
+  CHECK(h.message.find("runtime 'rt-b' has no image: looked for /img/rt-b.sif") != std::string::npos);
+  CHECK(h.message.find("lithops-hpc runtime build rt-b") != std::string::npos);
+  CHECK(h.storage.at("redis").at("host") == "127.0.0.1");
+  CHECK(h.runtime.empty());
+  // Its copy for a runtime with an image is dropped (its deployments answer);
+  // in the task queue it is left for them; in a runtime's queue every copy is dropped.
+  CHECK(handle(metadata_request("rt-a"), From::copies, known, "/img", 5).take == Take::drop);
+  CHECK(handle(metadata_request("rt-a"), From::task_queue, known, "/img", 5).take == Take::leave);
+  CHECK(handle(metadata_request("rt-b"), From::runtime_queue, known, "/img", 5).take == Take::drop);
+  // A runtime nobody knows: the message cannot name it, it names the path pattern.
+  auto u = handle(metadata_request("mystery"), From::task_queue, known, "/img", 5);
+  REQUIRE(u.take == Take::tell);
+  CHECK(u.message.find("looked for /img/<runtime>.sif; runtimes with an image: rt-a") != std::string::npos);
+  CHECK(u.entries.at(0).first == meta_key("mystery"));
+}
+
+TEST_CASE("no image: each call of a task of a runtime without one gets Lithops' failed status; others stay") {
+  std::vector<KnownRuntime> known = {{"rt-a", "/img/rt-a.sif", true}, {"rt-b", "/img/rt-b.sif", false}};
+  auto h = handle(task_for("rt-b", 2), From::task_queue, known, "/img", 1234.5);
+  REQUIRE(h.take == Take::tell);
+  CHECK(h.runtime == "rt-b");
+  CHECK(h.storage == nlohmann::json{{"backend", "redis"}, {"redis", {{"host", "127.0.0.1"}, {"port", 6380}}}});
+  REQUIRE(h.entries.size() == 2);
+  CHECK(h.entries[1].first == "lithops.jobs/A000-M001/00001/status.json");  // create_status_key
+  auto st = nlohmann::json::parse(h.entries[1].second);
+  CHECK(st.at("type") == "__end__");
+  CHECK(st.at("exception") == true);
+  CHECK(st.at("call_id") == "00001");
+  CHECK(st.at("executor_id") == "A000");
+  CHECK(st.at("job_id") == "M001");
+  CHECK(st.at("worker_end_tstamp") == 1234.5);  // the future computes the exec time from both
+  CHECK(st.at("exc_info") == exception_pickle_repr(h.message));
+  CHECK(h.message.find("runtime 'rt-b' has no image: looked for /img/rt-b.sif") != std::string::npos);
+  // From its runtime's queue the same.
+  CHECK(handle(task_for("rt-b", 1), From::runtime_queue, known, "/img", 1).entries.size() == 1);
+  // A runtime not known by name: its image path by sif_path.
+  auto u = handle(task_for("rt-z", 1), From::task_queue, known, "/img", 1);
+  CHECK(u.message.find("runtime 'rt-z' has no image: looked for /img/rt-z.sif") != std::string::npos);
+  CHECK(handle(task_for("rt-a", 1), From::task_queue, known, "/img", 1).take == Take::leave);
+  CHECK(handle(task_for("../x", 1), From::task_queue, known, "/img", 1).take == Take::leave);
+  CHECK(handle(task_for("rt-b", 1), From::copies, known, "/img", 1).take == Take::drop);
+  CHECK(handle("not json", From::task_queue, known, "/img", 1).take == Take::leave);
+  CHECK(handle("not json", From::copies, known, "/img", 1).take == Take::drop);
+}
+
+TEST_CASE("no image: the exception is a protocol-0 pickle the client evals and loads, whatever the message holds") {
+  // pickle.loads(eval(...)) gives (Exception, Exception(message), None)
+  // (checked with Python 3.11 by the integration case no-image).
+  CHECK(exception_pickle_repr("no 'x'") == R"(b'(cbuiltins\nException\ncbuiltins\nException\n(Vno \'x\'\ntRNt.')");
+  // A backslash or newline is escaped as raw-unicode-escape, then as bytes.
+  CHECK(exception_pickle_repr("a\\b\nc") ==
+        R"(b'(cbuiltins\nException\ncbuiltins\nException\n(Va\\u005cb\\u000ac\ntRNt.')");
+}
+
+TEST_CASE("no image: the error is what the client reads as metadata without 'preinstalls', in ASCII") {
+  auto body = metadata_error_body("runtime 'rt-b' has no image \xc3\xa9");
+  auto j = nlohmann::json::parse(body);
+  CHECK_FALSE(j.contains("preinstalls"));
+  CHECK(j.at("error").get<std::string>().starts_with("runtime 'rt-b' has no image"));
+  CHECK(std::all_of(body.begin(), body.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; }));
+}
+
+TEST_CASE("no image: the client's redis is named by its storage configuration; another backend is a reason") {
+  nlohmann::json st = {{"backend", "redis"}, {"redis", {{"host", "login1"}, {"port", 6390}, {"password", "pw"}}}};
+  auto t = std::get<RedisTarget>(redis_target(st));
+  CHECK(t.host == "login1");
+  CHECK(t.port == 6390);
+  CHECK(t.password == "pw");
+  CHECK(t.bucket == "storage");  // what Lithops' redis config sets
+  st["redis"]["storage_bucket"] = "b2";
+  CHECK(std::get<RedisTarget>(redis_target(st)).bucket == "b2");
+  CHECK(std::get<RedisTarget>(redis_target(st)).tls_cert.empty());
+  st["redis"]["ssl"] = true;  // up's section with the broker's TLS
+  CHECK(std::holds_alternative<std::string>(redis_target(st)));
+  st["redis"]["ssl_ca_certs"] = "/home/u/.lithops-hpc/services/tls/cert.pem";
+  CHECK(std::get<RedisTarget>(redis_target(st)).tls_cert == "/home/u/.lithops-hpc/services/tls/cert.pem");
+  st["backend"] = "aws_s3";
+  auto why = std::get<std::string>(redis_target(st));
+  CHECK(why.find("'aws_s3'") != std::string::npos);
+  CHECK(why.find("pw") == std::string::npos);
+  st = {{"backend", "redis"}, {"redis", {{"port", 6379}}}};
+  CHECK(std::holds_alternative<std::string>(redis_target(st)));
+}
+
+TEST_CASE("no image: a key is put as Lithops' redis backend puts it: each parent directory, then the value") {
+  using C = std::vector<std::vector<std::string>>;
+  CHECK(redis_put_commands("storage", "lithops.jobs/E-J/00000/status.json", "v") ==
+        C{{"SADD", "storage/", "lithops.jobs/"},
+          {"SADD", "storage/lithops.jobs/", "E-J/"},
+          {"SADD", "storage/lithops.jobs/E-J/", "00000/"},
+          {"SADD", "storage/lithops.jobs/E-J/00000/", "status.json"},
+          {"SET", "storage/lithops.jobs/E-J/00000/status.json", "v"}});
+}
+
+TEST_CASE("controller: no runtime has an image: a get_metadata in the task queue is answered with the error") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  l.w.task_msgs = {metadata_request("rt-a")};
+  l.poll();
+  CHECK(l.submitted() == 0);
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.puts[0].key == meta_key("rt-a"));
+  CHECK(l.w.puts[0].storage.at("redis").at("port") == 6380);
+  auto err = nlohmann::json::parse(l.w.puts[0].value).at("error").get<std::string>();
+  CHECK(err.find("runtime 'rt-a' has no image: looked for /img/rt-a.sif") != std::string::npos);
+  CHECK(l.w.task_msgs.empty());  // acked
+  // A task of it (the client had its metadata from before): each call's status
+  // says it failed, and the queue behind it is read on.
+  l.w.task_msgs = {task_for("rt-a", 2), metadata_request("rt-a")};
+  l.poll();
+  REQUIRE(l.w.puts.size() == 4);
+  CHECK(l.w.puts[1].key == "lithops.jobs/A000-M001/00000/status.json");
+  CHECK(l.w.puts[2].key == "lithops.jobs/A000-M001/00001/status.json");
+  CHECK(l.w.puts[2].storage.at("backend") == "redis");
+  CHECK(l.w.puts[3].key == meta_key("rt-a"));
+  CHECK(l.w.task_msgs.empty());
+  CHECK(l.w.moved.empty());
+  CHECK(l.ctl->state().polls == 2);  // what the integration suites count, not the broker queries
+  l.start();
+  CHECK(l.ctl->state().polls == 2);
+}
+
+TEST_CASE("controller: tasks whose client cannot be told wait in their runtime's queue, reported there") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  l.w.store_refuses = "the client's storage backend is 'aws_s3'";
+  l.w.task_msgs = {task_for("rt-a"), metadata_request("rt-a")};
+  l.poll();
+  REQUIRE(l.w.moved.size() == 1);
+  CHECK(l.w.moved[0].first == "rt-a");
+  CHECK(l.w.task_msgs.empty());  // the get_metadata behind it: taken, its error not written either
+  // Moved, its tasks are not taken from there again while nobody can be told.
+  l.w.runtime_queues["rt-a"] = {1, 0};
+  l.w.runtime_msgs["rt-a"] = {task_for("rt-a")};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-a"].size() == 1);
+  // With a storage to tell, what waits there fails too; not while something consumes it.
+  l.w.store_refuses.reset();
+  l.w.runtime_queues["rt-a"] = {1, 1};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-a"].size() == 1);
+  l.w.runtime_queues["rt-a"] = {1, 0};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-a"].empty());
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.puts[0].key == "lithops.jobs/A000-M001/00000/status.json");
+}
+
+TEST_CASE("controller: the task queue is left alone while anything else could take it") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  SUBCASE("a move not confirmed puts the task back and stops") {
+    l.w.move_fails = true;
+    l.w.store_refuses = "the client's storage backend is 'aws_s3'";
+    l.w.task_msgs = {task_for("rt-a"), metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.w.task_msgs.size() == 2);
+    CHECK(l.w.puts.empty());
+  }
+  SUBCASE("a consumer on the task queue (someone's deployment)") {
+    l.w.queue = QueueLook{0, 1};
+    l.w.task_msgs = {metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.w.task_msgs.size() == 1);
+    CHECK(l.w.puts.empty());
+  }
+  SUBCASE("a request for an image in sif_path stays, and so does what is behind it") {
+    l.w.sif_dir = {"rt-c"};
+    l.w.images.insert("/img/rt-c.sif");
+    l.w.task_msgs = {metadata_request("rt-c"), metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.w.task_msgs.size() == 2);
+    CHECK(l.w.puts.empty());
+  }
+  SUBCASE("a deployment is submitted for the task queue: it takes the request") {
+    l.s.runtimes = {{"rt-b", "/img/rt-b.sif"}, {"rt-a", "/img/rt-a.sif"}};
+    l.w.images.insert("/img/rt-b.sif");
+    l.start();
+    l.w.task_msgs = {metadata_request("rt-a")};
+    l.poll();
+    CHECK(l.submitted() == 1);
+    CHECK(l.w.task_msgs.size() == 1);
+    CHECK(l.w.puts.empty());
+  }
+}
+
+TEST_CASE("controller: the first runtime has no image, another has: nothing takes the task queue, so it is answered") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-b.sif"};
+  l.w.task_msgs = {metadata_request("rt-a")};
+  l.poll();
+  CHECK(l.submitted() == 0);
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.puts[0].key == meta_key("rt-a"));
+  CHECK(l.w.task_msgs.empty());
+}
+
+TEST_CASE("controller: a copy of a get_metadata is answered when its runtime has no image, dropped otherwise") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-a.sif"};
+  l.w.copy_msgs = {metadata_request("rt-a"), metadata_request("rt-b"), metadata_request("singularity-runtime-v311")};
+  l.poll();
+  CHECK(l.w.copy_msgs.empty());
+  REQUIRE(l.w.puts.size() == 2);
+  CHECK(l.w.puts[0].key == meta_key("rt-b"));
+  CHECK(l.w.puts[1].key == meta_key("singularity-runtime-v311"));
+  auto err = nlohmann::json::parse(l.w.puts[1].value).at("error").get<std::string>();
+  CHECK(err.find("runtime 'singularity-runtime-v311' has no image: looked for /img/singularity-runtime-v311.sif") !=
+        std::string::npos);
+  CHECK(l.w.acked.size() == 3);
+  // The storage refusing is logged; the copy is not taken again.
+  l.w.store_refuses = "redis at 127.0.0.1:6380 did not take key";
+  l.w.copy_msgs = {metadata_request("rt-b")};
+  l.poll();
+  CHECK(l.w.copy_msgs.empty());
+}
+
+TEST_CASE("controller: at zero with no image, a get_metadata is answered within the short look, even with --poll 60") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  l.s.poll = 60;
+  l.start();
+  double published = l.w.t + 17.2;
+  for (int i = 0; i < 1000; ++i) {
+    double wait = l.ctl->tick();
+    if (!l.w.puts.empty()) {
+      break;
+    }
+    l.w.t += wait;
+    if (l.w.t >= published && l.w.task_msgs.empty()) {
+      l.w.task_msgs = {metadata_request("rt-a")};
+    }
+  }
+  REQUIRE(l.w.puts.size() == 1);
+  CHECK(l.w.t - published <= k_zero_look);
+}
+
 // ------------------------------------------------------- the local scheduler
 
 TEST_CASE("local: /proc/<pid>/stat is read after the last ')', whatever the command name holds") {
@@ -1115,6 +1479,27 @@ TEST_CASE("controller: from zero the first task brings a submission within the s
   CHECK(l.w.t - published <= k_zero_look);
   // Something is held: the controller looks again at --poll, not at the short cadence.
   CHECK(l.ctl->tick() == doctest::Approx(60).epsilon(0.01));
+}
+
+TEST_CASE("controller: from zero the first task in a runtime's queue brings its submission within the short look") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}, {"rt-b", "/img/rt-b.sif"}});
+  l.w.images = {"/img/rt-a.sif", "/img/rt-b.sif"};
+  l.s.poll = 60;
+  l.start();
+  double published = l.w.t + 17.2;
+  for (int i = 0; i < 1000; ++i) {
+    double wait = l.ctl->tick();
+    if (l.submitted() > 0) {
+      break;
+    }
+    l.w.t += wait;
+    if (l.w.t >= published) {
+      l.w.runtime_queues["rt-b"] = {1, 0};  // moved there by a deployment this controller does not hold
+    }
+  }
+  REQUIRE(l.submitted() == 1);
+  CHECK(l.w.submissions[0].runtime == "rt-b");
+  CHECK(l.w.t - published <= k_zero_look);
 }
 
 TEST_CASE("controller: at zero, a backlog the last poll saw already waits for the next poll, not every look") {
