@@ -11,7 +11,8 @@
 #   busy:  RANKS x 3 tasks published that each sleep longer than the window:
 #          every slot runs one, the rest wait in the queue;
 # and, from the workers' debug logs, how often each rank rotated a held task
-# to the tail of the queue (main's design: every 100 ms per busy rank).
+# to the tail of the queue (an old design: every 100 ms per busy rank) and how
+# many tasks the ranks gave back from their reserve (reserve_patience) in all.
 # Prints a Markdown table.
 set -euo pipefail
 
@@ -83,9 +84,10 @@ EOC
     idle=$(broker_pct)
     n=$((RANKS * 3))
     AMQP_URL=$url "$BENCH" publish --count "$n" --sleep $((WINDOW * 3)) 2>/dev/null
-    # Every slot busy: RANKS calls started (the fake handler logs each start).
+    # Every slot busy: each rank cancelled its slot consumer (the handlers'
+    # own output, LHPC-BUSY-START, goes to per-rank files outside this log now).
     deadline=$((SECONDS + 120))
-    until (($(cat "$T/$label-"*.log | grep -c "LHPC-BUSY-START" || true) >= RANKS)); do
+    until (($(cat "$T/$label-"*.log | grep -c "cancelled: every slot busy" || true) >= RANKS)); do
         ((SECONDS < deadline)) || { echo "dispatch-busy.sh: slots never all busy" >&2; tail "$T/$label-0.log" >&2; exit 1; }
         sleep 0.1
     done
@@ -93,14 +95,17 @@ EOC
     rot0=$(cat "$T/$label-"*.log | grep -c "rotated to the tail" || true)
     busy=$(broker_pct)
     rot1=$(cat "$T/$label-"*.log | grep -c "rotated to the tail" || true)
+    # Tasks given back from a reserve (reserve_patience), from publish to the window's end.
+    local back
+    back=$(cat "$T/$label-"*.log | grep -c "given back for a free slot" || true)
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     PIDS=()
-    awk -v l="$label" -v r="$RANKS" -v i="$idle" -v b="$busy" -v w="$WINDOW" -v rot=$((rot1 - rot0)) 'BEGIN {
-        printf "| %s | %d | %.2f | %.2f | %.3f | %s |\n", l, r, i, b, (b - i) / r, (rot > 0 ? sprintf("%.1f", rot / w / r) : "0")
+    awk -v l="$label" -v r="$RANKS" -v i="$idle" -v b="$busy" -v w="$WINDOW" -v rot=$((rot1 - rot0)) -v back="$back" 'BEGIN {
+        printf "| %s | %d | %.2f | %.2f | %.3f | %s | %d |\n", l, r, i, b, (b - i) / r, (rot > 0 ? sprintf("%.1f", rot / w / r) : "0"), back
     }'
 }
 
-echo "| binary | busy ranks | broker % core idle | broker % core busy | (busy - idle) per rank | rotations/s per rank (debug log) |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| binary | busy ranks | broker % core idle | broker % core busy | (busy - idle) per rank | rotations/s per rank (debug log) | given back from a reserve, in all |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 [[ -n ${LHPC_BASELINE:-} ]] && run "$LHPC_BASELINE" baseline
 run "$LHPC" new

@@ -5,7 +5,9 @@
 //       --rate paces them (messages/s), else as fast as the broker takes them;
 //       --sleep S makes each call print LHPC-BUSY-START and sleep S seconds
 //       in the fake Lithops (bench/dispatch-busy.sh: every slot busy, a
-//       backlog waiting).
+//       backlog waiting); --calls C puts C calls in each message (the real
+//       client's batches of worker_processes calls); --record-dir D makes
+//       each call write its start and end there (bench/tail.sh).
 //   dispatch-bench raw --count N --prefetch P --latency-log FILE [--queue Q]
 //       the baseline: a plain rabbitmq-c consumer (basic.qos P, one ack per
 //       message right after delivery) writing "sent_ns ack_ns" per message;
@@ -20,6 +22,7 @@
 #include <amqp_tcp_socket.h>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -80,6 +83,8 @@ int publish(int argc, char** argv) {
   double rate = std::stod(arg(argc, argv, "--rate", "0"));
   std::string queue = arg(argc, argv, "--queue", "task_queue");
   double sleep_s = std::stod(arg(argc, argv, "--sleep", "0"));
+  int calls = std::max(1, std::stoi(arg(argc, argv, "--calls", "1")));
+  std::string record_dir = arg(argc, argv, "--record-dir", "");
   // "a,b": message i names runtime i % 2 (interleaved); empty: no runtime_name.
   std::vector<std::string> runtimes;
   for (std::string rest = arg(argc, argv, "--runtimes", ""); !rest.empty();) {
@@ -101,6 +106,21 @@ int publish(int argc, char** argv) {
     auto payload = noop_payload(i);
     if (!runtimes.empty()) {
       payload["runtime_name"] = runtimes[static_cast<std::size_t>(i) % runtimes.size()];
+    }
+    if (calls > 1) {
+      payload["call_ids"] = dispatch::Json::array();
+      payload["data_byte_ranges"] = dispatch::Json::array();
+      for (int k = 0; k < calls; ++k) {
+        char id[16];
+        std::snprintf(id, sizeof id, "%05d", k);
+        payload["call_ids"].push_back(id);
+        payload["data_byte_ranges"].push_back({0, 9});
+      }
+      payload["total_calls"] = calls;
+      payload["worker_processes"] = calls;
+    }
+    if (!record_dir.empty()) {
+      payload["lhpc_test"]["record_dir"] = record_dir;
     }
     if (sleep_s > 0) {
       payload["lhpc_test"]["sleep"] = sleep_s;

@@ -258,6 +258,7 @@ void Dispatcher::accept(Message&& m) {
   m.kind = Kind::task;
   m.phase = Phase::waiting;
   m.arrived = Clock::now();
+  m.patient = m_returned.contains(std::hash<std::string>{}(m.d.body));
   m_msgs.emplace(id, std::move(m));
   m_waiting.push_back(id);
   schedule();
@@ -385,6 +386,9 @@ amqp::Properties Dispatcher::republish_props(const Message& m) const {
 }
 
 void Dispatcher::start_task(Message& m, std::size_t free) {
+  if (m.patient) {
+    m_returned.erase(std::hash<std::string>{}(m.d.body));
+  }
   const std::size_t calls = m.calls.size();
   std::size_t keep = std::min(calls, free);
   std::size_t reserved = 0;
@@ -705,6 +709,50 @@ void Dispatcher::maybe_complete(Message& m) {
   }
   release_slots(id);
   m_msgs.erase(id);
+  update_prefetch();
+}
+
+// --- the reserve's patience ---------------------------------------------------
+
+std::optional<Dispatcher::Clock::time_point> Dispatcher::next_deadline() const {
+  std::optional<Clock::time_point> due;
+  if (!m_connected || m_draining) {
+    return due;
+  }
+  for (auto id : m_waiting) {
+    auto it = m_msgs.find(id);
+    if (it == m_msgs.end() || it->second.patient || it->second.orphan || it->second.no_ack) {
+      continue;
+    }
+    auto t = it->second.arrived + m_opts.reserve_patience;
+    due = due ? std::min(*due, t) : t;
+  }
+  return due;
+}
+
+void Dispatcher::on_tick(Clock::time_point now) {
+  if (!m_connected || m_draining) {
+    return;
+  }
+  for (auto it = m_waiting.begin(); it != m_waiting.end();) {
+    Message* m = find(*it);
+    if (!m || m->patient || m->orphan || m->no_ack || now - m->arrived < m_opts.reserve_patience) {
+      ++it;
+      continue;
+    }
+    // Requeued to its place at the head of the queue: an idle rank's slot
+    // consumer takes it first; if it comes back here, it stays (patient).
+    if (m_returned.size() > 4096) {
+      m_returned.clear();  // bounded: a long-lived worker forgets old ones
+    }
+    m_returned.insert(std::hash<std::string>{}(m->d.body));
+    spdlog::debug("{} ({}): waited {} ms in the reserve, given back for a free slot elsewhere", m->mid,
+                  m->calls.describe(0, m->calls.size()), m_opts.reserve_patience.count());
+    m_broker.reject(m->d.tag, true);
+    ++m_counters.returned;
+    m_msgs.erase(*it);
+    it = m_waiting.erase(it);
+  }
   update_prefetch();
 }
 

@@ -15,6 +15,14 @@
 //   trip; once the reserve is taken, a rank whose slots are all busy receives
 //   nothing and causes no broker traffic, and the queue's order is kept but
 //   for that one message;
+// - a task that has waited in the reserve for reserve_patience is given back
+//   (basic.reject, requeue: to its place at the head of the queue), once per
+//   message and rank: the broker hands it to an idle rank's slot consumer if
+//   there is one (the end of a map: no call waits a whole task's length
+//   behind a busy rank while a slot idles elsewhere), else back into a
+//   reserve; a rank keeps a message it gave back before until it starts it,
+//   so nothing bounces between busy ranks for longer than one patience per
+//   rank, and with every slot busy the broker is soon as quiet as before;
 // - a control message (get_metadata, ping) arriving in the reserve runs at
 //   once on the control handler and then counts as held, which frees the
 //   reserve again: with every slot busy and the reserve free, get_metadata is
@@ -64,6 +72,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -118,6 +127,7 @@ struct Counters {
   std::uint64_t duplicates = 0;         // calls finished after their message went back to the broker
   std::uint64_t consumer_timeouts = 0;  // channels the broker closed for an unacked delivery
   std::uint64_t moved = 0;              // messages moved to another runtime's queue (or its fanout)
+  std::uint64_t returned = 0;           // tasks given back from the reserve (reserve_patience)
 };
 
 struct DispatcherOptions {
@@ -138,6 +148,8 @@ struct DispatcherOptions {
   // in use at memory_mb / runtime_memory (the latest task's value); one that
   // needs more than memory_mb is dead-lettered with the reason.
   std::uint64_t memory_mb = 0;
+  // How long a task waits in the reserve before it is given back (once).
+  std::chrono::milliseconds reserve_patience = k_reserve_patience;
 };
 
 class Dispatcher {
@@ -171,6 +183,11 @@ public:
   void on_handler_reply(int h, const Json& reply);
   // Handler h died (the pool restarts it); `why` for logs and dead-letter headers.
   void on_handler_lost(int h, const std::string& why);
+  // Time passed: gives back each task that waited reserve_patience in the
+  // reserve and was not given back by this rank before.
+  void on_tick(Clock::time_point now);
+  // When on_tick has something to do next; nullopt: nothing waits for it.
+  std::optional<Clock::time_point> next_deadline() const;
   // Stop consuming; give back what has not started.
   void drain();
   // The drain timeout passed: give back everything unacked (calls still
@@ -221,7 +238,8 @@ private:
     int confirms = 0;        // our publishes for it not yet confirmed
     bool give_back = false;  // end with reject(requeue) instead of ack
     bool holds_slots = false;
-    bool orphan = false;  // its connection is gone: never acked
+    bool orphan = false;   // its connection is gone: never acked
+    bool patient = false;  // a task this rank gave back once already: it waits here now
     Clock::time_point arrived{};
   };
   struct Slot {
@@ -293,6 +311,7 @@ private:
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
   Counters m_counters;
   std::map<std::size_t, int> m_timeouts;  // body hash -> consumer timeouts while it ran here
+  std::set<std::size_t> m_returned;       // body hashes of tasks given back from the reserve
 #if LHPC_TEST_HOOKS
   std::function<void(const amqp::Delivery&)> m_on_ack;
 #endif

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -51,6 +52,25 @@ std::string read_record(int dirfd, const char* name) {
   return is_digest(s) ? s : std::string();
 }
 
+// Whether the record `name` ("<job>-<rank>-<pid>", what the worker names it)
+// belongs to a process that is running: its message is being processed now,
+// not one that killed it. A name without a pid counts as a dead process's.
+bool owner_alive(std::string_view name) {
+  auto dash = name.rfind('-');
+  if (dash == std::string_view::npos || name.find('-') == dash || dash + 1 == name.size() ||
+      name.size() - dash - 1 > 9) {
+    return false;
+  }
+  pid_t pid = 0;
+  for (char c : name.substr(dash + 1)) {
+    if (c < '0' || c > '9') {
+      return false;
+    }
+    pid = pid * 10 + (c - '0');
+  }
+  return pid > 1 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
+
 }  // namespace
 
 std::string InflightRecord::digest(std::string_view body) {
@@ -94,6 +114,11 @@ void InflightRecord::load(bool others_only) {
   }
   while (auto* e = ::readdir(d)) {
     if (e->d_name[0] == '.' || (others_only && m_name == e->d_name)) {
+      continue;
+    }
+    // Another rank on this node in the middle of a message (a redelivered
+    // one is common: a reserve gives tasks back) is no crash.
+    if (m_name != e->d_name && owner_alive(e->d_name)) {
       continue;
     }
     if (auto s = read_record(dirfd.get(), e->d_name); !s.empty()) {

@@ -2,7 +2,10 @@
 // it outlives the process. A message whose processing kills the dispatcher (a
 // parser or stack bug nobody has found yet) is unacked, so the broker hands
 // it out again marked `redelivered`; the next dispatcher on this node finds it
-// here and dead-letters it instead of dying on it too.
+// here and dead-letters it instead of dying on it too. A record whose process
+// still runs (named <job>-<rank>-<pid>) is a message in progress, not a crash:
+// the same message may reach a rank beside it, redelivered, at that moment
+// (a reserve gives tasks back: dispatcher.h).
 //
 // One 33-byte file per dispatcher process under <state dir>/inflight/<node>/ (0700),
 // rewritten with pwrite() and no fsync: the page cache outlives a crashed

@@ -5,6 +5,7 @@
 // Facts: docs/lithops-protocol.md. No I/O here: everything is unit-tested.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <optional>
 #include <string>
@@ -115,6 +116,11 @@ std::string describe_calls(const Json& payload);
 // Messages a rank takes beyond what it can start and what it holds: the
 // reserve of prefetch_for.
 inline constexpr int k_reserve = 1;
+
+// How long a task waits in the reserve before the rank gives it back once
+// (dispatcher.h): short against the tasks worth spreading (seconds), long
+// against a no-op task's wait for a slot (milliseconds).
+inline constexpr std::chrono::milliseconds k_reserve_patience{200};
 
 // How many unacked messages a dispatcher lets the broker hand it: one per
 // free slot, plus every message it already holds that needs an ack (started

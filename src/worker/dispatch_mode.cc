@@ -438,7 +438,7 @@ milliseconds DispatchMode::poll_timeout(milliseconds max_wait, Clock::time_point
   } else if (m_ctx.state() == State::running && m_pool->ready_count() > 0) {
     sooner(m_reconnect->next_attempt());
   }
-  for (auto t : {m_pool->next_deadline(), m_ctx.instance.next_deadline()}) {
+  for (auto t : {m_pool->next_deadline(), m_ctx.instance.next_deadline(), m_dispatcher->next_deadline()}) {
     if (t) {
       sooner(*t);
     }
@@ -478,6 +478,9 @@ std::optional<Done> DispatchMode::after_poll(bool broker_readable, Clock::time_p
     pump(broker_readable);
   }
   m_pool->tick(now);
+  if (m_conn) {
+    m_dispatcher->on_tick(now);
+  }
   restore_consumers_when_due(now);
   start_slot_consumer_when_due(now);
   if (!m_broker_error.empty()) {

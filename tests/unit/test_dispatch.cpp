@@ -390,7 +390,8 @@ TEST_CASE("a rank whose slots are all busy holds one task in reserve and sends t
   // The reserve taken: what it holds plus one is what it has, so the broker
   // keeps the rest of the queue, in order, for whichever rank frees a slot.
   CHECK(r.d.desired_prefetch() == 3);
-  // Neither republished, rotated nor requeued however long it waits; no basic.qos.
+  // Neither republished nor rotated; no basic.qos (given back only once it
+  // waited reserve_patience: the case below).
   CHECK(r.broker.events == std::vector<std::string>{"start 0", "start 1"});
   CHECK(r.broker.prefetches.empty());
   // A slot frees: the reserved task starts at once, no broker round trip.
@@ -401,6 +402,58 @@ TEST_CASE("a rank whose slots are all busy holds one task in reserve and sends t
   CHECK(r.broker.events == std::vector<std::string>{"start 0", "start 1", "ack " + std::to_string(a), "start 0"});
   CHECK(r.d.prefetch() == 3);  // the ack alone frees the reserve for the next message
   CHECK(r.broker.prefetches.empty());
+}
+
+TEST_CASE(
+    "a task that waited reserve_patience in a busy rank's reserve is given back once, for a free slot elsewhere") {
+  Rig r(2);
+  auto a = r.deliver(encode(Action::send_task, job(1, "A")));
+  r.deliver(encode(Action::send_task, job(1, "B")));
+  CHECK_FALSE(r.d.next_deadline());  // nothing waits
+  auto body = encode(Action::send_task, job(1, "C"));
+  auto c = r.deliver(body);  // the reserve
+  auto arrived = Dispatcher::Clock::now();
+  REQUIRE(r.d.next_deadline());
+  CHECK(*r.d.next_deadline() <= arrived + k_reserve_patience);
+  CHECK(*r.d.next_deadline() + std::chrono::milliseconds(100) >= arrived + k_reserve_patience);
+  // Not before its time.
+  r.d.on_tick(arrived - std::chrono::milliseconds(1));
+  CHECK(r.broker.requeued.empty());
+  // Then requeued to its place at the head of the queue, where an idle rank's
+  // slot consumer (the higher x-priority) takes it before any reserve.
+  r.d.on_tick(arrived + k_reserve_patience + std::chrono::seconds(1));
+  CHECK(r.broker.requeued == std::vector<std::uint64_t>{c});
+  CHECK(r.d.counters().returned == 1);
+  CHECK(r.broker.published.empty());  // given back, not republished: nothing to confirm, the order kept
+  CHECK(r.d.prefetch() == 3);         // the reserve is free again, no basic.qos
+  CHECK(r.broker.prefetches.empty());
+  // No rank was idle: the broker hands it back to this reserve. It stays now,
+  // however long it waits: no bouncing between busy ranks.
+  auto c2 = r.deliver(body, {}, /*redelivered=*/true);
+  CHECK_FALSE(r.d.next_deadline());
+  r.d.on_tick(arrived + std::chrono::hours(1));
+  CHECK(r.broker.requeued == std::vector<std::uint64_t>{c});
+  // It starts the moment a slot frees, as before.
+  r.reply(0);
+  REQUIRE(r.handlers.sent.size() == 3);
+  CHECK(r.handlers.sent[2].request["payload"]["job_key"] == "C");
+  r.reply(0);
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{a, c2});
+  // Started once: if the same message came back later, it could be given back again.
+  r.deliver(encode(Action::send_task, job(1, "D")));
+  r.deliver(encode(Action::send_task, job(1, "E")));
+  r.deliver(body, {}, /*redelivered=*/true);
+  CHECK(r.d.next_deadline());
+}
+
+TEST_CASE("control messages and tasks that start are never given back") {
+  Rig r(1);
+  r.deliver(encode(Action::send_task, job(1, "A")));  // starts at once
+  r.deliver(encode(Action::get_metadata, {{"runtime_name", "rt"}}));
+  CHECK_FALSE(r.d.next_deadline());
+  r.d.on_tick(Dispatcher::Clock::now() + std::chrono::hours(1));
+  CHECK(r.broker.requeued.empty());
+  CHECK(r.d.counters().returned == 0);
 }
 
 TEST_CASE("with every slot busy, get_metadata in the reserve is answered at once, then frees the reserve") {
@@ -858,6 +911,41 @@ TEST_CASE("the in-flight record outlives its dispatcher and is read by the next 
   struct stat st {};
   REQUIRE(::stat(dir.c_str(), &st) == 0);
   CHECK((st.st_mode & 0777) == 0700);
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST_CASE("a message another running rank on the node is processing is no crash; once that rank dies it is") {
+  char tmpl[] = "/tmp/lhpc-inflight-XXXXXX";
+  REQUIRE(::mkdtemp(tmpl));
+  std::string dir = std::string(tmpl) + "/n1";
+  auto body = encode(Action::send_task, job(1, "BUSY"));
+  int ready[2], go[2];
+  REQUIRE(::pipe(ready) == 0);
+  REQUIRE(::pipe(go) == 0);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // A rank named as the worker names it (<job>-<rank>-<pid>), stopped in
+    // the middle of a message; it dies there when told to.
+    InflightRecord busy(dir, "J-0-" + std::to_string(::getpid()));
+    busy.begin(body);
+    char c = 'r';
+    (void)!::write(ready[1], &c, 1);
+    (void)!::read(go[0], &c, 1);
+    ::_exit(0);  // exit-codes: a forked test child
+  }
+  char c = 0;
+  REQUIRE(::read(ready[0], &c, 1) == 1);
+  InflightRecord other(dir, "J-1-" + std::to_string(::getpid()));
+  // The same message, given back by a reserve, redelivered to a rank beside it.
+  CHECK_FALSE(other.killed_before(body));
+  REQUIRE(::write(go[1], &c, 1) == 1);
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  CHECK(other.killed_before(body));
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) {
+    ::close(fd);
+  }
   std::filesystem::remove_all(tmpl);
 }
 
