@@ -163,18 +163,32 @@ run() { # binary label -> "wall/ideal calls-end/ideal"
     local back
     back=$(grep -c "given back for a free slot" "$OUT" || true)
     undeploy "$1"
-    "$PY" - "$out" "$((CALLS / (3 * SLOTS)))" "$2" "$back" <<'EOF'
+    printf '%s\n' "$out" >"$WORK/$2/client.json"
+    "$PY" - "$out" "$((CALLS / (3 * SLOTS)))" "$2" "$back" "$SLOTS" <<'EOF'
 import collections, json, sys
 r, ideal, label, back = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
 t0, calls = r["t0"], r["calls"]
 end = max(c[3] for c in calls) - t0
 per = collections.Counter(c[1] for c in calls)
 last = sorted(calls, key=lambda c: c[3])[-3:]
+# Each node's calls onto its slots (a call goes to the slot free first): the
+# gaps between a call's end and the next start on the same slot, i.e. the
+# per-call cost (handler, Lithops' storage round trips) plus any wait.
+gaps = []
+for node in per:
+    free = []
+    for c in sorted((c for c in calls if c[1] == node), key=lambda c: c[2]):
+        if len(free) == int(sys.argv[5]):
+            i = min(range(len(free)), key=lambda k: free[k])
+            gaps.append(c[2] - free.pop(i))
+        free.append(c[3])
+gaps.sort()
 first = min(c[2] for c in calls) - t0
 print(f"{label}: map+get_result {r['wall']:.3f} s; after map(): returned {r['map']:.2f}, first call started "
       f"{first:.2f}, last call ended {end:.3f}, last seen done by the client {r['seen']:.2f}, last result "
       f"fetched {r['fetched']:.2f} s; calls per node "
-      f"{dict(sorted(per.items()))}, given back {back}; last 3 calls (id node start end, s after map): "
+      f"{dict(sorted(per.items()))}, gap between calls on a slot median {gaps[len(gaps) // 2] * 1000:.0f} ms, "
+      f"max {gaps[-1] * 1000:.0f} ms, {sum(g > 0.15 for g in gaps)} over 150 ms; given back {back}; last 3 calls (id node start end, s after map): "
       + "; ".join(f"{c[0]} {c[1]} {c[2] - t0:.2f} {c[3] - t0:.2f}" for c in last), file=sys.stderr)
 print(f"{r['wall'] / ideal:.3f} {end / ideal:.3f}")
 EOF
