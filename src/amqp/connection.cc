@@ -409,6 +409,7 @@ std::optional<Delivery> Connection::get(const std::string& queue) {
   }
   d.body = bytes_str(msg.body);
   d.body_size = d.body.size();
+  d.props = read_properties(&msg.properties);
   amqp_destroy_message(&msg);
   amqp_maybe_release_buffers(m_s->conn);
   return d;
