@@ -30,21 +30,12 @@ for b in "$BENCH" "$LHPC" ${LHPC_BASELINE:+"$LHPC_BASELINE"}; do
     [[ -x $b ]] || { echo "dispatch-busy.sh: $b missing" >&2; exit 2; }
 done
 
-"$SRC/tests/rig/rabbitmq.sh" ensure >&2
-ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)
-BASE_URL=$(grep '^RIG_AMQP_URL=' "$ENV_FILE" | cut -d= -f2-)
-RDIR=$(grep '^RIG_RABBITMQ_DIR=' "$ENV_FILE" | cut -d= -f2-)
-BEAM_PID=$(beam_pid "$RDIR")
+rig_broker "$SRC"
+BEAM_PID=$(beam_pid "$RIG_RABBITMQ_DIR")
 TICK=$(getconf CLK_TCK)
 broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
 
-T=$(mktemp -d /tmp/lhpc-bench-busy-XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    rm -rf "$T"
-}
-trap cleanup EXIT
+scratch_dir lhpc-bench-busy
 
 # CPU % of one core the broker used over WINDOW seconds from now.
 broker_pct() {
@@ -60,13 +51,7 @@ run() { # binary label -> one table row
     local bin=$1 label=$2 url cfg=$T/wrk.toml i
     "$SRC/tests/rig/rabbitmq.sh" add-vhost "busy-$label-$$" >&2
     url=$BASE_URL/busy-$label-$$
-    cat >"$cfg" <<EOC
-[singularity]
-engine = "host"
-python = "$PY"
-[deploy]
-drain_timeout = 1
-EOC
+    host_worker_config "$cfg" "$PY" 1
     PIDS=()
     for ((i = 0; i < RANKS; i++)); do
         AMQP_URL=$url PYTHONPATH=$SRC/tests/fake-lithops LITHOPS_HPC_STATE_DIR=$T/state-$label \

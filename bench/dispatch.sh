@@ -44,10 +44,8 @@ done
 grep -qx '#define LHPC_TEST_HOOKS 1' "$BUILD/lhpc_build_config.h" 2>/dev/null ||
     { echo "dispatch.sh: $BUILD is not a test build (meson configure -Dtest_hooks=true $BUILD)" >&2; exit 2; }
 
-"$SRC/tests/rig/rabbitmq.sh" ensure >&2
-ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)
-BASE_URL=$(grep '^RIG_AMQP_URL=' "$ENV_FILE" | cut -d= -f2-)
-BEAM_PID=$(beam_pid "$(grep '^RIG_RABBITMQ_DIR=' "$ENV_FILE" | cut -d= -f2-)")
+rig_broker "$SRC"
+BEAM_PID=$(beam_pid "$RIG_RABBITMQ_DIR")
 TICK=$(getconf CLK_TCK)
 broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
 # ticks before, message count -> broker µs per message since then

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sets variables for the scripts that source it
 # Helpers the bench scripts share; sourced, never run.
 
 now() { date +%s.%N; }
@@ -29,4 +30,39 @@ beam_pid() { # rabbitmq dir
     done
     echo "bench: no beam.pid under $1 (is the rig broker running?)" >&2
     return 1
+}
+
+# The rig's broker up; sets BASE_URL (its URL: new vhosts go below it) and
+# RIG_RABBITMQ_DIR. $1: source root.
+rig_broker() {
+    "$1/tests/rig/rabbitmq.sh" ensure >&2
+    local env_file
+    env_file=$("$1/tests/rig/rabbitmq.sh" env)
+    BASE_URL=$(grep '^RIG_AMQP_URL=' "$env_file" | cut -d= -f2-)
+    RIG_RABBITMQ_DIR=$(grep '^RIG_RABBITMQ_DIR=' "$env_file" | cut -d= -f2-)
+}
+
+# A scratch directory T, removed at exit after a SIGKILL to every pid in
+# PIDS (the workers a run started: call runs in this shell, not in $(...),
+# or a failed run leaves its workers behind). $1: the name's prefix.
+scratch_dir() {
+    T=$(mktemp -d "/tmp/${1:-lhpc-bench}-XXXXXX")
+    PIDS=()
+    trap 'kill_pids; rm -rf "$T"' EXIT
+}
+kill_pids() {
+    local p
+    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+}
+
+# The configuration the bench workers share: the host engine, python $2,
+# drain_timeout $3 seconds. $1: the file.
+host_worker_config() {
+    cat >"$1" <<EOC
+[singularity]
+engine = "host"
+python = "$2"
+[deploy]
+drain_timeout = $3
+EOC
 }

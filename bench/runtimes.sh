@@ -29,26 +29,9 @@ for b in "$BENCH" "$LHPC"; do
     [[ -x $b ]] || { echo "runtimes.sh: $b missing: meson compile -C $BUILD" >&2; exit 2; }
 done
 
-"$SRC/tests/rig/rabbitmq.sh" ensure >&2
-ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)
-BASE_URL=$(grep '^RIG_AMQP_URL=' "$ENV_FILE" | cut -d= -f2-)
-
-T=$(mktemp -d /tmp/lhpc-bench-XXXXXX)
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    rm -rf "$T"
-}
-trap cleanup EXIT
-
-cat >"$T/wrk.toml" <<EOF
-[singularity]
-engine = "host"
-python = "$PY"
-[deploy]
-drain_timeout = 30
-EOF
+rig_broker "$SRC"
+scratch_dir lhpc-bench
+host_worker_config "$T/wrk.toml" "$PY" 30
 
 start_worker() { # url runtime latency-file -> pid in PIDS
     AMQP_URL=$1 PYTHONPATH=$SRC/tests/fake-lithops LITHOPS_HPC_LATENCY_LOG=$3 LITHOPS_HPC_STATE_DIR=$T/state \
@@ -63,7 +46,7 @@ start_worker() { # url runtime latency-file -> pid in PIDS
 
 acks() { cat "$@" 2>/dev/null | wc -l; }
 
-run() { # one|two -> tasks/s
+run() { # one|two -> tasks/s in RESULT
     local name url a b
     name=$(mktemp -u "rt-$1-XXXXXX")
     name=${name##*/}
@@ -87,17 +70,19 @@ run() { # one|two -> tasks/s
     local p
     for p in "${PIDS[@]}"; do kill -TERM "$p"; wait "$p" || true; done
     PIDS=()
-    cat "$a" "$b" | "$PY" -c '
+    RESULT=$(cat "$a" "$b" | "$PY" -c '
 import sys
 rows = [tuple(map(int, l.split())) for l in sys.stdin if l.strip()]
 span = (max(a for _, a in rows) - min(s for s, _ in rows)) / 1e9
-print(f"{len(rows) / span:.0f}")'
+print(f"{len(rows) / span:.0f}")')
 }
 
 one=() two=()
 for ((i = 0; i < REPEAT; i++)); do
-    one+=("$(run one)")
-    two+=("$(run two)")
+    run one
+    one+=("$RESULT")
+    run two
+    two+=("$RESULT")
 done
 m1=$(median "${one[@]}")
 m2=$(median "${two[@]}")

@@ -352,12 +352,12 @@ std::string Connection::declare_queue(const std::string& name, bool durable, boo
   return ok ? bytes_str(ok->queue) : name;
 }
 
-void Connection::declare_queue_async(const std::string& name, bool durable, bool auto_delete) {
+void Connection::declare_queue_async(const std::string& name, bool durable, bool auto_delete, bool reply) {
   amqp_queue_declare_t req{};
   req.queue = str_bytes(name);
   req.durable = durable ? 1 : 0;
   req.auto_delete = auto_delete ? 1 : 0;
-  req.nowait = 1;
+  req.nowait = reply ? 0 : 1;
   req.arguments = amqp_empty_table;
   int rc = amqp_send_method(m_s->conn, k_channel, AMQP_QUEUE_DECLARE_METHOD, &req);
   if (rc != AMQP_STATUS_OK) {
@@ -409,6 +409,7 @@ std::optional<Delivery> Connection::get(const std::string& queue) {
   }
   d.body = bytes_str(msg.body);
   d.body_size = d.body.size();
+  d.props = read_properties(&msg.properties);
   amqp_destroy_message(&msg);
   amqp_maybe_release_buffers(m_s->conn);
   return d;
@@ -606,6 +607,13 @@ void Connection::on_method(std::uint16_t channel, std::uint32_t id, void* decode
     case AMQP_BASIC_NACK_METHOD: {
       auto* n = static_cast<amqp_basic_nack_t*>(decoded);
       return on_confirm(n->delivery_tag, n->multiple != 0, false);
+    }
+    case AMQP_QUEUE_DECLARE_OK_METHOD: {
+      auto* q = static_cast<amqp_queue_declare_ok_t*>(decoded);
+      if (m_declared_in.size() < 4096) {  // bounded: a caller that never takes them
+        m_declared_in.push_back({bytes_str(q->queue), q->message_count, q->consumer_count});
+      }
+      return;
     }
     case AMQP_BASIC_CANCEL_METHOD: {
       auto* c = static_cast<amqp_basic_cancel_t*>(decoded);

@@ -80,6 +80,14 @@ struct BrokerClose {
 std::optional<std::int64_t> consumer_timeout_of(const BrokerClose& c);
 
 // The broker's answer to a published message (publisher confirms).
+// A queue.declare-ok that came back to an asynchronous declare sent with
+// `reply` (declare_queue_async).
+struct DeclaredQueue {
+  std::string queue;
+  std::uint32_t messages = 0;
+  std::uint32_t consumers = 0;
+};
+
 struct Confirm {
   std::uint64_t seq = 0;
   bool ack = false;  // false: basic.nack, the broker did not take it
@@ -179,7 +187,10 @@ public:
   // Bodies over this many bytes are not kept (Delivery::oversized); 0: no cap.
   void set_max_body(std::uint64_t bytes) { m_max_body = bytes; }
   // queue.declare with nowait: no reply; a refusal closes the channel later.
-  void declare_queue_async(const std::string& name, bool durable, bool auto_delete = false);
+  // With `reply`, not nowait: its declare-ok is queued by pump() for
+  // take_declared() (nothing waits for it).
+  void declare_queue_async(const std::string& name, bool durable, bool auto_delete = false, bool reply = false);
+  std::vector<DeclaredQueue> take_declared() { return std::exchange(m_declared_in, {}); }
   // exchange.declare (durable, no arguments) and queue.bind (routing key "")
   // with nowait, likewise: restoring a runtime queue the broker deleted.
   void declare_exchange_async(const std::string& name, const std::string& type);
@@ -219,6 +230,7 @@ private:
   std::uint64_t m_next_seq = 1;
   std::set<std::uint64_t> m_unconfirmed;
   std::vector<Confirm> m_confirms_in;
+  std::vector<DeclaredQueue> m_declared_in;
   std::deque<Delivery> m_deliveries;
   std::chrono::steady_clock::time_point m_last_recv;
 

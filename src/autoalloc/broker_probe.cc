@@ -58,12 +58,19 @@ std::optional<QueueProbe::Taken> BrokerProbe::take(Source from, const std::strin
         m_conn->declare_exchange(exchange, "fanout");
         m_conn->declare_queue(queue, false, true, true);
         m_conn->bind_queue(queue, exchange);
+        auto wanted = dispatch::wanted_exchange(m_queue);
+        m_conn->declare_exchange(wanted, "fanout");
+        m_conn->bind_queue(queue, wanted);
         m_copies = true;
       }
     }
     ++m_queries;
     auto d = m_conn->get(queue);
-    return d ? std::optional<Taken>(Taken{d->tag, std::move(d->body)}) : std::nullopt;
+    if (!d) {
+      return std::nullopt;
+    }
+    auto wanted = from == Source::copies ? amqp::table_string(d->props.headers, dispatch::k_hdr_wanted_runtime) : "";
+    return Taken{d->tag, std::move(d->body), std::move(wanted)};
   } catch (const Error& e) {
     m_conn.reset();
     spdlog::warn("cannot take a message from queue '{}': {}", queue, e.what());

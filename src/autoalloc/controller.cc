@@ -19,6 +19,7 @@
 #include <numeric>
 
 #include "config/config.h"
+#include "dispatch/runtime.h"
 #include "health/report.h"
 #include "util/error.h"
 #include "util/fd.h"
@@ -611,6 +612,11 @@ void Controller::take_from(QueueProbe::Source from, const std::string& runtime,
     if (!known) {
       known = known_runtimes();  // a directory listing: only once something was taken
     }
+    if (!t->wanted.empty()) {
+      learn(t->wanted, *known);  // a notice, never a request (only the copies queue gets them)
+      m_p.queue->settle(from, t->tag, true);
+      continue;
+    }
     auto h = handle(t->body, where, *known, m_s.sif_path, now());
     if (h.take == Take::leave) {
       m_p.queue->settle(from, t->tag, false);
@@ -630,6 +636,26 @@ void Controller::take_from(QueueProbe::Source from, const std::string& runtime,
   }
 }
 
+void Controller::learn(const std::string& runtime, const std::vector<KnownRuntime>& known) {
+  if (!dispatch::task_runtime(runtime) || m_wanted.contains(runtime)) {
+    return;
+  }
+  auto k = std::find_if(known.begin(), known.end(), [&](const KnownRuntime& r) { return r.runtime == runtime; });
+  if (k != known.end() && k->image) {
+    spdlog::info("runtime {}: a deployment moved tasks to its queue, which nothing consumes; its image {} exists",
+                 runtime, k->sif);
+    return;
+  }
+  if (m_wanted.size() >= k_max_wanted) {
+    m_wanted.erase(m_wanted.begin());  // bounded: a flood of names forgets some
+  }
+  m_wanted.insert(runtime);
+  spdlog::warn(
+      "runtime {}: a deployment moved tasks to its queue, which nothing consumes, and it has no image ({}): "
+      "its tasks fail",
+      runtime, k != known.end() ? k->sif : m_s.sif_path + "/" + runtime + ".sif");
+}
+
 void Controller::answer_missing_images() {
   const auto& rts = m_state.runtimes;
   if (!m_p.store || std::all_of(rts.begin(), rts.end(), [](const RuntimeDemand& r) { return r.runtime.empty(); })) {
@@ -641,6 +667,22 @@ void Controller::answer_missing_images() {
     if (!rt.runtime.empty() && !rt.image && rt.consumers == 0 && rt.ready.value_or(0) > 0) {
       take_from(QueueProbe::Source::runtime_queue, rt.runtime, known);
     }
+  }
+  // Learned runtimes: until an image appears (then a deployment will come).
+  for (auto it = m_wanted.begin(); it != m_wanted.end();) {
+    if (!known) {
+      known = known_runtimes();
+    }
+    const std::string rt = *it;
+    bool ours = std::any_of(rts.begin(), rts.end(), [&](const RuntimeDemand& r) { return r.runtime == rt; });
+    bool image =
+        std::any_of(known->begin(), known->end(), [&](const KnownRuntime& k) { return k.runtime == rt && k.image; });
+    if (ours || image) {
+      it = m_wanted.erase(it);
+      continue;
+    }
+    take_from(QueueProbe::Source::runtime_queue, rt, known);
+    ++it;
   }
   // The task queue's demand is the first runtime's: when it has no image
   // and, after this poll's decision, no job of ours and no consumer is

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -142,6 +143,8 @@ struct Ports {
 // Messages taken at most per poll from one queue for clients whose runtime
 // has no image: a flood waits for the next poll instead of stalling this one.
 inline constexpr int k_take_per_poll = 64;
+// Runtimes learned from deployments' notices kept at most.
+inline constexpr std::size_t k_max_wanted = 256;
 
 // While nothing is held nor pending, the queues (the task queue, and those
 // of the runtimes with an image) are looked at this often (seconds),
@@ -201,6 +204,10 @@ private:
   void answer_missing_images();
   std::vector<KnownRuntime> known_runtimes() const;
   void take_from(QueueProbe::Source from, const std::string& runtime, std::optional<std::vector<KnownRuntime>>& known);
+  // A deployment's notice (dispatch/runtime.h wanted_exchange): it moved a
+  // task to the queue of `runtime`, which nothing consumes. One without an
+  // image joins m_wanted: its queue is read like that of a runtime of ours.
+  void learn(const std::string& runtime, const std::vector<KnownRuntime>& known);
   // Writes what `h` tells the client; false when it could not (logged).
   bool tell(const Handling& h);
   void submit(const Action& a, double now, const RuntimeDemand& rt);
@@ -216,6 +223,8 @@ private:
   std::string m_dir;
   UniqueFd m_lock;
   double m_next_poll = 0;  // clock time the next poll is due
+  // Runtimes learned from deployments' notices that have no image (learn()).
+  std::set<std::string> m_wanted;
 };
 
 }  // namespace lhpc::autoalloc

@@ -110,13 +110,16 @@ public:
   enum class Source {
     task_queue,
     // The controller's own queue bound to the runtimes' fanout exchange: a
-    // copy of every get_metadata a deployment found not its own.
+    // copy of every get_metadata a deployment found not its own; and to
+    // dispatch::wanted_exchange: deployments' notices of runtime queues
+    // nothing consumes (Taken::wanted).
     copies,
     runtime_queue,  // <queue>.runtime.<runtime> (declared and bound first)
   };
   struct Taken {
     std::uint64_t tag = 0;
     std::string body;
+    std::string wanted;  // a notice (dispatch::k_hdr_wanted_runtime): the runtime it names
   };
   // nullopt: the queue is empty, or the broker could not be asked (logged).
   virtual std::optional<Taken> take(Source from, const std::string& runtime) = 0;

@@ -40,19 +40,22 @@ void check_client(const config::Config& c, const config::Config& loaded) {
   }
 }
 
-Exit check(const Globals& g, bool all) {
-  // config::load, not load_config: the warnings are printed below, not logged twice.
-  auto loaded = config::load(g.config_path);
-  auto c = config::expanded(loaded, config::current_placeholders());
-  // The image's GPU labels where no key set them, shown with that origin.
-  std::optional<Error> label_error;
-  if (c.singularity.engine != config::Engine::host && !c.singularity.runtime.empty()) {
-    try {
-      config::apply_image_labels(c, config::image_path(loaded));
-    } catch (const Error& e) {
-      label_error = e;
+// Each problem printed where it is found; the exit code is the first one's.
+class Problems {
+public:
+  void add(const Error& e) {
+    std::cout << "  " << e.what() << (e.hint().empty() ? "" : "\n  hint: " + e.hint()) << "\n";
+    if (m_rc == Exit::ok) {
+      m_rc = e.code();
     }
   }
+  Exit rc() const { return m_rc; }
+
+private:
+  Exit m_rc = Exit::ok;
+};
+
+void print_listing(const config::Config& c, bool all) {
   int at_default = 0;
   auto listing = config::to_toml(c, true, !all, &at_default);
   std::cout << "# config: " << (c.source.empty() ? "(no lithops-hpc TOML found)" : c.source) << "\n"
@@ -68,20 +71,10 @@ Exit check(const Globals& g, bool all) {
   for (const auto& w : c.warnings) {
     std::cout << "warning: " << w << "\n";
   }
-  check_client(c, loaded);
-  Exit rc = Exit::ok;  // the first problem's
-  auto fail = [&rc](const Error& e) {
-    std::cout << "  " << e.what() << (e.hint().empty() ? "" : "\n  hint: " + e.hint()) << "\n";
-    if (rc == Exit::ok) {
-      rc = e.code();
-    }
-  };
+}
 
-  if (label_error) {
-    std::cout << "image labels: ";
-    fail(*label_error);
-  }
-  // The runtime a deployment with this configuration serves (RUNTIMES in lithops-hpc(1)).
+// The runtime a deployment with this configuration serves (RUNTIMES in lithops-hpc(1)).
+void print_runtime(const config::Config& c, const config::Config& loaded) {
   if (c.singularity.runtime.empty()) {
     std::cout << "runtime: not set: a deployment serves the runtime its --sif image is named after "
                  "(the host engine without an image: every runtime)\n";
@@ -92,6 +85,9 @@ Exit check(const Globals& g, bool all) {
     std::cout << "runtime: " << c.singularity.runtime << ", image " << image << "\n";
     std::cout << "image: " << image << (path_exists(image) ? "" : " (not found on this machine)") << "\n";
   }
+}
+
+void check_engine(const config::Config& c, Problems& problems) {
   std::cout << "engine: " << config::k_engine_names.text(c.singularity.engine) << ": ";
   try {
     auto engine = container::make_engine(c.singularity.engine);
@@ -99,9 +95,11 @@ Exit check(const Globals& g, bool all) {
     std::cout << (path.empty() ? "no container (host engine)" : path) << "\n";
   } catch (const Error& e) {
     std::cout << "NOT FOUND\n";
-    fail(e);
+    problems.add(e);
   }
+}
 
+void check_broker(const config::Config& c, Problems& problems) {
   std::cout << "broker: ";
   try {
     config::require_amqp_url(c);
@@ -117,9 +115,34 @@ Exit check(const Globals& g, bool all) {
     }
   } catch (const Error& e) {
     std::cout << "FAILED\n";
-    fail(e);
+    problems.add(e);
   }
-  return rc;
+}
+
+Exit check(const Globals& g, bool all) {
+  // config::load, not load_config: the warnings are printed below, not logged twice.
+  auto loaded = config::load(g.config_path);
+  auto c = config::expanded(loaded, config::current_placeholders());
+  // The image's GPU labels where no key set them, shown with that origin.
+  std::optional<Error> label_error;
+  if (c.singularity.engine != config::Engine::host && !c.singularity.runtime.empty()) {
+    try {
+      config::apply_image_labels(c, config::image_path(loaded));
+    } catch (const Error& e) {
+      label_error = e;
+    }
+  }
+  print_listing(c, all);
+  check_client(c, loaded);
+  Problems problems;
+  if (label_error) {
+    std::cout << "image labels: ";
+    problems.add(*label_error);
+  }
+  print_runtime(c, loaded);
+  check_engine(c, problems);
+  check_broker(c, problems);
+  return problems.rc();
 }
 
 }  // namespace

@@ -153,6 +153,10 @@ void Dispatcher::on_delivery(amqp::Delivery d) {
     refuse(std::move(m), {}, reason);
     return;
   }
+  if (m.d.props.headers.contains(k_hdr_wanted_runtime)) {
+    move_away(std::move(m), Away{Away::To::drop, {}});  // a notice for the autoalloc controller: not a request
+    return;
+  }
   if (m.d.redelivered && m_record && m_record->killed_before(m.d.body)) {
     spdlog::error("message {} killed a dispatcher on this node before: moving it to {}", m.mid, dead_queue());
     refuse(std::move(m), m.d.body,
@@ -301,7 +305,7 @@ void Dispatcher::move_away(Message&& m, const Away& a) {
       dead_letter(ref, ref.d.body, "invalid runtime_name: " + a.target, ref.crashes);
       break;
     case Away::To::drop:
-      spdlog::debug("get_metadata {}: a copy for another runtime than {}, dropped", ref.mid, m_opts.runtime);
+      spdlog::debug("message {}: a copy for another runtime than {} or a notice, dropped", ref.mid, m_opts.runtime);
       maybe_complete(ref);
       return;
     case Away::To::queue:
@@ -328,6 +332,29 @@ void Dispatcher::move_away(Message&& m, const Away& a) {
     }
   }
   update_prefetch();  // held until confirmed: the reserve is free again
+}
+
+void Dispatcher::on_declared(const std::string& queue, std::uint32_t consumers, Clock::time_point now) {
+  const std::string prefix = runtime_queue(m_opts.queue, "");
+  if (consumers > 0 || !m_connected || !queue.starts_with(prefix)) {
+    return;
+  }
+  std::string runtime = queue.substr(prefix.size());
+  auto it = m_wanted.find(runtime);
+  if (it != m_wanted.end() && now - it->second < std::chrono::seconds(k_wanted_notice_interval_s)) {
+    return;
+  }
+  if (m_wanted.size() > 4096) {
+    m_wanted.clear();  // bounded: a long-lived worker forgets old ones
+  }
+  m_wanted[runtime] = now;
+  amqp::Properties p;
+  p.headers[k_hdr_wanted_runtime] = runtime;
+  auto exchange = wanted_exchange(m_opts.queue);
+  m_broker.declare_exchange(exchange);
+  m_broker.publish_to_exchange(exchange, {}, p);  // its confirm is nobody's: lost with no listener, as meant
+  spdlog::info("runtime {}: nothing consumes {}: told the autoalloc controller (if one listens)",
+               bounded_for_log(runtime, 200), bounded_for_log(queue, 300));
 }
 
 bool Dispatcher::fits_memory(Message& m, const Json& payload) {

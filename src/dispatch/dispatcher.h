@@ -63,7 +63,13 @@
 //   every runtime's queue, and acked likewise; a copy that arrives through
 //   that exchange and is not its own is acked and dropped. Messages that
 //   name no runtime run anywhere. A runtime name that is not a valid one
-//   (config::runtime_name_problem) is dead-lettered.
+//   (config::runtime_name_problem) is dead-lettered;
+// - when the declare-ok of a runtime queue a task was moved to says nobody
+//   consumes it, the rank publishes a notice (runtime.h wanted_exchange: an
+//   empty body, the runtime in a header) so that the autoalloc controller
+//   learns the runtime and answers its tasks when it has no image; once per
+//   runtime per k_wanted_notice_interval_s. A delivery carrying that header
+//   is acked and dropped, never parsed.
 #pragma once
 
 #include <chrono>
@@ -97,8 +103,11 @@ public:
   virtual std::uint64_t publish_to_exchange(const std::string& exchange, const std::string& body,
                                             const amqp::Properties& props) = 0;
   // Declare a durable queue (no arguments) without waiting for the reply:
-  // sent before a publish on the same channel, it takes effect first.
+  // sent before a publish on the same channel, it takes effect first. Its
+  // declare-ok comes back later, through Dispatcher::on_declared.
   virtual void declare_queue(const std::string& name) = 0;
+  // Declare a durable fanout exchange, without waiting for the reply.
+  virtual void declare_exchange(const std::string& name) = 0;
   virtual void set_prefetch(int count) = 0;
   // Start (true) or cancel (false) the slot consumer: the one at the higher
   // x-priority, beside the reserve consumer that always runs.
@@ -178,6 +187,9 @@ public:
   std::string on_consumer_timeout(std::chrono::milliseconds timeout);
   void on_delivery(amqp::Delivery d);
   void on_confirm(const amqp::Confirm& c);
+  // A queue.declare the dispatcher sent (BrokerPort::declare_queue) was
+  // answered: `consumers` consume `queue` now.
+  void on_declared(const std::string& queue, std::uint32_t consumers, Clock::time_point now = Clock::now());
   void on_handler_ready(int h);
   // One response line of handler h, parsed.
   void on_handler_reply(int h, const Json& reply);
@@ -310,8 +322,9 @@ private:
   std::deque<ControlRequest> m_control_out;           // sent to the control handler, in order
   std::map<std::uint64_t, PendingConfirm> m_pending;  // confirm seq -> what for
   Counters m_counters;
-  std::map<std::size_t, int> m_timeouts;  // body hash -> consumer timeouts while it ran here
-  std::set<std::size_t> m_returned;       // body hashes of tasks given back from the reserve
+  std::map<std::size_t, int> m_timeouts;              // body hash -> consumer timeouts while it ran here
+  std::set<std::size_t> m_returned;                   // body hashes of tasks given back from the reserve
+  std::map<std::string, Clock::time_point> m_wanted;  // runtime -> when this rank last told about it
 #if LHPC_TEST_HOOKS
   std::function<void(const amqp::Delivery&)> m_on_ack;
 #endif

@@ -131,6 +131,8 @@ std::string runtime_queue(const std::string& queue, const std::string& runtime) 
 
 std::string runtimes_exchange(const std::string& queue) { return queue + ".runtimes"; }
 
+std::string wanted_exchange(const std::string& queue) { return queue + ".runtimes.wanted"; }
+
 std::optional<std::string> task_runtime(std::string_view runtime_name) {
   std::string rt(runtime_name);
   if (config::runtime_name_problem(rt)) {

@@ -33,6 +33,18 @@ std::string runtime_queue(const std::string& queue, const std::string& runtime);
 // (the others drop their copy). "<queue>.runtimes".
 std::string runtimes_exchange(const std::string& queue);
 
+// The fanout exchange a deployment tells about a runtime queue it moved a
+// task to while nothing consumed that queue (a runtime no deployment serves;
+// perhaps one whose image is gone): "<queue>.runtimes.wanted". No runtime
+// queue is bound to it, so no deployment ever receives such a notice; the
+// autoalloc controller binds its own queue to it and answers the tasks of a
+// runtime with no image (autoalloc/no_image.h). A notice is an empty body
+// with the header k_hdr_wanted_runtime naming the runtime.
+std::string wanted_exchange(const std::string& queue);
+inline constexpr const char* k_hdr_wanted_runtime = "x-lithops-hpc-wanted-runtime";
+// A rank tells about one runtime at most this often.
+inline constexpr int k_wanted_notice_interval_s = 10;
+
 // How long a copy of a get_metadata waits in a runtime queue (the message's
 // expiration, ms): the client polls for its answer for about 10 minutes.
 inline constexpr const char* k_metadata_copy_ttl_ms = "600000";

@@ -179,6 +179,73 @@ std::string totals(const Summary& m) {
 
 }  // namespace
 
+namespace {
+
+Summary read_summary(Reader& rd, const json& sm) {
+  Summary m;
+  m.ranks = static_cast<int>(rd.count(sm, "ranks", "summary."));
+  m.ready = static_cast<int>(rd.count(sm, "ready", "summary."));
+  m.degraded = static_cast<int>(rd.count(sm, "degraded", "summary."));
+  m.unresponsive = static_cast<int>(rd.count(sm, "unresponsive", "summary."));
+  m.slots_busy = static_cast<long long>(rd.count(sm, "slots_busy", "summary."));
+  m.slots_total = static_cast<long long>(rd.count(sm, "slots_total", "summary."));
+  m.done = rd.count(sm, "done", "summary.");
+  m.failed = rd.count(sm, "failed", "summary.");
+  m.requeued = rd.count(sm, "requeued", "summary.");
+  m.dead_lettered = rd.count(sm, "dead_lettered", "summary.");
+  return m;
+}
+
+// The GPU facts of one rank: each absent in a file written by an older
+// lithops-hpc.
+void read_rank_gpus(Reader& rd, const json& j, const std::string& w, RankView& r) {
+  if (j.contains("gpus")) {
+    r.gpus = read_gpus(rd, rd.at(j, "gpus", w), w + "gpus");
+  }
+  if (j.contains("gpu_memory")) {
+    r.gpu_memory = read_gpu_memory(rd, rd.at(j, "gpu_memory", w), w + "gpu_memory");
+  }
+  if (j.contains("gpus_out")) {
+    r.gpus_out = read_slots(rd, rd.at(j, "gpus_out", w), w + "gpus_out");
+    r.gpus_out_why = rd.str(j, "gpus_out_why", w);
+  }
+}
+
+// ranks[i]; `w` is "ranks[i]." for the messages.
+RankView read_rank(Reader& rd, const json& j, const std::string& w) {
+  RankView r;
+  r.rank = static_cast<int>(rd.count(j, "rank", w));
+  r.node = rd.str(j, "node", w);
+  r.pid = static_cast<long>(rd.count(j, "pid", w));
+  r.state = rd.state(j, "state", w, k_state_names);
+  r.slots_busy = static_cast<int>(rd.count(j, "slots_busy", w));
+  r.slots_total = static_cast<int>(rd.count(j, "slots_total", w));
+  r.done = rd.count(j, "done", w);
+  r.failed = rd.count(j, "failed", w);
+  r.requeued = rd.count(j, "requeued", w);
+  r.dead_lettered = rd.count(j, "dead_lettered", w);
+  r.broker = rd.boolean(j, "broker", w);
+  // Newer facts: absent in a file written by an older lithops-hpc.
+  r.consuming = j.contains("consuming") ? rd.boolean(j, "consuming", w) : r.broker;
+  r.blocked = j.contains("blocked") && rd.boolean(j, "blocked", w);
+  r.duplicates = j.contains("duplicates") ? rd.count(j, "duplicates", w) : 0;
+  r.instance = rd.boolean(j, "instance", w);
+  r.restarts = static_cast<unsigned>(rd.count(j, "restarts", w));
+  r.rss_kb = rd.count(j, "rss_kb", w);
+  r.rss_tree_kb = rd.count(j, "rss_tree_kb", w);
+  const auto& ls = rd.at(j, "last_seen", w);
+  if (ls.is_number()) {
+    r.last_seen = json_real(ls);
+  } else if (!ls.is_null()) {
+    rd.fail(w + "last_seen", "is neither a number nor null");
+  }
+  r.last_error = rd.str(j, "last_error", w);
+  read_rank_gpus(rd, j, w, r);
+  return r;
+}
+
+}  // namespace
+
 StatusView parse_status(const std::string& text, const std::string& source) {
   json doc = json::parse(text, nullptr, false);
   if (doc.is_discarded() || !doc.is_object()) {
@@ -205,63 +272,13 @@ StatusView parse_status(const std::string& text, const std::string& source) {
   s.rank0_host = rd.str(r0, "host", "rank0.");
   s.rank0_pid = static_cast<long>(rd.count(r0, "pid", "rank0."));
   s.state = rd.state(doc, "state", "", k_deployment_state_names);
-  const auto& sm = rd.at(doc, "summary", "");
-  auto& m = s.summary;
-  m.ranks = static_cast<int>(rd.count(sm, "ranks", "summary."));
-  m.ready = static_cast<int>(rd.count(sm, "ready", "summary."));
-  m.degraded = static_cast<int>(rd.count(sm, "degraded", "summary."));
-  m.unresponsive = static_cast<int>(rd.count(sm, "unresponsive", "summary."));
-  m.slots_busy = static_cast<long long>(rd.count(sm, "slots_busy", "summary."));
-  m.slots_total = static_cast<long long>(rd.count(sm, "slots_total", "summary."));
-  m.done = rd.count(sm, "done", "summary.");
-  m.failed = rd.count(sm, "failed", "summary.");
-  m.requeued = rd.count(sm, "requeued", "summary.");
-  m.dead_lettered = rd.count(sm, "dead_lettered", "summary.");
+  s.summary = read_summary(rd, rd.at(doc, "summary", ""));
   const auto& ranks = rd.at(doc, "ranks", "");
   if (!ranks.is_array()) {
     rd.fail("ranks", "is not an array");
   }
   for (std::size_t i = 0; i < ranks.size(); ++i) {
-    const auto& j = ranks[i];
-    auto w = fmt::format("ranks[{}].", i);
-    RankView r;
-    r.rank = static_cast<int>(rd.count(j, "rank", w));
-    r.node = rd.str(j, "node", w);
-    r.pid = static_cast<long>(rd.count(j, "pid", w));
-    r.state = rd.state(j, "state", w, k_state_names);
-    r.slots_busy = static_cast<int>(rd.count(j, "slots_busy", w));
-    r.slots_total = static_cast<int>(rd.count(j, "slots_total", w));
-    r.done = rd.count(j, "done", w);
-    r.failed = rd.count(j, "failed", w);
-    r.requeued = rd.count(j, "requeued", w);
-    r.dead_lettered = rd.count(j, "dead_lettered", w);
-    r.broker = rd.boolean(j, "broker", w);
-    // Newer facts: absent in a file written by an older lithops-hpc.
-    r.consuming = j.contains("consuming") ? rd.boolean(j, "consuming", w) : r.broker;
-    r.blocked = j.contains("blocked") && rd.boolean(j, "blocked", w);
-    r.duplicates = j.contains("duplicates") ? rd.count(j, "duplicates", w) : 0;
-    r.instance = rd.boolean(j, "instance", w);
-    r.restarts = static_cast<unsigned>(rd.count(j, "restarts", w));
-    r.rss_kb = rd.count(j, "rss_kb", w);
-    r.rss_tree_kb = rd.count(j, "rss_tree_kb", w);
-    const auto& ls = rd.at(j, "last_seen", w);
-    if (ls.is_number()) {
-      r.last_seen = json_real(ls);
-    } else if (!ls.is_null()) {
-      rd.fail(w + "last_seen", "is neither a number nor null");
-    }
-    r.last_error = rd.str(j, "last_error", w);
-    if (j.contains("gpus")) {  // absent in a file written by an older lithops-hpc
-      r.gpus = read_gpus(rd, rd.at(j, "gpus", w), w + "gpus");
-    }
-    if (j.contains("gpu_memory")) {
-      r.gpu_memory = read_gpu_memory(rd, rd.at(j, "gpu_memory", w), w + "gpu_memory");
-    }
-    if (j.contains("gpus_out")) {
-      r.gpus_out = read_slots(rd, rd.at(j, "gpus_out", w), w + "gpus_out");
-      r.gpus_out_why = rd.str(j, "gpus_out_why", w);
-    }
-    s.ranks.push_back(std::move(r));
+    s.ranks.push_back(read_rank(rd, ranks[i], fmt::format("ranks[{}].", i)));
   }
   return s;
 }

@@ -24,6 +24,8 @@ public:
   void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) override {
     m_c->declare_queue_async(queue, durable, auto_delete);
   }
+  void declare_queue_counted(const std::string& queue) override { m_c->declare_queue_async(queue, true, false, true); }
+  std::vector<amqp::DeclaredQueue> take_declared() override { return m_c->take_declared(); }
   void declare_exchange_async(const std::string& exchange, const std::string& type) override {
     m_c->declare_exchange_async(exchange, type);
   }

@@ -40,6 +40,10 @@ public:
   // queue.declare without waiting for the reply (a refusal closes the channel).
   // A publish after it on channel 1 reaches the queue.
   virtual void declare_queue_async(const std::string& queue, bool durable, bool auto_delete) = 0;
+  // The same, durable, not nowait: its declare-ok (the queue's consumer
+  // count) is returned by a later take_declared().
+  virtual void declare_queue_counted(const std::string& queue) { declare_queue_async(queue, true, false); }
+  virtual std::vector<amqp::DeclaredQueue> take_declared() { return {}; }
   // exchange.declare (durable) and queue.bind (routing key ""), nowait.
   virtual void declare_exchange_async(const std::string& exchange, const std::string& type) = 0;
   virtual void bind_queue_async(const std::string& queue, const std::string& exchange) = 0;

@@ -201,7 +201,10 @@ std::uint64_t DispatchMode::publish_to_exchange(const std::string& exchange, con
   return guarded([&] { return m_conn->publish_to_exchange(exchange, body, p); });
 }
 void DispatchMode::declare_queue(const std::string& name) {
-  guarded([&] { m_conn->declare_queue_async(name, true, false); });
+  guarded([&] { m_conn->declare_queue_counted(name); });
+}
+void DispatchMode::declare_exchange(const std::string& name) {
+  guarded([&] { m_conn->declare_exchange_async(name, "fanout"); });
 }
 void DispatchMode::set_prefetch(int n) {
   guarded([&] { m_conn->qos_async(static_cast<std::uint16_t>(n)); });
@@ -407,6 +410,11 @@ void DispatchMode::pump(bool readable) {
     if (m_conn) {
       for (const auto& c : m_conn->take_confirms()) {
         m_dispatcher->on_confirm(c);
+      }
+    }
+    if (m_conn) {
+      for (const auto& q : m_conn->take_declared()) {
+        m_dispatcher->on_declared(q.queue, q.consumers);
       }
     }
     if (m_conn) {

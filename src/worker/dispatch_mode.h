@@ -76,6 +76,7 @@ private:
   std::uint64_t publish_to_exchange(const std::string& exchange, const std::string& body,
                                     const amqp::Properties& p) override;
   void declare_queue(const std::string& name) override;
+  void declare_exchange(const std::string& name) override;
   void set_prefetch(int n) override;
   void set_slot_consumer(bool active) override;
   void stop_consuming() override;

@@ -41,6 +41,7 @@ import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lhpc_test as lt  # noqa: E402
+from worker_util import Worker  # noqa: E402
 
 ROOT = Path(os.environ.get("LHPC_SOURCE_ROOT") or Path(__file__).resolve().parents[2])
 BUILD = Path(os.environ.get("LHPC_BUILD_ROOT") or ROOT / "build")
@@ -189,6 +190,30 @@ class NoImage(unittest.TestCase):
         meta = lt.wait_until(lambda: self.client_reads(name), 30, "the error for the copy")
         self.assertNotIn("preinstalls", meta)
         self.assertIn(f"(get_metadata '{name}') has no image: looked for {self.sif_path}/<runtime>.sif", meta["error"])
+
+    def test_a_task_a_deployment_moved_for_a_runtime_the_controller_never_heard_of_fails(self):
+        """A deployment of rt-a moves a task of rt-gone (its image deleted since the client cached
+        its metadata; never in sif_path) to task_queue.runtime.rt-gone, which nothing consumes: it
+        tells the controller (a notice to task_queue.runtimes.wanted), which fails the calls."""
+        w = Worker(self.url, slots=1, args=["--runtime", "rt-a"])
+        try:
+            w.wait_consuming()
+            config = {"lithops": {"backend": "singularity", "storage": "redis"},
+                      "redis": self.storage_config()["redis"]}
+            task = dict(lt.make_send_task(2, "E02-M000"), runtime_name="rt-gone", config=config)
+            lt.publish_lithops(self.url, "send_task", task)
+            status_key = "storage/lithops.jobs/E02-M000/00001/status.json"
+            raw = lt.wait_until(lambda: self.redis.get(status_key), 30,
+                                "the calls' failed status:\n" + self._log() + "\n--- worker:\n" + w.log()[-4000:])
+            status = json.loads(raw.decode("ascii"))
+            self.assertEqual((status["type"], status["exception"], status["call_id"]), ("__end__", True, "00001"))
+            _, exc, _ = pickle.loads(eval(status["exc_info"]))
+            self.assertIn(f"runtime 'rt-gone' has no image: looked for {self.sif_path}/rt-gone.sif", str(exc))
+            lt.wait_until(lambda: lt.queue_depth(self.url, "task_queue.runtime.rt-gone") == 0, 10,
+                          "the task to be taken off rt-gone's queue")
+            self.assertIn("nothing consumes task_queue.runtime.rt-gone", w.log())
+        finally:
+            w.cleanup()
 
     @unittest.skipUnless(os.environ.get("LHPC_LITHOPS_SRC"),
                          "set LHPC_LITHOPS_SRC to a Lithops checkout to run the real client")

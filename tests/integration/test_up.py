@@ -136,6 +136,23 @@ class Up(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         return r
 
+    def local_setup(self, drain_timeout, idle_timeout):
+        """An image, a records directory and a lithops-hpc config (host engine, 2 slots, fake-lithops) of
+        the user's, for up --local: (sif, records, environment for run_as)."""
+        sif = os.path.join(self.home, "rt.sif")
+        subprocess.run([os.path.join(BUILD_ROOT, "tests", "tools", "make-sif"), sif, "1M"], check=True)
+        records = os.path.join(self.home, "records")
+        os.mkdir(records)
+        conf = os.path.join(self.home, "lithops-hpc.toml")
+        with open(conf, "w") as f:
+            f.write('[singularity]\nengine = "host"\nworker_processes = 2\npython = "/usr/bin/python3"\n'
+                    f'[deploy]\ndrain_timeout = {drain_timeout}\n[health]\ninterval = 1\n'
+                    f'[autoalloc]\nidle_timeout = {idle_timeout}\npoll = 3\n')
+        for p in (sif, records, conf):
+            os.chown(p, UID, UID)
+        return sif, records, {"LITHOPS_HPC_CONFIG": conf,
+                              "PYTHONPATH": os.path.join(SOURCE_ROOT, "tests", "fake-lithops")}
+
     def written(self):
         with open(self.config) as f:
             return yaml.safe_load(f)
@@ -257,18 +274,7 @@ class Up(unittest.TestCase):
     def test_local_serverless_loop_tasks_with_no_worker_bring_a_deployment_that_idles_out_and_down_leaves_nothing(self):
         """up --local: no Slurm; tasks published with nothing serving start a deployment (mpirun on this
         machine); it serves them, idles out, and down leaves no process."""
-        sif = os.path.join(self.home, "rt.sif")
-        subprocess.run([os.path.join(BUILD_ROOT, "tests", "tools", "make-sif"), sif, "1M"], check=True)
-        records = os.path.join(self.home, "records")
-        os.mkdir(records)
-        conf = os.path.join(self.home, "lithops-hpc.toml")
-        with open(conf, "w") as f:
-            f.write('[singularity]\nengine = "host"\nworker_processes = 2\npython = "/usr/bin/python3"\n'
-                    '[deploy]\ndrain_timeout = 3\n[health]\ninterval = 1\n'
-                    '[autoalloc]\nidle_timeout = 2\npoll = 3\n')
-        for p in (sif, records, conf):
-            os.chown(p, UID, UID)
-        env = {"LITHOPS_HPC_CONFIG": conf, "PYTHONPATH": os.path.join(SOURCE_ROOT, "tests", "fake-lithops")}
+        sif, records, env = self.local_setup(drain_timeout=3, idle_timeout=2)
         r = self.run_as("up", "--local", "--sif", sif, "--max-nodes", "1", env=env)
         self.assertRegex(r.stdout, r"controller +started +pid \d+")
         state = os.path.join(self.home, ".lithops-hpc", "autoalloc", "state.json")
@@ -314,19 +320,8 @@ class Up(unittest.TestCase):
         """down with calls in flight and a backlog: the deployment drains (the calls in flight end
         and are acked), what had not started is back in the queue (down --keep-data keeps it for
         the next up), and nothing of the user's runs after down."""
-        sif = os.path.join(self.home, "rt.sif")
-        subprocess.run([os.path.join(BUILD_ROOT, "tests", "tools", "make-sif"), sif, "1M"], check=True)
-        records = os.path.join(self.home, "records")
-        os.mkdir(records)
+        sif, records, env = self.local_setup(drain_timeout=60, idle_timeout=120)
         marker = os.path.join(self.home, "release")
-        conf = os.path.join(self.home, "lithops-hpc.toml")
-        with open(conf, "w") as f:
-            f.write('[singularity]\nengine = "host"\nworker_processes = 2\npython = "/usr/bin/python3"\n'
-                    '[deploy]\ndrain_timeout = 60\n[health]\ninterval = 1\n'
-                    '[autoalloc]\nidle_timeout = 120\npoll = 3\n')
-        for p in (sif, records, conf):
-            os.chown(p, UID, UID)
-        env = {"LITHOPS_HPC_CONFIG": conf, "PYTHONPATH": os.path.join(SOURCE_ROOT, "tests", "fake-lithops")}
         self.run_as("up", "--local", "--sif", sif, "--max-nodes", "1", env=env)
         url = self.written()["rabbitmq"]["amqp_url"]
         test = {"lhpc_test": {"record_dir": records, "wait_for": marker}}

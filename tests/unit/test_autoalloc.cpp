@@ -595,6 +595,9 @@ struct FakeQueue final : QueueProbe {
     }
     out[++tags] = {s, &q, q.front()};
     q.pop_front();
+    if (out[tags].body.starts_with("wanted:")) {  // a deployment's notice: the header, no body
+      return Taken{tags, "", out[tags].body.substr(7)};
+    }
     return Taken{tags, out[tags].body};
   }
   void settle(Source s, std::uint64_t tag, bool done) override {
@@ -1347,6 +1350,42 @@ TEST_CASE("controller: a copy of a get_metadata is answered when its runtime has
   l.w.copy_msgs = {metadata_request("rt-b")};
   l.poll();
   CHECK(l.w.copy_msgs.empty());
+}
+
+TEST_CASE("controller: a runtime learned from a deployment's notice has its tasks failed while it has no image") {
+  Loop l(limits(), {{"rt-a", "/img/rt-a.sif"}});
+  l.w.images = {"/img/rt-a.sif"};
+  l.w.sif_dir = {"rt-a"};
+  l.w.runtime_msgs["rt-z"] = {task_for("rt-z", 2)};
+  l.w.runtime_msgs["rt-a"] = {task_for("rt-a")};
+  l.poll();  // no notice yet: the controller cannot know rt-z's queue
+  CHECK(l.w.runtime_msgs["rt-z"].size() == 1);
+  CHECK(l.w.puts.empty());
+  l.w.copy_msgs = {"wanted:rt-a", "wanted:rt-z", "wanted:not a runtime"};
+  l.poll();
+  CHECK(l.w.copy_msgs.empty());
+  CHECK(l.w.acked.size() >= 3);
+  CHECK(l.w.runtime_msgs["rt-z"].empty());
+  CHECK(l.w.runtime_msgs["rt-a"].size() == 1);  // it has an image: its deployments' to take
+  REQUIRE(l.w.puts.size() == 2);
+  CHECK(l.w.puts[0].key == "lithops.jobs/A000-M001/00000/status.json");
+  CHECK(l.w.puts[1].key == "lithops.jobs/A000-M001/00001/status.json");
+  auto st = nlohmann::json::parse(l.w.puts[0].value);
+  CHECK(st.at("exception") == true);
+  CHECK(st.at("exc_info").get<std::string>().find("rt-z\\' has no image: looked for /img/rt-z.sif") !=
+        std::string::npos);
+  // Remembered: what comes later for it fails too, without another notice.
+  l.w.runtime_msgs["rt-z"] = {task_for("rt-z")};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-z"].empty());
+  CHECK(l.w.puts.size() == 3);
+  // Its image appears: forgotten, its tasks wait for a deployment.
+  l.w.images.insert("/img/rt-z.sif");
+  l.w.sif_dir.push_back("rt-z");
+  l.w.runtime_msgs["rt-z"] = {task_for("rt-z")};
+  l.poll();
+  CHECK(l.w.runtime_msgs["rt-z"].size() == 1);
+  CHECK(l.w.puts.size() == 3);
 }
 
 TEST_CASE("controller: at zero with no image, a get_metadata is answered within the short look, even with --poll 60") {

@@ -273,6 +273,7 @@ struct FakeBroker : BrokerPort {
     return seq;
   }
   void declare_queue(const std::string& name) override { events.push_back("declare " + name); }
+  void declare_exchange(const std::string& name) override { events.push_back("declare exchange " + name); }
   void set_prefetch(int n) override { prefetches.push_back(n); }
   void set_slot_consumer(bool on) override { slot_consumer.push_back(on); }
   void stop_consuming() override { cancelled = true; }
@@ -1359,4 +1360,56 @@ TEST_CASE("runtime_memory caps the slots in use at the rank's memory divided by 
   r.d.on_confirm({dead.seq, true});
   CHECK(r.broker.acked.back() == tag);
   CHECK(r.d.slot_cap() == 2);
+}
+
+TEST_CASE(
+    "a runtime queue nobody consumes is told to the autoalloc controller, once per interval; never for a consumed "
+    "one") {
+  Rig r(1, nullptr, "rt-a");
+  auto t0 = Dispatcher::Clock::now();
+  r.deliver(encode(Action::send_task, job_of("rt-b", 1, "B")));
+  // Consumed (a deployment of rt-b): nothing more than the move, no round trip waited for.
+  r.d.on_declared("task_queue.runtime.rt-b", 1, t0);
+  CHECK(r.broker.published.size() == 1);
+  // Not consumed: one notice, an empty body naming the runtime, to its own exchange.
+  r.d.on_declared("task_queue.runtime.rt-b", 0, t0);
+  REQUIRE(r.broker.published.size() == 2);
+  const auto& n = r.broker.published[1];
+  CHECK(n.routing_key == "exchange:task_queue.runtimes.wanted");
+  CHECK(n.body.empty());
+  CHECK(amqp::table_string(n.props.headers, k_hdr_wanted_runtime) == "rt-b");
+  CHECK(r.broker.events[r.broker.events.size() - 2] == "declare exchange task_queue.runtimes.wanted");
+  // Rate-limited per runtime; another runtime is told at once.
+  r.d.on_declared("task_queue.runtime.rt-b", 0, t0 + std::chrono::seconds(k_wanted_notice_interval_s - 1));
+  CHECK(r.broker.published.size() == 2);
+  r.d.on_declared("task_queue.runtime.rt-c", 0, t0 + std::chrono::seconds(1));
+  CHECK(r.broker.published.size() == 3);
+  r.d.on_declared("task_queue.runtime.rt-b", 0, t0 + std::chrono::seconds(k_wanted_notice_interval_s));
+  CHECK(r.broker.published.size() == 4);
+  // Other queues (the task queue, the dead-letter queue): never.
+  r.d.on_declared("task_queue.dead", 0, t0 + std::chrono::hours(1));
+  r.d.on_declared("task_queue", 0, t0 + std::chrono::hours(1));
+  CHECK(r.broker.published.size() == 4);
+}
+
+TEST_CASE("a notice that reaches a deployment is acked and dropped, never parsed nor run") {
+  Rig r(1, nullptr, "rt-a");
+  amqp::Properties p;
+  p.headers[k_hdr_wanted_runtime] = std::string("rt-a");
+  auto tag = r.deliver("", p);
+  CHECK(r.handlers.sent.empty());
+  CHECK(r.broker.published.empty());  // not dead-lettered as an empty body would be
+  CHECK(r.broker.acked == std::vector<std::uint64_t>{tag});
+  // Even with a body that is a valid get_metadata of its own runtime.
+  auto tag2 =
+      deliver_from(r, encode(Action::get_metadata, metadata_request("rt-a-128-3.7.0")), "task_queue.runtimes", "");
+  CHECK(r.handlers.sent.size() == 1);  // (without the header: answered)
+  (void)tag2;
+  amqp::Delivery del;
+  del.tag = 99;
+  del.body = encode(Action::get_metadata, metadata_request("rt-a-128-3.7.0"));
+  del.props = p;
+  r.d.on_delivery(std::move(del));
+  CHECK(r.handlers.sent.size() == 1);
+  CHECK(r.broker.acked.back() == 99);
 }
