@@ -31,21 +31,9 @@ for b in "$BENCH" "$LHPC" ${LHPC_BASELINE:+"$LHPC_BASELINE"}; do
 done
 
 rig_broker "$SRC"
-BEAM_PID=$(beam_pid "$RIG_RABBITMQ_DIR")
-TICK=$(getconf CLK_TCK)
-broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
+broker_watch
 
 scratch_dir lhpc-bench-busy
-
-# CPU % of one core the broker used over WINDOW seconds from now.
-broker_pct() {
-    local t0 s0 t1
-    t0=$(broker_ticks)
-    s0=$(now)
-    sleep "$WINDOW"
-    t1=$(broker_ticks)
-    awk -v d=$((t1 - t0)) -v hz="$TICK" -v s="$(seconds_between "$s0" "$(now)")" 'BEGIN { printf "%.2f", d / hz / s * 100 }'
-}
 
 run() { # binary label -> one table row
     local bin=$1 label=$2 url cfg=$T/wrk.toml i
@@ -66,7 +54,7 @@ run() { # binary label -> one table row
         done
     done
     local idle busy n
-    idle=$(broker_pct)
+    idle=$(broker_pct "$WINDOW")
     n=$((RANKS * 3))
     AMQP_URL=$url "$BENCH" publish --count "$n" --sleep $((WINDOW * 3)) 2>/dev/null
     # Every slot busy: each rank cancelled its slot consumer (the handlers'
@@ -78,7 +66,7 @@ run() { # binary label -> one table row
     done
     local rot0 rot1
     rot0=$(cat "$T/$label-"*.log | grep -c "rotated to the tail" || true)
-    busy=$(broker_pct)
+    busy=$(broker_pct "$WINDOW")
     rot1=$(cat "$T/$label-"*.log | grep -c "rotated to the tail" || true)
     # Tasks given back from a reserve (reserve_patience), from publish to the window's end.
     local back

@@ -45,9 +45,7 @@ grep -qx '#define LHPC_TEST_HOOKS 1' "$BUILD/lhpc_build_config.h" 2>/dev/null ||
     { echo "dispatch.sh: $BUILD is not a test build (meson configure -Dtest_hooks=true $BUILD)" >&2; exit 2; }
 
 rig_broker "$SRC"
-BEAM_PID=$(beam_pid "$RIG_RABBITMQ_DIR")
-TICK=$(getconf CLK_TCK)
-broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
+broker_watch
 # ticks before, message count -> broker µs per message since then
 broker_us() { echo $((($(broker_ticks) - $1) * 1000000 / TICK / $2)); }
 

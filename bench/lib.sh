@@ -66,3 +66,32 @@ python = "$2"
 drain_timeout = $3
 EOC
 }
+
+# The rig broker's CPU, after rig_broker: broker_watch sets BEAM_PID and
+# TICK; broker_ticks prints the user+system clock ticks it used so far;
+# broker_pct N the % of one core it used over the next N seconds.
+broker_watch() {
+    BEAM_PID=$(beam_pid "$RIG_RABBITMQ_DIR")
+    TICK=$(getconf CLK_TCK)
+}
+broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
+broker_pct() {
+    local t0 s0 t1
+    t0=$(broker_ticks)
+    s0=$(now)
+    sleep "$1"
+    t1=$(broker_ticks)
+    awk -v d=$((t1 - t0)) -v hz="$TICK" -v s="$(seconds_between "$s0" "$(now)")" 'BEGIN { printf "%.2f", d / hz / s * 100 }'
+}
+
+# Slurm jobs on the rig: slurm_job_running JOB (queued or running);
+# ready_ranks BIN JOB prints how many of the job's ranks are "ready" in
+# `BIN status JOB --json` (0 before the status file exists).
+slurm_job_running() { [[ $(squeue -h -j "$1" -o %T 2>/dev/null) == @(PENDING|RUNNING|CONFIGURING|COMPLETING) ]]; }
+ready_ranks() {
+    "$1" status "$2" --json 2>/dev/null | /usr/bin/python3 -c '
+import json, sys
+try: d = json.load(sys.stdin)
+except ValueError: print(0); sys.exit()
+print(sum(r["state"] == "ready" for r in d["ranks"]))' || echo 0
+}

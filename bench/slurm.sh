@@ -44,12 +44,7 @@ export LITHOPS_HPC_STATE_DIR=$WORK/state LITHOPS_HPC_BIN=$BIN PYTHONPATH=$HERE/t
 
 IMAGE=$WORK/bench.sif
 t0=$(now)
-"$PY" - "$IMAGE" "$SIZE_MIB" <<EOF
-import sys
-sys.path.insert(0, "$HERE/tests/integration")
-from test_slurm_e2e import write_sif
-write_sif(sys.argv[1], int(sys.argv[2]) << 20)
-EOF
+"$BUILD/tests/tools/make-sif" "$IMAGE" "${SIZE_MIB}M"
 echo "image: $SIZE_MIB MiB written in $(seconds_between "$t0" "$(now)") s"
 
 URL=$("$PY" -c "
@@ -73,16 +68,6 @@ EOF
 export LITHOPS_HPC_CONFIG=$CONF
 
 
-ready_count() { # job -> ranks ready
-    "$BIN" status "$1" --json 2>/dev/null | "$PY" -c '
-import json, sys
-try: d = json.load(sys.stdin)
-except ValueError: print(0); sys.exit()
-print(sum(r["state"] == "ready" for r in d["ranks"]))' || echo 0
-}
-
-job_running() { [[ $(squeue -h -j "$1" -o %T 2>/dev/null) == @(PENDING|RUNNING|CONFIGURING|COMPLETING) ]]; }
-
 # One deployment: prints "<transfer> <stage s> <launch-to-ready s> <start-to-ready s>".
 one() {
     local how=$1 out jid t_sub t_ready start
@@ -91,14 +76,14 @@ one() {
     jid=$(sbatch --parsable -N3 --output="$out" --chdir="$WORK" "$HERE/slurm/lithops-deploy.sh" "$IMAGE" \
         --transfer "$how")
     out=${out/\%j/$jid}
-    while [[ $(ready_count "$jid") != 3 ]]; do
-        job_running "$jid" || { echo "job $jid ended before ready:" >&2; cat "$out" >&2; exit 1; }
+    while [[ $(ready_ranks "$BIN" "$jid") != 3 ]]; do
+        slurm_job_running "$jid" || { echo "job $jid ended before ready:" >&2; cat "$out" >&2; exit 1; }
         sleep 0.1
     done
     t_ready=$(now)
     start=$(date -d "$(scontrol -o show job "$jid" | sed -n 's/.*StartTime=\([^ ]*\).*/\1/p')" +%s)
     "$BIN" stop "$jid" --timeout 60 >/dev/null
-    while job_running "$jid"; do sleep 0.2; done
+    while slurm_job_running "$jid"; do sleep 0.2; done
     local line
     # "staged rt.sif (1.0 GiB) on 3 node(s) in 7.13 s: copied to 3 at ..."
     line=$(grep -o 'staged [^ ]* ([^)]*) on [0-9]* node(s) in [0-9.]* s: copied to [0-9]*' "$out" | head -1)

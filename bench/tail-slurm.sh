@@ -46,9 +46,8 @@ done
 [[ -f $LITHOPS_SRC/lithops/__init__.py ]] || { echo "tail-slurm.sh: no lithops package in $LITHOPS_SRC" >&2; exit 2; }
 
 rig_up_with_slurm "$SRC" >&2
-RDIR=$(grep '^RIG_RABBITMQ_DIR=' "$("$SRC/tests/rig/rabbitmq.sh" env)" | cut -d= -f2-)
-BEAM_PID=$(beam_pid "$RDIR")
-TICK=$(getconf CLK_TCK)
+rig_broker "$SRC"
+broker_watch
 
 WORK=$(mktemp -d "$BUILD/bench-tail-slurm.XXXXXX") # outside /tmp: every node sees it
 JOBS=() REDIS_PID=
@@ -108,15 +107,6 @@ print(json.dumps({"t0": t0, "wall": t1 - t0, "map": t_map - t0, "seen": seen - t
                   "calls": [[i] + list(r) for i, r in enumerate(res)]}))
 EOF
 
-ready_count() { # binary job -> ranks ready
-    "$1" status "$2" --json 2>/dev/null | "$PY" -c '
-import json, sys
-try: d = json.load(sys.stdin)
-except ValueError: print(0); sys.exit()
-print(sum(r["state"] == "ready" for r in d["ranks"]))' || echo 0
-}
-job_running() { [[ $(squeue -h -j "$1" -o %T 2>/dev/null) == @(PENDING|RUNNING|CONFIGURING|COMPLETING) ]]; }
-
 # A deployment of BIN on 3 nodes, ready: sets JID, OUT, URL and LITHOPS_CONFIG_FILE.
 deploy() { # binary name
     local d=$WORK/$2
@@ -140,8 +130,8 @@ import lhpc_test as lt; print(lt.fresh_vhost('$2'))")
     JOBS+=("$JID")
     OUT=${OUT/\%j/$JID}
     local deadline=$((SECONDS + 120))
-    until [[ $(ready_count "$1" "$JID") == 3 ]]; do
-        job_running "$JID" && ((SECONDS < deadline)) || { echo "job $JID not ready:" >&2; cat "$OUT" >&2; exit 1; }
+    until [[ $(ready_ranks "$1" "$JID") == 3 ]]; do
+        slurm_job_running "$JID" && ((SECONDS < deadline)) || { echo "job $JID not ready:" >&2; cat "$OUT" >&2; exit 1; }
         sleep 0.2
     done
 }
@@ -149,7 +139,7 @@ import lhpc_test as lt; print(lt.fresh_vhost('$2'))")
 undeploy() { # binary
     "$1" stop "$JID" --timeout 60 >/dev/null 2>&1 || scancel "$JID"
     local deadline=$((SECONDS + 90))
-    while job_running "$JID"; do
+    while slurm_job_running "$JID"; do
         ((SECONDS < deadline)) || { scancel "$JID"; deadline=$((SECONDS + 30)); }
         sleep 0.2
     done
@@ -194,20 +184,10 @@ print(f"{r['wall'] / ideal:.3f} {end / ideal:.3f}")
 EOF
 }
 
-broker_ticks() { awk '{print $14 + $15}' "/proc/$BEAM_PID/stat"; }
-broker_pct() { # CPU % of one core the broker used over WINDOW seconds from now
-    local t0 s0 t1
-    t0=$(broker_ticks)
-    s0=$(now)
-    sleep "$WINDOW"
-    t1=$(broker_ticks)
-    awk -v d=$((t1 - t0)) -v hz="$TICK" -v s="$(seconds_between "$s0" "$(now)")" 'BEGIN { printf "%.2f", d / hz / s * 100 }'
-}
-
 busy() { # binary label -> "idle% busy%"
     local idle pct
     deploy "$1" "$2"
-    idle=$(broker_pct)
+    idle=$(broker_pct "$WINDOW")
     BUSY_SECONDS=$((WINDOW * 4)) "$PY" "$WORK/client.py" busy $((3 * SLOTS * 3)) >/dev/null 2>"$WORK/$2/client.err" ||
         { tail -n 30 "$WORK/$2/client.err" >&2; exit 1; }
     local deadline=$((SECONDS + 60))
@@ -215,9 +195,9 @@ busy() { # binary label -> "idle% busy%"
         ((SECONDS < deadline)) || { echo "tail-slurm.sh: slots never all busy" >&2; tail "$OUT" >&2; exit 1; }
         sleep 0.1
     done
-    pct=$(broker_pct)
+    pct=$(broker_pct "$WINDOW")
     scancel "$JID"
-    while job_running "$JID"; do sleep 0.2; done
+    while slurm_job_running "$JID"; do sleep 0.2; done
     echo "$idle $pct"
 }
 
