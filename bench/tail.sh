@@ -33,26 +33,9 @@ for b in "$BENCH" "$LHPC" ${LHPC_BASELINE:+"$LHPC_BASELINE"}; do
 done
 ((CALLS % BATCH == 0)) || { echo "tail.sh: CALLS must be a multiple of BATCH" >&2; exit 2; }
 
-"$SRC/tests/rig/rabbitmq.sh" ensure >&2
-ENV_FILE=$("$SRC/tests/rig/rabbitmq.sh" env)
-BASE_URL=$(grep '^RIG_AMQP_URL=' "$ENV_FILE" | cut -d= -f2-)
-
-T=$(mktemp -d /tmp/lhpc-bench-XXXXXX)
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    rm -rf "$T"
-}
-trap cleanup EXIT
-
-cat >"$T/wrk.toml" <<EOF
-[singularity]
-engine = "host"
-python = "$PY"
-[deploy]
-drain_timeout = 30
-EOF
+rig_broker "$SRC"
+scratch_dir lhpc-bench
+host_worker_config "$T/wrk.toml" "$PY" 30
 
 start_worker() { # binary url log -> pid in PIDS
     AMQP_URL=$2 PYTHONPATH=$SRC/tests/fake-lithops LITHOPS_HPC_STATE_DIR=$T/state \
@@ -60,7 +43,7 @@ start_worker() { # binary url log -> pid in PIDS
     PIDS+=($!)
 }
 
-# run's workers are started in the $(...) subshell, out of cleanup's sight:
+# run's workers are started in the $(...) subshell, out of scratch_dir's sight:
 # a failing run stops them itself.
 fail() {
     local p
