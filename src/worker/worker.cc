@@ -161,6 +161,14 @@ void Worker::plan_gpu_slots() {
   if (s.gpus_per_slot <= 0) {
     return;
   }
+  if (m_cfg.deploy.mode == config::Mode::runscript) {
+    throw Error(Exit::config,
+                "a GPU runtime (gpus_per_slot " + std::to_string(s.gpus_per_slot) +
+                    ") needs deploy.mode = \"dispatch\": the image's runscript runs its calls in processes of its "
+                    "own, so lithops-hpc cannot give each call its own GPU",
+                "use the dispatch mode (the default), or leave gpus_per_slot unset and give the runscript every GPU "
+                "of the job with singularity.nv = true");
+  }
   auto devices = gpu::discover(m_gpu_env ? *m_gpu_env : Env::current(), s.gpu_vendor, m_gpu_root);
   auto groups =
       gpu::share_of(gpu::split_slots(devices, s.gpus_per_slot, s.gpu_vendor), m_id.ranks_on_node, m_id.index_on_node);

@@ -589,6 +589,24 @@ TEST_CASE("a GPU runtime on a node without GPUs fails at start, saying so, befor
   CHECK(r.instance->starts == 0);
 }
 
+TEST_CASE("a GPU runtime in runscript mode is refused at start: the runscript's own processes get no slot") {
+  Rig r(
+      config::Mode::runscript, [](config::Config& c) { gpu_runtime(c, 1); }, 0,
+      [] {
+        Env e = Env::empty();
+        e.set("CUDA_VISIBLE_DEVICES", "0,1");
+        return e;
+      }());
+  try {
+    r.w->start("/images/runtime.sif");
+    FAIL("a GPU runtime started in runscript mode");
+  } catch (const Error& e) {
+    CHECK(e.code() == Exit::config);
+    CHECK(std::string(e.what()).find("needs deploy.mode = \"dispatch\"") != std::string::npos);
+  }
+  CHECK(r.instance->starts == 0);
+}
+
 TEST_CASE("a restarted GPU slot handler keeps its slot's devices") {
   Rig r(
       config::Mode::dispatch, [](config::Config& c) { gpu_runtime(c, 1); }, 0, gpu_env("0,1,2,3"));
