@@ -1,8 +1,5 @@
 #include "gpu/memory.h"
 
-#include <poll.h>
-#include <unistd.h>
-
 #include <charconv>
 
 #include "util/error.h"
@@ -46,37 +43,15 @@ std::vector<Memory> query_nvidia_smi(std::chrono::milliseconds limit) {
   if (!find_in_path("nvidia-smi")) {
     return {};
   }
-  Child c;
+  std::optional<RunResult> r;
   try {
-    c = spawn(
-        {.argv = {"nvidia-smi", "--query-gpu=index,uuid,memory.used,memory.total", "--format=csv,noheader,nounits"},
-         .pipe_stdout = true});
+    r = run_capture_within(
+        {.argv = {"nvidia-smi", "--query-gpu=index,uuid,memory.used,memory.total", "--format=csv,noheader,nounits"}},
+        limit);
   } catch (const Error&) {
     return {};
   }
-  std::string out;
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) {
-      return {};  // too slow: the Child handle kills and reaps it
-    }
-    pollfd p{c.out().get(), POLLIN, 0};
-    if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) {
-      continue;
-    }
-    char buf[4096];
-    auto n = ::read(c.out().get(), buf, sizeof buf);
-    if (n <= 0) {
-      break;
-    }
-    out.append(buf, static_cast<std::size_t>(n));
-  }
-  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-  if (!c.wait_for(std::max(left, std::chrono::milliseconds(0))) || !c.status() || *c.status() != 0) {
-    return {};
-  }
-  return parse_nvidia_smi(out);
+  return r && r->ok() ? parse_nvidia_smi(r->out) : std::vector<Memory>{};
 }
 
 std::vector<std::optional<Memory>> memory_of(const std::vector<std::vector<std::string>>& slots,

@@ -1,6 +1,7 @@
 #include "util/process.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
@@ -305,6 +306,36 @@ RunResult run_capture(SpawnOptions opts) {
     }
   }
   r.status = c.wait();
+  return r;
+}
+
+std::optional<RunResult> run_capture_within(SpawnOptions opts, std::chrono::milliseconds limit) {
+  opts.pipe_stdout = true;
+  Child c = spawn(opts);
+  RunResult r;
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  auto left = [&] {
+    return std::max(std::chrono::milliseconds(0),
+                    std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
+  };
+  char buf[65536];
+  while (true) {
+    pollfd p{c.out().get(), POLLIN, 0};
+    int rc = ::poll(&p, 1, static_cast<int>(left().count()));
+    if (rc == 0) {
+      return std::nullopt;  // too slow: the Child handle kills and reaps it
+    }
+    ssize_t n = rc > 0 ? ::read(c.out().get(), buf, sizeof buf) : -1;
+    if (n > 0) {
+      r.out.append(buf, static_cast<std::size_t>(n));
+    } else if (n == 0 || errno != EINTR) {
+      break;
+    }
+  }
+  if (!c.wait_for(left())) {
+    return std::nullopt;
+  }
+  r.status = *c.status();
   return r;
 }
 

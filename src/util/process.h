@@ -93,6 +93,9 @@ struct RunResult {
 };
 // Runs to completion capturing stdout (stderr inherited unless stderr_fd set).
 RunResult run_capture(SpawnOptions opts);
+// The same within `limit`: nullopt when the program has not exited by then
+// (it is killed and reaped).
+std::optional<RunResult> run_capture_within(SpawnOptions opts, std::chrono::milliseconds limit);
 
 // "exited with code 3", "killed by signal 9 (Killed)".
 std::string describe_status(int status);
