@@ -34,6 +34,10 @@ class EngineTest(unittest.TestCase):
 
     def setUp(self):
         self.url = lt.fresh_vhost("eng")
+        self.make_scratch()
+
+    def make_scratch(self):
+        """A case's own directory (under tempfile.tempdir), records, stand-in log and state."""
         self.tmp = tempfile.mkdtemp(prefix="lhpc-eng-")
         self.rec = os.path.join(self.tmp, "rec")
         os.mkdir(self.rec)
@@ -294,6 +298,7 @@ class EngineTest(unittest.TestCase):
 @unittest.skipUnless(shutil.which("srun"), "needs Slurm")
 class GpuRigTest(unittest.TestCase):
     # EngineTest's fixture (image, stand-in log, workers), not its tests.
+    make_scratch = EngineTest.make_scratch
     build_sif = EngineTest.build_sif
     standin_env = EngineTest.standin_env
     start = EngineTest.start
@@ -316,12 +321,7 @@ class GpuRigTest(unittest.TestCase):
     def setUp(self):
         self.saved_tempdir, tempfile.tempdir = tempfile.tempdir, self.base   # Worker's own dir too
         self.addCleanup(setattr, tempfile, "tempdir", self.saved_tempdir)
-        self.tmp = tempfile.mkdtemp(prefix="lhpc-eng-")
-        self.rec = os.path.join(self.tmp, "rec")
-        os.mkdir(self.rec)
-        self.log = os.path.join(self.tmp, "standin.jsonl")
-        self.state = os.path.join(self.tmp, "standin-state")
-        self.workers = []
+        self.make_scratch()
 
     def worker_in_job(self, per_slot, request):
         """`srun --gpus-per-node=4 lithops-hpc worker` (or another request) through the stand-in."""
