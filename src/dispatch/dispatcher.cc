@@ -748,7 +748,7 @@ std::optional<Dispatcher::Clock::time_point> Dispatcher::next_deadline() const {
   }
   for (auto id : m_waiting) {
     auto it = m_msgs.find(id);
-    if (it == m_msgs.end() || it->second.patient || it->second.orphan || it->second.no_ack) {
+    if (it == m_msgs.end() || !may_give_back(it->second)) {
       continue;
     }
     auto t = it->second.arrived + m_opts.reserve_patience;
@@ -763,7 +763,7 @@ void Dispatcher::on_tick(Clock::time_point now) {
   }
   for (auto it = m_waiting.begin(); it != m_waiting.end();) {
     Message* m = find(*it);
-    if (!m || m->patient || m->orphan || m->no_ack || now - m->arrived < m_opts.reserve_patience) {
+    if (!m || !may_give_back(*m) || now - m->arrived < m_opts.reserve_patience) {
       ++it;
       continue;
     }

@@ -285,6 +285,9 @@ private:
   std::optional<Away> elsewhere(const Message& m, const Task& t) const;
   // Applies a send_task's runtime_memory; false when it cannot run on this rank at all.
   bool fits_memory(Message& m, const Json& payload);
+  // A message waiting in the reserve that on_tick may give back once its
+  // patience is out: not already given back once, not orphaned, acked.
+  static bool may_give_back(const Message& m) { return !m.patient && !m.orphan && !m.no_ack; }
   void move_away(Message&& m, const Away& a);
   // The queue a message came from when that is this runtime's; else the task queue.
   std::string home_queue(const Message& m) const;
